@@ -1,0 +1,38 @@
+# Quick start: `make demo` (a provider plus the example callers) and `make test`.
+# Both create .venv and install everything they need on a fresh Debian machine.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/*.proto)
+GENERATED := $(PROTOS:.proto=_pb2.py)
+
+# The checkout comes first on the import path: twistd finds twisted/plugins/
+# here, and `services = examples...` in etc/*.ini import from here.
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: demo test lint protos clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet ".[dev]"
+	touch $@
+
+protos/%_pb2.py: protos/%.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. $<
+
+protos: $(GENERATED)
+
+demo: protos
+	PY=$(PY) scripts/demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: protos lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) protos/*_pb2.py protos/*_pb2.pyi twisted/plugins/dropin.cache

@@ -1,0 +1,556 @@
+"""Consumer side: connections, per-provider channels, the client and its proxies.
+
+:class:`ClientConnection` runs calls on one connection (call ids, the
+outstanding map, deadlines, cancellation). :class:`Channel` keeps one
+persistent connection to one provider, reconnecting with backoff.
+:class:`Client` picks a channel per call from the provider lists its
+discovery gives, and builds :class:`ServiceProxy` objects whose methods
+return Deferreds::
+
+    client = Client(reactor, providers={"example.UserService": ["127.0.0.1:8000"]})
+    users = client.proxy(user_pb2.DESCRIPTOR.services_by_name["UserService"])
+    response = await users.Login(LoginRequest(name="zhang san", pwd="123456"), timeout=2)
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twisted_rpc import wire
+from twisted_rpc.deadlines import DeadlineQueue
+from twisted_rpc.interfaces import IClientInterceptor, IServiceDiscovery
+from twisted_rpc.protocol import RpcConnection
+from twisted_rpc.registry import ProviderAddress, StaticRegistry
+from twisted_rpc.service import MethodInfo, Service, describe, resolve_descriptor
+from twisted_rpc.status import (
+    CancelledError,
+    DataLossError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    RpcError,
+    UnavailableError,
+)
+from twisted_rpc.wire import Frame, FrameKind
+
+__all__ = ["Channel", "Client", "ClientCall", "ClientConnection", "ServiceProxy"]
+
+log = Logger()
+
+
+class ClientConnection(RpcConnection):
+    """One consumer-side connection: numbered calls, answered in any order."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
+        on_lost: Callable[[ClientConnection, Failure], object] | None = None,
+        on_goaway: Callable[[ClientConnection], object] | None = None,
+    ) -> None:
+        super().__init__(clock, max_frame_size)
+        self.outstanding: dict[int, tuple[Deferred, type[Message]]] = {}
+        self.deadlines = DeadlineQueue(clock, self.outstanding, self._deadline_expired)
+        self.goaway_received = False
+        self._closed = False
+        self._next_id = 1
+        self._on_lost = on_lost
+        self._on_goaway = on_goaway
+        self._handlers[FrameKind.RESPONSE] = self._response_received
+        self._handlers[FrameKind.GOAWAY] = self._goaway_received
+
+    @property
+    def available(self) -> bool:
+        """True while new calls may be sent here."""
+        return self.connected and not self.goaway_received
+
+    def call(
+        self,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Deferred:
+        """Send one call; the Deferred fires with the response or an RpcError."""
+        if not self.available:
+            why = "provider is shutting down" if self.goaway_received else "not connected"
+            return fail(UnavailableError(message=f"{self.peer}: {why}"))
+        try:
+            payload = request.SerializeToString()
+        except Exception as e:
+            return fail(InvalidArgumentError(message=f"cannot serialize request: {e}"))
+        call_id = self._next_id
+        self._next_id = call_id + 1 if call_id < 0xFFFFFFFF else 1
+        d = Deferred(partial(self._cancel, call_id))
+        self.outstanding[call_id] = (d, method.response_class)
+        if timeout:
+            self.deadlines.add(self.clock.seconds() + timeout, call_id)
+            timeout_ms = max(1, int(timeout * 1000))
+        else:
+            timeout_ms = 0
+        self.send(wire.encode_request(call_id, method.route, len(payload), timeout_ms, metadata), payload)
+        return d
+
+    def _response_received(self, frame: Frame) -> None:
+        entry = self.outstanding.pop(frame.call_id, None)
+        if entry is None:
+            return  # answered locally already: cancelled or timed out
+        d, response_class = entry
+        if frame.status:
+            d.errback(RpcError.from_status(frame.status, frame.message))
+            return
+        response = response_class()
+        try:
+            response.ParseFromString(frame.payload)
+        except Exception as e:
+            d.errback(DataLossError(message=f"cannot parse the response: {e}"))
+            return
+        d.callback(response)
+
+    def _goaway_received(self, frame: Frame) -> None:
+        self.goaway_received = True
+        if self._on_goaway is not None:
+            self._on_goaway(self)
+
+    def _cancel(self, call_id: int, d: Deferred) -> None:
+        if self.outstanding.pop(call_id, None) is not None:
+            if self.connected:
+                self.send(wire.encode_cancel(call_id))
+            d.errback(CancelledError(message="cancelled by the caller"))
+
+    def _deadline_expired(self, call_id: int) -> None:
+        entry = self.outstanding.pop(call_id, None)
+        if entry is not None:
+            entry[0].errback(DeadlineExceededError(message="deadline exceeded"))
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self.deadlines.stop()
+        outstanding = list(self.outstanding.values())
+        self.outstanding.clear()
+        for d, _ in outstanding:
+            d.errback(UnavailableError(message=f"connection to {self.peer} lost"))
+        if self._on_lost is not None:
+            self._on_lost(self, reason)
+
+
+class _ConnectionFactory(Factory):
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def buildProtocol(self, addr: object) -> ClientConnection:
+        c = self.channel
+        return ClientConnection(c.clock, c.max_frame_size, c._connection_lost, c._goaway)
+
+
+def _endpoint_string(address: ProviderAddress, connect_timeout: float) -> str:
+    if ":" in address.host:
+        host = address.host.replace(":", "\\:")
+        return f"tcp6:host={host}:port={address.port}:timeout={connect_timeout:g}"
+    return f"tcp:host={address.host}:port={address.port}:timeout={connect_timeout:g}"
+
+
+class Channel:
+    """One persistent connection to one provider, re-dialled with backoff.
+
+    States: ``connecting`` (calls wait for it), ``ready``, ``failed`` (calls
+    fail at once with UNAVAILABLE until the next attempt succeeds), ``closed``.
+    """
+
+    INITIAL_BACKOFF = 0.1
+    MAX_BACKOFF = 5.0
+
+    def __init__(
+        self,
+        reactor: Any,
+        address: ProviderAddress,
+        *,
+        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
+        connect_timeout: float = 5.0,
+        endpoint: Any = None,
+    ) -> None:
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.address = address
+        self.max_frame_size = max_frame_size
+        self.endpoint = endpoint or clientFromString(reactor, _endpoint_string(address, connect_timeout))
+        self.state = "idle"
+        self.last_error = ""
+        self.protocol: ClientConnection | None = None
+        self._waiters: list[Deferred] = []
+        self._backoff = self.INITIAL_BACKOFF
+        self._retry: Any = None
+        self._attempt: Deferred | None = None
+
+    def __repr__(self) -> str:
+        return f"<Channel {self.address} {self.state}>"
+
+    @property
+    def usable(self) -> bool:
+        """Worth routing a call to (ready or about to be)."""
+        return self.state in ("ready", "connecting", "idle")
+
+    def connect(self) -> None:
+        """Start dialling if not connected or dialling already."""
+        if self.state in ("connecting", "ready", "closed"):
+            return
+        self.state = "connecting"
+        self._cancel_retry()
+        self._attempt = self.endpoint.connect(_ConnectionFactory(self))
+        self._attempt.addCallbacks(self._connected, self._connect_failed)
+
+    def call(
+        self,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+    ) -> Deferred:
+        protocol = self.protocol
+        if protocol is not None and protocol.available:
+            return protocol.call(method, request, timeout, metadata)
+        if self.state == "idle":
+            self.connect()
+        if self.state != "connecting":
+            return fail(UnavailableError(message=f"provider {self.address}: {self.last_error}"))
+        d = Deferred.fromCoroutine(self._call_when_ready(method, request, timeout, metadata))
+        if timeout:
+            d.addTimeout(timeout, self.clock, onTimeoutCancel=_deadline_exceeded)
+        return d
+
+    async def _call_when_ready(
+        self,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+    ) -> Message:
+        started = self.clock.seconds()
+        waiter: Deferred = Deferred(self._waiters.remove)
+        self._waiters.append(waiter)
+        try:
+            protocol = await waiter
+        except defer.CancelledError:
+            raise CancelledError(message="cancelled by the caller") from None
+        if timeout:
+            timeout = max(0.001, timeout - (self.clock.seconds() - started))
+        return await protocol.call(method, request, timeout, metadata)
+
+    def close(self) -> None:
+        """Stop re-dialling, close the connection (its calls fail UNAVAILABLE)."""
+        self.state = "closed"
+        self.last_error = "channel closed"
+        self._cancel_retry()
+        if self._attempt is not None:
+            self._attempt.cancel()
+        self._release_waiters()
+        if self.protocol is not None:
+            self.protocol.transport.loseConnection()
+
+    # ----------------------------------------------------------------- internals
+
+    def _connected(self, protocol: ClientConnection) -> None:
+        self._attempt = None
+        if self.state == "closed":
+            protocol.transport.loseConnection()
+            return
+        self.protocol = protocol
+        self.state = "ready"
+        self._backoff = self.INITIAL_BACKOFF
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(protocol)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._attempt = None
+        if self.state == "closed":
+            return
+        self.last_error = f"cannot connect: {failure.getErrorMessage()}"
+        self._failed()
+
+    def _failed(self) -> None:
+        self.state = "failed"
+        self._release_waiters()
+        delay = self._backoff * random.uniform(0.8, 1.2)
+        self._backoff = min(self._backoff * 2, self.MAX_BACKOFF)
+        self._retry = self.clock.callLater(delay, self._redial)
+
+    def _redial(self) -> None:
+        self._retry = None
+        if self.state == "failed":
+            self.connect()
+
+    def _release_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(UnavailableError(message=f"provider {self.address}: {self.last_error}"))
+
+    def _cancel_retry(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+
+    def _connection_lost(self, protocol: ClientConnection, reason: Failure) -> None:
+        if protocol is not self.protocol:
+            return
+        self.protocol = None
+        if self.state == "closed":
+            return
+        self.last_error = f"connection lost: {reason.getErrorMessage()}"
+        # Dial again at once: a restarted provider is back quickly; if not,
+        # the failed attempt starts the backoff.
+        self.state = "idle"
+        self.connect()
+
+    def _goaway(self, protocol: ClientConnection) -> None:
+        if protocol is self.protocol and self.state == "ready":
+            self.last_error = "provider is shutting down"
+            self.state = "draining"
+
+
+def _deadline_exceeded(result: object, timeout: float) -> Failure:
+    return Failure(DeadlineExceededError(message=f"deadline of {timeout:g}s exceeded"))
+
+
+@dataclass(slots=True)
+class ClientCall:
+    """An outgoing call as client interceptors see it (fields may be changed)."""
+
+    method: MethodInfo
+    timeout: float | None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class _ServiceRoute:
+    """The channels serving one service and a round-robin position."""
+
+    __slots__ = ("channels", "next")
+
+    def __init__(self) -> None:
+        self.channels: tuple[Channel, ...] = ()
+        self.next = 0
+
+
+class Client:
+    """Calls services on providers; owns the connections, shared by all proxies.
+
+    Provider lists come from ``discovery`` (an ``IServiceDiscovery``), or from
+    ``providers`` (``{"package.Service": ["host:port", ...]}``) for the
+    embedded static registry.
+    """
+
+    def __init__(
+        self,
+        reactor: Any = None,
+        *,
+        providers: Mapping[str, Iterable[str]] | None = None,
+        discovery: IServiceDiscovery | None = None,
+        interceptors: Sequence[IClientInterceptor] = (),
+        timeout: float | None = None,
+        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        if discovery is None:
+            discovery = StaticRegistry(providers or {})
+        elif providers is not None:
+            raise TypeError("give providers or discovery, not both")
+        self.reactor = reactor
+        self.discovery = discovery
+        self.interceptors = list(interceptors)
+        self.timeout = timeout
+        self.max_frame_size = max_frame_size
+        self.connect_timeout = connect_timeout
+        self.channels: dict[ProviderAddress, Channel] = {}
+        self._routes: dict[str, _ServiceRoute] = {}
+        self._unsubscribe: list[Callable[[], object]] = []
+        self._invoke = self._send
+        for interceptor in reversed(self.interceptors):
+            self._invoke = _client_intercepted(interceptor, self._invoke)
+
+    @classmethod
+    def from_config(cls, path: str, reactor: Any = None, **kw: Any) -> Client:
+        """A client configured by a consumer ini file (see docs/config.md)."""
+        from twisted_rpc.config import ConfigError, load_consumer_config
+
+        config = load_consumer_config(path)
+        if config.registry.kind != "static":
+            raise ConfigError(f"{path}: [registry] kind = {config.registry.kind} is not available")
+        kw.setdefault("timeout", config.timeout)
+        return cls(
+            reactor,
+            providers={name: [str(a) for a in addrs] for name, addrs in config.providers.items()},
+            max_frame_size=config.max_frame_size,
+            connect_timeout=config.connect_timeout,
+            **kw,
+        )
+
+    def proxy(
+        self,
+        service: ServiceDescriptor | str | type[Service],
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ServiceProxy:
+        """A proxy whose methods call ``service`` (descriptor, Service class or name)."""
+        info = describe(resolve_descriptor(service))
+        self._route(info.name)
+        return ServiceProxy(self, info.methods.values(), timeout, metadata)
+
+    def call(
+        self,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Deferred:
+        """Call ``method`` on one of its providers (what proxy methods do)."""
+        if type(request) is not method.request_class:
+            return fail(
+                TypeError(
+                    f"{method.full_name} takes {method.request_class.DESCRIPTOR.full_name}, "
+                    f"not {type(request).__name__}"
+                )
+            )
+        if timeout is None:
+            timeout = self.timeout
+        if self.interceptors:
+            return self._invoke(ClientCall(method, timeout, dict(metadata or {})), request)
+        return self._send_to(method, request, timeout, metadata)
+
+    def _send(self, call: ClientCall, request: Message) -> Deferred:
+        return self._send_to(call.method, request, call.timeout, call.metadata)
+
+    def _send_to(
+        self,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+    ) -> Deferred:
+        route = self._routes.get(method.service) or self._route(method.service)
+        channels = route.channels
+        count = len(channels)
+        if not count:
+            return fail(UnavailableError(message=f"no provider of {method.service}"))
+        for _ in range(count):
+            i = route.next
+            route.next = i + 1 if i + 1 < count else 0
+            channel = channels[i]
+            if channel.usable:
+                break
+        return channel.call(method, request, timeout, metadata)
+
+    def _route(self, service: str) -> _ServiceRoute:
+        route = self._routes.get(service)
+        if route is None:
+            route = self._routes[service] = _ServiceRoute()
+            self._unsubscribe.append(
+                self.discovery.subscribe(service, partial(self._providers_changed, route))
+            )
+        return route
+
+    def _providers_changed(
+        self, route: _ServiceRoute, addresses: Sequence[ProviderAddress]
+    ) -> None:
+        route.channels = tuple(self._channel(a) for a in addresses)
+        if route.next >= len(route.channels):
+            route.next = 0
+
+    def _channel(self, address: ProviderAddress) -> Channel:
+        channel = self.channels.get(address)
+        if channel is None:
+            channel = self.channels[address] = Channel(
+                self.reactor,
+                address,
+                max_frame_size=self.max_frame_size,
+                connect_timeout=self.connect_timeout,
+            )
+            channel.connect()
+        return channel
+
+    def close(self) -> Deferred:
+        """Close every connection; calls still in flight fail with UNAVAILABLE."""
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe.clear()
+        for channel in self.channels.values():
+            channel.close()
+        self.channels.clear()
+        self._routes.clear()
+        return self.discovery.close()
+
+
+def _client_intercepted(
+    interceptor: IClientInterceptor, proceed: Callable[[ClientCall, Message], Deferred]
+) -> Callable[[ClientCall, Message], Deferred]:
+    def invoke(call: ClientCall, request: Message) -> Deferred:
+        try:
+            return defer.maybeDeferred(interceptor.intercept, call, request, proceed)
+        except Exception:
+            return fail()
+
+    return invoke
+
+
+class ServiceProxy:
+    """Deferred-returning methods named as in the service, built from its descriptor.
+
+    ``proxy.Login(request, timeout=None, metadata=None)`` returns a Deferred
+    that fires with the response message or fails with an ``RpcError``;
+    ``d.cancel()`` cancels the call (CANCELLED) and tells the provider.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        methods: Iterable[MethodInfo],
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self._client = client
+        for method in methods:
+            setattr(self, method.name, _stub(client, method, timeout, metadata))
+
+
+def _stub(
+    client: Client,
+    method: MethodInfo,
+    default_timeout: float | None,
+    default_metadata: Mapping[str, str] | None,
+) -> Callable[..., Deferred]:
+    call = client.call
+
+    def stub(
+        request: Message,
+        *,
+        timeout: float | None = default_timeout,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Deferred:
+        if default_metadata:
+            metadata = {**default_metadata, **(metadata or {})}
+        return call(method, request, timeout, metadata)
+
+    stub.__name__ = method.name
+    stub.__qualname__ = f"{method.service}.{method.name}"
+    stub.__doc__ = (
+        f"Call {method.full_name}({method.request_class.DESCRIPTOR.full_name}) "
+        f"-> Deferred[{method.response_class.DESCRIPTOR.full_name}]"
+    )
+    return stub

@@ -1,0 +1,235 @@
+"""Provider and consumer configuration files (ini), validated up front.
+
+Every problem is a :class:`ConfigError` whose message is one line naming the
+file, the section and key, and what is wrong. ``docs/config.md`` lists the keys.
+"""
+
+from __future__ import annotations
+
+import configparser
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+
+from twisted_rpc import wire
+from twisted_rpc.registry import ProviderAddress, parse_address
+from twisted_rpc.service import Service
+
+__all__ = [
+    "ConfigError",
+    "ConsumerConfig",
+    "ProviderConfig",
+    "RegistryConfig",
+    "load_consumer_config",
+    "load_provider_config",
+    "load_services",
+]
+
+
+class ConfigError(Exception):
+    """A configuration file is missing, malformed or names something unusable."""
+
+
+REGISTRY_KINDS = ("static", "zookeeper")
+
+
+@dataclass
+class RegistryConfig:
+    kind: str = "static"
+    hosts: str = "127.0.0.1:2181"
+    root: str = "/mprpc"
+    session_timeout: float = 10.0
+    weight: int = 100
+    auth: str = ""
+
+
+@dataclass
+class ProviderConfig:
+    path: str
+    listen: str
+    advertise: ProviderAddress | None
+    services: list[str]
+    grace_period: float = 10.0
+    max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+
+@dataclass
+class ConsumerConfig:
+    path: str
+    timeout: float | None = None
+    connect_timeout: float = 5.0
+    max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE
+    providers: dict[str, list[ProviderAddress]] = field(default_factory=dict)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+
+_PROVIDER_KEYS = {"listen", "advertise", "services", "grace_period", "max_frame_size"}
+_CONSUMER_KEYS = {"timeout", "connect_timeout", "max_frame_size"}
+_REGISTRY_KEYS = {"kind", "hosts", "root", "session_timeout", "weight", "auth"}
+
+
+class _Reader:
+    """Typed, one-line-error access to an ini file's values."""
+
+    def __init__(self, path: str, sections: dict[str, set[str] | None]) -> None:
+        self.path = path
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}: no such config file")
+        parser = configparser.ConfigParser(
+            inline_comment_prefixes=("#", ";"), interpolation=None, strict=True
+        )
+        parser.optionxform = str  # type: ignore[assignment,method-assign]
+        try:
+            with open(path, encoding="utf-8") as f:
+                parser.read_file(f)
+        except (configparser.Error, UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"{path}: {' '.join(str(e).split())}") from None
+        for section in parser.sections():
+            if section not in sections:
+                raise ConfigError(
+                    f"{path}: unknown section [{section}] (known: {', '.join(sorted(sections))})"
+                )
+            known = sections[section]
+            if known is None:
+                continue
+            for key in parser[section]:
+                if key not in known:
+                    raise ConfigError(
+                        f"{path}: unknown key {key!r} in [{section}] "
+                        f"(known: {', '.join(sorted(known))})"
+                    )
+        self.parser = parser
+
+    def get(self, section: str, key: str, default: str | None = None) -> str | None:
+        if self.parser.has_option(section, key):
+            value = self.parser.get(section, key).strip()
+            return value if value else default
+        return default
+
+    def require(self, section: str, key: str) -> str:
+        value = self.get(section, key)
+        if value is None:
+            raise ConfigError(f"{self.path}: [{section}] {key} is required")
+        return value
+
+    def number(self, section: str, key: str, default: float, kind: type = float, minimum=0):
+        raw = self.get(section, key)
+        if raw is None:
+            return default
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ConfigError(f"{self.path}: [{section}] {key} = {raw!r} is not a number") from None
+        if value < minimum:
+            raise ConfigError(f"{self.path}: [{section}] {key} must be at least {minimum}")
+        return value
+
+    def address(self, section: str, key: str, raw: str) -> ProviderAddress:
+        try:
+            return parse_address(raw)
+        except ValueError as e:
+            raise ConfigError(f"{self.path}: [{section}] {key}: {e}") from None
+
+    def registry(self) -> RegistryConfig:
+        s = "registry"
+        kind = self.get(s, "kind", "static")
+        if kind not in REGISTRY_KINDS:
+            raise ConfigError(
+                f"{self.path}: [registry] kind = {kind!r} (expected one of: "
+                f"{', '.join(REGISTRY_KINDS)})"
+            )
+        reg = RegistryConfig(kind=kind)
+        reg.hosts = self.get(s, "hosts", reg.hosts) or reg.hosts
+        reg.root = self.get(s, "root", reg.root) or reg.root
+        if not reg.root.startswith("/"):
+            raise ConfigError(f"{self.path}: [registry] root must start with '/'")
+        reg.session_timeout = self.number(s, "session_timeout", reg.session_timeout, minimum=1)
+        reg.weight = self.number(s, "weight", reg.weight, int, minimum=0)
+        reg.auth = self.get(s, "auth", "") or ""
+        if reg.auth and not reg.auth.startswith("digest:"):
+            raise ConfigError(f"{self.path}: [registry] auth must look like digest:user:password")
+        return reg
+
+
+def load_provider_config(path: str) -> ProviderConfig:
+    """Read and check a provider ini file (the services are not imported here)."""
+    r = _Reader(path, {"provider": _PROVIDER_KEYS, "registry": _REGISTRY_KEYS})
+    if not r.parser.has_section("provider"):
+        raise ConfigError(f"{path}: missing section [provider]")
+    listen = r.require("provider", "listen")
+    try:
+        serverFromString(MemoryReactor(), listen)
+    except Exception as e:
+        raise ConfigError(f"{path}: [provider] listen = {listen!r} is not a valid endpoint: {e}") from None
+    raw_advertise = r.get("provider", "advertise")
+    advertise = r.address("provider", "advertise", raw_advertise) if raw_advertise else None
+    services = r.require("provider", "services").split()
+    for spec in services:
+        module, sep, name = spec.partition(":")
+        if not sep or not module or not name:
+            raise ConfigError(f"{path}: [provider] services: {spec!r} is not module:Class")
+    return ProviderConfig(
+        path=path,
+        listen=listen,
+        advertise=advertise,
+        services=services,
+        grace_period=r.number("provider", "grace_period", 10.0),
+        max_frame_size=r.number("provider", "max_frame_size", wire.DEFAULT_MAX_FRAME_SIZE, int, 64),
+        registry=r.registry(),
+    )
+
+
+def load_consumer_config(path: str) -> ConsumerConfig:
+    """Read and check a consumer ini file."""
+    r = _Reader(path, {"consumer": _CONSUMER_KEYS, "registry": _REGISTRY_KEYS, "providers": None})
+    providers: dict[str, list[ProviderAddress]] = {}
+    if r.parser.has_section("providers"):
+        for service, raw in r.parser["providers"].items():
+            providers[service] = [
+                r.address("providers", service, a) for a in raw.replace(",", " ").split()
+            ]
+    timeout = r.number("consumer", "timeout", 0.0)
+    return ConsumerConfig(
+        path=path,
+        timeout=timeout or None,
+        connect_timeout=r.number("consumer", "connect_timeout", 5.0, minimum=0.001),
+        max_frame_size=r.number("consumer", "max_frame_size", wire.DEFAULT_MAX_FRAME_SIZE, int, 64),
+        providers=providers,
+        registry=r.registry(),
+    )
+
+
+def load_services(specs: list[str], where: str = "services") -> list[Service]:
+    """Import ``module:Class`` specs and instantiate each Service class.
+
+    The working directory is on the import path, as for ``python -m``.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    instances = []
+    for spec in specs:
+        module_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:
+            raise ConfigError(f"{where}: cannot import {module_name}: {type(e).__name__}: {e}") from None
+        cls = module
+        for part in attr.split("."):
+            cls = getattr(cls, part, None)
+            if cls is None:
+                raise ConfigError(f"{where}: {module_name} has no {attr}")
+        if not (isinstance(cls, type) and issubclass(cls, Service) and cls.descriptor is not None):
+            raise ConfigError(
+                f"{where}: {spec} is not a twisted_rpc.Service subclass with a descriptor"
+            )
+        try:
+            instances.append(cls())
+        except Exception as e:
+            raise ConfigError(f"{where}: {spec}() failed: {type(e).__name__}: {e}") from None
+    return instances

@@ -1,0 +1,56 @@
+"""The interfaces between twisted_rpc's layers (zope.interface)."""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IServerInterceptor(Interface):
+    """Wraps every call a provider serves (metadata, auth, metrics, logging)."""
+
+    def intercept(request, context, proceed):
+        """Handle one call.
+
+        ``proceed(request, context)`` runs the rest of the chain and returns a
+        response message or a Deferred of one. Return the same (or raise an
+        ``RpcError`` to reject the call).
+        """
+
+
+class IClientInterceptor(Interface):
+    """Wraps every call a client makes."""
+
+    def intercept(call, request, proceed):
+        """Handle one outgoing call.
+
+        ``call`` is a :class:`twisted_rpc.client.ClientCall` (method, timeout,
+        metadata, all modifiable); ``proceed(call, request)`` sends it and
+        returns a Deferred of the response. Return a Deferred.
+        """
+
+
+class IServiceDiscovery(Interface):
+    """Where consumers learn which providers serve a service."""
+
+    def subscribe(service, listener):
+        """Call ``listener(addresses)`` with the provider list of ``service``
+        (a full name), now if known and again on every change.
+
+        ``addresses`` is a tuple of :class:`twisted_rpc.registry.ProviderAddress`.
+        Returns a no-argument callable that ends the subscription.
+        """
+
+    def close():
+        """Release what the discovery holds; returns a Deferred."""
+
+
+class IServiceRegistry(Interface):
+    """Where providers announce the services they serve."""
+
+    def register(registration):
+        """Announce a :class:`twisted_rpc.registry.Registration`; returns a Deferred."""
+
+    def unregister_all():
+        """Withdraw every announcement of this registry; returns a Deferred."""
+
+    registrations = Attribute("The registrations currently announced (a sequence).")

@@ -1,0 +1,118 @@
+"""The connection layer shared by both sides: framing, the one write path, pings.
+
+:class:`RpcConnection` turns bytes into frames with the wire codec, routes
+each frame to a handler by kind, and owns the only call to
+``transport.write``. Client and server connections subclass it and fill in
+the handlers for the kinds they accept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twisted_rpc import wire
+from twisted_rpc.status import UnavailableError
+from twisted_rpc.wire import Frame, FrameDecoder, FrameKind, ProtocolError
+
+_LARGE_PAYLOAD = 64 * 1024
+
+
+class RpcConnection(Protocol):
+    """Framing and the write path for one connection.
+
+    A bad frame (or a bug in a handler) closes this connection with a logged
+    reason; the process and its other connections carry on.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE):
+        self.clock = clock
+        self.decoder = FrameDecoder(self._frame_received, max_frame_size)
+        self.connected = False
+        self.peer = "?"
+        self._handlers: dict[int, Callable[[Frame], object]] = {
+            FrameKind.PING: self._ping_received,
+            FrameKind.PONG: self._pong_received,
+        }
+        self._pings: dict[int, tuple[Deferred, float]] = {}
+        self._next_ping = 1
+
+    # ----------------------------------------------------------------- Protocol
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        peer = self.transport.getPeer()
+        host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+        self.peer = f"{host}:{port}" if host is not None else str(peer)
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self.decoder.feed(data)
+        except ProtocolError as e:
+            self.protocol_violation(str(e))
+        except Exception:
+            self.log.failure("closing connection from {peer}: error handling a frame", peer=self.peer)
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.connected = False
+        pings, self._pings = self._pings, {}
+        for d, _ in pings.values():
+            d.errback(UnavailableError(message=f"connection to {self.peer} lost"))
+
+    # ----------------------------------------------------------------- frames
+
+    def protocol_violation(self, why: str) -> None:
+        """Log why and drop the connection at once (no more frames are read)."""
+        self.log.warn("closing connection from {peer}: {why}", peer=self.peer, why=why)
+        self.transport.abortConnection()
+
+    def _frame_received(self, frame: Frame) -> None:
+        handler = self._handlers.get(frame.kind)
+        if handler is None:
+            raise ProtocolError(f"unexpected frame kind {frame.kind}")
+        handler(frame)
+
+    def send(self, header: bytes, payload: bytes = b"") -> None:
+        """Write one frame: ``header`` from the wire module, then ``payload``."""
+        if not payload:
+            self.transport.write(header)
+        elif len(payload) < _LARGE_PAYLOAD:
+            self.transport.write(header + payload)
+        else:
+            self.transport.writeSequence((header, payload))
+
+    # ----------------------------------------------------------------- ping
+
+    def ping(self, payload: bytes = b"") -> Deferred:
+        """Send a PING; the Deferred fires with the round-trip time in seconds."""
+        if not self.connected:
+            return fail(UnavailableError(message="not connected"))
+        ping_id = self._next_ping
+        self._next_ping = (ping_id + 1) & 0xFFFFFFFF or 1
+        d: Deferred = Deferred(lambda _: self._pings.pop(ping_id, None))
+        self._pings[ping_id] = (d, self.clock.seconds())
+        self.send(wire.encode_ping(ping_id, payload))
+        return d
+
+    def _ping_received(self, frame: Frame) -> None:
+        self.send(wire.encode_pong(frame.call_id, frame.payload))
+
+    def _pong_received(self, frame: Frame) -> None:
+        entry = self._pings.pop(frame.call_id, None)
+        if entry is not None:
+            d, sent = entry
+            d.callback(self.clock.seconds() - sent)

@@ -1,0 +1,341 @@
+"""Provider side: routing calls to service implementations.
+
+:class:`Dispatcher` maps wire routes (``b"package.Service/Method"``) to
+handlers wrapped in the interceptor chain; :class:`ServerConnection` runs one
+connection's calls (parse, invoke, answer, deadlines, cancellation);
+:class:`ServerFactory` ties connections to a dispatcher and can drain them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from google.protobuf.message import Message
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_rpc import wire
+from twisted_rpc.deadlines import DeadlineQueue
+from twisted_rpc.interfaces import IServerInterceptor
+from twisted_rpc.protocol import RpcConnection
+from twisted_rpc.service import MethodInfo, Service
+from twisted_rpc.status import (
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    RpcError,
+    StatusCode,
+    UnavailableError,
+    UnimplementedError,
+)
+from twisted_rpc.wire import Frame, FrameKind, ProtocolError
+
+__all__ = ["CallContext", "Dispatcher", "ServerConnection", "ServerFactory", "ServerMethod"]
+
+log = Logger()
+
+Handler = Callable[[Message, "CallContext"], Any]
+
+
+class CallContext:
+    """What a handler knows of the call it serves, beyond the request."""
+
+    __slots__ = ("call_id", "method", "metadata", "deadline", "connection")
+
+    def __init__(
+        self,
+        call_id: int,
+        method: MethodInfo,
+        metadata: Mapping[str, str] | None,
+        deadline: float | None,
+        connection: ServerConnection | None,
+    ) -> None:
+        self.call_id = call_id
+        self.method = method
+        self.metadata: Mapping[str, str] = metadata or {}
+        self.deadline = deadline
+        self.connection = connection
+
+    @property
+    def peer(self) -> str:
+        return self.connection.peer if self.connection is not None else "?"
+
+    def time_remaining(self) -> float | None:
+        """Seconds left before the caller's deadline, or None without one."""
+        if self.deadline is None or self.connection is None:
+            return None
+        return max(0.0, self.deadline - self.connection.clock.seconds())
+
+
+class ServerMethod:
+    """A routed method: its info and the handler chain to invoke."""
+
+    __slots__ = ("info", "request_class", "response_class", "invoke")
+
+    def __init__(self, info: MethodInfo, invoke: Handler) -> None:
+        self.info = info
+        self.request_class = info.request_class
+        self.response_class = info.response_class
+        self.invoke = invoke
+
+
+def _unimplemented(info: MethodInfo) -> Handler:
+    def handler(request: Message, context: CallContext) -> Any:
+        raise UnimplementedError(message=f"{info.full_name} is not implemented by this provider")
+
+    return handler
+
+
+def _from_coroutine_function(fn: Callable[..., Any]) -> Handler:
+    def handler(request: Message, context: CallContext) -> Deferred:
+        return Deferred.fromCoroutine(fn(request, context))
+
+    return handler
+
+
+def _intercepted(interceptor: IServerInterceptor, proceed: Handler) -> Handler:
+    def handler(request: Message, context: CallContext) -> Any:
+        return interceptor.intercept(request, context, proceed)
+
+    return handler
+
+
+class Dispatcher:
+    """Routes to the handlers of the services it was given."""
+
+    def __init__(
+        self,
+        services: Iterable[Service] = (),
+        interceptors: Sequence[IServerInterceptor] = (),
+    ) -> None:
+        self.interceptors = list(interceptors)
+        self.services: dict[str, Service] = {}
+        self.routes: dict[bytes, ServerMethod] = {}
+        for service in services:
+            self.add(service)
+
+    def add(self, service: Service) -> None:
+        """Serve every method of ``service`` (a :class:`Service` instance)."""
+        if not isinstance(service, Service) or type(service).descriptor is None:
+            raise TypeError(f"{service!r} is not a Service with a descriptor")
+        info = type(service).service_info()
+        if info.name in self.services:
+            raise ValueError(f"service {info.name} is served twice")
+        self.services[info.name] = service
+        for method in info.methods.values():
+            handler = getattr(service, method.name, None)
+            if not callable(handler):
+                handler = _unimplemented(method)
+            elif inspect.iscoroutinefunction(handler):
+                handler = _from_coroutine_function(handler)
+            for interceptor in reversed(self.interceptors):
+                handler = _intercepted(interceptor, handler)
+            self.routes[method.route] = ServerMethod(method, handler)
+
+    def not_found(self, route: bytes) -> RpcError:
+        """The error for a route no service here answers."""
+        text = route.decode("utf-8", "replace")
+        service, _, method = text.rpartition("/")
+        if service in self.services:
+            return NotFoundError(message=f"unknown method {method!r} of service {service}")
+        return NotFoundError(message=f"unknown service {service or text!r}")
+
+
+class ServerConnection(RpcConnection):
+    """One provider-side connection: many calls in flight, answered in any order."""
+
+    def __init__(self, factory: ServerFactory) -> None:
+        super().__init__(factory.clock, factory.max_frame_size)
+        self.factory = factory
+        self.routes = factory.dispatcher.routes
+        self.pending: dict[int, Deferred] = {}
+        self.deadlines = DeadlineQueue(factory.clock, self.pending, self._deadline_expired)
+        self.draining = False
+        self.last_call_id = 0
+        self._handlers[FrameKind.REQUEST] = self._request_received
+        self._handlers[FrameKind.CANCEL] = self._cancel_received
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.factory.connections.add(self)
+        if self.factory.draining:
+            self.goaway("provider is shutting down")
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self.factory.connections.discard(self)
+        self.deadlines.stop()
+        pending = list(self.pending.values())
+        self.pending.clear()
+        for d in pending:
+            d.cancel()
+
+    def goaway(self, message: str = "") -> None:
+        """Tell the peer to send no new calls here; calls in flight still finish."""
+        if not self.draining:
+            self.draining = True
+            if self.connected:
+                self.send(wire.encode_goaway(self.last_call_id, message))
+
+    # ----------------------------------------------------------------- calls
+
+    def _request_received(self, frame: Frame) -> None:
+        call_id = frame.call_id
+        method = self.routes.get(frame.route)
+        if method is None:
+            self._send_error(call_id, self.factory.dispatcher.not_found(frame.route))
+            return
+        if call_id in self.pending:
+            raise ProtocolError(f"call id {call_id} is already in flight")
+        if self.draining:
+            self._send_error(call_id, UnavailableError(message="provider is shutting down"))
+            return
+        self.last_call_id = call_id
+        request = method.request_class()
+        try:
+            request.ParseFromString(frame.payload)
+        except Exception as e:
+            self._send_error(
+                call_id,
+                InvalidArgumentError(
+                    message=f"cannot parse {method.request_class.DESCRIPTOR.full_name}: {e}"
+                ),
+            )
+            return
+        timeout_ms = frame.timeout_ms
+        deadline = self.clock.seconds() + timeout_ms / 1000.0 if timeout_ms else None
+        context = CallContext(call_id, method.info, frame.metadata, deadline, self)
+        try:
+            result = method.invoke(request, context)
+        except Exception as e:
+            self._send_error(call_id, self._status_of(e, call_id, method.info))
+            return
+        if type(result) is method.response_class:
+            self._send_response(call_id, result, method.info)
+            return
+        if inspect.iscoroutine(result):
+            result = Deferred.fromCoroutine(result)
+        if isinstance(result, Deferred):
+            self.pending[call_id] = result
+            if deadline is not None:
+                self.deadlines.add(deadline, call_id)
+            result.addCallbacks(
+                self._async_answer,
+                self._async_failure,
+                callbackArgs=(call_id, method.info),
+                errbackArgs=(call_id, method.info),
+            )
+        else:
+            self._send_response(call_id, result, method.info)
+
+    def _async_answer(self, result: object, call_id: int, info: MethodInfo) -> None:
+        if self.pending.pop(call_id, None) is not None:
+            self._send_response(call_id, result, info)
+
+    def _async_failure(self, failure: Failure, call_id: int, info: MethodInfo) -> None:
+        if self.pending.pop(call_id, None) is None:
+            return  # cancelled, expired or disconnected: already answered or nobody waits
+        self._send_error(call_id, self._status_of(failure.value, call_id, info, failure))
+
+    def _send_response(self, call_id: int, result: object, info: MethodInfo) -> None:
+        if type(result) is not info.response_class:
+            log.error(
+                "call {call_id} {method} from {peer}: handler returned {kind}, expected {expected}",
+                call_id=call_id,
+                method=info.full_name,
+                peer=self.peer,
+                kind=type(result).__name__,
+                expected=info.response_class.DESCRIPTOR.full_name,
+            )
+            self._send_error(call_id, InternalError(message="internal error"))
+            return
+        try:
+            payload = result.SerializeToString()  # type: ignore[attr-defined]
+        except Exception as e:
+            self._send_error(call_id, self._status_of(e, call_id, info))
+            return
+        self.send(wire.encode_response(call_id, len(payload)), payload)
+
+    def _send_error(self, call_id: int, error: RpcError) -> None:
+        self.send(wire.encode_status(call_id, int(error.code), error.message))
+
+    def _status_of(
+        self, error: BaseException, call_id: int, info: MethodInfo, failure: Failure | None = None
+    ) -> RpcError:
+        """The error to send for ``error``: RpcErrors as they are, others as INTERNAL."""
+        if isinstance(error, RpcError):
+            return error
+        if isinstance(error, defer.CancelledError):
+            return RpcError(StatusCode.CANCELLED, "cancelled by the provider")
+        log.failure(
+            "call {call_id} {method} from {peer} failed",
+            failure=failure or Failure(error),
+            call_id=call_id,
+            method=info.full_name,
+            peer=self.peer,
+        )
+        return InternalError(message="internal error")
+
+    def _cancel_received(self, frame: Frame) -> None:
+        d = self.pending.pop(frame.call_id, None)
+        if d is not None:
+            d.cancel()
+
+    def _deadline_expired(self, call_id: int) -> None:
+        d = self.pending.pop(call_id, None)
+        if d is not None:
+            self._send_error(
+                call_id, RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded at the provider")
+            )
+            d.cancel()
+
+
+class ServerFactory(Factory):
+    """Builds :class:`ServerConnection` s for a dispatcher and tracks them."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        clock: IReactorTime,
+        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.max_frame_size = max_frame_size
+        self.connections: set[ServerConnection] = set()
+        self.draining = False
+
+    def buildProtocol(self, addr: object) -> ServerConnection:
+        return ServerConnection(self)
+
+    @property
+    def calls_in_flight(self) -> int:
+        return sum(len(c.pending) for c in self.connections)
+
+    def goaway(self, message: str = "provider is shutting down") -> None:
+        """Refuse new calls on every connection, present and future."""
+        self.draining = True
+        for connection in list(self.connections):
+            connection.goaway(message)
+
+    def close_connections(self) -> None:
+        for connection in list(self.connections):
+            connection.transport.loseConnection()
+
+
+@implementer(IServerInterceptor)
+class FunctionInterceptor:
+    """An interceptor from a plain function ``f(request, context, proceed)``."""
+
+    def __init__(self, function: Callable[[Message, CallContext, Handler], Any]) -> None:
+        self.function = function
+
+    def intercept(self, request: Message, context: CallContext, proceed: Handler) -> Any:
+        return self.function(request, context, proceed)

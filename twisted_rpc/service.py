@@ -1,0 +1,114 @@
+"""Services and methods derived from protobuf ``ServiceDescriptor``s.
+
+Users declare ``service`` blocks in ``.proto`` files and compile them with
+``protoc --python_out``; this module turns the descriptors the generated
+module carries into what the provider and the proxies need::
+
+    from protos import user_pb2
+    from twisted_rpc import Service
+
+    class UserService(Service, descriptor=user_pb2.DESCRIPTOR.services_by_name["UserService"]):
+        def Login(self, request, context):
+            return user_pb2.LoginResponse(success=True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, ClassVar
+
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
+
+__all__ = ["MethodInfo", "Service", "ServiceInfo", "describe", "resolve_descriptor"]
+
+
+@dataclass(frozen=True, slots=True)
+class MethodInfo:
+    """One RPC method: its names, wire route and message classes."""
+
+    service: str  # "package.Service"
+    name: str  # "Method"
+    route: bytes  # b"package.Service/Method", the dispatch key on the wire
+    request_class: type[Message]
+    response_class: type[Message]
+    client_streaming: bool = False
+    server_streaming: bool = False
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.service}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceInfo:
+    """A service: its full name, descriptor and methods by name."""
+
+    name: str
+    descriptor: ServiceDescriptor
+    methods: dict[str, MethodInfo]
+
+
+def resolve_descriptor(service: ServiceDescriptor | str | type[Service]) -> ServiceDescriptor:
+    """A ServiceDescriptor from a descriptor, a Service subclass or a full name.
+
+    A full name (``"example.UserService"``) is looked up in the default pool,
+    so the module generated from its ``.proto`` must have been imported.
+    """
+    if isinstance(service, ServiceDescriptor):
+        return service
+    if isinstance(service, type) and issubclass(service, Service):
+        if service.descriptor is None:
+            raise TypeError(f"{service.__qualname__} declares no descriptor")
+        return service.descriptor
+    if isinstance(service, str):
+        try:
+            return descriptor_pool.Default().FindServiceByName(service)
+        except KeyError:
+            raise KeyError(
+                f"unknown service {service!r}: import the module generated from its .proto first"
+            ) from None
+    raise TypeError(f"expected a ServiceDescriptor, Service subclass or name, got {service!r}")
+
+
+@cache
+def describe(descriptor: ServiceDescriptor) -> ServiceInfo:
+    """The :class:`ServiceInfo` of a descriptor (computed once per descriptor)."""
+    methods = {}
+    for m in descriptor.methods:
+        methods[m.name] = MethodInfo(
+            service=descriptor.full_name,
+            name=m.name,
+            route=f"{descriptor.full_name}/{m.name}".encode(),
+            request_class=GetMessageClass(m.input_type),
+            response_class=GetMessageClass(m.output_type),
+            client_streaming=bool(getattr(m, "client_streaming", False)),
+            server_streaming=bool(getattr(m, "server_streaming", False)),
+        )
+    return ServiceInfo(descriptor.full_name, descriptor, methods)
+
+
+class Service:
+    """Base class of service implementations.
+
+    Subclass it with ``descriptor=`` (a ``ServiceDescriptor``) and define one
+    method per RPC, named as in the ``.proto``, taking ``(request, context)``
+    and returning the response message, a Deferred of it, or (``async def``)
+    a coroutine. Methods left out answer UNIMPLEMENTED.
+    """
+
+    descriptor: ClassVar[ServiceDescriptor | None] = None
+
+    def __init_subclass__(cls, descriptor: ServiceDescriptor | None = None, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if descriptor is not None:
+            if not isinstance(descriptor, ServiceDescriptor):
+                raise TypeError(f"descriptor must be a ServiceDescriptor, got {descriptor!r}")
+            cls.descriptor = descriptor
+
+    @classmethod
+    def service_info(cls) -> ServiceInfo:
+        return describe(resolve_descriptor(cls))

@@ -1,0 +1,339 @@
+"""The native wire codec: frame layout, encoders and an incremental decoder.
+
+Byte-by-byte description in ``docs/protocol.md``. In short, every frame is::
+
+    u32 length | u8 kind | u8 flags | u16 status | u32 call id | u32 timeout ms
+    | u16 route length | route | [u32 ext length | ext] | payload
+
+all big-endian. ``length`` counts the bytes after itself. The extension holds
+the rare fields (metadata, error text) as tagged entries and is present only
+when ``flags & FLAG_EXT``. This module knows nothing of Twisted.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Mapping
+from enum import IntEnum
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "FLAG_EXT",
+    "Frame",
+    "FrameDecoder",
+    "FrameKind",
+    "HEADER_SIZE",
+    "ProtocolError",
+    "encode_cancel",
+    "encode_goaway",
+    "encode_ping",
+    "encode_pong",
+    "encode_request",
+    "encode_response",
+    "encode_status",
+]
+
+DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
+
+_HEADER = struct.Struct("!IBBHIIH")
+HEADER_SIZE = _HEADER.size  # 18, the length prefix included
+_FIXED_AFTER_LENGTH = HEADER_SIZE - 4
+_U32 = struct.Struct("!I")
+_EXT_ENTRY = struct.Struct("!BI")
+_U16 = struct.Struct("!H")
+
+FLAG_EXT = 0x01
+"""An extension block follows the route."""
+FLAG_END_STREAM = 0x02
+"""Reserved for streaming calls: the last frame of a stream."""
+
+EXT_ERROR_MESSAGE = 1
+EXT_METADATA = 2
+
+_pack_header = _HEADER.pack
+_unpack_header = _HEADER.unpack_from
+_unpack_u32 = _U32.unpack_from
+
+
+class FrameKind(IntEnum):
+    REQUEST = 1
+    RESPONSE = 2
+    CANCEL = 3
+    PING = 4
+    PONG = 5
+    GOAWAY = 6
+
+
+REQUEST = FrameKind.REQUEST.value
+RESPONSE = FrameKind.RESPONSE.value
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that are not a valid frame; the connection must close."""
+
+
+class Frame:
+    """One decoded frame. ``route`` stays bytes: it is a dispatch key."""
+
+    __slots__ = (
+        "kind",
+        "flags",
+        "status",
+        "call_id",
+        "timeout_ms",
+        "route",
+        "metadata",
+        "message",
+        "payload",
+    )
+
+    def __init__(
+        self,
+        kind: int,
+        flags: int,
+        status: int,
+        call_id: int,
+        timeout_ms: int,
+        route: bytes,
+        metadata: dict[str, str] | None,
+        message: str,
+        payload: bytes,
+    ) -> None:
+        self.kind = kind
+        self.flags = flags
+        self.status = status
+        self.call_id = call_id
+        self.timeout_ms = timeout_ms
+        self.route = route
+        self.metadata = metadata
+        self.message = message
+        self.payload = payload
+
+    def __repr__(self) -> str:
+        return (
+            f"Frame(kind={self.kind}, flags={self.flags}, status={self.status}, "
+            f"call_id={self.call_id}, timeout_ms={self.timeout_ms}, route={self.route!r}, "
+            f"metadata={self.metadata!r}, message={self.message!r}, payload={self.payload!r})"
+        )
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _encode_ext(metadata: Mapping[str, str] | None, message: str) -> bytes:
+    parts = []
+    if message:
+        raw = message.encode("utf-8")
+        parts.append(_EXT_ENTRY.pack(EXT_ERROR_MESSAGE, len(raw)))
+        parts.append(raw)
+    if metadata:
+        for key, value in metadata.items():
+            k = key.encode("utf-8")
+            v = value.encode("utf-8")
+            parts.append(_EXT_ENTRY.pack(EXT_METADATA, 2 + len(k) + len(v)))
+            parts.append(_U16.pack(len(k)))
+            parts.append(k)
+            parts.append(v)
+    ext = b"".join(parts)
+    return _U32.pack(len(ext)) + ext
+
+
+def encode_header(
+    kind: int,
+    call_id: int,
+    payload_size: int,
+    *,
+    status: int = 0,
+    timeout_ms: int = 0,
+    route: bytes = b"",
+    metadata: Mapping[str, str] | None = None,
+    message: str = "",
+    flags: int = 0,
+) -> bytes:
+    """Everything of a frame but its payload (which the caller writes after it)."""
+    if metadata or message:
+        ext = _encode_ext(metadata, message)
+        flags |= FLAG_EXT
+    else:
+        ext = b""
+    length = _FIXED_AFTER_LENGTH + len(route) + len(ext) + payload_size
+    return _pack_header(length, kind, flags, status, call_id, timeout_ms, len(route)) + route + ext
+
+
+def encode_request(
+    call_id: int,
+    route: bytes,
+    payload_size: int,
+    timeout_ms: int = 0,
+    metadata: Mapping[str, str] | None = None,
+) -> bytes:
+    """Header of a REQUEST frame; ``route`` is ``b"package.Service/Method"``."""
+    if metadata:
+        return encode_header(
+            REQUEST, call_id, payload_size, timeout_ms=timeout_ms, route=route, metadata=metadata
+        )
+    return (
+        _pack_header(
+            _FIXED_AFTER_LENGTH + len(route) + payload_size,
+            REQUEST,
+            0,
+            0,
+            call_id,
+            timeout_ms,
+            len(route),
+        )
+        + route
+    )
+
+
+def encode_response(call_id: int, payload_size: int) -> bytes:
+    """Header of a successful RESPONSE frame."""
+    return _pack_header(_FIXED_AFTER_LENGTH + payload_size, RESPONSE, 0, 0, call_id, 0, 0)
+
+
+def encode_status(call_id: int, status: int, message: str = "") -> bytes:
+    """A whole RESPONSE frame carrying a failure status and its message."""
+    return encode_header(RESPONSE, call_id, 0, status=status, message=message)
+
+
+def encode_cancel(call_id: int) -> bytes:
+    return _pack_header(_FIXED_AFTER_LENGTH, FrameKind.CANCEL, 0, 0, call_id, 0, 0)
+
+
+def encode_ping(ping_id: int, payload: bytes = b"") -> bytes:
+    return _pack_header(_FIXED_AFTER_LENGTH + len(payload), FrameKind.PING, 0, 0, ping_id, 0, 0) + payload
+
+
+def encode_pong(ping_id: int, payload: bytes = b"") -> bytes:
+    return _pack_header(_FIXED_AFTER_LENGTH + len(payload), FrameKind.PONG, 0, 0, ping_id, 0, 0) + payload
+
+
+def encode_goaway(last_call_id: int, message: str = "") -> bytes:
+    """GOAWAY: the sender takes no new calls; ``last_call_id`` is the last it accepted."""
+    return encode_header(FrameKind.GOAWAY, last_call_id, 0, message=message)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _decode_ext(ext: bytes) -> tuple[dict[str, str] | None, str]:
+    metadata: dict[str, str] | None = None
+    message = ""
+    pos = 0
+    end = len(ext)
+    try:
+        while pos < end:
+            if end - pos < _EXT_ENTRY.size:
+                raise ProtocolError("truncated extension entry")
+            tag, size = _EXT_ENTRY.unpack_from(ext, pos)
+            pos += _EXT_ENTRY.size
+            if size > end - pos:
+                raise ProtocolError("extension entry overruns the extension block")
+            value = ext[pos : pos + size]
+            pos += size
+            if tag == EXT_ERROR_MESSAGE:
+                message = value.decode("utf-8")
+            elif tag == EXT_METADATA:
+                if size < 2:
+                    raise ProtocolError("metadata entry without a key length")
+                (klen,) = _U16.unpack_from(value, 0)
+                if klen > size - 2:
+                    raise ProtocolError("metadata key overruns its entry")
+                if metadata is None:
+                    metadata = {}
+                metadata[value[2 : 2 + klen].decode("utf-8")] = value[2 + klen :].decode("utf-8")
+            # other tags: reserved for later versions, skipped
+    except UnicodeDecodeError as e:
+        raise ProtocolError(f"extension text is not UTF-8: {e}") from None
+    return metadata, message
+
+
+class FrameDecoder:
+    """Turns a byte stream into frames, calling ``on_frame`` for each.
+
+    Complete frames are sliced straight out of the received chunk; only a
+    partial frame is buffered, and a large frame is joined once when its last
+    byte arrives, so the cost stays linear in the frame size.
+    """
+
+    __slots__ = ("on_frame", "max_frame_size", "_buffer", "_needed")
+
+    def __init__(
+        self,
+        on_frame: Callable[[Frame], object],
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> None:
+        self.on_frame = on_frame
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+        self._needed = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a frame not complete yet."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> None:
+        """Decode what ``data`` completes; raise ProtocolError on a bad frame.
+
+        ``on_frame`` may raise too; the exception propagates and the rest of
+        ``data`` is dropped, as the connection is closing anyway.
+        """
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            if len(buffer) < self._needed:
+                return
+            data = bytes(buffer)
+            buffer.clear()
+        size = len(data)
+        pos = 0
+        max_frame = self.max_frame_size
+        on_frame = self.on_frame
+        while size - pos >= HEADER_SIZE:
+            length, kind, flags, status, call_id, timeout_ms, route_len = _unpack_header(data, pos)
+            if length > max_frame:
+                raise ProtocolError(f"frame of {length} bytes exceeds the limit of {max_frame}")
+            if length < _FIXED_AFTER_LENGTH + route_len:
+                raise ProtocolError(f"frame length {length} too short for its header")
+            end = pos + 4 + length
+            if end > size:
+                self._needed = 4 + length
+                break
+            body = pos + HEADER_SIZE + route_len
+            route = data[pos + HEADER_SIZE : body] if route_len else b""
+            if flags & FLAG_EXT:
+                if end - body < 4:
+                    raise ProtocolError("extension length overruns the frame")
+                (ext_len,) = _unpack_u32(data, body)
+                body += 4
+                if ext_len > end - body:
+                    raise ProtocolError("extension overruns the frame")
+                metadata, message = _decode_ext(data[body : body + ext_len])
+                body += ext_len
+            else:
+                metadata = None
+                message = ""
+            pos = end
+            on_frame(
+                Frame(
+                    kind,
+                    flags,
+                    status,
+                    call_id,
+                    timeout_ms,
+                    route,
+                    metadata,
+                    message,
+                    data[body:end],
+                )
+            )
+        else:
+            self._needed = HEADER_SIZE
+            if pos < size and size - pos >= 4:
+                # Reject an oversized length as soon as its four bytes are in.
+                (length,) = _unpack_u32(data, pos)
+                if length > max_frame:
+                    raise ProtocolError(f"frame of {length} bytes exceeds the limit of {max_frame}")
+        if pos < size:
+            buffer += memoryview(data)[pos:]
