@@ -30,6 +30,7 @@ demo: protos
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: protos lint
 	$(PY) -m pytest

@@ -101,7 +101,9 @@ class ClientConnection(RpcConnection):
             timeout_ms = max(1, int(timeout * 1000))
         else:
             timeout_ms = 0
-        self.send(wire.encode_request(call_id, method.route, len(payload), timeout_ms, metadata), payload)
+        self.send(
+            wire.encode_request(call_id, method.route, len(payload), timeout_ms, metadata), payload
+        )
         return d
 
     def _response_received(self, frame: Frame) -> None:
@@ -186,7 +188,9 @@ class Channel:
         self.clock: IReactorTime = reactor
         self.address = address
         self.max_frame_size = max_frame_size
-        self.endpoint = endpoint or clientFromString(reactor, _endpoint_string(address, connect_timeout))
+        self.endpoint = endpoint or clientFromString(
+            reactor, _endpoint_string(address, connect_timeout)
+        )
         self.state = "idle"
         self.last_error = ""
         self.protocol: ClientConnection | None = None

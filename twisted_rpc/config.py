@@ -165,7 +165,9 @@ def load_provider_config(path: str) -> ProviderConfig:
     try:
         serverFromString(MemoryReactor(), listen)
     except Exception as e:
-        raise ConfigError(f"{path}: [provider] listen = {listen!r} is not a valid endpoint: {e}") from None
+        raise ConfigError(
+            f"{path}: [provider] listen = {listen!r} is not a valid endpoint: {e}"
+        ) from None
     raw_advertise = r.get("provider", "advertise")
     advertise = r.address("provider", "advertise", raw_advertise) if raw_advertise else None
     services = r.require("provider", "services").split()
@@ -218,7 +220,9 @@ def load_services(specs: list[str], where: str = "services") -> list[Service]:
         try:
             module = importlib.import_module(module_name)
         except Exception as e:
-            raise ConfigError(f"{where}: cannot import {module_name}: {type(e).__name__}: {e}") from None
+            raise ConfigError(
+                f"{where}: cannot import {module_name}: {type(e).__name__}: {e}"
+            ) from None
         cls = module
         for part in attr.split("."):
             cls = getattr(cls, part, None)

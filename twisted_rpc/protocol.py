@@ -64,7 +64,9 @@ class RpcConnection(Protocol):
         except ProtocolError as e:
             self.protocol_violation(str(e))
         except Exception:
-            self.log.failure("closing connection from {peer}: error handling a frame", peer=self.peer)
+            self.log.failure(
+                "closing connection from {peer}: error handling a frame", peer=self.peer
+            )
             self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure) -> None:

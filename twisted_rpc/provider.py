@@ -96,7 +96,9 @@ class ProviderService(MultiService):
             info = type(service).service_info()
             data = {**self.registration_data, "methods": sorted(info.methods)}
             d = self.registry.register(Registration(name, self.advertise, data))
-            d.addErrback(lambda f, n=name: log.failure("registering {service} failed", f, service=n))
+            d.addErrback(
+                lambda f, n=name: log.failure("registering {service} failed", f, service=n)
+            )
 
     def stopService(self) -> Deferred:
         return Deferred.fromCoroutine(self._stop())

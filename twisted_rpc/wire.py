@@ -201,11 +201,17 @@ def encode_cancel(call_id: int) -> bytes:
 
 
 def encode_ping(ping_id: int, payload: bytes = b"") -> bytes:
-    return _pack_header(_FIXED_AFTER_LENGTH + len(payload), FrameKind.PING, 0, 0, ping_id, 0, 0) + payload
+    return (
+        _pack_header(_FIXED_AFTER_LENGTH + len(payload), FrameKind.PING, 0, 0, ping_id, 0, 0)
+        + payload
+    )
 
 
 def encode_pong(ping_id: int, payload: bytes = b"") -> bytes:
-    return _pack_header(_FIXED_AFTER_LENGTH + len(payload), FrameKind.PONG, 0, 0, ping_id, 0, 0) + payload
+    return (
+        _pack_header(_FIXED_AFTER_LENGTH + len(payload), FrameKind.PONG, 0, 0, ping_id, 0, 0)
+        + payload
+    )
 
 
 def encode_goaway(last_call_id: int, message: str = "") -> bytes:

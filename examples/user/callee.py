@@ -14,7 +14,9 @@ class UserService(Service, descriptor=user_pb2.DESCRIPTOR.services_by_name["User
 
     def Login(self, request: user_pb2.LoginRequest, context: CallContext) -> user_pb2.LoginResponse:
         ok = self.users.get(request.name) == request.pwd
-        result = common_pb2.ResultCode(errcode=0 if ok else 1, errmsg="" if ok else "bad name or pwd")
+        result = common_pb2.ResultCode(
+            errcode=0 if ok else 1, errmsg="" if ok else "bad name or pwd"
+        )
         return user_pb2.LoginResponse(result=result, success=ok)
 
     async def Register(
