@@ -151,3 +151,20 @@ def test_unknown_extension_tags_are_skipped():
     )
     (frame,) = decode_all(data)
     assert frame.message == "ok" and frame.status == 3
+
+
+def test_examples_in_docs_protocol_md():
+    from protos import common_pb2, user_pb2
+
+    p = user_pb2.LoginRequest(name="zhang san", pwd="123456").SerializeToString()
+    frame = wire.encode_request(1, b"example.UserService/Login", len(p), 5000) + p
+    assert frame[:18].hex(" ") == "00 00 00 3a 01 00 00 00 00 00 00 01 00 00 13 88 00 19"
+    r = user_pb2.LoginResponse(result=common_pb2.ResultCode(), success=True).SerializeToString()
+    assert (wire.encode_response(1, len(r)) + r).hex(" ") == (
+        "00 00 00 12 02 00 00 00 00 00 00 01 00 00 00 00 00 00 0a 00 10 01"
+    )
+    assert (
+        wire.encode_status(3, 5, "no user 7")
+        == bytes.fromhex("00000020 02010005 00000003 00000000 0000 0000000e 0100000009")
+        + b"no user 7"
+    )

@@ -150,6 +150,8 @@ class ClientConnection(RpcConnection):
 
 
 class _ConnectionFactory(Factory):
+    noisy = False
+
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
 

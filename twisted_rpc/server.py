@@ -300,6 +300,8 @@ class ServerConnection(RpcConnection):
 class ServerFactory(Factory):
     """Builds :class:`ServerConnection` s for a dispatcher and tracks them."""
 
+    noisy = False
+
     def __init__(
         self,
         dispatcher: Dispatcher,

@@ -76,9 +76,14 @@ class MemoryProvider:
 
     @staticmethod
     def result(d: Deferred) -> Any:
-        """The result ``d`` already has (raises its failure's exception if failed)."""
+        """The result ``d`` already has; a failure is raised (and consumed)."""
         outcome: list[Any] = []
-        d.addBoth(outcome.append)
+
+        def grab(result: Any) -> Any:
+            outcome.append(result)
+            return None if isinstance(result, Failure) else result
+
+        d.addBoth(grab)
         if not outcome:
             raise AssertionError(f"{d!r} has no result yet")
         if isinstance(outcome[0], Failure):

@@ -1,0 +1,94 @@
+"""twistd mprpc options and service tree, without starting anything."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.testing import MemoryReactor
+from twisted.python import usage
+
+from twisted_rpc import tap
+from twisted_rpc.config import ConfigError, load_consumer_config, load_provider_config
+from twisted_rpc.provider import ProviderService
+
+
+def write(tmp_path, text):
+    path = tmp_path / "p.ini"
+    path.write_text(text)
+    return str(path)
+
+
+def test_options_and_service_tree(tmp_path):
+    path = write(
+        tmp_path,
+        "[provider]\nlisten = tcp:0:interface=127.0.0.1  # inline comment\n"
+        "advertise = 10.0.0.5:8000\n"
+        "services = tests.echo_service:EchoService examples.user.callee:UserService\n"
+        "grace_period = 2.5\n",
+    )
+    options = tap.Options()
+    options.parseOptions(["-c", path])
+    service = tap.makeService(options, MemoryReactor())
+    assert isinstance(service, ProviderService)
+    assert sorted(service.dispatcher.services) == ["example.UserService", "mprpc.test.EchoService"]
+    assert service.grace_period == 2.5
+    assert str(service.advertise) == "10.0.0.5:8000"
+    (listener,) = [s for s in service if isinstance(s, StreamServerEndpointService)]
+    assert listener.factory is service.factory
+
+
+def test_config_is_required():
+    with pytest.raises(usage.UsageError, match="--config is required"):
+        tap.Options().parseOptions([])
+
+
+def test_bad_config_exits_with_one_line(tmp_path):
+    path = write(tmp_path, "[provider]\nlisten = tcp:0\nservices = nope\n")
+    with pytest.raises(SystemExit) as exited:
+        tap.Options().parseOptions(["--config", path])
+    assert str(exited.value) == (
+        f"twistd mprpc: config error: {path}: [provider] services: 'nope' is not module:Class"
+    )
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[other]\n", "unknown section [other]"),
+        ("[registry]\nkind = static\n", "missing section [provider]"),
+        ("[provider]\nservices = a:B\n", "[provider] listen is required"),
+        ("[provider]\nlisten = tcp:0\nservices = a:B\ngrace_period = soon\n", "is not a number"),
+        ("[provider]\nlisten = tcp:0\nservices = a:B\nadvertise = nohost\n", "expected host:port"),
+        (
+            "[provider]\nlisten = tcp:0\nservices = a:B\n[registry]\nroot = mprpc\n",
+            "root must start",
+        ),
+        ("[provider]\nlisten = tcp:0\nservices = a:B\n[registry]\nauth = me\n", "digest:user"),
+    ],
+)
+def test_provider_config_errors(tmp_path, text, message):
+    with pytest.raises(ConfigError) as raised:
+        load_provider_config(write(tmp_path, text))
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_consumer_config(tmp_path):
+    path = write(
+        tmp_path,
+        "[consumer]\ntimeout = 2\n[providers]\nexample.UserService = 127.0.0.1:1, 127.0.0.1:2\n",
+    )
+    config = load_consumer_config(path)
+    assert config.timeout == 2
+    assert [str(a) for a in config.providers["example.UserService"]] == [
+        "127.0.0.1:1",
+        "127.0.0.1:2",
+    ]
+
+
+def test_shipped_configs_load():
+    assert load_provider_config("etc/provider.ini").listen == "tcp:8000:interface=127.0.0.1"
+    assert set(load_consumer_config("etc/consumer.ini").providers) == {
+        "example.UserService",
+        "example.FriendService",
+    }
