@@ -310,3 +310,15 @@ def test_static_registry_provides_both_interfaces():
     seen = []
     registry.subscribe("a.B", seen.append)
     assert [str(a) for a in seen[0]] == ["127.0.0.1:1", "[::1]:2"]
+
+
+def test_close_waits_for_connections_to_close():
+    memory = MemoryProvider([EchoService()])
+    d = memory.proxy(ECHO).AsyncEcho(echo_pb2.EchoRequest(delay=5))
+    memory.flush()
+    closed = memory.client.close()
+    assert not closed.called
+    memory.flush()
+    assert result(closed) is None
+    assert isinstance(failure_of(d), UnavailableError)
+    assert memory.factory.connections == set()

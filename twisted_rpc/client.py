@@ -23,7 +23,7 @@ from typing import Any
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
@@ -200,6 +200,7 @@ class Channel:
         self._backoff = self.INITIAL_BACKOFF
         self._retry: Any = None
         self._attempt: Deferred | None = None
+        self._on_closed: list[Deferred] = []
 
     def __repr__(self) -> str:
         return f"<Channel {self.address} {self.state}>"
@@ -255,16 +256,23 @@ class Channel:
             timeout = max(0.001, timeout - (self.clock.seconds() - started))
         return await protocol.call(method, request, timeout, metadata)
 
-    def close(self) -> None:
-        """Stop re-dialling, close the connection (its calls fail UNAVAILABLE)."""
+    def close(self) -> Deferred:
+        """Stop re-dialling and close the connection (its calls fail UNAVAILABLE).
+
+        The Deferred fires once the connection is closed.
+        """
         self.state = "closed"
         self.last_error = "channel closed"
         self._cancel_retry()
         if self._attempt is not None:
             self._attempt.cancel()
         self._release_waiters()
-        if self.protocol is not None:
-            self.protocol.transport.loseConnection()
+        if self.protocol is None:
+            return succeed(None)
+        closed: Deferred = Deferred()
+        self._on_closed.append(closed)
+        self.protocol.transport.loseConnection()
+        return closed
 
     # ----------------------------------------------------------------- internals
 
@@ -314,6 +322,9 @@ class Channel:
             return
         self.protocol = None
         if self.state == "closed":
+            closed, self._on_closed = self._on_closed, []
+            for d in closed:
+                d.callback(None)
             return
         self.last_error = f"connection lost: {reason.getErrorMessage()}"
         # Dial again at once: a restarted provider is back quickly; if not,
@@ -496,11 +507,11 @@ class Client:
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()
-        for channel in self.channels.values():
-            channel.close()
+        closing = [channel.close() for channel in self.channels.values()]
+        closing.append(self.discovery.close())
         self.channels.clear()
         self._routes.clear()
-        return self.discovery.close()
+        return gatherResults(closing).addCallback(lambda _: None)
 
 
 def _client_intercepted(
