@@ -50,11 +50,21 @@ def install() -> None:
     if installed():
         return
     if os.geteuid() != 0:
-        raise SystemExit("zookeeper is not installed and this is not root: apt-get install zookeeper")
+        raise SystemExit(
+            "zookeeper is not installed and this is not root: apt-get install zookeeper"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
     subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "zookeeper", "default-jre-headless"],
+        [
+            "apt-get",
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "zookeeper",
+            "default-jre-headless",
+        ],
         check=True,
         env=env,
     )
@@ -149,7 +159,15 @@ class ZooKeeperServer:
         classpath = ":".join([str(cfg.parent)] + [str(JAVA_DIR / j) for j in CLASSPATH_JARS])
         out = open(self.dir / "stdout.log", "ab")
         self.process = subprocess.Popen(
-            ["java", "-Xmx256m", "-Dzookeeper.admin.enableServer=false", "-cp", classpath, MAIN, str(cfg)],
+            [
+                "java",
+                "-Xmx256m",
+                "-Dzookeeper.admin.enableServer=false",
+                "-cp",
+                classpath,
+                MAIN,
+                str(cfg),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_rpc import wire
+from twisted_rpc.balancer import Balancer, RoundRobin, balancer_named
 from twisted_rpc.deadlines import DeadlineQueue
 from twisted_rpc.interfaces import IClientInterceptor, IServiceDiscovery
 from twisted_rpc.protocol import RpcConnection
@@ -46,9 +47,20 @@ from twisted_rpc.status import (
 )
 from twisted_rpc.wire import Frame, FrameKind
 
-__all__ = ["Channel", "Client", "ClientCall", "ClientConnection", "ServiceProxy"]
+__all__ = [
+    "Channel",
+    "Client",
+    "ClientCall",
+    "ClientConnection",
+    "NotSentError",
+    "ServiceProxy",
+]
 
 log = Logger()
+
+
+class NotSentError(UnavailableError):
+    """UNAVAILABLE before the call was written to any connection: safe to send elsewhere."""
 
 
 class ClientConnection(RpcConnection):
@@ -87,7 +99,7 @@ class ClientConnection(RpcConnection):
         """Send one call; the Deferred fires with the response or an RpcError."""
         if not self.available:
             why = "provider is shutting down" if self.goaway_received else "not connected"
-            return fail(UnavailableError(message=f"{self.peer}: {why}"))
+            return fail(NotSentError(message=f"{self.peer}: {why}"))
         try:
             payload = request.SerializeToString()
         except Exception as e:
@@ -210,6 +222,12 @@ class Channel:
         """Worth routing a call to (ready or about to be)."""
         return self.state in ("ready", "connecting", "idle")
 
+    @property
+    def load(self) -> int:
+        """Calls in flight or waiting on this channel."""
+        protocol = self.protocol
+        return len(self._waiters) + (len(protocol.outstanding) if protocol is not None else 0)
+
     def connect(self) -> None:
         """Start dialling if not connected or dialling already."""
         if self.state in ("connecting", "ready", "closed"):
@@ -232,7 +250,7 @@ class Channel:
         if self.state == "idle":
             self.connect()
         if self.state != "connecting":
-            return fail(UnavailableError(message=f"provider {self.address}: {self.last_error}"))
+            return fail(NotSentError(message=f"provider {self.address}: {self.last_error}"))
         d = Deferred.fromCoroutine(self._call_when_ready(method, request, timeout, metadata))
         if timeout:
             d.addTimeout(timeout, self.clock, onTimeoutCancel=_deadline_exceeded)
@@ -310,7 +328,7 @@ class Channel:
     def _release_waiters(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
-            waiter.errback(UnavailableError(message=f"provider {self.address}: {self.last_error}"))
+            waiter.errback(NotSentError(message=f"provider {self.address}: {self.last_error}"))
 
     def _cancel_retry(self) -> None:
         if self._retry is not None and self._retry.active():
@@ -349,24 +367,42 @@ class ClientCall:
     method: MethodInfo
     timeout: float | None
     metadata: dict[str, str] = field(default_factory=dict)
+    idempotent: bool = False
+    balancer: Balancer | None = None
 
 
 class _ServiceRoute:
-    """The channels serving one service and a round-robin position."""
+    """The channels serving one service and the client's balancer for them."""
 
-    __slots__ = ("channels", "next")
+    __slots__ = ("channels", "balancer")
 
-    def __init__(self) -> None:
+    def __init__(self, balancer: Balancer) -> None:
         self.channels: tuple[Channel, ...] = ()
-        self.next = 0
+        self.balancer = balancer
+
+
+BalancerChoice = str | type[Balancer] | None
+
+
+def _make_balancer(choice: BalancerChoice) -> Balancer:
+    if choice is None:
+        return RoundRobin()
+    if isinstance(choice, str):
+        return balancer_named(choice)()
+    return choice()
 
 
 class Client:
     """Calls services on providers; owns the connections, shared by all proxies.
 
-    Provider lists come from ``discovery`` (an ``IServiceDiscovery``), or from
-    ``providers`` (``{"package.Service": ["host:port", ...]}``) for the
-    embedded static registry.
+    Provider lists come from ``discovery`` (an ``IServiceDiscovery``, e.g. a
+    ``ZooKeeperRegistry``), or from ``providers``
+    (``{"package.Service": ["host:port", ...]}``) for the embedded static
+    registry. ``balancer`` is ``round_robin`` (default), ``weighted_random`` or
+    ``least_outstanding``. A call that could not be written to its provider
+    goes to another one; a call lost in flight fails with UNAVAILABLE unless
+    its method is idempotent, in which case it is retried once elsewhere
+    within its deadline.
     """
 
     def __init__(
@@ -377,8 +413,10 @@ class Client:
         discovery: IServiceDiscovery | None = None,
         interceptors: Sequence[IClientInterceptor] = (),
         timeout: float | None = None,
+        balancer: BalancerChoice = None,
         max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
         connect_timeout: float = 5.0,
+        retire_grace: float = 60.0,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -392,11 +430,15 @@ class Client:
         self.discovery = discovery
         self.interceptors = list(interceptors)
         self.timeout = timeout
+        self.balancer = balancer
+        _make_balancer(balancer)  # fail now on an unknown name
         self.max_frame_size = max_frame_size
         self.connect_timeout = connect_timeout
-        self.channels: dict[ProviderAddress, Channel] = {}
+        self.retire_grace = retire_grace
+        self.channels: dict[str, Channel] = {}
         self._routes: dict[str, _ServiceRoute] = {}
         self._unsubscribe: list[Callable[[], object]] = []
+        self._retiring: set[Channel] = set()
         self._invoke = self._send
         for interceptor in reversed(self.interceptors):
             self._invoke = _client_intercepted(interceptor, self._invoke)
@@ -404,15 +446,32 @@ class Client:
     @classmethod
     def from_config(cls, path: str, reactor: Any = None, **kw: Any) -> Client:
         """A client configured by a consumer ini file (see docs/config.md)."""
-        from twisted_rpc.config import ConfigError, load_consumer_config
+        from twisted_rpc.config import load_consumer_config
 
         config = load_consumer_config(path)
-        if config.registry.kind != "static":
-            raise ConfigError(f"{path}: [registry] kind = {config.registry.kind} is not available")
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
         kw.setdefault("timeout", config.timeout)
+        kw.setdefault("balancer", config.balancer)
+        if config.registry.kind == "zookeeper":
+            from twisted_rpc.zkregistry import ZooKeeperRegistry
+
+            reg = config.registry
+            kw["discovery"] = ZooKeeperRegistry(
+                reactor,
+                reg.hosts,
+                root=reg.root,
+                session_timeout=reg.session_timeout,
+                auth=reg.auth,
+            )
+        else:
+            kw["providers"] = {
+                name: [str(a) for a in addrs] for name, addrs in config.providers.items()
+            }
         return cls(
             reactor,
-            providers={name: [str(a) for a in addrs] for name, addrs in config.providers.items()},
             max_frame_size=config.max_frame_size,
             connect_timeout=config.connect_timeout,
             **kw,
@@ -424,11 +483,26 @@ class Client:
         *,
         timeout: float | None = None,
         metadata: Mapping[str, str] | None = None,
+        balancer: BalancerChoice = None,
+        idempotent: bool | Iterable[str] = False,
     ) -> ServiceProxy:
-        """A proxy whose methods call ``service`` (descriptor, Service class or name)."""
+        """A proxy whose methods call ``service`` (descriptor, Service class or name).
+
+        ``idempotent`` is True (every method) or the names of the methods that
+        may be retried once on another provider after a connection loss.
+        ``balancer`` overrides the client's for this proxy.
+        """
         info = describe(resolve_descriptor(service))
         self._route(info.name)
-        return ServiceProxy(self, info.methods.values(), timeout, metadata)
+        if isinstance(idempotent, bool):
+            retry = set(info.methods) if idempotent else set()
+        else:
+            retry = set(idempotent)
+            unknown = retry - set(info.methods)
+            if unknown:
+                raise ValueError(f"{info.name} has no method {', '.join(sorted(unknown))}")
+        chosen = _make_balancer(balancer) if balancer is not None else None
+        return ServiceProxy(self, info.methods.values(), timeout, metadata, chosen, retry)
 
     def call(
         self,
@@ -436,6 +510,8 @@ class Client:
         request: Message,
         timeout: float | None = None,
         metadata: Mapping[str, str] | None = None,
+        idempotent: bool = False,
+        balancer: Balancer | None = None,
     ) -> Deferred:
         """Call ``method`` on one of its providers (what proxy methods do)."""
         if type(request) is not method.request_class:
@@ -448,11 +524,14 @@ class Client:
         if timeout is None:
             timeout = self.timeout
         if self.interceptors:
-            return self._invoke(ClientCall(method, timeout, dict(metadata or {})), request)
-        return self._send_to(method, request, timeout, metadata)
+            call = ClientCall(method, timeout, dict(metadata or {}), idempotent, balancer)
+            return self._invoke(call, request)
+        return self._send_to(method, request, timeout, metadata, idempotent, balancer)
 
     def _send(self, call: ClientCall, request: Message) -> Deferred:
-        return self._send_to(call.method, request, call.timeout, call.metadata)
+        return self._send_to(
+            call.method, request, call.timeout, call.metadata, call.idempotent, call.balancer
+        )
 
     def _send_to(
         self,
@@ -460,24 +539,65 @@ class Client:
         request: Message,
         timeout: float | None,
         metadata: Mapping[str, str] | None,
+        idempotent: bool,
+        balancer: Balancer | None,
     ) -> Deferred:
         route = self._routes.get(method.service) or self._route(method.service)
-        channels = route.channels
-        count = len(channels)
-        if not count:
-            return fail(UnavailableError(message=f"no provider of {method.service}"))
-        for _ in range(count):
-            i = route.next
-            route.next = i + 1 if i + 1 < count else 0
-            channel = channels[i]
-            if channel.usable:
-                break
-        return channel.call(method, request, timeout, metadata)
+        balancer = balancer or route.balancer
+        channel = balancer.pick(route.channels)
+        if channel is None:
+            return fail(NotSentError(message=f"no provider of {method.service}"))
+        protocol = channel.protocol
+        if protocol is not None and protocol.available and not idempotent:
+            return protocol.call(method, request, timeout, metadata)
+        return Deferred.fromCoroutine(
+            self._failover(route, balancer, channel, method, request, timeout, metadata, idempotent)
+        )
+
+    async def _failover(
+        self,
+        route: _ServiceRoute,
+        balancer: Balancer,
+        channel: Channel,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+        idempotent: bool,
+    ) -> Message:
+        started = self.reactor.seconds()
+        tried: list[Channel] = []
+        retried = False
+        while True:
+            tried.append(channel)
+            remaining = None
+            if timeout:
+                remaining = timeout - (self.reactor.seconds() - started)
+                if remaining <= 0:
+                    raise DeadlineExceededError(message=f"deadline of {timeout:g}s exceeded")
+            try:
+                return await channel.call(method, request, remaining, metadata)
+            except NotSentError as e:
+                error: RpcError = e
+            except UnavailableError as e:
+                if not idempotent or retried:
+                    raise
+                retried = True
+                error = e
+                log.info(
+                    "retrying idempotent {method} elsewhere: {error}",
+                    method=method.full_name,
+                    error=e.message,
+                )
+            next_channel = balancer.pick(route.channels, tried)
+            if next_channel is None:
+                raise error
+            channel = next_channel
 
     def _route(self, service: str) -> _ServiceRoute:
         route = self._routes.get(service)
         if route is None:
-            route = self._routes[service] = _ServiceRoute()
+            route = self._routes[service] = _ServiceRoute(_make_balancer(self.balancer))
             self._unsubscribe.append(
                 self.discovery.subscribe(service, partial(self._providers_changed, route))
             )
@@ -487,29 +607,44 @@ class Client:
         self, route: _ServiceRoute, addresses: Sequence[ProviderAddress]
     ) -> None:
         route.channels = tuple(self._channel(a) for a in addresses)
-        if route.next >= len(route.channels):
-            route.next = 0
+        used = {c for r in self._routes.values() for c in r.channels}
+        for key, channel in list(self.channels.items()):
+            if channel not in used:
+                del self.channels[key]
+                self._retire(channel, self.reactor.seconds() + self.retire_grace)
 
     def _channel(self, address: ProviderAddress) -> Channel:
-        channel = self.channels.get(address)
+        channel = self.channels.get(address.key)
         if channel is None:
-            channel = self.channels[address] = Channel(
+            channel = self.channels[address.key] = Channel(
                 self.reactor,
                 address,
                 max_frame_size=self.max_frame_size,
                 connect_timeout=self.connect_timeout,
             )
             channel.connect()
+        else:
+            channel.address = address  # the weight may have changed
         return channel
+
+    def _retire(self, channel: Channel, deadline: float) -> None:
+        """Close a channel no service routes to, once its calls are done."""
+        if channel.load and self.reactor.seconds() < deadline:
+            self._retiring.add(channel)
+            self.reactor.callLater(0.5, self._retire, channel, deadline)
+            return
+        self._retiring.discard(channel)
+        channel.close().addErrback(lambda f: log.failure("closing {c}", f, c=channel))
 
     def close(self) -> Deferred:
         """Close every connection; calls still in flight fail with UNAVAILABLE."""
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()
-        closing = [channel.close() for channel in self.channels.values()]
+        closing = [channel.close() for channel in [*self.channels.values(), *self._retiring]]
         closing.append(self.discovery.close())
         self.channels.clear()
+        self._retiring.clear()
         self._routes.clear()
         return gatherResults(closing).addCallback(lambda _: None)
 
@@ -518,10 +653,7 @@ def _client_intercepted(
     interceptor: IClientInterceptor, proceed: Callable[[ClientCall, Message], Deferred]
 ) -> Callable[[ClientCall, Message], Deferred]:
     def invoke(call: ClientCall, request: Message) -> Deferred:
-        try:
-            return defer.maybeDeferred(interceptor.intercept, call, request, proceed)
-        except Exception:
-            return fail()
+        return defer.maybeDeferred(interceptor.intercept, call, request, proceed)
 
     return invoke
 
@@ -540,10 +672,13 @@ class ServiceProxy:
         methods: Iterable[MethodInfo],
         timeout: float | None = None,
         metadata: Mapping[str, str] | None = None,
+        balancer: Balancer | None = None,
+        idempotent: set[str] | frozenset[str] = frozenset(),
     ) -> None:
         self._client = client
         for method in methods:
-            setattr(self, method.name, _stub(client, method, timeout, metadata))
+            stub = _stub(client, method, timeout, metadata, balancer, method.name in idempotent)
+            setattr(self, method.name, stub)
 
 
 def _stub(
@@ -551,6 +686,8 @@ def _stub(
     method: MethodInfo,
     default_timeout: float | None,
     default_metadata: Mapping[str, str] | None,
+    balancer: Balancer | None,
+    idempotent: bool,
 ) -> Callable[..., Deferred]:
     call = client.call
 
@@ -562,7 +699,7 @@ def _stub(
     ) -> Deferred:
         if default_metadata:
             metadata = {**default_metadata, **(metadata or {})}
-        return call(method, request, timeout, metadata)
+        return call(method, request, timeout, metadata, idempotent, balancer)
 
     stub.__name__ = method.name
     stub.__qualname__ = f"{method.service}.{method.name}"

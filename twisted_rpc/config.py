@@ -16,6 +16,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
 from twisted_rpc import wire
+from twisted_rpc.balancer import balancer_named
 from twisted_rpc.registry import ProviderAddress, parse_address
 from twisted_rpc.service import Service
 
@@ -64,12 +65,13 @@ class ConsumerConfig:
     timeout: float | None = None
     connect_timeout: float = 5.0
     max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE
+    balancer: str = "round_robin"
     providers: dict[str, list[ProviderAddress]] = field(default_factory=dict)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 
 _PROVIDER_KEYS = {"listen", "advertise", "services", "grace_period", "max_frame_size"}
-_CONSUMER_KEYS = {"timeout", "connect_timeout", "max_frame_size"}
+_CONSUMER_KEYS = {"timeout", "connect_timeout", "max_frame_size", "balancer"}
 _REGISTRY_KEYS = {"kind", "hosts", "root", "session_timeout", "weight", "auth"}
 
 
@@ -196,11 +198,17 @@ def load_consumer_config(path: str) -> ConsumerConfig:
                 r.address("providers", service, a) for a in raw.replace(",", " ").split()
             ]
     timeout = r.number("consumer", "timeout", 0.0)
+    balancer = r.get("consumer", "balancer", "round_robin") or "round_robin"
+    try:
+        balancer_named(balancer)
+    except ValueError as e:
+        raise ConfigError(f"{path}: [consumer] balancer: {e}") from None
     return ConsumerConfig(
         path=path,
         timeout=timeout or None,
         connect_timeout=r.number("consumer", "connect_timeout", 5.0, minimum=0.001),
         max_frame_size=r.number("consumer", "max_frame_size", wire.DEFAULT_MAX_FRAME_SIZE, int, 64),
+        balancer=balancer,
         providers=providers,
         registry=r.registry(),
     )

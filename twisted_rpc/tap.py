@@ -11,8 +11,10 @@ from twisted.python import usage
 
 from twisted_rpc import __version__
 from twisted_rpc.config import ConfigError, ProviderConfig, load_provider_config, load_services
+from twisted_rpc.interfaces import IServiceRegistry
 from twisted_rpc.provider import ProviderService
 from twisted_rpc.registry import StaticRegistry
+from twisted_rpc.zkregistry import ZooKeeperRegistry
 
 
 class Options(usage.Options):
@@ -28,11 +30,6 @@ class Options(usage.Options):
         try:
             config = load_provider_config(self["config"])
             services = load_services(config.services, f"{config.path}: [provider] services")
-            if config.registry.kind != "static":
-                raise ConfigError(
-                    f"{config.path}: [registry] kind = {config.registry.kind} "
-                    "is not available in this version"
-                )
         except ConfigError as e:
             # One clear line and a non-zero exit, not a usage text or a traceback.
             raise SystemExit(f"twistd mprpc: config error: {e}") from None
@@ -47,12 +44,19 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
 
         reactor = global_reactor
     config: ProviderConfig = options["provider_config"]
-    return ProviderService(
+    reg = config.registry
+    if reg.kind == "zookeeper":
+        registry: IServiceRegistry = ZooKeeperRegistry(
+            reactor, reg.hosts, root=reg.root, session_timeout=reg.session_timeout, auth=reg.auth
+        )
+    else:
+        registry = StaticRegistry()
+    provider = ProviderService(
         reactor,
         config.listen,
         options["service_instances"],
         advertise=config.advertise,
-        registry=StaticRegistry(),
+        registry=registry,
         grace_period=config.grace_period,
         max_frame_size=config.max_frame_size,
         registration_data={
@@ -62,3 +66,6 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
             "started_at": time.time(),
         },
     )
+    if isinstance(registry, ZooKeeperRegistry):
+        registry.setServiceParent(provider)
+    return provider

@@ -1,0 +1,104 @@
+"""Load balancers: which of a service's providers takes the next call.
+
+A balancer sees the service's channels (each with ``usable``, ``address.weight``
+and ``load``, the calls it has in flight) and returns one. Channels whose
+provider cannot be reached are not ``usable``: every balancer skips them while
+a usable one exists (passive health checking).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Protocol
+
+__all__ = ["Balancer", "LeastOutstanding", "RoundRobin", "WeightedRandom", "balancer_named"]
+
+
+class _Channel(Protocol):
+    @property
+    def usable(self) -> bool: ...
+
+    @property
+    def load(self) -> int: ...
+
+
+class Balancer:
+    """Base: ``pick(channels, exclude)`` returns a channel, or None if there is none."""
+
+    name = ""
+
+    def pick(self, channels: Sequence[_Channel], exclude: Sequence[object] = ()) -> _Channel | None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _candidates(channels: Sequence[_Channel], exclude: Sequence[object]) -> list[_Channel]:
+        usable = [c for c in channels if c.usable and c not in exclude]
+        return usable or [c for c in channels if c not in exclude]
+
+
+class RoundRobin(Balancer):
+    """Each usable provider in turn (the default)."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def pick(self, channels: Sequence[_Channel], exclude: Sequence[object] = ()) -> _Channel | None:
+        count = len(channels)
+        for _ in range(count):
+            i = self._next % count
+            self._next = i + 1
+            channel = channels[i]
+            if channel.usable and channel not in exclude:
+                return channel
+        rest = [c for c in channels if c not in exclude]
+        return rest[0] if rest else None
+
+
+class WeightedRandom(Balancer):
+    """At random, in proportion to each provider's registered weight."""
+
+    name = "weighted_random"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._random = rng or random.Random()
+
+    def pick(self, channels: Sequence[_Channel], exclude: Sequence[object] = ()) -> _Channel | None:
+        candidates = self._candidates(channels, exclude)
+        if not candidates:
+            return None
+        weights = [max(0, c.address.weight) for c in candidates]  # type: ignore[attr-defined]
+        if not any(weights):
+            return self._random.choice(candidates)
+        return self._random.choices(candidates, weights)[0]
+
+
+class LeastOutstanding(Balancer):
+    """Power of two choices: of two random providers, the one with fewer calls in flight."""
+
+    name = "least_outstanding"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._random = rng or random.Random()
+
+    def pick(self, channels: Sequence[_Channel], exclude: Sequence[object] = ()) -> _Channel | None:
+        candidates = self._candidates(channels, exclude)
+        if len(candidates) < 2:
+            return candidates[0] if candidates else None
+        a, b = self._random.sample(candidates, 2)
+        return a if a.load <= b.load else b
+
+
+_BALANCERS = {cls.name: cls for cls in (RoundRobin, WeightedRandom, LeastOutstanding)}
+
+
+def balancer_named(name: str) -> type[Balancer]:
+    """The balancer class for a config name (``round_robin``, ``weighted_random``, ...)."""
+    try:
+        return _BALANCERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown balancer {name!r} (known: {', '.join(sorted(_BALANCERS))})"
+        ) from None

@@ -1,0 +1,245 @@
+"""kazoo behind Deferreds: the one place where threads meet the reactor.
+
+kazoo runs its own threads (connection, callbacks). This adapter:
+
+- issues requests through kazoo's ``*_async`` methods, which only queue the
+  request and return at once, so the reactor never waits on ZooKeeper;
+- brings every completion, watch event and session state change back to the
+  reactor thread with ``reactor.callFromThread`` before anything touches a
+  Deferred or a protocol;
+- runs kazoo's only blocking calls (``stop``/``close``) in the reactor's thread
+  pool with ``deferToThread``.
+
+Nothing outside this module imports kazoo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from kazoo.client import KazooClient
+from kazoo.exceptions import (
+    ConnectionLoss,
+    KazooException,
+    NodeExistsError,
+    NoNodeError,
+    SessionExpiredError,
+)
+from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
+from kazoo.security import ACL, OPEN_ACL_UNSAFE, make_acl, make_digest_acl
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+__all__ = [
+    "ConnectionLoss",
+    "EventType",
+    "KazooException",
+    "NoNodeError",
+    "NodeExistsError",
+    "SessionExpiredError",
+    "WatchedEvent",
+    "ZnodeStat",
+    "ZooKeeperClient",
+    "digest_acls",
+    "open_acl",
+]
+
+log = Logger()
+
+CONNECTED = "connected"
+SUSPENDED = "suspended"
+LOST = "lost"
+STOPPED = "stopped"
+
+StateListener = Callable[[str, bool], object]
+"""``listener(state, new_session)``, called on the reactor thread."""
+
+
+def open_acl() -> list[ACL]:
+    """Anyone may do anything (ZooKeeper's OPEN_ACL_UNSAFE)."""
+    return list(OPEN_ACL_UNSAFE)
+
+
+def digest_acls(auth: str) -> tuple[list[ACL], tuple[str, str]]:
+    """ACLs for ``digest:user:password``: all rights for that identity, read for
+    everyone; and the ``(scheme, credential)`` to authenticate with."""
+    scheme, _, credential = auth.partition(":")
+    user, _, password = credential.partition(":")
+    if scheme != "digest" or not user or not password:
+        raise ValueError("auth must look like digest:user:password")
+    acls = [make_digest_acl(user, password, all=True), make_acl("world", "anyone", read=True)]
+    return acls, ("digest", f"{user}:{password}")
+
+
+class ZooKeeperClient:
+    """A kazoo client whose API is Deferreds on the reactor thread.
+
+    ``hosts`` is a kazoo connect string (``"h1:2181,h2:2181"``). The session is
+    re-established forever after a loss; ``add_state_listener`` tells of
+    ``connected`` (with ``new_session`` True after an expiry or at first),
+    ``suspended`` and ``lost``.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        hosts: str,
+        *,
+        session_timeout: float = 10.0,
+        auth: str = "",
+        connect_retry_max_delay: float = 2.0,
+    ) -> None:
+        self.reactor = reactor
+        self.hosts = hosts
+        self.session_timeout = session_timeout
+        if auth:
+            self.acl, auth_data = digest_acls(auth)
+            auth_list = [auth_data]
+        else:
+            self.acl, auth_list = list(OPEN_ACL_UNSAFE), None
+        self.kazoo = KazooClient(
+            hosts=hosts,
+            timeout=session_timeout,
+            auth_data=auth_list,
+            connection_retry={
+                "max_tries": -1,
+                "delay": 0.1,
+                "backoff": 2,
+                "max_delay": connect_retry_max_delay,
+            },
+        )
+        self.kazoo.add_listener(self._kazoo_state)
+        self.state = STOPPED
+        self.session_id: int | None = None
+        self.connected_since: float | None = None
+        self._listeners: list[StateListener] = []
+        self._started = False
+
+    # ----------------------------------------------------------------- session
+
+    def start(self) -> None:
+        """Begin connecting in the background; returns at once."""
+        if not self._started:
+            self._started = True
+            self.kazoo.start_async()
+
+    def close(self) -> Deferred:
+        """End the session (its ephemeral nodes go at once) and stop kazoo's threads."""
+        if not self._started:
+            return succeed(None)
+        self._started = False
+        self._listeners.clear()
+
+        def stop() -> None:
+            self.kazoo.stop()
+            self.kazoo.close()
+
+        return deferToThread(stop)
+
+    def add_state_listener(self, listener: StateListener) -> None:
+        self._listeners.append(listener)
+
+    @property
+    def connected(self) -> bool:
+        return self.state == CONNECTED
+
+    def _kazoo_state(self, state: str) -> None:
+        # kazoo's thread: never block here, hand over to the reactor.
+        self.reactor.callFromThread(self._state_changed, state)
+
+    def _state_changed(self, state: str) -> None:
+        if not self._started:
+            return
+        new_session = False
+        if state == KazooState.CONNECTED:
+            client_id = self.kazoo.client_id
+            session = client_id[0] if client_id else None
+            new_session = session != self.session_id
+            self.session_id = session
+            self.state = CONNECTED
+            self.connected_since = self.reactor.seconds()
+        elif state == KazooState.SUSPENDED:
+            self.state = SUSPENDED
+            self.connected_since = None
+        else:
+            self.state = LOST
+            self.connected_since = None
+        log.info(
+            "zookeeper {hosts}: {state}{new}",
+            hosts=self.hosts,
+            state=self.state,
+            new=f" (session 0x{self.session_id:x})" if new_session and self.session_id else "",
+        )
+        for listener in list(self._listeners):
+            try:
+                listener(self.state, new_session)
+            except Exception:
+                log.failure("zookeeper state listener failed")
+
+    # ----------------------------------------------------------------- requests
+
+    def _request(self, method: Callable[..., Any], *args: Any, **kw: Any) -> Deferred:
+        try:
+            result = method(*args, **kw)
+        except Exception:
+            return fail()
+        d: Deferred = Deferred()
+
+        def completed(async_result: Any) -> None:  # kazoo's thread
+            self.reactor.callFromThread(_settle, d, async_result)
+
+        result.rawlink(completed)
+        return d
+
+    def watcher(self, callback: Callable[[WatchedEvent], object]) -> Callable[[WatchedEvent], None]:
+        """A kazoo watch function that runs ``callback`` on the reactor thread."""
+
+        def watch(event: WatchedEvent) -> None:  # kazoo's thread
+            self.reactor.callFromThread(callback, event)
+
+        return watch
+
+    def create(
+        self,
+        path: str,
+        value: bytes = b"",
+        *,
+        ephemeral: bool = False,
+        acl: list[ACL] | None = None,
+    ) -> Deferred:
+        return self._request(
+            self.kazoo.create_async, path, value, acl=acl or self.acl, ephemeral=ephemeral
+        )
+
+    def ensure_path(self, path: str, acl: list[ACL] | None = None) -> Deferred:
+        return self._request(self.kazoo.ensure_path_async, path, acl=acl or self.acl)
+
+    def get(self, path: str, watch: Callable[[WatchedEvent], object] | None = None) -> Deferred:
+        """Fires with ``(data, ZnodeStat)``."""
+        return self._request(self.kazoo.get_async, path, watch=watch and self.watcher(watch))
+
+    def get_children(
+        self, path: str, watch: Callable[[WatchedEvent], object] | None = None
+    ) -> Deferred:
+        return self._request(
+            self.kazoo.get_children_async, path, watch=watch and self.watcher(watch)
+        )
+
+    def exists(self, path: str, watch: Callable[[WatchedEvent], object] | None = None) -> Deferred:
+        """Fires with a ZnodeStat, or None when there is no node."""
+        return self._request(self.kazoo.exists_async, path, watch=watch and self.watcher(watch))
+
+    def set(self, path: str, value: bytes) -> Deferred:
+        return self._request(self.kazoo.set_async, path, value)
+
+    def delete(self, path: str) -> Deferred:
+        return self._request(self.kazoo.delete_async, path)
+
+
+def _settle(d: Deferred, async_result: Any) -> None:
+    if async_result.successful():
+        d.callback(async_result.value)
+    else:
+        d.errback(async_result.exception)
