@@ -374,11 +374,13 @@ class ClientCall:
 class _ServiceRoute:
     """The channels serving one service and the client's balancer for them."""
 
-    __slots__ = ("channels", "balancer")
+    __slots__ = ("channels", "balancer", "known", "waiters")
 
     def __init__(self, balancer: Balancer) -> None:
         self.channels: tuple[Channel, ...] = ()
         self.balancer = balancer
+        self.known = False  # has discovery given a list yet?
+        self.waiters: list[Deferred] = []
 
 
 BalancerChoice = str | type[Balancer] | None
@@ -546,6 +548,12 @@ class Client:
         balancer = balancer or route.balancer
         channel = balancer.pick(route.channels)
         if channel is None:
+            if not route.known:
+                return Deferred.fromCoroutine(
+                    self._first_list(
+                        route, method, request, timeout, metadata, idempotent, balancer
+                    )
+                )
             return fail(NotSentError(message=f"no provider of {method.service}"))
         protocol = channel.protocol
         if protocol is not None and protocol.available and not idempotent:
@@ -553,6 +561,37 @@ class Client:
         return Deferred.fromCoroutine(
             self._failover(route, balancer, channel, method, request, timeout, metadata, idempotent)
         )
+
+    async def _first_list(
+        self,
+        route: _ServiceRoute,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+        idempotent: bool,
+        balancer: Balancer,
+    ) -> Message:
+        """Wait (up to the timeout, or connect_timeout) for discovery's first list."""
+        started = self.reactor.seconds()
+        waiter: Deferred = Deferred(route.waiters.remove)
+        route.waiters.append(waiter)
+        wait = timeout or self.connect_timeout
+        timer = self.reactor.callLater(wait, waiter.cancel)
+        try:
+            await waiter
+        except defer.CancelledError:
+            if timer.active():
+                raise CancelledError(message="cancelled by the caller") from None
+            raise NotSentError(
+                message=f"no provider of {method.service}: none known after {wait:g}s"
+            ) from None
+        finally:
+            if timer.active():
+                timer.cancel()
+        if timeout:
+            timeout = max(0.001, timeout - (self.reactor.seconds() - started))
+        return await self._send_to(method, request, timeout, metadata, idempotent, balancer)
 
     async def _failover(
         self,
@@ -607,6 +646,10 @@ class Client:
         self, route: _ServiceRoute, addresses: Sequence[ProviderAddress]
     ) -> None:
         route.channels = tuple(self._channel(a) for a in addresses)
+        route.known = True
+        waiters, route.waiters = route.waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
         used = {c for r in self._routes.values() for c in r.channels}
         for key, channel in list(self.channels.items()):
             if channel not in used:

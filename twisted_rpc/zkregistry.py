@@ -291,10 +291,12 @@ class ZooKeeperRegistry(Service):
             if watched.dirty:
                 self._read_soon(watched)
 
+        def failed(failure: Any) -> None:
+            log.failure("reading providers of {service}", failure, service=watched.service)
+            self.reactor.callLater(1.0, self._read_soon, watched)  # try again later
+
         d = Deferred.fromCoroutine(self._read_providers(watched))
-        d.addErrback(
-            lambda f: log.failure("reading providers of {service}", f, service=watched.service)
-        )
+        d.addErrback(failed)
         d.addBoth(done)
 
     async def _read_providers(self, watched: _Watched) -> None:
@@ -313,7 +315,9 @@ class ZooKeeperRegistry(Service):
                     return
                 children = []
             fresh = [name for name in children if name not in watched.nodes]
-            read = await gatherResults([self._read_node(path, name) for name in fresh])
+            read = await gatherResults(
+                [Deferred.fromCoroutine(self._read_node(path, name)) for name in fresh]
+            )
         except KazooException as e:
             log.info("reading {path}: {error!r}; keeping the last list", path=path, error=e)
             return
