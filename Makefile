@@ -12,7 +12,7 @@ GENERATED := $(PROTOS:.proto=_pb2.py)
 # here, and `services = examples...` in etc/*.ini import from here.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: demo test lint protos clean
+.PHONY: demo test lint protos zookeeper clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,11 +28,15 @@ protos: $(GENERATED)
 demo: protos
 	PY=$(PY) scripts/demo
 
+# A real ZooKeeper server for the integration tests (Debian's package and a JRE).
+zookeeper: $(STAMP)
+	PY=$(PY) scripts/zookeeper install
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: protos lint
+test: protos lint zookeeper
 	$(PY) -m pytest
 
 clean:

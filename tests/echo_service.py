@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.internet.task import deferLater
 
 from protos import echo_pb2
@@ -16,7 +18,10 @@ def _answer(request: echo_pb2.EchoRequest, context: CallContext) -> echo_pb2.Ech
     if request.fail_code:
         raise RpcError(request.fail_code, request.fail_message)
     return echo_pb2.EchoReply(
-        payload=request.payload, metadata=dict(context.metadata), call_id=context.call_id
+        payload=request.payload,
+        metadata=dict(context.metadata),
+        call_id=context.call_id,
+        pid=os.getpid(),
     )
 
 

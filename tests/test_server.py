@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -52,7 +54,7 @@ def logged():
 def test_sync_answer_is_byte_exact():
     h = Harness()
     h.request(5, ECHO, echo_pb2.EchoRequest(payload=b"hi"))
-    reply = echo_pb2.EchoReply(payload=b"hi", call_id=5).SerializeToString()
+    reply = echo_pb2.EchoReply(payload=b"hi", call_id=5, pid=os.getpid()).SerializeToString()
     assert h.transport.value() == wire.encode_response(5, len(reply)) + reply
 
 
