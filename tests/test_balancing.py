@@ -1,0 +1,174 @@
+"""Balancers, passive health and failover, with two providers in memory."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.test.iosim import ConnectionCompleter
+
+from protos import echo_pb2
+from tests.echo_service import ECHO, EchoService
+from twisted_rpc import Client, UnavailableError
+from twisted_rpc.balancer import LeastOutstanding, RoundRobin, WeightedRandom, balancer_named
+from twisted_rpc.server import Dispatcher, FunctionInterceptor, ServerFactory
+from twisted_rpc.testing import MemoryProvider
+
+SERVICE = "mprpc.test.EchoService"
+result = MemoryProvider.result
+
+
+class TwoProviders:
+    ports = (1001, 1002)
+
+    def __init__(self, **client_kw):
+        self.reactor = MemoryReactorClock()
+        self.served = {port: 0 for port in self.ports}
+        self.factories = {}
+        for port in self.ports:
+
+            def count(request, context, proceed, port=port):
+                self.served[port] += 1
+                return proceed(request, context)
+
+            dispatcher = Dispatcher([EchoService()], [FunctionInterceptor(count)])
+            self.factories[port] = ServerFactory(dispatcher, self.reactor)
+            self.reactor.listenTCP(port, self.factories[port], interface="127.0.0.1")
+        self.client = Client(
+            self.reactor,
+            providers={SERVICE: [f"127.0.0.1:{p}" for p in self.ports]},
+            **client_kw,
+        )
+        self.completer = ConnectionCompleter(self.reactor)
+        self.pumps = []
+
+    def connect_all(self):
+        while (pump := self.completer.succeedOnce()) is not None:
+            self.pumps.append(pump)
+        self.flush()
+
+    def flush(self):
+        for pump in self.pumps:
+            pump.flush()
+
+
+def failure_of(d):
+    with pytest.raises(Exception) as info:
+        result(d)
+    return info.value
+
+
+def test_round_robin_alternates():
+    two = TwoProviders()
+    echo = two.client.proxy(ECHO)
+    echo.Echo(echo_pb2.EchoRequest())  # dials both providers
+    two.connect_all()
+    ds = [echo.Echo(echo_pb2.EchoRequest()) for _ in range(10)]
+    two.flush()
+    assert all(result(d) for d in ds)
+    assert two.served == {1001: 6, 1002: 5}
+
+
+def test_unreachable_provider_is_skipped_at_once():
+    two = TwoProviders()
+    echo = two.client.proxy(ECHO)
+    waiting = [echo.Echo(echo_pb2.EchoRequest(payload=b"%d" % i)) for i in range(6)]
+    two.completer.failOnce(Failure(ConnectionRefusedError()))  # 1001 refuses
+    two.connect_all()  # 1002 accepts
+    assert [result(d).payload for d in waiting] == [b"%d" % i for i in range(6)]
+    assert two.served == {1001: 0, 1002: 6}
+    later = [echo.Echo(echo_pb2.EchoRequest()) for _ in range(4)]
+    two.flush()
+    assert all(result(d) for d in later)
+    assert two.served[1001] == 0
+
+
+def test_call_in_flight_fails_unless_idempotent():
+    two = TwoProviders()
+    plain = two.client.proxy(ECHO)
+    retried = two.client.proxy(ECHO, idempotent={"AsyncEcho"})
+    plain.Echo(echo_pb2.EchoRequest())
+    two.connect_all()
+    d1 = plain.AsyncEcho(echo_pb2.EchoRequest(delay=5))  # goes to 1002 (1001 took the first)
+    d2 = retried.AsyncEcho(echo_pb2.EchoRequest(payload=b"again", delay=5))  # to 1001
+    two.flush()
+    assert two.served == {1001: 2, 1002: 1}
+    to_1001, to_1002 = two.pumps
+    to_1002.serverIO.loseConnection()
+    two.flush()
+    assert isinstance(failure_of(d1), UnavailableError)  # not idempotent: fails
+    to_1001.serverIO.loseConnection()
+    two.flush()
+    assert not d2.called  # idempotent: retried on 1002, which is being re-dialled
+    two.connect_all()
+    two.reactor.advance(5)
+    two.flush()
+    assert result(d2).payload == b"again"
+    assert two.served == {1001: 2, 1002: 2}
+
+
+def test_retry_needs_another_provider_within_the_deadline():
+    two = TwoProviders()
+    retried = two.client.proxy(ECHO, idempotent=True)
+    retried.Echo(echo_pb2.EchoRequest())
+    two.connect_all()
+    d = retried.AsyncEcho(echo_pb2.EchoRequest(delay=5), timeout=1)
+    two.flush()
+    two.reactor.advance(1.5)
+    two.flush()
+    assert failure_of(d).code == 4  # DEADLINE_EXCEEDED, no retry after the deadline
+
+
+def test_unknown_idempotent_method_is_refused():
+    two = TwoProviders()
+    with pytest.raises(ValueError, match="no method Nope"):
+        two.client.proxy(ECHO, idempotent={"Nope"})
+
+
+def test_unknown_balancer_is_refused():
+    with pytest.raises(ValueError, match="unknown balancer"):
+        Client(MemoryReactorClock(), providers={}, balancer="fastest")
+    assert balancer_named("least_outstanding") is LeastOutstanding
+
+
+# ------------------------------------------------------------------ balancers alone
+
+
+@dataclass(eq=False)
+class FakeChannel:
+    name: str
+    weight: int = 100
+    load: int = 0
+    usable: bool = True
+
+    @property
+    def address(self):
+        return self
+
+
+def test_round_robin_skips_unusable_and_excluded():
+    a, b, c = FakeChannel("a"), FakeChannel("b", usable=False), FakeChannel("c")
+    rr = RoundRobin()
+    assert [rr.pick([a, b, c]).name for _ in range(4)] == ["a", "c", "a", "c"]
+    assert rr.pick([a, b, c], exclude=[a, c]) is b  # only the unusable one is left
+    assert rr.pick([a], exclude=[a]) is None
+
+
+def test_weighted_random_follows_weights():
+    light, heavy = FakeChannel("light", weight=1), FakeChannel("heavy", weight=3)
+    balancer = WeightedRandom(random.Random(7))
+    picks = [balancer.pick([light, heavy]).name for _ in range(4000)]
+    share = picks.count("heavy") / len(picks)
+    assert 0.72 < share < 0.78
+
+
+def test_least_outstanding_prefers_the_idle_provider():
+    busy, idle = FakeChannel("busy", load=50), FakeChannel("idle", load=1)
+    balancer = LeastOutstanding(random.Random(1))
+    assert {balancer.pick([busy, idle]).name for _ in range(50)} == {"idle"}
+    down = FakeChannel("down", usable=False)
+    assert {balancer.pick([busy, down]).name for _ in range(20)} == {"busy"}
