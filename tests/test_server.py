@@ -159,14 +159,20 @@ def test_deadline_expires_at_the_provider():
     assert h.frames() == [] and h.clock.getDelayedCalls() == []
 
 
-def test_cancel_frame_cancels_the_handler():
-    cancelled = []
+def hanging(cancelled: list) -> Service:
+    """An EchoService whose Echo never answers; cancelling it is recorded."""
 
     class Hanging(Service, descriptor=echo_pb2.DESCRIPTOR.services_by_name["EchoService"]):
         def Echo(self, request, context):
             return Deferred(cancelled.append)
 
-    h = Harness([Hanging()])
+    return Hanging()
+
+
+def test_cancel_frame_cancels_the_handler():
+    cancelled = []
+
+    h = Harness([hanging(cancelled)])
     h.request(11, ECHO, echo_pb2.EchoRequest())
     h.proto.dataReceived(wire.encode_cancel(11))
     assert len(cancelled) == 1
@@ -176,11 +182,7 @@ def test_cancel_frame_cancels_the_handler():
 def test_connection_lost_cancels_pending_handlers():
     cancelled = []
 
-    class Hanging(Service, descriptor=echo_pb2.DESCRIPTOR.services_by_name["EchoService"]):
-        def Echo(self, request, context):
-            return Deferred(cancelled.append)
-
-    h = Harness([Hanging()])
+    h = Harness([hanging(cancelled)])
     h.request(1, ECHO, echo_pb2.EchoRequest())
     h.request(2, ECHO, echo_pb2.EchoRequest())
     h.proto.connectionLost(None)

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-
-from twisted.internet.defer import Deferred
-from twisted.internet.task import react
-
+from examples.cli import run
 from protos import friend_pb2
 from twisted_rpc import Client, NotFoundError, RpcError
 
@@ -29,7 +25,4 @@ async def main(reactor, config: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="etc/consumer.ini")
-    args = parser.parse_args()
-    react(lambda reactor: Deferred.fromCoroutine(main(reactor, args.config)))
+    run(main, __doc__)
