@@ -322,3 +322,38 @@ def test_close_waits_for_connections_to_close():
     assert result(closed) is None
     assert isinstance(failure_of(d), UnavailableError)
     assert memory.factory.connections == set()
+
+
+def test_deadline_queue_in_and_out_of_order():
+    from twisted_rpc.deadlines import DeadlineQueue
+
+    clock = Clock()
+    live = {i: None for i in range(1, 6)}
+    expired = []
+    queue = DeadlineQueue(clock, live, lambda i: (expired.append(i), live.pop(i)))
+    queue.add(5.0, 1)
+    queue.add(6.0, 2)
+    queue.add(2.0, 3)  # earlier than the last: heap, and the timer moves up
+    queue.add(6.0, 4)
+    queue.add(9.0, 5)
+    del live[2]  # answered
+    clock.advance(2.0)
+    assert expired == [3]
+    clock.advance(4.0)
+    assert expired == [3, 1, 4]
+    clock.advance(3.0)
+    assert expired == [3, 1, 4, 5]
+    assert clock.getDelayedCalls() == []
+
+
+def test_deadline_queue_stays_small_when_calls_are_answered():
+    from twisted_rpc.deadlines import DeadlineQueue
+
+    clock = Clock()
+    live: dict[int, None] = {}
+    queue = DeadlineQueue(clock, live, lambda i: None)
+    for i in range(10_000):
+        live[i] = None
+        queue.add(30.0 + i * 1e-6, i)
+        del live[i]  # answered at once
+    assert len(queue) <= 65

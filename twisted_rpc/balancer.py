@@ -47,6 +47,8 @@ class RoundRobin(Balancer):
 
     def pick(self, channels: Sequence[_Channel], exclude: Sequence[object] = ()) -> _Channel | None:
         count = len(channels)
+        if count == 1 and not exclude:
+            return channels[0]  # usable or not, it is the only one
         for _ in range(count):
             i = self._next % count
             self._next = i + 1

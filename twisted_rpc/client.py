@@ -77,17 +77,17 @@ class ClientConnection(RpcConnection):
         self.outstanding: dict[int, tuple[Deferred, type[Message]]] = {}
         self.deadlines = DeadlineQueue(clock, self.outstanding, self._deadline_expired)
         self.goaway_received = False
-        self._closed = False
+        self.available = False
+        """True while new calls may be sent here (connected, no GOAWAY)."""
         self._next_id = 1
         self._on_lost = on_lost
         self._on_goaway = on_goaway
         self._handlers[FrameKind.RESPONSE] = self._response_received
         self._handlers[FrameKind.GOAWAY] = self._goaway_received
 
-    @property
-    def available(self) -> bool:
-        """True while new calls may be sent here."""
-        return self.connected and not self.goaway_received
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.available = True
 
     def call(
         self,
@@ -106,7 +106,7 @@ class ClientConnection(RpcConnection):
             return fail(InvalidArgumentError(message=f"cannot serialize request: {e}"))
         call_id = self._next_id
         self._next_id = call_id + 1 if call_id < 0xFFFFFFFF else 1
-        d = Deferred(partial(self._cancel, call_id))
+        d = Deferred(self._cancel)
         self.outstanding[call_id] = (d, method.response_class)
         if timeout:
             self.deadlines.add(self.clock.seconds() + timeout, call_id)
@@ -136,14 +136,20 @@ class ClientConnection(RpcConnection):
 
     def _goaway_received(self, frame: Frame) -> None:
         self.goaway_received = True
+        self.available = False
         if self._on_goaway is not None:
             self._on_goaway(self)
 
-    def _cancel(self, call_id: int, d: Deferred) -> None:
-        if self.outstanding.pop(call_id, None) is not None:
-            if self.connected:
-                self.send(wire.encode_cancel(call_id))
-            d.errback(CancelledError(message="cancelled by the caller"))
+    def _cancel(self, d: Deferred) -> None:
+        # Cancelling is rare: find the call by its Deferred rather than keep
+        # a per-call closure on the hot path.
+        for call_id, (pending, _) in self.outstanding.items():
+            if pending is d:
+                del self.outstanding[call_id]
+                if self.connected:
+                    self.send(wire.encode_cancel(call_id))
+                d.errback(CancelledError(message="cancelled by the caller"))
+                return
 
     def _deadline_expired(self, call_id: int) -> None:
         entry = self.outstanding.pop(call_id, None)
@@ -152,6 +158,7 @@ class ClientConnection(RpcConnection):
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
+        self.available = False
         self.deadlines.stop()
         outstanding = list(self.outstanding.values())
         self.outstanding.clear()
@@ -528,7 +535,14 @@ class Client:
         if self.interceptors:
             call = ClientCall(method, timeout, dict(metadata or {}), idempotent, balancer)
             return self._invoke(call, request)
-        return self._send_to(method, request, timeout, metadata, idempotent, balancer)
+        # The hot path, kept flat: a ready connection to the provider picked.
+        route = self._routes.get(method.service) or self._route(method.service)
+        channel = (balancer or route.balancer).pick(route.channels)
+        if channel is not None and not idempotent:
+            protocol = channel.protocol
+            if protocol is not None and protocol.available:
+                return protocol.call(method, request, timeout, metadata)
+        return self._send_to(method, request, timeout, metadata, idempotent, balancer, channel)
 
     def _send(self, call: ClientCall, request: Message) -> Deferred:
         return self._send_to(
@@ -543,10 +557,13 @@ class Client:
         metadata: Mapping[str, str] | None,
         idempotent: bool,
         balancer: Balancer | None,
+        channel: Channel | None = None,
     ) -> Deferred:
+        """Send to ``channel`` (else the one the balancer picks), with failover."""
         route = self._routes.get(method.service) or self._route(method.service)
         balancer = balancer or route.balancer
-        channel = balancer.pick(route.channels)
+        if channel is None:
+            channel = balancer.pick(route.channels)
         if channel is None:
             if not route.known:
                 return Deferred.fromCoroutine(

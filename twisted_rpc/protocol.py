@@ -34,13 +34,14 @@ class RpcConnection(Protocol):
 
     def __init__(self, clock: IReactorTime, max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE):
         self.clock = clock
-        self.decoder = FrameDecoder(self._frame_received, max_frame_size)
         self.connected = False
         self.peer = "?"
         self._handlers: dict[int, Callable[[Frame], object]] = {
             FrameKind.PING: self._ping_received,
             FrameKind.PONG: self._pong_received,
         }
+        self.decoder = FrameDecoder(self._handlers, max_frame_size)
+        self._batch: list[bytes] | None = None
         self._pings: dict[int, tuple[Deferred, float]] = {}
         self._next_ping = 1
 
@@ -59,15 +60,28 @@ class RpcConnection(Protocol):
                 pass
 
     def dataReceived(self, data: bytes) -> None:
+        # Frames sent while handling this chunk (answers, and the calls their
+        # callbacks make) go out in one writeSequence at the end.
+        self._batch = batch = []
         try:
             self.decoder.feed(data)
         except ProtocolError as e:
+            self._batch = None
             self.protocol_violation(str(e))
+            return
         except Exception:
+            self._batch = None
             self.log.failure(
                 "closing connection from {peer}: error handling a frame", peer=self.peer
             )
             self.transport.abortConnection()
+            return
+        self._batch = None
+        if batch:
+            if len(batch) == 1:
+                self.transport.write(batch[0])
+            else:
+                self.transport.writeSequence(batch)
 
     def connectionLost(self, reason: Failure) -> None:
         self.connected = False
@@ -82,14 +96,18 @@ class RpcConnection(Protocol):
         self.log.warn("closing connection from {peer}: {why}", peer=self.peer, why=why)
         self.transport.abortConnection()
 
-    def _frame_received(self, frame: Frame) -> None:
-        handler = self._handlers.get(frame.kind)
-        if handler is None:
-            raise ProtocolError(f"unexpected frame kind {frame.kind}")
-        handler(frame)
-
     def send(self, header: bytes, payload: bytes = b"") -> None:
-        """Write one frame: ``header`` from the wire module, then ``payload``."""
+        """Write one frame: ``header`` from the wire module, then ``payload``.
+
+        The only path to ``transport.write``. While a received chunk is being
+        handled, frames are collected and written together after it.
+        """
+        batch = self._batch
+        if batch is not None:
+            batch.append(header)
+            if payload:
+                batch.append(payload)
+            return
         if not payload:
             self.transport.write(header)
         elif len(payload) < _LARGE_PAYLOAD:

@@ -255,21 +255,29 @@ def _decode_ext(ext: bytes) -> tuple[dict[str, str] | None, str]:
 
 
 class FrameDecoder:
-    """Turns a byte stream into frames, calling ``on_frame`` for each.
+    """Turns a byte stream into frames, passing each to ``sink``.
+
+    ``sink`` is a callable taking every frame, or a mapping from frame kind to
+    handler, in which case a frame of a kind not in it is a protocol error.
 
     Complete frames are sliced straight out of the received chunk; only a
     partial frame is buffered, and a large frame is joined once when its last
     byte arrives, so the cost stays linear in the frame size.
     """
 
-    __slots__ = ("on_frame", "max_frame_size", "_buffer", "_needed")
+    __slots__ = ("on_frame", "handlers", "max_frame_size", "_buffer", "_needed")
 
     def __init__(
         self,
-        on_frame: Callable[[Frame], object],
+        sink: Callable[[Frame], object] | Mapping[int, Callable[[Frame], object]],
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     ) -> None:
-        self.on_frame = on_frame
+        if isinstance(sink, Mapping):
+            self.handlers: Mapping[int, Callable[[Frame], object]] | None = sink
+            self.on_frame: Callable[[Frame], object] | None = None
+        else:
+            self.handlers = None
+            self.on_frame = sink
         self.max_frame_size = max_frame_size
         self._buffer = bytearray()
         self._needed = 0
@@ -296,6 +304,7 @@ class FrameDecoder:
         pos = 0
         max_frame = self.max_frame_size
         on_frame = self.on_frame
+        handlers = self.handlers
         while size - pos >= HEADER_SIZE:
             length, kind, flags, status, call_id, timeout_ms, route_len = _unpack_header(data, pos)
             if length > max_frame:
@@ -321,7 +330,13 @@ class FrameDecoder:
                 metadata = None
                 message = ""
             pos = end
-            on_frame(
+            if handlers is not None:
+                handler = handlers.get(kind)
+                if handler is None:
+                    raise ProtocolError(f"unexpected frame kind {kind}")
+            else:
+                handler = on_frame  # type: ignore[assignment]
+            handler(  # type: ignore[misc]
                 Frame(
                     kind,
                     flags,
