@@ -53,6 +53,7 @@ EXT_METADATA = 2
 _pack_header = _HEADER.pack
 _unpack_header = _HEADER.unpack_from
 _unpack_u32 = _U32.unpack_from
+_LARGE = 64 * 1024  # payloads from this size on are passed as memoryviews, not copied
 
 
 class FrameKind(IntEnum):
@@ -97,7 +98,7 @@ class Frame:
         route: bytes,
         metadata: dict[str, str] | None,
         message: str,
-        payload: bytes,
+        payload: bytes | memoryview,
     ) -> None:
         self.kind = kind
         self.flags = flags
@@ -261,11 +262,12 @@ class FrameDecoder:
     handler, in which case a frame of a kind not in it is a protocol error.
 
     Complete frames are sliced straight out of the received chunk; only a
-    partial frame is buffered, and a large frame is joined once when its last
-    byte arrives, so the cost stays linear in the frame size.
+    partial frame is kept, as a list of chunks joined once when its last byte
+    arrives, so the cost stays linear in the frame size. Payloads of 64 KiB
+    and more are memoryviews into that buffer rather than copies.
     """
 
-    __slots__ = ("on_frame", "handlers", "max_frame_size", "_buffer", "_needed")
+    __slots__ = ("on_frame", "handlers", "max_frame_size", "_chunks", "_buffered", "_needed")
 
     def __init__(
         self,
@@ -279,13 +281,14 @@ class FrameDecoder:
             self.handlers = None
             self.on_frame = sink
         self.max_frame_size = max_frame_size
-        self._buffer = bytearray()
+        self._chunks: list[bytes | memoryview] = []
+        self._buffered = 0
         self._needed = 0
 
     @property
     def buffered(self) -> int:
         """Bytes held for a frame not complete yet."""
-        return len(self._buffer)
+        return self._buffered
 
     def feed(self, data: bytes) -> None:
         """Decode what ``data`` completes; raise ProtocolError on a bad frame.
@@ -293,13 +296,15 @@ class FrameDecoder:
         ``on_frame`` may raise too; the exception propagates and the rest of
         ``data`` is dropped, as the connection is closing anyway.
         """
-        buffer = self._buffer
-        if buffer:
-            buffer += data
-            if len(buffer) < self._needed:
+        chunks = self._chunks
+        if chunks:
+            chunks.append(data)
+            self._buffered += len(data)
+            if self._buffered < self._needed:
                 return
-            data = bytes(buffer)
-            buffer.clear()
+            data = b"".join(chunks)
+            chunks.clear()
+            self._buffered = 0
         size = len(data)
         pos = 0
         max_frame = self.max_frame_size
@@ -346,7 +351,7 @@ class FrameDecoder:
                     route,
                     metadata,
                     message,
-                    data[body:end],
+                    data[body:end] if end - body < _LARGE else memoryview(data)[body:end],
                 )
             )
         else:
@@ -357,4 +362,6 @@ class FrameDecoder:
                 if length > max_frame:
                     raise ProtocolError(f"frame of {length} bytes exceeds the limit of {max_frame}")
         if pos < size:
-            buffer += memoryview(data)[pos:]
+            left = size - pos
+            chunks.append(data[pos:] if left < _LARGE else memoryview(data)[pos:])
+            self._buffered = left
