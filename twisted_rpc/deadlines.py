@@ -25,7 +25,17 @@ class DeadlineQueue:
     an answered call, and its entry is dropped.
     """
 
-    __slots__ = ("_clock", "_live", "_on_expired", "_fifo", "_heap", "_last", "_timer", "_timer_at")
+    __slots__ = (
+        "_clock",
+        "_live",
+        "_on_expired",
+        "_fifo",
+        "_heap",
+        "_last",
+        "_timer",
+        "_timer_at",
+        "_added",
+    )
 
     def __init__(
         self,
@@ -39,6 +49,7 @@ class DeadlineQueue:
         self._fifo: deque[tuple[float, int]] = deque()
         self._heap: list[tuple[float, int]] = []
         self._last = 0.0
+        self._added = 0
         self._timer: IDelayedCall | None = None
         self._timer_at = 0.0
 
@@ -47,15 +58,17 @@ class DeadlineQueue:
 
     def add(self, deadline: float, call_id: int) -> None:
         """Track ``call_id`` until ``deadline`` (in the clock's seconds)."""
-        fifo = self._fifo
-        if len(fifo) > 64 and len(fifo) > 2 * len(self._live):
+        self._added += 1
+        if not self._added & 63 and len(self) > 2 * len(self._live):
             self._compact()
-            fifo = self._fifo
         if deadline >= self._last:
-            fifo.append((deadline, call_id))
+            # In order: the timer, if any, is already due no later than this.
+            self._fifo.append((deadline, call_id))
             self._last = deadline
-        else:
-            heapq.heappush(self._heap, (deadline, call_id))
+            if self._timer is None:
+                self._schedule(deadline)
+            return
+        heapq.heappush(self._heap, (deadline, call_id))
         if self._timer is None or deadline < self._timer_at:
             self._schedule(deadline)
 
