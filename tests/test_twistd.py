@@ -6,6 +6,7 @@ import signal
 import socket
 import struct
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,24 @@ class ProviderTests(TestCase):
 
     def test_provider_killed_mid_call(self):
         return Deferred.fromCoroutine(self._killed())
+
+    async def _frozen(self) -> None:
+        provider = self.start()
+        echo = self.client(provider, keepalive_interval=0.3, keepalive_timeout=0.5).proxy(ECHO)
+        await echo.Echo(echo_pb2.EchoRequest())
+        call = echo.AsyncEcho(echo_pb2.EchoRequest(delay=30))  # no deadline of its own
+        await deferLater(reactor, 0.1, lambda: None)
+        provider.signal(signal.SIGSTOP)
+        frozen = time.monotonic()
+        try:
+            with self.assertRaises(UnavailableError):
+                await call
+            self.assertLess(time.monotonic() - frozen, 3.0)  # interval + timeout, with slack
+        finally:
+            provider.signal(signal.SIGCONT)
+
+    def test_keepalive_detects_a_stopped_provider(self):
+        return Deferred.fromCoroutine(self._frozen())
 
     async def _sigterm(self) -> None:
         provider = self.start("grace_period = 10")

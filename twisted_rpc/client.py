@@ -72,8 +72,13 @@ class ClientConnection(RpcConnection):
         max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
         on_lost: Callable[[ClientConnection, Failure], object] | None = None,
         on_goaway: Callable[[ClientConnection], object] | None = None,
+        keepalive_interval: float = 0.0,
+        keepalive_timeout: float = 10.0,
     ) -> None:
         super().__init__(clock, max_frame_size)
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
+        self._keepalive: Any = None
         self.outstanding: dict[int, tuple[Deferred, type[Message]]] = {}
         self.deadlines = DeadlineQueue(clock, self.outstanding, self._deadline_expired)
         self.goaway_received = False
@@ -88,6 +93,30 @@ class ClientConnection(RpcConnection):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.available = True
+        if self.keepalive_interval > 0:
+            self._keepalive = self.clock.callLater(self.keepalive_interval, self._send_keepalive)
+
+    def _send_keepalive(self) -> None:
+        """PING; a peer that does not answer within keepalive_timeout is dead."""
+        self._keepalive = None
+        if not self.connected:
+            return
+        d = self.ping()
+        d.addTimeout(self.keepalive_timeout, self.clock)
+        d.addCallbacks(self._keepalive_answered, self._keepalive_missed)
+
+    def _keepalive_answered(self, rtt: float) -> None:
+        if self.connected:
+            self._keepalive = self.clock.callLater(self.keepalive_interval, self._send_keepalive)
+
+    def _keepalive_missed(self, failure: Failure) -> None:
+        if self.connected:
+            self.log.warn(
+                "no answer to a keepalive ping from {peer} in {t:g}s: closing the connection",
+                peer=self.peer,
+                t=self.keepalive_timeout,
+            )
+            self.transport.abortConnection()
 
     def call(
         self,
@@ -159,6 +188,9 @@ class ClientConnection(RpcConnection):
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
         self.available = False
+        if self._keepalive is not None and self._keepalive.active():
+            self._keepalive.cancel()
+        self._keepalive = None
         self.deadlines.stop()
         outstanding = list(self.outstanding.values())
         self.outstanding.clear()
@@ -176,7 +208,14 @@ class _ConnectionFactory(Factory):
 
     def buildProtocol(self, addr: object) -> ClientConnection:
         c = self.channel
-        return ClientConnection(c.clock, c.max_frame_size, c._connection_lost, c._goaway)
+        return ClientConnection(
+            c.clock,
+            c.max_frame_size,
+            c._connection_lost,
+            c._goaway,
+            c.keepalive_interval,
+            c.keepalive_timeout,
+        )
 
 
 def _endpoint_string(address: ProviderAddress, connect_timeout: float) -> str:
@@ -204,7 +243,11 @@ class Channel:
         max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
         connect_timeout: float = 5.0,
         endpoint: Any = None,
+        keepalive_interval: float = 0.0,
+        keepalive_timeout: float = 10.0,
     ) -> None:
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.address = address
@@ -426,6 +469,8 @@ class Client:
         max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
         connect_timeout: float = 5.0,
         retire_grace: float = 60.0,
+        keepalive_interval: float = 0.0,
+        keepalive_timeout: float = 10.0,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -444,6 +489,8 @@ class Client:
         self.max_frame_size = max_frame_size
         self.connect_timeout = connect_timeout
         self.retire_grace = retire_grace
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
         self.channels: dict[str, Channel] = {}
         self._routes: dict[str, _ServiceRoute] = {}
         self._unsubscribe: list[Callable[[], object]] = []
@@ -464,6 +511,8 @@ class Client:
             reactor = global_reactor
         kw.setdefault("timeout", config.timeout)
         kw.setdefault("balancer", config.balancer)
+        kw.setdefault("keepalive_interval", config.keepalive_interval)
+        kw.setdefault("keepalive_timeout", config.keepalive_timeout)
         if config.registry.kind == "zookeeper":
             from twisted_rpc.zkregistry import ZooKeeperRegistry
 
@@ -681,6 +730,8 @@ class Client:
                 address,
                 max_frame_size=self.max_frame_size,
                 connect_timeout=self.connect_timeout,
+                keepalive_interval=self.keepalive_interval,
+                keepalive_timeout=self.keepalive_timeout,
             )
             channel.connect()
         else:

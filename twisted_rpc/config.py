@@ -18,6 +18,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted_rpc import wire
 from twisted_rpc.balancer import balancer_named
 from twisted_rpc.registry import ProviderAddress, parse_address
+from twisted_rpc.server import ServerLimits
 from twisted_rpc.service import Service
 
 __all__ = [
@@ -56,6 +57,7 @@ class ProviderConfig:
     services: list[str]
     grace_period: float = 10.0
     max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE
+    limits: ServerLimits = field(default_factory=ServerLimits)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 
@@ -66,12 +68,31 @@ class ConsumerConfig:
     connect_timeout: float = 5.0
     max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE
     balancer: str = "round_robin"
+    keepalive_interval: float = 0.0
+    keepalive_timeout: float = 10.0
     providers: dict[str, list[ProviderAddress]] = field(default_factory=dict)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 
-_PROVIDER_KEYS = {"listen", "advertise", "services", "grace_period", "max_frame_size"}
-_CONSUMER_KEYS = {"timeout", "connect_timeout", "max_frame_size", "balancer"}
+_PROVIDER_KEYS = {
+    "listen",
+    "advertise",
+    "services",
+    "grace_period",
+    "max_frame_size",
+    "max_calls_per_connection",
+    "max_calls",
+    "max_connections",
+    "idle_timeout",
+}
+_CONSUMER_KEYS = {
+    "timeout",
+    "connect_timeout",
+    "max_frame_size",
+    "balancer",
+    "keepalive_interval",
+    "keepalive_timeout",
+}
 _REGISTRY_KEYS = {"kind", "hosts", "root", "session_timeout", "weight", "auth"}
 
 
@@ -184,6 +205,14 @@ def load_provider_config(path: str) -> ProviderConfig:
         services=services,
         grace_period=r.number("provider", "grace_period", 10.0),
         max_frame_size=r.number("provider", "max_frame_size", wire.DEFAULT_MAX_FRAME_SIZE, int, 64),
+        limits=ServerLimits(
+            max_calls_per_connection=r.number(
+                "provider", "max_calls_per_connection", 1000, int, minimum=1
+            ),
+            max_calls=r.number("provider", "max_calls", 10000, int, minimum=1),
+            max_connections=r.number("provider", "max_connections", 1000, int, minimum=1),
+            idle_timeout=r.number("provider", "idle_timeout", 0.0),
+        ),
         registry=r.registry(),
     )
 
@@ -209,6 +238,8 @@ def load_consumer_config(path: str) -> ConsumerConfig:
         connect_timeout=r.number("consumer", "connect_timeout", 5.0, minimum=0.001),
         max_frame_size=r.number("consumer", "max_frame_size", wire.DEFAULT_MAX_FRAME_SIZE, int, 64),
         balancer=balancer,
+        keepalive_interval=r.number("consumer", "keepalive_interval", 0.0),
+        keepalive_timeout=r.number("consumer", "keepalive_timeout", 10.0, minimum=0.001),
         providers=providers,
         registry=r.registry(),
     )

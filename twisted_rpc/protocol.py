@@ -35,6 +35,7 @@ class RpcConnection(Protocol):
     def __init__(self, clock: IReactorTime, max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE):
         self.clock = clock
         self.connected = False
+        self.last_active = 0.0
         self.peer = "?"
         self._handlers: dict[int, Callable[[Frame], object]] = {
             FrameKind.PING: self._ping_received,
@@ -49,6 +50,7 @@ class RpcConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
+        self.last_active = self.clock.seconds()
         peer = self.transport.getPeer()
         host, port = getattr(peer, "host", None), getattr(peer, "port", None)
         self.peer = f"{host}:{port}" if host is not None else str(peer)
@@ -62,6 +64,7 @@ class RpcConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         # Frames sent while handling this chunk (answers, and the calls their
         # callbacks make) go out in one write at the end.
+        self.last_active = self.clock.seconds()
         self._batch = batch = []
         try:
             self.decoder.feed(data)

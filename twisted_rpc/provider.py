@@ -17,7 +17,7 @@ from zope.interface import implementer
 from twisted_rpc import wire
 from twisted_rpc.interfaces import IServerInterceptor, IServiceRegistry
 from twisted_rpc.registry import ProviderAddress, Registration, StaticRegistry
-from twisted_rpc.server import Dispatcher, ServerFactory
+from twisted_rpc.server import Dispatcher, ServerFactory, ServerLimits
 from twisted_rpc.service import Service
 
 __all__ = ["ProviderService"]
@@ -63,11 +63,12 @@ class ProviderService(MultiService):
         grace_period: float = 10.0,
         max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
         registration_data: dict[str, Any] | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.dispatcher = Dispatcher(services, interceptors)
-        self.factory = ServerFactory(self.dispatcher, reactor, max_frame_size)
+        self.factory = ServerFactory(self.dispatcher, reactor, max_frame_size, limits)
         self.registry = registry if registry is not None else StaticRegistry()
         self.advertise = advertise
         self.grace_period = grace_period

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import Message
@@ -30,6 +31,7 @@ from twisted_rpc.status import (
     InternalError,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
     RpcError,
     StatusCode,
     UnavailableError,
@@ -37,7 +39,14 @@ from twisted_rpc.status import (
 )
 from twisted_rpc.wire import Frame, FrameKind, ProtocolError
 
-__all__ = ["CallContext", "Dispatcher", "ServerConnection", "ServerFactory", "ServerMethod"]
+__all__ = [
+    "CallContext",
+    "Dispatcher",
+    "ServerConnection",
+    "ServerFactory",
+    "ServerLimits",
+    "ServerMethod",
+]
 
 log = Logger()
 
@@ -173,6 +182,7 @@ class ServerConnection(RpcConnection):
         self.factory.connections.discard(self)
         self.deadlines.stop()
         pending = list(self.pending.values())
+        self.factory.in_flight -= len(pending)
         self.pending.clear()
         for d in pending:
             d.cancel()
@@ -196,6 +206,23 @@ class ServerConnection(RpcConnection):
             raise ProtocolError(f"call id {call_id} is already in flight")
         if self.draining:
             self._send_error(call_id, UnavailableError(message="provider is shutting down"))
+            return
+        limits = self.factory.limits
+        if len(self.pending) >= limits.max_calls_per_connection:
+            self._send_error(
+                call_id,
+                ResourceExhaustedError(
+                    message=f"{limits.max_calls_per_connection} calls in flight on this connection"
+                ),
+            )
+            return
+        if self.factory.in_flight >= limits.max_calls:
+            self._send_error(
+                call_id,
+                ResourceExhaustedError(
+                    message=f"{limits.max_calls} calls in flight at this provider"
+                ),
+            )
             return
         self.last_call_id = call_id
         request = method.request_class()
@@ -224,6 +251,7 @@ class ServerConnection(RpcConnection):
             result = Deferred.fromCoroutine(result)
         if isinstance(result, Deferred):
             self.pending[call_id] = result
+            self.factory.in_flight += 1
             if deadline is not None:
                 self.deadlines.add(deadline, call_id)
             result.addCallbacks(
@@ -236,11 +264,11 @@ class ServerConnection(RpcConnection):
             self._send_response(call_id, result, method.info)
 
     def _async_answer(self, result: object, call_id: int, info: MethodInfo) -> None:
-        if self.pending.pop(call_id, None) is not None:
+        if self._take(call_id) is not None:
             self._send_response(call_id, result, info)
 
     def _async_failure(self, failure: Failure, call_id: int, info: MethodInfo) -> None:
-        if self.pending.pop(call_id, None) is None:
+        if self._take(call_id) is None:
             return  # cancelled, expired or disconnected: already answered or nobody waits
         self._send_error(call_id, self._status_of(failure.value, call_id, info, failure))
 
@@ -283,18 +311,38 @@ class ServerConnection(RpcConnection):
         )
         return InternalError(message="internal error")
 
+    def _take(self, call_id: int) -> Deferred | None:
+        """Remove a call from the calls in flight (None if it is not there)."""
+        d = self.pending.pop(call_id, None)
+        if d is not None:
+            self.factory.in_flight -= 1
+        return d
+
     def _cancel_received(self, frame: Frame) -> None:
-        d = self.pending.pop(frame.call_id, None)
+        d = self._take(frame.call_id)
         if d is not None:
             d.cancel()
 
     def _deadline_expired(self, call_id: int) -> None:
-        d = self.pending.pop(call_id, None)
+        d = self._take(call_id)
         if d is not None:
             self._send_error(
                 call_id, RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded at the provider")
             )
             d.cancel()
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one provider accepts at most (see docs/config.md)."""
+
+    max_calls_per_connection: int = 1000
+    """Calls in flight (answered through a Deferred) on one connection."""
+    max_calls: int = 10000
+    """Calls in flight on all connections together."""
+    max_connections: int = 1000
+    idle_timeout: float = 0.0
+    """Close a connection with no call in flight and no frame for this long (0: never)."""
 
 
 class ServerFactory(Factory):
@@ -307,19 +355,49 @@ class ServerFactory(Factory):
         dispatcher: Dispatcher,
         clock: IReactorTime,
         max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
+        limits: ServerLimits | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.clock = clock
         self.max_frame_size = max_frame_size
+        self.limits = limits or ServerLimits()
         self.connections: set[ServerConnection] = set()
         self.draining = False
+        self.in_flight = 0
+        self._idle_sweep: Any = None
 
-    def buildProtocol(self, addr: object) -> ServerConnection:
+    def buildProtocol(self, addr: object) -> ServerConnection | None:
+        if len(self.connections) >= self.limits.max_connections:
+            log.warn(
+                "refusing connection from {addr}: {n} connections open",
+                addr=addr,
+                n=len(self.connections),
+            )
+            return None
         return ServerConnection(self)
 
     @property
     def calls_in_flight(self) -> int:
-        return sum(len(c.pending) for c in self.connections)
+        return self.in_flight
+
+    def startFactory(self) -> None:
+        if self.limits.idle_timeout > 0 and self._idle_sweep is None:
+            self._idle_sweep = self.clock.callLater(self.limits.idle_timeout / 2, self._sweep_idle)
+
+    def stopFactory(self) -> None:
+        if self._idle_sweep is not None and self._idle_sweep.active():
+            self._idle_sweep.cancel()
+        self._idle_sweep = None
+
+    def _sweep_idle(self) -> None:
+        timeout = self.limits.idle_timeout
+        cutoff = self.clock.seconds() - timeout
+        for connection in list(self.connections):
+            if not connection.pending and connection.last_active <= cutoff:
+                log.info("closing idle connection from {peer}", peer=connection.peer)
+                connection.goaway("idle")
+                connection.transport.loseConnection()
+        self._idle_sweep = self.clock.callLater(timeout / 2, self._sweep_idle)
 
     def goaway(self, message: str = "provider is shutting down") -> None:
         """Refuse new calls on every connection, present and future."""

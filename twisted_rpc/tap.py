@@ -59,6 +59,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         registry=registry,
         grace_period=config.grace_period,
         max_frame_size=config.max_frame_size,
+        limits=config.limits,
         registration_data={
             "weight": config.registry.weight,
             "pid": os.getpid(),

@@ -22,7 +22,7 @@ from twisted.test.iosim import ConnectionCompleter, IOPump
 
 from twisted_rpc.client import Client, ServiceProxy
 from twisted_rpc.interfaces import IClientInterceptor, IServerInterceptor
-from twisted_rpc.server import Dispatcher, ServerFactory
+from twisted_rpc.server import Dispatcher, ServerFactory, ServerLimits
 from twisted_rpc.service import Service
 
 __all__ = ["MemoryProvider"]
@@ -41,10 +41,11 @@ class MemoryProvider:
         client_interceptors: Sequence[IClientInterceptor] = (),
         timeout: float | None = None,
         reactor: MemoryReactorClock | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
         self.reactor = reactor if reactor is not None else MemoryReactorClock()
         self.dispatcher = Dispatcher(services, interceptors)
-        self.factory = ServerFactory(self.dispatcher, self.reactor)
+        self.factory = ServerFactory(self.dispatcher, self.reactor, limits=limits)
         self.reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
         address = f"127.0.0.1:{self.port}"
         self.client = Client(

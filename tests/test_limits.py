@@ -1,0 +1,136 @@
+"""Limits and keepalive: calls in flight, connections, idle connections, dead peers."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from protos import echo_pb2
+from tests.echo_service import ECHO, EchoService
+from twisted_rpc import StatusCode, UnavailableError, wire
+from twisted_rpc.client import ClientConnection
+from twisted_rpc.server import Dispatcher, ServerFactory, ServerLimits
+from twisted_rpc.service import describe
+from twisted_rpc.testing import MemoryProvider
+from twisted_rpc.wire import FrameDecoder, FrameKind
+
+result = MemoryProvider.result
+ASYNC = describe(ECHO).methods["AsyncEcho"]
+
+
+def failure_of(d):
+    with pytest.raises(Exception) as info:
+        result(d)
+    return info.value
+
+
+def test_calls_per_connection_over_the_limit_are_resource_exhausted():
+    memory = MemoryProvider([EchoService()], limits=ServerLimits(max_calls_per_connection=3))
+    echo = memory.proxy(ECHO)
+    slow = [echo.AsyncEcho(echo_pb2.EchoRequest(delay=1)) for _ in range(5)]
+    quick = echo.Echo(echo_pb2.EchoRequest(payload=b"sync"))  # refused too: the limit is full
+    memory.flush()
+    assert [d.called for d in slow] == [False, False, False, True, True]
+    assert failure_of(slow[3]).code == StatusCode.RESOURCE_EXHAUSTED
+    assert "3 calls in flight on this connection" in failure_of(slow[4]).message
+    assert failure_of(quick).code == StatusCode.RESOURCE_EXHAUSTED
+    memory.advance(1)
+    assert all(result(d) for d in slow[:3])
+    assert memory.factory.calls_in_flight == 0
+    again = echo.AsyncEcho(echo_pb2.EchoRequest(delay=1))  # room again
+    memory.flush()
+    memory.advance(1)
+    assert result(again)
+
+
+def _server(limits: ServerLimits):
+    clock = Clock()
+    factory = ServerFactory(Dispatcher([EchoService()]), clock, limits=limits)
+    return clock, factory
+
+
+def _connect(factory):
+    proto = factory.buildProtocol(None)
+    if proto is None:
+        return None, None
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def _request(proto, call_id, delay=1.0):
+    payload = echo_pb2.EchoRequest(delay=delay).SerializeToString()
+    proto.dataReceived(wire.encode_request(call_id, ASYNC.route, len(payload)) + payload)
+
+
+def _frames(transport):
+    frames = []
+    FrameDecoder(frames.append).feed(transport.value())
+    transport.clear()
+    return frames
+
+
+def test_calls_per_provider_are_limited_across_connections():
+    clock, factory = _server(ServerLimits(max_calls=2))
+    a, ta = _connect(factory)
+    b, tb = _connect(factory)
+    _request(a, 1)
+    _request(b, 1)
+    _request(b, 2)
+    (refused,) = _frames(tb)
+    assert (refused.call_id, refused.status) == (2, StatusCode.RESOURCE_EXHAUSTED)
+    assert factory.calls_in_flight == 2
+    a.connectionLost(None)  # its call is cancelled: room again
+    assert factory.calls_in_flight == 1
+    _request(b, 3)
+    assert _frames(tb) == []
+    clock.advance(1)
+    assert {f.call_id for f in _frames(tb)} == {1, 3}
+    assert factory.calls_in_flight == 0
+
+
+def test_connections_over_the_limit_are_refused():
+    _, factory = _server(ServerLimits(max_connections=2))
+    first, _ = _connect(factory)
+    _connect(factory)
+    assert _connect(factory) == (None, None)
+    first.connectionLost(None)
+    assert _connect(factory)[0] is not None
+
+
+def test_idle_connections_are_closed():
+    clock, factory = _server(ServerLimits(idle_timeout=10))
+    factory.doStart()
+    idle, t_idle = _connect(factory)
+    busy, t_busy = _connect(factory)
+    _request(busy, 1, delay=30)
+    clock.advance(6)
+    assert not t_idle.disconnecting
+    clock.advance(6)  # idle for 12 s, swept every 5 s
+    assert t_idle.disconnecting
+    assert [f.kind for f in _frames(t_idle)] == [FrameKind.GOAWAY]
+    assert not t_busy.disconnecting  # a call in flight keeps it open
+    factory.doStop()
+    assert clock.getDelayedCalls() != []  # the busy call's own timer only
+    assert all(call.func != factory._sweep_idle for call in clock.getDelayedCalls())
+
+
+def test_keepalive_detects_a_silent_peer():
+    clock = Clock()
+    conn = ClientConnection(clock, keepalive_interval=2, keepalive_timeout=1)
+    transport = StringTransport()
+    conn.makeConnection(transport)
+    d = conn.call(ASYNC, echo_pb2.EchoRequest())
+    transport.clear()
+    clock.advance(2)
+    (ping,) = _frames(transport)
+    assert ping.kind == FrameKind.PING
+    conn.dataReceived(wire.encode_pong(ping.call_id))  # answered: stays open
+    clock.advance(2)
+    (ping,) = _frames(transport)
+    clock.advance(1)  # no answer this time
+    assert transport.disconnecting or transport.disconnected
+    conn.connectionLost(None)
+    assert isinstance(failure_of(d), UnavailableError)
+    assert clock.getDelayedCalls() == []
