@@ -134,3 +134,23 @@ def test_keepalive_detects_a_silent_peer():
     conn.connectionLost(None)
     assert isinstance(failure_of(d), UnavailableError)
     assert clock.getDelayedCalls() == []
+
+
+def test_full_write_buffer_pauses_reading_at_the_provider():
+    _, factory = _server(ServerLimits())
+    proto, transport = _connect(factory)
+    transport.producer.pauseProducing()  # what Twisted does when the buffer is full
+    assert transport.producerState == "paused"
+    transport.producer.resumeProducing()
+    assert transport.producerState == "producing"
+
+
+def test_full_write_buffer_makes_new_calls_fail_fast_at_the_consumer():
+    conn = ClientConnection(Clock())
+    transport = StringTransport()
+    conn.makeConnection(transport)
+    transport.producer.pauseProducing()
+    refused = conn.call(ASYNC, echo_pb2.EchoRequest())
+    assert failure_of(refused).code == StatusCode.RESOURCE_EXHAUSTED
+    transport.producer.resumeProducing()
+    assert not conn.call(ASYNC, echo_pb2.EchoRequest()).called  # sent, waiting

@@ -42,6 +42,7 @@ from twisted_rpc.status import (
     DataLossError,
     DeadlineExceededError,
     InvalidArgumentError,
+    ResourceExhaustedError,
     RpcError,
     UnavailableError,
 )
@@ -129,6 +130,12 @@ class ClientConnection(RpcConnection):
         if not self.available:
             why = "provider is shutting down" if self.goaway_received else "not connected"
             return fail(NotSentError(message=f"{self.peer}: {why}"))
+        if self.write_blocked:
+            return fail(
+                ResourceExhaustedError(
+                    message=f"{self.peer} is not reading: its write buffer is full"
+                )
+            )
         try:
             payload = request.SerializeToString()
         except Exception as e:

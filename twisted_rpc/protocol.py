@@ -11,16 +11,41 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twisted_rpc import wire
 from twisted_rpc.status import UnavailableError
 from twisted_rpc.wire import Frame, FrameDecoder, FrameKind, ProtocolError
 
 _LARGE_PAYLOAD = 64 * 1024
+
+
+@implementer(IPushProducer)
+class _WriteBufferWatch:
+    """Registered on a connection's own transport, which pauses it when its
+    write buffer passes the transport's ``bufferSize`` (64 KiB for TCP) and
+    resumes it once the buffer has drained. (Raising ``bufferSize`` would also
+    raise the size of every ``recv``, which costs small messages dearly.)"""
+
+    def __init__(self, connection: RpcConnection) -> None:
+        self.connection = connection
+
+    def pauseProducing(self) -> None:
+        self.connection.write_buffer_full()
+
+    def resumeProducing(self) -> None:
+        transport = self.connection.transport
+        if getattr(transport, "disconnecting", False):
+            transport.unregisterProducer()  # let a pending close complete
+            return
+        self.connection.write_buffer_drained()
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class RpcConnection(Protocol):
@@ -32,8 +57,13 @@ class RpcConnection(Protocol):
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime, max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE):
+    def __init__(
+        self,
+        clock: IReactorTime,
+        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
+    ):
         self.clock = clock
+        self.write_blocked = False
         self.connected = False
         self.last_active = 0.0
         self.peer = "?"
@@ -54,6 +84,8 @@ class RpcConnection(Protocol):
         peer = self.transport.getPeer()
         host, port = getattr(peer, "host", None), getattr(peer, "port", None)
         self.peer = f"{host}:{port}" if host is not None else str(peer)
+        if hasattr(self.transport, "registerProducer"):
+            self.transport.registerProducer(_WriteBufferWatch(self), True)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             try:
@@ -90,6 +122,15 @@ class RpcConnection(Protocol):
         pings, self._pings = self._pings, {}
         for d, _ in pings.values():
             d.errback(UnavailableError(message=f"connection to {self.peer} lost"))
+
+    # ----------------------------------------------------------------- backpressure
+
+    def write_buffer_full(self) -> None:
+        """The peer is not reading: the transport's write buffer is full."""
+        self.write_blocked = True
+
+    def write_buffer_drained(self) -> None:
+        self.write_blocked = False
 
     # ----------------------------------------------------------------- frames
 

@@ -187,6 +187,16 @@ class ServerConnection(RpcConnection):
         for d in pending:
             d.cancel()
 
+    def write_buffer_full(self) -> None:
+        # Answers are not being read: stop reading requests until they are.
+        super().write_buffer_full()
+        log.info("{peer} is not reading its answers: pausing its requests", peer=self.peer)
+        self.transport.pauseProducing()
+
+    def write_buffer_drained(self) -> None:
+        super().write_buffer_drained()
+        self.transport.resumeProducing()
+
     def goaway(self, message: str = "") -> None:
         """Tell the peer to send no new calls here; calls in flight still finish."""
         if not self.draining:
