@@ -87,6 +87,14 @@ def test_unknown_route_is_not_found(route, message):
     assert h.proto.connected and not h.transport.disconnecting
 
 
+def test_every_failed_call_is_logged_with_its_details(logged):
+    h = Harness()
+    h.request(9, b"no.Such/Method")
+    (event,) = [e for e in logged if "failed:" in e.get("log_format", "")]
+    assert (event["call_id"], event["method"], event["code"]) == (9, "no.Such/Method", "NOT_FOUND")
+    assert event["peer"] == h.proto.peer
+
+
 def test_garbage_payload_is_invalid_argument():
     h = Harness()
     h.request(4, ECHO, b"\xff\xff\xff")

@@ -36,6 +36,7 @@ from twisted_rpc.status import (
     StatusCode,
     UnavailableError,
     UnimplementedError,
+    code_name,
 )
 from twisted_rpc.wire import Frame, FrameKind, ProtocolError
 
@@ -164,7 +165,7 @@ class ServerConnection(RpcConnection):
         super().__init__(factory.clock, factory.max_frame_size)
         self.factory = factory
         self.routes = factory.dispatcher.routes
-        self.pending: dict[int, Deferred] = {}
+        self.pending: dict[int, tuple[Deferred, MethodInfo]] = {}
         self.deadlines = DeadlineQueue(factory.clock, self.pending, self._deadline_expired)
         self.draining = False
         self.last_call_id = 0
@@ -184,7 +185,7 @@ class ServerConnection(RpcConnection):
         pending = list(self.pending.values())
         self.factory.in_flight -= len(pending)
         self.pending.clear()
-        for d in pending:
+        for d, _ in pending:
             d.cancel()
 
     def write_buffer_full(self) -> None:
@@ -210,12 +211,17 @@ class ServerConnection(RpcConnection):
         call_id = frame.call_id
         method = self.routes.get(frame.route)
         if method is None:
-            self._send_error(call_id, self.factory.dispatcher.not_found(frame.route))
+            route = frame.route.decode("utf-8", "replace")
+            self._send_error(call_id, self.factory.dispatcher.not_found(frame.route), route)
             return
         if call_id in self.pending:
             raise ProtocolError(f"call id {call_id} is already in flight")
         if self.draining:
-            self._send_error(call_id, UnavailableError(message="provider is shutting down"))
+            self._send_error(
+                call_id,
+                UnavailableError(message="provider is shutting down"),
+                method.info.full_name,
+            )
             return
         limits = self.factory.limits
         if len(self.pending) >= limits.max_calls_per_connection:
@@ -224,6 +230,7 @@ class ServerConnection(RpcConnection):
                 ResourceExhaustedError(
                     message=f"{limits.max_calls_per_connection} calls in flight on this connection"
                 ),
+                method.info.full_name,
             )
             return
         if self.factory.in_flight >= limits.max_calls:
@@ -232,6 +239,7 @@ class ServerConnection(RpcConnection):
                 ResourceExhaustedError(
                     message=f"{limits.max_calls} calls in flight at this provider"
                 ),
+                method.info.full_name,
             )
             return
         self.last_call_id = call_id
@@ -244,6 +252,7 @@ class ServerConnection(RpcConnection):
                 InvalidArgumentError(
                     message=f"cannot parse {method.request_class.DESCRIPTOR.full_name}: {e}"
                 ),
+                method.info.full_name,
             )
             return
         timeout_ms = frame.timeout_ms
@@ -252,7 +261,9 @@ class ServerConnection(RpcConnection):
         try:
             result = method.invoke(request, context)
         except Exception as e:
-            self._send_error(call_id, self._status_of(e, call_id, method.info))
+            self._send_error(
+                call_id, self._status_of(e, call_id, method.info), method.info.full_name
+            )
             return
         if type(result) is method.response_class:
             self._send_response(call_id, result, method.info)
@@ -260,7 +271,7 @@ class ServerConnection(RpcConnection):
         if inspect.iscoroutine(result):
             result = Deferred.fromCoroutine(result)
         if isinstance(result, Deferred):
-            self.pending[call_id] = result
+            self.pending[call_id] = (result, method.info)
             self.factory.in_flight += 1
             if deadline is not None:
                 self.deadlines.add(deadline, call_id)
@@ -280,7 +291,8 @@ class ServerConnection(RpcConnection):
     def _async_failure(self, failure: Failure, call_id: int, info: MethodInfo) -> None:
         if self._take(call_id) is None:
             return  # cancelled, expired or disconnected: already answered or nobody waits
-        self._send_error(call_id, self._status_of(failure.value, call_id, info, failure))
+        error = self._status_of(failure.value, call_id, info, failure)
+        self._send_error(call_id, error, info.full_name)
 
     def _send_response(self, call_id: int, result: object, info: MethodInfo) -> None:
         if type(result) is not info.response_class:
@@ -292,16 +304,25 @@ class ServerConnection(RpcConnection):
                 kind=type(result).__name__,
                 expected=info.response_class.DESCRIPTOR.full_name,
             )
-            self._send_error(call_id, InternalError(message="internal error"))
+            self._send_error(call_id, InternalError(message="internal error"), info.full_name)
             return
         try:
             payload = result.SerializeToString()  # type: ignore[attr-defined]
         except Exception as e:
-            self._send_error(call_id, self._status_of(e, call_id, info))
+            self._send_error(call_id, self._status_of(e, call_id, info), info.full_name)
             return
         self.send(wire.encode_response(call_id, len(payload)), payload)
 
-    def _send_error(self, call_id: int, error: RpcError) -> None:
+    def _send_error(self, call_id: int, error: RpcError, method: str) -> None:
+        """Answer ``call_id`` with ``error``, and log the failed call."""
+        log.info(
+            "call {call_id} {method} from {peer} failed: {code} {message}",
+            call_id=call_id,
+            method=method,
+            peer=self.peer,
+            code=code_name(error.code),
+            message=error.message,
+        )
         self.send(wire.encode_status(call_id, int(error.code), error.message))
 
     def _status_of(
@@ -321,24 +342,24 @@ class ServerConnection(RpcConnection):
         )
         return InternalError(message="internal error")
 
-    def _take(self, call_id: int) -> Deferred | None:
+    def _take(self, call_id: int) -> tuple[Deferred, MethodInfo] | None:
         """Remove a call from the calls in flight (None if it is not there)."""
-        d = self.pending.pop(call_id, None)
-        if d is not None:
+        entry = self.pending.pop(call_id, None)
+        if entry is not None:
             self.factory.in_flight -= 1
-        return d
+        return entry
 
     def _cancel_received(self, frame: Frame) -> None:
-        d = self._take(frame.call_id)
-        if d is not None:
-            d.cancel()
+        entry = self._take(frame.call_id)
+        if entry is not None:
+            entry[0].cancel()
 
     def _deadline_expired(self, call_id: int) -> None:
-        d = self._take(call_id)
-        if d is not None:
-            self._send_error(
-                call_id, RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded at the provider")
-            )
+        entry = self._take(call_id)
+        if entry is not None:
+            d, info = entry
+            error = RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded at the provider")
+            self._send_error(call_id, error, info.full_name)
             d.cancel()
 
 

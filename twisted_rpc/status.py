@@ -32,6 +32,14 @@ class StatusCode(IntEnum):
     UNAUTHENTICATED = 16
 
 
+def code_name(code: int) -> str:
+    """``"NOT_FOUND"`` for 5; the number itself for a code not in the table."""
+    try:
+        return StatusCode(code).name
+    except ValueError:
+        return str(code)
+
+
 class RpcError(Exception):
     """A call ended with a status other than OK.
 
@@ -48,10 +56,7 @@ class RpcError(Exception):
         super().__init__(code, message)
 
     def __str__(self) -> str:
-        try:
-            name = StatusCode(self.code).name
-        except ValueError:
-            name = str(self.code)
+        name = code_name(self.code)
         return f"{name}: {self.message}" if self.message else name
 
     def __repr__(self) -> str:
