@@ -357,3 +357,14 @@ def test_deadline_queue_stays_small_when_calls_are_answered():
         queue.add(30.0 + i * 1e-6, i)
         del live[i]  # answered at once
     assert len(queue) <= 65
+
+
+def test_call_ids_wrap_around_skipping_calls_in_flight():
+    c = Conn()
+    c.proto._next_id = 0xFFFFFFFF
+    first = c.proto.call(METHOD, echo_pb2.EchoRequest())  # id 0xFFFFFFFF, then 1 again
+    assert c.proto._next_id == 1
+    c.proto.outstanding[1] = c.proto.outstanding[2] = (Deferred(), echo_pb2.EchoReply)
+    c.proto.call(METHOD, echo_pb2.EchoRequest())
+    assert sorted(c.proto.outstanding) == [1, 2, 3, 0xFFFFFFFF]
+    assert not first.called

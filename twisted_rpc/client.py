@@ -86,6 +86,7 @@ class ClientConnection(RpcConnection):
         self.available = False
         """True while new calls may be sent here (connected, no GOAWAY)."""
         self._next_id = 1
+        self._wrapped = False
         self._on_lost = on_lost
         self._on_goaway = on_goaway
         self._handlers[FrameKind.RESPONSE] = self._response_received
@@ -141,7 +142,13 @@ class ClientConnection(RpcConnection):
         except Exception as e:
             return fail(InvalidArgumentError(message=f"cannot serialize request: {e}"))
         call_id = self._next_id
-        self._next_id = call_id + 1 if call_id < 0xFFFFFFFF else 1
+        if call_id < 0xFFFFFFFF:
+            self._next_id = call_id + 1
+        else:
+            self._next_id = 1
+            self._wrapped = True
+        if self._wrapped and call_id in self.outstanding:
+            return self._call_after_wrap(method, request, payload, timeout, metadata)
         d = Deferred(self._cancel)
         self.outstanding[call_id] = (d, method.response_class)
         if timeout:
@@ -153,6 +160,19 @@ class ClientConnection(RpcConnection):
             wire.encode_request(call_id, method.route, len(payload), timeout_ms, metadata), payload
         )
         return d
+
+    def _call_after_wrap(
+        self,
+        method: MethodInfo,
+        request: Message,
+        payload: bytes,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+    ) -> Deferred:
+        """After 2**32 - 1 calls the ids wrap: skip the ones still in flight."""
+        while self._next_id in self.outstanding:
+            self._next_id = self._next_id + 1 if self._next_id < 0xFFFFFFFF else 1
+        return self.call(method, request, timeout, metadata)
 
     def _response_received(self, frame: Frame) -> None:
         entry = self.outstanding.pop(frame.call_id, None)
