@@ -368,3 +368,17 @@ def test_call_ids_wrap_around_skipping_calls_in_flight():
     c.proto.call(METHOD, echo_pb2.EchoRequest())
     assert sorted(c.proto.outstanding) == [1, 2, 3, 0xFFFFFFFF]
     assert not first.called
+
+
+def test_tls_follows_what_the_registration_says():
+    from twisted_rpc.registry import ProviderAddress
+    from twisted_rpc.tls import ClientTLS
+
+    mine = ClientTLS(ca="ca.pem")
+    client = Client(MemoryReactorClock(), providers={}, tls=mine)
+    assert client._tls_for(ProviderAddress("h", 1)) is mine  # static list: the client's
+    assert client._tls_for(ProviderAddress("h", 1, data={"tls": False})) is None
+    assert client._tls_for(ProviderAddress("h", 1, data={"tls": True})) is mine
+    plain = Client(MemoryReactorClock(), providers={})
+    assert plain._tls_for(ProviderAddress("h", 1, data={"tls": True})) == ClientTLS()
+    assert plain._tls_for(ProviderAddress("h", 1)) is None

@@ -46,6 +46,7 @@ from twisted_rpc.status import (
     RpcError,
     UnavailableError,
 )
+from twisted_rpc.tls import ClientTLS, wrap_client_endpoint
 from twisted_rpc.wire import Frame, FrameKind
 
 __all__ = [
@@ -272,6 +273,7 @@ class Channel:
         endpoint: Any = None,
         keepalive_interval: float = 0.0,
         keepalive_timeout: float = 10.0,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
@@ -279,9 +281,11 @@ class Channel:
         self.clock: IReactorTime = reactor
         self.address = address
         self.max_frame_size = max_frame_size
-        self.endpoint = endpoint or clientFromString(
-            reactor, _endpoint_string(address, connect_timeout)
-        )
+        if endpoint is None:
+            endpoint = clientFromString(reactor, _endpoint_string(address, connect_timeout))
+            if tls is not None:
+                endpoint = wrap_client_endpoint(endpoint, tls, address.host)
+        self.endpoint = endpoint
         self.state = "idle"
         self.last_error = ""
         self.protocol: ClientConnection | None = None
@@ -366,7 +370,7 @@ class Channel:
             return succeed(None)
         closed: Deferred = Deferred()
         self._on_closed.append(closed)
-        self.protocol.transport.loseConnection()
+        self.protocol.close()
         return closed
 
     # ----------------------------------------------------------------- internals
@@ -374,7 +378,7 @@ class Channel:
     def _connected(self, protocol: ClientConnection) -> None:
         self._attempt = None
         if self.state == "closed":
-            protocol.transport.loseConnection()
+            protocol.close()
             return
         self.protocol = protocol
         self.state = "ready"
@@ -498,6 +502,7 @@ class Client:
         retire_grace: float = 60.0,
         keepalive_interval: float = 0.0,
         keepalive_timeout: float = 10.0,
+        tls: ClientTLS | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -518,6 +523,7 @@ class Client:
         self.retire_grace = retire_grace
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
+        self.tls = tls
         self.channels: dict[str, Channel] = {}
         self._routes: dict[str, _ServiceRoute] = {}
         self._unsubscribe: list[Callable[[], object]] = []
@@ -540,6 +546,7 @@ class Client:
         kw.setdefault("balancer", config.balancer)
         kw.setdefault("keepalive_interval", config.keepalive_interval)
         kw.setdefault("keepalive_timeout", config.keepalive_timeout)
+        kw.setdefault("tls", config.tls)
         if config.registry.kind == "zookeeper":
             from twisted_rpc.zkregistry import ZooKeeperRegistry
 
@@ -759,11 +766,22 @@ class Client:
                 connect_timeout=self.connect_timeout,
                 keepalive_interval=self.keepalive_interval,
                 keepalive_timeout=self.keepalive_timeout,
+                tls=self._tls_for(address),
             )
             channel.connect()
         else:
             channel.address = address  # the weight may have changed
         return channel
+
+    def _tls_for(self, address: ProviderAddress) -> ClientTLS | None:
+        """TLS settings to dial ``address`` with: what its registration says,
+        else the client's (a static provider list carries no data)."""
+        announced = address.data.get("tls")
+        if announced is False:
+            return None
+        if announced and self.tls is None:
+            return ClientTLS()  # the platform's trust roots
+        return self.tls
 
     def _retire(self, channel: Channel, deadline: float) -> None:
         """Close a channel no service routes to, once its calls are done."""

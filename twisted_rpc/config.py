@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
@@ -20,6 +21,7 @@ from twisted_rpc.balancer import balancer_named
 from twisted_rpc.registry import ProviderAddress, parse_address
 from twisted_rpc.server import ServerLimits
 from twisted_rpc.service import Service
+from twisted_rpc.tls import ClientTLS, server_options
 
 __all__ = [
     "ConfigError",
@@ -59,6 +61,7 @@ class ProviderConfig:
     max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE
     limits: ServerLimits = field(default_factory=ServerLimits)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    tls_options: Any = None
 
 
 @dataclass
@@ -70,6 +73,7 @@ class ConsumerConfig:
     balancer: str = "round_robin"
     keepalive_interval: float = 0.0
     keepalive_timeout: float = 10.0
+    tls: ClientTLS | None = None
     providers: dict[str, list[ProviderAddress]] = field(default_factory=dict)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
@@ -94,6 +98,8 @@ _CONSUMER_KEYS = {
     "keepalive_timeout",
 }
 _REGISTRY_KEYS = {"kind", "hosts", "root", "session_timeout", "weight", "auth"}
+_PROVIDER_TLS_KEYS = {"certificate", "private_key", "client_ca"}
+_CONSUMER_TLS_KEYS = {"ca", "certificate", "private_key"}
 
 
 class _Reader:
@@ -181,7 +187,9 @@ class _Reader:
 
 def load_provider_config(path: str) -> ProviderConfig:
     """Read and check a provider ini file (the services are not imported here)."""
-    r = _Reader(path, {"provider": _PROVIDER_KEYS, "registry": _REGISTRY_KEYS})
+    r = _Reader(
+        path, {"provider": _PROVIDER_KEYS, "registry": _REGISTRY_KEYS, "tls": _PROVIDER_TLS_KEYS}
+    )
     if not r.parser.has_section("provider"):
         raise ConfigError(f"{path}: missing section [provider]")
     listen = r.require("provider", "listen")
@@ -198,7 +206,18 @@ def load_provider_config(path: str) -> ProviderConfig:
         module, sep, name = spec.partition(":")
         if not sep or not module or not name:
             raise ConfigError(f"{path}: [provider] services: {spec!r} is not module:Class")
+    tls_options = None
+    if r.parser.has_section("tls"):
+        try:
+            tls_options = server_options(
+                r.require("tls", "certificate"),
+                r.require("tls", "private_key"),
+                r.get("tls", "client_ca", "") or "",
+            )
+        except ValueError as e:
+            raise ConfigError(f"{path}: [tls] {e}") from None
     return ProviderConfig(
+        tls_options=tls_options,
         path=path,
         listen=listen,
         advertise=advertise,
@@ -219,7 +238,15 @@ def load_provider_config(path: str) -> ProviderConfig:
 
 def load_consumer_config(path: str) -> ConsumerConfig:
     """Read and check a consumer ini file."""
-    r = _Reader(path, {"consumer": _CONSUMER_KEYS, "registry": _REGISTRY_KEYS, "providers": None})
+    r = _Reader(
+        path,
+        {
+            "consumer": _CONSUMER_KEYS,
+            "registry": _REGISTRY_KEYS,
+            "providers": None,
+            "tls": _CONSUMER_TLS_KEYS,
+        },
+    )
     providers: dict[str, list[ProviderAddress]] = {}
     if r.parser.has_section("providers"):
         for service, raw in r.parser["providers"].items():
@@ -240,6 +267,13 @@ def load_consumer_config(path: str) -> ConsumerConfig:
         balancer=balancer,
         keepalive_interval=r.number("consumer", "keepalive_interval", 0.0),
         keepalive_timeout=r.number("consumer", "keepalive_timeout", 10.0, minimum=0.001),
+        tls=ClientTLS(
+            r.get("tls", "ca", "") or "",
+            r.get("tls", "certificate", "") or "",
+            r.get("tls", "private_key", "") or "",
+        )
+        if r.parser.has_section("tls")
+        else None,
         providers=providers,
         registry=r.registry(),
     )

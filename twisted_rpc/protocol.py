@@ -64,6 +64,7 @@ class RpcConnection(Protocol):
     ):
         self.clock = clock
         self.write_blocked = False
+        self._watching_writes = False
         self.connected = False
         self.last_active = 0.0
         self.peer = "?"
@@ -86,6 +87,7 @@ class RpcConnection(Protocol):
         self.peer = f"{host}:{port}" if host is not None else str(peer)
         if hasattr(self.transport, "registerProducer"):
             self.transport.registerProducer(_WriteBufferWatch(self), True)
+            self._watching_writes = True
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             try:
@@ -133,6 +135,14 @@ class RpcConnection(Protocol):
         self.write_blocked = False
 
     # ----------------------------------------------------------------- frames
+
+    def close(self) -> None:
+        """Close once written frames are flushed. The transport's producer slot
+        is let go first: a TLS transport waits for that before it closes."""
+        if self._watching_writes:
+            self._watching_writes = False
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     def protocol_violation(self, why: str) -> None:
         """Log why and drop the connection at once (no more frames are read)."""

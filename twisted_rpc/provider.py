@@ -19,6 +19,7 @@ from twisted_rpc.interfaces import IServerInterceptor, IServiceRegistry
 from twisted_rpc.registry import ProviderAddress, Registration, StaticRegistry
 from twisted_rpc.server import Dispatcher, ServerFactory, ServerLimits
 from twisted_rpc.service import Service
+from twisted_rpc.tls import wrap_server_factory
 
 __all__ = ["ProviderService"]
 
@@ -46,6 +47,9 @@ class _ReportingEndpoint:
 class ProviderService(MultiService):
     """Serves ``services`` on the endpoint ``listen`` and announces them.
 
+    With ``tls_options`` (see :func:`twisted_rpc.tls.server_options`) every
+    connection speaks TLS, and the registrations say so (``"tls": true``).
+
     Stopping it (SIGTERM under twistd) withdraws the announcements, stops
     accepting, sends GOAWAY, lets calls in flight finish for up to
     ``grace_period`` seconds, then closes the connections.
@@ -64,6 +68,7 @@ class ProviderService(MultiService):
         max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
         registration_data: dict[str, Any] | None = None,
         limits: ServerLimits | None = None,
+        tls_options: Any = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -72,11 +77,14 @@ class ProviderService(MultiService):
         self.registry = registry if registry is not None else StaticRegistry()
         self.advertise = advertise
         self.grace_period = grace_period
-        self.registration_data = registration_data or {}
+        self.registration_data = {**(registration_data or {}), "tls": tls_options is not None}
         self.port: IListeningPort | None = None
         self.listening: Deferred = Deferred()
         endpoint = _ReportingEndpoint(serverFromString(reactor, listen), self._listening)
-        self.listener = StreamServerEndpointService(endpoint, self.factory)
+        listening_factory = self.factory
+        if tls_options is not None:
+            listening_factory = wrap_server_factory(self.factory, tls_options)
+        self.listener = StreamServerEndpointService(endpoint, listening_factory)
         self.listener._raiseSynchronously = True
         self.listener.setServiceParent(self)
 

@@ -427,7 +427,7 @@ class ServerFactory(Factory):
             if not connection.pending and connection.last_active <= cutoff:
                 log.info("closing idle connection from {peer}", peer=connection.peer)
                 connection.goaway("idle")
-                connection.transport.loseConnection()
+                connection.close()
         self._idle_sweep = self.clock.callLater(timeout / 2, self._sweep_idle)
 
     def goaway(self, message: str = "provider is shutting down") -> None:
@@ -438,7 +438,7 @@ class ServerFactory(Factory):
 
     def close_connections(self) -> None:
         for connection in list(self.connections):
-            connection.transport.loseConnection()
+            connection.close()
 
 
 @implementer(IServerInterceptor)

@@ -60,6 +60,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         grace_period=config.grace_period,
         max_frame_size=config.max_frame_size,
         limits=config.limits,
+        tls_options=config.tls_options,
         registration_data={
             "weight": config.registry.weight,
             "pid": os.getpid(),
