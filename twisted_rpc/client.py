@@ -80,6 +80,7 @@ class ClientConnection(RpcConnection):
         super().__init__(clock, max_frame_size)
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
+        self.keepalive_failed = False
         self._keepalive: Any = None
         self.outstanding: dict[int, tuple[Deferred, type[Message]]] = {}
         self.deadlines = DeadlineQueue(clock, self.outstanding, self._deadline_expired)
@@ -114,6 +115,7 @@ class ClientConnection(RpcConnection):
 
     def _keepalive_missed(self, failure: Failure) -> None:
         if self.connected:
+            self.keepalive_failed = True
             self.log.warn(
                 "no answer to a keepalive ping from {peer} in {t:g}s: closing the connection",
                 peer=self.peer,
@@ -257,7 +259,9 @@ class Channel:
     """One persistent connection to one provider, re-dialled with backoff.
 
     States: ``connecting`` (calls wait for it), ``ready``, ``failed`` (calls
-    fail at once with UNAVAILABLE until the next attempt succeeds), ``closed``.
+    fail at once with UNAVAILABLE until the next attempt succeeds), ``probing``
+    (connected again after a keepalive failure, in rotation only once a ping is
+    answered), ``draining`` (GOAWAY received), ``closed``.
     """
 
     INITIAL_BACKOFF = 0.1
@@ -294,6 +298,7 @@ class Channel:
         self._retry: Any = None
         self._attempt: Deferred | None = None
         self._on_closed: list[Deferred] = []
+        self._probe = False
 
     def __repr__(self) -> str:
         return f"<Channel {self.address} {self.state}>"
@@ -381,7 +386,24 @@ class Channel:
             protocol.close()
             return
         self.protocol = protocol
+        if self._probe:
+            # The last connection died answering no keepalive (a frozen
+            # process still accepts connections): in rotation again only once
+            # this one answers a ping.
+            self.state = "probing"
+            d = protocol.ping()
+            d.addTimeout(self.keepalive_timeout, self.clock)
+            d.addCallbacks(
+                lambda _: self._ready(protocol), lambda _: protocol.transport.abortConnection()
+            )
+            return
+        self._ready(protocol)
+
+    def _ready(self, protocol: ClientConnection) -> None:
+        if protocol is not self.protocol or self.state == "closed":
+            return
         self.state = "ready"
+        self._probe = False
         self._backoff = self.INITIAL_BACKOFF
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -424,6 +446,13 @@ class Channel:
             closed, self._on_closed = self._on_closed, []
             for d in closed:
                 d.callback(None)
+            return
+        if protocol.keepalive_failed or self._probe:
+            # A frozen provider still accepts connections (its kernel does):
+            # keep it out of rotation and retry with backoff.
+            self.last_error = "no answer to keepalive pings"
+            self._probe = True
+            self._failed()
             return
         self.last_error = f"connection lost: {reason.getErrorMessage()}"
         # Dial again at once: a restarted provider is back quickly; if not,
