@@ -30,6 +30,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from protos import echo_pb2
+from scripts.harness import run_with_zookeeper
 from scripts.zkserver import ZooKeeperCluster
 from tests.echo_service import ECHO
 from tests.processes import Provider
@@ -169,21 +170,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--interval", type=float, default=0.001, help="seconds between creations")
     args = parser.parse_args()
-    zk = ZooKeeperCluster(1).start()
-    started: list[Provider] = []
-    try:
-        result: dict = {}
-
-        async def go(_reactor) -> None:
-            result.update(await run(args, zk, started))
-
-        task.react(lambda r: Deferred.fromCoroutine(go(r)))
-    except SystemExit:
-        pass
-    finally:
-        for p in started:
-            p.stop()
-        zk.cleanup()
+    result = run_with_zookeeper(lambda zk, started: run(args, zk, started))
     print(json.dumps(result))
 
 

@@ -31,6 +31,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from protos import echo_pb2
+from scripts.harness import run_with_zookeeper
 from scripts.zkserver import ZooKeeperCluster
 from tests.echo_service import ECHO
 from tests.processes import Provider
@@ -157,22 +158,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds-per-phase", type=float, default=3.0)
     args = parser.parse_args()
-    zk = ZooKeeperCluster(1).start()
-    started: list[Provider] = []
-    result: dict = {}
-    try:
-
-        async def go(_reactor) -> None:
-            result.update(await run(args, zk, started))
-
-        task.react(lambda r: Deferred.fromCoroutine(go(r)))
-    except SystemExit:
-        pass
-    finally:
-        for p in started:
-            p.signal(signal.SIGCONT)
-            p.stop()
-        zk.cleanup()
+    result = run_with_zookeeper(lambda zk, started: run(args, zk, started))
     print(json.dumps(result))
     print("\n| phase | calls ok | calls failed |\n|---|---:|---:|")
     for name, stats in sorted(result.get("per_phase", {}).items()):
