@@ -89,6 +89,7 @@ class ZooKeeperRegistry(Service):
         self._ensure_again: set[str] = set()
         self._watched: dict[str, _Watched] = {}
         self.reregistrations = 0
+        self._retries: set[IDelayedCall] = set()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -104,8 +105,22 @@ class ZooKeeperRegistry(Service):
         """Connect in the background (idempotent)."""
         self.zk.start()
 
+    def _later(self, delay: float, f: Callable[..., object], *args: object) -> None:
+        """A retry that ``close`` cancels if it is still pending."""
+
+        def run() -> None:
+            self._retries.discard(call)
+            f(*args)
+
+        call = self.reactor.callLater(delay, run)
+        self._retries.add(call)
+
     def close(self) -> Deferred:
         """End the session: this registry's nodes vanish at once."""
+        for call in self._retries:
+            if call.active():
+                call.cancel()
+        self._retries.clear()
         for watched in self._watched.values():
             if watched.timer is not None and watched.timer.active():
                 watched.timer.cancel()
@@ -183,8 +198,10 @@ class ZooKeeperRegistry(Service):
                 try:
                     await self._create_node(path, entry[1])
                 except KazooException as e:
-                    # Connection trouble: the next CONNECTED re-ensures every node.
-                    log.warn("registering {path}: {error!r}", path=path, error=e)
+                    # Connection trouble: the next CONNECTED re-ensures every node,
+                    # and in case that event came first, try again in a second.
+                    log.warn("registering {path}: {error!r}; retrying", path=path, error=e)
+                    self._later(1.0, self._retry_node, path)
                     return
                 if path not in self._ensure_again:
                     return
@@ -217,6 +234,10 @@ class ZooKeeperRegistry(Service):
         stat = await zk.exists(path, watch=self._node_event)
         if stat is None:
             self._ensure_again.add(path)
+
+    def _retry_node(self, path: str) -> None:
+        if path in self._nodes and self.zk.connected:
+            self._ensure_node(path)
 
     def _node_event(self, event: WatchedEvent) -> None:
         path = event.path
@@ -293,7 +314,7 @@ class ZooKeeperRegistry(Service):
 
         def failed(failure: Any) -> None:
             log.failure("reading providers of {service}", failure, service=watched.service)
-            self.reactor.callLater(1.0, self._read_soon, watched)  # try again later
+            self._later(1.0, self._read_soon, watched)  # try again later
 
         d = Deferred.fromCoroutine(self._read_providers(watched))
         d.addErrback(failed)
@@ -320,6 +341,7 @@ class ZooKeeperRegistry(Service):
             )
         except KazooException as e:
             log.info("reading {path}: {error!r}; keeping the last list", path=path, error=e)
+            self._later(1.0, self._read_soon, watched)  # the watch is not set
             return
         nodes = {name: watched.nodes[name] for name in children if name in watched.nodes}
         nodes.update(
