@@ -267,3 +267,18 @@ def test_interceptors_wrap_in_order_and_may_reject():
     ok, rejected = h.frames()
     assert ok.status == 0 and rejected.status == StatusCode.UNAUTHENTICATED
     assert seen == [("outer", "Echo"), ("inner", b"a"), ("outer", "Echo")]
+
+
+def test_handlers_see_the_time_left_before_the_callers_deadline():
+    seen = []
+
+    class Timed(Service, descriptor=echo_pb2.DESCRIPTOR.services_by_name["EchoService"]):
+        def Echo(self, request, context):
+            seen.append(context.time_remaining())
+            return echo_pb2.EchoReply()
+
+    h = Harness([Timed()])
+    h.clock.advance(100)
+    h.request(1, ECHO, echo_pb2.EchoRequest(), timeout_ms=2500)
+    h.request(2, ECHO, echo_pb2.EchoRequest())
+    assert seen == [2.5, None]

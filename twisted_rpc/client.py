@@ -860,7 +860,6 @@ class ServiceProxy:
         balancer: Balancer | None = None,
         idempotent: set[str] | frozenset[str] = frozenset(),
     ) -> None:
-        self._client = client
         for method in methods:
             stub = _stub(client, method, timeout, metadata, balancer, method.name in idempotent)
             setattr(self, method.name, stub)
