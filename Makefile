@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PROTOS := $(wildcard protos/*.proto)
+PROTOS := $(wildcard protos/*.proto examples/*/*.proto)
 GENERATED := $(PROTOS:.proto=_pb2.py)
 
 # The checkout comes first on the import path: twistd finds twisted/plugins/
@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet ".[dev]"
 	touch $@
 
-protos/%_pb2.py: protos/%.proto $(STAMP)
+%_pb2.py: %.proto $(STAMP)
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. $<
 
 protos: $(GENERATED)
@@ -40,4 +40,4 @@ test: protos lint zookeeper
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) protos/*_pb2.py protos/*_pb2.pyi twisted/plugins/dropin.cache
+	rm -rf $(VENV) $(GENERATED) $(GENERATED:.py=.pyi) twisted/plugins/dropin.cache

@@ -38,7 +38,7 @@ def test_options_and_service_tree(tmp_path):
 
 
 def test_config_is_required():
-    with pytest.raises(usage.UsageError, match="--config is required"):
+    with pytest.raises(usage.UsageError, match="--config or --mprpc-config is required"):
         tap.Options().parseOptions([])
 
 

@@ -26,9 +26,12 @@ from twisted_rpc.tls import ClientTLS, server_options
 __all__ = [
     "ConfigError",
     "ConsumerConfig",
+    "MprpcConf",
+    "MprpcListenerConfig",
     "ProviderConfig",
     "RegistryConfig",
     "load_consumer_config",
+    "load_mprpc_conf",
     "load_provider_config",
     "load_services",
 ]
@@ -52,9 +55,39 @@ class RegistryConfig:
 
 
 @dataclass
+class MprpcListenerConfig:
+    """The C++-mprpc-compatible listener of a provider (``[mprpc]``)."""
+
+    listen: str
+    advertise: ProviderAddress | None = None
+    zookeeper: str | None = None
+    """Connect string of the ZooKeeper to register ``/<Service>/<Method>`` in (None: don't)."""
+
+
+@dataclass
+class MprpcConf:
+    """A C++ mprpc ``key=value`` config file (``rpcserverip``, ``rpcserverport``,
+    ``zookeeperip``, ``zookeeperport``)."""
+
+    path: str
+    ip: str | None
+    port: int | None
+    zookeeper: str | None
+
+    def listener(self) -> MprpcListenerConfig:
+        if self.ip is None or self.port is None:
+            raise ConfigError(f"{self.path}: rpcserverip and rpcserverport are required")
+        return MprpcListenerConfig(
+            listen=f"tcp:{self.port}:interface={self.ip}",
+            advertise=ProviderAddress(self.ip, self.port),
+            zookeeper=self.zookeeper,
+        )
+
+
+@dataclass
 class ProviderConfig:
     path: str
-    listen: str
+    listen: str | None
     advertise: ProviderAddress | None
     services: list[str]
     grace_period: float = 10.0
@@ -62,6 +95,7 @@ class ProviderConfig:
     limits: ServerLimits = field(default_factory=ServerLimits)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     tls_options: Any = None
+    mprpc: MprpcListenerConfig | None = None
 
 
 @dataclass
@@ -98,6 +132,7 @@ _CONSUMER_KEYS = {
     "keepalive_timeout",
 }
 _REGISTRY_KEYS = {"kind", "hosts", "root", "session_timeout", "weight", "auth"}
+_MPRPC_KEYS = {"listen", "advertise", "zookeeper", "config"}
 _PROVIDER_TLS_KEYS = {"certificate", "private_key", "client_ca"}
 _CONSUMER_TLS_KEYS = {"ca", "certificate", "private_key"}
 
@@ -188,17 +223,18 @@ class _Reader:
 def load_provider_config(path: str) -> ProviderConfig:
     """Read and check a provider ini file (the services are not imported here)."""
     r = _Reader(
-        path, {"provider": _PROVIDER_KEYS, "registry": _REGISTRY_KEYS, "tls": _PROVIDER_TLS_KEYS}
+        path,
+        {
+            "provider": _PROVIDER_KEYS,
+            "registry": _REGISTRY_KEYS,
+            "tls": _PROVIDER_TLS_KEYS,
+            "mprpc": _MPRPC_KEYS,
+        },
     )
     if not r.parser.has_section("provider"):
         raise ConfigError(f"{path}: missing section [provider]")
     listen = r.require("provider", "listen")
-    try:
-        serverFromString(MemoryReactor(), listen)
-    except Exception as e:
-        raise ConfigError(
-            f"{path}: [provider] listen = {listen!r} is not a valid endpoint: {e}"
-        ) from None
+    _check_endpoint(f"{path}: [provider] listen", listen)
     raw_advertise = r.get("provider", "advertise")
     advertise = r.address("provider", "advertise", raw_advertise) if raw_advertise else None
     services = r.require("provider", "services").split()
@@ -216,6 +252,7 @@ def load_provider_config(path: str) -> ProviderConfig:
             )
         except ValueError as e:
             raise ConfigError(f"{path}: [tls] {e}") from None
+    registry = r.registry()
     return ProviderConfig(
         tls_options=tls_options,
         path=path,
@@ -232,7 +269,79 @@ def load_provider_config(path: str) -> ProviderConfig:
             max_connections=r.number("provider", "max_connections", 1000, int, minimum=1),
             idle_timeout=r.number("provider", "idle_timeout", 0.0),
         ),
-        registry=r.registry(),
+        registry=registry,
+        mprpc=_mprpc_listener(r, registry),
+    )
+
+
+def _check_endpoint(where: str, listen: str) -> None:
+    try:
+        serverFromString(MemoryReactor(), listen)
+    except Exception as e:
+        raise ConfigError(f"{where} = {listen!r} is not a valid endpoint: {e}") from None
+
+
+def _mprpc_listener(r: _Reader, registry: RegistryConfig) -> MprpcListenerConfig | None:
+    s = "mprpc"
+    if not r.parser.has_section(s):
+        return None
+    conf_path = r.get(s, "config")
+    if conf_path:
+        if not os.path.isabs(conf_path):
+            conf_path = os.path.join(os.path.dirname(r.path), conf_path)
+        listener = load_mprpc_conf(conf_path).listener()
+    else:
+        listener = MprpcListenerConfig(r.require(s, "listen"))
+    if r.get(s, "listen"):
+        listener.listen = r.require(s, "listen")
+    _check_endpoint(f"{r.path}: [mprpc] listen", listener.listen)
+    raw_advertise = r.get(s, "advertise")
+    if raw_advertise:
+        listener.advertise = r.address(s, "advertise", raw_advertise)
+    flag = (r.get(s, "zookeeper", "") or "").lower()
+    if flag not in ("", "yes", "no", "true", "false"):
+        raise ConfigError(f"{r.path}: [mprpc] zookeeper = {flag!r} (expected yes or no)")
+    if flag in ("no", "false"):
+        listener.zookeeper = None
+    elif flag in ("yes", "true") and listener.zookeeper is None:
+        listener.zookeeper = registry.hosts
+    return listener
+
+
+def load_mprpc_conf(path: str) -> MprpcConf:
+    """Read a C++ mprpc config file: ``key=value`` lines, ``#`` comments.
+
+    As the original does, lines without ``=`` and unknown keys are ignored.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    values: dict[str, str] = {}
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        values[key.strip()] = value.strip()
+
+    def port(key: str) -> int | None:
+        raw = values.get(key)
+        if raw is None:
+            return None
+        if not raw.isdigit() or not 0 < int(raw) < 65536:
+            raise ConfigError(f"{path}: {key}={raw!r} is not a port number")
+        return int(raw)
+
+    zk_ip, zk_port = values.get("zookeeperip"), port("zookeeperport")
+    if (zk_ip is None) != (zk_port is None):
+        raise ConfigError(f"{path}: zookeeperip and zookeeperport go together")
+    return MprpcConf(
+        path=path,
+        ip=values.get("rpcserverip") or None,
+        port=port("rpcserverport"),
+        zookeeper=f"{zk_ip}:{zk_port}" if zk_ip else None,
     )
 
 

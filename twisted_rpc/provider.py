@@ -16,6 +16,7 @@ from zope.interface import implementer
 
 from twisted_rpc import wire
 from twisted_rpc.interfaces import IServerInterceptor, IServiceRegistry
+from twisted_rpc.mprpc_server import MprpcServerFactory
 from twisted_rpc.registry import ProviderAddress, Registration, StaticRegistry
 from twisted_rpc.server import Dispatcher, ServerFactory, ServerLimits
 from twisted_rpc.service import Service
@@ -50,6 +51,11 @@ class ProviderService(MultiService):
     With ``tls_options`` (see :func:`twisted_rpc.tls.server_options`) every
     connection speaks TLS, and the registrations say so (``"tls": true``).
 
+    With ``mprpc_listen`` the same services are also served to C++ mprpc
+    callers on a second endpoint (``docs/mprpc-compat.md``); with
+    ``mprpc_registry`` (a ``ZooKeeperRegistry``) each method is announced at
+    ``/<Service>/<Method>`` as they expect. ``listen`` may then be None.
+
     Stopping it (SIGTERM under twistd) withdraws the announcements, stops
     accepting, sends GOAWAY, lets calls in flight finish for up to
     ``grace_period`` seconds, then closes the connections.
@@ -58,7 +64,7 @@ class ProviderService(MultiService):
     def __init__(
         self,
         reactor: Any,
-        listen: str,
+        listen: str | None,
         services: Sequence[Service],
         *,
         advertise: ProviderAddress | None = None,
@@ -69,6 +75,9 @@ class ProviderService(MultiService):
         registration_data: dict[str, Any] | None = None,
         limits: ServerLimits | None = None,
         tls_options: Any = None,
+        mprpc_listen: str | None = None,
+        mprpc_advertise: ProviderAddress | None = None,
+        mprpc_registry: Any = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -80,13 +89,58 @@ class ProviderService(MultiService):
         self.registration_data = {**(registration_data or {}), "tls": tls_options is not None}
         self.port: IListeningPort | None = None
         self.listening: Deferred = Deferred()
-        endpoint = _ReportingEndpoint(serverFromString(reactor, listen), self._listening)
-        listening_factory = self.factory
-        if tls_options is not None:
-            listening_factory = wrap_server_factory(self.factory, tls_options)
-        self.listener = StreamServerEndpointService(endpoint, listening_factory)
-        self.listener._raiseSynchronously = True
-        self.listener.setServiceParent(self)
+        self.listeners: list[StreamServerEndpointService] = []
+        if listen is not None:
+            listening_factory = self.factory
+            if tls_options is not None:
+                listening_factory = wrap_server_factory(self.factory, tls_options)
+            self._add_listener(listen, listening_factory, self._listening)
+        self.mprpc_factory: MprpcServerFactory | None = None
+        self.mprpc_advertise = mprpc_advertise
+        self.mprpc_registry = mprpc_registry
+        self.mprpc_listening: Deferred = Deferred()
+        if mprpc_listen is not None:
+            self.mprpc_factory = MprpcServerFactory(
+                self.dispatcher, reactor, max_frame_size, limits
+            )
+            self._add_listener(mprpc_listen, self.mprpc_factory, self._mprpc_listening)
+        if not self.listeners:
+            raise ValueError("a provider needs listen, mprpc_listen or both")
+
+    def _add_listener(self, listen: str, factory: Any, on_listening: Any) -> None:
+        endpoint = _ReportingEndpoint(serverFromString(self.reactor, listen), on_listening)
+        listener = StreamServerEndpointService(endpoint, factory)
+        listener._raiseSynchronously = True
+        listener.setServiceParent(self)
+        self.listeners.append(listener)
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Calls being served, over both protocols."""
+        n = self.factory.calls_in_flight
+        if self.mprpc_factory is not None:
+            n += self.mprpc_factory.calls_in_flight
+        return n
+
+    def _mprpc_listening(self, port: IListeningPort) -> None:
+        host = port.getHost()
+        bound = ProviderAddress(getattr(host, "host", "?"), getattr(host, "port", 0))
+        if self.mprpc_advertise is None:
+            self.mprpc_advertise = bound
+        log.info(
+            "mprpc-compatible listener on {bound}, advertised as {advertise}",
+            bound=bound,
+            advertise=self.mprpc_advertise,
+        )
+        self.mprpc_listening.callback(bound)
+        if self.mprpc_registry is None:
+            return
+        assert self.mprpc_factory is not None
+        for service, method in sorted(self.mprpc_factory.routes):
+            d = self.mprpc_registry.register_mprpc(service, method, self.mprpc_advertise)
+            d.addErrback(
+                lambda f, p=f"/{service}/{method}": log.failure("registering {p} failed", f, p=p)
+            )
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
@@ -116,21 +170,31 @@ class ProviderService(MultiService):
         if not self.running:
             return
         self.running = False
-        try:
-            await self.registry.unregister_all()
-        except Exception:
-            log.failure("withdrawing registrations failed")
-        await self.listener.stopService()
-        self.factory.goaway()
+        registries = [self.registry]
+        if self.mprpc_registry is not None and self.mprpc_registry is not self.registry:
+            registries.append(self.mprpc_registry)
+        for registry in registries:
+            try:
+                await registry.unregister_all()
+            except Exception:
+                log.failure("withdrawing registrations failed")
+        for listener in self.listeners:
+            await listener.stopService()
+        factories: list[Any] = [self.factory]
+        if self.mprpc_factory is not None:
+            factories.append(self.mprpc_factory)
+        for factory in factories:
+            factory.goaway()
         waited = 0.0
         step = 0.02
-        while self.factory.calls_in_flight and waited < self.grace_period:
+        while self.calls_in_flight and waited < self.grace_period:
             await deferLater(self.reactor, step, lambda: None)
             waited += step
-        left = self.factory.calls_in_flight
+        left = self.calls_in_flight
         if left:
             log.warn("grace period over: closing with {left} calls in flight", left=left)
-        self.factory.close_connections()
+        for factory in factories:
+            factory.close_connections()
         for service in reversed(list(self)):
-            if service is not self.listener and service.running:
+            if service not in self.listeners and service.running:
                 await service.stopService()

@@ -10,7 +10,13 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from twisted_rpc import __version__
-from twisted_rpc.config import ConfigError, ProviderConfig, load_provider_config, load_services
+from twisted_rpc.config import (
+    ConfigError,
+    ProviderConfig,
+    load_mprpc_conf,
+    load_provider_config,
+    load_services,
+)
 from twisted_rpc.interfaces import IServiceRegistry
 from twisted_rpc.provider import ProviderService
 from twisted_rpc.registry import StaticRegistry
@@ -20,21 +26,60 @@ from twisted_rpc.zkregistry import ZooKeeperRegistry
 class Options(usage.Options):
     """Command-line options of ``twistd mprpc``."""
 
-    synopsis = "--config etc/provider.ini"
-    longdesc = "Serve protobuf RPC services (twisted_rpc) as configured in an ini file."
-    optParameters = [["config", "c", None, "Provider config file (ini); see docs/config.md."]]
+    synopsis = "--config etc/provider.ini | --mprpc-config test.conf --service module:Class"
+    longdesc = (
+        "Serve protobuf RPC services (twisted_rpc) as configured in an ini file, "
+        "or, for a C++ mprpc deployment, as its key=value config file says "
+        "(docs/mprpc-compat.md)."
+    )
+    optParameters = [
+        ["config", "c", None, "Provider config file (ini); see docs/config.md."],
+        [
+            "mprpc-config",
+            None,
+            None,
+            "A C++ mprpc config file (rpcserverip, rpcserverport, zookeeperip, "
+            "zookeeperport): serve the mprpc protocol there and register in its ZooKeeper.",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["service"] = []
+
+    def opt_service(self, spec: str) -> None:
+        """A module:Class service to serve (repeatable; adds to [provider] services)."""
+        self["service"].append(spec)
 
     def postOptions(self) -> None:
-        if not self["config"]:
-            raise usage.UsageError("--config is required")
+        if not self["config"] and not self["mprpc-config"]:
+            raise usage.UsageError("--config or --mprpc-config is required")
         try:
-            config = load_provider_config(self["config"])
-            services = load_services(config.services, f"{config.path}: [provider] services")
+            config = self._load()
+            services = load_services(config.services, f"{config.path}: services")
         except ConfigError as e:
             # One clear line and a non-zero exit, not a usage text or a traceback.
             raise SystemExit(f"twistd mprpc: config error: {e}") from None
         self["provider_config"] = config
         self["service_instances"] = services
+
+    def _load(self) -> ProviderConfig:
+        if self["config"]:
+            config = load_provider_config(self["config"])
+        else:
+            config = ProviderConfig(
+                path=self["mprpc-config"], listen=None, advertise=None, services=[]
+            )
+        config.services = config.services + self["service"]
+        for spec in self["service"]:
+            module, sep, name = spec.partition(":")
+            if not sep or not module or not name:
+                raise ConfigError(f"--service {spec!r} is not module:Class")
+        if self["mprpc-config"]:
+            config.mprpc = load_mprpc_conf(self["mprpc-config"]).listener()
+        if not config.services:
+            raise ConfigError(f"{config.path}: no services to serve (give --service module:Class)")
+        return config
 
 
 def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IService:
@@ -51,6 +96,15 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         )
     else:
         registry = StaticRegistry()
+    mprpc = config.mprpc
+    mprpc_registry = None
+    if mprpc is not None and mprpc.zookeeper is not None:
+        if isinstance(registry, ZooKeeperRegistry) and reg.hosts == mprpc.zookeeper:
+            mprpc_registry = registry
+        else:
+            mprpc_registry = ZooKeeperRegistry(
+                reactor, mprpc.zookeeper, session_timeout=reg.session_timeout
+            )
     provider = ProviderService(
         reactor,
         config.listen,
@@ -61,6 +115,9 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         max_frame_size=config.max_frame_size,
         limits=config.limits,
         tls_options=config.tls_options,
+        mprpc_listen=mprpc.listen if mprpc else None,
+        mprpc_advertise=mprpc.advertise if mprpc else None,
+        mprpc_registry=mprpc_registry,
         registration_data={
             "weight": config.registry.weight,
             "pid": os.getpid(),
@@ -68,6 +125,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
             "started_at": time.time(),
         },
     )
-    if isinstance(registry, ZooKeeperRegistry):
-        registry.setServiceParent(provider)
+    for each in {id(r): r for r in (registry, mprpc_registry)}.values():
+        if isinstance(each, ZooKeeperRegistry):
+            each.setServiceParent(provider)
     return provider

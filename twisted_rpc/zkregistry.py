@@ -4,6 +4,10 @@ Layout (``docs/registry.md``)::
 
     <root>/<package.Service>/providers/<host:port>    ephemeral, JSON data
 
+and, for C++ mprpc callers (``register_mprpc``, ``docs/mprpc-compat.md``)::
+
+    /<Service>/<Method>                               ephemeral, b"ip:port"
+
 Providers create their nodes once connected, recreate them in every new
 session and whenever someone deletes them, and replace a stale node left by
 an earlier session. Consumers keep one children watch per service, debounce
@@ -40,6 +44,18 @@ __all__ = ["ZooKeeperRegistry"]
 log = Logger()
 
 Listener = Callable[[tuple[ProviderAddress, ...]], object]
+
+
+class _Node:
+    """An ephemeral node this registry keeps in place."""
+
+    __slots__ = ("registration", "payload", "shared")
+
+    def __init__(self, registration: Registration, payload: bytes, shared: bool = False) -> None:
+        self.registration = registration
+        self.payload = payload
+        self.shared = shared
+        """True for an mprpc node: one path for every provider of the method."""
 
 
 class _Watched:
@@ -84,7 +100,7 @@ class ZooKeeperRegistry(Service):
         self.debounce = debounce
         self.zk = zk or ZooKeeperClient(reactor, hosts, session_timeout=session_timeout, auth=auth)
         self.zk.add_state_listener(self._state_changed)
-        self._nodes: dict[str, tuple[Registration, bytes]] = {}
+        self._nodes: dict[str, _Node] = {}
         self._ensuring: set[str] = set()
         self._ensure_again: set[str] = set()
         self._watched: dict[str, _Watched] = {}
@@ -139,7 +155,7 @@ class ZooKeeperRegistry(Service):
 
     @property
     def registrations(self) -> list[Registration]:
-        return [registration for registration, _ in self._nodes.values()]
+        return [node.registration for node in self._nodes.values() if not node.shared]
 
     def register(self, registration: Registration) -> Deferred:
         """Announce ``registration`` now if connected, else as soon as connected."""
@@ -151,14 +167,25 @@ class ZooKeeperRegistry(Service):
             **registration.data,
         }
         path = self.node_path(registration)
-        self._nodes[path] = (registration, json.dumps(data, sort_keys=True).encode())
+        self._nodes[path] = _Node(registration, json.dumps(data, sort_keys=True).encode())
+        return self._announce(path)
+
+    def register_mprpc(self, service: str, method: str, address: ProviderAddress) -> Deferred:
+        """Announce ``/<service>/<method>`` = ``b"ip:port"`` for C++ mprpc callers.
+
+        ``service`` is the short name (no package). The path holds one provider:
+        a node of another live provider is left alone and watched (this one takes
+        over when it goes); a stale node of this address is replaced.
+        """
+        path = f"/{service}/{method}"
+        registration = Registration(f"{service}.{method}", address, {})
+        self._nodes[path] = _Node(registration, address.key.encode(), shared=True)
+        return self._announce(path)
+
+    def _announce(self, path: str) -> Deferred:
         self.start()
         if not self.zk.connected:
-            log.info(
-                "zookeeper not connected: {service} at {address} will be registered when it is",
-                service=registration.service,
-                address=address,
-            )
+            log.info("zookeeper not connected: {path} will be registered when it is", path=path)
             return succeed(None)
         return self._ensure_node(path)
 
@@ -192,11 +219,11 @@ class ZooKeeperRegistry(Service):
         try:
             while True:
                 self._ensure_again.discard(path)
-                entry = self._nodes.get(path)
-                if entry is None or not self.zk.connected:
+                node = self._nodes.get(path)
+                if node is None or not self.zk.connected:
                     return
                 try:
-                    await self._create_node(path, entry[1])
+                    await self._create_node(path, node)
                 except KazooException as e:
                     # Connection trouble: the next CONNECTED re-ensures every node,
                     # and in case that event came first, try again in a second.
@@ -208,16 +235,27 @@ class ZooKeeperRegistry(Service):
         finally:
             self._ensuring.discard(path)
 
-    async def _create_node(self, path: str, payload: bytes) -> None:
+    async def _create_node(self, path: str, node: _Node) -> None:
         zk = self.zk
-        await zk.ensure_path(self.root, acl=open_acl())
-        await zk.ensure_path(path.rsplit("/", 1)[0])
+        payload = node.payload
+        # mprpc nodes are open, as C++ callers and providers expect them.
+        acl = open_acl() if node.shared else None
+        if not node.shared:
+            await zk.ensure_path(self.root, acl=open_acl())
+        await zk.ensure_path(path.rsplit("/", 1)[0], acl=acl)
         try:
-            await zk.create(path, payload, ephemeral=True)
+            await zk.create(path, payload, ephemeral=True, acl=acl)
             log.info("registered {path}", path=path)
         except NodeExistsError:
             data, stat = await zk.get(path)
-            if stat.ephemeralOwner != zk.session_id:
+            if node.shared and stat.ephemeralOwner != zk.session_id and data != payload:
+                log.warn(
+                    "{path} is held by {other} (session 0x{owner:x}); taking over if it goes away",
+                    path=path,
+                    other=data.decode("utf-8", "replace"),
+                    owner=stat.ephemeralOwner,
+                )
+            elif stat.ephemeralOwner != zk.session_id:
                 log.info(
                     "replacing stale {path} of session 0x{owner:x}",
                     path=path,
@@ -227,7 +265,7 @@ class ZooKeeperRegistry(Service):
                     await zk.delete(path)
                 except NoNodeError:
                     pass
-                await zk.create(path, payload, ephemeral=True)
+                await zk.create(path, payload, ephemeral=True, acl=acl)
                 log.info("registered {path}", path=path)
             elif data != payload:
                 await zk.set(path, payload)
@@ -244,7 +282,10 @@ class ZooKeeperRegistry(Service):
         if path not in self._nodes or not self.zk.connected:
             return
         if event.type == EventType.DELETED:
-            log.warn("{path} was deleted by someone else: recreating it", path=path)
+            if self._nodes[path].shared:
+                log.info("{path} is gone: creating it", path=path)
+            else:
+                log.warn("{path} was deleted by someone else: recreating it", path=path)
             self.reregistrations += 1
         self._ensure_node(path)
 

@@ -1,0 +1,264 @@
+"""A listener speaking the C++ mprpc protocol, serving a :class:`Dispatcher`'s services.
+
+One call per connection: read the request (reassembled across reads), invoke
+the same handler chain the native protocol uses, write the bare response and
+half-close. The protocol has no status field, so every error is logged and
+the connection closed without a reply, as the C++ provider does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twisted_rpc import wire
+from twisted_rpc.mprpc_wire import CPP_REPLY_LIMIT, MprpcProtocolError, RequestReader
+from twisted_rpc.server import CallContext, Dispatcher, ServerLimits, ServerMethod
+from twisted_rpc.status import RpcError, code_name
+
+__all__ = ["MprpcServerFactory", "MprpcServerProtocol", "short_routes"]
+
+log = Logger()
+
+
+def short_routes(dispatcher: Dispatcher) -> dict[tuple[str, str], ServerMethod]:
+    """``(ShortServiceName, Method)`` → method, as C++ callers name them."""
+    routes: dict[tuple[str, str], ServerMethod] = {}
+    for method in dispatcher.routes.values():
+        key = (method.info.service.rpartition(".")[2], method.info.name)
+        if key in routes:
+            log.warn(
+                "mprpc listener: {a} and {b} share the short name {key}; serving the first",
+                a=routes[key].info.full_name,
+                b=method.info.full_name,
+                key=".".join(key),
+            )
+            continue
+        routes[key] = method
+    return routes
+
+
+class MprpcServerProtocol(Protocol):
+    """Serves one C++-style call on one connection."""
+
+    def __init__(self, factory: MprpcServerFactory) -> None:
+        self.factory = factory
+        self.clock = factory.clock
+        self.reader = RequestReader(factory.max_request_size)
+        self.peer = "?"
+        self.call: Deferred | None = None
+        self.method: ServerMethod | None = None
+        self._timer: IDelayedCall | None = None
+        self._done = False
+
+    # -------------------------------------------------------------- connection
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '?')}"
+        self.factory.connections.add(self)
+        self._timer = self.clock.callLater(self.factory.read_timeout, self._read_timed_out)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.factory.connections.discard(self)
+        self._cancel_timer()
+        if self.call is not None:
+            call, self.call = self.call, None
+            self.factory.in_flight -= 1
+            log.info(
+                "mprpc call {method} from {peer}: caller went away before the reply",
+                method=self.method.info.full_name if self.method else "?",
+                peer=self.peer,
+            )
+            call.cancel()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._done:
+            return
+        try:
+            request = self.reader.feed(data)
+        except MprpcProtocolError as e:
+            self._fail(f"bad request: {e}")
+            return
+        if request is None:
+            return
+        self._cancel_timer()
+        if self.reader.extra:
+            log.warn(
+                "mprpc request from {peer}: ignoring {n} bytes after the request",
+                peer=self.peer,
+                n=self.reader.extra,
+            )
+        method = self.factory.routes.get((request.service, request.method))
+        if method is None:
+            known = any(s == request.service for s, _ in self.factory.routes)
+            what = (
+                f"unknown method {request.method!r} of service {request.service}"
+                if known
+                else f"unknown service {request.service!r}"
+            )
+            self._fail(what)
+            return
+        self.method = method
+        self._invoke(method, request.args)
+
+    # -------------------------------------------------------------- the call
+
+    def _invoke(self, method: ServerMethod, args: bytes) -> None:
+        if self.factory.draining:
+            self._fail("provider is shutting down")
+            return
+        if self.factory.in_flight >= self.factory.limits.max_calls:
+            self._fail(f"{self.factory.limits.max_calls} calls in flight at this provider")
+            return
+        request = method.request_class()
+        try:
+            request.ParseFromString(args)
+        except Exception as e:
+            self._fail(f"cannot parse {method.request_class.DESCRIPTOR.full_name}: {e}")
+            return
+        context = CallContext(0, method.info, None, None, self)  # type: ignore[arg-type]
+        try:
+            result = method.invoke(request, context)
+        except Exception as e:
+            self._failed_call(Failure(e))
+            return
+        if inspect.iscoroutine(result):
+            result = Deferred.fromCoroutine(result)
+        if not isinstance(result, Deferred):
+            self._reply(result)
+            return
+        self.call = result
+        self.factory.in_flight += 1
+        result.addCallbacks(self._answered, self._failed_call)
+
+    def _answered(self, result: object) -> None:
+        if self.call is None:
+            return  # the caller went away
+        self.call = None
+        self.factory.in_flight -= 1
+        self._reply(result)
+
+    def _failed_call(self, failure: Failure) -> None:
+        if self.call is not None:
+            self.call = None
+            self.factory.in_flight -= 1
+        elif self._done or not self.connected:
+            return
+        error = failure.value
+        if isinstance(error, RpcError):
+            self._fail(f"handler failed: {code_name(error.code)} {error.message}")
+            return
+        log.failure(
+            "mprpc call {method} from {peer} failed",
+            failure,
+            method=self._method_name(),
+            peer=self.peer,
+        )
+        self._fail("handler raised an exception")
+
+    def _reply(self, result: object) -> None:
+        assert self.method is not None
+        if type(result) is not self.method.response_class:
+            self._fail(
+                f"handler returned {type(result).__name__}, expected "
+                f"{self.method.response_class.DESCRIPTOR.full_name}"
+            )
+            return
+        payload = result.SerializeToString()  # type: ignore[attr-defined]
+        if len(payload) > CPP_REPLY_LIMIT:
+            log.warn(
+                "mprpc call {method} from {peer}: reply of {size} bytes; a C++ mprpc caller "
+                "reads only {limit} and will see it truncated",
+                method=self._method_name(),
+                peer=self.peer,
+                size=len(payload),
+                limit=CPP_REPLY_LIMIT,
+            )
+        self._done = True
+        self.transport.write(payload)
+        # Half-close as the C++ provider does: the caller reads to EOF, then closes.
+        lose_write = getattr(self.transport, "loseWriteConnection", None)
+        if lose_write is not None:
+            lose_write()
+        else:
+            self.transport.loseConnection()
+        self._timer = self.clock.callLater(self.factory.read_timeout, self._close_timed_out)
+
+    # -------------------------------------------------------------- endings
+
+    def _fail(self, why: str) -> None:
+        """Log why and close without a reply (the protocol has no status)."""
+        log.info(
+            "mprpc call {method} from {peer} failed: {why}; closing without a reply",
+            method=self._method_name(),
+            peer=self.peer,
+            why=why,
+        )
+        self._done = True
+        self._cancel_timer()
+        self.transport.loseConnection()
+
+    def _method_name(self) -> str:
+        return self.method.info.full_name if self.method is not None else "?"
+
+    def _read_timed_out(self) -> None:
+        self._timer = None
+        self._fail(f"no whole request within {self.factory.read_timeout:g} s")
+
+    def _close_timed_out(self) -> None:
+        self._timer = None
+        self.transport.abortConnection()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+class MprpcServerFactory(Factory):
+    """Connections speaking the C++ mprpc protocol to ``dispatcher``'s services."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        clock: IReactorTime,
+        max_request_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
+        limits: ServerLimits | None = None,
+        read_timeout: float = 10.0,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.max_request_size = max_request_size
+        self.limits = limits or ServerLimits()
+        self.read_timeout = read_timeout
+        self.routes = short_routes(dispatcher)
+        self.connections: set[MprpcServerProtocol] = set()
+        self.in_flight = 0
+        self.draining = False
+
+    def buildProtocol(self, addr: Any) -> MprpcServerProtocol | None:
+        if len(self.connections) >= self.limits.max_connections:
+            log.warn("mprpc listener: refusing {addr}: too many connections", addr=addr)
+            return None
+        return MprpcServerProtocol(self)
+
+    @property
+    def calls_in_flight(self) -> int:
+        return self.in_flight
+
+    def goaway(self, message: str = "") -> None:
+        """Refuse calls that arrive from now on (the protocol cannot say so)."""
+        self.draining = True
+
+    def close_connections(self) -> None:
+        for connection in list(self.connections):
+            connection.transport.loseConnection()
