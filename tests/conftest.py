@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from twisted.logger import globalLogPublisher
 
 from scripts.zkserver import ZooKeeperCluster
 
@@ -15,3 +16,12 @@ def zookeeper_server():
         yield cluster
     finally:
         cluster.cleanup()
+
+
+@pytest.fixture
+def logged():
+    """The log events emitted during the test."""
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)

@@ -8,7 +8,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 
 from protos import echo_pb2
 from tests.echo_service import EchoService
@@ -41,14 +41,6 @@ class Harness:
         FrameDecoder(frames.append).feed(self.transport.value())
         self.transport.clear()
         return frames
-
-
-@pytest.fixture
-def logged():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def test_sync_answer_is_byte_exact():

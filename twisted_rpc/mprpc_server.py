@@ -68,6 +68,7 @@ class MprpcServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.connections.discard(self)
         self._cancel_timer()
+        self._done = True
         if self.call is not None:
             call, self.call = self.call, None
             self.factory.in_flight -= 1
@@ -149,7 +150,7 @@ class MprpcServerProtocol(Protocol):
         if self.call is not None:
             self.call = None
             self.factory.in_flight -= 1
-        elif self._done or not self.connected:
+        elif self._done:
             return
         error = failure.value
         if isinstance(error, RpcError):
