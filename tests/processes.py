@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +72,23 @@ class Provider:
                 self.port = int(match.group(1))
                 self._ready.set()
         self._ready.set()
+
+    def wait_for_output(self, pattern: str, timeout: float = 15) -> re.Match:
+        """The first match of ``pattern`` in the output, waiting for it up to ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.output)
+            if match or time.monotonic() > deadline or self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        if match is None:
+            raise AssertionError(f"no {pattern!r} in the provider's output:\n{self.output}")
+        return match
+
+    @property
+    def mprpc_port(self) -> int:
+        """The port of the mprpc-compatible listener (``[mprpc] listen``)."""
+        return int(self.wait_for_output(r"mprpc-compatible listener on 127\.0\.0\.1:(\d+)")[1])
 
     @property
     def address(self) -> str:

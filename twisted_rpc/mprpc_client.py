@@ -89,6 +89,7 @@ class ZooKeeperMprpcDirectory(MprpcDirectory):
         self.cache: dict[str, ProviderAddress | None] = {}
         self._reading: dict[str, list[Deferred]] = {}
         self._session: int | None = None
+        self._connected: list[Deferred] = []
         zk.add_state_listener(self._state_changed)
         zk.start()
 
@@ -117,6 +118,11 @@ class ZooKeeperMprpcDirectory(MprpcDirectory):
             # The next call reads it again (with a new watch).
             self.cache.pop(path, None)
 
+        if not self.zk.connected:
+            # kazoo refuses requests before its first session; wait for it.
+            waiter: Deferred = Deferred(lambda d: self._connected.remove(d))
+            self._connected.append(waiter)
+            await waiter
         try:
             data, _ = await self.zk.get(path, watch=changed)
         except NoNodeError:
@@ -154,6 +160,9 @@ class ZooKeeperMprpcDirectory(MprpcDirectory):
             self.cache.clear()  # the old session's watches are gone
         if state == CONNECTED:
             self._session = self.zk.session_id
+            waiting, self._connected = self._connected, []
+            for waiter in waiting:
+                waiter.callback(None)
 
     def close(self) -> Deferred:
         return self.zk.close()

@@ -1,0 +1,250 @@
+"""Integration: the mprpc-compatible listener and MprpcClient, through a real ZooKeeper
+in the C++ layout (``/<Service>/<Method>``), against real ``twistd`` providers."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from kazoo.client import KazooClient
+from kazoo.security import OPEN_ACL_UNSAFE
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from examples.mprpc_compat import user_pb2
+from protos import echo_pb2
+from tests.echo_service import ECHO
+from tests.processes import Provider
+from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY
+from twisted_rpc import UnavailableError
+from twisted_rpc.mprpc_client import MprpcClient
+from twisted_rpc.service import MethodInfo
+
+pytestmark = pytest.mark.integration
+
+SERVICES = "tests.echo_service:EchoService examples.mprpc_compat.callee:UserServiceRpc"
+USER = user_pb2.DESCRIPTOR.services_by_name["UserServiceRpc"]
+
+
+def sleep(seconds: float) -> Deferred:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+def raw_call(port: int, data: bytes, piece: int = 1) -> bytes:
+    """What a C++ caller does, but writing ``piece`` bytes at a time; reads to EOF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(0, len(data), piece):
+            s.sendall(data[i : i + piece])
+            time.sleep(0.002)
+        chunks = []
+        while chunk := s.recv(4096):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+class MprpcCompatTests(TestCase):
+    timeout = 120
+
+    @pytest.fixture(autouse=True)
+    def _zookeeper(self, zookeeper_server):
+        self.zk = zookeeper_server
+
+    def setUp(self) -> Deferred:
+        # Each test gets its own chroot: the C++ layout has no root of its own.
+        self.chroot = f"/mprpc-compat-{uuid.uuid4().hex[:8]}"
+        self.hosts = f"{self.zk.hosts}{self.chroot}"
+        return Deferred.fromCoroutine(self._make_chroot())
+
+    async def _make_chroot(self) -> None:
+        kz = KazooClient(hosts=self.zk.hosts)
+        await deferToThread(kz.start, 30)
+        await deferToThread(kz.ensure_path, self.chroot)
+        self.kz = KazooClient(hosts=self.hosts)
+        await deferToThread(self.kz.start, 30)
+        for client in (kz, self.kz):
+            self.addCleanup(deferToThread, lambda c=client: (c.stop(), c.close()))
+
+    def provider(self, mprpc_listen: str = "tcp:0:interface=127.0.0.1", session=2) -> Provider:
+        extra = (
+            f"[registry]\nkind = static\nhosts = {self.hosts}\nsession_timeout = {session}\n"
+            f"[mprpc]\nlisten = {mprpc_listen}\nzookeeper = yes\n"
+        )
+        provider = Provider(Path(tempfile.mkdtemp()), extra, services=SERVICES)
+        self.addCleanup(provider.stop)
+        return provider
+
+    def client(self, **kw) -> MprpcClient:
+        client = MprpcClient(reactor, zookeeper=self.hosts, session_timeout=2, **kw)
+        self.addCleanup(client.close)
+        return client
+
+    async def node(self, path: str, timeout: float = 15, data: bytes | None = None):
+        """``(data, stat)`` of ``path`` once it exists (with ``data``, if given)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = await deferToThread(self.kz.exists, path)
+            if found is not None:
+                value, stat = await deferToThread(self.kz.get, path)
+                if data is None or value == data:
+                    return value, stat
+            await sleep(0.05)
+        self.fail(f"{path} {'= ' + repr(data) if data else ''} not there within {timeout}s")
+
+    async def registered(self, **kw) -> tuple[Provider, int]:
+        provider = self.provider(**kw)
+        port = provider.mprpc_port
+        await self.node("/EchoService/Echo", data=f"127.0.0.1:{port}".encode())
+        return provider, port
+
+    # ------------------------------------------------------------------ tests
+
+    async def _layout_and_calls(self) -> None:
+        provider, port = await self.registered()
+        address = f"127.0.0.1:{port}".encode()
+        for method in ("Login", "Register"):
+            data, stat = await self.node(f"/UserServiceRpc/{method}", data=address)
+            self.assertNotEqual(stat.ephemeralOwner, 0)
+            acl, _ = await deferToThread(self.kz.get_acls, f"/UserServiceRpc/{method}")
+            self.assertEqual(list(acl), list(OPEN_ACL_UNSAFE))
+        data, stat = await deferToThread(self.kz.get, "/UserServiceRpc")
+        self.assertEqual((data, stat.ephemeralOwner), (b"", 0))  # persistent and empty
+        user = self.client(timeout=10).proxy(USER)
+        login = await user.Login(user_pb2.LoginRequest(name=b"zhang san", pwd=b"123456"))
+        self.assertEqual(login.SerializeToString(), bytes.fromhex("0a00"))
+        register = await user.Register(
+            user_pb2.RegisterRequest(id=2000, name=b"mprpc", pwd=b"666666")
+        )
+        self.assertTrue(register.sucess)
+        self.assertEqual(register.SerializeToString(), bytes.fromhex("0a001001"))
+        # The original's request bytes, arriving one byte per write, get the original's reply.
+        reply = await deferToThread(raw_call, port, LOGIN, 1)
+        self.assertEqual(reply, LOGIN_REPLY)
+
+    def test_python_consumer_calls_python_compat_listener_through_zookeeper(self):
+        return Deferred.fromCoroutine(self._layout_and_calls())
+
+    async def _unknown(self) -> None:
+        provider, port = await self.registered()
+        unknown = MethodInfo(
+            "mprpc.test.EchoService", "Nope", b"", echo_pb2.EchoRequest, echo_pb2.EchoReply
+        )
+        request = echo_pb2.EchoRequest(payload=b"?")
+        started = time.monotonic()
+        with self.assertRaises(UnavailableError) as through_zk:
+            await self.client(timeout=10).call(unknown, request)
+        self.assertIn("/EchoService/Nope", str(through_zk.exception))
+        # Straight to the listener (no ZooKeeper node to miss): closed without a reply.
+        direct = MprpcClient(reactor, providers={"EchoService": f"127.0.0.1:{port}"}, timeout=10)
+        with self.assertRaises(UnavailableError) as closed:
+            await direct.call(unknown, request)
+        self.assertIn("without a reply", str(closed.exception))
+        self.assertLess(time.monotonic() - started, 5)  # typed failures, not the deadline
+        line = await deferToThread(provider.wait_for_output, "unknown method 'Nope'")
+        self.assertIsNotNone(line)
+
+    def test_unknown_method_is_a_typed_failure_not_a_hang(self):
+        return Deferred.fromCoroutine(self._unknown())
+
+    async def _killed(self) -> None:
+        provider, _ = await self.registered()
+        echo = self.client(timeout=30).proxy(ECHO)
+        self.assertEqual((await echo.Echo(echo_pb2.EchoRequest(payload=b"up"))).pid, provider.pid)
+        call = echo.AsyncEcho(echo_pb2.EchoRequest(delay=60))
+        await sleep(0.5)
+        started = time.monotonic()
+        provider.signal(signal.SIGKILL)
+        with self.assertRaises(UnavailableError):
+            await call
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_provider_killed_mid_call(self):
+        return Deferred.fromCoroutine(self._killed())
+
+    async def _large(self) -> None:
+        provider, _ = await self.registered()
+        echo = self.client(timeout=10).proxy(ECHO)
+        reply = await echo.Echo(echo_pb2.EchoRequest(payload=b"z" * 5000))
+        self.assertEqual(reply.payload, b"z" * 5000)
+        warning = await deferToThread(provider.wait_for_output, r"reply of \d+ bytes.*1024")
+        self.assertIn("EchoService/Echo", warning.string[warning.start() - 200 : warning.end()])
+
+    def test_reply_over_1024_bytes_works_and_is_logged(self):
+        return Deferred.fromCoroutine(self._large())
+
+    async def _stale(self) -> None:
+        port = socket.socket()
+        port.bind(("127.0.0.1", 0))
+        number = port.getsockname()[1]
+        port.close()
+        listen = f"tcp:{number}:interface=127.0.0.1"
+        first = self.provider(mprpc_listen=listen, session=10)
+        address = f"127.0.0.1:{number}".encode()
+        _, stale = await self.node("/EchoService/Echo", data=address)
+        first.signal(signal.SIGKILL)
+        first.wait(10)
+        second = self.provider(mprpc_listen=listen, session=10)
+        self.assertEqual(second.mprpc_port, number)
+        # The dead session's node would stay for 10 s; it is replaced at once.
+        _, fresh = await self.node("/EchoService/Echo", timeout=6, data=address)
+        deadline = time.monotonic() + 6
+        while fresh.ephemeralOwner == stale.ephemeralOwner and time.monotonic() < deadline:
+            await sleep(0.1)
+            _, fresh = await self.node("/EchoService/Echo", data=address)
+        self.assertNotEqual(fresh.ephemeralOwner, stale.ephemeralOwner)
+        reply = await self.client(timeout=10).proxy(ECHO).Echo(echo_pb2.EchoRequest())
+        self.assertEqual(reply.pid, second.pid)
+
+    def test_stale_node_of_a_dead_session_is_replaced(self):
+        return Deferred.fromCoroutine(self._stale())
+
+    async def _takeover(self) -> None:
+        first, first_port = await self.registered()
+        second = self.provider()
+        second_port = second.mprpc_port
+        await deferToThread(second.wait_for_output, "/EchoService/Echo is held by")
+        echo = self.client(timeout=10).proxy(ECHO)
+        self.assertEqual((await echo.Echo(echo_pb2.EchoRequest())).pid, first.pid)
+        first.stop()  # graceful: its nodes are deleted first
+        await self.node("/EchoService/Echo", data=f"127.0.0.1:{second_port}".encode())
+        deadline = time.monotonic() + 5
+        pids = set()
+        while second.pid not in pids and time.monotonic() < deadline:
+            try:
+                pids.add((await echo.Echo(echo_pb2.EchoRequest())).pid)
+            except UnavailableError:
+                await sleep(0.05)
+        self.assertIn(second.pid, pids)  # the consumer's watch saw the new address
+        self.assertNotEqual(first_port, second_port)
+
+    def test_standby_provider_takes_over_the_node(self):
+        return Deferred.fromCoroutine(self._takeover())
+
+    async def _expiry(self) -> None:
+        provider, port = await self.registered()
+        _, before = await self.node("/EchoService/Echo")
+        provider.signal(signal.SIGSTOP)
+        try:
+            await sleep(5)  # more than the 2 s session: ZooKeeper expires it
+        finally:
+            provider.signal(signal.SIGCONT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            _, after = await self.node("/EchoService/Echo", data=f"127.0.0.1:{port}".encode())
+            if after.ephemeralOwner != before.ephemeralOwner:
+                break
+            await sleep(0.1)
+        self.assertNotEqual(after.ephemeralOwner, before.ephemeralOwner)
+        reply = await self.client(timeout=10).proxy(ECHO).Echo(echo_pb2.EchoRequest())
+        self.assertEqual(reply.pid, provider.pid)
+
+    def test_reregistered_after_session_expiry(self):
+        return Deferred.fromCoroutine(self._expiry())
