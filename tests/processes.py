@@ -41,16 +41,26 @@ def run_twistd(args: list[str], timeout: float = 30) -> subprocess.CompletedProc
 class Provider:
     """A ``twistd -n mprpc`` subprocess on a free 127.0.0.1 port."""
 
-    def __init__(self, config_dir: Path, extra: str = "", services: str = SERVICES) -> None:
+    def __init__(
+        self,
+        config_dir: Path,
+        extra: str = "",
+        services: str = SERVICES,
+        args: list[str] | None = None,
+        ready: str = "provider listening on",
+    ) -> None:
+        """``args`` replace ``--config provider.ini`` (written from ``extra`` and ``services``);
+        the provider is up when a line contains ``ready``."""
         self.config = Path(config_dir) / "provider.ini"
         self.config.write_text(
             f"[provider]\nlisten = tcp:0:interface=127.0.0.1\nservices = {services}\n{extra}\n"
         )
+        self.ready_text = ready
         self.lines: list[str] = []
         self.port: int | None = None
         self._ready = threading.Event()
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "mprpc", "--config", str(self.config)],
+            [TWISTD, "-n", "--pidfile=", "mprpc", *(args or ["--config", str(self.config)])],
             cwd=ROOT,
             env=environment(),
             stdout=subprocess.PIPE,
@@ -59,7 +69,7 @@ class Provider:
         )
         self.pid = self.process.pid
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(30) or self.port is None:
+        if not self._ready.wait(30) or self.ready_text not in self.output:
             self.stop()
             raise RuntimeError("provider did not start:\n" + self.output)
 
@@ -70,6 +80,7 @@ class Provider:
             match = _LISTENING.search(line)
             if match:
                 self.port = int(match.group(1))
+            if self.ready_text in line:
                 self._ready.set()
         self._ready.set()
 

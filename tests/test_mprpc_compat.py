@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -22,7 +24,7 @@ from twisted.trial.unittest import TestCase
 from examples.mprpc_compat import user_pb2
 from protos import echo_pb2
 from tests.echo_service import ECHO
-from tests.processes import Provider
+from tests.processes import ROOT, Provider, environment
 from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY
 from twisted_rpc import UnavailableError
 from twisted_rpc.mprpc_client import MprpcClient
@@ -248,3 +250,45 @@ class MprpcCompatTests(TestCase):
 
     def test_reregistered_after_session_expiry(self):
         return Deferred.fromCoroutine(self._expiry())
+
+
+def test_example_from_a_cpp_config_file(tmp_path):
+    """The README's commands: a provider from a C++ key=value file, the example caller."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = tmp_path / "test.conf"
+    conf.write_text(f"# no ZooKeeper here\nrpcserverip=127.0.0.1\nrpcserverport={port}\n")
+    provider = Provider(
+        tmp_path,
+        args=[
+            "--mprpc-config",
+            str(conf),
+            "--service",
+            "examples.mprpc_compat.callee:UserServiceRpc",
+        ],
+        ready="mprpc-compatible listener on",
+    )
+    try:
+        caller = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "examples.mprpc_compat.caller",
+                "--provider",
+                f"127.0.0.1:{port}",
+            ],
+            cwd=ROOT,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        provider.stop()
+    assert caller.returncode == 0, caller.stderr
+    assert caller.stdout.splitlines() == [
+        "rpc login response success: False",
+        "rpc register response success: True",
+    ]
+    assert f"listener on 127.0.0.1:{port}" in provider.output
