@@ -30,7 +30,12 @@ def test_options_and_service_tree(tmp_path):
     options.parseOptions(["-c", path])
     service = tap.makeService(options, MemoryReactor())
     assert isinstance(service, ProviderService)
-    assert sorted(service.dispatcher.services) == ["example.UserService", "mprpc.test.EchoService"]
+    assert sorted(service.dispatcher.services) == [
+        "example.UserService",
+        "mprpc.health.v1.Health",
+        "mprpc.reflection.v1.Reflection",
+        "mprpc.test.EchoService",
+    ]
     assert service.grace_period == 2.5
     assert str(service.advertise) == "10.0.0.5:8000"
     (listener,) = [s for s in service if isinstance(s, StreamServerEndpointService)]

@@ -55,6 +55,13 @@ class RegistryConfig:
 
 
 @dataclass
+class AdminConfig:
+    """The admin HTTP endpoint (``[admin]``): metrics, status page, JSON."""
+
+    listen: str
+
+
+@dataclass
 class MprpcListenerConfig:
     """The C++-mprpc-compatible listener of a provider (``[mprpc]``)."""
 
@@ -96,6 +103,10 @@ class ProviderConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     tls_options: Any = None
     mprpc: MprpcListenerConfig | None = None
+    health: bool = True
+    reflection: bool = True
+    slow_call_threshold: float = 0.0
+    admin: AdminConfig | None = None
 
 
 @dataclass
@@ -122,6 +133,9 @@ _PROVIDER_KEYS = {
     "max_calls",
     "max_connections",
     "idle_timeout",
+    "health",
+    "reflection",
+    "slow_call_threshold",
 }
 _CONSUMER_KEYS = {
     "timeout",
@@ -193,6 +207,14 @@ class _Reader:
             raise ConfigError(f"{self.path}: [{section}] {key} must be at least {minimum}")
         return value
 
+    def flag(self, section: str, key: str, default: bool) -> bool:
+        raw = (self.get(section, key, "") or "").lower()
+        if not raw:
+            return default
+        if raw not in ("yes", "no", "true", "false", "on", "off"):
+            raise ConfigError(f"{self.path}: [{section}] {key} = {raw!r} (expected yes or no)")
+        return raw in ("yes", "true", "on")
+
     def address(self, section: str, key: str, raw: str) -> ProviderAddress:
         try:
             return parse_address(raw)
@@ -229,6 +251,7 @@ def load_provider_config(path: str) -> ProviderConfig:
             "registry": _REGISTRY_KEYS,
             "tls": _PROVIDER_TLS_KEYS,
             "mprpc": _MPRPC_KEYS,
+            "admin": {"listen"},
         },
     )
     if not r.parser.has_section("provider"):
@@ -271,7 +294,19 @@ def load_provider_config(path: str) -> ProviderConfig:
         ),
         registry=registry,
         mprpc=_mprpc_listener(r, registry),
+        health=r.flag("provider", "health", True),
+        reflection=r.flag("provider", "reflection", True),
+        slow_call_threshold=r.number("provider", "slow_call_threshold", 0.0),
+        admin=_admin(r),
     )
+
+
+def _admin(r: _Reader) -> AdminConfig | None:
+    if not r.parser.has_section("admin"):
+        return None
+    listen = r.require("admin", "listen")
+    _check_endpoint(f"{r.path}: [admin] listen", listen)
+    return AdminConfig(listen)
 
 
 def _check_endpoint(where: str, listen: str) -> None:

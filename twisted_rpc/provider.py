@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_rpc import wire
+from twisted_rpc.builtins import NOT_SERVING, HealthService, HealthState, ReflectionService
 from twisted_rpc.interfaces import IServerInterceptor, IServiceRegistry
 from twisted_rpc.mprpc_server import MprpcServerFactory
 from twisted_rpc.registry import ProviderAddress, Registration, StaticRegistry
@@ -78,10 +79,17 @@ class ProviderService(MultiService):
         mprpc_listen: str | None = None,
         mprpc_advertise: ProviderAddress | None = None,
         mprpc_registry: Any = None,
+        health: bool = True,
+        reflection: bool = True,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.dispatcher = Dispatcher(services, interceptors)
+        self.health = HealthState(sorted(self.dispatcher.services))
+        if health:
+            self.dispatcher.add(HealthService(self.health, reactor))
+        if reflection:
+            self.dispatcher.add(ReflectionService(self.dispatcher))
         self.factory = ServerFactory(self.dispatcher, reactor, max_frame_size, limits)
         self.registry = registry if registry is not None else StaticRegistry()
         self.advertise = advertise
@@ -156,6 +164,8 @@ class ProviderService(MultiService):
         )
         self.listening.callback(bound)
         for name, service in sorted(self.dispatcher.services.items()):
+            if service.builtin:
+                continue
             info = type(service).service_info()
             data = {**self.registration_data, "methods": sorted(info.methods)}
             d = self.registry.register(Registration(name, self.advertise, data))
@@ -170,6 +180,7 @@ class ProviderService(MultiService):
         if not self.running:
             return
         self.running = False
+        self.health.set_all(NOT_SERVING)  # health watchers learn of the drain first
         registries = [self.registry]
         if self.mprpc_registry is not None and self.mprpc_registry is not self.registry:
             registries.append(self.mprpc_registry)

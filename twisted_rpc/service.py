@@ -101,6 +101,8 @@ class Service:
     """
 
     descriptor: ClassVar[ServiceDescriptor | None] = None
+    builtin: ClassVar[bool] = False
+    """True for the framework's own services (health, reflection): not announced."""
 
     def __init_subclass__(cls, descriptor: ServiceDescriptor | None = None, **kw: Any) -> None:
         super().__init_subclass__(**kw)

@@ -118,6 +118,8 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         mprpc_listen=mprpc.listen if mprpc else None,
         mprpc_advertise=mprpc.advertise if mprpc else None,
         mprpc_registry=mprpc_registry,
+        health=config.health,
+        reflection=config.reflection,
         registration_data={
             "weight": config.registry.weight,
             "pid": os.getpid(),

@@ -20,6 +20,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter, IOPump
 
+from twisted_rpc.builtins import HealthService, HealthState, ReflectionService
 from twisted_rpc.client import Client, ServiceProxy
 from twisted_rpc.interfaces import IClientInterceptor, IServerInterceptor
 from twisted_rpc.server import Dispatcher, ServerFactory, ServerLimits
@@ -42,9 +43,16 @@ class MemoryProvider:
         timeout: float | None = None,
         reactor: MemoryReactorClock | None = None,
         limits: ServerLimits | None = None,
+        builtins: bool = False,
     ) -> None:
+        """``builtins``: also serve Health and Reflection, as a real provider does
+        (``self.health`` is their :class:`~twisted_rpc.builtins.HealthState`)."""
         self.reactor = reactor if reactor is not None else MemoryReactorClock()
         self.dispatcher = Dispatcher(services, interceptors)
+        self.health = HealthState(sorted(self.dispatcher.services))
+        if builtins:
+            self.dispatcher.add(HealthService(self.health, self.reactor))
+            self.dispatcher.add(ReflectionService(self.dispatcher))
         self.factory = ServerFactory(self.dispatcher, self.reactor, limits=limits)
         self.reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
         address = f"127.0.0.1:{self.port}"
