@@ -1,0 +1,397 @@
+"""``mprpc``: list, describe, call and health-check services from the shell.
+
+Providers are found in ZooKeeper (``--zk HOSTS [--root /mprpc]``) or given
+(``--endpoint HOST:PORT``); messages and methods come from the providers'
+Reflection service, so no ``.proto`` is needed. Exit status: 0 on success,
+64 + the status code when a call fails (``mprpc call`` exits 69 on NOT_FOUND),
+1 when nothing could be reached, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
+from twisted.internet.defer import Deferred
+
+from twisted_rpc.builtin_protos import HEALTH, HealthCheckRequest
+from twisted_rpc.builtins import SERVING, status_name
+from twisted_rpc.client import Client
+from twisted_rpc.reflection import RemoteDescriptors, message_class
+from twisted_rpc.registry import StaticRegistry, parse_address
+from twisted_rpc.status import RpcError, code_name
+
+__all__ = ["main"]
+
+EXIT_UNREACHABLE = 1
+EXIT_CALL_FAILED = 64  # + the status code
+
+
+class UserError(Exception):
+    """A one-line message for the user, and an exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_UNREACHABLE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------- finding providers
+
+
+async def zookeeper_layout(
+    reactor: Any, hosts: str, root: str, timeout: float
+) -> dict[str, list[dict[str, Any]]]:
+    """``{service: [node data, ...]}`` read from the native layout under ``root``."""
+    from twisted_rpc.zookeeper import CONNECTED, NoNodeError, ZooKeeperClient
+
+    zk = ZooKeeperClient(reactor, hosts, session_timeout=max(timeout, 4.0))
+    connected: Deferred = Deferred()
+    zk.add_state_listener(
+        lambda state, new: state == CONNECTED and not connected.called and connected.callback(None)
+    )
+    zk.start()
+    connected.addTimeout(timeout, reactor)
+    try:
+        try:
+            await connected
+        except Exception:
+            raise UserError(f"cannot reach ZooKeeper at {hosts} within {timeout:g} s") from None
+        layout: dict[str, list[dict[str, Any]]] = {}
+        try:
+            services = await zk.get_children(root)
+        except NoNodeError:
+            return layout
+        for service in sorted(services):
+            path = f"{root}/{service}/providers"
+            try:
+                names = await zk.get_children(path)
+            except NoNodeError:
+                names = []
+            nodes = []
+            for name in sorted(names):
+                try:
+                    data, _ = await zk.get(f"{path}/{name}")
+                    info = json.loads(data)
+                except NoNodeError:
+                    continue
+                except ValueError:
+                    info = {}
+                info.setdefault("address", name)
+                nodes.append(info)
+            layout[service] = nodes
+        return layout
+    finally:
+        await zk.close()
+
+
+async def endpoints_for(reactor: Any, args: argparse.Namespace, service: str) -> list[str]:
+    """Where ``service`` is served: the ``--endpoint``, or its providers in ZooKeeper."""
+    if args.endpoint:
+        return [args.endpoint]
+    layout = await zookeeper_layout(reactor, args.zk, args.root, args.timeout)
+    nodes = layout.get(service, [])
+    if not nodes:
+        known = ", ".join(layout) or "none"
+        raise UserError(
+            f"no provider of {service} in ZooKeeper {args.zk}{args.root} (known: {known})"
+        )
+    return [node["address"] for node in nodes]
+
+
+def client_for(reactor: Any, endpoint: str, args: argparse.Namespace) -> Client:
+    try:
+        address = parse_address(endpoint)
+    except ValueError as e:
+        raise UserError(str(e), 2) from None
+    return Client(
+        reactor,
+        discovery=StaticRegistry(default=[address]),
+        timeout=args.timeout,
+        connect_timeout=min(args.timeout, 5.0),
+    )
+
+
+def split_symbol(symbol: str) -> tuple[str, str | None]:
+    """``pkg.Service.Method`` (or ``pkg.Service/Method``) → (``pkg.Service``, ``Method``);
+    a service alone → (it, None). Packages are lower case, services and methods not."""
+    if "/" in symbol:
+        service, _, method = symbol.rpartition("/")
+        return service, method
+    head, _, tail = symbol.rpartition(".")
+    if head and tail[:1].isupper() and head.rpartition(".")[2][:1].isupper():
+        return head, tail
+    return symbol, None
+
+
+async def reflected(
+    reactor: Any, args: argparse.Namespace, service: str
+) -> tuple[Client, ServiceDescriptor]:
+    endpoint = (await endpoints_for(reactor, args, service))[0]
+    client = client_for(reactor, endpoint, args)
+    try:
+        descriptor = await RemoteDescriptors(client, args.timeout).service(service)
+    except BaseException:
+        await client.close()
+        raise
+    return client, descriptor
+
+
+# ---------------------------------------------------------------- commands
+
+
+async def cmd_list(reactor: Any, args: argparse.Namespace) -> int:
+    if args.endpoint:
+        client = client_for(reactor, args.endpoint, args)
+        try:
+            for name in await RemoteDescriptors(client, args.timeout).list_services():
+                print(name)
+        finally:
+            await client.close()
+        return 0
+    layout = await zookeeper_layout(reactor, args.zk, args.root, args.timeout)
+    now = time.time()
+    for service, nodes in layout.items():
+        print(service)
+        for node in nodes:
+            started = node.get("started_at")
+            uptime = f"{now - started:.0f}s" if isinstance(started, int | float) else "?"
+            print(
+                f"  {node['address']}  weight={node.get('weight', '?')}  "
+                f"version={node.get('version', '?')}  uptime={uptime}  pid={node.get('pid', '?')}"
+            )
+        if not nodes:
+            print("  (no providers)")
+    return 0
+
+
+_TYPES = {
+    getattr(FieldDescriptor, name): name[len("TYPE_") :].lower()
+    for name in dir(FieldDescriptor)
+    if name.startswith("TYPE_")
+}
+
+
+def _field_type(field: FieldDescriptor) -> str:
+    if field.message_type is not None:
+        if field.message_type.GetOptions().map_entry:
+            key, value = field.message_type.fields
+            return f"map<{_field_type(key)}, {_field_type(value)}>"
+        return field.message_type.full_name
+    if field.enum_type is not None:
+        return field.enum_type.full_name
+    return _TYPES.get(field.type, "?")
+
+
+def describe_message(message: Descriptor) -> list[str]:
+    lines = [f"message {message.full_name} {{"]
+    for field in message.fields:
+        is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
+        repeated = "repeated " if field.is_repeated and not is_map else ""
+        lines.append(f"  {repeated}{_field_type(field)} {field.name} = {field.number};")
+    lines.append("}")
+    return lines
+
+
+def _messages_used(descriptor: ServiceDescriptor, method: str | None) -> list[Descriptor]:
+    seen: dict[str, Descriptor] = {}
+
+    def visit(message: Descriptor) -> None:
+        if message.full_name in seen or message.GetOptions().map_entry:
+            return
+        seen[message.full_name] = message
+        for field in message.fields:
+            if field.message_type is not None:
+                visit(field.message_type)
+
+    for m in descriptor.methods:
+        if method is None or m.name == method:
+            visit(m.input_type)
+            visit(m.output_type)
+    return list(seen.values())
+
+
+async def cmd_describe(reactor: Any, args: argparse.Namespace) -> int:
+    service, method = split_symbol(args.symbol)
+    client, descriptor = await reflected(reactor, args, service)
+    await client.close()
+    methods = [m for m in descriptor.methods if method is None or m.name == method]
+    if not methods:
+        raise UserError(f"{service} has no method {method}", EXIT_CALL_FAILED + 5)
+    lines = [f"service {descriptor.full_name} {{"]
+    for m in methods:
+        lines.append(
+            f"  rpc {m.name}({m.input_type.full_name}) returns ({m.output_type.full_name});"
+        )
+    lines.append("}")
+    for message in _messages_used(descriptor, method):
+        lines.append("")
+        lines.extend(describe_message(message))
+    print("\n".join(lines))
+    return 0
+
+
+def parse_headers(headers: Sequence[str]) -> dict[str, str]:
+    metadata = {}
+    for header in headers:
+        key, sep, value = header.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"-H {header!r}: expected key=value", 2)
+        metadata[key.strip()] = value
+    return metadata
+
+
+async def cmd_call(reactor: Any, args: argparse.Namespace) -> int:
+    service, method = split_symbol(args.method)
+    if method is None:
+        raise UserError(f"{args.method!r}: expected package.Service.Method", 2)
+    metadata = parse_headers(args.header)
+    client, descriptor = await reflected(reactor, args, service)
+    try:
+        proxy = client.proxy(descriptor, metadata=metadata)
+        stub = getattr(proxy, method, None)
+        if stub is None:
+            raise UserError(f"{service} has no method {method}", EXIT_CALL_FAILED + 5)
+        method_descriptor = descriptor.methods_by_name[method]
+        request = message_class(method_descriptor.input_type)()
+        try:
+            json_format.Parse(args.request, request)
+        except json_format.ParseError as e:
+            raise UserError(f"request is not a {request.DESCRIPTOR.full_name}: {e}", 2) from None
+        response = await stub(request)
+        print(json_format.MessageToJson(response, preserving_proto_field_name=True, indent=2))
+        return 0
+    finally:
+        await client.close()
+
+
+async def cmd_health(reactor: Any, args: argparse.Namespace) -> int:
+    if args.endpoint:
+        targets = [(args.endpoint, args.service)]
+    else:
+        layout = await zookeeper_layout(reactor, args.zk, args.root, args.timeout)
+        services = [args.service] if args.service else list(layout)
+        targets = [(node["address"], s) for s in services for node in layout.get(s, [])]
+        if not targets:
+            raise UserError(f"no providers of {args.service or 'any service'} in ZooKeeper")
+    healthy = True
+    for endpoint, service in targets:
+        client = client_for(reactor, endpoint, args)
+        try:
+            reply = await client.proxy(HEALTH).Check(HealthCheckRequest(service=service))
+            status = status_name(reply.status)
+            healthy = healthy and reply.status == SERVING
+        except RpcError as e:
+            status, healthy = f"unreachable ({e})", False
+        finally:
+            await client.close()
+        print(f"{endpoint}  {service or '(provider)'}  {status}")
+    return 0 if healthy else EXIT_UNREACHABLE
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    where = argparse.ArgumentParser(add_help=False)
+    group = where.add_mutually_exclusive_group()
+    group.add_argument("--zk", metavar="HOSTS", help="ZooKeeper connect string (h1:2181,h2:2181)")
+    group.add_argument("--endpoint", metavar="HOST:PORT", help="a provider's address")
+    where.add_argument("--root", default="/mprpc", help="registry root in ZooKeeper (/mprpc)")
+    where.add_argument("--timeout", type=float, default=5.0, help="seconds per call (5)")
+
+    parser = argparse.ArgumentParser(
+        prog="mprpc", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1]
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser(
+        "list",
+        parents=[where],
+        help="services and their providers",
+        description="List services: from ZooKeeper with their providers (address, weight, "
+        "version, uptime), or those one --endpoint serves.",
+    )
+    describe = commands.add_parser(
+        "describe",
+        parents=[where],
+        help="a service's methods and messages",
+        description="Print a service (or one method) and its messages, from reflection.",
+    )
+    describe.add_argument("symbol", help="package.Service or package.Service.Method")
+    call = commands.add_parser(
+        "call",
+        parents=[where],
+        help="call a method with a JSON request",
+        description="Call a method; the request is JSON (protobuf's JSON mapping), the "
+        "response is printed as JSON. Exit status 64 + the code on an RPC error.",
+    )
+    call.add_argument("method", help="package.Service.Method")
+    call.add_argument("request", nargs="?", default="{}", help="the request as JSON ({})")
+    call.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="call metadata (repeatable)",
+    )
+    health = commands.add_parser(
+        "health",
+        parents=[where],
+        help="the Health service's answer",
+        description="Check providers' health (all providers of SERVICE with --zk). "
+        "Exit 0 only when every answer is SERVING.",
+    )
+    health.add_argument("service", nargs="?", default="", help="package.Service ('' = provider)")
+    return parser
+
+
+COMMANDS = {"list": cmd_list, "describe": cmd_describe, "call": cmd_call, "health": cmd_health}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.zk and not args.endpoint:
+        parser.error(f"{args.command}: give --zk HOSTS or --endpoint HOST:PORT")
+    if args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    logging.getLogger("kazoo").setLevel(logging.CRITICAL)  # its retries are not news here
+    from twisted.internet import reactor
+
+    status: list[int] = []
+
+    def done(result: Any) -> None:
+        status.append(result if isinstance(result, int) else report(result.value))
+        reactor.stop()
+
+    def start() -> None:
+        Deferred.fromCoroutine(COMMANDS[args.command](reactor, args)).addBoth(done)
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    sys.stdout.flush()
+    raise SystemExit(status[0] if status else EXIT_UNREACHABLE)
+
+
+def report(error: BaseException) -> int:
+    """Print one line for ``error`` and return the exit status."""
+    if isinstance(error, UserError):
+        line, status = str(error), error.status
+    elif isinstance(error, RpcError):
+        line = f"{code_name(error.code)}: {error.message}"
+        status = EXIT_CALL_FAILED + int(error.code)
+    else:
+        line, status = f"{type(error).__name__}: {error}", EXIT_UNREACHABLE
+    print("mprpc: " + " ".join(line.split()), file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    main()
