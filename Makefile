@@ -12,7 +12,7 @@ GENERATED := $(PROTOS:.proto=_pb2.py)
 # here, and `services = examples...` in etc/*.ini import from here.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: demo test lint protos zookeeper clean
+.PHONY: demo test lint protos zookeeper browser clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,11 +32,15 @@ demo: protos
 zookeeper: $(STAMP)
 	PY=$(PY) scripts/zookeeper install
 
+# Debian's Chromium + ChromeDriver, for the status page's browser test.
+browser:
+	scripts/install-browser
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: protos lint zookeeper
+test: protos lint zookeeper browser
 	$(PY) -m pytest
 
 clean:

@@ -29,6 +29,14 @@ class IClientInterceptor(Interface):
         """
 
 
+class ICallObserver(Interface):
+    """Told of every call a provider finishes (metrics, status page)."""
+
+    def call_finished(method, code, duration):
+        """``method`` is ``"package.Service/Method"`` (``"?/?"`` for an unknown
+        route), ``code`` the status sent, ``duration`` seconds since the request."""
+
+
 class IServiceDiscovery(Interface):
     """Where consumers learn which providers serve a service."""
 

@@ -15,8 +15,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_rpc import wire
-from twisted_rpc.builtins import NOT_SERVING, HealthService, HealthState, ReflectionService
+from twisted_rpc.admin import admin_site
+from twisted_rpc.builtins import NOT_SERVING, SERVING, HealthService, HealthState, ReflectionService
 from twisted_rpc.interfaces import IServerInterceptor, IServiceRegistry
+from twisted_rpc.metrics import ProviderMetrics
 from twisted_rpc.mprpc_server import MprpcServerFactory
 from twisted_rpc.registry import ProviderAddress, Registration, StaticRegistry
 from twisted_rpc.server import Dispatcher, ServerFactory, ServerLimits
@@ -81,15 +83,20 @@ class ProviderService(MultiService):
         mprpc_registry: Any = None,
         health: bool = True,
         reflection: bool = True,
+        admin_listen: str | None = None,
+        slow_call_threshold: float = 0.0,
     ) -> None:
         super().__init__()
         self.reactor = reactor
+        self.started_at = reactor.seconds()
         self.dispatcher = Dispatcher(services, interceptors)
         self.health = HealthState(sorted(self.dispatcher.services))
         if health:
             self.dispatcher.add(HealthService(self.health, reactor))
         if reflection:
             self.dispatcher.add(ReflectionService(self.dispatcher))
+        for name in self.dispatcher.services:
+            self.health.statuses.setdefault(name, SERVING)
         self.factory = ServerFactory(self.dispatcher, reactor, max_frame_size, limits)
         self.registry = registry if registry is not None else StaticRegistry()
         self.advertise = advertise
@@ -114,6 +121,31 @@ class ProviderService(MultiService):
             self._add_listener(mprpc_listen, self.mprpc_factory, self._mprpc_listening)
         if not self.listeners:
             raise ValueError("a provider needs listen, mprpc_listen or both")
+        self.factory.slow_call_threshold = slow_call_threshold
+        self.metrics: ProviderMetrics | None = None
+        if admin_listen is not None:
+            self.metrics = ProviderMetrics()
+            self.metrics.watch_provider(self)
+            self.factory.observer = self.metrics
+            endpoint = _ReportingEndpoint(
+                serverFromString(reactor, admin_listen), self._admin_listening
+            )
+            admin = StreamServerEndpointService(endpoint, admin_site(self, self.metrics))
+            admin._raiseSynchronously = True
+            admin.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.metrics is not None:
+            self.metrics.start_sampling(self.reactor)
+
+    def _admin_listening(self, port: IListeningPort) -> None:
+        host = port.getHost()
+        log.info(
+            "admin endpoint on http://{host}:{port}/status (metrics: /metrics)",
+            host=getattr(host, "host", "?"),
+            port=getattr(host, "port", 0),
+        )
 
     def _add_listener(self, listen: str, factory: Any, on_listening: Any) -> None:
         endpoint = _ReportingEndpoint(serverFromString(self.reactor, listen), on_listening)
@@ -206,6 +238,8 @@ class ProviderService(MultiService):
             log.warn("grace period over: closing with {left} calls in flight", left=left)
         for factory in factories:
             factory.close_connections()
+        if self.metrics is not None:
+            self.metrics.stop_sampling()
         for service in reversed(list(self)):
             if service not in self.listeners and service.running:
                 await service.stopService()

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from twisted_rpc import wire
 from twisted_rpc.deadlines import DeadlineQueue
-from twisted_rpc.interfaces import IServerInterceptor
+from twisted_rpc.interfaces import ICallObserver, IServerInterceptor
 from twisted_rpc.protocol import RpcConnection
 from twisted_rpc.service import MethodInfo, Service
 from twisted_rpc.status import (
@@ -165,7 +165,7 @@ class ServerConnection(RpcConnection):
         super().__init__(factory.clock, factory.max_frame_size)
         self.factory = factory
         self.routes = factory.dispatcher.routes
-        self.pending: dict[int, tuple[Deferred, MethodInfo]] = {}
+        self.pending: dict[int, tuple[Deferred, MethodInfo, float]] = {}
         self.deadlines = DeadlineQueue(factory.clock, self.pending, self._deadline_expired)
         self.draining = False
         self.last_call_id = 0
@@ -185,7 +185,8 @@ class ServerConnection(RpcConnection):
         pending = list(self.pending.values())
         self.factory.in_flight -= len(pending)
         self.pending.clear()
-        for d, _ in pending:
+        for d, info, started in pending:
+            self._finished(info.full_name, StatusCode.CANCELLED, started)
             d.cancel()
 
     def write_buffer_full(self) -> None:
@@ -208,11 +209,13 @@ class ServerConnection(RpcConnection):
     # ----------------------------------------------------------------- calls
 
     def _request_received(self, frame: Frame) -> None:
+        started = self.clock.seconds()
         call_id = frame.call_id
         method = self.routes.get(frame.route)
         if method is None:
             route = frame.route.decode("utf-8", "replace")
-            self._send_error(call_id, self.factory.dispatcher.not_found(frame.route), route)
+            not_found = self.factory.dispatcher.not_found(frame.route)
+            self._send_error(call_id, not_found, route, started, unknown=True)
             return
         if call_id in self.pending:
             raise ProtocolError(f"call id {call_id} is already in flight")
@@ -221,6 +224,7 @@ class ServerConnection(RpcConnection):
                 call_id,
                 UnavailableError(message="provider is shutting down"),
                 method.info.full_name,
+                started,
             )
             return
         limits = self.factory.limits
@@ -231,6 +235,7 @@ class ServerConnection(RpcConnection):
                     message=f"{limits.max_calls_per_connection} calls in flight on this connection"
                 ),
                 method.info.full_name,
+                started,
             )
             return
         if self.factory.in_flight >= limits.max_calls:
@@ -240,6 +245,7 @@ class ServerConnection(RpcConnection):
                     message=f"{limits.max_calls} calls in flight at this provider"
                 ),
                 method.info.full_name,
+                started,
             )
             return
         self.last_call_id = call_id
@@ -253,6 +259,7 @@ class ServerConnection(RpcConnection):
                     message=f"cannot parse {method.request_class.DESCRIPTOR.full_name}: {e}"
                 ),
                 method.info.full_name,
+                started,
             )
             return
         timeout_ms = frame.timeout_ms
@@ -261,17 +268,16 @@ class ServerConnection(RpcConnection):
         try:
             result = method.invoke(request, context)
         except Exception as e:
-            self._send_error(
-                call_id, self._status_of(e, call_id, method.info), method.info.full_name
-            )
+            error = self._status_of(e, call_id, method.info)
+            self._send_error(call_id, error, method.info.full_name, started)
             return
         if type(result) is method.response_class:
-            self._send_response(call_id, result, method.info)
+            self._send_response(call_id, result, method.info, started)
             return
         if inspect.iscoroutine(result):
             result = Deferred.fromCoroutine(result)
         if isinstance(result, Deferred):
-            self.pending[call_id] = (result, method.info)
+            self.pending[call_id] = (result, method.info, started)
             self.factory.in_flight += 1
             if deadline is not None:
                 self.deadlines.add(deadline, call_id)
@@ -282,19 +288,23 @@ class ServerConnection(RpcConnection):
                 errbackArgs=(call_id, method.info),
             )
         else:
-            self._send_response(call_id, result, method.info)
+            self._send_response(call_id, result, method.info, started)
 
     def _async_answer(self, result: object, call_id: int, info: MethodInfo) -> None:
-        if self._take(call_id) is not None:
-            self._send_response(call_id, result, info)
+        entry = self._take(call_id)
+        if entry is not None:
+            self._send_response(call_id, result, info, entry[2])
 
     def _async_failure(self, failure: Failure, call_id: int, info: MethodInfo) -> None:
-        if self._take(call_id) is None:
+        entry = self._take(call_id)
+        if entry is None:
             return  # cancelled, expired or disconnected: already answered or nobody waits
         error = self._status_of(failure.value, call_id, info, failure)
-        self._send_error(call_id, error, info.full_name)
+        self._send_error(call_id, error, info.full_name, entry[2])
 
-    def _send_response(self, call_id: int, result: object, info: MethodInfo) -> None:
+    def _send_response(
+        self, call_id: int, result: object, info: MethodInfo, started: float
+    ) -> None:
         if type(result) is not info.response_class:
             log.error(
                 "call {call_id} {method} from {peer}: handler returned {kind}, expected {expected}",
@@ -304,26 +314,54 @@ class ServerConnection(RpcConnection):
                 kind=type(result).__name__,
                 expected=info.response_class.DESCRIPTOR.full_name,
             )
-            self._send_error(call_id, InternalError(message="internal error"), info.full_name)
+            error = InternalError(message="internal error")
+            self._send_error(call_id, error, info.full_name, started)
             return
         try:
             payload = result.SerializeToString()  # type: ignore[attr-defined]
         except Exception as e:
-            self._send_error(call_id, self._status_of(e, call_id, info), info.full_name)
+            self._send_error(call_id, self._status_of(e, call_id, info), info.full_name, started)
             return
         self.send(wire.encode_response(call_id, len(payload)), payload)
+        if self.factory.timing:
+            self._finished(info.full_name, StatusCode.OK, started, call_id)
 
-    def _send_error(self, call_id: int, error: RpcError, method: str) -> None:
+    def _send_error(
+        self, call_id: int, error: RpcError, method: str, started: float, unknown: bool = False
+    ) -> None:
         """Answer ``call_id`` with ``error``, and log the failed call."""
+        duration = self.clock.seconds() - started
         log.info(
-            "call {call_id} {method} from {peer} failed: {code} {message}",
+            "call {call_id} {method} from {peer} failed: {code} {message} ({duration_ms:.1f} ms)",
             call_id=call_id,
             method=method,
+            service=method.rpartition("/")[0],
             peer=self.peer,
             code=code_name(error.code),
             message=error.message,
+            duration_ms=duration * 1000,
         )
         self.send(wire.encode_status(call_id, int(error.code), error.message))
+        observer = self.factory.observer
+        if observer is not None:
+            observer.call_finished("?/?" if unknown else method, int(error.code), duration)
+
+    def _finished(self, method: str, code: int, started: float, call_id: int | None = None) -> None:
+        """Tell the observer of a call's end; log it if it was slow."""
+        duration = self.clock.seconds() - started
+        observer = self.factory.observer
+        if observer is not None:
+            observer.call_finished(method, code, duration)
+        threshold = self.factory.slow_call_threshold
+        if code == StatusCode.OK and threshold and duration >= threshold:
+            log.warn(
+                "slow call {call_id} {method} from {peer}: {duration_ms:.1f} ms",
+                call_id=call_id,
+                method=method,
+                peer=self.peer,
+                code="OK",
+                duration_ms=duration * 1000,
+            )
 
     def _status_of(
         self, error: BaseException, call_id: int, info: MethodInfo, failure: Failure | None = None
@@ -342,7 +380,7 @@ class ServerConnection(RpcConnection):
         )
         return InternalError(message="internal error")
 
-    def _take(self, call_id: int) -> tuple[Deferred, MethodInfo] | None:
+    def _take(self, call_id: int) -> tuple[Deferred, MethodInfo, float] | None:
         """Remove a call from the calls in flight (None if it is not there)."""
         entry = self.pending.pop(call_id, None)
         if entry is not None:
@@ -352,14 +390,15 @@ class ServerConnection(RpcConnection):
     def _cancel_received(self, frame: Frame) -> None:
         entry = self._take(frame.call_id)
         if entry is not None:
+            self._finished(entry[1].full_name, StatusCode.CANCELLED, entry[2])
             entry[0].cancel()
 
     def _deadline_expired(self, call_id: int) -> None:
         entry = self._take(call_id)
         if entry is not None:
-            d, info = entry
+            d, info, started = entry
             error = RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded at the provider")
-            self._send_error(call_id, error, info.full_name)
+            self._send_error(call_id, error, info.full_name, started)
             d.cancel()
 
 
@@ -396,6 +435,15 @@ class ServerFactory(Factory):
         self.draining = False
         self.in_flight = 0
         self._idle_sweep: Any = None
+        self.observer: ICallObserver | None = None
+        """Told of every call's end (metrics); see :mod:`twisted_rpc.metrics`."""
+        self.slow_call_threshold = 0.0
+        """Seconds from which a successful call is logged as slow (0: never)."""
+
+    @property
+    def timing(self) -> bool:
+        """Whether successful calls are timed (for the observer or the slow-call log)."""
+        return self.observer is not None or self.slow_call_threshold > 0
 
     def buildProtocol(self, addr: object) -> ServerConnection | None:
         if len(self.connections) >= self.limits.max_connections:

@@ -120,6 +120,8 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         mprpc_registry=mprpc_registry,
         health=config.health,
         reflection=config.reflection,
+        admin_listen=config.admin.listen if config.admin else None,
+        slow_call_threshold=config.slow_call_threshold,
         registration_data={
             "weight": config.registry.weight,
             "pid": os.getpid(),

@@ -1,0 +1,199 @@
+"""Integration: a provider's admin endpoint — Prometheus metrics parsed by prometheus_client's
+parser, the JSON status, and the status page read in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from protos import echo_pb2, user_pb2
+from tests.echo_service import ECHO
+from tests.processes import Provider
+from twisted_rpc import Client, NotFoundError
+from twisted_rpc.metrics import ClientMetrics
+
+pytestmark = pytest.mark.integration
+
+USER = user_pb2.DESCRIPTOR.services_by_name["UserService"]
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def samples(text: str, name: str) -> dict[tuple, float]:
+    """``{sorted label items: value}`` of the samples called ``name``."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                found[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+def read_status_page(url: str, screenshot: str) -> dict[str, str]:
+    """Load the page in headless Chromium; the texts the test checks, by CSS selector."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    assert os.access(CHROMIUM, os.X_OK), "Chromium missing: make browser installs it"
+    options = Options()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tempfile.mkdtemp()}",
+        "--window-size=1200,1000",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        driver.get(url)
+        texts = {}
+        for selector in (
+            'tr[data-method="example.UserService/Login"] td.calls',
+            'tr[data-method="example.UserService/Login"] td.p50',
+            'tr[data-method="example.UserService/Login"] td.errors',
+            'tr[data-method="mprpc.test.EchoService/Echo"] td.calls',
+            'tr[data-method="mprpc.test.EchoService/Echo"] td.errors',
+            'tr[data-method="mprpc.test.EchoService/AsyncEcho"] td.p99',
+            'tr[data-method="example.UserService/Login"] td.health',
+            "#connection-count",
+            "#connections td.peer",
+            "#unknown",
+            "#registry-kind",
+            "#health",
+            "#pid",
+        ):
+            texts[selector] = driver.find_element(By.CSS_SELECTOR, selector).text
+        driver.save_screenshot(screenshot)
+        return texts
+    finally:
+        driver.quit()
+
+
+class AdminTests(TestCase):
+    timeout = 120
+
+    async def _calls(self):
+        provider = Provider(
+            Path(tempfile.mkdtemp()),
+            "slow_call_threshold = 0.2\n[admin]\nlisten = tcp:0:interface=127.0.0.1\n",
+        )
+        self.addCleanup(provider.stop)
+        match = await deferToThread(
+            provider.wait_for_output, r"admin endpoint on (http://127\.0\.0\.1:\d+)/"
+        )
+        base = match[1]
+        metrics = ClientMetrics(reactor)
+        client = Client(
+            reactor,
+            providers={name: [provider.address] for name in (USER.full_name, ECHO.full_name)},
+            interceptors=[metrics],
+            timeout=10,
+        )
+        self.addCleanup(client.close)
+        users, echo = client.proxy(USER), client.proxy(ECHO)
+        login = user_pb2.LoginRequest(name="zhang san", pwd="123456")
+        await gatherResults([users.Login(login) for _ in range(7)])
+        await gatherResults([echo.Echo(echo_pb2.EchoRequest()) for _ in range(2)])
+        for _ in range(3):
+            with self.assertRaises(NotFoundError):
+                await echo.Echo(echo_pb2.EchoRequest(fail_code=5))
+        await echo.AsyncEcho(echo_pb2.EchoRequest(delay=0.3))
+        return provider, base, client, metrics
+
+    async def _metrics(self) -> None:
+        provider, base, client, client_metrics = await self._calls()
+        text = await deferToThread(fetch, base + "/metrics")
+        calls = samples(text, "mprpc_server_calls_total")
+        login = (("code", "OK"), ("method", "Login"), ("service", "example.UserService"))
+        echo_ok = (("code", "OK"), ("method", "Echo"), ("service", "mprpc.test.EchoService"))
+        echo_nf = (
+            ("code", "NOT_FOUND"),
+            ("method", "Echo"),
+            ("service", "mprpc.test.EchoService"),
+        )
+        self.assertEqual(calls[login], 7)
+        self.assertEqual(calls[echo_ok], 2)
+        self.assertEqual(calls[echo_nf], 3)
+        counts = samples(text, "mprpc_server_call_duration_seconds_count")
+        self.assertEqual(counts[(("method", "Echo"), ("service", "mprpc.test.EchoService"))], 5)
+        self.assertEqual(samples(text, "mprpc_server_connections")[()], 1)
+        self.assertEqual(samples(text, "mprpc_server_calls_in_flight")[()], 0)
+        self.assertEqual(samples(text, "mprpc_registry_zookeeper_connected")[()], -1)
+        # The consumer's own counters agree.
+        mine = {
+            tuple(sorted(s.labels.items())): s.value
+            for family in client_metrics.registry.collect()
+            for s in family.samples
+            if s.name == "mprpc_client_calls_total"
+        }
+        self.assertEqual((mine[login], mine[echo_ok], mine[echo_nf]), (7, 2, 3))
+        status = json.loads(await deferToThread(fetch, base + "/status.json"))
+        by_method = {
+            f"{s['name']}/{m['name']}": m for s in status["services"] for m in s["methods"]
+        }
+        self.assertEqual(by_method["mprpc.test.EchoService/Echo"]["errors"], {"NOT_FOUND": 3})
+        self.assertGreaterEqual(by_method["mprpc.test.EchoService/AsyncEcho"]["p50_ms"], 250)
+        self.assertGreater(by_method["example.UserService/Login"]["calls_per_second"], 0)
+        self.assertEqual(status["provider"]["pid"], provider.pid)
+        slow = await deferToThread(
+            provider.wait_for_output, r"slow call \d+ mprpc.test.EchoService/AsyncEcho"
+        )
+        self.assertIsNotNone(slow)
+        self.assertRegex(provider.output, r"failed: NOT_FOUND .*\(\d+\.\d ms\)")
+
+    def test_metrics_and_json_match_the_calls_made(self):
+        return Deferred.fromCoroutine(self._metrics())
+
+    async def _page(self) -> None:
+        provider, base, client, _ = await self._calls()
+        (channel,) = client.channels.values()
+        local = channel.protocol.transport.getHost()
+        screenshot = os.environ.get("STATUS_SCREENSHOT") or str(
+            Path(tempfile.mkdtemp()) / "status.png"
+        )
+        texts = await deferToThread(read_status_page, base + "/status?refresh=0", screenshot)
+        self.assertEqual(texts['tr[data-method="example.UserService/Login"] td.calls'], "7")
+        self.assertEqual(texts['tr[data-method="example.UserService/Login"] td.errors'], "–")
+        self.assertGreater(float(texts['tr[data-method="example.UserService/Login"] td.p50']), 0)
+        self.assertEqual(texts['tr[data-method="mprpc.test.EchoService/Echo"] td.calls'], "5")
+        self.assertEqual(
+            texts['tr[data-method="mprpc.test.EchoService/Echo"] td.errors'], "NOT_FOUND 3"
+        )
+        self.assertGreaterEqual(
+            float(texts['tr[data-method="mprpc.test.EchoService/AsyncEcho"] td.p99']), 250
+        )
+        self.assertEqual(texts['tr[data-method="example.UserService/Login"] td.health'], "SERVING")
+        self.assertEqual(texts["#connection-count"], "1")
+        self.assertEqual(texts["#connections td.peer"], f"127.0.0.1:{local.port}")
+        self.assertEqual(texts["#unknown"], "0")
+        self.assertEqual(texts["#registry-kind"], "static")
+        self.assertEqual(texts["#health"], "SERVING")
+        self.assertEqual(texts["#pid"], str(provider.pid))
+        with open(screenshot, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+    def test_status_page_in_a_browser_shows_the_calls_made(self):
+        return Deferred.fromCoroutine(self._page())

@@ -1,0 +1,217 @@
+"""The provider's admin HTTP endpoint (``[admin] listen``), served by twisted.web.
+
+- ``/metrics``: Prometheus exposition (``prometheus_client``'s own resource);
+- ``/status``: one server-rendered HTML page (reloads itself every few seconds;
+  ``?refresh=0`` turns that off): services, methods, calls/s, p50/p99, errors by
+  code, connections with peers, registry state;
+- ``/status.json``: the same data as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from html import escape
+from typing import Any
+
+from prometheus_client.twisted import MetricsResource
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from twisted_rpc import __version__
+from twisted_rpc.builtins import status_name
+from twisted_rpc.metrics import ProviderMetrics, quantile
+
+__all__ = ["admin_site", "status_data"]
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def status_data(provider: Any, metrics: ProviderMetrics) -> dict[str, Any]:
+    """What the status page shows, as plain data."""
+    now = provider.reactor.seconds()
+    services = []
+    for name, service in sorted(provider.dispatcher.services.items()):
+        methods = []
+        for method in type(service).service_info().methods.values():
+            key = method.full_name
+            by_code = dict(sorted(metrics.totals.get(key, {}).items()))
+            buckets = metrics.buckets(key)
+            methods.append(
+                {
+                    "name": method.name,
+                    "calls": sum(by_code.values()),
+                    "calls_per_second": round(metrics.rate(key), 2),
+                    "p50_ms": _ms(quantile(0.5, buckets)),
+                    "p99_ms": _ms(quantile(0.99, buckets)),
+                    "errors": {code: n for code, n in by_code.items() if code != "OK"},
+                }
+            )
+        services.append(
+            {
+                "name": name,
+                "builtin": service.builtin,
+                "health": status_name(provider.health.check(name)),
+                "methods": methods,
+            }
+        )
+    connections = [
+        {
+            "peer": connection.peer,
+            "calls_in_flight": len(connection.pending),
+            "idle_seconds": round(now - connection.last_active, 1),
+        }
+        for connection in sorted(provider.factory.connections, key=lambda c: c.peer)
+    ]
+    registry = provider.registry
+    zk = getattr(registry, "zk", None)
+    return {
+        "provider": {
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime_seconds": round(now - provider.started_at, 1),
+            "listening": str(provider.advertise) if provider.advertise else None,
+            "mprpc_listening": str(provider.mprpc_advertise) if provider.mprpc_advertise else None,
+            "health": status_name(provider.health.check("")),
+            "calls_in_flight": provider.calls_in_flight,
+        },
+        "services": services,
+        "unknown_route_calls": sum(metrics.totals.get("?/?", {}).values()),
+        "connections": connections,
+        "registry": {
+            "kind": "zookeeper" if zk is not None else "static",
+            "hosts": getattr(zk, "hosts", None),
+            "connected": None if zk is None else zk.connected,
+            "session": f"0x{zk.session_id:x}" if zk is not None and zk.session_id else None,
+            "nodes": [str(r.address) + " " + r.service for r in registry.registrations],
+            "reregistrations": getattr(registry, "reregistrations", 0),
+        },
+    }
+
+
+def _cell(value: Any) -> str:
+    return "–" if value is None else escape(str(value))
+
+
+def render_status(data: dict[str, Any], refresh: float) -> str:
+    """The status page, server-rendered; ``refresh`` seconds between reloads (0: never)."""
+    p = data["provider"]
+    rows = []
+    for service in data["services"]:
+        for m in service["methods"]:
+            key = f"{service['name']}/{m['name']}"
+            errors = ", ".join(f"{code} {n}" for code, n in m["errors"].items()) or "–"
+            rows.append(
+                f'<tr data-method="{escape(key)}"'
+                f"{' class=builtin' if service['builtin'] else ''}>"
+                f"<td>{escape(service['name'])}</td><td>{escape(m['name'])}</td>"
+                f'<td class="calls">{m["calls"]}</td>'
+                f'<td class="rate">{m["calls_per_second"]:.2f}</td>'
+                f'<td class="p50">{_cell(m["p50_ms"])}</td>'
+                f'<td class="p99">{_cell(m["p99_ms"])}</td>'
+                f'<td class="errors">{escape(errors)}</td>'
+                f'<td class="health">{escape(service["health"])}</td></tr>'
+            )
+    peers = (
+        "".join(
+            f'<tr class="connection"><td class="peer">{escape(c["peer"])}</td>'
+            f"<td>{c['calls_in_flight']}</td><td>{c['idle_seconds']}</td></tr>"
+            for c in data["connections"]
+        )
+        or '<tr><td colspan="3">none</td></tr>'
+    )
+    r = data["registry"]
+    nodes = "".join(f"<li>{escape(n)}</li>" for n in r["nodes"]) or "<li>none</li>"
+    script = (
+        f"<script>setTimeout(function () {{ location.reload(); }}, {int(refresh * 1000)});</script>"
+        if refresh > 0
+        else ""
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>mprpc provider {p["pid"]}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
+th {{ background: #f0f0f0; }} tr.builtin {{ color: #777; }}
+td.calls, td.rate, td.p50, td.p99 {{ text-align: right; font-variant-numeric: tabular-nums; }}
+.summary span {{ margin-right: 1.5em; }}
+</style></head>
+<body>
+<h1>mprpc provider</h1>
+<p class="summary">
+<span>pid <b id="pid">{p["pid"]}</b></span>
+<span>version <b>{escape(p["version"])}</b></span>
+<span>uptime <b id="uptime">{p["uptime_seconds"]:.0f} s</b></span>
+<span>listening <b id="listening">{_cell(p["listening"])}</b></span>
+<span>health <b id="health">{escape(p["health"])}</b></span>
+<span>calls in flight <b id="in-flight">{p["calls_in_flight"]}</b></span>
+</p>
+<h2>Methods</h2>
+<table id="methods">
+<tr><th>service</th><th>method</th><th>calls</th><th>calls/s (10 s)</th><th>p50 ms</th>
+<th>p99 ms</th><th>errors by code</th><th>health</th></tr>
+{"".join(rows)}
+</table>
+<p>Calls to unknown services or methods: <b id="unknown">{data["unknown_route_calls"]}</b></p>
+<h2>Connections (<span id="connection-count">{len(data["connections"])}</span>)</h2>
+<table id="connections"><tr><th>peer</th><th>calls in flight</th><th>idle s</th></tr>
+{peers}</table>
+<h2>Registry</h2>
+<p>kind <b id="registry-kind">{escape(r["kind"])}</b>,
+connected <b id="registry-connected">{_cell(r["connected"])}</b>,
+session <b>{_cell(r["session"])}</b>, re-registrations <b>{r["reregistrations"]}</b></p>
+<ul id="registry-nodes">{nodes}</ul>
+<p><a href="status.json">JSON</a> · <a href="metrics">Prometheus metrics</a></p>
+{script}
+</body></html>
+"""
+
+
+class StatusPage(Resource):
+    isLeaf = True
+
+    def __init__(self, provider: Any, metrics: ProviderMetrics, as_json: bool) -> None:
+        super().__init__()
+        self.provider = provider
+        self.metrics = metrics
+        self.as_json = as_json
+
+    def render_GET(self, request: Request) -> bytes:
+        data = status_data(self.provider, self.metrics)
+        if self.as_json:
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps(data, indent=2).encode()
+        try:
+            refresh = float(request.args.get(b"refresh", [b"5"])[0])
+        except ValueError:
+            refresh = 5.0
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        return render_status(data, refresh).encode()
+
+
+class _Root(Resource):
+    def render_GET(self, request: Request) -> bytes:
+        request.redirect(b"/status")
+        return b""
+
+
+def admin_site(provider: Any, metrics: ProviderMetrics) -> Site:
+    """The admin endpoint's site for ``provider`` and its ``metrics``."""
+    root = _Root()
+    root.putChild(b"", root)
+    root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+    root.putChild(b"status", StatusPage(provider, metrics, as_json=False))
+    root.putChild(b"status.json", StatusPage(provider, metrics, as_json=True))
+    site = _QuietSite(root)
+    site.noisy = False
+    return site
+
+
+class _QuietSite(Site):
+    """No access log: a scrape every few seconds is not news."""
+
+    def log(self, request: Request) -> None:
+        pass
