@@ -197,3 +197,29 @@ class AdminTests(TestCase):
 
     def test_status_page_in_a_browser_shows_the_calls_made(self):
         return Deferred.fromCoroutine(self._page())
+
+
+class JsonLogTests(TestCase):
+    timeout = 60
+
+    async def _json(self) -> None:
+        provider = Provider(Path(tempfile.mkdtemp()), "log_format = json\n")
+        self.addCleanup(provider.stop)
+        client = Client(reactor, providers={ECHO.full_name: [provider.address]}, timeout=10)
+        self.addCleanup(client.close)
+        with self.assertRaises(NotFoundError):
+            await client.proxy(ECHO).Echo(echo_pb2.EchoRequest(fail_code=5, fail_message="gone"))
+        await deferToThread(provider.wait_for_output, "failed: NOT_FOUND gone")
+        records = [json.loads(line) for line in provider.lines if line.startswith("{")]
+        self.assertTrue(records)
+        self.assertEqual(len(records), len(provider.lines))  # every line is JSON
+        (failed,) = [r for r in records if r.get("code") == "NOT_FOUND"]
+        self.assertEqual(failed["method"], "mprpc.test.EchoService/Echo")
+        self.assertEqual(failed["service"], "mprpc.test.EchoService")
+        self.assertRegex(failed["peer"], r"^127\.0\.0\.1:\d+$")
+        self.assertIsInstance(failed["call_id"], int)
+        self.assertGreaterEqual(failed["duration_ms"], 0)
+        self.assertEqual(failed["level"], "info")
+
+    def test_json_log_lines_carry_the_call_fields(self):
+        return Deferred.fromCoroutine(self._json())

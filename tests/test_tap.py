@@ -97,3 +97,35 @@ def test_shipped_configs_load():
         "example.UserService",
         "example.FriendService",
     }
+
+
+def test_operability_keys(tmp_path):
+    path = write(
+        tmp_path,
+        "[provider]\nlisten = tcp:0\nservices = tests.echo_service:EchoService\n"
+        "health = no\nreflection = no\nslow_call_threshold = 0.5\nlog_format = json\n"
+        "[admin]\nlisten = tcp:0:interface=127.0.0.1\n",
+    )
+    options = tap.Options()
+    options.parseOptions(["-c", path])
+    service = tap.makeService(options, MemoryReactor())
+    assert sorted(service.dispatcher.services) == ["mprpc.test.EchoService"]  # no built-ins
+    assert service.factory.slow_call_threshold == 0.5
+    assert service.metrics is not None and service.factory.observer is service.metrics
+    assert service.log_observer is not None
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("health = maybe\n", "[provider] health = 'maybe' (expected yes or no)"),
+        ("log_format = xml\n", "expected text or json"),
+        ("[admin]\nport = 1\n", "unknown key 'port' in [admin]"),
+        ("[admin]\nlisten = bogus:1\n", "[admin] listen = 'bogus:1' is not a valid endpoint"),
+    ],
+)
+def test_operability_key_errors(tmp_path, extra, message):
+    path = write(tmp_path, "[provider]\nlisten = tcp:0\nservices = a:B\n" + extra)
+    with pytest.raises(ConfigError) as raised:
+        load_provider_config(path)
+    assert message in str(raised.value)

@@ -107,6 +107,7 @@ class ProviderConfig:
     reflection: bool = True
     slow_call_threshold: float = 0.0
     admin: AdminConfig | None = None
+    log_format: str = "text"
 
 
 @dataclass
@@ -136,6 +137,7 @@ _PROVIDER_KEYS = {
     "health",
     "reflection",
     "slow_call_threshold",
+    "log_format",
 }
 _CONSUMER_KEYS = {
     "timeout",
@@ -298,7 +300,15 @@ def load_provider_config(path: str) -> ProviderConfig:
         reflection=r.flag("provider", "reflection", True),
         slow_call_threshold=r.number("provider", "slow_call_threshold", 0.0),
         admin=_admin(r),
+        log_format=_log_format(r),
     )
+
+
+def _log_format(r: _Reader) -> str:
+    value = r.get("provider", "log_format", "text") or "text"
+    if value not in ("text", "json"):
+        raise ConfigError(f"{r.path}: [provider] log_format = {value!r} (expected text or json)")
+    return value
 
 
 def _admin(r: _Reader) -> AdminConfig | None:

@@ -134,6 +134,16 @@ class ProviderService(MultiService):
             admin._raiseSynchronously = True
             admin.setServiceParent(self)
 
+    log_observer: Any = None
+    """When set, the application's log observer (twistd logs through it)."""
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.log_observer)
+
     def startService(self) -> None:
         super().startService()
         if self.metrics is not None:

@@ -18,6 +18,7 @@ from twisted_rpc.config import (
     load_services,
 )
 from twisted_rpc.interfaces import IServiceRegistry
+from twisted_rpc.logs import json_observer
 from twisted_rpc.provider import ProviderService
 from twisted_rpc.registry import StaticRegistry
 from twisted_rpc.zkregistry import ZooKeeperRegistry
@@ -129,6 +130,8 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
             "started_at": time.time(),
         },
     )
+    if config.log_format == "json":
+        provider.log_observer = json_observer()
     for each in {id(r): r for r in (registry, mprpc_registry)}.values():
         if isinstance(each, ZooKeeperRegistry):
             each.setServiceParent(provider)
