@@ -71,7 +71,7 @@ def status_data(provider: Any, metrics: ProviderMetrics) -> dict[str, Any]:
         "provider": {
             "pid": os.getpid(),
             "version": __version__,
-            "uptime_seconds": round(now - provider.started_at, 1),
+            "uptime_seconds": round(now - (provider.started_at or now), 1),
             "listening": str(provider.advertise) if provider.advertise else None,
             "mprpc_listening": str(provider.mprpc_advertise) if provider.mprpc_advertise else None,
             "health": status_name(provider.health.check("")),

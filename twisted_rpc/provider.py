@@ -88,7 +88,7 @@ class ProviderService(MultiService):
     ) -> None:
         super().__init__()
         self.reactor = reactor
-        self.started_at = reactor.seconds()
+        self.started_at: float | None = None
         self.dispatcher = Dispatcher(services, interceptors)
         self.health = HealthState(sorted(self.dispatcher.services))
         if health:
@@ -145,6 +145,7 @@ class ProviderService(MultiService):
             parent.setComponent(ILogObserver, self.log_observer)
 
     def startService(self) -> None:
+        self.started_at = self.reactor.seconds()
         super().startService()
         if self.metrics is not None:
             self.metrics.start_sampling(self.reactor)
