@@ -36,3 +36,22 @@ def test_friend_service():
     assert list(memory.result(found).friends) == ["gao yang", "liu hong", "wang shuo"]
     with pytest.raises(NotFoundError, match="no user 1"):
         memory.result(missing)
+
+
+def test_time_moves_only_when_the_test_says_so():
+    """Deadlines run on the provider's Clock: an async handler slower than the timeout."""
+    from protos import echo_pb2
+    from tests.echo_service import EchoService
+    from twisted_rpc import DeadlineExceededError
+
+    memory = MemoryProvider([EchoService()], timeout=1.0, builtins=True)
+    echo = memory.proxy(EchoService)
+    slow = echo.AsyncEcho(echo_pb2.EchoRequest(payload=b"late", delay=5))
+    quick = echo.AsyncEcho(echo_pb2.EchoRequest(payload=b"soon", delay=0.5))
+    memory.flush()
+    memory.advance(0.5)
+    assert memory.result(quick).payload == b"soon"
+    assert not slow.called  # nothing happens until the clock moves
+    memory.advance(0.6)
+    with pytest.raises(DeadlineExceededError):
+        memory.result(slow)
