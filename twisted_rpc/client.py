@@ -36,7 +36,13 @@ from twisted_rpc.deadlines import DeadlineQueue
 from twisted_rpc.interfaces import IClientInterceptor, IServiceDiscovery
 from twisted_rpc.protocol import RpcConnection
 from twisted_rpc.registry import ProviderAddress, StaticRegistry
-from twisted_rpc.service import MethodInfo, Service, describe, resolve_descriptor
+from twisted_rpc.service import (
+    MethodInfo,
+    Service,
+    describe,
+    resolve_descriptor,
+    wrong_request_type,
+)
 from twisted_rpc.status import (
     CancelledError,
     DataLossError,
@@ -636,12 +642,7 @@ class Client:
     ) -> Deferred:
         """Call ``method`` on one of its providers (what proxy methods do)."""
         if type(request) is not method.request_class:
-            return fail(
-                TypeError(
-                    f"{method.full_name} takes {method.request_class.DESCRIPTOR.full_name}, "
-                    f"not {type(request).__name__}"
-                )
-            )
+            return fail(wrong_request_type(method, request))
         if timeout is None:
             timeout = self.timeout
         if self.interceptors:

@@ -30,7 +30,13 @@ from twisted.python.failure import Failure
 from twisted_rpc import wire
 from twisted_rpc.mprpc_wire import encode_request
 from twisted_rpc.registry import ProviderAddress, parse_address
-from twisted_rpc.service import MethodInfo, Service, describe, resolve_descriptor
+from twisted_rpc.service import (
+    MethodInfo,
+    Service,
+    describe,
+    resolve_descriptor,
+    wrong_request_type,
+)
 from twisted_rpc.status import (
     DataLossError,
     DeadlineExceededError,
@@ -279,12 +285,7 @@ class MprpcClient:
     def call(self, method: MethodInfo, request: Message, timeout: float | None = None) -> Deferred:
         """Call ``method`` once; fires with the response or fails with an RpcError."""
         if type(request) is not method.request_class:
-            return fail(
-                TypeError(
-                    f"{method.full_name} takes {method.request_class.DESCRIPTOR.full_name}, "
-                    f"not {type(request).__name__}"
-                )
-            )
+            return fail(wrong_request_type(method, request))
         if timeout is None:
             timeout = self.timeout
         d = Deferred.fromCoroutine(self._call(method, request))

@@ -48,6 +48,11 @@ class _ReportingEndpoint:
         return port
 
 
+def _bound(port: IListeningPort) -> ProviderAddress:
+    host = port.getHost()
+    return ProviderAddress(getattr(host, "host", "?"), getattr(host, "port", 0))
+
+
 class ProviderService(MultiService):
     """Serves ``services`` on the endpoint ``listen`` and announces them.
 
@@ -151,12 +156,7 @@ class ProviderService(MultiService):
             self.metrics.start_sampling(self.reactor)
 
     def _admin_listening(self, port: IListeningPort) -> None:
-        host = port.getHost()
-        log.info(
-            "admin endpoint on http://{host}:{port}/status (metrics: /metrics)",
-            host=getattr(host, "host", "?"),
-            port=getattr(host, "port", 0),
-        )
+        log.info("admin endpoint on http://{bound}/status (metrics: /metrics)", bound=_bound(port))
 
     def _add_listener(self, listen: str, factory: Any, on_listening: Any) -> None:
         endpoint = _ReportingEndpoint(serverFromString(self.reactor, listen), on_listening)
@@ -174,8 +174,7 @@ class ProviderService(MultiService):
         return n
 
     def _mprpc_listening(self, port: IListeningPort) -> None:
-        host = port.getHost()
-        bound = ProviderAddress(getattr(host, "host", "?"), getattr(host, "port", 0))
+        bound = _bound(port)
         if self.mprpc_advertise is None:
             self.mprpc_advertise = bound
         log.info(
@@ -195,8 +194,7 @@ class ProviderService(MultiService):
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
-        host = port.getHost()
-        bound = ProviderAddress(getattr(host, "host", "?"), getattr(host, "port", 0))
+        bound = _bound(port)
         if self.advertise is None:
             self.advertise = bound
         log.info(

@@ -23,7 +23,14 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
-__all__ = ["MethodInfo", "Service", "ServiceInfo", "describe", "resolve_descriptor"]
+__all__ = [
+    "MethodInfo",
+    "Service",
+    "ServiceInfo",
+    "describe",
+    "resolve_descriptor",
+    "wrong_request_type",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +48,16 @@ class MethodInfo:
     @property
     def full_name(self) -> str:
         return f"{self.service}/{self.name}"
+
+
+def wrong_request_type(method: MethodInfo, request: object) -> TypeError | None:
+    """The error for a request that is not ``method``'s request message (None if it is)."""
+    if type(request) is method.request_class:
+        return None
+    return TypeError(
+        f"{method.full_name} takes {method.request_class.DESCRIPTOR.full_name}, "
+        f"not {type(request).__name__}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
