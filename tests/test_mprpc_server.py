@@ -183,3 +183,21 @@ def test_max_calls_applies_to_compat_calls(logged):
     second, transport = h.connect()
     second.dataReceived(LOGIN)
     assert transport.value() == b"" and "1 calls in flight" in messages(logged)
+
+
+def test_compat_calls_are_observed_like_native_ones():
+    from twisted_rpc.metrics import ProviderMetrics
+
+    h = Harness()
+    h.factory.observer = metrics = ProviderMetrics()
+    for data in (LOGIN, REGISTER, encode_request("UserServiceRpc", "Nope", b"")):
+        proto, _ = h.connect()
+        proto.dataReceived(data)
+    proto, _ = h.connect()
+    proto.dataReceived(echo_request(fail_code=5))
+    assert metrics.totals == {
+        "fixbug.UserServiceRpc/Login": {"OK": 1},
+        "fixbug.UserServiceRpc/Register": {"OK": 1},
+        "?/?": {"NOT_FOUND": 1},
+        "mprpc.test.EchoService/Echo": {"NOT_FOUND": 1},
+    }

@@ -18,9 +18,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_rpc import wire
+from twisted_rpc.interfaces import ICallObserver
 from twisted_rpc.mprpc_wire import CPP_REPLY_LIMIT, MprpcProtocolError, RequestReader
 from twisted_rpc.server import CallContext, Dispatcher, ServerLimits, ServerMethod
-from twisted_rpc.status import RpcError, code_name
+from twisted_rpc.status import RpcError, StatusCode, code_name
 
 __all__ = ["MprpcServerFactory", "MprpcServerProtocol", "short_routes"]
 
@@ -56,6 +57,7 @@ class MprpcServerProtocol(Protocol):
         self.method: ServerMethod | None = None
         self._timer: IDelayedCall | None = None
         self._done = False
+        self.started: float | None = None
 
     # -------------------------------------------------------------- connection
 
@@ -90,6 +92,7 @@ class MprpcServerProtocol(Protocol):
         if request is None:
             return
         self._cancel_timer()
+        self.started = self.clock.seconds()
         if self.reader.extra:
             log.warn(
                 "mprpc request from {peer}: ignoring {n} bytes after the request",
@@ -104,7 +107,7 @@ class MprpcServerProtocol(Protocol):
                 if known
                 else f"unknown service {request.service!r}"
             )
-            self._fail(what)
+            self._fail(what, StatusCode.NOT_FOUND)
             return
         self.method = method
         self._invoke(method, request.args)
@@ -113,16 +116,22 @@ class MprpcServerProtocol(Protocol):
 
     def _invoke(self, method: ServerMethod, args: bytes) -> None:
         if self.factory.draining:
-            self._fail("provider is shutting down")
+            self._fail("provider is shutting down", StatusCode.UNAVAILABLE)
             return
         if self.factory.in_flight >= self.factory.limits.max_calls:
-            self._fail(f"{self.factory.limits.max_calls} calls in flight at this provider")
+            self._fail(
+                f"{self.factory.limits.max_calls} calls in flight at this provider",
+                StatusCode.RESOURCE_EXHAUSTED,
+            )
             return
         request = method.request_class()
         try:
             request.ParseFromString(args)
         except Exception as e:
-            self._fail(f"cannot parse {method.request_class.DESCRIPTOR.full_name}: {e}")
+            self._fail(
+                f"cannot parse {method.request_class.DESCRIPTOR.full_name}: {e}",
+                StatusCode.INVALID_ARGUMENT,
+            )
             return
         context = CallContext(0, method.info, None, None, self)  # type: ignore[arg-type]
         try:
@@ -154,7 +163,7 @@ class MprpcServerProtocol(Protocol):
             return
         error = failure.value
         if isinstance(error, RpcError):
-            self._fail(f"handler failed: {code_name(error.code)} {error.message}")
+            self._fail(f"handler failed: {code_name(error.code)} {error.message}", error.code)
             return
         log.failure(
             "mprpc call {method} from {peer} failed",
@@ -162,14 +171,15 @@ class MprpcServerProtocol(Protocol):
             method=self._method_name(),
             peer=self.peer,
         )
-        self._fail("handler raised an exception")
+        self._fail("handler raised an exception", StatusCode.INTERNAL)
 
     def _reply(self, result: object) -> None:
         assert self.method is not None
         if type(result) is not self.method.response_class:
             self._fail(
                 f"handler returned {type(result).__name__}, expected "
-                f"{self.method.response_class.DESCRIPTOR.full_name}"
+                f"{self.method.response_class.DESCRIPTOR.full_name}",
+                StatusCode.INTERNAL,
             )
             return
         payload = result.SerializeToString()  # type: ignore[attr-defined]
@@ -183,6 +193,7 @@ class MprpcServerProtocol(Protocol):
                 limit=CPP_REPLY_LIMIT,
             )
         self._done = True
+        self._observe(StatusCode.OK)
         self.transport.write(payload)
         # Half-close as the C++ provider does: the caller reads to EOF, then closes.
         lose_write = getattr(self.transport, "loseWriteConnection", None)
@@ -194,8 +205,16 @@ class MprpcServerProtocol(Protocol):
 
     # -------------------------------------------------------------- endings
 
-    def _fail(self, why: str) -> None:
+    def _observe(self, code: int) -> None:
+        observer = self.factory.observer
+        if observer is not None and self.started is not None:
+            method = self.method.info.full_name if self.method is not None else "?/?"
+            observer.call_finished(method, int(code), self.clock.seconds() - self.started)
+
+    def _fail(self, why: str, code: int | None = None) -> None:
         """Log why and close without a reply (the protocol has no status)."""
+        if code is not None:
+            self._observe(code)
         log.info(
             "mprpc call {method} from {peer} failed: {why}; closing without a reply",
             method=self._method_name(),
@@ -245,6 +264,8 @@ class MprpcServerFactory(Factory):
         self.connections: set[MprpcServerProtocol] = set()
         self.in_flight = 0
         self.draining = False
+        self.observer: ICallObserver | None = None
+        """Told of every call's end, as the native factory's observer is."""
 
     def buildProtocol(self, addr: Any) -> MprpcServerProtocol | None:
         if len(self.connections) >= self.limits.max_connections:

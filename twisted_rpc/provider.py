@@ -132,6 +132,8 @@ class ProviderService(MultiService):
             self.metrics = ProviderMetrics()
             self.metrics.watch_provider(self)
             self.factory.observer = self.metrics
+            if self.mprpc_factory is not None:
+                self.mprpc_factory.observer = self.metrics
             endpoint = _ReportingEndpoint(
                 serverFromString(reactor, admin_listen), self._admin_listening
             )
