@@ -251,6 +251,61 @@ class MprpcCompatTests(TestCase):
     def test_reregistered_after_session_expiry(self):
         return Deferred.fromCoroutine(self._expiry())
 
+    async def _both_from_cpp_conf(self) -> None:
+        """Provider and caller both from one C++ key=value file, through ZooKeeper's root."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        zk_host, zk_port = self.zk.hosts.split(",")[0].rsplit(":", 1)
+        directory = Path(tempfile.mkdtemp())
+        conf = directory / "test.conf"
+        conf.write_text(
+            f"rpcserverip=127.0.0.1\nrpcserverport={port}\n"
+            f"zookeeperip={zk_host}\nzookeeperport={zk_port}\n"
+        )
+        provider = Provider(
+            directory,
+            args=[
+                "--mprpc-config",
+                str(conf),
+                "--service",
+                "examples.mprpc_compat.callee:UserServiceRpc",
+            ],
+            ready="mprpc-compatible listener on",
+        )
+        self.addCleanup(provider.stop)
+        root = KazooClient(hosts=self.zk.hosts)
+        await deferToThread(root.start, 30)
+        self.addCleanup(deferToThread, lambda: (root.stop(), root.close()))
+        deadline = time.monotonic() + 15
+        data = None
+        while time.monotonic() < deadline:
+            if await deferToThread(root.exists, "/UserServiceRpc/Register"):
+                data, _ = await deferToThread(root.get, "/UserServiceRpc/Register")
+                if data == f"127.0.0.1:{port}".encode():
+                    break
+            await sleep(0.05)
+        self.assertEqual(data, f"127.0.0.1:{port}".encode())
+        caller = await deferToThread(
+            subprocess.run,
+            [sys.executable, "-m", "examples.mprpc_compat.caller", "--mprpc-config", str(conf)],
+            cwd=ROOT,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(caller.returncode, 0, caller.stderr)
+        self.assertEqual(
+            caller.stdout.splitlines(),
+            ["rpc login response success: False", "rpc register response success: True"],
+        )
+        provider.stop()  # graceful: its nodes go at once
+        self.assertIsNone(await deferToThread(root.exists, "/UserServiceRpc/Login"))
+
+    def test_provider_and_caller_from_one_cpp_config_file(self):
+        return Deferred.fromCoroutine(self._both_from_cpp_conf())
+
 
 def test_example_from_a_cpp_config_file(tmp_path):
     """The README's commands: a provider from a C++ key=value file, the example caller."""
