@@ -40,6 +40,12 @@ def sleep(seconds: float) -> Deferred:
     return deferLater(reactor, seconds, lambda: None)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def raw_call(port: int, data: bytes, piece: int = 1) -> bytes:
     """What a C++ caller does, but writing ``piece`` bytes at a time; reads to EOF."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -101,6 +107,16 @@ class MprpcCompatTests(TestCase):
             await sleep(0.05)
         self.fail(f"{path} {'= ' + repr(data) if data else ''} not there within {timeout}s")
 
+    async def replaced(self, path: str, data: bytes, old_owner: int, timeout: float):
+        """The stat of ``path`` once a session other than ``old_owner`` holds it."""
+        deadline = time.monotonic() + timeout
+        _, stat = await self.node(path, timeout=timeout, data=data)
+        while stat.ephemeralOwner == old_owner and time.monotonic() < deadline:
+            await sleep(0.1)
+            _, stat = await self.node(path, data=data)
+        self.assertNotEqual(stat.ephemeralOwner, old_owner, f"{path} was not re-created")
+        return stat
+
     async def registered(self, **kw) -> tuple[Provider, int]:
         provider = self.provider(**kw)
         port = provider.mprpc_port
@@ -119,6 +135,8 @@ class MprpcCompatTests(TestCase):
             self.assertEqual(list(acl), list(OPEN_ACL_UNSAFE))
         data, stat = await deferToThread(self.kz.get, "/UserServiceRpc")
         self.assertEqual((data, stat.ephemeralOwner), (b"", 0))  # persistent and empty
+        top = await deferToThread(self.kz.get_children, "/")
+        self.assertEqual(sorted(top), ["EchoService", "UserServiceRpc"])  # no built-ins
         user = self.client(timeout=10).proxy(USER)
         login = await user.Login(user_pb2.LoginRequest(name=b"zhang san", pwd=b"123456"))
         self.assertEqual(login.SerializeToString(), bytes.fromhex("0a00"))
@@ -183,10 +201,7 @@ class MprpcCompatTests(TestCase):
         return Deferred.fromCoroutine(self._large())
 
     async def _stale(self) -> None:
-        port = socket.socket()
-        port.bind(("127.0.0.1", 0))
-        number = port.getsockname()[1]
-        port.close()
+        number = free_port()
         listen = f"tcp:{number}:interface=127.0.0.1"
         first = self.provider(mprpc_listen=listen, session=10)
         address = f"127.0.0.1:{number}".encode()
@@ -196,12 +211,7 @@ class MprpcCompatTests(TestCase):
         second = self.provider(mprpc_listen=listen, session=10)
         self.assertEqual(second.mprpc_port, number)
         # The dead session's node would stay for 10 s; it is replaced at once.
-        _, fresh = await self.node("/EchoService/Echo", timeout=6, data=address)
-        deadline = time.monotonic() + 6
-        while fresh.ephemeralOwner == stale.ephemeralOwner and time.monotonic() < deadline:
-            await sleep(0.1)
-            _, fresh = await self.node("/EchoService/Echo", data=address)
-        self.assertNotEqual(fresh.ephemeralOwner, stale.ephemeralOwner)
+        await self.replaced("/EchoService/Echo", address, stale.ephemeralOwner, timeout=6)
         reply = await self.client(timeout=10).proxy(ECHO).Echo(echo_pb2.EchoRequest())
         self.assertEqual(reply.pid, second.pid)
 
@@ -238,13 +248,8 @@ class MprpcCompatTests(TestCase):
             await sleep(5)  # more than the 2 s session: ZooKeeper expires it
         finally:
             provider.signal(signal.SIGCONT)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            _, after = await self.node("/EchoService/Echo", data=f"127.0.0.1:{port}".encode())
-            if after.ephemeralOwner != before.ephemeralOwner:
-                break
-            await sleep(0.1)
-        self.assertNotEqual(after.ephemeralOwner, before.ephemeralOwner)
+        address = f"127.0.0.1:{port}".encode()
+        await self.replaced("/EchoService/Echo", address, before.ephemeralOwner, timeout=15)
         reply = await self.client(timeout=10).proxy(ECHO).Echo(echo_pb2.EchoRequest())
         self.assertEqual(reply.pid, provider.pid)
 
@@ -253,9 +258,7 @@ class MprpcCompatTests(TestCase):
 
     async def _both_from_cpp_conf(self) -> None:
         """Provider and caller both from one C++ key=value file, through ZooKeeper's root."""
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         zk_host, zk_port = self.zk.hosts.split(",")[0].rsplit(":", 1)
         directory = Path(tempfile.mkdtemp())
         conf = directory / "test.conf"
@@ -309,9 +312,7 @@ class MprpcCompatTests(TestCase):
 
 def test_example_from_a_cpp_config_file(tmp_path):
     """The README's commands: a provider from a C++ key=value file, the example caller."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     conf = tmp_path / "test.conf"
     conf.write_text(f"# no ZooKeeper here\nrpcserverip=127.0.0.1\nrpcserverport={port}\n")
     provider = Provider(

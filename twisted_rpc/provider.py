@@ -188,7 +188,9 @@ class ProviderService(MultiService):
         if self.mprpc_registry is None:
             return
         assert self.mprpc_factory is not None
-        for service, method in sorted(self.mprpc_factory.routes):
+        for (service, method), served in sorted(self.mprpc_factory.routes.items()):
+            if self.dispatcher.services[served.info.service].builtin:
+                continue  # Health and Reflection are for native callers
             d = self.mprpc_registry.register_mprpc(service, method, self.mprpc_advertise)
             d.addErrback(
                 lambda f, p=f"/{service}/{method}": log.failure("registering {p} failed", f, p=p)
