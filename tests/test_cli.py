@@ -235,3 +235,14 @@ class ZooKeeperCliTests(ZooKeeperTestCase):
 
     def test_list_describe_call_health_through_zookeeper(self):
         return Deferred.fromCoroutine(self._via_zk())
+
+
+def test_provider_without_reflection_says_so(tmp_path):
+    provider = Provider(tmp_path, "reflection = no\n")
+    try:
+        done = mprpc("describe", "example.UserService", "--endpoint", provider.address)
+    finally:
+        provider.stop()
+    assert done.returncode == 64 + 5
+    assert done.stderr.startswith("mprpc: NOT_FOUND: unknown service")
+    assert "(the provider runs with [provider] reflection = no)" in done.stderr

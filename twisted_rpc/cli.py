@@ -386,6 +386,10 @@ def report(error: BaseException) -> int:
         line, status = str(error), error.status
     elif isinstance(error, RpcError):
         line = f"{code_name(error.code)}: {error.message}"
+        if "mprpc.reflection.v1.Reflection" in error.message:
+            line += " (the provider runs with [provider] reflection = no)"
+        elif "mprpc.health.v1.Health" in error.message:
+            line += " (the provider runs with [provider] health = no)"
         status = EXIT_CALL_FAILED + int(error.code)
     else:
         line, status = f"{type(error).__name__}: {error}", EXIT_UNREACHABLE
