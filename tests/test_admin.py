@@ -150,6 +150,12 @@ class AdminTests(TestCase):
             if s.name == "mprpc_client_calls_total"
         }
         self.assertEqual((mine[login], mine[echo_ok], mine[echo_nf]), (7, 2, 3))
+        client_metrics.watch_client(client)
+        gauges = {
+            s.name: s.value for family in client_metrics.registry.collect() for s in family.samples
+        }
+        self.assertEqual(gauges["mprpc_client_calls_in_flight"], 0)
+        self.assertEqual(gauges["mprpc_client_connections"], 1)
         status = json.loads(await deferToThread(fetch, base + "/status.json"))
         by_method = {
             f"{s['name']}/{m['name']}": m for s in status["services"] for m in s["methods"]

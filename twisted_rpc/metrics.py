@@ -10,8 +10,10 @@ factory, plus gauges read when scraped):
   ``mprpc_registry_reregistrations``
 
 Consumer side, :class:`ClientMetrics` (an ``IClientInterceptor``):
-``mprpc_client_calls_total{service,method,code}`` and
-``mprpc_client_call_duration_seconds{service,method}``.
+``mprpc_client_calls_total{service,method,code}``,
+``mprpc_client_call_duration_seconds{service,method}``,
+``mprpc_client_calls_in_flight`` and, after ``watch_client(client)``,
+``mprpc_client_connections``.
 
 Each object has its own ``CollectorRegistry`` unless given one, so several
 providers or clients can live in one process (and in one test).
@@ -213,10 +215,21 @@ class ClientMetrics:
             buckets=BUCKETS,
             registry=self.registry,
         )
+        self.in_flight = Gauge(
+            "mprpc_client_calls_in_flight", "Calls sent and not answered", registry=self.registry
+        )
+
+    def watch_client(self, client: Any) -> None:
+        """A gauge of ``client``'s open connections (ready channels)."""
+        gauge = Gauge(
+            "mprpc_client_connections", "Connections to providers", registry=self.registry
+        )
+        gauge.set_function(lambda: sum(1 for c in client.channels.values() if c.protocol))
 
     def intercept(self, call: Any, request: Message, proceed: Any) -> Deferred:
         started = self.clock.seconds()
         service, method = call.method.service, call.method.name
+        self.in_flight.inc()
 
         def done(result: Any) -> Any:
             if isinstance(result, Failure):
@@ -224,6 +237,7 @@ class ClientMetrics:
                 code = error.code if isinstance(error, RpcError) else StatusCode.UNKNOWN
             else:
                 code = StatusCode.OK
+            self.in_flight.dec()
             self.calls.labels(service, method, code_name(code)).inc()
             self.latency.labels(service, method).observe(self.clock.seconds() - started)
             return result
