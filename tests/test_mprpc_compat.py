@@ -207,7 +207,7 @@ class MprpcCompatTests(TestCase):
         address = f"127.0.0.1:{number}".encode()
         _, stale = await self.node("/EchoService/Echo", data=address)
         first.signal(signal.SIGKILL)
-        first.wait(10)
+        await deferToThread(first.wait, 10)
         second = self.provider(mprpc_listen=listen, session=10)
         self.assertEqual(second.mprpc_port, number)
         # The dead session's node would stay for 10 s; it is replaced at once.
@@ -225,7 +225,7 @@ class MprpcCompatTests(TestCase):
         await deferToThread(second.wait_for_output, "/EchoService/Echo is held by")
         echo = self.client(timeout=10).proxy(ECHO)
         self.assertEqual((await echo.Echo(echo_pb2.EchoRequest())).pid, first.pid)
-        first.stop()  # graceful: its nodes are deleted first
+        await deferToThread(first.stop)  # graceful: its nodes are deleted first
         await self.node("/EchoService/Echo", data=f"127.0.0.1:{second_port}".encode())
         deadline = time.monotonic() + 5
         pids = set()
@@ -303,7 +303,7 @@ class MprpcCompatTests(TestCase):
             caller.stdout.splitlines(),
             ["rpc login response success: False", "rpc register response success: True"],
         )
-        provider.stop()  # graceful: its nodes go at once
+        await deferToThread(provider.stop)  # graceful: its nodes go at once
         self.assertIsNone(await deferToThread(root.exists, "/UserServiceRpc/Login"))
 
     def test_provider_and_caller_from_one_cpp_config_file(self):
