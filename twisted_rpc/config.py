@@ -263,10 +263,7 @@ def load_provider_config(path: str) -> ProviderConfig:
     raw_advertise = r.get("provider", "advertise")
     advertise = r.address("provider", "advertise", raw_advertise) if raw_advertise else None
     services = r.require("provider", "services").split()
-    for spec in services:
-        module, sep, name = spec.partition(":")
-        if not sep or not module or not name:
-            raise ConfigError(f"{path}: [provider] services: {spec!r} is not module:Class")
+    check_service_specs(services, f"{path}: [provider] services")
     tls_options = None
     if r.parser.has_section("tls"):
         try:
@@ -431,6 +428,14 @@ def load_consumer_config(path: str) -> ConsumerConfig:
         providers=providers,
         registry=r.registry(),
     )
+
+
+def check_service_specs(specs: list[str], where: str) -> None:
+    """Each spec must look like ``module:Class`` (nothing is imported here)."""
+    for spec in specs:
+        module, sep, name = spec.partition(":")
+        if not sep or not module or not name:
+            raise ConfigError(f"{where}: {spec!r} is not module:Class")
 
 
 def load_services(specs: list[str], where: str = "services") -> list[Service]:

@@ -13,6 +13,7 @@ from twisted_rpc import __version__
 from twisted_rpc.config import (
     ConfigError,
     ProviderConfig,
+    check_service_specs,
     load_mprpc_conf,
     load_provider_config,
     load_services,
@@ -72,10 +73,7 @@ class Options(usage.Options):
                 path=self["mprpc-config"], listen=None, advertise=None, services=[]
             )
         config.services = config.services + self["service"]
-        for spec in self["service"]:
-            module, sep, name = spec.partition(":")
-            if not sep or not module or not name:
-                raise ConfigError(f"--service {spec!r} is not module:Class")
+        check_service_specs(self["service"], "--service")
         if self["mprpc-config"]:
             config.mprpc = load_mprpc_conf(self["mprpc-config"]).listener()
         if not config.services:
