@@ -112,3 +112,10 @@ def test_twistd_cpp_conf_needs_a_service(tmp_path):
     path.write_text(CPP_CONF)
     with pytest.raises(SystemExit, match="no services to serve"):
         tap.Options().parseOptions(["--mprpc-config", str(path)])
+
+
+def test_twistd_bad_service_spec(tmp_path):
+    path = tmp_path / "test.conf"
+    path.write_text(CPP_CONF)
+    with pytest.raises(SystemExit, match="--service: 'nope' is not module:Class"):
+        tap.Options().parseOptions(["--mprpc-config", str(path), "--service", "nope"])
