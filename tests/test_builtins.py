@@ -42,6 +42,7 @@ def test_check_answers_per_service_and_overall():
     for service, expected in [
         ("", SERVING),
         ("example.UserService", SERVING),
+        ("mprpc.health.v1.Health", SERVING),  # built-ins too, as in a real provider
         ("no.Such", SERVICE_UNKNOWN),
     ]:
         assert call(memory, health.Check(HealthCheckRequest(service=service))).status == expected

@@ -15,7 +15,7 @@ from typing import Any
 
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from twisted_rpc.builtin_protos import (
@@ -30,7 +30,13 @@ from twisted_rpc.server import CallContext
 from twisted_rpc.service import Service
 from twisted_rpc.status import NotFoundError
 
-__all__ = ["HealthService", "HealthState", "ReflectionService", "files_for_symbol"]
+__all__ = [
+    "HealthService",
+    "HealthState",
+    "ReflectionService",
+    "add_builtins",
+    "files_for_symbol",
+]
 
 SERVING = ServingStatus.values_by_name["SERVING"].number
 NOT_SERVING = ServingStatus.values_by_name["NOT_SERVING"].number
@@ -46,9 +52,8 @@ def status_name(status: int) -> str:
 class HealthState:
     """The serving status of a provider (``""``) and of each of its services."""
 
-    def __init__(self, services: list[str] = ()) -> None:  # type: ignore[assignment]
+    def __init__(self) -> None:
         self.statuses: dict[str, int] = {"": SERVING}
-        self.statuses.update((name, SERVING) for name in services)
         self._watchers: list[tuple[str, int, Deferred]] = []
 
     def check(self, service: str) -> int:
@@ -112,7 +117,7 @@ class HealthService(Service, descriptor=HEALTH):
             timer = self.clock.callLater(wait, changed.cancel)
         try:
             status = await changed
-        except Exception:  # timed out (cancelled by the timer): the status is unchanged
+        except CancelledError:  # the wait is over (timer or caller): status unchanged
             status = self.state.check(request.service)
         finally:
             if timer is not None and timer.active():
@@ -160,3 +165,18 @@ class ReflectionService(Service, descriptor=REFLECTION):
         pools = [type(s).descriptor.file.pool for s in self.dispatcher.services.values()]
         files = files_for_symbol(request.symbol, pools)
         return FileDescriptorsResponse(file_descriptor_proto=[f.serialized_pb for f in files])
+
+
+def add_builtins(
+    dispatcher: Any, clock: IReactorTime, *, health: bool = True, reflection: bool = True
+) -> HealthState:
+    """Add Health and Reflection (each unless turned off) to ``dispatcher``;
+    every service it serves starts SERVING. Returns the health state."""
+    state = HealthState()
+    if health:
+        dispatcher.add(HealthService(state, clock))
+    if reflection:
+        dispatcher.add(ReflectionService(dispatcher))
+    for name in dispatcher.services:
+        state.statuses[name] = SERVING
+    return state

@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from twisted_rpc import wire
 from twisted_rpc.admin import admin_site
-from twisted_rpc.builtins import NOT_SERVING, SERVING, HealthService, HealthState, ReflectionService
+from twisted_rpc.builtins import NOT_SERVING, add_builtins
 from twisted_rpc.interfaces import IServerInterceptor, IServiceRegistry
 from twisted_rpc.metrics import ProviderMetrics
 from twisted_rpc.mprpc_server import MprpcServerFactory
@@ -95,13 +95,7 @@ class ProviderService(MultiService):
         self.reactor = reactor
         self.started_at: float | None = None
         self.dispatcher = Dispatcher(services, interceptors)
-        self.health = HealthState(sorted(self.dispatcher.services))
-        if health:
-            self.dispatcher.add(HealthService(self.health, reactor))
-        if reflection:
-            self.dispatcher.add(ReflectionService(self.dispatcher))
-        for name in self.dispatcher.services:
-            self.health.statuses.setdefault(name, SERVING)
+        self.health = add_builtins(self.dispatcher, reactor, health=health, reflection=reflection)
         self.factory = ServerFactory(self.dispatcher, reactor, max_frame_size, limits)
         self.registry = registry if registry is not None else StaticRegistry()
         self.advertise = advertise

@@ -20,7 +20,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter, IOPump
 
-from twisted_rpc.builtins import HealthService, HealthState, ReflectionService
+from twisted_rpc.builtins import add_builtins
 from twisted_rpc.client import Client, ServiceProxy
 from twisted_rpc.interfaces import IClientInterceptor, IServerInterceptor
 from twisted_rpc.server import Dispatcher, ServerFactory, ServerLimits
@@ -49,10 +49,9 @@ class MemoryProvider:
         (``self.health`` is their :class:`~twisted_rpc.builtins.HealthState`)."""
         self.reactor = reactor if reactor is not None else MemoryReactorClock()
         self.dispatcher = Dispatcher(services, interceptors)
-        self.health = HealthState(sorted(self.dispatcher.services))
-        if builtins:
-            self.dispatcher.add(HealthService(self.health, self.reactor))
-            self.dispatcher.add(ReflectionService(self.dispatcher))
+        self.health = add_builtins(
+            self.dispatcher, self.reactor, health=builtins, reflection=builtins
+        )
         self.factory = ServerFactory(self.dispatcher, self.reactor, limits=limits)
         self.reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
         address = f"127.0.0.1:{self.port}"
