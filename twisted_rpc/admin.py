@@ -32,13 +32,14 @@ def _ms(seconds: float | None) -> float | None:
 def status_data(provider: Any, metrics: ProviderMetrics) -> dict[str, Any]:
     """What the status page shows, as plain data."""
     now = provider.reactor.seconds()
+    latency = metrics.latency_buckets()
     services = []
     for name, service in sorted(provider.dispatcher.services.items()):
         methods = []
         for method in type(service).service_info().methods.values():
             key = method.full_name
             by_code = dict(sorted(metrics.totals.get(key, {}).items()))
-            buckets = metrics.buckets(key)
+            buckets = latency.get(key, [])
             methods.append(
                 {
                     "name": method.name,

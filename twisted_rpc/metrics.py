@@ -107,6 +107,7 @@ class ProviderMetrics:
         self.totals: dict[str, dict[str, int]] = {}  # method -> code name -> calls
         self.history: deque[tuple[float, dict[str, int]]] = deque(maxlen=11)
         self._sampler: LoopingCall | None = None
+        self._clock: Any = None
 
     def call_finished(self, method: str, code: int, duration: float) -> None:
         service, name = _split(method)
@@ -177,22 +178,19 @@ class ProviderMetrics:
         now = sum(self.totals.get(method, {}).values())
         return (now - first.get(method, 0)) / max(self._clock.seconds() - t0, 1.0)
 
-    def buckets(self, method: str) -> list[tuple[float, float]]:
-        """Cumulative latency buckets of ``method``: ``[(upper bound, count), ...]``."""
-        service, name = _split(method)
-        out = []
-        for family in self.registry.collect():
-            if family.name != "mprpc_server_call_duration_seconds":
-                continue
+    def latency_buckets(self) -> dict[str, list[tuple[float, float]]]:
+        """Cumulative latency buckets by ``"service/method"``: ``[(upper bound, count), ...]``
+        (one pass over the histogram, for a whole status page)."""
+        out: dict[str, list[tuple[float, float]]] = {}
+        for family in self.latency.collect():
             for sample in family.samples:
-                labels = sample.labels
-                if (
-                    sample.name.endswith("_bucket")
-                    and labels.get("service") == service
-                    and labels.get("method") == name
-                ):
-                    out.append((float(labels["le"]), sample.value))
-        return sorted(out)
+                if sample.name.endswith("_bucket"):
+                    labels = sample.labels
+                    key = f"{labels['service']}/{labels['method']}"
+                    out.setdefault(key, []).append((float(labels["le"]), sample.value))
+        for buckets in out.values():
+            buckets.sort()
+        return out
 
 
 @implementer(IClientInterceptor)
