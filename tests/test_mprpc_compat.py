@@ -119,7 +119,7 @@ class MprpcCompatTests(TestCase):
 
     async def registered(self, **kw) -> tuple[Provider, int]:
         provider = self.provider(**kw)
-        port = provider.mprpc_port
+        port = await deferToThread(lambda: provider.mprpc_port)
         await self.node("/EchoService/Echo", data=f"127.0.0.1:{port}".encode())
         return provider, port
 
@@ -209,7 +209,7 @@ class MprpcCompatTests(TestCase):
         first.signal(signal.SIGKILL)
         await deferToThread(first.wait, 10)
         second = self.provider(mprpc_listen=listen, session=10)
-        self.assertEqual(second.mprpc_port, number)
+        self.assertEqual(await deferToThread(lambda: second.mprpc_port), number)
         # The dead session's node would stay for 10 s; it is replaced at once.
         await self.replaced("/EchoService/Echo", address, stale.ephemeralOwner, timeout=6)
         reply = await self.client(timeout=10).proxy(ECHO).Echo(echo_pb2.EchoRequest())
@@ -221,7 +221,7 @@ class MprpcCompatTests(TestCase):
     async def _takeover(self) -> None:
         first, first_port = await self.registered()
         second = self.provider()
-        second_port = second.mprpc_port
+        second_port = await deferToThread(lambda: second.mprpc_port)
         await deferToThread(second.wait_for_output, "/EchoService/Echo is held by")
         echo = self.client(timeout=10).proxy(ECHO)
         self.assertEqual((await echo.Echo(echo_pb2.EchoRequest())).pid, first.pid)
