@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from twisted.internet import reactor
+from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -38,6 +39,12 @@ class ProviderTests(TestCase):
     """One provider process per test, stopped by PID in cleanup."""
 
     timeout = 60
+
+    def setUp(self) -> None:
+        # A rare CI failure left a Channel._redial pending after this class's
+        # SIGTERM test: record where delayed calls are made, so that a dirty
+        # reactor report names the caller if it happens again.
+        self.patch(DelayedCall, "debug", True)
 
     def start(self, extra: str = "") -> Provider:
         provider = Provider(Path(tempfile.mkdtemp()), extra)
