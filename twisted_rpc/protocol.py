@@ -8,8 +8,10 @@ the handlers for the kinds they accept.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -74,6 +76,7 @@ class RpcConnection(Protocol):
         }
         self.decoder = FrameDecoder(self._handlers, max_frame_size)
         self._batch: list[bytes] | None = None
+        self._socket: socket.socket | None = None
         self._pings: dict[int, tuple[Deferred, float]] = {}
         self._next_ping = 1
 
@@ -88,6 +91,8 @@ class RpcConnection(Protocol):
         if hasattr(self.transport, "registerProducer"):
             self.transport.registerProducer(_WriteBufferWatch(self), True)
             self._watching_writes = True
+        if isinstance(self.transport, tcp.Connection):
+            self._socket = self.transport.socket
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             try:
@@ -117,7 +122,37 @@ class RpcConnection(Protocol):
         if batch:
             # One join in C beats writeSequence's per-item checks; Twisted
             # would concatenate the pieces before sending anyway.
-            self.transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
+            self._flush(batch[0] if len(batch) == 1 else b"".join(batch))
+
+    def _flush(self, data: bytes) -> None:
+        """Send what handling one received chunk produced, at once if we can.
+
+        ``transport.write`` only buffers: the reactor then adds write interest
+        to epoll, sends on the next turn and removes the interest again, two
+        system calls and a turn per batch on top of the ``send``. A batch is
+        all this chunk produced, so there is nothing to coalesce it with by
+        waiting: on a plain TCP transport whose buffer is empty it goes out
+        with one ``send``, and whatever the socket does not take (or an
+        error) is left to the transport as usual.
+        """
+        sock = self._socket
+        transport = self.transport
+        if (
+            sock is not None
+            and not transport._tempDataLen
+            and not transport.dataBuffer
+            and not transport.disconnecting
+            and not transport._writeDisconnecting
+            and not transport.TLS  # after startTLS, bytes must go through TLS
+        ):
+            try:
+                sent = sock.send(data)
+            except OSError:  # full (EAGAIN) or failing: the transport finds out which
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
 
     def connectionLost(self, reason: Failure) -> None:
         self.connected = False
