@@ -9,7 +9,7 @@ the handlers for the kinds they accept.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, fail
@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from twisted_rpc import wire
 from twisted_rpc.status import UnavailableError
-from twisted_rpc.wire import Frame, FrameDecoder, FrameKind, ProtocolError
+from twisted_rpc.wire import FieldHandler, FrameDecoder, FrameKind, ProtocolError
 
 _LARGE_PAYLOAD = 64 * 1024
 
@@ -70,7 +70,7 @@ class RpcConnection(Protocol):
         self.connected = False
         self.last_active = 0.0
         self.peer = "?"
-        self._handlers: dict[int, Callable[[Frame], object]] = {
+        self._handlers: dict[int, FieldHandler] = {
             FrameKind.PING: self._ping_received,
             FrameKind.PONG: self._pong_received,
         }
@@ -216,11 +216,11 @@ class RpcConnection(Protocol):
         self.send(wire.encode_ping(ping_id, payload))
         return d
 
-    def _ping_received(self, frame: Frame) -> None:
-        self.send(wire.encode_pong(frame.call_id, frame.payload))
+    def _ping_received(self, ping_id: int, *fields: Any) -> None:
+        self.send(wire.encode_pong(ping_id, fields[-1]))  # the payload echoed
 
-    def _pong_received(self, frame: Frame) -> None:
-        entry = self._pings.pop(frame.call_id, None)
+    def _pong_received(self, ping_id: int, *_: object) -> None:
+        entry = self._pings.pop(ping_id, None)
         if entry is not None:
             d, sent = entry
             d.callback(self.clock.seconds() - sent)

@@ -38,7 +38,7 @@ from twisted_rpc.status import (
     UnimplementedError,
     code_name,
 )
-from twisted_rpc.wire import Frame, FrameKind, ProtocolError
+from twisted_rpc.wire import FrameKind, ProtocolError
 
 __all__ = [
     "CallContext",
@@ -208,14 +208,22 @@ class ServerConnection(RpcConnection):
 
     # ----------------------------------------------------------------- calls
 
-    def _request_received(self, frame: Frame) -> None:
+    def _request_received(
+        self,
+        call_id: int,
+        status: int,
+        timeout_ms: int,
+        route: bytes,
+        metadata: dict[str, str] | None,
+        message: str,
+        payload: bytes | memoryview,
+    ) -> None:
         started = self.clock.seconds()
-        call_id = frame.call_id
-        method = self.routes.get(frame.route)
+        method = self.routes.get(route)
         if method is None:
-            route = frame.route.decode("utf-8", "replace")
-            not_found = self.factory.dispatcher.not_found(frame.route)
-            self._send_error(call_id, not_found, route, started, unknown=True)
+            not_found = self.factory.dispatcher.not_found(route)
+            text = route.decode("utf-8", "replace")
+            self._send_error(call_id, not_found, text, started, unknown=True)
             return
         if call_id in self.pending:
             raise ProtocolError(f"call id {call_id} is already in flight")
@@ -251,7 +259,7 @@ class ServerConnection(RpcConnection):
         self.last_call_id = call_id
         request = method.request_class()
         try:
-            request.ParseFromString(frame.payload)
+            request.ParseFromString(payload)
         except Exception as e:
             self._send_error(
                 call_id,
@@ -262,9 +270,8 @@ class ServerConnection(RpcConnection):
                 started,
             )
             return
-        timeout_ms = frame.timeout_ms
-        deadline = self.clock.seconds() + timeout_ms / 1000.0 if timeout_ms else None
-        context = CallContext(call_id, method.info, frame.metadata, deadline, self)
+        deadline = started + timeout_ms / 1000.0 if timeout_ms else None
+        context = CallContext(call_id, method.info, metadata, deadline, self)
         try:
             result = method.invoke(request, context)
         except Exception as e:
@@ -387,8 +394,8 @@ class ServerConnection(RpcConnection):
             self.factory.in_flight -= 1
         return entry
 
-    def _cancel_received(self, frame: Frame) -> None:
-        entry = self._take(frame.call_id)
+    def _cancel_received(self, call_id: int, *_: object) -> None:
+        entry = self._take(call_id)
         if entry is not None:
             self._finished(entry[1].full_name, StatusCode.CANCELLED, entry[2])
             entry[0].cancel()
@@ -435,15 +442,30 @@ class ServerFactory(Factory):
         self.draining = False
         self.in_flight = 0
         self._idle_sweep: Any = None
-        self.observer: ICallObserver | None = None
-        """Told of every call's end (metrics); see :mod:`twisted_rpc.metrics`."""
-        self.slow_call_threshold = 0.0
-        """Seconds from which a successful call is logged as slow (0: never)."""
+        self._observer: ICallObserver | None = None
+        self._slow_call_threshold = 0.0
+        self.timing = False
+        """Whether successful calls are timed (for the observer or the slow-call log)."""
 
     @property
-    def timing(self) -> bool:
-        """Whether successful calls are timed (for the observer or the slow-call log)."""
-        return self.observer is not None or self.slow_call_threshold > 0
+    def observer(self) -> ICallObserver | None:
+        """Told of every call's end (metrics); see :mod:`twisted_rpc.metrics`."""
+        return self._observer
+
+    @observer.setter
+    def observer(self, observer: ICallObserver | None) -> None:
+        self._observer = observer
+        self.timing = observer is not None or self._slow_call_threshold > 0
+
+    @property
+    def slow_call_threshold(self) -> float:
+        """Seconds from which a successful call is logged as slow (0: never)."""
+        return self._slow_call_threshold
+
+    @slow_call_threshold.setter
+    def slow_call_threshold(self, seconds: float) -> None:
+        self._slow_call_threshold = seconds
+        self.timing = self._observer is not None or seconds > 0
 
     def buildProtocol(self, addr: object) -> ServerConnection | None:
         if len(self.connections) >= self.limits.max_connections:

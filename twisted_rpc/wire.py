@@ -19,6 +19,7 @@ from enum import IntEnum
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "FLAG_EXT",
+    "FieldHandler",
     "Frame",
     "FrameDecoder",
     "FrameKind",
@@ -255,11 +256,20 @@ def _decode_ext(ext: bytes) -> tuple[dict[str, str] | None, str]:
     return metadata, message
 
 
-class FrameDecoder:
-    """Turns a byte stream into frames, passing each to ``sink``.
+FieldHandler = Callable[
+    [int, int, int, bytes, "dict[str, str] | None", str, "bytes | memoryview"], object
+]
+"""A handler of one frame kind, given the frame's fields:
+``(call_id, status, timeout_ms, route, metadata, message, payload)``."""
 
-    ``sink`` is a callable taking every frame, or a mapping from frame kind to
-    handler, in which case a frame of a kind not in it is a protocol error.
+
+class FrameDecoder:
+    """Turns a byte stream into frames.
+
+    ``sink`` is a callable taking every frame as a :class:`Frame`, or a
+    mapping from frame kind to a :data:`FieldHandler`, which is given the
+    frame's fields without a ``Frame`` built for them (the connections' hot
+    path); a frame of a kind not in the mapping is a protocol error.
 
     Complete frames are sliced straight out of the received chunk; only a
     partial frame is kept, as a list of chunks joined once when its last byte
@@ -271,11 +281,11 @@ class FrameDecoder:
 
     def __init__(
         self,
-        sink: Callable[[Frame], object] | Mapping[int, Callable[[Frame], object]],
+        sink: Callable[[Frame], object] | Mapping[int, FieldHandler],
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     ) -> None:
         if isinstance(sink, Mapping):
-            self.handlers: Mapping[int, Callable[[Frame], object]] | None = sink
+            self.handlers: Mapping[int, FieldHandler] | None = sink
             self.on_frame: Callable[[Frame], object] | None = None
         else:
             self.handlers = None
@@ -293,7 +303,7 @@ class FrameDecoder:
     def feed(self, data: bytes) -> None:
         """Decode what ``data`` completes; raise ProtocolError on a bad frame.
 
-        ``on_frame`` may raise too; the exception propagates and the rest of
+        A handler may raise too; the exception propagates and the rest of
         ``data`` is dropped, as the connection is closing anyway.
         """
         chunks = self._chunks
@@ -308,7 +318,6 @@ class FrameDecoder:
         size = len(data)
         pos = 0
         max_frame = self.max_frame_size
-        on_frame = self.on_frame
         handlers = self.handlers
         while size - pos >= HEADER_SIZE:
             length, kind, flags, status, call_id, timeout_ms, route_len = _unpack_header(data, pos)
@@ -335,25 +344,17 @@ class FrameDecoder:
                 metadata = None
                 message = ""
             pos = end
-            if handlers is not None:
-                handler = handlers.get(kind)
-                if handler is None:
-                    raise ProtocolError(f"unexpected frame kind {kind}")
-            else:
-                handler = on_frame  # type: ignore[assignment]
-            handler(  # type: ignore[misc]
-                Frame(
-                    kind,
-                    flags,
-                    status,
-                    call_id,
-                    timeout_ms,
-                    route,
-                    metadata,
-                    message,
-                    data[body:end] if end - body < _LARGE else memoryview(data)[body:end],
+            payload = data[body:end] if end - body < _LARGE else memoryview(data)[body:end]
+            if handlers is None:
+                frame = Frame(
+                    kind, flags, status, call_id, timeout_ms, route, metadata, message, payload
                 )
-            )
+                self.on_frame(frame)  # type: ignore[misc]
+                continue
+            handler = handlers.get(kind)
+            if handler is None:
+                raise ProtocolError(f"unexpected frame kind {kind}")
+            handler(call_id, status, timeout_ms, route, metadata, message, payload)
         else:
             self._needed = HEADER_SIZE
             if pos < size and size - pos >= 4:
