@@ -270,6 +270,20 @@ def test_unreachable_provider_fails_fast_and_is_redialled_with_backoff():
     assert channel.state == "connecting" and len(reactor.tcpClients) == 1
 
 
+def test_closing_the_client_from_a_failed_call_leaves_no_redial_pending():
+    # A caller that closes the client as soon as its call fails (as trial's
+    # cleanups do right after a test's last await) must not leave a redial
+    # scheduled on the closed channel: the reactor would be unclean.
+    reactor = MemoryReactorClock()
+    client = Client(reactor, providers={"mprpc.test.EchoService": ["127.0.0.1:9"]})
+    waiting = client.proxy(ECHO).Echo(echo_pb2.EchoRequest())
+    closed = []
+    waiting.addErrback(lambda f: closed.append(client.close()))
+    ConnectionCompleter(reactor).failOnce(Failure(ConnectionRefusedError()))
+    assert closed and result(closed[0]) is None
+    assert reactor.getDelayedCalls() == []
+
+
 def test_calls_waiting_for_a_connection_honour_timeout_and_cancel():
     reactor = MemoryReactorClock()
     client = Client(reactor, providers={"mprpc.test.EchoService": ["127.0.0.1:9"]})

@@ -34,7 +34,7 @@ from twisted_rpc import wire
 from twisted_rpc.balancer import Balancer, RoundRobin, balancer_named
 from twisted_rpc.deadlines import DeadlineQueue
 from twisted_rpc.interfaces import IClientInterceptor, IServiceDiscovery
-from twisted_rpc.protocol import RpcConnection
+from twisted_rpc.protocol import LARGE_PAYLOAD, RpcConnection
 from twisted_rpc.registry import ProviderAddress, StaticRegistry
 from twisted_rpc.service import (
     MethodInfo,
@@ -152,18 +152,17 @@ class ClientConnection(RpcConnection):
             call_id = self._next_wrapped_id()
         d = Deferred(self._cancel)
         self.outstanding[call_id] = (d, method.response_class)
+        size = len(payload)
         if timeout:
             if timeout != self._timeout:
                 self._timeout = timeout
                 self._timeout_ms = max(1, int(timeout * 1000))
             self.deadlines.add(self.clock.seconds() + timeout, call_id)
-            header = wire.encode_request(
-                call_id, method.route, len(payload), self._timeout_ms, metadata
-            )
+            header = wire.encode_request(call_id, method.route, size, self._timeout_ms, metadata)
         else:
-            header = wire.encode_request(call_id, method.route, len(payload), 0, metadata)
+            header = wire.encode_request(call_id, method.route, size, 0, metadata)
         batch = self._batch
-        if batch is None:
+        if batch is None or size >= LARGE_PAYLOAD:
             self.send(header, payload)
         else:  # send()'s first branch, inline: this is the hot path
             batch.append(header)
@@ -437,10 +436,11 @@ class Channel:
 
     def _failed(self) -> None:
         self.state = "failed"
-        self._release_waiters()
         delay = self._backoff * random.uniform(0.8, 1.2)
         self._backoff = min(self._backoff * 2, self.MAX_BACKOFF)
         self._retry = self.clock.callLater(delay, self._redial)
+        # Last: a waiter's errback may close this channel, which cancels the retry.
+        self._release_waiters()
 
     def _redial(self) -> None:
         self._retry = None
