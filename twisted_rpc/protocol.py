@@ -23,7 +23,16 @@ from twisted_rpc import wire
 from twisted_rpc.status import UnavailableError
 from twisted_rpc.wire import FieldHandler, FrameDecoder, FrameKind, ProtocolError
 
-_LARGE_PAYLOAD = 64 * 1024
+LARGE_PAYLOAD = 64 * 1024
+
+
+def _unsent(pieces: list[bytes], sent: int) -> list[bytes]:
+    """What is left of ``pieces`` once their first ``sent`` bytes are written."""
+    for i, piece in enumerate(pieces):
+        if sent < len(piece):
+            return [piece[sent:], *pieces[i + 1 :]]
+        sent -= len(piece)
+    return []
 
 
 @implementer(IPushProducer)
@@ -120,20 +129,20 @@ class RpcConnection(Protocol):
             return
         self._batch = None
         if batch:
-            # One join in C beats writeSequence's per-item checks; Twisted
-            # would concatenate the pieces before sending anyway.
-            self._flush(batch[0] if len(batch) == 1 else b"".join(batch))
+            # One join in C beats sending the pieces apart (a large frame
+            # was sent on its own already, see send()).
+            self._write_now([batch[0] if len(batch) == 1 else b"".join(batch)])
 
-    def _flush(self, data: bytes) -> None:
-        """Send what handling one received chunk produced, at once if we can.
+    def _write_now(self, pieces: list[bytes]) -> None:
+        """Write ``pieces`` in order, at once if the transport lets us.
 
         ``transport.write`` only buffers: the reactor then adds write interest
-        to epoll, sends on the next turn and removes the interest again, two
-        system calls and a turn per batch on top of the ``send``. A batch is
-        all this chunk produced, so there is nothing to coalesce it with by
-        waiting: on a plain TCP transport whose buffer is empty it goes out
-        with one ``send``, and whatever the socket does not take (or an
-        error) is left to the transport as usual.
+        to epoll, sends on its next turn and removes the interest again, two
+        system calls and a turn on top of the ``send``, and it joins what it
+        buffered into one string first (a copy, and for large frames fresh
+        pages). On a plain TCP transport whose buffer is empty the pieces go
+        out with one ``send``/``sendmsg`` instead; whatever the socket does not
+        take, or an error, is left to the transport as usual.
         """
         sock = self._socket
         transport = self.transport
@@ -146,13 +155,17 @@ class RpcConnection(Protocol):
             and not transport.TLS  # after startTLS, bytes must go through TLS
         ):
             try:
-                sent = sock.send(data)
+                sent = sock.send(pieces[0]) if len(pieces) == 1 else sock.sendmsg(pieces)
             except OSError:  # full (EAGAIN) or failing: the transport finds out which
                 sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-        transport.write(data)
+            if sent:
+                pieces = _unsent(pieces, sent)
+                if not pieces:
+                    return
+        if len(pieces) == 1:
+            transport.write(pieces[0])
+        else:
+            transport.writeSequence(pieces)
 
     def connectionLost(self, reason: Failure) -> None:
         self.connected = False
@@ -187,21 +200,29 @@ class RpcConnection(Protocol):
     def send(self, header: bytes, payload: bytes = b"") -> None:
         """Write one frame: ``header`` from the wire module, then ``payload``.
 
-        The only path to ``transport.write``. While a received chunk is being
-        handled, frames are collected and written together after it.
+        With :meth:`_write_now`, the only path to the transport. While a
+        received chunk is being handled, small frames are collected and
+        written together after it; a large one is written at once (after those
+        collected before it), and so is any large frame sent outside that:
+        one system call is nothing beside its size, and no join copies it.
+        Other frames sent outside a received chunk go to the transport, which
+        writes them with whatever else this turn of the reactor sends.
         """
         batch = self._batch
-        if batch is not None:
-            batch.append(header)
-            if payload:
-                batch.append(payload)
+        if len(payload) < LARGE_PAYLOAD:
+            if batch is not None:
+                batch.append(header)
+                if payload:
+                    batch.append(payload)
+            else:
+                self.transport.write(header + payload if payload else header)
             return
-        if not payload:
-            self.transport.write(header)
-        elif len(payload) < _LARGE_PAYLOAD:
-            self.transport.write(header + payload)
+        if batch:
+            pieces = [b"".join(batch), header, payload]
+            batch.clear()
         else:
-            self.transport.writeSequence((header, payload))
+            pieces = [header, payload]
+        self._write_now(pieces)
 
     # ----------------------------------------------------------------- ping
 
@@ -217,7 +238,7 @@ class RpcConnection(Protocol):
         return d
 
     def _ping_received(self, ping_id: int, *fields: Any) -> None:
-        self.send(wire.encode_pong(ping_id, fields[-1]))  # the payload echoed
+        self.send(wire.encode_pong(ping_id, bytes(fields[-1])))  # the payload echoed
 
     def _pong_received(self, ping_id: int, *_: object) -> None:
         entry = self._pings.pop(ping_id, None)

@@ -1,0 +1,124 @@
+"""The write path on a real TCP socket: frames go out with one send when the
+transport has nothing buffered, and anything the socket does not take is left
+to the transport in order."""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+
+import pytest
+from twisted.internet import tcp
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor, StringTransport
+
+from protos import echo_pb2
+from tests.echo_service import EchoService
+from twisted_rpc import wire
+from twisted_rpc.protocol import _unsent
+from twisted_rpc.server import Dispatcher, ServerFactory
+from twisted_rpc.wire import FrameDecoder
+
+ECHO = b"mprpc.test.EchoService/Echo"
+
+
+@pytest.fixture
+def tcp_pair():
+    """(provider connection on a real tcp.Server transport, the peer's socket, reactor)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    peer = socket.create_connection(listener.getsockname())
+    accepted, address = listener.accept()
+    listener.close()
+    reactor = MemoryReactor()
+    factory = ServerFactory(Dispatcher([EchoService()]), Clock())
+    proto = factory.buildProtocol(None)
+    transport = tcp.Server(accepted, proto, address, None, 1, reactor)
+    proto.makeConnection(transport)
+    try:
+        yield proto, peer, reactor
+    finally:
+        peer.close()
+        accepted.close()
+
+
+def request(call_id: int, payload: bytes = b"") -> bytes:
+    body = echo_pb2.EchoRequest(payload=payload).SerializeToString()
+    return wire.encode_request(call_id, ECHO, len(body)) + body
+
+
+def receive_frames(peer: socket.socket, count: int, transport=None, reactor=None) -> list:
+    """Read ``count`` frames from ``peer``; with a transport and reactor, play
+    the reactor's part too: call doWrite whenever the transport wants to write
+    and its socket can take more."""
+    frames: list = []
+    decoder = FrameDecoder(frames.append)
+    deadline = time.monotonic() + 10
+    while len(frames) < count:
+        assert time.monotonic() < deadline, f"only {len(frames)} of {count} frames arrived"
+        writing = transport is not None and transport in reactor.getWriters()
+        readable, writable, _ = select.select(
+            [peer], [transport.socket] if writing else [], [], 0.1
+        )
+        if writable:
+            transport.doWrite()
+        if readable:
+            decoder.feed(peer.recv(1 << 20))
+    return frames
+
+
+def test_answers_go_out_at_once_with_nothing_left_to_the_reactor(tcp_pair):
+    proto, peer, reactor = tcp_pair
+    proto.dataReceived(request(1, b"a") + request(2, b"b"))
+    transport = proto.transport
+    assert not transport._tempDataLen and not transport.dataBuffer
+    assert transport not in reactor.getWriters()  # no write interest added
+    frames = receive_frames(peer, 2)
+    assert [f.call_id for f in frames] == [1, 2]
+    assert [echo_pb2.EchoReply.FromString(f.payload).payload for f in frames] == [b"a", b"b"]
+
+
+def test_what_the_socket_does_not_take_stays_in_order_with_the_transport(tcp_pair):
+    proto, peer, reactor = tcp_pair
+    transport = proto.transport
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    big = bytes(range(256)) * 8192  # 2 MiB: far more than the socket takes at once
+    proto.dataReceived(request(1, b"small") + request(2, big) + request(3, b"after"))
+    assert transport._tempDataLen or transport.dataBuffer  # the rest waits in the transport
+    assert transport in reactor.getWriters()
+
+    frames = receive_frames(peer, 3, transport, reactor)
+    assert [f.call_id for f in frames] == [1, 2, 3]
+    replies = [echo_pb2.EchoReply.FromString(bytes(f.payload)).payload for f in frames]
+    assert replies == [b"small", big, b"after"]
+
+
+def test_a_transport_with_data_buffered_gets_the_frames_after_it(tcp_pair):
+    proto, peer, reactor = tcp_pair
+    transport = proto.transport
+    transport.write(wire.encode_ping(7))  # buffered, not sent yet
+    proto.dataReceived(request(1, b"x"))
+    assert transport._tempDataLen  # the answer queued behind the ping, not sent past it
+    frames = receive_frames(peer, 2, transport, reactor)
+    assert [(f.kind, f.call_id) for f in frames] == [(wire.FrameKind.PING, 7), (2, 1)]
+
+
+def test_a_large_answer_inside_a_batch_keeps_the_order_on_any_transport():
+    factory = ServerFactory(Dispatcher([EchoService()]), Clock())
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    big = b"z" * (200 * 1024)
+    proto.dataReceived(request(1, b"a") + request(2, big) + request(3, b"c"))
+    frames: list = []
+    FrameDecoder(frames.append).feed(transport.value())
+    assert [f.call_id for f in frames] == [1, 2, 3]
+    assert echo_pb2.EchoReply.FromString(bytes(frames[1].payload)).payload == big
+
+
+def test_unsent_pieces():
+    assert _unsent([b"abc", b"de", b"f"], 0) == [b"abc", b"de", b"f"]
+    assert _unsent([b"abc", b"de", b"f"], 2) == [b"c", b"de", b"f"]
+    assert _unsent([b"abc", b"de", b"f"], 3) == [b"de", b"f"]
+    assert _unsent([b"abc", b"de", b"f"], 5) == [b"f"]
+    assert _unsent([b"abc", b"de", b"f"], 6) == []
