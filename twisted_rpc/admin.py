@@ -14,7 +14,6 @@ import os
 from html import escape
 from typing import Any
 
-from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -201,6 +200,9 @@ class _Root(Resource):
 
 def admin_site(provider: Any, metrics: ProviderMetrics) -> Site:
     """The admin endpoint's site for ``provider`` and its ``metrics``."""
+    # Imported here: prometheus_client.twisted imports the global reactor.
+    from prometheus_client.twisted import MetricsResource
+
     root = _Root()
     root.putChild(b"", root)
     root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
