@@ -145,12 +145,26 @@ def test_full_write_buffer_pauses_reading_at_the_provider():
     assert transport.producerState == "producing"
 
 
-def test_full_write_buffer_makes_new_calls_fail_fast_at_the_consumer():
-    conn = ClientConnection(Clock())
+def test_a_slow_provider_holds_calls_up_to_max_write_buffer_at_the_consumer():
+    # A paused transport means the provider reads slower than we write: busy
+    # with large calls, or not reading at all. Calls still go to the
+    # transport's buffer until max_write_buffer bytes of them wait there.
+    conn = ClientConnection(Clock(), max_write_buffer=2500)
     transport = StringTransport()
     conn.makeConnection(transport)
+    request = echo_pb2.EchoRequest(payload=b"p" * 1000)
+    size = request.ByteSize()
     transport.producer.pauseProducing()
-    refused = conn.call(ASYNC, echo_pb2.EchoRequest())
-    assert failure_of(refused).code == StatusCode.RESOURCE_EXHAUSTED
-    transport.producer.resumeProducing()
-    assert not conn.call(ASYNC, echo_pb2.EchoRequest()).called  # sent, waiting
+    transport.clear()
+    held = [conn.call(ASYNC, request) for _ in range(2)]  # 2 x 1003 bytes: under the bound
+    refused = conn.call(ASYNC, request)  # a third would pass it
+    assert not any(d.called for d in held)
+    assert [f.call_id for f in _frames(transport)] == [1, 2]
+    error = failure_of(refused)
+    assert error.code == StatusCode.RESOURCE_EXHAUSTED
+    assert "more than 2500 bytes of calls wait to be sent" in error.message
+    assert 2 * size <= 2500 < 3 * size
+    transport.producer.resumeProducing()  # drained: the count starts again
+    again = [conn.call(ASYNC, request) for _ in range(2)]
+    assert not any(d.called for d in again)
+    assert len(_frames(transport)) == 2

@@ -91,6 +91,25 @@ def test_consumer_config(tmp_path):
     ]
 
 
+def test_consumer_max_write_buffer_reaches_the_connections(tmp_path):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twisted_rpc.client import DEFAULT_MAX_WRITE_BUFFER, Client, _ConnectionFactory
+
+    assert load_consumer_config(write(tmp_path, "")).max_write_buffer == DEFAULT_MAX_WRITE_BUFFER
+    path = write(
+        tmp_path,
+        "[consumer]\nmax_write_buffer = 1048576\n[providers]\nexample.UserService = 127.0.0.1:1\n",
+    )
+    client = Client.from_config(path, MemoryReactorClock())
+    client.proxy("example.UserService")
+    (channel,) = client.channels.values()
+    connection = _ConnectionFactory(channel).buildProtocol(None)
+    assert connection.max_write_buffer == 1048576
+    with pytest.raises(ConfigError, match="max_write_buffer = 'lots' is not a number"):
+        load_consumer_config(write(tmp_path, "[consumer]\nmax_write_buffer = lots\n"))
+
+
 def test_shipped_configs_load():
     assert load_provider_config("etc/provider.ini").listen == "tcp:8000:interface=127.0.0.1"
     assert set(load_consumer_config("etc/consumer.ini").providers) == {
@@ -129,3 +148,20 @@ def test_operability_key_errors(tmp_path, extra, message):
     with pytest.raises(ConfigError) as raised:
         load_provider_config(path)
     assert message in str(raised.value)
+
+
+def test_the_plugin_and_what_it_imports_leave_the_reactor_alone():
+    # twistd chooses the reactor (--reactor) after loading plugins: nothing the
+    # plugin imports may install the global one first.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, runpy; runpy.run_path('twisted/plugins/mprpc_plugin.py');"
+        "import twisted_rpc.tap, twisted_rpc.provider, twisted_rpc.admin;"
+        "sys.exit('twisted.internet.reactor' in sys.modules)"
+    )
+    from tests.processes import ROOT, environment
+
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environment(), timeout=60)
+    assert done.returncode == 0

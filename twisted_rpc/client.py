@@ -66,6 +66,9 @@ __all__ = [
 
 log = Logger()
 
+DEFAULT_MAX_WRITE_BUFFER = 256 * 1024 * 1024
+"""Bytes of calls a connection holds unsent before new calls fail RESOURCE_EXHAUSTED."""
+
 
 class NotSentError(UnavailableError):
     """UNAVAILABLE before the call was written to any connection: safe to send elsewhere."""
@@ -82,10 +85,13 @@ class ClientConnection(RpcConnection):
         on_goaway: Callable[[ClientConnection], object] | None = None,
         keepalive_interval: float = 0.0,
         keepalive_timeout: float = 10.0,
+        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
     ) -> None:
         super().__init__(clock, max_frame_size)
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
+        self.max_write_buffer = max_write_buffer
+        self._written_while_blocked = 0
         self.keepalive_failed = False
         self._keepalive: Any = None
         self.outstanding: dict[int, tuple[Deferred, type[Message]]] = {}
@@ -139,12 +145,25 @@ class ClientConnection(RpcConnection):
         metadata: Mapping[str, str] | None = None,
     ) -> Deferred:
         """Send one call; the Deferred fires with the response or an RpcError."""
-        if not self.available or self.write_blocked:
-            return fail(self._not_sendable())
+        if not self.available:
+            why = "provider is shutting down" if self.goaway_received else "not connected"
+            return fail(NotSentError(message=f"{self.peer}: {why}"))
         try:
             payload = request.SerializeToString()
         except Exception as e:
             return fail(InvalidArgumentError(message=f"cannot serialize request: {e}"))
+        if self.write_blocked:
+            # The provider reads slower than we write (busy, or not reading at
+            # all): calls still go to the transport's buffer, up to a bound.
+            held = self._written_while_blocked + len(payload)
+            if held > self.max_write_buffer:
+                return fail(
+                    ResourceExhaustedError(
+                        message=f"{self.peer} is not reading: more than "
+                        f"{self.max_write_buffer} bytes of calls wait to be sent"
+                    )
+                )
+            self._written_while_blocked = held
         call_id = self._next_id
         if call_id < 0xFFFFFFFF and not self._wrapped:
             self._next_id = call_id + 1
@@ -169,13 +188,9 @@ class ClientConnection(RpcConnection):
             batch.append(payload)
         return d
 
-    def _not_sendable(self) -> RpcError:
-        if not self.available:
-            why = "provider is shutting down" if self.goaway_received else "not connected"
-            return NotSentError(message=f"{self.peer}: {why}")
-        return ResourceExhaustedError(
-            message=f"{self.peer} is not reading: its write buffer is full"
-        )
+    def write_buffer_drained(self) -> None:
+        super().write_buffer_drained()
+        self._written_while_blocked = 0
 
     def _next_wrapped_id(self) -> int:
         """After 2**32 - 1 calls the ids wrap: skip the ones still in flight."""
@@ -263,6 +278,7 @@ class _ConnectionFactory(Factory):
             c._goaway,
             c.keepalive_interval,
             c.keepalive_timeout,
+            c.max_write_buffer,
         )
 
 
@@ -296,9 +312,11 @@ class Channel:
         keepalive_interval: float = 0.0,
         keepalive_timeout: float = 10.0,
         tls: ClientTLS | None = None,
+        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
     ) -> None:
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
+        self.max_write_buffer = max_write_buffer
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.address = address
@@ -551,6 +569,7 @@ class Client:
         keepalive_interval: float = 0.0,
         keepalive_timeout: float = 10.0,
         tls: ClientTLS | None = None,
+        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -572,6 +591,7 @@ class Client:
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
         self.tls = tls
+        self.max_write_buffer = max_write_buffer
         self.channels: dict[str, Channel] = {}
         self._routes: dict[str, _ServiceRoute] = {}
         self._unsubscribe: list[Callable[[], object]] = []
@@ -594,6 +614,7 @@ class Client:
         kw.setdefault("balancer", config.balancer)
         kw.setdefault("keepalive_interval", config.keepalive_interval)
         kw.setdefault("keepalive_timeout", config.keepalive_timeout)
+        kw.setdefault("max_write_buffer", config.max_write_buffer)
         kw.setdefault("tls", config.tls)
         if config.registry.kind == "zookeeper":
             from twisted_rpc.zkregistry import ZooKeeperRegistry
@@ -810,6 +831,7 @@ class Client:
                 keepalive_interval=self.keepalive_interval,
                 keepalive_timeout=self.keepalive_timeout,
                 tls=self._tls_for(address),
+                max_write_buffer=self.max_write_buffer,
             )
             channel.connect()
         else:

@@ -18,6 +18,7 @@ from twisted.internet.testing import MemoryReactor
 
 from twisted_rpc import wire
 from twisted_rpc.balancer import balancer_named
+from twisted_rpc.client import DEFAULT_MAX_WRITE_BUFFER
 from twisted_rpc.registry import ProviderAddress, parse_address
 from twisted_rpc.server import ServerLimits
 from twisted_rpc.service import Service
@@ -119,6 +120,7 @@ class ConsumerConfig:
     balancer: str = "round_robin"
     keepalive_interval: float = 0.0
     keepalive_timeout: float = 10.0
+    max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER
     tls: ClientTLS | None = None
     providers: dict[str, list[ProviderAddress]] = field(default_factory=dict)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
@@ -146,6 +148,7 @@ _CONSUMER_KEYS = {
     "balancer",
     "keepalive_interval",
     "keepalive_timeout",
+    "max_write_buffer",
 }
 _REGISTRY_KEYS = {"kind", "hosts", "root", "session_timeout", "weight", "auth"}
 _MPRPC_KEYS = {"listen", "advertise", "zookeeper", "config"}
@@ -418,6 +421,7 @@ def load_consumer_config(path: str) -> ConsumerConfig:
         balancer=balancer,
         keepalive_interval=r.number("consumer", "keepalive_interval", 0.0),
         keepalive_timeout=r.number("consumer", "keepalive_timeout", 10.0, minimum=0.001),
+        max_write_buffer=r.number("consumer", "max_write_buffer", DEFAULT_MAX_WRITE_BUFFER, int, 0),
         tls=ClientTLS(
             r.get("tls", "ca", "") or "",
             r.get("tls", "certificate", "") or "",
