@@ -86,3 +86,31 @@ def test_bench_server_and_client_report_one_json_line():
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(10)
+
+
+def test_ratio_tables_compare_within_one_run():
+    from scripts.bench_ratios import ratio_rows, target_rows
+
+    def cell(calls: float, p99: float, cpu: float) -> dict:
+        return {"calls_per_s": calls, "p99_us": p99, "cpu_us_per_call": cpu}
+
+    medians = {}
+    for c in (1, 16, 128):
+        medians[("twisted-pipeline", 32, c)] = cell(100_000, 200, 8.0)
+        medians[("grpc-aio", 32, c)] = cell(8_000, 4000, 200.0)
+    medians[("twisted_rpc", 32, 1)] = cell(100_000, 210, 8.5)
+    medians[("twisted_rpc", 32, 16)] = cell(90_000, 270, 11.0)  # p99 1.35×, +3.0 µs
+    medians[("twisted_rpc", 32, 128)] = cell(70_000, 220, 9.0)
+    rows = ratio_rows(medians, "twisted_rpc")
+    assert rows[3] == "| 32 B | 16 | 90,000 | 0.90× | 11.2× | 270 / 200 | 11.0 / 8.0 | +3.0 |"
+    targets = target_rows(medians, "twisted_rpc")[2:]
+    met = {row.split(" | ")[0][2:]: row.endswith("yes |") for row in targets}
+    assert met == {
+        "32 B, C=16: ≥ 0.85× floor": True,
+        "32 B, C=128: ≥ 0.70× floor": True,
+        "32 B, C=1: ≥ 1.0× floor": True,
+        "32 B, C=16: p99 ≤ 1.3× floor's": False,
+        "32 B, C=16: added CPU ≤ 2.5 µs/call": False,
+        "32 B, C=128: added CPU ≤ 2.5 µs/call": True,
+        "32 B, C=16: ≥ 10× grpc-aio": True,
+    }

@@ -1,0 +1,94 @@
+"""Tables for docs/benchmarks.md from one run of the peer benchmark's run_all.py.
+
+    python scripts/bench_ratios.py peers.json [--system twisted_rpc]
+
+Prints twisted_rpc's medians against the pipelined raw-Twisted floor and
+grpc-aio of the same run, then the performance issue's targets with the value
+this run gave for each. Only ratios inside one run mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+FLOOR = "twisted-pipeline"
+SIZES = {32: "32 B", 65536: "64 KiB", 1048576: "1 MiB"}
+
+
+def _us(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.1f}"
+
+
+def _signed(x: float) -> str:
+    return ("+" if x >= 0 else "−") + _us(abs(x))
+
+
+def ratio_rows(medians: dict[tuple[str, int, int], dict[str, Any]], system: str) -> list[str]:
+    rows = [
+        "| payload | C | calls/s | ÷ floor | ÷ grpc-aio | p99 µs (ours / floor) "
+        "| CPU µs/call (ours / floor) | added CPU µs/call |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (name, payload, c), ours in sorted(medians.items(), key=lambda kv: kv[0][1:]):
+        if name != system:
+            continue
+        floor, aio = medians[(FLOOR, payload, c)], medians[("grpc-aio", payload, c)]
+        rows.append(
+            f"| {SIZES.get(payload, f'{payload} B')} | {c} | {ours['calls_per_s']:,.0f} "
+            f"| {ours['calls_per_s'] / floor['calls_per_s']:.2f}× "
+            f"| {ours['calls_per_s'] / aio['calls_per_s']:.1f}× "
+            f"| {ours['p99_us']:,.0f} / {floor['p99_us']:,.0f} "
+            f"| {_us(ours['cpu_us_per_call'])} / {_us(floor['cpu_us_per_call'])} "
+            f"| {_signed(ours['cpu_us_per_call'] - floor['cpu_us_per_call'])} |"
+        )
+    return rows
+
+
+def target_rows(medians: dict[tuple[str, int, int], dict[str, Any]], system: str) -> list[str]:
+    def cell(payload: int, c: int, name: str = system) -> dict[str, Any]:
+        return medians[(name, payload, c)]
+
+    def vs_floor(payload: int, c: int) -> float:
+        return cell(payload, c)["calls_per_s"] / cell(payload, c, FLOOR)["calls_per_s"]
+
+    def added(c: int) -> float:
+        return cell(32, c)["cpu_us_per_call"] - cell(32, c, FLOOR)["cpu_us_per_call"]
+
+    p99 = cell(32, 16)["p99_us"] / cell(32, 16, FLOOR)["p99_us"]
+    aio = cell(32, 16)["calls_per_s"] / cell(32, 16, "grpc-aio")["calls_per_s"]
+    checks = [
+        ("32 B, C=16: ≥ 0.85× floor", f"{vs_floor(32, 16):.2f}×", vs_floor(32, 16) >= 0.85),
+        ("32 B, C=128: ≥ 0.70× floor", f"{vs_floor(32, 128):.2f}×", vs_floor(32, 128) >= 0.70),
+        ("32 B, C=1: ≥ 1.0× floor", f"{vs_floor(32, 1):.2f}×", vs_floor(32, 1) >= 1.0),
+        ("32 B, C=16: p99 ≤ 1.3× floor's", f"{p99:.2f}×", p99 <= 1.3),
+        ("32 B, C=16: added CPU ≤ 2.5 µs/call", _signed(added(16)), added(16) <= 2.5),
+        ("32 B, C=128: added CPU ≤ 2.5 µs/call", _signed(added(128)), added(128) <= 2.5),
+    ]
+    for payload in (65536, 1048576):
+        for c in (1, 16, 128):
+            if (system, payload, c) in medians:
+                r = vs_floor(payload, c)
+                checks.append((f"{SIZES[payload]}, C={c}: ≥ 1.1× floor", f"{r:.2f}×", r >= 1.1))
+    checks.append(("32 B, C=16: ≥ 10× grpc-aio", f"{aio:.1f}×", aio >= 10))
+    rows = ["| target | this run | met? |", "|---|---:|---|"]
+    rows += [f"| {what} | {value} | {'yes' if ok else 'no'} |" for what, value, ok in checks]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", help="the --out JSON of run_all.py")
+    parser.add_argument("--system", default="twisted_rpc")
+    args = parser.parse_args()
+    with open(args.results) as f:
+        run = json.load(f)
+    medians = {(m["system"], m["payload"], m["concurrency"]): m for m in run["medians"]}
+    print("\n".join(ratio_rows(medians, args.system)))
+    print()
+    print("\n".join(target_rows(medians, args.system)))
+
+
+if __name__ == "__main__":
+    main()
