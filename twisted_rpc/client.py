@@ -152,18 +152,13 @@ class ClientConnection(RpcConnection):
             payload = request.SerializeToString()
         except Exception as e:
             return fail(InvalidArgumentError(message=f"cannot serialize request: {e}"))
-        if self.write_blocked:
-            # The provider reads slower than we write (busy, or not reading at
-            # all): calls still go to the transport's buffer, up to a bound.
-            held = self._written_while_blocked + len(payload)
-            if held > self.max_write_buffer:
-                return fail(
-                    ResourceExhaustedError(
-                        message=f"{self.peer} is not reading: more than "
-                        f"{self.max_write_buffer} bytes of calls wait to be sent"
-                    )
+        if self.write_blocked and self._over_write_buffer(len(payload)):
+            return fail(
+                ResourceExhaustedError(
+                    message=f"{self.peer} is not reading: more than "
+                    f"{self.max_write_buffer} bytes of calls wait to be sent"
                 )
-            self._written_while_blocked = held
+            )
         call_id = self._next_id
         if call_id < 0xFFFFFFFF and not self._wrapped:
             self._next_id = call_id + 1
@@ -188,9 +183,31 @@ class ClientConnection(RpcConnection):
             batch.append(payload)
         return d
 
+    def _over_write_buffer(self, size: int) -> bool:
+        """Whether ``size`` more bytes would pass max_write_buffer.
+
+        Asked only while the transport is paused: the provider reads slower
+        than we write (busy, or not reading at all). A transport that does not
+        tell what it holds is assumed to hold all written since the pause.
+        """
+        unsent = self.unsent_bytes()
+        if unsent is None:
+            unsent = self._written_while_blocked
+        if unsent + size > self.max_write_buffer:
+            return True
+        self._written_while_blocked += size
+        return False
+
     def write_buffer_drained(self) -> None:
         super().write_buffer_drained()
         self._written_while_blocked = 0
+
+    def close(self) -> None:
+        """Close at once. The calls in flight fail either way, and flushing
+        unsent ones first could wait forever: the transport stops reading
+        when asked to close, so a provider with answers for us stops reading
+        too once its own buffer is full."""
+        self.transport.abortConnection()
 
     def _next_wrapped_id(self) -> int:
         """After 2**32 - 1 calls the ids wrap: skip the ones still in flight."""

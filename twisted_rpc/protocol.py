@@ -192,6 +192,16 @@ class RpcConnection(Protocol):
             self.transport.unregisterProducer()
         self.transport.loseConnection()
 
+    def unsent_bytes(self) -> int | None:
+        """Bytes given to the transport and not sent yet, if it tells: a TCP
+        transport does, also under TLS (which buffers in the TCP transport)."""
+        transport = self.transport
+        while not isinstance(transport, tcp.Connection):
+            transport = getattr(transport, "transport", None)
+            if transport is None:
+                return None
+        return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+
     def protocol_violation(self, why: str) -> None:
         """Log why and drop the connection at once (no more frames are read)."""
         self.log.warn("closing connection from {peer}: {why}", peer=self.peer, why=why)

@@ -14,13 +14,24 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 
 from protos import echo_pb2
+from tests.echo_service import ECHO as ECHO_SERVICE
 from tests.echo_service import EchoService
-from twisted_rpc import wire
+from twisted_rpc import StatusCode, wire
+from twisted_rpc.client import ClientConnection
 from twisted_rpc.protocol import _unsent
 from twisted_rpc.server import Dispatcher, ServerFactory
+from twisted_rpc.service import describe
 from twisted_rpc.wire import FrameDecoder
 
 ECHO = b"mprpc.test.EchoService/Echo"
+ASYNC = describe(ECHO_SERVICE).methods["AsyncEcho"]
+
+
+def failure_of(d):
+    failures = []
+    d.addErrback(failures.append)
+    assert failures, "the call did not fail"
+    return failures[0].value
 
 
 @pytest.fixture
@@ -122,3 +133,86 @@ def test_unsent_pieces():
     assert _unsent([b"abc", b"de", b"f"], 3) == [b"de", b"f"]
     assert _unsent([b"abc", b"de", b"f"], 5) == [b"f"]
     assert _unsent([b"abc", b"de", b"f"], 6) == []
+
+
+def test_unsent_bytes_counts_what_the_tcp_transport_holds(tcp_pair):
+    proto, peer, reactor = tcp_pair
+    assert proto.unsent_bytes() == 0
+    proto.transport.write(b"x" * 10)  # buffered until the reactor's turn
+    assert proto.unsent_bytes() == 10
+    memory = factory_connection()
+    assert memory.unsent_bytes() is None  # a transport that does not tell
+
+
+def factory_connection():
+    proto = ServerFactory(Dispatcher([EchoService()]), Clock()).buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    return proto
+
+
+@pytest.fixture
+def client_over_tcp():
+    """(consumer connection on a real TCP transport, the provider side's socket, reactor)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    peer = socket.create_connection(listener.getsockname())
+    accepted, address = listener.accept()
+    listener.close()
+    for s in (accepted, peer):  # small kernel buffers: the transport's own fills sooner
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    reactor = MemoryReactor()
+    conn = ClientConnection(Clock(), max_write_buffer=1 << 20)
+    transport = tcp.Server(accepted, conn, address, None, 1, reactor)
+    conn.makeConnection(transport)
+    try:
+        yield conn, peer, reactor
+    finally:
+        peer.close()
+        accepted.close()
+
+
+def test_calls_wait_in_the_buffer_up_to_max_write_buffer_and_no_more(client_over_tcp):
+    conn, peer, reactor = client_over_tcp
+    request = echo_pb2.EchoRequest(payload=b"q" * 100_000)
+    size = request.ByteSize()
+    calls = []
+    while len(calls) < 100:  # the provider reads nothing
+        calls.append(conn.call(ASYNC, request))
+        if calls[-1].called:
+            break
+    refused = calls.pop()
+    assert conn.write_blocked
+    error = failure_of(refused)
+    assert error.code == StatusCode.RESOURCE_EXHAUSTED
+    assert conn.unsent_bytes() <= 1 << 20 < conn.unsent_bytes() + size + 60
+    assert not any(d.called for d in calls)
+
+
+def test_a_busy_provider_never_trips_the_bound_while_it_keeps_reading(client_over_tcp):
+    # The transport stays paused for as long as anything is buffered, so what
+    # counts is what it holds now, not what was written since the pause.
+    conn, peer, reactor = client_over_tcp
+    peer.setblocking(False)
+    request = echo_pb2.EchoRequest(payload=b"q" * 100_000)
+    sent = 0
+    for _ in range(60):  # 6 MB through a 1 MiB bound, the provider reading as it goes
+        d = conn.call(ASYNC, request)
+        assert not d.called, failure_of(d).message
+        sent += 1
+        while conn.unsent_bytes() > 150_000:  # read about as fast as we write, never all
+            if conn.transport in reactor.getWriters():
+                conn.transport.doWrite()
+            try:
+                while peer.recv(1 << 20):
+                    pass
+            except BlockingIOError:
+                pass
+    assert sent == 60 and conn.write_blocked  # paused all along, and still calls go
+
+
+def test_closing_a_consumer_connection_does_not_wait_for_unsent_calls():
+    conn = ClientConnection(Clock())
+    transport = StringTransport()
+    conn.makeConnection(transport)
+    conn.close()
+    assert transport.disconnected  # aborted, not waiting to flush
