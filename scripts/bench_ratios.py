@@ -25,11 +25,17 @@ def _signed(x: float) -> str:
     return ("+" if x >= 0 else "−") + _us(abs(x))
 
 
-def ratio_rows(medians: dict[tuple[str, int, int], dict[str, Any]], system: str) -> list[str]:
+def ratio_rows(
+    medians: dict[tuple[str, int, int], dict[str, Any]],
+    system: str,
+    errors: dict[tuple[str, int, int], int] | None = None,
+) -> list[str]:
+    """One row per cell of ``system``; ``errors`` are its failed calls, all rounds."""
+    errors = errors or {}
     rows = [
         "| payload | C | calls/s | ÷ floor | ÷ grpc-aio | p99 µs (ours / floor) "
-        "| CPU µs/call (ours / floor) | added CPU µs/call |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU µs/call (ours / floor) | added CPU µs/call | failed calls |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (name, payload, c), ours in sorted(medians.items(), key=lambda kv: kv[0][1:]):
         if name != system:
@@ -41,12 +47,20 @@ def ratio_rows(medians: dict[tuple[str, int, int], dict[str, Any]], system: str)
             f"| {ours['calls_per_s'] / aio['calls_per_s']:.1f}× "
             f"| {ours['p99_us']:,.0f} / {floor['p99_us']:,.0f} "
             f"| {_us(ours['cpu_us_per_call'])} / {_us(floor['cpu_us_per_call'])} "
-            f"| {_signed(ours['cpu_us_per_call'] - floor['cpu_us_per_call'])} |"
+            f"| {_signed(ours['cpu_us_per_call'] - floor['cpu_us_per_call'])} "
+            f"| {errors.get((name, payload, c), 0)} |"
         )
     return rows
 
 
-def target_rows(medians: dict[tuple[str, int, int], dict[str, Any]], system: str) -> list[str]:
+def target_rows(
+    medians: dict[tuple[str, int, int], dict[str, Any]],
+    system: str,
+    errors: dict[tuple[str, int, int], int] | None = None,
+) -> list[str]:
+    """The issue's targets; a cell with failed calls meets none."""
+    errors = errors or {}
+
     def cell(payload: int, c: int, name: str = system) -> dict[str, Any]:
         return medians[(name, payload, c)]
 
@@ -73,7 +87,12 @@ def target_rows(medians: dict[tuple[str, int, int], dict[str, Any]], system: str
                 checks.append((f"{SIZES[payload]}, C={c}: ≥ 1.1× floor", f"{r:.2f}×", r >= 1.1))
     checks.append(("32 B, C=16: ≥ 10× grpc-aio", f"{aio:.1f}×", aio >= 10))
     rows = ["| target | this run | met? |", "|---|---:|---|"]
-    rows += [f"| {what} | {value} | {'yes' if ok else 'no'} |" for what, value, ok in checks]
+    for what, value, ok in checks:
+        size, c = what.split(":")[0].split(", C=")
+        failed = errors.get((system, {v: k for k, v in SIZES.items()}[size], int(c)), 0)
+        if failed:
+            value, ok = f"{value} ({failed} failed calls)", False
+        rows.append(f"| {what} | {value} | {'yes' if ok else 'no'} |")
     return rows
 
 
@@ -85,9 +104,13 @@ def main() -> None:
     with open(args.results) as f:
         run = json.load(f)
     medians = {(m["system"], m["payload"], m["concurrency"]): m for m in run["medians"]}
-    print("\n".join(ratio_rows(medians, args.system)))
+    errors: dict[tuple[str, int, int], int] = {}
+    for r in run["runs"]:
+        key = (r["system"], r["payload"], r["concurrency"])
+        errors[key] = errors.get(key, 0) + (r.get("errors") or 0)
+    print("\n".join(ratio_rows(medians, args.system, errors)))
     print()
-    print("\n".join(target_rows(medians, args.system)))
+    print("\n".join(target_rows(medians, args.system, errors)))
 
 
 if __name__ == "__main__":
