@@ -114,3 +114,12 @@ def test_ratio_tables_compare_within_one_run():
         "32 B, C=128: added CPU ≤ 2.5 µs/call": True,
         "32 B, C=16: ≥ 10× grpc-aio": True,
     }
+
+
+def test_hotpath_bench_runs_both_sides_end_to_end():
+    from scripts.hotpath_bench import consumer_us_per_call, provider_us_per_call
+
+    # Each answer's callback makes the next call; the consumer side checks that
+    # every call was answered, so a broken path fails here rather than measures.
+    assert provider_us_per_call(4, 40) > 0
+    assert consumer_us_per_call(4, 40) > 0
