@@ -34,23 +34,30 @@ def failure_of(d):
     return failures[0].value
 
 
-@pytest.fixture
-def tcp_pair():
-    """(provider connection on a real tcp.Server transport, the peer's socket, reactor)."""
+def over_tcp(protocol, buffer_size: int = 0):
+    """Connect ``protocol`` to a peer socket through a real tcp.Server transport on
+    loopback (the reactor a MemoryReactor); yield (protocol, peer socket, reactor)."""
     listener = socket.create_server(("127.0.0.1", 0))
     peer = socket.create_connection(listener.getsockname())
     accepted, address = listener.accept()
     listener.close()
+    if buffer_size:  # small kernel buffers: the transport's own fills sooner
+        for s in (accepted, peer):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
     reactor = MemoryReactor()
-    factory = ServerFactory(Dispatcher([EchoService()]), Clock())
-    proto = factory.buildProtocol(None)
-    transport = tcp.Server(accepted, proto, address, None, 1, reactor)
-    proto.makeConnection(transport)
+    protocol.makeConnection(tcp.Server(accepted, protocol, address, None, 1, reactor))
     try:
-        yield proto, peer, reactor
+        yield protocol, peer, reactor
     finally:
         peer.close()
         accepted.close()
+
+
+@pytest.fixture
+def tcp_pair():
+    """(provider connection on a real TCP transport, the peer's socket, reactor)."""
+    yield from over_tcp(ServerFactory(Dispatcher([EchoService()]), Clock()).buildProtocol(None))
 
 
 def request(call_id: int, payload: bytes = b"") -> bytes:
@@ -153,22 +160,7 @@ def factory_connection():
 @pytest.fixture
 def client_over_tcp():
     """(consumer connection on a real TCP transport, the provider side's socket, reactor)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    peer = socket.create_connection(listener.getsockname())
-    accepted, address = listener.accept()
-    listener.close()
-    for s in (accepted, peer):  # small kernel buffers: the transport's own fills sooner
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    reactor = MemoryReactor()
-    conn = ClientConnection(Clock(), max_write_buffer=1 << 20)
-    transport = tcp.Server(accepted, conn, address, None, 1, reactor)
-    conn.makeConnection(transport)
-    try:
-        yield conn, peer, reactor
-    finally:
-        peer.close()
-        accepted.close()
+    yield from over_tcp(ClientConnection(Clock(), max_write_buffer=1 << 20), buffer_size=16384)
 
 
 def test_calls_wait_in_the_buffer_up_to_max_write_buffer_and_no_more(client_over_tcp):
