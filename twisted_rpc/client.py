@@ -155,7 +155,7 @@ class ClientConnection(RpcConnection):
         if self.write_blocked and self._over_write_buffer(len(payload)):
             return fail(
                 ResourceExhaustedError(
-                    message=f"{self.peer} is not reading: more than "
+                    message=f"{self.peer} reads slower than calls are made: more than "
                     f"{self.max_write_buffer} bytes of calls wait to be sent"
                 )
             )
