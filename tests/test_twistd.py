@@ -42,8 +42,10 @@ class ProviderTests(TestCase):
 
     def setUp(self) -> None:
         # A rare CI failure left a Channel._redial pending after this class's
-        # SIGTERM test: record where delayed calls are made, so that a dirty
-        # reactor report names the caller if it happens again.
+        # SIGTERM test (a redial scheduled after the waiting call's errback had
+        # closed the client; fixed in Channel._failed, unit-tested in
+        # test_client). Delayed calls still record where they were made, so a
+        # dirty reactor report names the caller should anything like it recur.
         self.patch(DelayedCall, "debug", True)
 
     def start(self, extra: str = "") -> Provider:
