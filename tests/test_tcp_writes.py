@@ -208,3 +208,20 @@ def test_closing_a_consumer_connection_does_not_wait_for_unsent_calls():
     conn.makeConnection(transport)
     conn.close()
     assert transport.disconnected  # aborted, not waiting to flush
+
+
+def test_a_twisted_without_the_buffer_attributes_gets_the_plain_transport_path(monkeypatch):
+    from twisted_rpc import protocol
+
+    missing = (*protocol._TCP_BUFFER, "_gone_in_a_later_twisted")
+    monkeypatch.setattr(protocol, "_TCP_BUFFER", missing)
+    pair = over_tcp(ServerFactory(Dispatcher([EchoService()]), Clock()).buildProtocol(None))
+    proto, peer, reactor = next(pair)
+    try:
+        proto.dataReceived(request(1, b"a"))
+        assert proto.transport in reactor.getWriters()  # left to the reactor, not sent here
+        assert proto.unsent_bytes() is None
+        (frame,) = receive_frames(peer, 1, proto.transport, reactor)
+        assert frame.call_id == 1
+    finally:
+        pair.close()

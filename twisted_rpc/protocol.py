@@ -26,6 +26,24 @@ from twisted_rpc.wire import FieldHandler, FrameDecoder, FrameKind, ProtocolErro
 LARGE_PAYLOAD = 64 * 1024
 
 
+# What _write_now and unsent_bytes read of a TCP transport's write buffer. They
+# are Twisted's private attributes (abstract.FileDescriptor, tcp.Connection):
+# a Twisted without them gets the plain transport path instead.
+_TCP_BUFFER = ("_tempDataLen", "dataBuffer", "offset", "_writeDisconnecting", "TLS", "socket")
+
+
+def _tcp_transport(transport: object) -> tcp.Connection | None:
+    """The TCP transport under ``transport`` (itself, or below TLS), if its
+    buffer can be read."""
+    while not isinstance(transport, tcp.Connection):
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return None
+    if not all(hasattr(transport, name) for name in _TCP_BUFFER):
+        return None
+    return transport
+
+
 def _unsent(pieces: list[bytes], sent: int) -> list[bytes]:
     """What is left of ``pieces`` once their first ``sent`` bytes are written."""
     for i, piece in enumerate(pieces):
@@ -100,7 +118,7 @@ class RpcConnection(Protocol):
         if hasattr(self.transport, "registerProducer"):
             self.transport.registerProducer(_WriteBufferWatch(self), True)
             self._watching_writes = True
-        if isinstance(self.transport, tcp.Connection):
+        if _tcp_transport(self.transport) is self.transport:
             self._socket = self.transport.socket
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
@@ -195,11 +213,9 @@ class RpcConnection(Protocol):
     def unsent_bytes(self) -> int | None:
         """Bytes given to the transport and not sent yet, if it tells: a TCP
         transport does, also under TLS (which buffers in the TCP transport)."""
-        transport = self.transport
-        while not isinstance(transport, tcp.Connection):
-            transport = getattr(transport, "transport", None)
-            if transport is None:
-                return None
+        transport = _tcp_transport(self.transport)
+        if transport is None:
+            return None
         return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
 
     def protocol_violation(self, why: str) -> None:
