@@ -103,7 +103,8 @@ class RpcConnection(Protocol):
         }
         self.decoder = FrameDecoder(self._handlers, max_frame_size)
         self._batch: list[bytes] | None = None
-        self._socket: socket.socket | None = None
+        self._tcp: tcp.Connection | None = None  # the TCP transport, itself or below TLS
+        self._socket: socket.socket | None = None  # its socket, when we write to it directly
         self._pings: dict[int, tuple[Deferred, float]] = {}
         self._next_ping = 1
 
@@ -118,8 +119,9 @@ class RpcConnection(Protocol):
         if hasattr(self.transport, "registerProducer"):
             self.transport.registerProducer(_WriteBufferWatch(self), True)
             self._watching_writes = True
-        if _tcp_transport(self.transport) is self.transport:
-            self._socket = self.transport.socket
+        self._tcp = _tcp_transport(self.transport)
+        if self._tcp is self.transport:
+            self._socket = self._tcp.socket
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             try:
@@ -213,7 +215,7 @@ class RpcConnection(Protocol):
     def unsent_bytes(self) -> int | None:
         """Bytes given to the transport and not sent yet, if it tells: a TCP
         transport does, also under TLS (which buffers in the TCP transport)."""
-        transport = _tcp_transport(self.transport)
+        transport = self._tcp
         if transport is None:
             return None
         return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
