@@ -23,6 +23,7 @@ __all__ = [
     "Frame",
     "FrameDecoder",
     "FrameKind",
+    "GoawayReason",
     "HEADER_SIZE",
     "ProtocolError",
     "encode_cancel",
@@ -64,6 +65,22 @@ class FrameKind(IntEnum):
     PING = 4
     PONG = 5
     GOAWAY = 6
+
+
+class GoawayReason(IntEnum):
+    """Why a provider sent GOAWAY, carried in the frame's ``status`` field.
+
+    The consumer acts on it: after ``IDLE`` it redials on the next call as if
+    nothing happened; after ``SHUTDOWN`` (and ``UNSPECIFIED``, what a peer
+    that does not say sends) it takes the provider out of rotation; after
+    ``OVERLOAD`` it sends elsewhere while it can. In every case the calls
+    above the frame's ``last_call_id`` were never run and are sent again.
+    """
+
+    UNSPECIFIED = 0
+    SHUTDOWN = 1
+    IDLE = 2
+    OVERLOAD = 3
 
 
 REQUEST = FrameKind.REQUEST.value
@@ -216,9 +233,12 @@ def encode_pong(ping_id: int, payload: bytes = b"") -> bytes:
     )
 
 
-def encode_goaway(last_call_id: int, message: str = "") -> bytes:
-    """GOAWAY: the sender takes no new calls; ``last_call_id`` is the last it accepted."""
-    return encode_header(FrameKind.GOAWAY, last_call_id, 0, message=message)
+def encode_goaway(
+    last_call_id: int, message: str = "", reason: int = GoawayReason.SHUTDOWN
+) -> bytes:
+    """GOAWAY: the sender takes no new calls; ``last_call_id`` is the last it
+    accepted; ``reason`` (a :class:`GoawayReason`) goes in the status field."""
+    return encode_header(FrameKind.GOAWAY, last_call_id, 0, status=int(reason), message=message)
 
 
 # --------------------------------------------------------------------------- decoding
