@@ -3,18 +3,29 @@ the in-memory ZooKeeper, and every failure mode of a call against loopback serve
 
 from __future__ import annotations
 
+import math
+
+import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from examples.mprpc_compat import user_pb2
 from tests.fake_zookeeper import FakeZooKeeper
 from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY
 from twisted_rpc import DeadlineExceededError, UnavailableError
-from twisted_rpc.mprpc_client import MprpcClient, ZooKeeperMprpcDirectory
+from twisted_rpc.mprpc_client import (
+    DEFAULT_TIMEOUT,
+    MprpcClient,
+    StaticMprpcDirectory,
+    ZooKeeperMprpcDirectory,
+)
 from twisted_rpc.registry import ProviderAddress
 from twisted_rpc.status import DataLossError, ResourceExhaustedError
 from twisted_rpc.zkregistry import ZooKeeperRegistry
@@ -219,3 +230,141 @@ class CallTests(TestCase):
                 await client.proxy(USER).Login(user_pb2.RegisterRequest())
 
         return Deferred.fromCoroutine(run())
+
+
+# ---------------------------------------------------------------- deadlines (in memory)
+
+
+def silent_provider(memory: MemoryReactorClock, index: int = -1) -> StringTransport:
+    """Accept the connection ``index`` the client dialled, as a C++ provider that
+    does not know the method does: read the request, never answer, never close."""
+    host, port, factory, _, _ = memory.tcpClients[index]
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return transport
+
+
+def test_a_call_has_a_deadline_by_default():
+    memory = MemoryReactorClock()
+    client = MprpcClient(memory, providers={"UserServiceRpc": "127.0.0.1:8000"})
+    assert client.timeout == DEFAULT_TIMEOUT == 10.0
+    d = client.proxy(USER).Login(LOGIN_REQUEST)
+    transport = silent_provider(memory)
+    assert transport.value() == LOGIN
+    memory.advance(DEFAULT_TIMEOUT - 0.01)
+    assert not d.called
+    memory.advance(0.02)
+    failure = result_of(d)
+    assert failure.check(DeadlineExceededError), failure
+    assert "10 s" in str(failure.value)
+    assert transport.disconnected  # the socket is closed, not leaked
+
+
+def test_proxy_and_call_timeouts_override_the_default():
+    memory = MemoryReactorClock()
+    client = MprpcClient(memory, providers={"UserServiceRpc": "127.0.0.1:8000"}, timeout=30)
+    proxy = client.proxy(USER, timeout=2)
+    by_proxy = proxy.Login(LOGIN_REQUEST)
+    by_call = proxy.Login(LOGIN_REQUEST, timeout=0.5)
+    by_client = client.proxy(USER).Login(LOGIN_REQUEST)
+    for index in range(3):
+        silent_provider(memory, index)
+    memory.advance(0.6)
+    assert result_of(by_call).check(DeadlineExceededError)
+    assert not by_proxy.called
+    memory.advance(1.5)
+    assert result_of(by_proxy).check(DeadlineExceededError)
+    assert not by_client.called
+    memory.advance(28)
+    assert result_of(by_client).check(DeadlineExceededError)
+
+
+def test_timeout_none_on_the_client_means_no_deadline():
+    memory = MemoryReactorClock()
+    client = MprpcClient(memory, providers={"UserServiceRpc": "127.0.0.1:8000"}, timeout=None)
+    d = client.proxy(USER).Login(LOGIN_REQUEST)
+    transport = silent_provider(memory)
+    memory.advance(10_000)
+    assert not d.called and not transport.disconnected
+    d.cancel()  # only the caller ends it
+    assert transport.disconnected
+    result_of(d)
+
+
+@pytest.mark.parametrize("bad", [0, -1, math.inf, math.nan, "5", True])
+def test_bad_timeouts_are_value_errors_naming_the_argument(bad):
+    memory = MemoryReactorClock()
+    client = MprpcClient(memory, providers={"UserServiceRpc": "127.0.0.1:8000"})
+    failure = result_of(client.proxy(USER).Login(LOGIN_REQUEST, timeout=bad))
+    assert failure.check(ValueError) and "timeout" in str(failure.value)
+    assert memory.tcpClients == []  # nothing dialled
+    with pytest.raises(ValueError, match="timeout"):
+        client.proxy(USER, timeout=bad)
+    for keyword in ("timeout", "connect_timeout", "refused_hold"):
+        if keyword == "refused_hold" and bad == 0:
+            continue  # 0 turns the hold off
+        with pytest.raises(ValueError, match=keyword):
+            MprpcClient(memory, providers={}, **{keyword: bad})
+
+
+# ---------------------------------------------------------------- refused addresses (in memory)
+
+
+def refuse(memory: MemoryReactorClock, index: int = -1) -> None:
+    memory.tcpClients[index][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+
+
+def test_literal_addresses_are_dialled_directly():
+    memory = MemoryReactorClock()
+    client = MprpcClient(
+        memory, providers={"UserServiceRpc.Login": "127.0.0.1:8000", "UserServiceRpc": "[::1]:9"}
+    )
+    client.proxy(USER).Login(LOGIN_REQUEST)
+    client.proxy(USER).Register(user_pb2.RegisterRequest())
+    # No resolver, no attempt delay: straight to connectTCP (HostnameEndpoint resolves first).
+    assert [(c[0], c[1], c[3]) for c in memory.tcpClients] == [
+        ("127.0.0.1", 8000, 5.0),
+        ("::1", 9, 5.0),
+    ]
+
+
+def test_a_refused_address_fails_fast_until_the_hold_ends_or_the_node_changes():
+    memory = MemoryReactorClock()
+    zk = FakeZooKeeper(memory)
+    zk.server_create("/UserServiceRpc/Login", b"127.0.0.1:8000", owner=7)
+    client = MprpcClient(memory, directory=ZooKeeperMprpcDirectory(zk))
+    login = client.proxy(USER).Login
+    first = login(LOGIN_REQUEST)
+    refuse(memory)
+    # At once: HostnameEndpoint reported it only after its 0.3 s attempt delay.
+    assert "cannot connect" in str(result_of(first).value)
+    for _ in range(50):  # a crashed provider's node lingers: no dial per call
+        failure = result_of(login(LOGIN_REQUEST))
+        assert failure.check(UnavailableError) and "refused" in str(failure.value)
+    assert len(memory.tcpClients) == 1
+    memory.advance(1.0)  # the hold is over: dialled again
+    again = login(LOGIN_REQUEST)
+    assert len(memory.tcpClients) == 2
+    refuse(memory)
+    assert "cannot connect" in str(result_of(again).value)
+    assert result_of(login(LOGIN_REQUEST)).check(UnavailableError)
+    assert len(memory.tcpClients) == 2
+    # A provider restarted at the same address re-creates the node: dialled at once.
+    zk.server_delete("/UserServiceRpc/Login")
+    zk.server_create("/UserServiceRpc/Login", b"127.0.0.1:8000", owner=8)
+    d = login(LOGIN_REQUEST)
+    assert len(memory.tcpClients) == 3
+    assert silent_provider(memory).value() == LOGIN
+    assert not d.called
+
+
+def test_refused_hold_zero_dials_every_call():
+    memory = MemoryReactorClock()
+    directory = StaticMprpcDirectory({"UserServiceRpc": "127.0.0.1:8000"})
+    client = MprpcClient(memory, directory=directory, refused_hold=0)
+    for count in range(1, 4):
+        d = client.proxy(USER).Login(LOGIN_REQUEST)
+        refuse(memory)
+        assert result_of(d).check(UnavailableError)
+        assert len(memory.tcpClients) == count

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -25,9 +26,10 @@ from examples.mprpc_compat import user_pb2
 from protos import echo_pb2
 from tests.echo_service import ECHO
 from tests.processes import ROOT, Provider, environment
-from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY
-from twisted_rpc import UnavailableError
-from twisted_rpc.mprpc_client import MprpcClient
+from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY, REGISTER
+from twisted_rpc import DeadlineExceededError, UnavailableError
+from twisted_rpc.mprpc_client import DEFAULT_TIMEOUT, MprpcClient
+from twisted_rpc.mprpc_wire import RequestReader
 from twisted_rpc.service import MethodInfo
 
 pytestmark = pytest.mark.integration
@@ -57,6 +59,71 @@ def raw_call(port: int, data: bytes, piece: int = 1) -> bytes:
         while chunk := s.recv(4096):
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+class CppProvider:
+    """A C++ mprpc provider (muduo) emulated on raw sockets, on 127.0.0.1.
+
+    It answers the methods in ``replies`` with their bytes and shuts its side
+    down, as RpcProvider::SendRpcResponse does; for any other method it only
+    logs (``std::cout``), as RpcProvider::OnMessage does, and leaves the
+    connection open: no reply, no close. ``requests`` holds the bytes of each
+    request; ``closed_by_caller`` counts connections the caller closed.
+    """
+
+    def __init__(self, replies: dict[str, bytes], port: int = 0) -> None:
+        self.replies = replies
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.requests: list[bytes] = []
+        self.closed_by_caller = 0
+        self._stopping = threading.Event()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed by stop()
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(0.1)
+        reader = RequestReader(1 << 20)
+        received = b""
+        with conn:
+            while not self._stopping.is_set():
+                try:
+                    data = conn.recv(4096)
+                except TimeoutError:
+                    continue
+                except ConnectionResetError:
+                    data = b""  # an aborted connection: closed as well
+                if not data:
+                    self.closed_by_caller += 1
+                    return
+                received += data
+                request = reader.feed(data)
+                if request is None:
+                    continue
+                self.requests.append(received)
+                reply = self.replies.get(request.method)
+                if reply is not None:
+                    conn.sendall(reply)
+                    conn.shutdown(socket.SHUT_WR)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.listener.close()
+        for thread in self._threads:
+            thread.join(5)
 
 
 class MprpcCompatTests(TestCase):
@@ -308,6 +375,74 @@ class MprpcCompatTests(TestCase):
 
     def test_provider_and_caller_from_one_cpp_config_file(self):
         return Deferred.fromCoroutine(self._both_from_cpp_conf())
+
+    def cpp_provider(self, replies: dict[str, bytes], port: int = 0) -> CppProvider:
+        cpp = CppProvider(replies, port)
+        self.addCleanup(deferToThread, cpp.stop)
+        return cpp
+
+    async def cpp_node(self, path: str, port: int) -> None:
+        """``path`` held as a C++ provider holds it: ephemeral, ``ip:port``, open ACL."""
+        if await deferToThread(self.kz.exists, path):
+            await deferToThread(self.kz.delete, path)
+        data = f"127.0.0.1:{port}".encode()
+        await deferToThread(self.kz.create, path, data, ephemeral=True, makepath=True)
+
+    async def _cpp_silent(self) -> None:
+        # The C++ provider serves Login; Register's node leads to it too (an older
+        # build now runs at the address the node names), and it does not know Register.
+        cpp = self.cpp_provider({"Login": LOGIN_REPLY})
+        for method in ("Login", "Register"):
+            await self.cpp_node(f"/UserServiceRpc/{method}", cpp.port)
+        user = self.client().proxy(USER)  # no timeout given: the default applies
+        login = await user.Login(user_pb2.LoginRequest(name=b"zhang san", pwd=b"123456"))
+        self.assertEqual(login.SerializeToString(), LOGIN_REPLY)
+        started = time.monotonic()
+        with self.assertRaises(DeadlineExceededError):
+            await user.Register(user_pb2.RegisterRequest(id=2000, name=b"mprpc", pwd=b"666666"))
+        elapsed = time.monotonic() - started
+        self.assertGreater(elapsed, DEFAULT_TIMEOUT - 0.5)
+        self.assertLess(elapsed, DEFAULT_TIMEOUT + 5)
+        self.assertEqual(cpp.requests, [LOGIN, REGISTER])
+        deadline = time.monotonic() + 5
+        while cpp.closed_by_caller < 1 and time.monotonic() < deadline:
+            await sleep(0.05)
+        self.assertEqual(cpp.closed_by_caller, 1)  # the caller closed the silent connection
+
+    def test_cpp_provider_silent_on_an_unknown_method_ends_at_the_default_deadline(self):
+        return Deferred.fromCoroutine(self._cpp_silent())
+
+    async def _cpp_crashed(self) -> None:
+        # A crashed C++ provider's node lingers for its session (30 s): a closed port.
+        port = free_port()
+        await self.cpp_node("/UserServiceRpc/Login", port)
+        login = self.client().proxy(USER).Login
+        request = user_pb2.LoginRequest(name=b"zhang san", pwd=b"123456")
+        calls = 20
+        started = time.monotonic()
+        for _ in range(calls):
+            with self.assertRaises(UnavailableError):
+                await login(request)
+        elapsed = time.monotonic() - started
+        # Each used to wait HostnameEndpoint's 0.3 s attempt delay: 6 s for 20.
+        self.assertLess(elapsed, 2.0, f"{calls} refused calls took {elapsed:.2f} s")
+        # Restarted at the same address, it re-creates its node: calls reach it at
+        # once (the refused address is forgotten when the node changes).
+        cpp = self.cpp_provider({"Login": LOGIN_REPLY}, port=port)
+        await self.cpp_node("/UserServiceRpc/Login", port)
+        deadline = time.monotonic() + 10
+        reply = None
+        while reply is None and time.monotonic() < deadline:
+            try:
+                reply = await login(request)
+            except UnavailableError:
+                await sleep(0.02)
+        self.assertIsNotNone(reply, "no reply from the restarted provider")
+        self.assertEqual(reply.SerializeToString(), LOGIN_REPLY)
+        self.assertEqual(cpp.requests, [LOGIN])
+
+    def test_calls_to_a_crashed_cpp_providers_lingering_node_fail_fast(self):
+        return Deferred.fromCoroutine(self._cpp_crashed())
 
 
 def test_example_from_a_cpp_config_file(tmp_path):

@@ -10,19 +10,33 @@ go wrong ends in a typed :class:`RpcError`:
 - EOF with no reply (the provider failed, was killed, or did not know the
   method: the protocol has no status): UNAVAILABLE;
 - a reply that does not parse: DATA_LOSS; one over ``max_reply_size``:
-  RESOURCE_EXHAUSTED; no reply in time: DEADLINE_EXCEEDED.
+  RESOURCE_EXHAUSTED; no reply in time: DEADLINE_EXCEEDED. Every call has a
+  deadline (:data:`DEFAULT_TIMEOUT` unless told otherwise): a C++ provider
+  that does not know the method logs it and neither answers nor closes.
+
+An address that refused a connection is not dialled again for
+``refused_hold`` seconds (or until its node changes): calls to it fail
+UNAVAILABLE at once, as they would after dialling.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from twisted.internet import error as net_error
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+)
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -51,9 +65,29 @@ from twisted_rpc.zookeeper import (
     ZooKeeperClient,
 )
 
-__all__ = ["MprpcClient", "MprpcDirectory", "StaticMprpcDirectory", "ZooKeeperMprpcDirectory"]
+__all__ = [
+    "DEFAULT_REFUSED_HOLD",
+    "DEFAULT_TIMEOUT",
+    "MprpcClient",
+    "MprpcDirectory",
+    "StaticMprpcDirectory",
+    "ZooKeeperMprpcDirectory",
+]
 
 log = Logger()
+
+DEFAULT_TIMEOUT = 10.0
+"""Seconds a call waits for its reply unless the client, proxy or call says
+otherwise. A C++ provider never closes the connection of a call it cannot
+serve (an unknown method, args that do not parse): only the deadline ends it."""
+
+DEFAULT_REFUSED_HOLD = 1.0
+"""Seconds an address that refused a connection is not dialled again. A
+crashed C++ provider's node stays in ZooKeeper for its session timeout (30 s
+in the original); each call in that window fails at once instead of dialling."""
+
+_MAX_REFUSED = 1024
+"""Refused addresses remembered at most (expired ones are dropped first)."""
 
 
 def short_name(service: str) -> str:
@@ -69,6 +103,10 @@ class MprpcDirectory:
 
     def close(self) -> Deferred:
         return succeed(None)
+
+    def on_change(self, listener: Callable[[ProviderAddress], object]) -> None:
+        """Call ``listener(address)`` whenever a method served at ``address``
+        may have moved (its node changed or went). Static addresses never do."""
 
 
 class StaticMprpcDirectory(MprpcDirectory):
@@ -96,6 +134,7 @@ class ZooKeeperMprpcDirectory(MprpcDirectory):
         self._reading: dict[str, list[Deferred]] = {}
         self._session: int | None = None
         self._connected: list[Deferred] = []
+        self._listeners: list[Callable[[ProviderAddress], object]] = []
         zk.add_state_listener(self._state_changed)
         zk.start()
 
@@ -122,7 +161,7 @@ class ZooKeeperMprpcDirectory(MprpcDirectory):
     async def _read_node(self, path: str) -> ProviderAddress | None:
         def changed(event: WatchedEvent) -> None:
             # The next call reads it again (with a new watch).
-            self.cache.pop(path, None)
+            self._forget(self.cache.pop(path, None))
 
         if not self.zk.connected:
             # kazoo refuses requests before its first session; wait for it.
@@ -163,12 +202,26 @@ class ZooKeeperMprpcDirectory(MprpcDirectory):
 
     def _state_changed(self, state: str, new_session: bool) -> None:
         if state == CONNECTED and new_session and self._session is not None:
-            self.cache.clear()  # the old session's watches are gone
+            old, self.cache = self.cache, {}  # the old session's watches are gone
+            for address in set(old.values()):
+                self._forget(address)
         if state == CONNECTED:
             self._session = self.zk.session_id
             waiting, self._connected = self._connected, []
             for waiter in waiting:
                 waiter.callback(None)
+
+    def on_change(self, listener: Callable[[ProviderAddress], object]) -> None:
+        self._listeners.append(listener)
+
+    def _forget(self, address: ProviderAddress | None) -> None:
+        if address is None:
+            return
+        for listener in self._listeners:
+            try:
+                listener(address)
+            except Exception:
+                log.failure("mprpc directory listener failed for {address}", address=address)
 
     def close(self) -> Deferred:
         return self.zk.close()
@@ -221,6 +274,31 @@ class _OneCall(Protocol):
             self.transport.abortConnection()
 
 
+def _seconds(name: str, value: Any) -> float:
+    """``value`` as a positive, finite number of seconds, or ValueError naming ``name``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a positive, finite number of seconds, not {value!r}")
+    return float(value)
+
+
+def _endpoint(
+    reactor: Any, address: ProviderAddress, connect_timeout: float
+) -> IStreamClientEndpoint:
+    """A plain TCP endpoint for an IP literal (what the C++ layout holds): a
+    refused connection fails in about a millisecond, where HostnameEndpoint
+    waits its 0.3 s attempt delay first. Names still go through the resolver."""
+    if isIPAddress(address.host):
+        return TCP4ClientEndpoint(reactor, address.host, address.port, timeout=connect_timeout)
+    if isIPv6Address(address.host):
+        return TCP6ClientEndpoint(reactor, address.host, address.port, timeout=connect_timeout)
+    return HostnameEndpoint(reactor, address.host, address.port, timeout=connect_timeout)
+
+
 class MprpcClient:
     """Calls services over the C++ mprpc protocol.
 
@@ -229,6 +307,13 @@ class MprpcClient:
     "host:port"}``), or a ready ``directory``. A zero-byte reply is a failure
     unless ``allow_empty_reply``: the protocol cannot tell "the provider sent
     nothing because it failed" from an all-defaults message.
+
+    ``timeout`` is each call's deadline in seconds (``proxy(timeout=...)`` and
+    a call's ``timeout=`` override it; there ``None`` means "the client's").
+    ``timeout=None`` here means no deadline at all: a call to a C++ provider
+    that cannot serve it then waits forever. ``refused_hold``: seconds an
+    address that refused a connection fails calls at once instead of being
+    dialled again (0: always dial).
     """
 
     def __init__(
@@ -238,12 +323,22 @@ class MprpcClient:
         zookeeper: str | None = None,
         providers: Mapping[str, str] | None = None,
         directory: MprpcDirectory | None = None,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
         connect_timeout: float = 5.0,
         max_reply_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
         session_timeout: float = 10.0,
         allow_empty_reply: bool = False,
+        refused_hold: float = DEFAULT_REFUSED_HOLD,
     ) -> None:
+        if timeout is not None:
+            timeout = _seconds("timeout", timeout)
+        connect_timeout = _seconds("connect_timeout", connect_timeout)
+        if refused_hold != 0:
+            refused_hold = _seconds("refused_hold", refused_hold)
+        if isinstance(max_reply_size, bool) or not isinstance(max_reply_size, int):
+            raise ValueError(f"max_reply_size must be an int, not {max_reply_size!r}")
+        if max_reply_size <= 0:
+            raise ValueError(f"max_reply_size must be positive, not {max_reply_size!r}")
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
@@ -264,6 +359,9 @@ class MprpcClient:
         self.connect_timeout = connect_timeout
         self.max_reply_size = max_reply_size
         self.allow_empty_reply = allow_empty_reply
+        self.refused_hold = float(refused_hold)
+        self._refused: dict[ProviderAddress, float] = {}  # address → not dialled before
+        directory.on_change(self._moved)
 
     @classmethod
     def from_mprpc_config(cls, path: str, reactor: Any = None, **kw: Any) -> MprpcClient:
@@ -278,18 +376,29 @@ class MprpcClient:
     def proxy(
         self, service: ServiceDescriptor | str | type[Service], *, timeout: float | None = None
     ) -> MprpcProxy:
-        """Deferred-returning methods of ``service``, called over mprpc."""
+        """Deferred-returning methods of ``service``, called over mprpc.
+
+        ``timeout``: the deadline of its calls (None: the client's)."""
+        if timeout is not None:
+            timeout = _seconds("timeout", timeout)
         info = describe(resolve_descriptor(service))
         return MprpcProxy(self, info.methods.values(), timeout)
 
     def call(self, method: MethodInfo, request: Message, timeout: float | None = None) -> Deferred:
-        """Call ``method`` once; fires with the response or fails with an RpcError."""
+        """Call ``method`` once; fires with the response or fails with an RpcError.
+
+        ``timeout``: seconds to wait for the reply (None: the client's)."""
         if type(request) is not method.request_class:
             return fail(wrong_request_type(method, request))
         if timeout is None:
             timeout = self.timeout
+        else:
+            try:
+                timeout = _seconds("timeout", timeout)
+            except ValueError as e:
+                return fail(e)
         d = Deferred.fromCoroutine(self._call(method, request))
-        if timeout:
+        if timeout is not None:
 
             def timed_out(result: Any, after: float) -> Any:
                 if isinstance(result, Failure) and result.check(CancelledError):
@@ -302,14 +411,15 @@ class MprpcClient:
     async def _call(self, method: MethodInfo, request: Message) -> Message:
         service = short_name(method.service)
         address = await self.directory.lookup(service, method.name)
+        self._check_refused(address)
         payload = encode_request(service, method.name, request.SerializeToString())
-        endpoint = HostnameEndpoint(
-            self.reactor, address.host, address.port, timeout=self.connect_timeout
-        )
+        endpoint = _endpoint(self.reactor, address, self.connect_timeout)
         call = _OneCall(payload, self.max_reply_size)
         try:
             await connectProtocol(endpoint, call)
         except (net_error.ConnectError, net_error.DNSLookupError) as e:
+            if isinstance(e, net_error.ConnectionRefusedError | net_error.NoRouteError):
+                self._remember_refused(address)
             raise UnavailableError(message=f"cannot connect to {address}: {e}") from None
         reply = await call.finished
         if not reply and not self.allow_empty_reply:
@@ -326,6 +436,31 @@ class MprpcClient:
                 f"{method.response_class.DESCRIPTOR.full_name}: {e}"
             ) from None
         return response
+
+    def _check_refused(self, address: ProviderAddress) -> None:
+        until = self._refused.get(address)
+        if until is None:
+            return
+        if self.reactor.seconds() < until:
+            raise UnavailableError(
+                message=f"cannot connect to {address}: it refused a connection less than "
+                f"{self.refused_hold:g} s ago"
+            )
+        del self._refused[address]
+
+    def _remember_refused(self, address: ProviderAddress) -> None:
+        if not self.refused_hold:
+            return
+        now = self.reactor.seconds()
+        if len(self._refused) >= _MAX_REFUSED:
+            self._refused = {a: t for a, t in self._refused.items() if t > now}
+            if len(self._refused) >= _MAX_REFUSED:
+                return  # all recent: dial the newcomer each time rather than grow
+        self._refused[address] = now + self.refused_hold
+
+    def _moved(self, address: ProviderAddress) -> None:
+        # Its node changed (a provider restarted there, perhaps): dial it again.
+        self._refused.pop(address, None)
 
     def close(self) -> Deferred:
         """Release the directory (its ZooKeeper session)."""
