@@ -376,6 +376,43 @@ class MprpcCompatTests(TestCase):
     def test_provider_and_caller_from_one_cpp_config_file(self):
         return Deferred.fromCoroutine(self._both_from_cpp_conf())
 
+    async def _cpp_conf_chroot(self) -> None:
+        """A C++ config file with the chroot in zookeeperport and a key given twice,
+        read as the C++ code reads it, by a Python provider and MprpcClient."""
+        port = free_port()
+        zk_host, zk_port = self.zk.hosts.split(",")[0].rsplit(":", 1)
+        directory = Path(tempfile.mkdtemp())
+        conf = directory / "test.conf"
+        conf.write_text(
+            f"rpcserverip=127.0.0.1\nrpcserverport={port}\n"
+            f"zookeeperip={zk_host}\nzookeeperport={zk_port}{self.chroot}\n"
+            f"# the C++ reader keeps a key's first value\nzookeeperport={free_port()}\n"
+        )
+        provider = Provider(
+            directory,
+            args=[
+                "--mprpc-config",
+                str(conf),
+                "--service",
+                "examples.mprpc_compat.callee:UserServiceRpc",
+            ],
+            ready="mprpc-compatible listener on",
+        )
+        self.addCleanup(provider.stop)
+        # Where a C++ provider and caller given this file register and look:
+        # zookeeper_init("ip:port/chroot") works under the chroot.
+        address = f"127.0.0.1:{port}".encode()
+        await self.node("/UserServiceRpc/Login", data=address)
+        warning = await deferToThread(provider.wait_for_output, "zookeeperport given again")
+        self.assertIsNotNone(warning)
+        client = MprpcClient.from_mprpc_config(str(conf), reactor, session_timeout=2)
+        self.addCleanup(client.close)
+        login = await client.proxy(USER).Login(user_pb2.LoginRequest(name=b"zhang san"))
+        self.assertEqual(login.SerializeToString(), LOGIN_REPLY)
+
+    def test_cpp_config_with_a_chroot_in_the_port_and_a_duplicate_key(self):
+        return Deferred.fromCoroutine(self._cpp_conf_chroot())
+
     def cpp_provider(self, replies: dict[str, bytes], port: int = 0) -> CppProvider:
         cpp = CppProvider(replies, port)
         self.addCleanup(deferToThread, cpp.stop)

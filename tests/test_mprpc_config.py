@@ -119,3 +119,92 @@ def test_twistd_bad_service_spec(tmp_path):
     path.write_text(CPP_CONF)
     with pytest.raises(SystemExit, match="--service: 'nope' is not module:Class"):
         tap.Options().parseOptions(["--mprpc-config", str(path), "--service", "nope"])
+
+
+# ---------------------------------------------------------------- read as the C++ reader reads it
+
+
+def warnings_in(logged) -> list[str]:
+    from twisted.logger import LogLevel, formatEvent
+
+    return [formatEvent(e) for e in logged if e.get("log_level") == LogLevel.warn]
+
+
+def test_a_duplicate_key_keeps_its_first_value_with_a_warning(tmp_path, logged):
+    path = tmp_path / "test.conf"
+    path.write_text(CPP_CONF + "rpcserverport=9000\nzookeeperip=10.0.0.99\nrpcserverip=127.0.0.1\n")
+    conf = load_mprpc_conf(str(path))
+    # std::unordered_map::insert ignores a second insert of a key: the first value wins.
+    assert (conf.port, conf.zookeeper) == (8000, "10.0.0.9:2181")
+    warnings = warnings_in(logged)
+    assert len(warnings) == 2  # the same value again is no news
+    assert "rpcserverport given again ('9000')" in warnings[0]
+    assert "('8000', line 3) is kept" in warnings[0] and ":7:" in warnings[0]
+    assert "zookeeperip given again ('10.0.0.99')" in warnings[1]
+
+
+@pytest.mark.parametrize(
+    "ip, port, connect",
+    [
+        # zookeeper_init takes everything from the first "/" as the chroot.
+        ("10.0.0.9", "2181/chroot", "10.0.0.9:2181/chroot"),
+        ("10.0.0.9", "2181/a/b", "10.0.0.9:2181/a/b"),
+        ("10.0.0.9", "2181/", "10.0.0.9:2181"),  # "/" alone: no chroot
+        ("zk1:2181,zk2", "2182/staging", "zk1:2181,zk2:2182/staging"),
+    ],
+)
+def test_zookeeper_connect_string_is_what_the_cpp_client_gets(tmp_path, ip, port, connect):
+    path = tmp_path / "test.conf"
+    path.write_text(
+        f"rpcserverip=127.0.0.1\nrpcserverport=8000\nzookeeperip={ip}\nzookeeperport={port}\n"
+    )
+    conf = load_mprpc_conf(str(path))
+    assert conf.zookeeper == connect
+    assert conf.listener().zookeeper == connect
+
+
+def test_rpcserverport_is_read_as_atoi_reads_it(tmp_path, logged):
+    path = tmp_path / "test.conf"
+    path.write_text("rpcserverip=127.0.0.1\nrpcserverport=8000 # the rpc port\n")
+    assert load_mprpc_conf(str(path)).port == 8000
+    assert "read as 8000, as the C++ atoi reads it" in warnings_in(logged)[0]
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        # zookeeper_init refuses these (no port, a port with text after it, a bad chroot).
+        (
+            "zookeeperip=10.0.0.9\nzookeeperport=2181 # zk\n",
+            "'10.0.0.9:2181 # zk' is not host:port",
+        ),
+        ("zookeeperip=zk1,zk2\nzookeeperport=2181\n", "'zk1' is not host:port"),
+        ("zookeeperip=10.0.0.9/x\nzookeeperport=2181\n", "'10.0.0.9' is not host:port"),
+        ("zookeeperip=10.0.0.9\nzookeeperport=2181/a/\n", "'/a/' is not a ZooKeeper path"),
+        ("zookeeperip=10.0.0.9\nzookeeperport=2181/a//b\n", "is not a ZooKeeper path"),
+        ("zookeeperip=10.0.0.9\nzookeeperport=2181/a/../b\n", "is not a ZooKeeper path"),
+        ("zookeeperip=10.0.0.9\nzookeeperport=/chroot\n", "is not host:port"),
+        ("zookeeperip=10.0.0.9\nzookeeperport=70000\n", "is not host:port"),
+        ("rpcserverport=70000\n", "is not a port number"),
+        ("rpcserverport=-8000\n", "is not a port number"),
+        ("rpcserverport=" + "9" * 5000 + "\n", "is not a port number"),
+        ("rpcserverport=\u00b2\n", "is not a port number"),
+    ],
+)
+def test_cpp_conf_values_the_cpp_code_cannot_use_are_errors(tmp_path, lines, message):
+    path = tmp_path / "bad.conf"
+    path.write_text("rpcserverip=127.0.0.1\n" + lines)
+    with pytest.raises(ConfigError) as raised:
+        load_mprpc_conf(str(path))
+    assert message in str(raised.value)
+
+
+def test_twistd_cpp_conf_with_a_chroot_in_the_port(tmp_path):
+    path = tmp_path / "test.conf"
+    path.write_text(CPP_CONF.replace("zookeeperport=2181", "zookeeperport=2181/staging"))
+    options = tap.Options()
+    options.parseOptions(
+        ["--mprpc-config", str(path), "--service", "examples.mprpc_compat.callee:UserServiceRpc"]
+    )
+    provider = tap.makeService(options, MemoryReactor())
+    assert provider.mprpc_registry.zk.hosts == "10.0.0.9:2181/staging"

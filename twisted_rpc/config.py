@@ -354,39 +354,105 @@ def _mprpc_listener(r: _Reader, registry: RegistryConfig) -> MprpcListenerConfig
 
 
 def load_mprpc_conf(path: str) -> MprpcConf:
-    """Read a C++ mprpc config file: ``key=value`` lines, ``#`` comments.
+    """Read a C++ mprpc config file as the original (``MprpcConfig::LoadConfigFile``)
+    and its users read it.
 
-    As the original does, lines without ``=`` and unknown keys are ignored.
+    - ``key=value`` lines, split at the first ``=``, key and value trimmed; lines
+      starting with ``#``, blank lines and lines without ``=`` are skipped, and
+      unknown keys ignored. (The original trims spaces only; tabs and ``\\r`` are
+      trimmed here too.)
+    - A key given twice keeps its FIRST value (the original inserts into a
+      ``std::unordered_map``, which ignores a second insert), with a warning.
+    - ``rpcserverport`` is read as ``atoi`` reads it: its leading digits
+      (``8000 # rpc`` is 8000, with a warning); no digits, or a number that is
+      not a port, is an error.
+    - ZooKeeper is ``zookeeperip + ":" + zookeeperport``, passed whole to the
+      client as the original passes it to ``zookeeper_init``, which takes
+      everything from the first ``/`` as a chroot: ``zookeeperport=2181/chroot``
+      connects to port 2181 with the chroot ``/chroot``, in C++ and here. A
+      connect string ``zookeeper_init`` would refuse (a host without a numeric
+      port, a malformed chroot) is an error here.
     """
+    import re
+
+    from twisted.logger import Logger
+
+    log = Logger(namespace="twisted_rpc.config")
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
     values: dict[str, str] = {}
-    for line in lines:
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue
         key, _, value = line.partition("=")
-        values[key.strip()] = value.strip()
+        key, value = key.strip(), value.strip()
+        if key in values:
+            if value != values[key]:
+                log.warn(
+                    "{path}:{line}: {key} given again ({value!r}); the first value "
+                    "({first!r}, line {first_line}) is kept, as the C++ reader keeps it",
+                    path=path,
+                    line=number,
+                    key=key,
+                    value=value,
+                    first=values[key],
+                    first_line=first_line[key],
+                )
+            continue
+        values[key] = value
+        first_line[key] = number
+
+    def is_port(text: str) -> bool:
+        return text.isascii() and text.isdigit() and len(text) <= 5 and 0 < int(text) < 65536
 
     def port(key: str) -> int | None:
         raw = values.get(key)
         if raw is None:
             return None
-        if not raw.isdigit() or not 0 < int(raw) < 65536:
+        digits = re.match(r"\+?([0-9]+)", raw)
+        if digits is None or not is_port(digits.group(1)):
             raise ConfigError(f"{path}: {key}={raw!r} is not a port number")
-        return int(raw)
+        if digits.end() != len(raw):
+            log.warn(
+                "{path}: {key}={raw!r} read as {port}, as the C++ atoi reads it",
+                path=path,
+                key=key,
+                raw=raw,
+                port=int(digits.group(1)),
+            )
+        return int(digits.group(1))
 
-    zk_ip, zk_port = values.get("zookeeperip"), port("zookeeperport")
+    def zookeeper(connect: str) -> str:
+        """``zookeeperip:zookeeperport`` checked as ``zookeeper_init`` checks it: the
+        chroot starts at the first ``/`` (``/`` alone is none), then every
+        comma-separated host needs ``:port``."""
+        hosts, slash, chroot = connect.partition("/")
+        where = f"{path}: zookeeperip:zookeeperport = {connect!r}"
+        for host in hosts.split(","):
+            name, colon, number = host.strip().rpartition(":")
+            if not colon or not name or not is_port(number):
+                raise ConfigError(f"{where}: {host.strip()!r} is not host:port")
+        chroot = slash + chroot
+        if chroot == "/":
+            chroot = ""
+        segments = chroot.split("/")[1:]
+        if chroot and any(s in ("", ".", "..") for s in segments):
+            raise ConfigError(f"{where}: {chroot!r} is not a ZooKeeper path for a chroot")
+        return hosts + chroot
+
+    zk_ip, zk_port = values.get("zookeeperip"), values.get("zookeeperport")
     if (zk_ip is None) != (zk_port is None):
         raise ConfigError(f"{path}: zookeeperip and zookeeperport go together")
     return MprpcConf(
         path=path,
         ip=values.get("rpcserverip") or None,
         port=port("rpcserverport"),
-        zookeeper=f"{zk_ip}:{zk_port}" if zk_ip else None,
+        zookeeper=zookeeper(f"{zk_ip}:{zk_port}") if zk_ip else None,
     )
 
 
