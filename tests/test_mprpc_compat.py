@@ -220,6 +220,7 @@ class MprpcCompatTests(TestCase):
         return Deferred.fromCoroutine(self._layout_and_calls())
 
     async def _unknown(self) -> None:
+        """A Python provider closes at once; a C++ one stays silent (see _cpp_silent)."""
         provider, port = await self.registered()
         unknown = MethodInfo(
             "mprpc.test.EchoService", "Nope", b"", echo_pb2.EchoRequest, echo_pb2.EchoReply
