@@ -7,11 +7,10 @@ import time
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format
 from google.protobuf.message_factory import GetMessageClass
+from twisted.internet.defer import CancelledError
 
 from examples.user.callee import UserService
 from tests.echo_service import EchoService
-from twisted.internet.defer import CancelledError
-
 from twisted_rpc import InvalidArgumentError, NotFoundError
 from twisted_rpc.builtin_protos import (
     HEALTH,
