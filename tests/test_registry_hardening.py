@@ -217,6 +217,11 @@ class HostileRegistryTests(TestCase):
         }
         for name, data in bad.items():
             await deferToThread(attacker.create, f"{providers}/{name}", data, ephemeral=True)
+        unreadable = make_acl("digest", "mallory:x", all=True)
+        fine = json.dumps({"host": "127.0.0.1", "port": 2}).encode()
+        await deferToThread(
+            attacker.create, f"{providers}/127.0.0.1:2", fine, [unreadable], ephemeral=True
+        )
         registry = ZooKeeperRegistry(reactor, self.zk.hosts, root=self.root, session_timeout=2)
         client = Client(reactor, discovery=registry, timeout=10)
         self.addCleanup(client.close)

@@ -382,3 +382,24 @@ def test_registry_limits_must_be_positive():
     for kw in ({"max_providers": 0}, {"max_node_data": 0}):
         with pytest.raises(ValueError, match="positive"):
             ZooKeeperRegistry(Clock(), "unused", zk=FakeZooKeeper(Clock()), **kw)
+
+
+def test_a_node_gone_while_read_is_read_again_when_it_comes_back():
+    clock, zk, registry = make()
+    seen = []
+    registry.subscribe(SERVICE, seen.append)
+    clock.advance(0)
+    get = zk.get
+
+    def get_after_delete(path, watch=None):
+        if path == f"{PROVIDERS}/127.0.0.1:8000" and path in zk.nodes:
+            zk.server_delete(path)  # gone between the children read and the data read
+        return get(path, watch)
+
+    zk.get = get_after_delete
+    _provider_node(zk, 8000)
+    clock.advance(0.05)
+    zk.get = get
+    _provider_node(zk, 8000)
+    clock.advance(0.05)
+    assert [a.port for a in seen[-1]] == [8000]

@@ -40,6 +40,7 @@ from twisted_rpc.zookeeper import (
     BadVersionError,
     EventType,
     KazooException,
+    NoAuthError,
     NodeExistsError,
     NoNodeError,
     WatchedEvent,
@@ -168,6 +169,8 @@ class ZooKeeperRegistry(Service):
         self.max_node_data = max_node_data
         self._refusals: dict[str, str] = {}
         """Path -> the unsafe ACL last logged for it (logged once until it changes)."""
+        self._rechecks: set[str] = set()
+        """Paths refused for their parents' ACL with a check again scheduled."""
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -309,7 +312,9 @@ class ZooKeeperRegistry(Service):
                     await self._create_node(path, node)
                 except UnsafeParentError as e:
                     self._refuse(path, e)
-                    self._later(UNSAFE_PARENT_RETRY, self._retry_node, path)
+                    if path not in self._rechecks:  # one pending check per path
+                        self._rechecks.add(path)
+                        self._later(UNSAFE_PARENT_RETRY, self._recheck, path)
                     return
                 except KazooException as e:
                     # Connection trouble: the next CONNECTED re-ensures every node,
@@ -397,6 +402,10 @@ class ZooKeeperRegistry(Service):
         stat = await zk.exists(path, watch=self._node_event)
         if stat is None:
             self._ensure_again.add(path)
+
+    def _recheck(self, path: str) -> None:
+        self._rechecks.discard(path)
+        self._retry_node(path)
 
     def _retry_node(self, path: str) -> None:
         if path in self._nodes and self.zk.connected:
@@ -521,9 +530,9 @@ class ZooKeeperRegistry(Service):
             return
         nodes = {name: watched.nodes[name] for name in children if name in watched.nodes}
         for name, address in zip(fresh, read, strict=True):
-            if address is None:
+            if address is True:
                 watched.skipped.add(name)
-            else:
+            elif address is not False:
                 nodes[name] = address
         watched.nodes = nodes
         self._apply(watched, tuple(sorted(nodes.values(), key=lambda a: (a.host, a.port))))
@@ -565,22 +574,25 @@ class ZooKeeperRegistry(Service):
         )
         return kept
 
-    async def _read_node(self, path: str, name: str) -> ProviderAddress | None:
-        """The provider a node names, or None (logged) if it is unusable."""
+    async def _read_node(self, path: str, name: str) -> ProviderAddress | bool:
+        """The provider a node names; False if it is gone, True (logged) if it
+        is unusable."""
         try:
             data, stat = await self.zk.get(f"{path}/{name}")
-        except NoNodeError:
-            return None
-        try:
             return self._parse_node(name, data, stat)
+        except NoNodeError:
+            return False  # gone meanwhile
+        except NoAuthError:
+            reason = "not readable (its ACL denies READ)"
         except _BadNode as e:
-            log.warn(
-                "ignoring provider node {path}/{name}: {reason}",
-                path=path,
-                name=_clip(name),
-                reason=str(e),
-            )
-            return None
+            reason = str(e)
+        log.warn(
+            "ignoring provider node {path}/{name}: {reason}",
+            path=path,
+            name=_clip(name),
+            reason=reason,
+        )
+        return True
 
     def _parse_node(self, name: str, data: bytes, stat: Any) -> ProviderAddress:
         if len(data) > self.max_node_data:
