@@ -15,23 +15,37 @@ from twisted_rpc.zookeeper import (
     CONNECTED,
     LOST,
     SUSPENDED,
+    BadVersionError,
     ConnectionLoss,
     EventType,
     NodeExistsError,
     NoNodeError,
     WatchedEvent,
+    digest_acls,
+    open_acl,
 )
 
 
 @dataclass
 class Stat:
     ephemeralOwner: int
+    version: int = 0
 
 
 class FakeZooKeeper:
-    def __init__(self, clock) -> None:
+    """``auth`` as for ZooKeeperClient; ACLs are kept and reported, not enforced."""
+
+    def __init__(self, clock, auth: str = "") -> None:
         self.reactor = clock
         self.nodes: dict[str, tuple[bytes, int]] = {"/": (b"", 0)}
+        self.versions: dict[str, int] = {"/": 0}
+        self.acls: dict[str, list] = {"/": open_acl()}
+        self.identity = None
+        if auth:
+            self.acl, _ = digest_acls(auth)
+            self.identity = self.acl[0].id
+        else:
+            self.acl = open_acl()
         self.state = "stopped"
         self.session_id = 0
         self.connected_since: float | None = None
@@ -72,14 +86,18 @@ class FakeZooKeeper:
         for listener in list(self._listeners):
             listener(LOST, False)
 
-    def server_create(self, path: str, value: bytes, owner: int) -> None:
-        """Another client's ephemeral node (parents made as needed)."""
+    def server_create(self, path: str, value: bytes, owner: int, acl=None, parent_acl=None) -> None:
+        """Another client's ephemeral node (``owner`` 0: persistent), parents
+        made as needed (with ``parent_acl``, open by default)."""
         parts = path.strip("/").split("/")
         for i in range(1, len(parts)):
             parent = "/" + "/".join(parts[:i])
             if parent not in self.nodes:
-                self._create(parent, b"", False)
-        self._create(path, value, True, owner)
+                self._create(parent, b"", False, acl=parent_acl or open_acl())
+        if owner:
+            self._create(path, value, True, owner, acl=acl or open_acl())
+        else:
+            self._create(path, value, False, acl=acl or open_acl())
 
     def server_delete(self, path: str) -> None:
         """What another client or an expiry does on the server, connected or not."""
@@ -110,19 +128,23 @@ class FakeZooKeeper:
 
     def _remove(self, path: str) -> None:
         del self.nodes[path]
+        self.versions.pop(path, None)
+        self.acls.pop(path, None)
         self._fire(self._node_watches, path, EventType.DELETED)
         self._fire(self._child_watches, path.rsplit("/", 1)[0] or "/", EventType.CHILD)
 
     def create(self, path, value=b"", *, ephemeral=False, acl=None, owner=None):
-        return self._check() or self._create(path, value, ephemeral, owner)
+        return self._check() or self._create(path, value, ephemeral, owner, acl)
 
-    def _create(self, path, value, ephemeral, owner=None):
+    def _create(self, path, value, ephemeral, owner=None, acl=None):
         if path in self.nodes:
             return fail(NodeExistsError())
         parent = path.rsplit("/", 1)[0] or "/"
         if parent not in self.nodes:
             return fail(NoNodeError())
         self.nodes[path] = (value, (owner or self.session_id) if ephemeral else 0)
+        self.versions[path] = 0
+        self.acls[path] = list(acl or self.acl)
         self._fire(self._node_watches, path, EventType.CREATED)
         self._fire(self._child_watches, parent, EventType.CHILD)
         return succeed(path)
@@ -135,7 +157,7 @@ class FakeZooKeeper:
         for i in range(1, len(parts) + 1):
             sub = "/" + "/".join(parts[:i])
             if sub not in self.nodes:
-                self._create(sub, b"", False)
+                self._create(sub, b"", False, acl=acl)
         return succeed(True)
 
     def get(self, path, watch=None):
@@ -147,7 +169,18 @@ class FakeZooKeeper:
         data, owner = self.nodes[path]
         if watch:
             self._node_watches.setdefault(path, []).append(watch)
-        return succeed((data, Stat(owner)))
+        return succeed((data, self._stat(path)))
+
+    def _stat(self, path):
+        return Stat(self.nodes[path][1], self.versions[path])
+
+    def get_acls(self, path):
+        failed = self._check()
+        if failed:
+            return failed
+        if path not in self.nodes:
+            return fail(NoNodeError())
+        return succeed((list(self.acls[path]), self._stat(path)))
 
     def get_children(self, path, watch=None):
         failed = self._check()
@@ -174,7 +207,7 @@ class FakeZooKeeper:
             self._node_watches.setdefault(path, []).append(watch)
         if path not in self.nodes:
             return succeed(None)
-        return succeed(Stat(self.nodes[path][1]))
+        return succeed(self._stat(path))
 
     def set(self, path, value):
         failed = self._check()
@@ -183,14 +216,17 @@ class FakeZooKeeper:
         if path not in self.nodes:
             return fail(NoNodeError())
         self.nodes[path] = (value, self.nodes[path][1])
+        self.versions[path] += 1
         self._fire(self._node_watches, path, EventType.CHANGED)
         return succeed(None)
 
-    def delete(self, path):
+    def delete(self, path, version=-1):
         failed = self._check()
         if failed:
             return failed
         if path not in self.nodes:
             return fail(NoNodeError())
+        if version != -1 and version != self.versions[path]:
+            return fail(BadVersionError())
         self._remove(path)
         return succeed(None)

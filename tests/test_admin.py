@@ -5,22 +5,29 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from protos import echo_pb2, user_pb2
 from tests.echo_service import ECHO
 from tests.processes import Provider
 from twisted_rpc import Client, NotFoundError
-from twisted_rpc.metrics import ClientMetrics
+from twisted_rpc.admin import MAX_REFRESH, REFUSAL_LOG_INTERVAL, admin_site
+from twisted_rpc.metrics import ClientMetrics, ProviderMetrics
 
 pytestmark = pytest.mark.integration
 
@@ -229,3 +236,102 @@ class JsonLogTests(TestCase):
 
     def test_json_log_lines_carry_the_call_fields(self):
         return Deferred.fromCoroutine(self._json())
+
+
+class _Provider:
+    """What admin_site needs of a provider to build (not to render)."""
+
+    def __init__(self, reactor) -> None:
+        self.reactor = reactor
+
+
+def test_admin_connections_over_the_cap_are_closed_and_logged(logged):
+    clock = MemoryReactorClock()
+    factory = admin_site(_Provider(clock), ProviderMetrics(), max_connections=2)
+    factory.doStart()
+    peer = IPv4Address("TCP", "127.0.0.1", 40000)
+    first, second = factory.buildProtocol(peer), factory.buildProtocol(peer)
+    transports = [StringTransport(), StringTransport()]
+    first.makeConnection(transports[0])
+    second.makeConnection(transports[1])
+    assert factory.open_connections == 2
+    for _ in range(50):
+        assert factory.buildProtocol(peer) is None  # closed at once by the listener
+    assert factory.refused == 50
+    refusals = [e for e in logged if "max_connections" in e.get("log_format", "")]
+    assert len(refusals) == 1  # one line per REFUSAL_LOG_INTERVAL, not one per connection
+    clock.advance(REFUSAL_LOG_INTERVAL)
+    assert factory.buildProtocol(peer) is None
+    refusals = [e for e in logged if "max_connections" in e.get("log_format", "")]
+    assert len(refusals) == 2 and refusals[-1]["count"] == 50  # refused since the last line
+    first.connectionLost(Failure(ConnectionDone()))
+    assert factory.open_connections == 1
+    assert factory.buildProtocol(peer) is not None
+
+
+def test_idle_admin_connections_are_closed():
+    clock = MemoryReactorClock()
+    factory = admin_site(_Provider(clock), ProviderMetrics(), idle_timeout=7)
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /sta")  # a request that never ends
+    clock.advance(6.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting
+
+
+def test_admin_max_connections_must_be_positive():
+    with pytest.raises(ValueError, match="max_connections"):
+        admin_site(_Provider(MemoryReactorClock()), ProviderMetrics(), max_connections=0)
+
+
+class AdminLimitTests(TestCase):
+    timeout = 60
+
+    async def _limits(self) -> None:
+        provider = Provider(
+            Path(tempfile.mkdtemp()),
+            "[admin]\nlisten = tcp:0:interface=127.0.0.1\nmax_connections = 3\n",
+        )
+        self.addCleanup(provider.stop)
+        match = await deferToThread(
+            provider.wait_for_output, r"admin endpoint on (http://127\.0\.0\.1:(\d+))/"
+        )
+        base, port = match[1], int(match[2])
+        for refresh in ("inf", "-inf", "nan", "-1", "abc"):
+            code = await deferToThread(status_code, f"{base}/status?refresh={refresh}")
+            self.assertEqual(code, 400, refresh)
+        page = await deferToThread(fetch, f"{base}/status?refresh=1e308")
+        self.assertIn(f"{int(MAX_REFRESH * 1000)});", page)  # cut to an hour
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+        try:
+            await deferToThread(_wait_open, base, held)
+            extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+            with extra:
+                self.assertEqual(await deferToThread(extra.recv, 100), b"")  # closed at once
+            await deferToThread(provider.wait_for_output, r"refused 1 connection\(s\)")
+        finally:
+            for s in held:
+                s.close()
+        status = json.loads(await deferToThread(fetch, base + "/status.json"))
+        self.assertEqual(status["provider"]["pid"], provider.pid)
+
+    def test_bad_refresh_is_a_400_and_connections_are_capped(self):
+        return Deferred.fromCoroutine(self._limits())
+
+
+def status_code(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _wait_open(base: str, held: list[socket.socket]) -> None:
+    """The held connections are accepted (a request on each is answered)."""
+    for s in held[:-1]:
+        s.sendall(b"GET /status.json HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(12).startswith(b"HTTP/1.1 200")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format
 from google.protobuf.message_factory import GetMessageClass
+from twisted.internet.defer import CancelledError
 
 from examples.user.callee import UserService
 from tests.echo_service import EchoService
-from twisted_rpc import NotFoundError
+from twisted_rpc import InvalidArgumentError, NotFoundError
 from twisted_rpc.builtin_protos import (
     HEALTH,
     REFLECTION,
@@ -18,9 +21,13 @@ from twisted_rpc.builtin_protos import (
     ListServicesRequest,
 )
 from twisted_rpc.builtins import (
+    DEFAULT_WATCH_WAIT,
+    MAX_SYMBOL_LENGTH,
+    MAX_WATCH_WAIT,
     NOT_SERVING,
     SERVICE_UNKNOWN,
     SERVING,
+    HealthService,
     HealthState,
 )
 from twisted_rpc.testing import MemoryProvider
@@ -122,3 +129,76 @@ def test_unknown_symbol_is_not_found():
     d = memory.proxy(REFLECTION).FileContainingSymbol(FileDescriptorsRequest(symbol="no.Such"))
     with pytest.raises(NotFoundError, match="no.Such"):
         call(memory, d)
+
+
+def test_watch_max_wait_is_capped():
+    memory, _ = provider()
+    health = memory.proxy(HEALTH)
+    calls = [
+        health.Watch(HealthWatchRequest(last_status=SERVING, max_wait=wait))
+        for wait in (1e9, float("inf"))
+    ]
+    memory.flush()
+    memory.advance(MAX_WATCH_WAIT - 0.1)
+    assert not any(d.called for d in calls)
+    memory.advance(0.2)
+    assert [call(memory, d).status for d in calls] == [SERVING, SERVING]
+    assert memory.health.watching == 0
+
+
+def test_watch_with_nan_max_wait_uses_the_default():
+    memory, _ = provider()
+    d = memory.proxy(HEALTH).Watch(HealthWatchRequest(last_status=SERVING, max_wait=float("nan")))
+    memory.flush()
+    memory.advance(DEFAULT_WATCH_WAIT - 0.1)
+    assert not d.called
+    memory.advance(0.2)
+    assert call(memory, d).status == SERVING
+
+
+def test_watch_is_a_long_lived_method():
+    assert HealthService.long_lived_methods == frozenset({"Watch"})
+
+
+def test_forgetting_many_watchers_is_linear():
+    state = HealthState()
+    watchers = [state.changed("", SERVING) for _ in range(20_000)]
+    for d in watchers:
+        d.addErrback(lambda f: f.trap(CancelledError))
+    assert state.watching == 20_000
+    started = time.perf_counter()
+    for d in reversed(watchers):  # newest first: the worst order for a list scan
+        d.cancel()
+    elapsed = time.perf_counter() - started
+    assert state.watching == 0
+    assert elapsed < 1.0, f"cancelling 20,000 watchers took {elapsed:.2f} s"
+
+
+def test_a_watcher_cancelled_while_others_are_woken_is_skipped():
+    state = HealthState()
+    first, second = state.changed("", SERVING), state.changed("", SERVING)
+    second.addErrback(lambda f: f.trap(CancelledError))
+    first.addCallback(lambda _: second.cancel())
+    state.set("", NOT_SERVING)
+    assert first.called and second.called
+    assert state.watching == 0
+
+
+def test_huge_symbol_is_an_invalid_argument_and_not_echoed():
+    memory, _ = provider()
+    symbol = "x" * (10 * 1024 * 1024)
+    d = memory.proxy(REFLECTION).FileContainingSymbol(FileDescriptorsRequest(symbol=symbol))
+    with pytest.raises(InvalidArgumentError) as raised:
+        call(memory, d)
+    assert str(MAX_SYMBOL_LENGTH) in raised.value.message
+    assert len(raised.value.message) < 300
+
+
+def test_not_found_quotes_at_most_a_bounded_part_of_the_symbol():
+    memory, _ = provider()
+    symbol = "no.Such" + "x" * (MAX_SYMBOL_LENGTH - 7)
+    d = memory.proxy(REFLECTION).FileContainingSymbol(FileDescriptorsRequest(symbol=symbol))
+    with pytest.raises(NotFoundError, match="no.Such") as raised:
+        call(memory, d)
+    assert f"{MAX_SYMBOL_LENGTH} characters" in raised.value.message
+    assert len(raised.value.message) < 300

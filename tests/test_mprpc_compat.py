@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from kazoo.client import KazooClient
-from kazoo.security import OPEN_ACL_UNSAFE
+from kazoo.security import make_acl
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -126,6 +126,9 @@ class CppProvider:
             thread.join(5)
 
 
+OPEN_NO_ADMIN = make_acl("world", "anyone", read=True, write=True, create=True, delete=True)
+
+
 class MprpcCompatTests(TestCase):
     timeout = 120
 
@@ -199,7 +202,8 @@ class MprpcCompatTests(TestCase):
             data, stat = await self.node(f"/UserServiceRpc/{method}", data=address)
             self.assertNotEqual(stat.ephemeralOwner, 0)
             acl, _ = await deferToThread(self.kz.get_acls, f"/UserServiceRpc/{method}")
-            self.assertEqual(list(acl), list(OPEN_ACL_UNSAFE))
+            # Open as the C++ side expects, but nobody may change the ACL (no ADMIN).
+            self.assertEqual(list(acl), [OPEN_NO_ADMIN])
         data, stat = await deferToThread(self.kz.get, "/UserServiceRpc")
         self.assertEqual((data, stat.ephemeralOwner), (b"", 0))  # persistent and empty
         top = await deferToThread(self.kz.get_children, "/")

@@ -2,18 +2,29 @@
 
 - ``/metrics``: Prometheus exposition (``prometheus_client``'s own resource);
 - ``/status``: one server-rendered HTML page (reloads itself every few seconds;
-  ``?refresh=0`` turns that off): services, methods, calls/s, p50/p99, errors by
-  code, connections with peers, registry state;
+  ``?refresh=0`` turns that off, at most :data:`MAX_REFRESH` seconds, anything
+  but a number of seconds is a 400): services, methods, calls/s, p50/p99,
+  errors by code, connections with peers, registry state;
 - ``/status.json``: the same data as JSON.
+
+At most ``max_connections`` connections are open at once (``[admin]
+max_connections``); further ones are closed at once, with a log line at most
+every :data:`REFUSAL_LOG_INTERVAL` seconds. A connection idle for
+``idle_timeout`` seconds is closed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from html import escape
 from typing import Any
 
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -21,7 +32,23 @@ from twisted_rpc import __version__
 from twisted_rpc.builtins import status_name
 from twisted_rpc.metrics import ProviderMetrics, quantile
 
-__all__ = ["admin_site", "status_data"]
+__all__ = [
+    "DEFAULT_ADMIN_IDLE_TIMEOUT",
+    "DEFAULT_ADMIN_MAX_CONNECTIONS",
+    "MAX_REFRESH",
+    "admin_site",
+    "status_data",
+]
+
+log = Logger()
+
+DEFAULT_ADMIN_MAX_CONNECTIONS = 64
+"""Open admin connections at once (``[admin] max_connections``)."""
+DEFAULT_ADMIN_IDLE_TIMEOUT = 30.0
+"""Seconds an admin connection may stay silent before it is closed."""
+MAX_REFRESH = 3600.0
+"""The status page's longest reload interval; a larger ``?refresh=`` is cut to it."""
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -184,12 +211,24 @@ class StatusPage(Resource):
         if self.as_json:
             request.setHeader(b"content-type", b"application/json")
             return json.dumps(data, indent=2).encode()
-        try:
-            refresh = float(request.args.get(b"refresh", [b"5"])[0])
-        except ValueError:
-            refresh = 5.0
+        refresh = _refresh(request.args.get(b"refresh", [b"5"])[0])
+        if refresh is None:
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"refresh must be a number of seconds, 0 (never) or more\n"
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         return render_status(data, refresh).encode()
+
+
+def _refresh(raw: bytes) -> float | None:
+    """``?refresh=``: seconds between reloads, at most MAX_REFRESH; None if invalid."""
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    if not math.isfinite(value) or value < 0:
+        return None
+    return min(value, MAX_REFRESH)
 
 
 class _Root(Resource):
@@ -198,8 +237,16 @@ class _Root(Resource):
         return b""
 
 
-def admin_site(provider: Any, metrics: ProviderMetrics) -> Site:
-    """The admin endpoint's site for ``provider`` and its ``metrics``."""
+def admin_site(
+    provider: Any,
+    metrics: ProviderMetrics,
+    *,
+    max_connections: int = DEFAULT_ADMIN_MAX_CONNECTIONS,
+    idle_timeout: float = DEFAULT_ADMIN_IDLE_TIMEOUT,
+) -> AdminFactory:
+    """The admin endpoint's factory for ``provider`` and its ``metrics``: a
+    twisted.web site, at most ``max_connections`` connections at once, each
+    closed after ``idle_timeout`` silent seconds."""
     # Imported here: prometheus_client.twisted imports the global reactor.
     from prometheus_client.twisted import MetricsResource
 
@@ -208,9 +255,9 @@ def admin_site(provider: Any, metrics: ProviderMetrics) -> Site:
     root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
     root.putChild(b"status", StatusPage(provider, metrics, as_json=False))
     root.putChild(b"status.json", StatusPage(provider, metrics, as_json=True))
-    site = _QuietSite(root)
+    site = _QuietSite(root, timeout=idle_timeout, reactor=provider.reactor)
     site.noisy = False
-    return site
+    return AdminFactory(site, provider.reactor, max_connections)
 
 
 class _QuietSite(Site):
@@ -218,3 +265,42 @@ class _QuietSite(Site):
 
     def log(self, request: Request) -> None:
         pass
+
+
+class AdminFactory(WrappingFactory):
+    """The admin site behind a cap on open connections."""
+
+    noisy = False
+
+    def __init__(self, site: Site, clock: Any, max_connections: int) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {max_connections!r}")
+        super().__init__(site)
+        self.site = site
+        self.clock = clock
+        self.max_connections = max_connections
+        self.refused = 0
+        """Connections closed because ``max_connections`` were open."""
+        self._unlogged = 0
+        self._logged_at: float | None = None
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.protocols)
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        if len(self.protocols) < self.max_connections:
+            return super().buildProtocol(addr)  # type: ignore[no-any-return]
+        self.refused += 1
+        self._unlogged += 1
+        now = self.clock.seconds()
+        if self._logged_at is None or now - self._logged_at >= REFUSAL_LOG_INTERVAL:
+            log.warn(
+                "admin endpoint: {max_connections} connections open (max_connections);"
+                " refused {count} connection(s), the last from {peer}",
+                max_connections=self.max_connections,
+                count=self._unlogged,
+                peer=str(addr),
+            )
+            self._logged_at, self._unlogged = now, 0
+        return None  # the connection is closed at once

@@ -3,10 +3,13 @@
 - ``mprpc.health.v1.Health``: ``Check(service)`` answers SERVING, NOT_SERVING or
   SERVICE_UNKNOWN (``""`` asks about the provider as a whole); ``Watch`` is a
   long poll that answers as soon as the status differs from ``last_status``,
-  or when ``max_wait`` (or the call's deadline) is nearly up.
+  or when ``max_wait`` (at most :data:`MAX_WATCH_WAIT` seconds) or the call's
+  deadline is nearly up.
 - ``mprpc.reflection.v1.Reflection``: the names of the services served, and
   the serialized ``FileDescriptorProto`` of the file defining a symbol with
   all its dependencies (dependencies first), so a client needs no ``.proto``.
+  A symbol longer than :data:`MAX_SYMBOL_LENGTH` is INVALID_ARGUMENT; error
+  messages quote at most :data:`ECHO_LIMIT` characters of what was asked.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from twisted_rpc.builtin_protos import (
 )
 from twisted_rpc.server import CallContext
 from twisted_rpc.service import Service
-from twisted_rpc.status import NotFoundError
+from twisted_rpc.status import InvalidArgumentError, NotFoundError
 
 __all__ = [
+    "MAX_SYMBOL_LENGTH",
+    "MAX_WATCH_WAIT",
     "HealthService",
     "HealthState",
     "ReflectionService",
@@ -43,6 +48,19 @@ NOT_SERVING = ServingStatus.values_by_name["NOT_SERVING"].number
 SERVICE_UNKNOWN = ServingStatus.values_by_name["SERVICE_UNKNOWN"].number
 
 DEFAULT_WATCH_WAIT = 30.0
+MAX_WATCH_WAIT = 60.0
+"""A longer ``max_wait`` is cut to this: a watch holds a call slot while it waits."""
+MAX_SYMBOL_LENGTH = 1024
+"""Longer reflection symbols are refused (protobuf full names are far shorter)."""
+ECHO_LIMIT = 100
+"""At most this many characters of a caller's input are quoted back in an error."""
+
+
+def _quote(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``repr(text)``, cut to ``limit`` characters with the full length noted."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def status_name(status: int) -> str:
@@ -54,7 +72,8 @@ class HealthState:
 
     def __init__(self) -> None:
         self.statuses: dict[str, int] = {"": SERVING}
-        self._watchers: list[tuple[str, int, Deferred]] = []
+        # Keyed by id(Deferred): a watcher that gives up is forgotten in O(1).
+        self._watchers: dict[int, tuple[str, int, Deferred]] = {}
 
     def check(self, service: str) -> int:
         return self.statuses.get(service, SERVICE_UNKNOWN)
@@ -77,27 +96,36 @@ class HealthState:
             d: Deferred = Deferred()
             d.callback(current)
             return d
-        d = Deferred(lambda d: self._forget(d))
-        self._watchers.append((service, last, d))
+        d = Deferred(self._forget)
+        self._watchers[id(d)] = (service, last, d)
         return d
 
+    @property
+    def watching(self) -> int:
+        """How many watches wait for a change."""
+        return len(self._watchers)
+
     def _forget(self, d: Deferred) -> None:
-        self._watchers = [w for w in self._watchers if w[2] is not d]
+        self._watchers.pop(id(d), None)
 
     def _wake(self) -> None:
-        waiting, self._watchers = self._watchers, []
-        for service, last, d in waiting:
+        waiting, self._watchers = self._watchers, {}
+        for key, (service, last, d) in waiting.items():
+            if d.called:  # cancelled by an earlier watcher's callback
+                continue
             current = self.check(service)
             if current != last:
                 d.callback(current)
             else:
-                self._watchers.append((service, last, d))
+                self._watchers[key] = (service, last, d)
 
 
 class HealthService(Service, descriptor=HEALTH):
     """``mprpc.health.v1.Health`` over a :class:`HealthState`."""
 
     builtin = True
+    long_lived_methods = frozenset({"Watch"})
+    """Calls that wait by design: bounded apart from ordinary calls (``server.py``)."""
 
     def __init__(self, state: HealthState, clock: IReactorTime) -> None:
         self.state = state
@@ -107,7 +135,8 @@ class HealthService(Service, descriptor=HEALTH):
         return HealthCheckResponse(status=self.state.check(request.service))
 
     async def Watch(self, request: Any, context: CallContext) -> Any:
-        wait = request.max_wait if request.max_wait > 0 else DEFAULT_WATCH_WAIT
+        # NaN and non-positive values mean "the default"; anything longer is capped.
+        wait = min(request.max_wait, MAX_WATCH_WAIT) if request.max_wait > 0 else DEFAULT_WATCH_WAIT
         remaining = context.time_remaining()
         if remaining is not None:
             wait = min(wait, max(remaining - 0.1, 0.0))  # answer before the caller gives up
@@ -126,7 +155,16 @@ class HealthService(Service, descriptor=HEALTH):
 
 
 def files_for_symbol(symbol: str, pools: list[Any] = ()) -> list[FileDescriptor]:  # type: ignore[assignment]
-    """The file defining ``symbol`` and its dependencies, dependencies first."""
+    """The file defining ``symbol`` and its dependencies, dependencies first.
+
+    Raises InvalidArgumentError for a symbol over :data:`MAX_SYMBOL_LENGTH`
+    characters and NotFoundError for one no pool knows.
+    """
+    if len(symbol) > MAX_SYMBOL_LENGTH:
+        raise InvalidArgumentError(
+            message=f"symbol of {len(symbol)} characters: at most {MAX_SYMBOL_LENGTH}"
+            f" ({_quote(symbol)})"
+        )
     for pool in [descriptor_pool.Default(), *pools]:
         try:
             file = pool.FindFileContainingSymbol(symbol)
@@ -134,7 +172,7 @@ def files_for_symbol(symbol: str, pools: list[Any] = ()) -> list[FileDescriptor]
         except KeyError:
             continue
     else:
-        raise NotFoundError(message=f"no symbol {symbol!r} here")
+        raise NotFoundError(message=f"no symbol {_quote(symbol)} here")
     ordered: list[FileDescriptor] = []
     seen: set[str] = set()
 

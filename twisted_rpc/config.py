@@ -60,6 +60,8 @@ class AdminConfig:
     """The admin HTTP endpoint (``[admin]``): metrics, status page, JSON."""
 
     listen: str
+    max_connections: int = 64
+    """Admin connections open at once; more are closed at once (logged)."""
 
 
 @dataclass
@@ -256,7 +258,7 @@ def load_provider_config(path: str) -> ProviderConfig:
             "registry": _REGISTRY_KEYS,
             "tls": _PROVIDER_TLS_KEYS,
             "mprpc": _MPRPC_KEYS,
-            "admin": {"listen"},
+            "admin": {"listen", "max_connections"},
         },
     )
     if not r.parser.has_section("provider"):
@@ -316,7 +318,7 @@ def _admin(r: _Reader) -> AdminConfig | None:
         return None
     listen = r.require("admin", "listen")
     _check_endpoint(f"{r.path}: [admin] listen", listen)
-    return AdminConfig(listen)
+    return AdminConfig(listen, r.number("admin", "max_connections", 64, int, minimum=1))
 
 
 def _check_endpoint(where: str, listen: str) -> None:

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_rpc import wire
-from twisted_rpc.admin import admin_site
+from twisted_rpc.admin import DEFAULT_ADMIN_MAX_CONNECTIONS, admin_site
 from twisted_rpc.builtins import NOT_SERVING, add_builtins
 from twisted_rpc.interfaces import IServerInterceptor, IServiceRegistry
 from twisted_rpc.metrics import ProviderMetrics
@@ -89,6 +89,7 @@ class ProviderService(MultiService):
         health: bool = True,
         reflection: bool = True,
         admin_listen: str | None = None,
+        admin_max_connections: int = DEFAULT_ADMIN_MAX_CONNECTIONS,
         slow_call_threshold: float = 0.0,
     ) -> None:
         super().__init__()
@@ -131,7 +132,8 @@ class ProviderService(MultiService):
             endpoint = _ReportingEndpoint(
                 serverFromString(reactor, admin_listen), self._admin_listening
             )
-            admin = StreamServerEndpointService(endpoint, admin_site(self, self.metrics))
+            site = admin_site(self, self.metrics, max_connections=admin_max_connections)
+            admin = StreamServerEndpointService(endpoint, site)
             admin._raiseSynchronously = True
             admin.setServiceParent(self)
 

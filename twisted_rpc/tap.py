@@ -10,6 +10,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from twisted_rpc import __version__
+from twisted_rpc.admin import DEFAULT_ADMIN_MAX_CONNECTIONS
 from twisted_rpc.config import (
     ConfigError,
     ProviderConfig,
@@ -120,6 +121,9 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         health=config.health,
         reflection=config.reflection,
         admin_listen=config.admin.listen if config.admin else None,
+        admin_max_connections=(
+            config.admin.max_connections if config.admin else DEFAULT_ADMIN_MAX_CONNECTIONS
+        ),
         slow_call_threshold=config.slow_call_threshold,
         registration_data={
             "weight": config.registry.weight,

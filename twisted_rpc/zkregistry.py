@@ -10,13 +10,19 @@ and, for C++ mprpc callers (``register_mprpc``, ``docs/mprpc-compat.md``)::
 
 Providers create their nodes once connected, recreate them in every new
 session and whenever someone deletes them, and replace a stale node left by
-an earlier session. Consumers keep one children watch per service, debounce
-its events, cache the list, and keep the last good list through outages.
+an earlier session. With ``auth`` they create the root, service and providers
+nodes with the digest ACL and refuse to register under one that others may
+write. On unregistering they delete only the nodes their own session holds.
+Consumers keep one children watch per service, debounce its events, cache the
+list, keep the last good list through outages, and skip (with a warning) any
+node whose name or data is not a usable provider.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -29,19 +35,48 @@ from zope.interface import implementer
 from twisted_rpc.interfaces import IServiceDiscovery, IServiceRegistry
 from twisted_rpc.registry import ProviderAddress, Registration, parse_address
 from twisted_rpc.zookeeper import (
+    ACL,
     CONNECTED,
+    BadVersionError,
     EventType,
     KazooException,
+    NoAuthError,
     NodeExistsError,
     NoNodeError,
     WatchedEvent,
     ZooKeeperClient,
+    acl_text,
     open_acl,
+    others_may_write,
 )
 
-__all__ = ["ZooKeeperRegistry"]
+__all__ = [
+    "DEFAULT_MAX_NODE_DATA",
+    "DEFAULT_MAX_PROVIDERS",
+    "UnsafeParentError",
+    "ZooKeeperRegistry",
+]
 
 log = Logger()
+
+DEFAULT_MAX_PROVIDERS = 10_000
+"""Provider nodes of one service read at most; the rest are skipped with a warning."""
+DEFAULT_MAX_NODE_DATA = 16 * 1024
+"""A provider node's data longer than this is skipped (ours are ~200 bytes)."""
+UNSAFE_PARENT_RETRY = 30.0
+"""Seconds between checks of a parent that others may write (until it is fixed)."""
+MAX_WEIGHT = 1_000_000
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?")
+
+
+class UnsafeParentError(Exception):
+    """A parent of a provider node grants write rights to someone else."""
+
+    def __init__(self, path: str, acls: list[ACL]) -> None:
+        super().__init__(f"{path} has ACL {acl_text(acls)}")
+        self.path = path
+        self.acls = acls
+
 
 Listener = Callable[[tuple[ProviderAddress, ...]], object]
 
@@ -61,16 +96,30 @@ class _Node:
 class _Watched:
     """A service a consumer follows: its listeners and last good provider list."""
 
-    __slots__ = ("service", "listeners", "addresses", "nodes", "timer", "reading", "dirty")
+    __slots__ = (
+        "service",
+        "listeners",
+        "addresses",
+        "nodes",
+        "skipped",
+        "timer",
+        "reading",
+        "dirty",
+        "refusal",
+    )
 
     def __init__(self, service: str) -> None:
         self.service = service
         self.listeners: list[Listener] = []
         self.addresses: tuple[ProviderAddress, ...] | None = None
         self.nodes: dict[str, ProviderAddress] = {}
+        self.skipped: set[str] = set()
+        """Names of nodes found unusable: not read (nor warned about) again."""
         self.timer: IDelayedCall | None = None
         self.reading = False
         self.dirty = False
+        self.refusal: str | None = None
+        """The ACL of the providers node last refused, to log it once."""
 
 
 @implementer(IServiceRegistry, IServiceDiscovery)
@@ -79,6 +128,9 @@ class ZooKeeperRegistry(Service):
 
     Starts connecting on first use (or ``startService``); never blocks and never
     fails because ZooKeeper is down: registrations are made when it is reachable.
+
+    A consumer reads at most ``max_providers`` nodes of a service and skips a
+    node whose data is longer than ``max_node_data`` bytes.
     """
 
     name = "zookeeper-registry"
@@ -93,7 +145,14 @@ class ZooKeeperRegistry(Service):
         auth: str = "",
         debounce: float = 0.05,
         zk: ZooKeeperClient | None = None,
+        max_providers: int = DEFAULT_MAX_PROVIDERS,
+        max_node_data: int = DEFAULT_MAX_NODE_DATA,
     ) -> None:
+        if max_providers < 1 or max_node_data < 1:
+            raise ValueError(
+                f"max_providers and max_node_data must be positive, got"
+                f" {max_providers!r} and {max_node_data!r}"
+            )
         self.reactor = reactor
         self.root = root.rstrip("/") or "/mprpc"
         self.session_timeout = session_timeout
@@ -106,6 +165,12 @@ class ZooKeeperRegistry(Service):
         self._watched: dict[str, _Watched] = {}
         self.reregistrations = 0
         self._retries: set[IDelayedCall] = set()
+        self.max_providers = max_providers
+        self.max_node_data = max_node_data
+        self._refusals: dict[str, str] = {}
+        """Path -> the unsafe ACL last logged for it (logged once until it changes)."""
+        self._rechecks: set[str] = set()
+        """Paths refused for their parents' ACL with a check again scheduled."""
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -190,7 +255,9 @@ class ZooKeeperRegistry(Service):
         return self._ensure_node(path)
 
     def unregister_all(self) -> Deferred:
-        """Delete every node of this registry (a graceful stop does this first)."""
+        """Delete every node this registry's session holds (a graceful stop
+        does this first). A node held by another session (another provider of
+        an mprpc method, for which this one stands by) is left alone."""
         paths = list(self._nodes)
         self._nodes.clear()
         if not self.zk.connected:
@@ -198,13 +265,32 @@ class ZooKeeperRegistry(Service):
         return gatherResults([self._delete(path) for path in paths]).addCallback(lambda _: None)
 
     def _delete(self, path: str) -> Deferred:
-        d = self.zk.delete(path)
+        d = Deferred.fromCoroutine(self._delete_own(path))
+        d.addErrback(lambda f: log.failure("deleting {path} failed", f, path=path))
+        return d
 
-        def failed(failure: Any) -> None:
-            if not failure.check(NoNodeError):
-                log.failure("deleting {path} failed", failure, path=path)
-
-        return d.addCallbacks(lambda _: log.info("unregistered {path}", path=path), failed)
+    async def _delete_own(self, path: str) -> None:
+        zk = self.zk
+        for _ in range(3):
+            stat = await zk.exists(path)
+            if stat is None:
+                return
+            if stat.ephemeralOwner != zk.session_id:
+                log.info(
+                    "leaving {path}: held by session 0x{owner:x}, not this one",
+                    path=path,
+                    owner=stat.ephemeralOwner,
+                )
+                return
+            try:
+                await zk.delete(path, version=stat.version)
+            except NoNodeError:
+                return
+            except BadVersionError:
+                continue  # changed meanwhile: look again
+            log.info("unregistered {path}", path=path)
+            return
+        log.warn("{path} kept changing: not deleted (it goes with the session)", path=path)
 
     def _ensure_node(self, path: str) -> Deferred:
         if path in self._ensuring:
@@ -224,6 +310,12 @@ class ZooKeeperRegistry(Service):
                     return
                 try:
                     await self._create_node(path, node)
+                except UnsafeParentError as e:
+                    self._refuse(path, e)
+                    if path not in self._rechecks:  # one pending check per path
+                        self._rechecks.add(path)
+                        self._later(UNSAFE_PARENT_RETRY, self._recheck, path)
+                    return
                 except KazooException as e:
                     # Connection trouble: the next CONNECTED re-ensures every node,
                     # and in case that event came first, try again in a second.
@@ -235,14 +327,49 @@ class ZooKeeperRegistry(Service):
         finally:
             self._ensuring.discard(path)
 
+    def _refuse(self, path: str, error: UnsafeParentError) -> None:
+        found = acl_text(error.acls)
+        if self._refusals.get(path) == f"{error.path} {found}":
+            return
+        self._refusals[path] = f"{error.path} {found}"
+        log.error(
+            "not registering {path}: its parent {parent} has ACL {acl}, so others may"
+            " create, change or delete provider nodes there. Give it this provider's ACL"
+            " (zkCli: setAcl {parent} {wanted}) or use another root; checking again"
+            " every {retry:.0f} s",
+            path=path,
+            parent=error.path,
+            acl=found,
+            wanted=acl_text(self.zk.acl),
+            retry=UNSAFE_PARENT_RETRY,
+        )
+
+    async def _ensure_parents(self, path: str) -> None:
+        """Create the root, service and providers nodes of ``path`` (with the
+        client's ACL); with auth, refuse any of them that others may write."""
+        zk = self.zk
+        providers = path.rsplit("/", 1)[0]
+        service = providers.rsplit("/", 1)[0]
+        for parent in (self.root, service, providers):
+            await zk.ensure_path(parent, acl=zk.acl)
+            if zk.identity is None:
+                continue  # no auth: everything is open anyway
+            acls, _ = await zk.get_acls(parent)
+            if others_may_write(acls, zk.identity):
+                raise UnsafeParentError(parent, acls)
+        if self._refusals.pop(path, None) is not None:
+            log.info("the parents of {path} are safe now: registering it", path=path)
+
     async def _create_node(self, path: str, node: _Node) -> None:
         zk = self.zk
         payload = node.payload
-        # mprpc nodes are open, as C++ callers and providers expect them.
+        # mprpc nodes are open, as C++ callers and providers expect them
+        # (without ADMIN: nobody can change their ACL and lock the others out).
         acl = open_acl() if node.shared else None
-        if not node.shared:
-            await zk.ensure_path(self.root, acl=open_acl())
-        await zk.ensure_path(path.rsplit("/", 1)[0], acl=acl)
+        if node.shared:
+            await zk.ensure_path(path.rsplit("/", 1)[0], acl=acl)
+        else:
+            await self._ensure_parents(path)
         try:
             await zk.create(path, payload, ephemeral=True, acl=acl)
             log.info("registered {path}", path=path)
@@ -262,9 +389,12 @@ class ZooKeeperRegistry(Service):
                     owner=stat.ephemeralOwner,
                 )
                 try:
-                    await zk.delete(path)
+                    await zk.delete(path, version=stat.version)
                 except NoNodeError:
                     pass
+                except BadVersionError:
+                    self._ensure_again.add(path)  # changed meanwhile: look again
+                    return
                 await zk.create(path, payload, ephemeral=True, acl=acl)
                 log.info("registered {path}", path=path)
             elif data != payload:
@@ -272,6 +402,10 @@ class ZooKeeperRegistry(Service):
         stat = await zk.exists(path, watch=self._node_event)
         if stat is None:
             self._ensure_again.add(path)
+
+    def _recheck(self, path: str) -> None:
+        self._rechecks.discard(path)
+        self._retry_node(path)
 
     def _retry_node(self, path: str) -> None:
         if path in self._nodes and self.zk.connected:
@@ -376,7 +510,17 @@ class ZooKeeperRegistry(Service):
                     watched.dirty = True  # created meanwhile: read again
                     return
                 children = []
-            fresh = [name for name in children if name not in watched.nodes]
+            if children and not await self._trusted(watched, path):
+                watched.nodes = {}
+                self._apply(watched, ())
+                return
+            children = self._capped(watched, path, children)
+            watched.skipped.intersection_update(children)
+            fresh = [
+                name
+                for name in children
+                if name not in watched.nodes and name not in watched.skipped
+            ]
             read = await gatherResults(
                 [Deferred.fromCoroutine(self._read_node(path, name)) for name in fresh]
             )
@@ -385,30 +529,90 @@ class ZooKeeperRegistry(Service):
             self._later(1.0, self._read_soon, watched)  # the watch is not set
             return
         nodes = {name: watched.nodes[name] for name in children if name in watched.nodes}
-        nodes.update(
-            (name, address)
-            for name, address in zip(fresh, read, strict=True)
-            if address is not None
-        )
+        for name, address in zip(fresh, read, strict=True):
+            if address is True:
+                watched.skipped.add(name)
+            elif address is not False:
+                nodes[name] = address
         watched.nodes = nodes
         self._apply(watched, tuple(sorted(nodes.values(), key=lambda a: (a.host, a.port))))
 
-    async def _read_node(self, path: str, name: str) -> ProviderAddress | None:
+    async def _trusted(self, watched: _Watched, path: str) -> bool:
+        """With auth: whether only this identity may add or remove providers at
+        ``path`` (others' nodes there are not used; the error is logged once)."""
+        identity = self.zk.identity
+        if identity is None:
+            return True
+        acls, _ = await self.zk.get_acls(path)
+        if not others_may_write(acls, identity):
+            watched.refusal = None
+            return True
+        found = acl_text(acls)
+        if watched.refusal != found:
+            watched.refusal = found
+            log.error(
+                "{service}: not using the providers listed at {path}: its ACL {acl} lets"
+                " others add or remove them",
+                service=watched.service,
+                path=path,
+                acl=found,
+            )
+        return False
+
+    def _capped(self, watched: _Watched, path: str, children: list[str]) -> list[str]:
+        """At most ``max_providers`` names: those already known first."""
+        if len(children) <= self.max_providers:
+            return children
+        known = [name for name in children if name in watched.nodes]
+        others = sorted(name for name in children if name not in watched.nodes)
+        kept = (known + others)[: self.max_providers]
+        log.warn(
+            "{path} has {count} provider nodes: using {max_providers}, skipping the rest",
+            path=path,
+            count=len(children),
+            max_providers=self.max_providers,
+        )
+        return kept
+
+    async def _read_node(self, path: str, name: str) -> ProviderAddress | bool:
+        """The provider a node names; False if it is gone, True (logged) if it
+        is unusable."""
         try:
-            data, _ = await self.zk.get(f"{path}/{name}")
+            data, stat = await self.zk.get(f"{path}/{name}")
+            return self._parse_node(name, data, stat)
         except NoNodeError:
-            return None
+            return False  # gone meanwhile
+        except NoAuthError:
+            reason = "not readable (its ACL denies READ)"
+        except _BadNode as e:
+            reason = str(e)
+        log.warn(
+            "ignoring provider node {path}/{name}: {reason}",
+            path=path,
+            name=_clip(name),
+            reason=reason,
+        )
+        return True
+
+    def _parse_node(self, name: str, data: bytes, stat: Any) -> ProviderAddress:
+        if len(data) > self.max_node_data:
+            raise _BadNode(f"{len(data)} bytes of data (at most {self.max_node_data})")
+        if self.zk.identity is not None and not stat.ephemeralOwner:
+            raise _BadNode("not ephemeral (provider nodes go with their session)")
         try:
             info = json.loads(data)
-            return ProviderAddress(
-                str(info["host"]), int(info["port"]), int(info.get("weight", 100)), info
-            )
-        except (ValueError, KeyError, TypeError):
-            try:
-                return parse_address(name)
-            except ValueError:
-                log.warn("ignoring provider node {path}/{name}: bad data", path=path, name=name)
-                return None
+        except (ValueError, RecursionError):
+            info = None
+        if not isinstance(info, dict):
+            info = {}
+        if "host" in info or "port" in info:
+            return _checked(info.get("host"), info.get("port"), info.get("weight", 100), info)
+        # Not our JSON: the address is the node's name.
+        try:
+            address = parse_address(name)
+        except ValueError:
+            raise _BadNode("no host and port in its data, and its name is not host:port") from None
+        return _checked(address.host, address.port, info.get("weight", 100), info)
 
     def _apply(self, watched: _Watched, addresses: tuple[ProviderAddress, ...]) -> None:
         if addresses == watched.addresses:
@@ -434,4 +638,37 @@ class ZooKeeperRegistry(Service):
             list=" ".join(str(a) for a in addresses),
         )
         for listener in list(watched.listeners):
-            listener(addresses)
+            try:
+                listener(addresses)
+            except Exception:
+                log.failure("{service}: a provider list listener failed", service=watched.service)
+
+
+class _BadNode(ValueError):
+    """A provider node that cannot be used; its message says why."""
+
+
+def _clip(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _checked(host: object, port: object, weight: object, info: dict) -> ProviderAddress:
+    """A ProviderAddress from a node's values, or _BadNode saying what is wrong."""
+    if not isinstance(host, str) or not _valid_host(host):
+        raise _BadNode(f"bad host {_clip(repr(host))}")
+    if type(port) is not int or not 0 < port < 65536:
+        raise _BadNode(f"bad port {_clip(repr(port))}")
+    if type(weight) is not int or not 0 <= weight <= MAX_WEIGHT:
+        raise _BadNode(f"bad weight {_clip(repr(weight))} (an integer 0..{MAX_WEIGHT})")
+    return ProviderAddress(host, port, weight, info)
+
+
+def _valid_host(host: str) -> bool:
+    """A DNS name or an IP address (v6 without brackets), nothing else."""
+    if _HOSTNAME.fullmatch(host):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -20,30 +20,44 @@ from typing import Any
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import (
+    BadVersionError,
     ConnectionLoss,
     KazooException,
+    NoAuthError,
     NodeExistsError,
     NoNodeError,
     SessionExpiredError,
 )
 from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
-from kazoo.security import ACL, OPEN_ACL_UNSAFE, make_acl, make_digest_acl
+from kazoo.security import (
+    ACL,
+    Id,
+    Permissions,
+    make_acl,
+    make_digest_acl,
+    make_digest_acl_credential,
+)
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 __all__ = [
+    "ACL",
+    "BadVersionError",
     "ConnectionLoss",
     "EventType",
     "KazooException",
+    "NoAuthError",
     "NoNodeError",
     "NodeExistsError",
     "SessionExpiredError",
     "WatchedEvent",
     "ZnodeStat",
     "ZooKeeperClient",
+    "acl_text",
     "digest_acls",
     "open_acl",
+    "others_may_write",
 ]
 
 log = Logger()
@@ -57,9 +71,13 @@ StateListener = Callable[[str, bool], object]
 """``listener(state, new_session)``, called on the reactor thread."""
 
 
+_WRITE_RIGHTS = Permissions.WRITE | Permissions.CREATE | Permissions.DELETE | Permissions.ADMIN
+
+
 def open_acl() -> list[ACL]:
-    """Anyone may do anything (ZooKeeper's OPEN_ACL_UNSAFE)."""
-    return list(OPEN_ACL_UNSAFE)
+    """Anyone may read, write, create and delete, but nobody may change the ACL:
+    ZooKeeper's OPEN_ACL_UNSAFE without ADMIN (no one can lock others out)."""
+    return [make_acl("world", "anyone", read=True, write=True, create=True, delete=True)]
 
 
 def digest_acls(auth: str) -> tuple[list[ACL], tuple[str, str]]:
@@ -71,6 +89,32 @@ def digest_acls(auth: str) -> tuple[list[ACL], tuple[str, str]]:
         raise ValueError("auth must look like digest:user:password")
     acls = [make_digest_acl(user, password, all=True), make_acl("world", "anyone", read=True)]
     return acls, ("digest", f"{user}:{password}")
+
+
+def others_may_write(acls: list[ACL], identity: Id) -> list[ACL]:
+    """The entries of ``acls`` that let someone other than ``identity`` write,
+    create, delete or change the ACL (READ for anyone is fine)."""
+    return [
+        acl
+        for acl in acls
+        if acl.perms & _WRITE_RIGHTS
+        and (acl.id.scheme, acl.id.id) != (identity.scheme, identity.id)
+    ]
+
+
+def acl_text(acls: list[ACL]) -> str:
+    """``digest:user:hash:cdrwa,world:anyone:r``, as zkCli's ``getAcl`` shows them."""
+    letters = [
+        (Permissions.CREATE, "c"),
+        (Permissions.DELETE, "d"),
+        (Permissions.READ, "r"),
+        (Permissions.WRITE, "w"),
+        (Permissions.ADMIN, "a"),
+    ]
+    return ",".join(
+        f"{acl.id.scheme}:{acl.id.id}:" + "".join(c for bit, c in letters if acl.perms & bit)
+        for acl in acls
+    )
 
 
 class ZooKeeperClient:
@@ -94,11 +138,15 @@ class ZooKeeperClient:
         self.reactor = reactor
         self.hosts = hosts
         self.session_timeout = session_timeout
+        self.identity: Id | None = None
+        """The digest identity nodes are created for (None without ``auth``)."""
         if auth:
             self.acl, auth_data = digest_acls(auth)
             auth_list = [auth_data]
+            user, _, password = auth_data[1].partition(":")
+            self.identity = Id("digest", make_digest_acl_credential(user, password))
         else:
-            self.acl, auth_list = list(OPEN_ACL_UNSAFE), None
+            self.acl, auth_list = open_acl(), None
         self.kazoo = KazooClient(
             hosts=hosts,
             timeout=session_timeout,
@@ -231,11 +279,17 @@ class ZooKeeperClient:
         """Fires with a ZnodeStat, or None when there is no node."""
         return self._request(self.kazoo.exists_async, path, watch=watch and self.watcher(watch))
 
+    def get_acls(self, path: str) -> Deferred:
+        """Fires with ``(list of ACL, ZnodeStat)``."""
+        return self._request(self.kazoo.get_acls_async, path)
+
     def set(self, path: str, value: bytes) -> Deferred:
         return self._request(self.kazoo.set_async, path, value)
 
-    def delete(self, path: str) -> Deferred:
-        return self._request(self.kazoo.delete_async, path)
+    def delete(self, path: str, version: int = -1) -> Deferred:
+        """Delete ``path``; with ``version``, only if the node still has that
+        version (else BadVersionError)."""
+        return self._request(self.kazoo.delete_async, path, version)
 
 
 def _settle(d: Deferred, async_result: Any) -> None:
