@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -20,7 +20,14 @@ from twisted.python.failure import Failure
 from twisted_rpc import wire
 from twisted_rpc.interfaces import ICallObserver
 from twisted_rpc.mprpc_wire import CPP_REPLY_LIMIT, MprpcProtocolError, RequestReader
-from twisted_rpc.server import CallContext, Dispatcher, ServerLimits, ServerMethod
+from twisted_rpc.server import (
+    MAX_ERROR_MESSAGE,
+    CallContext,
+    Dispatcher,
+    ServerLimits,
+    ServerMethod,
+    clip,
+)
 from twisted_rpc.status import RpcError, StatusCode, code_name
 
 __all__ = ["MprpcServerFactory", "MprpcServerProtocol", "short_routes"]
@@ -72,8 +79,8 @@ class MprpcServerProtocol(Protocol):
         self._cancel_timer()
         self._done = True
         if self.call is not None:
-            call, self.call = self.call, None
-            self.factory.in_flight -= 1
+            call = self.call
+            self._end_call()
             log.info(
                 "mprpc call {method} from {peer}: caller went away before the reply",
                 method=self.method.info.full_name if self.method else "?",
@@ -103,9 +110,9 @@ class MprpcServerProtocol(Protocol):
         if method is None:
             known = any(s == request.service for s, _ in self.factory.routes)
             what = (
-                f"unknown method {request.method!r} of service {request.service}"
+                f"unknown method {clip(request.method)!r} of service {request.service}"
                 if known
-                else f"unknown service {request.service!r}"
+                else f"unknown service {clip(request.service)!r}"
             )
             self._fail(what, StatusCode.NOT_FOUND)
             return
@@ -118,9 +125,18 @@ class MprpcServerProtocol(Protocol):
         if self.factory.draining:
             self._fail("provider is shutting down", StatusCode.UNAVAILABLE)
             return
-        if self.factory.in_flight >= self.factory.limits.max_calls:
+        factory = self.factory
+        if method.long_lived:
+            if factory.long_lived_in_flight >= factory.limits.max_long_lived_calls:
+                self._fail(
+                    f"{factory.limits.max_long_lived_calls} long-lived calls in flight at "
+                    "this listener",
+                    StatusCode.RESOURCE_EXHAUSTED,
+                )
+                return
+        elif factory.in_flight >= factory.limits.max_calls:
             self._fail(
-                f"{self.factory.limits.max_calls} calls in flight at this provider",
+                f"{factory.limits.max_calls} calls in flight at this provider",
                 StatusCode.RESOURCE_EXHAUSTED,
             )
             return
@@ -145,20 +161,23 @@ class MprpcServerProtocol(Protocol):
             self._reply(result)
             return
         self.call = result
-        self.factory.in_flight += 1
+        self.factory.call_started(method)
         result.addCallbacks(self._answered, self._failed_call)
+
+    def _end_call(self) -> None:
+        self.call = None
+        assert self.method is not None
+        self.factory.call_ended(self.method)
 
     def _answered(self, result: object) -> None:
         if self.call is None:
             return  # the caller went away
-        self.call = None
-        self.factory.in_flight -= 1
+        self._end_call()
         self._reply(result)
 
     def _failed_call(self, failure: Failure) -> None:
         if self.call is not None:
-            self.call = None
-            self.factory.in_flight -= 1
+            self._end_call()
         elif self._done:
             return
         error = failure.value
@@ -219,7 +238,7 @@ class MprpcServerProtocol(Protocol):
             "mprpc call {method} from {peer} failed: {why}; closing without a reply",
             method=self._method_name(),
             peer=self.peer,
-            why=why,
+            why=clip(why, MAX_ERROR_MESSAGE),
         )
         self._done = True
         self._cancel_timer()
@@ -263,6 +282,9 @@ class MprpcServerFactory(Factory):
         self.routes = short_routes(dispatcher)
         self.connections: set[MprpcServerProtocol] = set()
         self.in_flight = 0
+        """Ordinary calls in flight (see ``calls_in_flight`` for all)."""
+        self.long_lived_in_flight = 0
+        self.idle_waiters: list[Deferred] = []
         self.draining = False
         self.observer: ICallObserver | None = None
         """Told of every call's end, as the native factory's observer is."""
@@ -275,7 +297,36 @@ class MprpcServerFactory(Factory):
 
     @property
     def calls_in_flight(self) -> int:
-        return self.in_flight
+        """Calls in flight, long-lived ones included."""
+        return self.in_flight + self.long_lived_in_flight
+
+    def call_started(self, method: ServerMethod) -> None:
+        if method.long_lived:
+            self.long_lived_in_flight += 1
+        else:
+            self.in_flight += 1
+
+    def call_ended(self, method: ServerMethod) -> None:
+        if method.long_lived:
+            self.long_lived_in_flight -= 1
+        else:
+            self.in_flight -= 1
+        if self.idle_waiters and not self.calls_in_flight:
+            waiters, self.idle_waiters = self.idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires once no call is in flight (at once if none is)."""
+        if not self.calls_in_flight:
+            return succeed(None)
+        d: Deferred[None] = Deferred(self._forget_waiter)
+        self.idle_waiters.append(d)
+        return d
+
+    def _forget_waiter(self, d: Deferred[None]) -> None:
+        if d in self.idle_waiters:
+            self.idle_waiters.remove(d)
 
     def goaway(self, message: str = "") -> None:
         """Refuse calls that arrive from now on (the protocol cannot say so)."""

@@ -7,10 +7,9 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -212,6 +211,19 @@ class ProviderService(MultiService):
                 lambda f, n=name: log.failure("registering {service} failed", f, service=n)
             )
 
+    async def _calls_finished(self, factories: list[Any]) -> None:
+        """Wait until no call is in flight, for at most the grace period."""
+        drained = DeferredList([f.when_idle() for f in factories], consumeErrors=True)
+        if drained.called:
+            return
+        # Cancelled when the grace period is over: it then fires all the same.
+        timer = self.reactor.callLater(self.grace_period, drained.cancel)
+        try:
+            await drained
+        finally:
+            if timer.active():
+                timer.cancel()
+
     def stopService(self) -> Deferred:
         return Deferred.fromCoroutine(self._stop())
 
@@ -235,11 +247,7 @@ class ProviderService(MultiService):
             factories.append(self.mprpc_factory)
         for factory in factories:
             factory.goaway()
-        waited = 0.0
-        step = 0.02
-        while self.calls_in_flight and waited < self.grace_period:
-            await deferLater(self.reactor, step, lambda: None)
-            waited += step
+        await self._calls_finished(factories)
         left = self.calls_in_flight
         if left:
             log.warn("grace period over: closing with {left} calls in flight", left=left)
