@@ -512,3 +512,68 @@ def test_stopping_gives_up_after_the_grace_period():
     reactor.advance(2)
     assert stopped.called
     assert conn.transport.disconnecting
+
+
+def test_a_violation_reported_by_a_handler_flushes_the_answers_once():
+    _, factory = _factory()
+    conn = Conn(factory)
+    proto = conn.proto
+    proto._handlers[FrameKind.PING] = lambda *fields: proto.protocol_violation("bad ping")
+    payload = echo_pb2.EchoRequest(payload=b"once").SerializeToString()
+    good = wire.encode_request(1, ROUTE, len(payload)) + payload
+    proto.dataReceived(good + wire.encode_ping(1))
+    (frame,) = conn.frames()
+    assert echo_pb2.EchoReply.FromString(frame.payload).payload == b"once"
+    assert conn.transport.disconnecting
+
+
+# --------------------------------------------------------------------------- the mprpc listener
+
+
+def _mprpc(services, **limits):
+    from twisted_rpc.mprpc_server import MprpcServerFactory
+
+    return MprpcServerFactory(Dispatcher(services), Clock(), 1 << 20, ServerLimits(**limits))
+
+
+def _mprpc_connect(factory, host="10.0.0.1", port=1):
+    proto = factory.buildProtocol(IPv4Address("TCP", host, port))
+    if proto is not None:
+        proto.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", host, port)))
+    return proto
+
+
+def test_the_mprpc_listener_caps_connections_per_peer():
+    factory = _mprpc([EchoService()], max_connections_per_peer=2)
+    first = _mprpc_connect(factory, port=1)
+    _mprpc_connect(factory, port=2)
+    assert _mprpc_connect(factory, port=3) is None
+    assert _mprpc_connect(factory, host="10.0.0.2") is not None
+    first.connectionLost(None)
+    assert _mprpc_connect(factory, port=4) is not None
+
+
+def test_the_mprpc_listener_keeps_long_lived_calls_apart(logged):
+    from twisted_rpc.mprpc_wire import encode_request
+
+    watcher = Watcher()
+    factory = _mprpc([EchoService(), watcher], max_calls=1, max_long_lived_calls=2)
+    for port in (1, 2, 3):
+        _mprpc_connect(factory, port=port).dataReceived(encode_request("Health", "Watch", b""))
+    assert len(watcher.waiting) == 2 and factory.long_lived_in_flight == 2
+    assert any("2 long-lived calls" in str(e.get("why", "")) for e in logged)
+    call = _mprpc_connect(factory, port=4)
+    args = echo_pb2.EchoRequest(delay=1).SerializeToString()
+    call.dataReceived(encode_request("EchoService", "AsyncEcho", args))
+    assert factory.in_flight == 1 and factory.calls_in_flight == 3
+    watcher.waiting[0].callback(HealthCheckResponse())
+    assert factory.long_lived_in_flight == 1
+
+
+def test_the_mprpc_listener_quotes_a_long_unknown_name_truncated(logged):
+    from twisted_rpc.mprpc_wire import encode_request
+
+    factory = _mprpc([EchoService()])
+    _mprpc_connect(factory).dataReceived(encode_request("EchoService", "M" * 4000, b""))
+    (event,) = [e for e in logged if "failed" in str(e.get("log_format", ""))]
+    assert "(4000 characters)" in event["why"] and len(event["why"]) < 300

@@ -60,6 +60,7 @@ class MprpcServerProtocol(Protocol):
         self.clock = factory.clock
         self.reader = RequestReader(factory.max_request_size)
         self.peer = "?"
+        self.peer_host: str | None = None
         self.call: Deferred | None = None
         self.method: ServerMethod | None = None
         self._timer: IDelayedCall | None = None
@@ -71,11 +72,12 @@ class MprpcServerProtocol(Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '?')}"
-        self.factory.connections.add(self)
+        self.peer_host = getattr(peer, "host", None)
+        self.factory.connection_made(self)
         self._timer = self.clock.callLater(self.factory.read_timeout, self._read_timed_out)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.factory.connections.discard(self)
+        self.factory.connection_lost(self)
         self._cancel_timer()
         self._done = True
         if self.call is not None:
@@ -281,6 +283,8 @@ class MprpcServerFactory(Factory):
         self.read_timeout = read_timeout
         self.routes = short_routes(dispatcher)
         self.connections: set[MprpcServerProtocol] = set()
+        self.per_peer: dict[str, int] = {}
+        """Connections open by peer host."""
         self.in_flight = 0
         """Ordinary calls in flight (see ``calls_in_flight`` for all)."""
         self.long_lived_in_flight = 0
@@ -293,7 +297,35 @@ class MprpcServerFactory(Factory):
         if len(self.connections) >= self.limits.max_connections:
             log.warn("mprpc listener: refusing {addr}: too many connections", addr=addr)
             return None
+        host = getattr(addr, "host", None)
+        if host is not None and self.per_peer.get(host, 0) >= self.limits.max_connections_per_peer:
+            log.warn(
+                "mprpc listener: refusing {addr}: {n} connections open from {host} "
+                "(max_connections_per_peer)",
+                addr=addr,
+                n=self.per_peer[host],
+                host=host,
+            )
+            return None
         return MprpcServerProtocol(self)
+
+    def connection_made(self, connection: MprpcServerProtocol) -> None:
+        self.connections.add(connection)
+        if connection.peer_host is not None:
+            host = connection.peer_host
+            self.per_peer[host] = self.per_peer.get(host, 0) + 1
+
+    def connection_lost(self, connection: MprpcServerProtocol) -> None:
+        if connection not in self.connections:
+            return
+        self.connections.discard(connection)
+        host = connection.peer_host
+        if host is not None:
+            left = self.per_peer.get(host, 1) - 1
+            if left > 0:
+                self.per_peer[host] = left
+            else:
+                self.per_peer.pop(host, None)
 
     @property
     def calls_in_flight(self) -> int:

@@ -304,8 +304,10 @@ class RpcConnection(Protocol):
         self.dataReceived = _ignore  # type: ignore[method-assign]
         batch, self._batch = self._batch, None
         if batch:
-            self._write_now([b"".join(batch)])
-        if not batch and not self.unsent_bytes():
+            pieces = [b"".join(batch)]
+            batch.clear()  # a handler may have called this: dataReceived must not send it again
+            self._write_now(pieces)
+        elif not self.unsent_bytes():
             self.transport.abortConnection()
             return
         self.close()
