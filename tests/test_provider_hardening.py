@@ -483,7 +483,7 @@ def test_goaway_reports_the_highest_call_accepted_and_its_reason():
     assert sorted(f.call_id for f in conn.frames()) == [3, 5]
 
 
-def test_stopping_waits_for_calls_without_polling():
+def test_stopping_waits_for_calls_without_polling_then_for_the_answers_to_go():
     reactor = MemoryReactorClock()
     provider = ProviderService(
         reactor, "tcp:0:interface=127.0.0.1", [EchoService()], grace_period=10
@@ -494,10 +494,12 @@ def test_stopping_waits_for_calls_without_polling():
     stopped = provider.stopService()
     assert not stopped.called
     assert len(reactor.getDelayedCalls()) == 2  # the call's delay and the grace period
-    reactor.advance(3)  # the call ends: stopped at once, no polling step later
+    reactor.advance(3)  # the call ends: its answer is written, then the connection closed
+    assert [f.call_id for f in conn.frames() if f.kind == FrameKind.RESPONSE] == [1]
+    assert conn.transport.disconnecting and not stopped.called
+    conn.proto.connectionLost(None)  # the answer is sent: closed
     assert stopped.called
     assert reactor.getDelayedCalls() == []
-    assert [f.call_id for f in conn.frames() if f.kind == FrameKind.RESPONSE] == [1]
 
 
 def test_stopping_gives_up_after_the_grace_period():
@@ -510,8 +512,10 @@ def test_stopping_gives_up_after_the_grace_period():
     conn.request(1, ASYNC_ROUTE, echo_pb2.EchoRequest(delay=30))
     stopped = provider.stopService()
     reactor.advance(2)
+    assert conn.transport.disconnecting and not conn.transport.disconnected
+    reactor.advance(CLOSE_TIMEOUT)  # the peer does not read: aborted
+    assert conn.transport.disconnected
     assert stopped.called
-    assert conn.transport.disconnecting
 
 
 def test_a_violation_reported_by_a_handler_flushes_the_answers_once():

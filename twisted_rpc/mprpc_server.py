@@ -27,6 +27,8 @@ from twisted_rpc.server import (
     ServerLimits,
     ServerMethod,
     clip,
+    fire_waiters,
+    when_empty,
 )
 from twisted_rpc.status import RpcError, StatusCode, code_name
 
@@ -289,6 +291,7 @@ class MprpcServerFactory(Factory):
         """Ordinary calls in flight (see ``calls_in_flight`` for all)."""
         self.long_lived_in_flight = 0
         self.idle_waiters: list[Deferred] = []
+        self.closed_waiters: list[Deferred] = []
         self.draining = False
         self.observer: ICallObserver | None = None
         """Told of every call's end, as the native factory's observer is."""
@@ -319,6 +322,9 @@ class MprpcServerFactory(Factory):
         if connection not in self.connections:
             return
         self.connections.discard(connection)
+        if not self.connections and self.closed_waiters:
+            waiters, self.closed_waiters = self.closed_waiters, []
+            fire_waiters(waiters)
         host = connection.peer_host
         if host is not None:
             left = self.per_peer.get(host, 1) - 1
@@ -345,8 +351,7 @@ class MprpcServerFactory(Factory):
             self.in_flight -= 1
         if self.idle_waiters and not self.calls_in_flight:
             waiters, self.idle_waiters = self.idle_waiters, []
-            for d in waiters:
-                d.callback(None)
+            self.clock.callLater(0, fire_waiters, waiters)
 
     def when_idle(self) -> Deferred[None]:
         """Fires once no call is in flight (at once if none is)."""
@@ -364,6 +369,12 @@ class MprpcServerFactory(Factory):
         """Refuse calls that arrive from now on (the protocol cannot say so)."""
         self.draining = True
 
-    def close_connections(self) -> None:
+    def close_connections(self) -> Deferred[None]:
+        """Close every connection once its reply is sent; fires when all are closed."""
         for connection in list(self.connections):
             connection.transport.loseConnection()
+        return when_empty(self.connections, self.closed_waiters)
+
+    def abort_connections(self) -> None:
+        for connection in list(self.connections):
+            connection.transport.abortConnection()

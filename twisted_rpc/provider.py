@@ -19,6 +19,7 @@ from twisted_rpc.builtins import NOT_SERVING, add_builtins
 from twisted_rpc.interfaces import IServerInterceptor, IServiceRegistry
 from twisted_rpc.metrics import ProviderMetrics
 from twisted_rpc.mprpc_server import MprpcServerFactory
+from twisted_rpc.protocol import CLOSE_TIMEOUT
 from twisted_rpc.registry import ProviderAddress, Registration, StaticRegistry
 from twisted_rpc.server import Dispatcher, ServerFactory, ServerLimits
 from twisted_rpc.service import Service
@@ -224,6 +225,24 @@ class ProviderService(MultiService):
             if timer.active():
                 timer.cancel()
 
+    async def _connections_closed(self, factories: list[Any]) -> None:
+        """Close the connections once their answers are sent, waiting for
+        that at most CLOSE_TIMEOUT seconds; then abort those left."""
+        closed = DeferredList([f.close_connections() for f in factories], consumeErrors=True)
+        if closed.called:
+            return
+        timer = self.reactor.callLater(CLOSE_TIMEOUT, closed.cancel)
+        try:
+            await closed
+        finally:
+            if timer.active():
+                timer.cancel()
+        left = sum(len(f.connections) for f in factories)
+        if left:
+            log.warn("aborting {left} connections that did not take their answers", left=left)
+            for factory in factories:
+                factory.abort_connections()
+
     def stopService(self) -> Deferred:
         return Deferred.fromCoroutine(self._stop())
 
@@ -251,8 +270,7 @@ class ProviderService(MultiService):
         left = self.calls_in_flight
         if left:
             log.warn("grace period over: closing with {left} calls in flight", left=left)
-        for factory in factories:
-            factory.close_connections()
+        await self._connections_closed(factories)
         if self.metrics is not None:
             self.metrics.stop_sampling()
         for service in reversed(list(self)):

@@ -626,6 +626,7 @@ class ServerFactory(Factory):
         self.partial_bytes = 0
         """Bytes of partial frames held by all connections."""
         self.idle_waiters: list[Deferred] = []
+        self.closed_waiters: list[Deferred] = []
         self._sweeper: Any = None
         self._observer: ICallObserver | None = None
         self._slow_call_threshold = 0.0
@@ -683,6 +684,9 @@ class ServerFactory(Factory):
         if connection not in self.connections:
             return
         self.connections.discard(connection)
+        if not self.connections and self.closed_waiters:
+            waiters, self.closed_waiters = self.closed_waiters, []
+            fire_waiters(waiters)
         host = connection.peer_host
         if host is not None:
             left = self.per_peer.get(host, 1) - 1
@@ -698,9 +702,10 @@ class ServerFactory(Factory):
 
     def when_idle(self) -> Deferred[None]:
         """Fires once no call is in flight (at once if none is)."""
+        if not self.calls_in_flight:
+            return defer.succeed(None)
         d: Deferred[None] = Deferred(self._forget_waiter)
         self.idle_waiters.append(d)
-        self.check_idle()
         return d
 
     def _forget_waiter(self, d: Deferred[None]) -> None:
@@ -708,10 +713,11 @@ class ServerFactory(Factory):
             self.idle_waiters.remove(d)
 
     def check_idle(self) -> None:
+        """Tell the waiters of :meth:`when_idle` if no call is in flight now
+        (on the next turn: the last call's answer is sent first)."""
         if self.idle_waiters and not self.calls_in_flight:
             waiters, self.idle_waiters = self.idle_waiters, []
-            for d in waiters:
-                d.callback(None)
+            self.clock.callLater(0, fire_waiters, waiters)
 
     def shed_partial_frames(self) -> None:
         """Over ``max_buffered_bytes`` of partial frames: close the connections
@@ -777,9 +783,32 @@ class ServerFactory(Factory):
         for connection in list(self.connections):
             connection.goaway(message, GoawayReason.SHUTDOWN)
 
-    def close_connections(self) -> None:
+    def close_connections(self) -> Deferred[None]:
+        """Close every connection once what was written to it is sent; the
+        Deferred fires when all are closed (cancel it to stop waiting)."""
         for connection in list(self.connections):
             connection.close()
+        return when_empty(self.connections, self.closed_waiters)
+
+    def abort_connections(self) -> None:
+        for connection in list(self.connections):
+            connection.transport.abortConnection()
+
+
+def fire_waiters(waiters: list[Deferred]) -> None:
+    """Fire each Deferred of ``waiters`` not fired (or cancelled) yet with None."""
+    for d in waiters:
+        if not d.called:
+            d.callback(None)
+
+
+def when_empty(connections: set[Any], waiters: list[Deferred]) -> Deferred[None]:
+    """A Deferred firing once ``connections`` is empty (kept in ``waiters``)."""
+    if not connections:
+        return defer.succeed(None)
+    d: Deferred[None] = Deferred(lambda d: waiters.remove(d) if d in waiters else None)
+    waiters.append(d)
+    return d
 
 
 @implementer(IServerInterceptor)
