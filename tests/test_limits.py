@@ -109,11 +109,12 @@ def test_idle_connections_are_closed():
     assert not t_idle.disconnecting
     clock.advance(6)  # idle for 12 s, swept every 5 s
     assert t_idle.disconnecting
-    assert [f.kind for f in _frames(t_idle)] == [FrameKind.GOAWAY]
+    (goaway,) = _frames(t_idle)
+    assert (goaway.kind, goaway.status) == (FrameKind.GOAWAY, wire.GoawayReason.IDLE)
     assert not t_busy.disconnecting  # a call in flight keeps it open
     factory.doStop()
     assert clock.getDelayedCalls() != []  # the busy call's own timer only
-    assert all(call.func != factory._sweep_idle for call in clock.getDelayedCalls())
+    assert all(call.func != factory._sweep for call in clock.getDelayedCalls())
 
 
 def test_keepalive_detects_a_silent_peer():

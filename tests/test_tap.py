@@ -165,3 +165,61 @@ def test_the_plugin_and_what_it_imports_leave_the_reactor_alone():
 
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environment(), timeout=60)
     assert done.returncode == 0
+
+
+def test_hardening_limits_reach_both_listeners(tmp_path):
+    path = write(
+        tmp_path,
+        "[provider]\nlisten = tcp:0:interface=127.0.0.1\n"
+        "services = tests.echo_service:EchoService\n"
+        "max_long_lived_calls_per_connection = 7\nmax_long_lived_calls = 70\n"
+        "max_metadata_size = 4096\nmax_metadata_entries = 16\nframe_timeout = 12.5\n"
+        "max_connections_per_peer = 9\nmax_buffered_bytes = 1048576\n"
+        "[mprpc]\nlisten = tcp:0:interface=127.0.0.1\n",
+    )
+    options = tap.Options()
+    options.parseOptions(["-c", path])
+    service = tap.makeService(options, MemoryReactor())
+    limits = service.factory.limits
+    assert (
+        limits.max_long_lived_calls_per_connection,
+        limits.max_long_lived_calls,
+        limits.max_metadata_size,
+        limits.max_metadata_entries,
+        limits.frame_timeout,
+        limits.max_connections_per_peer,
+        limits.max_buffered_bytes,
+    ) == (7, 70, 4096, 16, 12.5, 9, 1048576)
+    assert service.mprpc_factory.limits is limits
+    connection = service.factory.buildProtocol(None)
+    assert (connection.decoder.max_ext_size, connection.decoder.max_ext_entries) == (4096, 16)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("frame_timeout = inf", "frame_timeout = 'inf' is not a finite number"),
+        ("frame_timeout = nan", "frame_timeout = 'nan' is not a finite number"),
+        ("frame_timeout = -1", "frame_timeout must be at least 0"),
+        ("max_metadata_size = 0", "max_metadata_size must be at least 1"),
+        ("max_connections_per_peer = many", "max_connections_per_peer = 'many' is not a number"),
+    ],
+)
+def test_hardening_limit_errors(tmp_path, extra, message):
+    path = write(
+        tmp_path,
+        f"[provider]\nlisten = tcp:0\nservices = tests.echo_service:EchoService\n{extra}\n",
+    )
+    with pytest.raises(ConfigError, match=message):
+        load_provider_config(path)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("max_calls", 0), ("max_metadata_size", 1.5), ("frame_timeout", float("nan"))],
+)
+def test_server_limits_are_validated(field, value):
+    from twisted_rpc.server import ServerLimits
+
+    with pytest.raises(ValueError, match=field):
+        ServerLimits(**{field: value})

@@ -138,6 +138,13 @@ _PROVIDER_KEYS = {
     "max_calls",
     "max_connections",
     "idle_timeout",
+    "max_long_lived_calls_per_connection",
+    "max_long_lived_calls",
+    "max_metadata_size",
+    "max_metadata_entries",
+    "frame_timeout",
+    "max_connections_per_peer",
+    "max_buffered_bytes",
     "health",
     "reflection",
     "slow_call_threshold",
@@ -210,6 +217,8 @@ class _Reader:
             value = kind(raw)
         except ValueError:
             raise ConfigError(f"{self.path}: [{section}] {key} = {raw!r} is not a number") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{self.path}: [{section}] {key} = {raw!r} is not a finite number")
         if value < minimum:
             raise ConfigError(f"{self.path}: [{section}] {key} must be at least {minimum}")
         return value
@@ -295,6 +304,7 @@ def load_provider_config(path: str) -> ProviderConfig:
             max_calls=r.number("provider", "max_calls", 10000, int, minimum=1),
             max_connections=r.number("provider", "max_connections", 1000, int, minimum=1),
             idle_timeout=r.number("provider", "idle_timeout", 0.0),
+            **_hardening_limits(r),
         ),
         registry=registry,
         mprpc=_mprpc_listener(r, registry),
@@ -304,6 +314,25 @@ def load_provider_config(path: str) -> ProviderConfig:
         admin=_admin(r),
         log_format=_log_format(r),
     )
+
+
+def _hardening_limits(r: _Reader) -> dict[str, Any]:
+    """The ``[provider]`` limits on what one peer may hold (docs/config.md)."""
+    d = ServerLimits()
+    p = "provider"
+    return {
+        "max_long_lived_calls_per_connection": r.number(
+            p, "max_long_lived_calls_per_connection", d.max_long_lived_calls_per_connection, int, 1
+        ),
+        "max_long_lived_calls": r.number(p, "max_long_lived_calls", d.max_long_lived_calls, int, 1),
+        "max_metadata_size": r.number(p, "max_metadata_size", d.max_metadata_size, int, 1),
+        "max_metadata_entries": r.number(p, "max_metadata_entries", d.max_metadata_entries, int, 1),
+        "frame_timeout": r.number(p, "frame_timeout", d.frame_timeout),
+        "max_connections_per_peer": r.number(
+            p, "max_connections_per_peer", d.max_connections_per_peer, int, 1
+        ),
+        "max_buffered_bytes": r.number(p, "max_buffered_bytes", d.max_buffered_bytes, int, 1),
+    }
 
 
 def _log_format(r: _Reader) -> str:

@@ -7,6 +7,11 @@ earliest one. Calls usually share one timeout, so deadlines mostly arrive in
 order: those go to a FIFO (O(1)); any earlier than the last one go to a heap.
 Answered calls are not removed; they are skipped when their deadline comes,
 and the queue is rebuilt when such stale entries outnumber the live ones.
+
+An entry names its call by id *and* by the owner's record of it (the value
+in the ``live`` map when the deadline was added): a call id is reused once
+its call is over (a provider cannot choose the ids its peer sends), and the
+deadline of a finished call must not expire a later call with the same id.
 """
 
 from __future__ import annotations
@@ -17,12 +22,25 @@ from collections.abc import Callable, Mapping
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+# An entry: (deadline, sequence number, call id, the call's record in `live`).
+# The sequence number keeps the heap from ever comparing two records.
+_Entry = tuple[float, int, int, object]
+
+
+_GONE = object()
+"""What ``live.get`` gives for an id no longer there: matches no record."""
+
+
+def _nothing(call_id: int) -> None:
+    """What a stopped queue calls (nothing: its connection is gone)."""
+
 
 class DeadlineQueue:
     """Calls ``on_expired(call_id)`` for each live call whose deadline passed.
 
-    ``live`` is the owner's map of calls in flight: an id missing from it is
-    an answered call, and its entry is dropped.
+    ``live`` is the owner's map of calls in flight. :meth:`add` a deadline
+    once the call is in it; an entry whose call is no longer there, or whose
+    id now names another call (another value), is an answered call, dropped.
     """
 
     __slots__ = (
@@ -46,8 +64,8 @@ class DeadlineQueue:
         self._clock = clock
         self._live = live
         self._on_expired = on_expired
-        self._fifo: deque[tuple[float, int]] = deque()
-        self._heap: list[tuple[float, int]] = []
+        self._fifo: deque[_Entry] = deque()
+        self._heap: list[_Entry] = []
         self._last = 0.0
         self._added = 0
         self._timer: IDelayedCall | None = None
@@ -57,34 +75,39 @@ class DeadlineQueue:
         return len(self._fifo) + len(self._heap)
 
     def add(self, deadline: float, call_id: int) -> None:
-        """Track ``call_id`` until ``deadline`` (in the clock's seconds)."""
-        self._added += 1
-        if not self._added & 63 and len(self) > 2 * len(self._live):
+        """Track ``call_id`` (already in ``live``) until ``deadline`` (in the
+        clock's seconds)."""
+        self._added = added = self._added + 1
+        if not added & 63 and len(self) > 2 * len(self._live):
             self._compact()
+        entry = (deadline, added, call_id, self._live[call_id])
         if deadline >= self._last:
             # In order: the timer, if any, is already due no later than this.
-            self._fifo.append((deadline, call_id))
+            self._fifo.append(entry)
             self._last = deadline
             if self._timer is None:
                 self._schedule(deadline)
             return
-        heapq.heappush(self._heap, (deadline, call_id))
+        heapq.heappush(self._heap, entry)
         if self._timer is None or deadline < self._timer_at:
             self._schedule(deadline)
 
     def stop(self) -> None:
-        """Forget every deadline and cancel the timer (the connection is gone)."""
-        self._fifo.clear()
-        self._heap.clear()
+        """Forget every deadline and cancel the timer (the connection is gone).
+        References to the owner are dropped too: nothing is called after this."""
+        self._fifo = deque()
+        self._heap = []
+        self._live = {}
+        self._on_expired = _nothing
         if self._timer is not None:
             if self._timer.active():
                 self._timer.cancel()
             self._timer = None
 
     def _compact(self) -> None:
-        live = self._live
-        self._fifo = deque(entry for entry in self._fifo if entry[1] in live)
-        self._heap = [entry for entry in self._heap if entry[1] in live]
+        get = self._live.get
+        self._fifo = deque(entry for entry in self._fifo if get(entry[2], _GONE) is entry[3])
+        self._heap = [entry for entry in self._heap if get(entry[2], _GONE) is entry[3]]
         heapq.heapify(self._heap)
 
     def _schedule(self, deadline: float) -> None:
@@ -96,20 +119,20 @@ class DeadlineQueue:
     def _fire(self) -> None:
         self._timer = None
         now = self._clock.seconds()
-        live = self._live
+        get = self._live.get
         fifo, heap = self._fifo, self._heap
         expired = []
         while fifo and fifo[0][0] <= now:
-            call_id = fifo.popleft()[1]
-            if call_id in live:
+            _, _, call_id, call = fifo.popleft()
+            if get(call_id, _GONE) is call:
                 expired.append(call_id)
         while heap and heap[0][0] <= now:
-            call_id = heapq.heappop(heap)[1]
-            if call_id in live:
+            _, _, call_id, call = heapq.heappop(heap)
+            if get(call_id, _GONE) is call:
                 expired.append(call_id)
-        while fifo and fifo[0][1] not in live:
+        while fifo and get(fifo[0][2], _GONE) is not fifo[0][3]:
             fifo.popleft()
-        while heap and heap[0][1] not in live:
+        while heap and get(heap[0][2], _GONE) is not heap[0][3]:
             heapq.heappop(heap)
         if fifo or heap:
             first = min(fifo[0][0] if fifo else float("inf"), heap[0][0] if heap else float("inf"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -20,7 +20,16 @@ from twisted.python.failure import Failure
 from twisted_rpc import wire
 from twisted_rpc.interfaces import ICallObserver
 from twisted_rpc.mprpc_wire import CPP_REPLY_LIMIT, MprpcProtocolError, RequestReader
-from twisted_rpc.server import CallContext, Dispatcher, ServerLimits, ServerMethod
+from twisted_rpc.server import (
+    MAX_ERROR_MESSAGE,
+    CallContext,
+    Dispatcher,
+    ServerLimits,
+    ServerMethod,
+    clip,
+    fire_waiters,
+    when_empty,
+)
 from twisted_rpc.status import RpcError, StatusCode, code_name
 
 __all__ = ["MprpcServerFactory", "MprpcServerProtocol", "short_routes"]
@@ -53,6 +62,7 @@ class MprpcServerProtocol(Protocol):
         self.clock = factory.clock
         self.reader = RequestReader(factory.max_request_size)
         self.peer = "?"
+        self.peer_host: str | None = None
         self.call: Deferred | None = None
         self.method: ServerMethod | None = None
         self._timer: IDelayedCall | None = None
@@ -64,16 +74,17 @@ class MprpcServerProtocol(Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '?')}"
-        self.factory.connections.add(self)
+        self.peer_host = getattr(peer, "host", None)
+        self.factory.connection_made(self)
         self._timer = self.clock.callLater(self.factory.read_timeout, self._read_timed_out)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.factory.connections.discard(self)
+        self.factory.connection_lost(self)
         self._cancel_timer()
         self._done = True
         if self.call is not None:
-            call, self.call = self.call, None
-            self.factory.in_flight -= 1
+            call = self.call
+            self._end_call()
             log.info(
                 "mprpc call {method} from {peer}: caller went away before the reply",
                 method=self.method.info.full_name if self.method else "?",
@@ -103,9 +114,9 @@ class MprpcServerProtocol(Protocol):
         if method is None:
             known = any(s == request.service for s, _ in self.factory.routes)
             what = (
-                f"unknown method {request.method!r} of service {request.service}"
+                f"unknown method {clip(request.method)!r} of service {request.service}"
                 if known
-                else f"unknown service {request.service!r}"
+                else f"unknown service {clip(request.service)!r}"
             )
             self._fail(what, StatusCode.NOT_FOUND)
             return
@@ -118,9 +129,18 @@ class MprpcServerProtocol(Protocol):
         if self.factory.draining:
             self._fail("provider is shutting down", StatusCode.UNAVAILABLE)
             return
-        if self.factory.in_flight >= self.factory.limits.max_calls:
+        factory = self.factory
+        if method.long_lived:
+            if factory.long_lived_in_flight >= factory.limits.max_long_lived_calls:
+                self._fail(
+                    f"{factory.limits.max_long_lived_calls} long-lived calls in flight at "
+                    "this listener",
+                    StatusCode.RESOURCE_EXHAUSTED,
+                )
+                return
+        elif factory.in_flight >= factory.limits.max_calls:
             self._fail(
-                f"{self.factory.limits.max_calls} calls in flight at this provider",
+                f"{factory.limits.max_calls} calls in flight at this provider",
                 StatusCode.RESOURCE_EXHAUSTED,
             )
             return
@@ -145,20 +165,23 @@ class MprpcServerProtocol(Protocol):
             self._reply(result)
             return
         self.call = result
-        self.factory.in_flight += 1
+        self.factory.call_started(method)
         result.addCallbacks(self._answered, self._failed_call)
+
+    def _end_call(self) -> None:
+        self.call = None
+        assert self.method is not None
+        self.factory.call_ended(self.method)
 
     def _answered(self, result: object) -> None:
         if self.call is None:
             return  # the caller went away
-        self.call = None
-        self.factory.in_flight -= 1
+        self._end_call()
         self._reply(result)
 
     def _failed_call(self, failure: Failure) -> None:
         if self.call is not None:
-            self.call = None
-            self.factory.in_flight -= 1
+            self._end_call()
         elif self._done:
             return
         error = failure.value
@@ -219,7 +242,7 @@ class MprpcServerProtocol(Protocol):
             "mprpc call {method} from {peer} failed: {why}; closing without a reply",
             method=self._method_name(),
             peer=self.peer,
-            why=why,
+            why=clip(why, MAX_ERROR_MESSAGE),
         )
         self._done = True
         self._cancel_timer()
@@ -262,7 +285,13 @@ class MprpcServerFactory(Factory):
         self.read_timeout = read_timeout
         self.routes = short_routes(dispatcher)
         self.connections: set[MprpcServerProtocol] = set()
+        self.per_peer: dict[str, int] = {}
+        """Connections open by peer host."""
         self.in_flight = 0
+        """Ordinary calls in flight (see ``calls_in_flight`` for all)."""
+        self.long_lived_in_flight = 0
+        self.idle_waiters: list[Deferred] = []
+        self.closed_waiters: list[Deferred] = []
         self.draining = False
         self.observer: ICallObserver | None = None
         """Told of every call's end, as the native factory's observer is."""
@@ -271,16 +300,81 @@ class MprpcServerFactory(Factory):
         if len(self.connections) >= self.limits.max_connections:
             log.warn("mprpc listener: refusing {addr}: too many connections", addr=addr)
             return None
+        host = getattr(addr, "host", None)
+        if host is not None and self.per_peer.get(host, 0) >= self.limits.max_connections_per_peer:
+            log.warn(
+                "mprpc listener: refusing {addr}: {n} connections open from {host} "
+                "(max_connections_per_peer)",
+                addr=addr,
+                n=self.per_peer[host],
+                host=host,
+            )
+            return None
         return MprpcServerProtocol(self)
+
+    def connection_made(self, connection: MprpcServerProtocol) -> None:
+        self.connections.add(connection)
+        if connection.peer_host is not None:
+            host = connection.peer_host
+            self.per_peer[host] = self.per_peer.get(host, 0) + 1
+
+    def connection_lost(self, connection: MprpcServerProtocol) -> None:
+        if connection not in self.connections:
+            return
+        self.connections.discard(connection)
+        if not self.connections and self.closed_waiters:
+            waiters, self.closed_waiters = self.closed_waiters, []
+            fire_waiters(waiters)
+        host = connection.peer_host
+        if host is not None:
+            left = self.per_peer.get(host, 1) - 1
+            if left > 0:
+                self.per_peer[host] = left
+            else:
+                self.per_peer.pop(host, None)
 
     @property
     def calls_in_flight(self) -> int:
-        return self.in_flight
+        """Calls in flight, long-lived ones included."""
+        return self.in_flight + self.long_lived_in_flight
+
+    def call_started(self, method: ServerMethod) -> None:
+        if method.long_lived:
+            self.long_lived_in_flight += 1
+        else:
+            self.in_flight += 1
+
+    def call_ended(self, method: ServerMethod) -> None:
+        if method.long_lived:
+            self.long_lived_in_flight -= 1
+        else:
+            self.in_flight -= 1
+        if self.idle_waiters and not self.calls_in_flight:
+            waiters, self.idle_waiters = self.idle_waiters, []
+            self.clock.callLater(0, fire_waiters, waiters)
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires once no call is in flight (at once if none is)."""
+        if not self.calls_in_flight:
+            return succeed(None)
+        d: Deferred[None] = Deferred(self._forget_waiter)
+        self.idle_waiters.append(d)
+        return d
+
+    def _forget_waiter(self, d: Deferred[None]) -> None:
+        if d in self.idle_waiters:
+            self.idle_waiters.remove(d)
 
     def goaway(self, message: str = "") -> None:
         """Refuse calls that arrive from now on (the protocol cannot say so)."""
         self.draining = True
 
-    def close_connections(self) -> None:
+    def close_connections(self) -> Deferred[None]:
+        """Close every connection once its reply is sent; fires when all are closed."""
         for connection in list(self.connections):
             connection.transport.loseConnection()
+        return when_empty(self.connections, self.closed_waiters)
+
+    def abort_connections(self) -> None:
+        for connection in list(self.connections):
+            connection.transport.abortConnection()

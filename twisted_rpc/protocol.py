@@ -20,10 +20,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_rpc import wire
-from twisted_rpc.status import UnavailableError
+from twisted_rpc.status import StatusCode, UnavailableError
 from twisted_rpc.wire import FieldHandler, FrameDecoder, FrameKind, ProtocolError
 
 LARGE_PAYLOAD = 64 * 1024
+
+CLOSE_TIMEOUT = 10.0
+"""Seconds a connection closed for a protocol error has to take the answers
+written before it; then it is aborted."""
 
 
 # What _write_now and unsent_bytes read of a TCP transport's write buffer. They
@@ -53,6 +57,10 @@ def _unsent(pieces: list[bytes], sent: int) -> list[bytes]:
     return []
 
 
+def _ignore(data: bytes) -> None:
+    """What a connection closing after an error does with more bytes."""
+
+
 @implementer(IPushProducer)
 class _WriteBufferWatch:
     """Registered on a connection's own transport, which pauses it when its
@@ -61,12 +69,15 @@ class _WriteBufferWatch:
     raise the size of every ``recv``, which costs small messages dearly.)"""
 
     def __init__(self, connection: RpcConnection) -> None:
-        self.connection = connection
+        self.connection: RpcConnection | None = connection
 
     def pauseProducing(self) -> None:
-        self.connection.write_buffer_full()
+        if self.connection is not None:
+            self.connection.write_buffer_full()
 
     def resumeProducing(self) -> None:
+        if self.connection is None:
+            return
         transport = self.connection.transport
         if getattr(transport, "disconnecting", False):
             transport.unregisterProducer()  # let a pending close complete
@@ -81,7 +92,8 @@ class RpcConnection(Protocol):
     """Framing and the write path for one connection.
 
     A bad frame (or a bug in a handler) closes this connection with a logged
-    reason; the process and its other connections carry on.
+    reason, once the answers to the frames before it are written; the
+    process and its other connections carry on.
     """
 
     log = Logger()
@@ -90,19 +102,29 @@ class RpcConnection(Protocol):
         self,
         clock: IReactorTime,
         max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
+        max_ext_size: int = wire.DEFAULT_MAX_EXT_SIZE,
+        max_ext_entries: int = wire.DEFAULT_MAX_EXT_ENTRIES,
     ):
         self.clock = clock
         self.write_blocked = False
         self._watching_writes = False
+        self._write_watch: _WriteBufferWatch | None = None
         self.connected = False
         self.last_active = 0.0
+        """When the last whole frame arrived (or the connection was made)."""
+        self.partial_since: float | None = None
+        """When the frame being received started to arrive (None: none is)."""
         self.peer = "?"
+        self.peer_host: str | None = None
         self._handlers: dict[int, FieldHandler] = {
             FrameKind.PING: self._ping_received,
             FrameKind.PONG: self._pong_received,
         }
-        self.decoder = FrameDecoder(self._handlers, max_frame_size)
+        self.decoder = FrameDecoder(
+            self._handlers, max_frame_size, max_ext_size, max_ext_entries, self._ext_rejected
+        )
         self._batch: list[bytes] | None = None
+        self._close_timer: Any = None
         self._tcp: tcp.Connection | None = None  # the TCP transport, itself or below TLS
         self._socket: socket.socket | None = None  # its socket, when we write to it directly
         self._pings: dict[int, tuple[Deferred, float]] = {}
@@ -116,8 +138,10 @@ class RpcConnection(Protocol):
         peer = self.transport.getPeer()
         host, port = getattr(peer, "host", None), getattr(peer, "port", None)
         self.peer = f"{host}:{port}" if host is not None else str(peer)
+        self.peer_host = host
         if hasattr(self.transport, "registerProducer"):
-            self.transport.registerProducer(_WriteBufferWatch(self), True)
+            self._write_watch = _WriteBufferWatch(self)
+            self.transport.registerProducer(self._write_watch, True)
             self._watching_writes = True
         self._tcp = _tcp_transport(self.transport)
         if self._tcp is self.transport:
@@ -132,26 +156,54 @@ class RpcConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         # Frames sent while handling this chunk (answers, and the calls their
         # callbacks make) go out in one write at the end.
-        self.last_active = self.clock.seconds()
         self._batch = batch = []
+        decoder = self.decoder
         try:
-            self.decoder.feed(data)
+            done = decoder.feed(data)
         except ProtocolError as e:
-            self._batch = None
             self.protocol_violation(str(e))
+            self._batch = None
             return
         except Exception:
-            self._batch = None
             self.log.failure(
                 "closing connection from {peer}: error handling a frame", peer=self.peer
             )
-            self.transport.abortConnection()
+            self._close_after_error()
+            self._batch = None
             return
         self._batch = None
         if batch:
             # One join in C beats sending the pieces apart (a large frame
             # was sent on its own already, see send()).
             self._write_now([batch[0] if len(batch) == 1 else b"".join(batch)])
+        if done:  # only whole frames count as activity
+            self.last_active = self.clock.seconds()
+        if decoder.buffered or self.partial_since is not None:
+            self.partial_frame(bool(done))
+
+    def partial_frame(self, completed: bool) -> None:
+        """Called after a read that leaves a frame partly received, or ends
+        one that was: keeps :attr:`partial_since`. ``completed``: a whole
+        frame arrived in that read (a partial one left now is a new one)."""
+        if self.decoder.buffered:
+            if completed or self.partial_since is None:
+                self.partial_since = self.clock.seconds()
+        else:
+            self.partial_since = None
+
+    def _ext_rejected(self, kind: int, call_id: int, status: int, route: bytes, why: str) -> None:
+        """A frame whose extension is over the limits. An answer fails its
+        call with RESOURCE_EXHAUSTED (an error status is kept, its text
+        replaced); a GOAWAY keeps its reason and loses its text; a REQUEST is
+        the provider's (:class:`~twisted_rpc.server.ServerConnection`)."""
+        handler = self._handlers.get(kind)
+        if handler is None or kind == FrameKind.REQUEST:
+            raise ProtocolError(why)
+        if kind == FrameKind.RESPONSE:
+            status = status or StatusCode.RESOURCE_EXHAUSTED
+            handler(call_id, status, 0, b"", None, f"answer not read: {why}", b"")
+        else:
+            handler(call_id, status, 0, b"", None, "", b"")
 
     def _write_now(self, pieces: list[bytes]) -> None:
         """Write ``pieces`` in order, at once if the transport lets us.
@@ -189,6 +241,17 @@ class RpcConnection(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self.connected = False
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_timer = None
+        # Let go of the partial frame now, and break the cycles through the
+        # handlers (bound methods of this connection) held by the decoder and
+        # the transport's producer: refcounting alone frees a dead connection.
+        self.decoder.clear()
+        self._handlers.clear()
+        self.partial_since = None
+        if self._write_watch is not None:
+            self._write_watch.connection = None
         pings, self._pings = self._pings, {}
         for d, _ in pings.values():
             d.errback(UnavailableError(message=f"connection to {self.peer} lost"))
@@ -221,9 +284,45 @@ class RpcConnection(Protocol):
         return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
 
     def protocol_violation(self, why: str) -> None:
-        """Log why and drop the connection at once (no more frames are read)."""
+        """Log why and close the connection: no more frames are read; the
+        answers to frames before the bad one are still sent."""
         self.log.warn("closing connection from {peer}: {why}", peer=self.peer, why=why)
+        self._close_after_error()
+
+    def abort(self, why: str) -> None:
+        """Log why and close at once, letting go of a partial frame now."""
+        self.log.warn("closing connection from {peer}: {why}", peer=self.peer, why=why)
+        self.dataReceived = _ignore  # type: ignore[method-assign]
+        self.decoder.clear()
+        self.partial_since = None
         self.transport.abortConnection()
+
+    def _close_after_error(self) -> None:
+        """Stop reading and close. What was answered before is flushed first
+        (a graceful close, aborted after :data:`CLOSE_TIMEOUT` seconds if the
+        peer does not read it); with nothing to flush, abort at once."""
+        self.dataReceived = _ignore  # type: ignore[method-assign]
+        batch, self._batch = self._batch, None
+        if batch:
+            pieces = [b"".join(batch)]
+            batch.clear()  # a handler may have called this: dataReceived must not send it again
+            self._write_now(pieces)
+        elif not self.unsent_bytes():
+            self.transport.abortConnection()
+            return
+        self.close()
+        if self._close_timer is None and self.connected:
+            self._close_timer = self.clock.callLater(CLOSE_TIMEOUT, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        self._close_timer = None
+        if self.connected:
+            self.log.warn(
+                "aborting connection from {peer}: answers unread for {t:g}s after an error",
+                peer=self.peer,
+                t=CLOSE_TIMEOUT,
+            )
+            self.transport.abortConnection()
 
     def send(self, header: bytes, payload: bytes = b"") -> None:
         """Write one frame: ``header`` from the wire module, then ``payload``.

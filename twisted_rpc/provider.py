@@ -7,10 +7,9 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -20,6 +19,7 @@ from twisted_rpc.builtins import NOT_SERVING, add_builtins
 from twisted_rpc.interfaces import IServerInterceptor, IServiceRegistry
 from twisted_rpc.metrics import ProviderMetrics
 from twisted_rpc.mprpc_server import MprpcServerFactory
+from twisted_rpc.protocol import CLOSE_TIMEOUT
 from twisted_rpc.registry import ProviderAddress, Registration, StaticRegistry
 from twisted_rpc.server import Dispatcher, ServerFactory, ServerLimits
 from twisted_rpc.service import Service
@@ -214,6 +214,37 @@ class ProviderService(MultiService):
                 lambda f, n=name: log.failure("registering {service} failed", f, service=n)
             )
 
+    async def _calls_finished(self, factories: list[Any]) -> None:
+        """Wait until no call is in flight, for at most the grace period."""
+        drained = DeferredList([f.when_idle() for f in factories], consumeErrors=True)
+        if drained.called:
+            return
+        # Cancelled when the grace period is over: it then fires all the same.
+        timer = self.reactor.callLater(self.grace_period, drained.cancel)
+        try:
+            await drained
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    async def _connections_closed(self, factories: list[Any]) -> None:
+        """Close the connections once their answers are sent, waiting for
+        that at most CLOSE_TIMEOUT seconds; then abort those left."""
+        closed = DeferredList([f.close_connections() for f in factories], consumeErrors=True)
+        if closed.called:
+            return
+        timer = self.reactor.callLater(CLOSE_TIMEOUT, closed.cancel)
+        try:
+            await closed
+        finally:
+            if timer.active():
+                timer.cancel()
+        left = sum(len(f.connections) for f in factories)
+        if left:
+            log.warn("aborting {left} connections that did not take their answers", left=left)
+            for factory in factories:
+                factory.abort_connections()
+
     def stopService(self) -> Deferred:
         return Deferred.fromCoroutine(self._stop())
 
@@ -237,16 +268,11 @@ class ProviderService(MultiService):
             factories.append(self.mprpc_factory)
         for factory in factories:
             factory.goaway()
-        waited = 0.0
-        step = 0.02
-        while self.calls_in_flight and waited < self.grace_period:
-            await deferLater(self.reactor, step, lambda: None)
-            waited += step
+        await self._calls_finished(factories)
         left = self.calls_in_flight
         if left:
             log.warn("grace period over: closing with {left} calls in flight", left=left)
-        for factory in factories:
-            factory.close_connections()
+        await self._connections_closed(factories)
         if self.metrics is not None:
             self.metrics.stop_sampling()
         for service in reversed(list(self)):

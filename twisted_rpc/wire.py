@@ -17,7 +17,10 @@ from collections.abc import Callable, Mapping
 from enum import IntEnum
 
 __all__ = [
+    "DEFAULT_MAX_EXT_ENTRIES",
+    "DEFAULT_MAX_EXT_SIZE",
     "DEFAULT_MAX_FRAME_SIZE",
+    "ExtensionLimitError",
     "FLAG_EXT",
     "FieldHandler",
     "Frame",
@@ -26,6 +29,7 @@ __all__ = [
     "GoawayReason",
     "HEADER_SIZE",
     "ProtocolError",
+    "RejectHandler",
     "encode_cancel",
     "encode_goaway",
     "encode_ping",
@@ -36,6 +40,10 @@ __all__ = [
 ]
 
 DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
+DEFAULT_MAX_EXT_SIZE = 8 * 1024
+"""Largest extension block (metadata and error text) a receiver decodes."""
+DEFAULT_MAX_EXT_ENTRIES = 64
+"""Most extension entries a receiver walks in one frame."""
 
 _HEADER = struct.Struct("!IBBHIIH")
 HEADER_SIZE = _HEADER.size  # 18, the length prefix included
@@ -55,6 +63,7 @@ EXT_METADATA = 2
 _pack_header = _HEADER.pack
 _unpack_header = _HEADER.unpack_from
 _unpack_u32 = _U32.unpack_from
+_unpack_entry = _EXT_ENTRY.unpack_from
 _LARGE = 64 * 1024  # payloads from this size on are passed as memoryviews, not copied
 
 
@@ -85,10 +94,21 @@ class GoawayReason(IntEnum):
 
 REQUEST = FrameKind.REQUEST.value
 RESPONSE = FrameKind.RESPONSE.value
+GOAWAY = FrameKind.GOAWAY.value
+
+_EXT_KINDS = frozenset({REQUEST, RESPONSE, GOAWAY})
+"""The kinds whose extension is read; in the others (CANCEL, PING, PONG) it
+means nothing and is skipped unread."""
 
 
 class ProtocolError(Exception):
     """The peer sent bytes that are not a valid frame; the connection must close."""
+
+
+class ExtensionLimitError(ProtocolError):
+    """A frame's extension is over the receiver's limits. The frame is whole
+    and well delimited, so the connection can live on: see
+    :data:`RejectHandler`."""
 
 
 class Frame:
@@ -244,16 +264,22 @@ def encode_goaway(
 # --------------------------------------------------------------------------- decoding
 
 
-def _decode_ext(ext: bytes) -> tuple[dict[str, str] | None, str]:
+def _decode_ext(ext: bytes, max_entries: int) -> tuple[dict[str, str] | None, str]:
     metadata: dict[str, str] | None = None
     message = ""
     pos = 0
     end = len(ext)
+    entries = 0
     try:
         while pos < end:
+            entries += 1
+            if entries > max_entries:
+                raise ExtensionLimitError(
+                    f"more than {max_entries} extension entries (metadata pairs) in one frame"
+                )
             if end - pos < _EXT_ENTRY.size:
                 raise ProtocolError("truncated extension entry")
-            tag, size = _EXT_ENTRY.unpack_from(ext, pos)
+            tag, size = _unpack_entry(ext, pos)
             pos += _EXT_ENTRY.size
             if size > end - pos:
                 raise ProtocolError("extension entry overruns the extension block")
@@ -282,6 +308,12 @@ FieldHandler = Callable[
 """A handler of one frame kind, given the frame's fields:
 ``(call_id, status, timeout_ms, route, metadata, message, payload)``."""
 
+RejectHandler = Callable[[int, int, int, bytes, str], object]
+"""Given ``(kind, call_id, status, route, why)`` for a whole frame whose
+extension is over the limits (:class:`ExtensionLimitError`); its payload and
+extension are skipped unread. It may answer the frame (a REQUEST) or raise
+to close the connection. Without one, such a frame is a protocol error."""
+
 
 class FrameDecoder:
     """Turns a byte stream into frames.
@@ -295,14 +327,33 @@ class FrameDecoder:
     partial frame is kept, as a list of chunks joined once when its last byte
     arrives, so the cost stays linear in the frame size. Payloads of 64 KiB
     and more are memoryviews into that buffer rather than copies.
+
+    The extension of a REQUEST, RESPONSE or GOAWAY is decoded only when it is
+    at most ``max_ext_size`` bytes of at most ``max_ext_entries`` entries
+    (so the work per frame is bounded whatever its size); past either, the
+    frame goes to ``reject`` (see :data:`RejectHandler`) unread. Other kinds
+    carry no meaningful extension: theirs is skipped unread.
     """
 
-    __slots__ = ("on_frame", "handlers", "max_frame_size", "_chunks", "_buffered", "_needed")
+    __slots__ = (
+        "on_frame",
+        "handlers",
+        "reject",
+        "max_frame_size",
+        "max_ext_size",
+        "max_ext_entries",
+        "buffered",
+        "_chunks",
+        "_needed",
+    )
 
     def __init__(
         self,
         sink: Callable[[Frame], object] | Mapping[int, FieldHandler],
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_ext_size: int = DEFAULT_MAX_EXT_SIZE,
+        max_ext_entries: int = DEFAULT_MAX_EXT_ENTRIES,
+        reject: RejectHandler | None = None,
     ) -> None:
         if isinstance(sink, Mapping):
             self.handlers: Mapping[int, FieldHandler] | None = sink
@@ -310,18 +361,30 @@ class FrameDecoder:
         else:
             self.handlers = None
             self.on_frame = sink
+        self.reject = reject
         self.max_frame_size = max_frame_size
+        self.max_ext_size = max_ext_size
+        self.max_ext_entries = max_ext_entries
+        self.buffered = 0
+        """Bytes held for a frame not complete yet (0: none started)."""
         self._chunks: list[bytes | memoryview] = []
-        self._buffered = 0
         self._needed = 0
 
-    @property
-    def buffered(self) -> int:
-        """Bytes held for a frame not complete yet."""
-        return self._buffered
+    def clear(self) -> None:
+        """Drop a partial frame and every reference to the handlers (the
+        connection is gone: nothing holds it alive through its decoder)."""
+        self._chunks = []
+        self.buffered = 0
+        self._needed = 0
+        self.handlers = {}
+        self.on_frame = None
+        self.reject = None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> int:
         """Decode what ``data`` completes; raise ProtocolError on a bad frame.
+
+        Returns the number of bytes of whole frames decoded (those buffered
+        from earlier calls included): 0 when no frame was completed.
 
         A handler may raise too; the exception propagates and the rest of
         ``data`` is dropped, as the connection is closing anyway.
@@ -329,12 +392,12 @@ class FrameDecoder:
         chunks = self._chunks
         if chunks:
             chunks.append(data)
-            self._buffered += len(data)
-            if self._buffered < self._needed:
-                return
+            self.buffered += len(data)
+            if self.buffered < self._needed:
+                return 0
             data = b"".join(chunks)
             chunks.clear()
-            self._buffered = 0
+            self.buffered = 0
         size = len(data)
         pos = 0
         max_frame = self.max_frame_size
@@ -351,6 +414,8 @@ class FrameDecoder:
                 break
             body = pos + HEADER_SIZE + route_len
             route = data[pos + HEADER_SIZE : body] if route_len else b""
+            metadata = None
+            message = ""
             if flags & FLAG_EXT:
                 if end - body < 4:
                     raise ProtocolError("extension length overruns the frame")
@@ -358,11 +423,23 @@ class FrameDecoder:
                 body += 4
                 if ext_len > end - body:
                     raise ProtocolError("extension overruns the frame")
-                metadata, message = _decode_ext(data[body : body + ext_len])
+                if kind in _EXT_KINDS:
+                    try:
+                        if ext_len > self.max_ext_size:
+                            raise ExtensionLimitError(
+                                f"extension (metadata) of {ext_len} bytes exceeds the "
+                                f"limit of {self.max_ext_size}"
+                            )
+                        metadata, message = _decode_ext(
+                            data[body : body + ext_len], self.max_ext_entries
+                        )
+                    except ExtensionLimitError as e:
+                        if self.reject is None:
+                            raise
+                        pos = end
+                        self.reject(kind, call_id, status, route, str(e))
+                        continue
                 body += ext_len
-            else:
-                metadata = None
-                message = ""
             pos = end
             payload = data[body:end] if end - body < _LARGE else memoryview(data)[body:end]
             if handlers is None:
@@ -385,4 +462,5 @@ class FrameDecoder:
         if pos < size:
             left = size - pos
             chunks.append(data[pos:] if left < _LARGE else memoryview(data)[pos:])
-            self._buffered = left
+            self.buffered = left
+        return pos
