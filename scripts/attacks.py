@@ -584,52 +584,71 @@ def watch_starvation(ctx: Context) -> dict:
     }
 
 
+def _peer_closed(s: socket.socket) -> bool:
+    """Whether the peer closed ``s`` (non-blocking; whatever it sent is dropped)."""
+    try:
+        while True:
+            if not s.recv(1 << 16):
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 @attack(
     "slowloris",
     "#10",
-    "1,000 connections each sending one byte of a frame header per second "
-    "(provider idle_timeout = 2)",
-    provider_ini="idle_timeout = 2\n",
+    "1,000 connections each sending a frame one byte a second (provider idle_timeout = 3)",
+    provider_ini="idle_timeout = 3\n",
 )
 def slowloris(ctx: Context) -> dict:
-    ctx.deadline = max(ctx.deadline, ctx.started + 6)  # past the idle timeout, twice
-    header = b"".join(request_pieces(1, ECHO_ROUTE, b"\0" * 1000))[:18]
+    ctx.deadline = max(ctx.deadline, ctx.started + 8)  # well past the idle timeout
+    frame = b"".join(request_pieces(1, ECHO_ROUTE, b"\0" * 1000))
     sockets: list[socket.socket] = []
-    refused = 0
+    sent: dict[socket.socket, int] = {}
+    refused = dribbled = 0
+    last = time.monotonic()
+
+    def dribble() -> None:
+        nonlocal last, dribbled
+        last = time.monotonic()
+        dribbled += 1
+        for s in sockets:
+            if sent[s] < len(frame) - 1:  # never the last byte
+                try:
+                    s.send(frame[sent[s] : sent[s] + 1])
+                    sent[s] += 1
+                except OSError:
+                    pass
+
     try:
-        for _ in range(1000):
+        while len(sockets) + refused < 1000 and ctx.left() > 0:
             try:
                 s = _connect(ctx.port, 2)
                 s.setblocking(False)
-                s.send(header[:1])
+                s.send(frame[:1])
                 sockets.append(s)
+                sent[s] = 1
             except OSError:
                 refused += 1
-        sent_bytes = 1
-        while ctx.left() > 0 and sent_bytes < len(header):
-            time.sleep(min(1.0, max(0.0, ctx.left())))
-            for s in sockets:
-                try:
-                    s.send(header[sent_bytes : sent_bytes + 1])
-                except OSError:
-                    pass
-            sent_bytes += 1
-        closed = 0
-        readable, _, _ = select.select(sockets, [], [], 0)
-        for s in readable:
-            try:
-                if not s.recv(1 << 16):
-                    closed += 1
-            except OSError:
-                closed += 1
+            if time.monotonic() - last >= 1:
+                dribble()
+        opened_in = round(time.monotonic() - ctx.started, 1)
+        while ctx.left() > 0:
+            time.sleep(max(0.0, min(1 - (time.monotonic() - last), ctx.left())))
+            dribble()
+        closed = sum(_peer_closed(s) for s in sockets)
     finally:
         for s in sockets:
             s.close()
     return {
         "connections": len(sockets),
         "refused_at_connect": refused,
+        "opened_in_s": opened_in,
         "closed_by_provider": closed,
-        "bytes_dribbled_each": sent_bytes,
+        "most_bytes_sent_on_one": max(sent.values(), default=0),
+        "dribble_rounds": dribbled,
     }
 
 
@@ -755,16 +774,15 @@ def admin_flood(ctx: Context) -> dict:
     sockets = []
     failed = 0
     try:
-        for _ in range(1100):
-            if ctx.left() <= 0:
-                break
+        while len(sockets) + failed < 1100 and time.monotonic() < ctx.started + 20:
             try:
                 s = _connect(ctx.admin_port, 2)
                 s.sendall(b"GET /status HTTP/1.1\r\n")
                 sockets.append(s)
             except OSError:
                 failed += 1
-        time.sleep(max(0.0, ctx.left()))
+        opened_in = round(time.monotonic() - ctx.started, 1)
+        time.sleep(ctx.seconds)  # held this long once all are open
         fds = open_fds(ctx.target_pid)
     finally:
         for s in sockets:
@@ -777,6 +795,7 @@ def admin_flood(ctx: Context) -> dict:
     return {
         "connections": len(sockets),
         "failed_to_connect": failed,
+        "opened_in_s": opened_in,
         "provider_fds_while_held": fds,
         "status_refresh_inf": refresh_inf,
     }
