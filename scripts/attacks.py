@@ -134,7 +134,7 @@ def environment() -> dict[str, str]:
 
 class Process:
     """A subprocess whose output (stdout and stderr) is counted, not kept:
-    bytes and lines, the last 50 lines, and the first match of each pattern."""
+    bytes and lines, its last few KiB, and the first match of each pattern."""
 
     def __init__(
         self, argv: list[str], patterns: dict[str, str], nofile: int | None = None
@@ -144,7 +144,7 @@ class Process:
         self.events = {name: threading.Event() for name in patterns}
         self.bytes_out = 0
         self.lines_out = 0
-        self.tail: deque[bytes] = deque(maxlen=50)
+        self.tail: deque[bytes] = deque(maxlen=3)  # the ends of the last chunks read
 
         def limits() -> None:
             if nofile is not None:
@@ -165,19 +165,32 @@ class Process:
         self._reader.start()
 
     def _read(self) -> None:
+        """Read in large chunks, so that even megabyte log lines never make
+        the process wait on its pipe; patterns are matched on each line's
+        first 4 KiB while any is still unmatched."""
         assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.bytes_out += len(line)
-            self.lines_out += 1
-            self.tail.append(line[:500])
-            for name, pattern in self.patterns.items():
-                if name not in self.found:
-                    match = pattern.search(line[:4096])
-                    if match:
-                        self.found[name] = match
-                        self.events[name].set()
+        fd = self.process.stdout.fileno()
+        partial = b""
+        while chunk := os.read(fd, 1 << 20):
+            self.bytes_out += len(chunk)
+            self.lines_out += chunk.count(b"\n")
+            self.tail.append(chunk[-2000:])
+            if len(self.found) == len(self.patterns):
+                continue
+            lines = (partial + chunk).split(b"\n")
+            partial = lines.pop()[:4096]
+            for line in lines:
+                self._match(line[:4096])
         for event in self.events.values():
             event.set()
+
+    def _match(self, line: bytes) -> None:
+        for name, pattern in self.patterns.items():
+            if name not in self.found:
+                match = pattern.search(line)
+                if match:
+                    self.found[name] = match
+                    self.events[name].set()
 
     def wait_for(self, name: str, timeout: float) -> re.Match:
         self.events[name].wait(timeout)
@@ -599,11 +612,11 @@ def _peer_closed(s: socket.socket) -> bool:
 @attack(
     "slowloris",
     "#10",
-    "1,000 connections each sending a frame one byte a second (provider idle_timeout = 3)",
+    "1,000 connections each sending a frame one byte a second, held 6 s once open "
+    "(provider idle_timeout = 3)",
     provider_ini="idle_timeout = 3\n",
 )
 def slowloris(ctx: Context) -> dict:
-    ctx.deadline = max(ctx.deadline, ctx.started + 8)  # well past the idle timeout
     frame = b"".join(request_pieces(1, ECHO_ROUTE, b"\0" * 1000))
     sockets: list[socket.socket] = []
     sent: dict[socket.socket, int] = {}
@@ -623,7 +636,7 @@ def slowloris(ctx: Context) -> dict:
                     pass
 
     try:
-        while len(sockets) + refused < 1000 and ctx.left() > 0:
+        while len(sockets) + refused < 1000 and time.monotonic() < ctx.started + 20:
             try:
                 s = _connect(ctx.port, 2)
                 s.setblocking(False)
@@ -635,8 +648,9 @@ def slowloris(ctx: Context) -> dict:
             if time.monotonic() - last >= 1:
                 dribble()
         opened_in = round(time.monotonic() - ctx.started, 1)
-        while ctx.left() > 0:
-            time.sleep(max(0.0, min(1 - (time.monotonic() - last), ctx.left())))
+        hold_until = time.monotonic() + max(ctx.seconds, 6)  # twice the idle timeout
+        while time.monotonic() < hold_until:
+            time.sleep(max(0.0, min(1 - (time.monotonic() - last), hold_until - time.monotonic())))
             dribble()
         closed = sum(_peer_closed(s) for s in sockets)
     finally:
@@ -955,6 +969,7 @@ def run_attack(attack: Attack, args: argparse.Namespace) -> dict:
             fake_port = fake.getsockname()[1]
         client, out = start_good_client(directory, port, fake_port)
         started.append(client)
+        result["pids"] = [p.pid for p in started]
         target = provider if attack.target == "provider" else client
         pid = target.pid
         sampler = Sampler(pid)
@@ -1051,6 +1066,8 @@ def run_attack(attack: Attack, args: argparse.Namespace) -> dict:
 def _latency_cell(g: dict | None) -> str:
     if not g:
         return "–"
+    if not g["calls"]:
+        return "none started (client blocked)"
     if not g["ok"]:
         return f"none ok ({g['failed']}/{g['calls']} failed)"
     return f"{g['p50_ms']:g} / {g['p99_ms']:g} ({g['failed']}/{g['calls']})"
