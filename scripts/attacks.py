@@ -42,6 +42,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -501,8 +502,16 @@ def attack(name: str, issue: str, what: str, **kw: Any) -> Callable:
     return register
 
 
+ATTACKER = "127.0.0.2"
+"""The attacker's source address: a peer of its own (Linux routes all of
+127/8 to loopback), so that limits per peer address bound the attacker and not
+the good client and the probe, which connect from 127.0.0.1."""
+
+
 def _connect(port: int, timeout: float = 5.0) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    return socket.create_connection(
+        ("127.0.0.1", port), timeout=timeout, source_address=(ATTACKER, 0)
+    )
 
 
 def _bombard(ctx: Context, ext: bytes, limit: int = 20) -> dict:
@@ -922,6 +931,8 @@ def redial_banner(ctx: Context) -> dict:
 
 def latency_stats(calls: list[list[Any]], start: float, end: float) -> dict:
     inside = [c for c in calls if start <= c[0] < end]
+    starts = [start, *(c[0] for c in inside), end]
+    gap = max(b - a for a, b in pairwise(starts))  # the client itself stalled
     latencies = sorted(c[1] for c in inside if c[1] is not None)
     failed: dict[str, int] = {}
     for c in inside:
@@ -941,6 +952,7 @@ def latency_stats(calls: list[list[Any]], start: float, end: float) -> dict:
         "p50_ms": q(0.5),
         "p99_ms": q(0.99),
         "max_ms": round(latencies[-1] * 1000, 1) if latencies else None,
+        "longest_gap_between_calls_ms": round(gap * 1000, 1),
     }
 
 
@@ -1067,7 +1079,7 @@ def _latency_cell(g: dict | None) -> str:
     if not g:
         return "–"
     if not g["calls"]:
-        return "none started (client blocked)"
+        return f"none started: client blocked {g['longest_gap_between_calls_ms'] / 1000:.1f} s"
     if not g["ok"]:
         return f"none ok ({g['failed']}/{g['calls']} failed)"
     return f"{g['p50_ms']:g} / {g['p99_ms']:g} ({g['failed']}/{g['calls']})"
@@ -1128,6 +1140,7 @@ def main(argv: list[str] | None = None) -> int:
     if soft < 4096 <= hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
     results = []
+    started = time.monotonic()
     for name in args.only or list(ATTACKS):
         result = run_attack(ATTACKS[name], args)
         results.append(result)
@@ -1143,6 +1156,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print()
     print(table(results))
+    print(f"\n{len(results)} attacks in {time.monotonic() - started:.0f} s")
     return 1 if any("error" in r for r in results) else 0
 
 
