@@ -15,7 +15,8 @@ and its peak from VmHWM reset at the phase's start), CPU seconds (from
 latency (p50/p99 of the calls started in the phase) and failed calls, and a
 probe that opens a new connection and makes one call every 0.25 s (new
 connections are what a connection flood denies; the good client's own
-connection was open before it started).
+connection was open before it started). The attack's sockets come from
+127.0.0.2, the good client's and the probe's from 127.0.0.1: two peers.
 
 Every process is stopped by PID in a ``finally``; an attack that fails to run
 is reported as such and the run goes on. Prints a JSON line per attack and a
@@ -41,7 +42,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -469,7 +470,7 @@ class Context:
     admin_port: int = 0
     fake: socket.socket | None = None  # a listening socket the good client will dial
     target_pid: int = 0
-    notes: dict[str, Any] = field(default_factory=dict)
+    held_from: float | None = None  # set when all of a flood's connections are open
 
     def __post_init__(self) -> None:
         self.started = time.monotonic()
@@ -657,6 +658,7 @@ def slowloris(ctx: Context) -> dict:
             if time.monotonic() - last >= 1:
                 dribble()
         opened_in = round(time.monotonic() - ctx.started, 1)
+        ctx.held_from = time.monotonic()
         hold_until = time.monotonic() + max(ctx.seconds, 6)  # twice the idle timeout
         while time.monotonic() < hold_until:
             time.sleep(max(0.0, min(1 - (time.monotonic() - last), hold_until - time.monotonic())))
@@ -805,6 +807,7 @@ def admin_flood(ctx: Context) -> dict:
             except OSError:
                 failed += 1
         opened_in = round(time.monotonic() - ctx.started, 1)
+        ctx.held_from = time.monotonic()
         time.sleep(ctx.seconds)  # held this long once all are open
         fds = open_fds(ctx.target_pid)
     finally:
@@ -1034,6 +1037,7 @@ def run_attack(attack: Attack, args: argparse.Namespace) -> dict:
         except Exception as e:
             result["attack_error"] = f"{type(e).__name__}: {e}"
             result["attack_traceback"] = traceback.format_exc(limit=5)
+        held = (ctx.held_from, time.monotonic())
         end("during")
         begin("after")
         time.sleep(args.after)
@@ -1053,6 +1057,9 @@ def run_attack(attack: Attack, args: argparse.Namespace) -> dict:
             if probe is not None:
                 tried = [ok for t, ok in probe.results if marks[phase] <= t < marks[phase + "_end"]]
                 stats[phase]["new_connections"] = {"tried": len(tried), "ok": sum(tried)}
+            if probe is not None and held[0] is not None:
+                tried = [ok for t, ok in probe.results if held[0] <= t < held[1]]
+                result["new_connections_while_held"] = {"tried": len(tried), "ok": sum(tried)}
         if calls["fake_calls"]:
             result["consumer_call_to_fake"] = calls["fake_calls"][0][:200]
         result["phases"] = stats
@@ -1107,6 +1114,9 @@ def table(results: list[dict]) -> str:
                 f"{d['new_connections']['ok']}/{d['new_connections']['tried']} "
                 f"({a['new_connections']['ok']}/{a['new_connections']['tried']})"
             )
+            held = r.get("new_connections_while_held")
+            if held:
+                nc += f"; {held['ok']}/{held['tried']} once all open"
         details = r.get("attack_error") or json.dumps(r.get("details", {}))[:300]
         alive = "" if r.get("target_alive") else " **target died**"
         lines.append(
