@@ -353,6 +353,28 @@ def test_overload_goaway_takes_the_provider_out_of_rotation_for_a_while():
     assert first.state == "ready"
 
 
+def test_after_idle_closes_calls_spread_over_every_provider_again():
+    from tests.test_balancing import TwoProviders
+
+    two = TwoProviders()
+    echo = two.client.proxy(ECHO)
+    two.connect_all()
+    for factory in two.factories.values():
+        for server in list(factory.connections):
+            server.draining = True
+            server.send(wire.encode_goaway(0, "idle", reason=GoawayReason.IDLE))
+            server.close()
+    two.flush()
+    assert {c.state for c in two.client.channels.values()} == {"idle"}
+    assert two.reactor.tcpClients == []  # nothing redialled before a call wants it
+    calls = [echo.Echo(echo_pb2.EchoRequest()) for _ in range(10)]
+    for _ in range(3):
+        two.connect_all()
+    assert all(result(d) is not None for d in calls)
+    assert two.served[1001] >= 3 and two.served[1002] >= 3
+    assert all(c.failures == 0 for c in two.client.channels.values())
+
+
 def test_calls_sent_again_keep_their_deadline_and_can_be_cancelled():
     p = _Provider()
     p.goaway(GoawayReason.IDLE)
@@ -589,3 +611,22 @@ def test_channel_refused_never_dials():
     assert channel.endpoint is None and not channel.usable
     error = failure_of(channel.call(METHOD, echo_pb2.EchoRequest(), None, None))
     assert isinstance(error, UnavailableError) and "because" in error.message
+
+
+# ------------------------------------------------------------------ settings
+
+
+def test_consumer_settings_from_the_ini_file(tmp_path):
+    from twisted_rpc.config import ConfigError, load_consumer_config
+
+    path = tmp_path / "consumer.ini"
+    path.write_text("[consumer]\nmax_concurrent_dials = 4\n[providers]\na.B = 127.0.0.1:1\n")
+    assert load_consumer_config(str(path)).max_concurrent_dials == 4
+    client = Client.from_config(str(path), MemoryReactorClock())
+    assert client.max_concurrent_dials == 4
+    for bad, why in [("timeout = inf", "timeout"), ("max_concurrent_dials = 0", "at least 1")]:
+        path.write_text(f"[consumer]\n{bad}\n")
+        with pytest.raises(ConfigError, match=why):
+            load_consumer_config(str(path))
+    with pytest.raises(ValueError, match="max_concurrent_dials"):
+        Client(MemoryReactorClock(), providers={}, max_concurrent_dials=0)

@@ -2,9 +2,10 @@
 
 A balancer sees the service's channels (each with ``ready``, ``dialling``,
 ``usable``, ``address.weight`` and ``load``, the calls it has in flight) and
-returns one. Every balancer prefers, in turn: channels with a proven
-connection (``ready``), then channels dialling one (a call waits for it),
-then any other ``usable`` one (idle: picking it dials it). Channels whose
+returns one. Every balancer prefers, in turn: channels that take calls now
+(``ready``: a proven connection, or idle after the provider closed an idle
+one, redialled by the call that picks it), then channels dialling (a call
+waits for the connection to be proven), then any other ``usable`` one. Channels whose
 provider cannot be reached are not ``usable``: they are picked only when no
 other is left (passive health checking), and then fail the call at once.
 """

@@ -554,8 +554,9 @@ class Channel:
 
     @property
     def ready(self) -> bool:
-        """Has a proven connection that takes calls."""
-        return self.state == "ready"
+        """Takes calls now: a proven connection, or idle (a provider closed an
+        idle connection: the call that picks it redials, transparently)."""
+        return self.state in _READY
 
     @property
     def dialling(self) -> bool:
@@ -776,6 +777,10 @@ class Channel:
     def _goaway(
         self, protocol: ClientConnection, reason: GoawayReason, calls: list[TakenBack]
     ) -> None:
+        if self.state == "closed":
+            for d, *_ in calls:
+                d.errback(NotSentError(message=f"provider {self.address}: {self.last_error}"))
+            return
         if protocol is self._proving:
             self._proving = None
             self._release_slot()
@@ -811,6 +816,7 @@ class Channel:
 
 
 _USABLE = frozenset(("ready", "idle", "queued", "connecting", "proving"))
+_READY = frozenset(("ready", "idle"))
 _DIALLING = frozenset(("queued", "connecting", "proving"))
 
 
