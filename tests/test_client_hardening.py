@@ -246,9 +246,27 @@ def test_10000_registry_nodes_are_not_all_dialled_at_once():
     client.proxy(ECHO)
     assert len(reactor.tcpClients) == 32  # max_concurrent_dials
     ConnectionCompleter(reactor).failOnce(Failure(ConnectionRefusedError()))
-    assert len(reactor.tcpClients) == 32  # one attempt ends, the next starts
+    assert len(reactor.tcpClients) == 32  # one attempt ended, the next started
     states = [c.state for c in client.channels.values()]
     assert states.count("queued") == 10_000 - 33
+
+
+def test_first_dials_go_first_and_redials_are_rate_limited():
+    # (2,000 nodes: MemoryReactorClock sorts its calls on every callLater.)
+    reactor = MemoryReactorClock()
+    addresses = [f"10.{i // 250}.{i % 250}.1:8000" for i in range(2_000)]
+    client = Client(reactor, providers={SERVICE: addresses}, max_dials_per_second=100)
+    client.proxy(ECHO)
+    completer = ConnectionCompleter(reactor)
+    while reactor.tcpClients and client.channels[addresses[-1]].failures == 0:
+        completer.failOnce(Failure(ConnectionRefusedError()))  # refused at once
+    assert all(c.failures == 1 for c in client.channels.values())  # each dialled once first
+    for _ in range(100):  # 1 s
+        reactor.advance(0.01)
+        while reactor.tcpClients:
+            completer.failOnce(Failure(ConnectionRefusedError()))
+    redials = sum(c.failures - 1 for c in client.channels.values())
+    assert 100 <= redials <= 32 + 100 + 2  # without the limit: every channel, ~4 times
 
 
 def test_a_silent_port_gets_no_calls_while_a_proven_provider_exists():
@@ -620,10 +638,13 @@ def test_consumer_settings_from_the_ini_file(tmp_path):
     from twisted_rpc.config import ConfigError, load_consumer_config
 
     path = tmp_path / "consumer.ini"
-    path.write_text("[consumer]\nmax_concurrent_dials = 4\n[providers]\na.B = 127.0.0.1:1\n")
+    path.write_text(
+        "[consumer]\nmax_concurrent_dials = 4\nmax_dials_per_second = 20\n"
+        "[providers]\na.B = 127.0.0.1:1\n"
+    )
     assert load_consumer_config(str(path)).max_concurrent_dials == 4
     client = Client.from_config(str(path), MemoryReactorClock())
-    assert client.max_concurrent_dials == 4
+    assert (client.max_concurrent_dials, client.max_dials_per_second) == (4, 20)
     for bad, why in [("timeout = inf", "timeout"), ("max_concurrent_dials = 0", "at least 1")]:
         path.write_text(f"[consumer]\n{bad}\n")
         with pytest.raises(ConfigError, match=why):

@@ -80,6 +80,9 @@ MAX_TIMEOUT = 0xFFFFFFFF / 1000
 DEFAULT_MAX_CONCURRENT_DIALS = 32
 """Connection attempts (connect and first PING) a client has in progress at once."""
 
+DEFAULT_MAX_DIALS_PER_SECOND = 500.0
+"""Redials (after a failed attempt) a client starts per second at most, past a burst."""
+
 
 def timeout_error(timeout: object) -> ValueError | None:
     """Why ``timeout`` is not a call timeout (None, or 0 to MAX_TIMEOUT seconds), or None."""
@@ -438,28 +441,65 @@ def backoff_policy(
 
 
 class _DialQueue:
-    """Connection attempts in progress across a client's channels, at most
-    ``limit`` at once; the rest wait their turn in order."""
+    """Connection attempts across a client's channels: at most ``limit`` in
+    progress at once, first dials before redials; redials (after a failed
+    attempt) start at most ``rate`` per second, past a burst of ``limit``.
+    The rate matters when attempts end fast: thousands of registered ports
+    that refuse would otherwise be redialled as fast as they refuse."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, clock: IReactorTime, limit: int, rate: float) -> None:
+        self.clock = clock
         self.limit = limit
+        self.rate = rate
         self.active = 0
-        self.waiting: deque[Channel] = deque()
+        self.first: deque[Channel] = deque()
+        self.again: deque[Channel] = deque()
+        self._tokens = float(limit)
+        self._refilled = clock.seconds()
+        self._later: Any = None
 
     def request(self, channel: Channel) -> None:
-        if self.active < self.limit:
-            self.active += 1
-            channel._dial()
-        else:
-            self.waiting.append(channel)
+        (self.again if channel.failures else self.first).append(channel)
+        self._pump()
 
     def release(self) -> None:
         self.active -= 1
-        while self.waiting and self.active < self.limit:
-            channel = self.waiting.popleft()
-            if channel.state == "queued":
-                self.active += 1
-                channel._dial()
+        self._pump()
+
+    def _pump(self) -> None:
+        while self.first and self.active < self.limit:
+            self._start(self.first.popleft())
+        if not self.again:
+            return
+        now = self.clock.seconds()
+        self._tokens = min(self.limit, self._tokens + (now - self._refilled) * self.rate)
+        self._refilled = now
+        while self.again and self.active < self.limit:
+            if self._tokens < 0.999:
+                if self._later is None:
+                    wait = max((1 - self._tokens) / self.rate, 0.001)
+                    self._later = self.clock.callLater(wait, self._wake)
+                return
+            if self._start(self.again.popleft()):
+                self._tokens -= 1
+
+    def _start(self, channel: Channel) -> bool:
+        if channel.state != "queued":
+            return False  # closed (or dialled another way) meanwhile
+        self.active += 1
+        channel._dial()
+        return True
+
+    def _wake(self) -> None:
+        self._later = None
+        self._pump()
+
+    def stop(self) -> None:
+        self.first.clear()
+        self.again.clear()
+        if self._later is not None and self._later.active():
+            self._later.cancel()
+        self._later = None
 
 
 class Channel:
@@ -914,6 +954,7 @@ class Client:
         tls: ClientTLS | None = None,
         max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
         max_concurrent_dials: int = DEFAULT_MAX_CONCURRENT_DIALS,
+        max_dials_per_second: float = DEFAULT_MAX_DIALS_PER_SECOND,
         backoff: Callable[[int], float] | None = None,
     ) -> None:
         error = timeout_error(timeout)
@@ -923,6 +964,10 @@ class Client:
             raise TypeError(f"max_concurrent_dials must be an int, not {max_concurrent_dials!r}")
         if max_concurrent_dials < 1:
             raise ValueError(f"max_concurrent_dials must be at least 1, not {max_concurrent_dials}")
+        if not isinstance(max_dials_per_second, (int, float)) or not (
+            0 < max_dials_per_second < float("inf")
+        ):
+            raise ValueError(f"max_dials_per_second must be positive, not {max_dials_per_second!r}")
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
@@ -946,7 +991,8 @@ class Client:
         self.max_write_buffer = max_write_buffer
         self.max_concurrent_dials = max_concurrent_dials
         self.backoff = backoff or backoff_policy()
-        self._dials = _DialQueue(max_concurrent_dials)
+        self.max_dials_per_second = max_dials_per_second
+        self._dials = _DialQueue(reactor, max_concurrent_dials, max_dials_per_second)
         self.channels: dict[str, Channel] = {}
         self._routes: dict[str, _ServiceRoute] = {}
         self._unsubscribe: list[Callable[[], object]] = []
@@ -972,6 +1018,7 @@ class Client:
         kw.setdefault("max_write_buffer", config.max_write_buffer)
         kw.setdefault("tls", config.tls)
         kw.setdefault("max_concurrent_dials", config.max_concurrent_dials)
+        kw.setdefault("max_dials_per_second", config.max_dials_per_second)
         if config.registry.kind == "zookeeper":
             from twisted_rpc.zkregistry import ZooKeeperRegistry
 
@@ -1291,6 +1338,7 @@ class Client:
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()
+        self._dials.stop()
         closing = [channel.close() for channel in [*self.channels.values(), *self._retiring]]
         closing.append(self.discovery.close())
         self.channels.clear()

@@ -20,6 +20,7 @@ from twisted_rpc import wire
 from twisted_rpc.balancer import balancer_named
 from twisted_rpc.client import (
     DEFAULT_MAX_CONCURRENT_DIALS,
+    DEFAULT_MAX_DIALS_PER_SECOND,
     DEFAULT_MAX_WRITE_BUFFER,
     timeout_error,
 )
@@ -126,6 +127,7 @@ class ConsumerConfig:
     keepalive_timeout: float = 10.0
     max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER
     max_concurrent_dials: int = DEFAULT_MAX_CONCURRENT_DIALS
+    max_dials_per_second: float = DEFAULT_MAX_DIALS_PER_SECOND
     tls: ClientTLS | None = None
     providers: dict[str, list[ProviderAddress]] = field(default_factory=dict)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
@@ -155,6 +157,7 @@ _CONSUMER_KEYS = {
     "keepalive_timeout",
     "max_write_buffer",
     "max_concurrent_dials",
+    "max_dials_per_second",
 }
 _REGISTRY_KEYS = {"kind", "hosts", "root", "session_timeout", "weight", "auth"}
 _MPRPC_KEYS = {"listen", "advertise", "zookeeper", "config"}
@@ -432,6 +435,9 @@ def load_consumer_config(path: str) -> ConsumerConfig:
         max_write_buffer=r.number("consumer", "max_write_buffer", DEFAULT_MAX_WRITE_BUFFER, int, 0),
         max_concurrent_dials=r.number(
             "consumer", "max_concurrent_dials", DEFAULT_MAX_CONCURRENT_DIALS, int, 1
+        ),
+        max_dials_per_second=r.number(
+            "consumer", "max_dials_per_second", DEFAULT_MAX_DIALS_PER_SECOND, float, 0.001
         ),
         tls=ClientTLS(
             r.get("tls", "ca", "") or "",
