@@ -143,15 +143,27 @@ class FakeChannel:
     name: str
     weight: int = 100
     load: int = 0
-    usable: bool = True
+    state: str = "ready"  # ready, dialling, idle or down
 
     @property
     def address(self):
         return self
 
+    @property
+    def ready(self):
+        return self.state == "ready"
+
+    @property
+    def dialling(self):
+        return self.state == "dialling"
+
+    @property
+    def usable(self):
+        return self.state != "down"
+
 
 def test_round_robin_skips_unusable_and_excluded():
-    a, b, c = FakeChannel("a"), FakeChannel("b", usable=False), FakeChannel("c")
+    a, b, c = FakeChannel("a"), FakeChannel("b", state="down"), FakeChannel("c")
     rr = RoundRobin()
     assert [rr.pick([a, b, c]).name for _ in range(4)] == ["a", "c", "a", "c"]
     assert rr.pick([a, b, c], exclude=[a, c]) is b  # only the unusable one is left
@@ -170,5 +182,30 @@ def test_least_outstanding_prefers_the_idle_provider():
     busy, idle = FakeChannel("busy", load=50), FakeChannel("idle", load=1)
     balancer = LeastOutstanding(random.Random(1))
     assert {balancer.pick([busy, idle]).name for _ in range(50)} == {"idle"}
-    down = FakeChannel("down", usable=False)
+    down = FakeChannel("down", state="down")
     assert {balancer.pick([busy, down]).name for _ in range(20)} == {"busy"}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        RoundRobin,
+        lambda: WeightedRandom(random.Random(3)),
+        lambda: LeastOutstanding(random.Random(3)),
+    ],
+)
+def test_every_balancer_prefers_proven_then_dialling_channels(make):
+    # A channel not proven yet (a silent port still being pinged, say) takes
+    # no call while a proven one exists; with none proven, calls wait on one
+    # being dialled rather than dial another.
+    balancer = make()
+    ready, dialling, idle, down = (
+        FakeChannel("ready"),
+        FakeChannel("dialling", state="dialling"),
+        FakeChannel("idle", state="idle"),
+        FakeChannel("down", state="down"),
+    )
+    assert {balancer.pick([idle, dialling, ready, down]).name for _ in range(30)} == {"ready"}
+    assert {balancer.pick([idle, dialling, down]).name for _ in range(30)} == {"dialling"}
+    assert {balancer.pick([down, idle]).name for _ in range(30)} == {"idle"}
+    assert balancer.pick([down, idle], exclude=[idle]) is down

@@ -391,8 +391,8 @@ def test_tls_follows_what_the_registration_says():
     mine = ClientTLS(ca="ca.pem")
     client = Client(MemoryReactorClock(), providers={}, tls=mine)
     assert client._tls_for(ProviderAddress("h", 1)) is mine  # static list: the client's
-    assert client._tls_for(ProviderAddress("h", 1, data={"tls": False})) is None
     assert client._tls_for(ProviderAddress("h", 1, data={"tls": True})) is mine
     plain = Client(MemoryReactorClock(), providers={})
-    assert plain._tls_for(ProviderAddress("h", 1, data={"tls": True})) == ClientTLS()
+    assert plain._tls_for(ProviderAddress("h", 1, data={"tls": True})) == ClientTLS()  # upgrade
     assert plain._tls_for(ProviderAddress("h", 1)) is None
+    assert plain._tls_for(ProviderAddress("h", 1, data={"tls": False})) is None

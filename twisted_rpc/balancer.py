@@ -1,9 +1,13 @@
 """Load balancers: which of a service's providers takes the next call.
 
-A balancer sees the service's channels (each with ``usable``, ``address.weight``
-and ``load``, the calls it has in flight) and returns one. Channels whose
-provider cannot be reached are not ``usable``: every balancer skips them while
-a usable one exists (passive health checking).
+A balancer sees the service's channels (each with ``ready``, ``dialling``,
+``usable``, ``address.weight`` and ``load``, the calls it has in flight) and
+returns one. Every balancer prefers, in turn: channels that take calls now
+(``ready``: a proven connection, or idle after the provider closed an idle
+one, redialled by the call that picks it), then channels dialling (a call
+waits for the connection to be proven), then any other ``usable`` one. Channels whose
+provider cannot be reached are not ``usable``: they are picked only when no
+other is left (passive health checking), and then fail the call at once.
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ class _Channel(Protocol):
     def usable(self) -> bool: ...
 
     @property
+    def ready(self) -> bool: ...
+
+    @property
+    def dialling(self) -> bool: ...
+
+    @property
     def load(self) -> int: ...
 
 
@@ -33,8 +43,13 @@ class Balancer:
 
     @staticmethod
     def _candidates(channels: Sequence[_Channel], exclude: Sequence[object]) -> list[_Channel]:
-        usable = [c for c in channels if c.usable and c not in exclude]
-        return usable or [c for c in channels if c not in exclude]
+        """The channels of the best tier: ready, else dialling, else usable, else any."""
+        rest = [c for c in channels if c not in exclude] if exclude else list(channels)
+        ready = [c for c in rest if c.ready]
+        if ready:
+            return ready
+        usable = [c for c in rest if c.usable]
+        return [c for c in usable if c.dialling] or usable or rest
 
 
 class RoundRobin(Balancer):
@@ -47,14 +62,29 @@ class RoundRobin(Balancer):
 
     def pick(self, channels: Sequence[_Channel], exclude: Sequence[object] = ()) -> _Channel | None:
         count = len(channels)
-        if count == 1 and not exclude:
-            return channels[0]  # usable or not, it is the only one
-        for _ in range(count):
-            i = self._next % count
-            self._next = i + 1
-            channel = channels[i]
-            if channel.usable and channel not in exclude:
+        if count <= 1 and not exclude:
+            return channels[0] if count else None  # usable or not, it is the only one
+        if not count:
+            return None
+        start = self._next % count
+        for step in range(count):
+            channel = channels[(start + step) % count]
+            if channel.ready and channel not in exclude:
+                self._next = (start + step + 1) % count
                 return channel
+        # None is ready: the next one dialling, else the next usable one.
+        fallback = None
+        for step in range(count):
+            channel = channels[(start + step) % count]
+            if channel.usable and channel not in exclude:
+                if channel.dialling:
+                    self._next = (start + step + 1) % count
+                    return channel
+                if fallback is None:
+                    fallback = channel
+                    self._next = (start + step + 1) % count
+        if fallback is not None:
+            return fallback
         rest = [c for c in channels if c not in exclude]
         return rest[0] if rest else None
 

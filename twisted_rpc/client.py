@@ -15,6 +15,7 @@ return Deferreds::
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,8 +24,9 @@ from typing import Any
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from twisted.internet import defer
+from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
-from twisted.internet.endpoints import clientFromString
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -35,7 +37,7 @@ from twisted_rpc.balancer import Balancer, RoundRobin, balancer_named
 from twisted_rpc.deadlines import DeadlineQueue
 from twisted_rpc.interfaces import IClientInterceptor, IServiceDiscovery
 from twisted_rpc.protocol import LARGE_PAYLOAD, RpcConnection
-from twisted_rpc.registry import ProviderAddress, StaticRegistry
+from twisted_rpc.registry import ProviderAddress, StaticRegistry, check_address
 from twisted_rpc.service import (
     MethodInfo,
     Service,
@@ -53,15 +55,18 @@ from twisted_rpc.status import (
     UnavailableError,
 )
 from twisted_rpc.tls import ClientTLS, wrap_client_endpoint
-from twisted_rpc.wire import FrameKind
+from twisted_rpc.wire import FrameKind, GoawayReason
 
 __all__ = [
     "Channel",
     "Client",
     "ClientCall",
     "ClientConnection",
+    "MAX_TIMEOUT",
     "NotSentError",
     "ServiceProxy",
+    "backoff_policy",
+    "timeout_error",
 ]
 
 log = Logger()
@@ -69,20 +74,73 @@ log = Logger()
 DEFAULT_MAX_WRITE_BUFFER = 256 * 1024 * 1024
 """Bytes of calls a connection holds unsent before new calls fail RESOURCE_EXHAUSTED."""
 
+MAX_TIMEOUT = 0xFFFFFFFF / 1000
+"""The longest call timeout in seconds: the wire carries it as u32 milliseconds."""
+
+DEFAULT_MAX_CONCURRENT_DIALS = 32
+"""Connection attempts (connect and first PING) a client has in progress at once."""
+
+DEFAULT_MAX_DIALS_PER_SECOND = 500.0
+"""Redials (after a failed attempt) a client starts per second at most, past a burst."""
+
+
+def timeout_error(timeout: object) -> ValueError | None:
+    """Why ``timeout`` is not a call timeout (None, or 0 to MAX_TIMEOUT seconds), or None."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        return ValueError(f"timeout must be a number of seconds or None, not {timeout!r}")
+    if not 0 <= timeout <= MAX_TIMEOUT:  # also false for nan
+        return ValueError(f"timeout must be between 0 and {MAX_TIMEOUT:g} seconds, not {timeout!r}")
+    return None
+
 
 class NotSentError(UnavailableError):
     """UNAVAILABLE before the call was written to any connection: safe to send elsewhere."""
 
 
+class _Call(Deferred):
+    """A call's Deferred, which knows its call id, so cancelling it is one lookup.
+
+    ``moved_to`` is set when a GOAWAY took the call back from its connection
+    to send it again: cancelling it then cancels the call that replaced it.
+    """
+
+    __slots__ = ("call_id", "moved_to")
+
+
+class _Serialized:
+    """A request already serialized (a call sent again), as ``call`` takes it."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
+        return self.payload
+
+
+TakenBack = tuple[_Call, MethodInfo, bytes, "Mapping[str, str] | None", float]
+"""A call a GOAWAY showed was never run: its Deferred, method, serialized
+request, metadata and absolute deadline (0: none)."""
+
+
 class ClientConnection(RpcConnection):
-    """One consumer-side connection: numbered calls, answered in any order."""
+    """One consumer-side connection: numbered calls, answered in any order.
+
+    ``outstanding`` maps a call id to ``(deferred, method, payload, metadata,
+    deadline)``: what it takes to send the call again if a GOAWAY shows the
+    provider never ran it.
+    """
 
     def __init__(
         self,
         clock: IReactorTime,
         max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
         on_lost: Callable[[ClientConnection, Failure], object] | None = None,
-        on_goaway: Callable[[ClientConnection], object] | None = None,
+        on_goaway: Callable[[ClientConnection, GoawayReason, list[TakenBack]], object]
+        | None = None,
         keepalive_interval: float = 0.0,
         keepalive_timeout: float = 10.0,
         max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
@@ -91,17 +149,19 @@ class ClientConnection(RpcConnection):
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
         self.max_write_buffer = max_write_buffer
+        self.pong_abort_bytes = max_write_buffer
         self._written_while_blocked = 0
         self.keepalive_failed = False
         self._keepalive: Any = None
-        self.outstanding: dict[int, tuple[Deferred, type[Message]]] = {}
+        self.outstanding: dict[int, TakenBack] = {}
         self.deadlines = DeadlineQueue(clock, self.outstanding, self._deadline_expired)
         self.goaway_received = False
+        self.goaway_reason: GoawayReason | None = None
         self.available = False
         """True while new calls may be sent here (connected, no GOAWAY)."""
         self._next_id = 1
         self._wrapped = False
-        self._timeout = 0.0  # the last call's timeout, and it in ms for the wire
+        self._timeout = 0.0  # the last call's timeout (checked), and it in ms for the wire
         self._timeout_ms = 0
         self._on_lost = on_lost
         self._on_goaway = on_goaway
@@ -144,7 +204,20 @@ class ClientConnection(RpcConnection):
         timeout: float | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> Deferred:
-        """Send one call; the Deferred fires with the response or an RpcError."""
+        """Send one call; the Deferred fires with the response or an RpcError.
+
+        A bad ``timeout`` (not a number, negative, nan, past MAX_TIMEOUT)
+        fails the Deferred with ValueError; nothing is sent.
+        """
+        if timeout:
+            if timeout != self._timeout:  # the last one was checked already
+                error = timeout_error(timeout)
+                if error is not None:
+                    return fail(error)
+                self._timeout = timeout
+                self._timeout_ms = max(1, int(timeout * 1000))
+        elif timeout is not None and timeout != 0:
+            return fail(timeout_error(timeout) or ValueError(f"bad timeout {timeout!r}"))
         if not self.available:
             why = "provider is shutting down" if self.goaway_received else "not connected"
             return fail(NotSentError(message=f"{self.peer}: {why}"))
@@ -152,7 +225,8 @@ class ClientConnection(RpcConnection):
             payload = request.SerializeToString()
         except Exception as e:
             return fail(InvalidArgumentError(message=f"cannot serialize request: {e}"))
-        if self.write_blocked and self._over_write_buffer(len(payload)):
+        size = len(payload)
+        if self.write_blocked and self._over_write_buffer(size):
             return fail(
                 ResourceExhaustedError(
                     message=f"{self.peer} reads slower than calls are made: more than "
@@ -164,17 +238,22 @@ class ClientConnection(RpcConnection):
             self._next_id = call_id + 1
         else:
             call_id = self._next_wrapped_id()
-        d = Deferred(self._cancel)
-        self.outstanding[call_id] = (d, method.response_class)
-        size = len(payload)
-        if timeout:
-            if timeout != self._timeout:
-                self._timeout = timeout
-                self._timeout_ms = max(1, int(timeout * 1000))
-            self.deadlines.add(self.clock.seconds() + timeout, call_id)
-            header = wire.encode_request(call_id, method.route, size, self._timeout_ms, metadata)
-        else:
-            header = wire.encode_request(call_id, method.route, size, 0, metadata)
+        try:
+            if timeout:
+                deadline = self.clock.seconds() + timeout
+                header = wire.encode_request(
+                    call_id, method.route, size, self._timeout_ms, metadata
+                )
+            else:
+                deadline = 0.0
+                header = wire.encode_request(call_id, method.route, size, 0, metadata)
+        except Exception as e:  # metadata that is not text, say
+            return fail(InvalidArgumentError(message=f"cannot encode the call: {e}"))
+        d = _Call(self._cancel)
+        d.call_id = call_id
+        self.outstanding[call_id] = (d, method, payload, metadata, deadline)
+        if deadline:
+            self.deadlines.add(deadline, call_id)
         batch = self._batch
         if batch is None or size >= LARGE_PAYLOAD:
             self.send(header, payload)
@@ -230,12 +309,12 @@ class ClientConnection(RpcConnection):
     ) -> None:
         entry = self.outstanding.pop(call_id, None)
         if entry is None:
-            return  # answered locally already: cancelled or timed out
-        d, response_class = entry
+            return  # answered locally already (cancelled or timed out), or taken back
+        d = entry[0]
         if status:
             d.errback(RpcError.from_status(status, message))
             return
-        response = response_class()
+        response = entry[1].response_class()
         try:
             response.ParseFromString(payload)
         except Exception as e:
@@ -243,22 +322,58 @@ class ClientConnection(RpcConnection):
             return
         d.callback(response)
 
-    def _goaway_received(self, call_id: int, *_: object) -> None:
+    def _goaway_received(self, last_call_id: int, status: int, *_: object) -> None:
+        """No new calls here; the calls above ``last_call_id`` were never run.
+
+        They are taken out of this connection and handed to ``on_goaway`` to
+        be sent again (a late UNAVAILABLE answer to one of them is ignored).
+        """
         self.goaway_received = True
         self.available = False
+        try:
+            reason = GoawayReason(status)
+        except ValueError:
+            reason = GoawayReason.UNSPECIFIED
+        self.goaway_reason = reason
+        taken = self._take_back(last_call_id)
+        self.log.info(
+            "{peer} sent GOAWAY ({reason}, last call {last}): {n} calls it never ran go again",
+            peer=self.peer,
+            reason=reason.name.lower(),
+            last=last_call_id,
+            n=len(taken),
+        )
         if self._on_goaway is not None:
-            self._on_goaway(self)
+            self._on_goaway(self, reason, taken)
+        else:
+            for d, *_rest in taken:
+                d.errback(NotSentError(message=f"{self.peer}: provider sent GOAWAY"))
+
+    def _take_back(self, last_call_id: int) -> list[TakenBack]:
+        """Remove and return the calls sent after ``last_call_id``.
+
+        After the ids wrapped around, "after" cannot be told from the id:
+        then nothing is taken back, and those calls end as the connection does.
+        """
+        if self._wrapped:
+            return []
+        outstanding = self.outstanding
+        ids = [call_id for call_id in outstanding if call_id > last_call_id]
+        return [outstanding.pop(call_id) for call_id in ids]
 
     def _cancel(self, d: Deferred) -> None:
-        # Cancelling is rare: find the call by its Deferred rather than keep
-        # a per-call closure on the hot path.
-        for call_id, (pending, _) in self.outstanding.items():
-            if pending is d:
-                del self.outstanding[call_id]
-                if self.connected:
-                    self.send(wire.encode_cancel(call_id))
-                d.errback(CancelledError(message="cancelled by the caller"))
-                return
+        moved = getattr(d, "moved_to", None)
+        if moved is not None:  # taken back by a GOAWAY and sent again
+            moved.cancel()
+            return
+        call_id = getattr(d, "call_id", None)
+        entry = self.outstanding.get(call_id) if call_id is not None else None
+        if entry is None or entry[0] is not d:
+            return
+        del self.outstanding[call_id]
+        if self.connected:
+            self.send(wire.encode_cancel(call_id))
+        d.errback(CancelledError(message="cancelled by the caller"))
 
     def _deadline_expired(self, call_id: int) -> None:
         entry = self.outstanding.pop(call_id, None)
@@ -274,7 +389,7 @@ class ClientConnection(RpcConnection):
         self.deadlines.stop()
         outstanding = list(self.outstanding.values())
         self.outstanding.clear()
-        for d, _ in outstanding:
+        for d, *_ in outstanding:
             d.errback(UnavailableError(message=f"connection to {self.peer} lost"))
         if self._on_lost is not None:
             self._on_lost(self, reason)
@@ -299,24 +414,126 @@ class _ConnectionFactory(Factory):
         )
 
 
-def _endpoint_string(address: ProviderAddress, connect_timeout: float) -> str:
-    if ":" in address.host:
-        host = address.host.replace(":", "\\:")
-        return f"tcp6:host={host}:port={address.port}:timeout={connect_timeout:g}"
-    return f"tcp:host={address.host}:port={address.port}:timeout={connect_timeout:g}"
+def _endpoint(reactor: Any, address: ProviderAddress, connect_timeout: float) -> Any:
+    """A TCP endpoint for ``address``: IPv6 for a v6 literal, else IPv4 (a
+    HostnameEndpoint would try both, and costs ~300 ms on a refused port)."""
+    if isIPv6Address(address.host):
+        return TCP6ClientEndpoint(reactor, address.host, address.port, connect_timeout)
+    return TCP4ClientEndpoint(reactor, address.host, address.port, connect_timeout)
+
+
+def backoff_policy(
+    initial: float = 0.1,
+    maximum: float = 5.0,
+    factor: float = 2.0,
+    jitter: float = 0.2,
+    rng: Callable[[], float] = random.random,
+) -> Callable[[int], float]:
+    """A backoff policy (as Twisted's ``backoffPolicy``): failed attempts in
+    a row -> seconds to wait before the next, growing by ``factor`` up to
+    ``maximum``, each times a random factor in ``1 +- jitter``."""
+
+    def policy(failures: int) -> float:
+        delay = min(initial * factor ** min(max(failures - 1, 0), 64), maximum)
+        return delay * (1 - jitter + 2 * jitter * rng())
+
+    return policy
+
+
+class _DialQueue:
+    """Connection attempts across a client's channels: at most ``limit`` in
+    progress at once, first dials before redials; redials (after a failed
+    attempt) start at most ``rate`` per second, past a burst of ``limit``.
+    The rate matters when attempts end fast: thousands of registered ports
+    that refuse would otherwise be redialled as fast as they refuse."""
+
+    def __init__(self, clock: IReactorTime, limit: int, rate: float) -> None:
+        self.clock = clock
+        self.limit = limit
+        self.rate = rate
+        self.active = 0
+        self.first: deque[Channel] = deque()
+        self.again: deque[Channel] = deque()
+        self._tokens = float(limit)
+        self._refilled = clock.seconds()
+        self._later: Any = None
+
+    def request(self, channel: Channel) -> None:
+        (self.again if channel.failures else self.first).append(channel)
+        self._pump()
+
+    def release(self) -> None:
+        self.active -= 1
+        self._pump()
+
+    def _pump(self) -> None:
+        while self.first and self.active < self.limit:
+            self._start(self.first.popleft())
+        if not self.again:
+            return
+        now = self.clock.seconds()
+        self._tokens = min(self.limit, self._tokens + (now - self._refilled) * self.rate)
+        self._refilled = now
+        while self.again and self.active < self.limit:
+            if self._tokens < 0.999:
+                if self._later is None:
+                    wait = max((1 - self._tokens) / self.rate, 0.001)
+                    self._later = self.clock.callLater(wait, self._wake)
+                return
+            if self._start(self.again.popleft()):
+                self._tokens -= 1
+
+    def _start(self, channel: Channel) -> bool:
+        if channel.state != "queued":
+            return False  # closed (or dialled another way) meanwhile
+        self.active += 1
+        channel._dial()
+        return True
+
+    def _wake(self) -> None:
+        self._later = None
+        self._pump()
+
+    def stop(self) -> None:
+        self.first.clear()
+        self.again.clear()
+        if self._later is not None and self._later.active():
+            self._later.cancel()
+        self._later = None
 
 
 class Channel:
     """One persistent connection to one provider, re-dialled with backoff.
 
-    States: ``connecting`` (calls wait for it), ``ready``, ``failed`` (calls
-    fail at once with UNAVAILABLE until the next attempt succeeds), ``probing``
-    (connected again after a keepalive failure, in rotation only once a ping is
-    answered), ``draining`` (GOAWAY received), ``closed``.
+    States (``state``):
+
+    - ``idle``: no connection and none wanted yet; a call dials.
+    - ``queued``: waiting for the client's dial slot (``max_concurrent_dials``).
+    - ``connecting``: TCP (and TLS) connection under way.
+    - ``proving``: connected, the first PING sent: a connection takes calls
+      only once it has answered a frame (within connect_timeout), so a port
+      that accepts and says nothing, or speaks something else, never does.
+    - ``ready``: proven; calls go to ``protocol``.
+    - ``failed``: the last attempt failed (refused, lost or closed before it was
+      proven, no answer to keepalive pings); calls fail at once with
+      UNAVAILABLE until the redial, which waits ``backoff(failures)``.
+    - ``draining``: GOAWAY (shutdown): out of rotation, calls in flight finish.
+    - ``overloaded``: GOAWAY (overload): out of rotation for a while, then idle.
+    - ``refused``: never dialled (the registry entry asks for what this client
+      refuses, such as TLS off when the client requires it).
+    - ``closed``.
+
+    Calls waiting for a connection wait while queued, connecting or proving.
+    Only a proven connection resets the backoff, and only once it has lived
+    ``stable_after`` seconds: a proven connection lost sooner counts as a
+    failed attempt. A proven connection that is lost is redialled at once,
+    but not again at once if that one is lost quickly too.
     """
 
-    INITIAL_BACKOFF = 0.1
-    MAX_BACKOFF = 5.0
+    stable_after = 1.0
+    """Seconds a proven connection must live for its loss to reset the backoff."""
+    overload_pause = 1.0
+    """Seconds (+- 20 %) out of rotation after a GOAWAY saying overload."""
 
     def __init__(
         self,
@@ -330,6 +547,10 @@ class Channel:
         keepalive_timeout: float = 10.0,
         tls: ClientTLS | None = None,
         max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+        backoff: Callable[[int], float] | None = None,
+        dials: _DialQueue | None = None,
+        resend: Callable[[Channel, GoawayReason, list[TakenBack]], object] | None = None,
+        refused: str = "",
     ) -> None:
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
@@ -338,20 +559,30 @@ class Channel:
         self.clock: IReactorTime = reactor
         self.address = address
         self.max_frame_size = max_frame_size
-        if endpoint is None:
-            endpoint = clientFromString(reactor, _endpoint_string(address, connect_timeout))
+        self.connect_timeout = connect_timeout
+        self.backoff = backoff or backoff_policy()
+        self._dials = dials
+        self._resend = resend or _resend_on
+        if endpoint is None and not refused:
+            endpoint = _endpoint(reactor, address, connect_timeout)
             if tls is not None:
                 endpoint = wrap_client_endpoint(endpoint, tls, address.host)
         self.endpoint = endpoint
-        self.state = "idle"
-        self.last_error = ""
+        self.state = "refused" if refused else "idle"
+        self.last_error = refused
         self.protocol: ClientConnection | None = None
+        """The proven connection calls go to, while ready."""
+        self._proving: ClientConnection | None = None
+        self._old: set[ClientConnection] = set()  # after GOAWAY: finishing their calls
         self._waiters: list[Deferred] = []
-        self._backoff = self.INITIAL_BACKOFF
+        self.failures = 0
+        """Failed attempts in a row (what the backoff grows with)."""
+        self._prompt_redial = True
+        self._proven_at = 0.0
+        self._dial_slot = False
         self._retry: Any = None
         self._attempt: Deferred | None = None
         self._on_closed: list[Deferred] = []
-        self._probe = False
 
     def __repr__(self) -> str:
         return f"<Channel {self.address} {self.state}>"
@@ -359,22 +590,52 @@ class Channel:
     @property
     def usable(self) -> bool:
         """Worth routing a call to (ready or about to be)."""
-        return self.state in ("ready", "connecting", "idle")
+        return self.state in _USABLE
+
+    @property
+    def ready(self) -> bool:
+        """Takes calls now: a proven connection, or idle (a provider closed an
+        idle connection: the call that picks it redials, transparently)."""
+        return self.state in _READY
+
+    @property
+    def dialling(self) -> bool:
+        """A connection attempt is under way: calls routed here wait for it."""
+        return self.state in _DIALLING
 
     @property
     def load(self) -> int:
         """Calls in flight or waiting on this channel."""
         protocol = self.protocol
-        return len(self._waiters) + (len(protocol.outstanding) if protocol is not None else 0)
+        load = len(self._waiters) + (len(protocol.outstanding) if protocol is not None else 0)
+        for old in self._old:
+            load += len(old.outstanding)
+        return load
 
     def connect(self) -> None:
-        """Start dialling if not connected or dialling already."""
-        if self.state in ("connecting", "ready", "closed"):
+        """Start dialling if idle or failed (then without waiting for the backoff)."""
+        if self.state not in ("idle", "failed"):
+            return
+        self._cancel_retry()
+        self.state = "queued"
+        if self._dials is None:
+            self._dial()
+        else:
+            self._dials.request(self)
+
+    def _dial(self) -> None:
+        if self.state != "queued":
             return
         self.state = "connecting"
-        self._cancel_retry()
+        self._dial_slot = self._dials is not None
         self._attempt = self.endpoint.connect(_ConnectionFactory(self))
         self._attempt.addCallbacks(self._connected, self._connect_failed)
+
+    def _release_slot(self) -> None:
+        if self._dial_slot:
+            self._dial_slot = False
+            assert self._dials is not None
+            self._dials.release()
 
     def call(
         self,
@@ -386,9 +647,12 @@ class Channel:
         protocol = self.protocol
         if protocol is not None and protocol.available:
             return protocol.call(method, request, timeout, metadata)
+        error = timeout_error(timeout)
+        if error is not None:
+            return fail(error)
         if self.state == "idle":
             self.connect()
-        if self.state != "connecting":
+        if self.state not in _DIALLING:
             return fail(NotSentError(message=f"provider {self.address}: {self.last_error}"))
         d = Deferred.fromCoroutine(self._call_when_ready(method, request, timeout, metadata))
         if timeout:
@@ -414,21 +678,24 @@ class Channel:
         return await protocol.call(method, request, timeout, metadata)
 
     def close(self) -> Deferred:
-        """Stop re-dialling and close the connection (its calls fail UNAVAILABLE).
+        """Stop re-dialling and close the connections (their calls fail UNAVAILABLE).
 
-        The Deferred fires once the connection is closed.
+        The Deferred fires once they are closed.
         """
         self.state = "closed"
         self.last_error = "channel closed"
         self._cancel_retry()
+        self._release_slot()
         if self._attempt is not None:
             self._attempt.cancel()
         self._release_waiters()
-        if self.protocol is None:
+        open_ = [c for c in (self.protocol, self._proving, *self._old) if c is not None]
+        if not open_:
             return succeed(None)
         closed: Deferred = Deferred()
         self._on_closed.append(closed)
-        self.protocol.close()
+        for connection in open_:
+            connection.close()
         return closed
 
     # ----------------------------------------------------------------- internals
@@ -438,32 +705,38 @@ class Channel:
         if self.state == "closed":
             protocol.close()
             return
-        self.protocol = protocol
-        if self._probe:
-            # The last connection died answering no keepalive (a frozen
-            # process still accepts connections): in rotation again only once
-            # this one answers a ping.
-            self.state = "probing"
-            d = protocol.ping()
-            d.addTimeout(self.keepalive_timeout, self.clock)
-            d.addCallbacks(
-                lambda _: self._ready(protocol), lambda _: protocol.transport.abortConnection()
-            )
-            return
-        self._ready(protocol)
+        self.state = "proving"
+        self._proving = protocol
+        d = protocol.ping()
+        d.addTimeout(self.connect_timeout, self.clock)
+        d.addCallbacks(lambda _: self._ready(protocol), lambda f: self._unproven(protocol, f))
+
+    def _unproven(self, protocol: ClientConnection, failure: Failure) -> None:
+        if protocol is not self._proving or not protocol.connected:
+            return  # lost already: _connection_lost counted it
+        log.warn(
+            "closing the connection to {address}: no answer to its first PING in {t:g}s",
+            address=self.address,
+            t=self.connect_timeout,
+        )
+        self.last_error = f"no answer to a PING in {self.connect_timeout:g}s"
+        protocol.transport.abortConnection()
 
     def _ready(self, protocol: ClientConnection) -> None:
-        if protocol is not self.protocol or self.state == "closed":
+        if protocol is not self._proving or self.state != "proving":
             return
+        self._proving = None
+        self._release_slot()
+        self.protocol = protocol
         self.state = "ready"
-        self._probe = False
-        self._backoff = self.INITIAL_BACKOFF
+        self._proven_at = self.clock.seconds()
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(protocol)
 
     def _connect_failed(self, failure: Failure) -> None:
         self._attempt = None
+        self._release_slot()
         if self.state == "closed":
             return
         self.last_error = f"cannot connect: {failure.getErrorMessage()}"
@@ -471,9 +744,8 @@ class Channel:
 
     def _failed(self) -> None:
         self.state = "failed"
-        delay = self._backoff * random.uniform(0.8, 1.2)
-        self._backoff = min(self._backoff * 2, self.MAX_BACKOFF)
-        self._retry = self.clock.callLater(delay, self._redial)
+        self.failures += 1
+        self._retry = self.clock.callLater(self.backoff(self.failures), self._redial)
         # Last: a waiter's errback may close this channel, which cancels the retry.
         self._release_waiters()
 
@@ -493,31 +765,125 @@ class Channel:
         self._retry = None
 
     def _connection_lost(self, protocol: ClientConnection, reason: Failure) -> None:
-        if protocol is not self.protocol:
-            return
-        self.protocol = None
-        if self.state == "closed":
-            closed, self._on_closed = self._on_closed, []
-            for d in closed:
-                d.callback(None)
-            return
-        if protocol.keepalive_failed or self._probe:
+        if protocol in self._old:
+            self._old.discard(protocol)
+            if self.state == "draining" and not self._old:
+                self._drained()
+        elif protocol is self._proving:
+            self._proving = None
+            self._release_slot()
+            if self.state != "closed":
+                if not self.last_error.startswith("no answer to a PING"):
+                    self.last_error = (
+                        f"connection closed before it answered a PING: {reason.getErrorMessage()}"
+                    )
+                self._failed()
+        elif protocol is self.protocol:
+            self.protocol = None
+            if self.state != "closed":
+                self._lost_proven(protocol, reason)
+        if self.state == "closed" and self.protocol is None and self._proving is None:
+            if not self._old:
+                closed, self._on_closed = self._on_closed, []
+                for d in closed:
+                    d.callback(None)
+
+    def _lost_proven(self, protocol: ClientConnection, reason: Failure) -> None:
+        if protocol.keepalive_failed:
             # A frozen provider still accepts connections (its kernel does):
             # keep it out of rotation and retry with backoff.
             self.last_error = "no answer to keepalive pings"
-            self._probe = True
             self._failed()
             return
         self.last_error = f"connection lost: {reason.getErrorMessage()}"
-        # Dial again at once: a restarted provider is back quickly; if not,
-        # the failed attempt starts the backoff.
-        self.state = "idle"
-        self.connect()
+        if self.clock.seconds() - self._proven_at >= self.stable_after:
+            self.failures = 0
+            self._prompt_redial = True
+        if self._prompt_redial:
+            # Dial again at once (a restarted provider is back quickly), once:
+            # if that connection does not last either, the backoff applies.
+            self._prompt_redial = False
+            self.state = "idle"
+            self.connect()
+        else:
+            self._failed()
 
-    def _goaway(self, protocol: ClientConnection) -> None:
-        if protocol is self.protocol and self.state == "ready":
-            self.last_error = "provider is shutting down"
-            self.state = "draining"
+    def _drained(self) -> None:
+        """The connection that said GOAWAY (shutdown) has closed: come back
+        only after a backoff (a stopping provider refuses for a while)."""
+        self.last_error = "provider shut down"
+        self._failed()
+
+    def _goaway(
+        self, protocol: ClientConnection, reason: GoawayReason, calls: list[TakenBack]
+    ) -> None:
+        if self.state == "closed":
+            for d, *_ in calls:
+                d.errback(NotSentError(message=f"provider {self.address}: {self.last_error}"))
+            return
+        if protocol is self._proving:
+            self._proving = None
+            self._release_slot()
+        elif protocol is self.protocol:
+            self.protocol = None
+        else:
+            protocol = None  # already put aside
+        if protocol is not None:
+            self._old.add(protocol)
+            if reason == GoawayReason.IDLE:
+                self.state = "idle"  # the next call redials, as if nothing happened
+                if self._waiters:
+                    self.connect()
+            elif reason == GoawayReason.OVERLOAD:
+                self.last_error = "provider is overloaded"
+                self.state = "overloaded"
+                self._cancel_retry()
+                pause = self.overload_pause * random.uniform(0.8, 1.2)
+                self._retry = self.clock.callLater(pause, self._overload_over)
+                self._release_waiters()
+            else:
+                self.last_error = "provider is shutting down"
+                self.state = "draining"
+                self._release_waiters()
+        if calls:
+            self._resend(self, reason, calls)
+
+    def _overload_over(self) -> None:
+        self._retry = None
+        if self.state == "overloaded":
+            self.state = "idle"
+            self.connect()
+
+
+_USABLE = frozenset(("ready", "idle", "queued", "connecting", "proving"))
+_READY = frozenset(("ready", "idle"))
+_DIALLING = frozenset(("queued", "connecting", "proving"))
+
+
+def _resend_on(channel: Channel, reason: GoawayReason, calls: list[TakenBack]) -> None:
+    """Send calls a GOAWAY took back again on the same channel (a standalone
+    channel's way; a Client sends them to another provider when it can)."""
+    for call in calls:
+        send_again(channel.clock, call, channel.call)
+
+
+def send_again(
+    clock: IReactorTime,
+    call: TakenBack,
+    send: Callable[[MethodInfo, Any, float | None, Mapping[str, str] | None], Deferred],
+) -> None:
+    """Send a taken-back call with ``send``; its Deferred follows the new call,
+    within what is left of the original deadline."""
+    d, method, payload, metadata, deadline = call
+    timeout = None
+    if deadline:
+        timeout = deadline - clock.seconds()
+        if timeout <= 0:
+            d.errback(DeadlineExceededError(message="deadline exceeded"))
+            return
+    again = send(method, _Serialized(payload), timeout, metadata)
+    d.moved_to = again
+    again.addCallbacks(d.callback, d.errback)
 
 
 def _deadline_exceeded(result: object, timeout: float) -> Failure:
@@ -587,7 +953,21 @@ class Client:
         keepalive_timeout: float = 10.0,
         tls: ClientTLS | None = None,
         max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+        max_concurrent_dials: int = DEFAULT_MAX_CONCURRENT_DIALS,
+        max_dials_per_second: float = DEFAULT_MAX_DIALS_PER_SECOND,
+        backoff: Callable[[int], float] | None = None,
     ) -> None:
+        error = timeout_error(timeout)
+        if error is not None:
+            raise error
+        if isinstance(max_concurrent_dials, bool) or not isinstance(max_concurrent_dials, int):
+            raise TypeError(f"max_concurrent_dials must be an int, not {max_concurrent_dials!r}")
+        if max_concurrent_dials < 1:
+            raise ValueError(f"max_concurrent_dials must be at least 1, not {max_concurrent_dials}")
+        if not isinstance(max_dials_per_second, (int, float)) or not (
+            0 < max_dials_per_second < float("inf")
+        ):
+            raise ValueError(f"max_dials_per_second must be positive, not {max_dials_per_second!r}")
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
@@ -609,6 +989,10 @@ class Client:
         self.keepalive_timeout = keepalive_timeout
         self.tls = tls
         self.max_write_buffer = max_write_buffer
+        self.max_concurrent_dials = max_concurrent_dials
+        self.backoff = backoff or backoff_policy()
+        self.max_dials_per_second = max_dials_per_second
+        self._dials = _DialQueue(reactor, max_concurrent_dials, max_dials_per_second)
         self.channels: dict[str, Channel] = {}
         self._routes: dict[str, _ServiceRoute] = {}
         self._unsubscribe: list[Callable[[], object]] = []
@@ -633,6 +1017,8 @@ class Client:
         kw.setdefault("keepalive_timeout", config.keepalive_timeout)
         kw.setdefault("max_write_buffer", config.max_write_buffer)
         kw.setdefault("tls", config.tls)
+        kw.setdefault("max_concurrent_dials", config.max_concurrent_dials)
+        kw.setdefault("max_dials_per_second", config.max_dials_per_second)
         if config.registry.kind == "zookeeper":
             from twisted_rpc.zkregistry import ZooKeeperRegistry
 
@@ -670,6 +1056,9 @@ class Client:
         may be retried once on another provider after a connection loss.
         ``balancer`` overrides the client's for this proxy.
         """
+        error = timeout_error(timeout)
+        if error is not None:
+            raise error
         info = describe(resolve_descriptor(service))
         self._route(info.name)
         if isinstance(idempotent, bool):
@@ -724,6 +1113,9 @@ class Client:
         channel: Channel | None = None,
     ) -> Deferred:
         """Send to ``channel`` (else the one the balancer picks), with failover."""
+        error = timeout_error(timeout)
+        if error is not None:
+            return fail(error)
         route = self._routes.get(method.service) or self._route(method.service)
         balancer = balancer or route.balancer
         if channel is None:
@@ -826,7 +1218,19 @@ class Client:
     def _providers_changed(
         self, route: _ServiceRoute, addresses: Sequence[ProviderAddress]
     ) -> None:
-        route.channels = tuple(self._channel(a) for a in addresses)
+        """Discovery's new list for a service. A bad entry is skipped with a
+        warning: it never breaks the others, nor raises into discovery."""
+        channels = []
+        for address in addresses:
+            try:
+                channels.append(self._channel(address))
+            except Exception as e:
+                log.warn(
+                    "skipping provider {address!r} from discovery: {error}",
+                    address=address,
+                    error=e,
+                )
+        route.channels = tuple(channels)
         route.known = True
         waiters, route.waiters = route.waiters, []
         for waiter in waiters:
@@ -838,32 +1242,87 @@ class Client:
                 self._retire(channel, self.reactor.seconds() + self.retire_grace)
 
     def _channel(self, address: ProviderAddress) -> Channel:
+        check_address(address)
         channel = self.channels.get(address.key)
+        if channel is not None and channel.state == "refused":
+            if self._refusal(address) != channel.last_error:
+                channel = None  # what the registry says changed: build it again
         if channel is None:
-            channel = self.channels[address.key] = Channel(
+            refused = self._refusal(address)
+            if refused:
+                log.error("not dialling {address}: {why}", address=address, why=refused)
+            channel = Channel(
                 self.reactor,
                 address,
                 max_frame_size=self.max_frame_size,
                 connect_timeout=self.connect_timeout,
                 keepalive_interval=self.keepalive_interval,
                 keepalive_timeout=self.keepalive_timeout,
-                tls=self._tls_for(address),
+                tls=None if refused else self._tls_for(address),
                 max_write_buffer=self.max_write_buffer,
+                backoff=self.backoff,
+                dials=self._dials,
+                resend=self._resend,
+                refused=refused,
             )
+            old = self.channels.get(address.key)
+            self.channels[address.key] = channel
+            if old is not None:
+                old.close()
             channel.connect()
         else:
             channel.address = address  # the weight may have changed
         return channel
 
+    def _refusal(self, address: ProviderAddress) -> str:
+        """Why ``address`` must not be dialled, or "" if it may."""
+        if address.data.get("tls") is False and self.tls is not None:
+            return (
+                "its registration says tls=false, and this client requires TLS: "
+                "refused (never sent in cleartext)"
+            )
+        return ""
+
     def _tls_for(self, address: ProviderAddress) -> ClientTLS | None:
-        """TLS settings to dial ``address`` with: what its registration says,
-        else the client's (a static provider list carries no data)."""
-        announced = address.data.get("tls")
-        if announced is False:
-            return None
-        if announced and self.tls is None:
+        """TLS settings to dial ``address`` with: the client's, or the
+        platform's trust roots if its registration asks for TLS and the client
+        has none (an upgrade). A registration never turns TLS off (see
+        _refusal)."""
+        if address.data.get("tls") and self.tls is None:
             return ClientTLS()  # the platform's trust roots
         return self.tls
+
+    def _resend(self, channel: Channel, reason: GoawayReason, calls: list[TakenBack]) -> None:
+        """Send calls a GOAWAY showed were never run again: after an idle
+        close on a fresh connection to the same provider, else to another
+        provider (this one is out of rotation) when there is one."""
+        if reason == GoawayReason.IDLE:
+            for call in calls:
+                send_again(self.reactor, call, channel.call)
+            return
+        for call in calls:
+            method = call[1]
+            route = self._routes.get(method.service)
+            if route is None:  # the client is closing
+                call[0].errback(NotSentError(message=f"no provider of {method.service}"))
+                continue
+            send = partial(self._resend_elsewhere, route, channel)
+            send_again(self.reactor, call, send)
+
+    def _resend_elsewhere(
+        self,
+        route: _ServiceRoute,
+        channel: Channel,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+    ) -> Deferred:
+        balancer = route.balancer
+        target = balancer.pick(route.channels, (channel,)) or channel
+        return Deferred.fromCoroutine(
+            self._failover(route, balancer, target, method, request, timeout, metadata, False)
+        )
 
     def _retire(self, channel: Channel, deadline: float) -> None:
         """Close a channel no service routes to, once its calls are done."""
@@ -879,6 +1338,7 @@ class Client:
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()
+        self._dials.stop()
         closing = [channel.close() for channel in [*self.channels.values(), *self._retiring]]
         closing.append(self.discovery.close())
         self.channels.clear()

@@ -18,7 +18,12 @@ from twisted.internet.testing import MemoryReactor
 
 from twisted_rpc import wire
 from twisted_rpc.balancer import balancer_named
-from twisted_rpc.client import DEFAULT_MAX_WRITE_BUFFER
+from twisted_rpc.client import (
+    DEFAULT_MAX_CONCURRENT_DIALS,
+    DEFAULT_MAX_DIALS_PER_SECOND,
+    DEFAULT_MAX_WRITE_BUFFER,
+    timeout_error,
+)
 from twisted_rpc.registry import ProviderAddress, parse_address
 from twisted_rpc.server import ServerLimits
 from twisted_rpc.service import Service
@@ -123,6 +128,8 @@ class ConsumerConfig:
     keepalive_interval: float = 0.0
     keepalive_timeout: float = 10.0
     max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER
+    max_concurrent_dials: int = DEFAULT_MAX_CONCURRENT_DIALS
+    max_dials_per_second: float = DEFAULT_MAX_DIALS_PER_SECOND
     tls: ClientTLS | None = None
     providers: dict[str, list[ProviderAddress]] = field(default_factory=dict)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
@@ -158,6 +165,8 @@ _CONSUMER_KEYS = {
     "keepalive_interval",
     "keepalive_timeout",
     "max_write_buffer",
+    "max_concurrent_dials",
+    "max_dials_per_second",
 }
 _REGISTRY_KEYS = {"kind", "hosts", "root", "session_timeout", "weight", "auth"}
 _MPRPC_KEYS = {"listen", "advertise", "zookeeper", "config"}
@@ -505,6 +514,8 @@ def load_consumer_config(path: str) -> ConsumerConfig:
                 r.address("providers", service, a) for a in raw.replace(",", " ").split()
             ]
     timeout = r.number("consumer", "timeout", 0.0)
+    if timeout_error(timeout) is not None:
+        raise ConfigError(f"{path}: [consumer] timeout: {timeout_error(timeout)}")
     balancer = r.get("consumer", "balancer", "round_robin") or "round_robin"
     try:
         balancer_named(balancer)
@@ -519,6 +530,12 @@ def load_consumer_config(path: str) -> ConsumerConfig:
         keepalive_interval=r.number("consumer", "keepalive_interval", 0.0),
         keepalive_timeout=r.number("consumer", "keepalive_timeout", 10.0, minimum=0.001),
         max_write_buffer=r.number("consumer", "max_write_buffer", DEFAULT_MAX_WRITE_BUFFER, int, 0),
+        max_concurrent_dials=r.number(
+            "consumer", "max_concurrent_dials", DEFAULT_MAX_CONCURRENT_DIALS, int, 1
+        ),
+        max_dials_per_second=r.number(
+            "consumer", "max_dials_per_second", DEFAULT_MAX_DIALS_PER_SECOND, float, 0.001
+        ),
         tls=ClientTLS(
             r.get("tls", "ca", "") or "",
             r.get("tls", "certificate", "") or "",

@@ -29,6 +29,12 @@ CLOSE_TIMEOUT = 10.0
 """Seconds a connection closed for a protocol error has to take the answers
 written before it; then it is aborted."""
 
+MAX_PING_PAYLOAD = 1024
+"""Largest PING payload answered; a larger one is a protocol violation (both sides)."""
+
+DEFAULT_PONG_ABORT_BYTES = 256 * 1024 * 1024
+"""Unsent bytes past which a peer that keeps sending PINGs is dropped."""
+
 
 # What _write_now and unsent_bytes read of a TCP transport's write buffer. They
 # are Twisted's private attributes (abstract.FileDescriptor, tcp.Connection):
@@ -353,10 +359,18 @@ class RpcConnection(Protocol):
 
     # ----------------------------------------------------------------- ping
 
+    pongs_dropped = 0
+    pong_abort_bytes = DEFAULT_PONG_ABORT_BYTES
+    """PINGs left unanswered because the peer was not reading what we wrote."""
+
     def ping(self, payload: bytes = b"") -> Deferred:
         """Send a PING; the Deferred fires with the round-trip time in seconds."""
         if not self.connected:
             return fail(UnavailableError(message="not connected"))
+        if len(payload) > MAX_PING_PAYLOAD:
+            return fail(
+                ValueError(f"ping payload: {len(payload)} bytes, at most {MAX_PING_PAYLOAD}")
+            )
         ping_id = self._next_ping
         self._next_ping = (ping_id + 1) & 0xFFFFFFFF or 1
         d: Deferred = Deferred(lambda _: self._pings.pop(ping_id, None))
@@ -365,7 +379,29 @@ class RpcConnection(Protocol):
         return d
 
     def _ping_received(self, ping_id: int, *fields: Any) -> None:
-        self.send(wire.encode_pong(ping_id, bytes(fields[-1])))  # the payload echoed
+        """Answer with a PONG, unless the peer is not reading what we wrote.
+
+        A PONG is as large as its PING, so answering every PING of a peer that
+        never reads would buffer without end: the payload is capped, and
+        while the transport's write buffer is full (see write_buffer_full)
+        PINGs are counted and left unanswered. A peer that keeps pinging while
+        more than pong_abort_bytes wait unsent is dropped.
+        """
+        payload = fields[-1]
+        if len(payload) > MAX_PING_PAYLOAD:
+            raise ProtocolError(
+                f"PING payload of {len(payload)} bytes exceeds the limit of {MAX_PING_PAYLOAD}"
+            )
+        if self.write_blocked:
+            self.pongs_dropped += 1
+            unsent = self.unsent_bytes()
+            limit = self.pong_abort_bytes
+            if unsent is not None and limit and unsent > limit:
+                raise ProtocolError(
+                    f"peer does not read: {unsent} bytes wait unsent and it keeps sending PINGs"
+                )
+            return
+        self.send(wire.encode_pong(ping_id, bytes(payload)))
 
     def _pong_received(self, ping_id: int, *_: object) -> None:
         entry = self._pings.pop(ping_id, None)

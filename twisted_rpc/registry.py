@@ -9,16 +9,18 @@ on a bare machine; the ZooKeeper kind implements the same interfaces.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from twisted_rpc.interfaces import IServiceDiscovery, IServiceRegistry
 
-__all__ = ["ProviderAddress", "Registration", "StaticRegistry", "parse_address"]
+__all__ = ["ProviderAddress", "Registration", "StaticRegistry", "check_address", "parse_address"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,20 +40,51 @@ class ProviderAddress:
         return self.key
 
 
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
+
+
+def check_address(address: ProviderAddress) -> None:
+    """Raise ValueError unless ``address`` can be dialled: a host name or IPv4
+    literal (letters, digits, ``-``, ``.``, ``_``; at most 253 characters) or
+    an IPv6 literal, and a port from 1 to 65535."""
+    host, port = address.host, address.port
+    if not isinstance(host, str) or not host:
+        raise ValueError(f"empty or non-text host {host!r}")
+    if ":" in host:
+        if not isIPv6Address(host) or any(c.isspace() or not c.isprintable() for c in host):
+            raise ValueError(f"not an IPv6 address: {host!r}")
+    elif len(host) > 253 or not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"not a host name or address: {host!r}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"port must be 1 to 65535, not {port!r}")
+
+
 def parse_address(text: str) -> ProviderAddress:
-    """``"host:port"`` (or ``"[v6]:port"``) as a :class:`ProviderAddress`."""
+    """``"host:port"`` (or ``"[v6]:port"``) as a :class:`ProviderAddress`.
+
+    Strict: surrounding white space aside, the host must pass
+    :func:`check_address` (an IPv6 literal only in brackets) and the port be
+    decimal digits from 1 to 65535.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"expected host:port, got {text!r}")
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host:
         raise ValueError(f"expected host:port, got {text!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+        if ":" not in host:
+            raise ValueError(f"brackets hold an IPv6 address, got {text!r}")
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address goes in brackets ([::1]:8000), got {text!r}")
+    if not (port.isascii() and port.isdigit() and len(port) <= 5):
+        raise ValueError(f"bad port in {text!r}")
+    address = ProviderAddress(host, int(port))
     try:
-        number = int(port)
-    except ValueError:
-        raise ValueError(f"bad port in {text!r}") from None
-    if not 0 < number < 65536:
-        raise ValueError(f"port out of range in {text!r}")
-    return ProviderAddress(host, number)
+        check_address(address)
+    except ValueError as e:
+        raise ValueError(f"bad address {text!r}: {e}") from None
+    return address
 
 
 @dataclass(frozen=True, slots=True)
