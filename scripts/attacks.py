@@ -48,8 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from protos import echo_pb2
-from twisted_rpc import wire
 from twisted_rpc.builtin_protos import FileDescriptorsRequest, HealthWatchRequest
+from twisted_rpc.core import _codec as wire
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).with_name("twistd"))

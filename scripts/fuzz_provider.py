@@ -23,7 +23,7 @@ from pathlib import Path
 
 from protos import echo_pb2
 from tests.processes import Provider
-from twisted_rpc import wire
+from twisted_rpc.core import _codec as wire
 
 ROUTES = [
     b"mprpc.test.EchoService/Echo",

@@ -13,7 +13,7 @@ import pytest
 
 from protos import echo_pb2
 from tests.processes import Provider
-from twisted_rpc.wire import encode_request
+from twisted_rpc.core._codec import encode_request
 
 pytestmark = pytest.mark.integration
 

@@ -22,15 +22,15 @@ from twisted_rpc import (
     StatusCode,
     UnavailableError,
     UnknownRemoteError,
-    wire,
 )
 from twisted_rpc.client import ClientConnection
-from twisted_rpc.interfaces import IClientInterceptor, IServiceDiscovery, IServiceRegistry
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._codec import FrameDecoder, FrameKind
+from twisted_rpc.core._interfaces import IClientInterceptor, IServiceDiscovery, IServiceRegistry
+from twisted_rpc.core._service import describe
+from twisted_rpc.core._status import _BY_CODE
 from twisted_rpc.registry import StaticRegistry
-from twisted_rpc.service import describe
-from twisted_rpc.status import _BY_CODE
 from twisted_rpc.testing import MemoryProvider
-from twisted_rpc.wire import FrameDecoder, FrameKind
 
 METHOD = describe(ECHO).methods["Echo"]
 result = MemoryProvider.result
@@ -339,7 +339,7 @@ def test_close_waits_for_connections_to_close():
 
 
 def test_deadline_queue_in_and_out_of_order():
-    from twisted_rpc.deadlines import DeadlineQueue
+    from twisted_rpc.core._deadlines import DeadlineQueue
 
     clock = Clock()
     live = {i: None for i in range(1, 6)}
@@ -361,7 +361,7 @@ def test_deadline_queue_in_and_out_of_order():
 
 
 def test_deadline_queue_stays_small_when_calls_are_answered():
-    from twisted_rpc.deadlines import DeadlineQueue
+    from twisted_rpc.core._deadlines import DeadlineQueue
 
     clock = Clock()
     live: dict[int, None] = {}
@@ -385,8 +385,8 @@ def test_call_ids_wrap_around_skipping_calls_in_flight():
 
 
 def test_tls_follows_what_the_registration_says():
+    from twisted_rpc.core._tls import ClientTLS
     from twisted_rpc.registry import ProviderAddress
-    from twisted_rpc.tls import ClientTLS
 
     mine = ClientTLS(ca="ca.pem")
     client = Client(MemoryReactorClock(), providers={}, tls=mine)

@@ -23,22 +23,17 @@ from zope.interface import implementer
 from protos import echo_pb2
 from tests.echo_service import ECHO, EchoService
 from tests.test_tcp_writes import over_tcp
-from twisted_rpc import (
-    CancelledError,
-    Client,
-    DeadlineExceededError,
-    UnavailableError,
-    wire,
-)
+from twisted_rpc import CancelledError, Client, DeadlineExceededError, UnavailableError
 from twisted_rpc.client import Channel, ClientConnection, NotSentError, backoff_policy
-from twisted_rpc.interfaces import IServiceDiscovery
-from twisted_rpc.protocol import MAX_PING_PAYLOAD
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._codec import FrameDecoder, FrameKind, GoawayReason
+from twisted_rpc.core._connection import MAX_PING_PAYLOAD
+from twisted_rpc.core._interfaces import IServiceDiscovery
+from twisted_rpc.core._service import describe
+from twisted_rpc.core._tls import ClientTLS
 from twisted_rpc.registry import ProviderAddress, parse_address
 from twisted_rpc.server import Dispatcher, ServerFactory
-from twisted_rpc.service import describe
 from twisted_rpc.testing import MemoryProvider
-from twisted_rpc.tls import ClientTLS
-from twisted_rpc.wire import FrameDecoder, FrameKind, GoawayReason
 
 SERVICE = "mprpc.test.EchoService"
 METHOD = describe(ECHO).methods["Echo"]

@@ -20,6 +20,7 @@ from examples.mprpc_compat import user_pb2
 from tests.fake_zookeeper import FakeZooKeeper
 from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY
 from twisted_rpc import DeadlineExceededError, UnavailableError
+from twisted_rpc.core._status import DataLossError, ResourceExhaustedError
 from twisted_rpc.mprpc_client import (
     DEFAULT_TIMEOUT,
     MprpcClient,
@@ -27,7 +28,6 @@ from twisted_rpc.mprpc_client import (
     ZooKeeperMprpcDirectory,
 )
 from twisted_rpc.registry import ProviderAddress
-from twisted_rpc.status import DataLossError, ResourceExhaustedError
 from twisted_rpc.zkregistry import ZooKeeperRegistry
 
 USER = user_pb2.DESCRIPTOR.services_by_name["UserServiceRpc"]

@@ -28,9 +28,9 @@ from tests.echo_service import ECHO
 from tests.processes import ROOT, Provider, environment
 from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY, REGISTER
 from twisted_rpc import DeadlineExceededError, UnavailableError
+from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.mprpc_client import DEFAULT_TIMEOUT, MprpcClient
 from twisted_rpc.mprpc_wire import RequestReader
-from twisted_rpc.service import MethodInfo
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,10 @@ from twisted.logger import LogLevel
 
 from protos import echo_pb2
 from tests.echo_service import EchoService
-from twisted_rpc import RpcError, Service, StatusCode, wire
+from twisted_rpc import RpcError, Service, StatusCode
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._codec import FrameDecoder, FrameKind
 from twisted_rpc.server import Dispatcher, FunctionInterceptor, ServerFactory
-from twisted_rpc.wire import FrameDecoder, FrameKind
 
 ECHO = b"mprpc.test.EchoService/Echo"
 ASYNC = b"mprpc.test.EchoService/AsyncEcho"

@@ -16,12 +16,13 @@ from twisted.internet.testing import MemoryReactor, StringTransport
 from protos import echo_pb2
 from tests.echo_service import ECHO as ECHO_SERVICE
 from tests.echo_service import EchoService
-from twisted_rpc import StatusCode, wire
+from twisted_rpc import StatusCode
 from twisted_rpc.client import ClientConnection
-from twisted_rpc.protocol import _unsent
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._codec import FrameDecoder
+from twisted_rpc.core._direct_write import _unsent
+from twisted_rpc.core._service import describe
 from twisted_rpc.server import Dispatcher, ServerFactory
-from twisted_rpc.service import describe
-from twisted_rpc.wire import FrameDecoder
 
 ECHO = b"mprpc.test.EchoService/Echo"
 ASYNC = describe(ECHO_SERVICE).methods["AsyncEcho"]
@@ -211,10 +212,10 @@ def test_closing_a_consumer_connection_does_not_wait_for_unsent_calls():
 
 
 def test_a_twisted_without_the_buffer_attributes_gets_the_plain_transport_path(monkeypatch):
-    from twisted_rpc import protocol
+    from twisted_rpc.core import _direct_write
 
-    missing = (*protocol._TCP_BUFFER, "_gone_in_a_later_twisted")
-    monkeypatch.setattr(protocol, "_TCP_BUFFER", missing)
+    missing = (*_direct_write._TCP_BUFFER, "_gone_in_a_later_twisted")
+    monkeypatch.setattr(_direct_write, "_TCP_BUFFER", missing)
     pair = over_tcp(ServerFactory(Dispatcher([EchoService()]), Clock()).buildProtocol(None))
     proto, peer, reactor = next(pair)
     try:

@@ -21,7 +21,7 @@ from tests.echo_service import ECHO
 from tests.processes import Provider
 from twisted_rpc import Client, UnavailableError
 from twisted_rpc.config import ConfigError, load_provider_config
-from twisted_rpc.tls import ClientTLS
+from twisted_rpc.core._tls import ClientTLS
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,7 @@ from twisted_rpc import (
     NotFoundError,
     UnavailableError,
 )
-from twisted_rpc.wire import encode_request
+from twisted_rpc.core._codec import encode_request
 
 pytestmark = pytest.mark.integration
 
@@ -228,7 +228,7 @@ class ProviderTests(TestCase):
 def _renamed(proxy, name):
     from dataclasses import replace
 
-    from twisted_rpc.service import describe
+    from twisted_rpc.core._service import describe
 
     method = describe(ECHO).methods["Echo"]
     return replace(method, name=name, route=f"{method.service}/{name}".encode())

@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from twisted_rpc import wire
-from twisted_rpc.wire import Frame, FrameDecoder, FrameKind, ProtocolError
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._codec import Frame, FrameDecoder, FrameKind, ProtocolError
 
 
 def decode_all(data: bytes, chunk: int | None = None, max_frame_size: int = 1 << 20) -> list[Frame]:

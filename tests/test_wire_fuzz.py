@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twisted_rpc import wire
-from twisted_rpc.wire import Frame, FrameDecoder, FrameKind, ProtocolError
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._codec import Frame, FrameDecoder, FrameKind, ProtocolError
 
 MAX = 1 << 16
 

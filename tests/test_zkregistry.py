@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from tests.fake_zookeeper import FakeZooKeeper
-from twisted_rpc.interfaces import IServiceDiscovery, IServiceRegistry
+from twisted_rpc.core._interfaces import IServiceDiscovery, IServiceRegistry
 from twisted_rpc.registry import ProviderAddress, Registration
 from twisted_rpc.zkregistry import ZooKeeperRegistry
 from twisted_rpc.zookeeper import digest_acls

@@ -8,9 +8,8 @@ descriptors; consumers call them through Deferred-returning proxies from a
 __version__ = "0.1.0"
 
 from twisted_rpc.client import Client, ClientCall, ServiceProxy  # noqa: E402
-from twisted_rpc.server import CallContext  # noqa: E402
-from twisted_rpc.service import Service  # noqa: E402
-from twisted_rpc.status import (  # noqa: E402
+from twisted_rpc.core._service import Service  # noqa: E402
+from twisted_rpc.core._status import (  # noqa: E402
     CancelledError,
     DeadlineExceededError,
     InternalError,
@@ -22,6 +21,7 @@ from twisted_rpc.status import (  # noqa: E402
     UnimplementedError,
     UnknownRemoteError,
 )
+from twisted_rpc.server import CallContext  # noqa: E402
 
 __all__ = [
     "CallContext",

@@ -142,8 +142,8 @@ def watchdog(seconds: float, stdin_eof: bool = False) -> None:
 def serve(args: argparse.Namespace) -> None:
     from twisted.internet import reactor
 
+    from twisted_rpc.core._service import Service
     from twisted_rpc.provider import ProviderService
-    from twisted_rpc.service import Service
 
     pb2 = _bench_pb2()
 

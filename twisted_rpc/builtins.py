@@ -29,9 +29,9 @@ from twisted_rpc.builtin_protos import (
     ListServicesResponse,
     ServingStatus,
 )
+from twisted_rpc.core._service import Service
+from twisted_rpc.core._status import InvalidArgumentError, NotFoundError
 from twisted_rpc.server import CallContext
-from twisted_rpc.service import Service
-from twisted_rpc.status import InvalidArgumentError, NotFoundError
 
 __all__ = [
     "MAX_SYMBOL_LENGTH",

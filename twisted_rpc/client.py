@@ -32,20 +32,20 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_rpc import wire
 from twisted_rpc.balancer import Balancer, RoundRobin, balancer_named
-from twisted_rpc.deadlines import DeadlineQueue
-from twisted_rpc.interfaces import IClientInterceptor, IServiceDiscovery
-from twisted_rpc.protocol import LARGE_PAYLOAD, RpcConnection
-from twisted_rpc.registry import ProviderAddress, StaticRegistry, check_address
-from twisted_rpc.service import (
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._codec import FrameKind, GoawayReason
+from twisted_rpc.core._connection import LARGE_PAYLOAD, RpcConnection
+from twisted_rpc.core._deadlines import DeadlineQueue
+from twisted_rpc.core._interfaces import IClientInterceptor, IServiceDiscovery
+from twisted_rpc.core._service import (
     MethodInfo,
     Service,
     describe,
     resolve_descriptor,
     wrong_request_type,
 )
-from twisted_rpc.status import (
+from twisted_rpc.core._status import (
     CancelledError,
     DataLossError,
     DeadlineExceededError,
@@ -54,8 +54,8 @@ from twisted_rpc.status import (
     RpcError,
     UnavailableError,
 )
-from twisted_rpc.tls import ClientTLS, wrap_client_endpoint
-from twisted_rpc.wire import FrameKind, GoawayReason
+from twisted_rpc.core._tls import ClientTLS, wrap_client_endpoint
+from twisted_rpc.registry import ProviderAddress, StaticRegistry, check_address
 
 __all__ = [
     "Channel",

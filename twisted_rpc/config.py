@@ -16,7 +16,6 @@ from typing import Any
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
-from twisted_rpc import wire
 from twisted_rpc.balancer import balancer_named
 from twisted_rpc.client import (
     DEFAULT_MAX_CONCURRENT_DIALS,
@@ -24,10 +23,11 @@ from twisted_rpc.client import (
     DEFAULT_MAX_WRITE_BUFFER,
     timeout_error,
 )
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._service import Service
+from twisted_rpc.core._tls import ClientTLS, server_options
 from twisted_rpc.registry import ProviderAddress, parse_address
 from twisted_rpc.server import ServerLimits
-from twisted_rpc.service import Service
-from twisted_rpc.tls import ClientTLS, server_options
 
 __all__ = [
     "ConfigError",

@@ -32,8 +32,8 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_rpc.interfaces import ICallObserver, IClientInterceptor
-from twisted_rpc.status import RpcError, StatusCode, code_name
+from twisted_rpc.core._interfaces import ICallObserver, IClientInterceptor
+from twisted_rpc.core._status import RpcError, StatusCode, code_name
 
 __all__ = ["ClientMetrics", "ProviderMetrics", "quantile"]
 

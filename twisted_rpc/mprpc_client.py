@@ -41,23 +41,23 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_rpc import wire
-from twisted_rpc.mprpc_wire import encode_request
-from twisted_rpc.registry import ProviderAddress, parse_address
-from twisted_rpc.service import (
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._service import (
     MethodInfo,
     Service,
     describe,
     resolve_descriptor,
     wrong_request_type,
 )
-from twisted_rpc.status import (
+from twisted_rpc.core._status import (
     DataLossError,
     DeadlineExceededError,
     ResourceExhaustedError,
     RpcError,
     UnavailableError,
 )
+from twisted_rpc.mprpc_wire import encode_request
+from twisted_rpc.registry import ProviderAddress, parse_address
 from twisted_rpc.zookeeper import (
     CONNECTED,
     NoNodeError,

@@ -17,8 +17,9 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_rpc import wire
-from twisted_rpc.interfaces import ICallObserver
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._interfaces import ICallObserver
+from twisted_rpc.core._status import RpcError, StatusCode, code_name
 from twisted_rpc.mprpc_wire import CPP_REPLY_LIMIT, MprpcProtocolError, RequestReader
 from twisted_rpc.server import (
     MAX_ERROR_MESSAGE,
@@ -30,7 +31,6 @@ from twisted_rpc.server import (
     fire_waiters,
     when_empty,
 )
-from twisted_rpc.status import RpcError, StatusCode, code_name
 
 __all__ = ["MprpcServerFactory", "MprpcServerProtocol", "short_routes"]
 

@@ -13,17 +13,17 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_rpc import wire
 from twisted_rpc.admin import DEFAULT_ADMIN_MAX_CONNECTIONS, admin_site
 from twisted_rpc.builtins import NOT_SERVING, add_builtins
-from twisted_rpc.interfaces import IServerInterceptor, IServiceRegistry
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._connection import CLOSE_TIMEOUT
+from twisted_rpc.core._interfaces import IServerInterceptor, IServiceRegistry
+from twisted_rpc.core._service import Service
+from twisted_rpc.core._tls import wrap_server_factory
 from twisted_rpc.metrics import ProviderMetrics
 from twisted_rpc.mprpc_server import MprpcServerFactory
-from twisted_rpc.protocol import CLOSE_TIMEOUT
 from twisted_rpc.registry import ProviderAddress, Registration, StaticRegistry
 from twisted_rpc.server import Dispatcher, ServerFactory, ServerLimits
-from twisted_rpc.service import Service
-from twisted_rpc.tls import wrap_server_factory
 
 __all__ = ["ProviderService"]
 
@@ -56,7 +56,7 @@ def _bound(port: IListeningPort) -> ProviderAddress:
 class ProviderService(MultiService):
     """Serves ``services`` on the endpoint ``listen`` and announces them.
 
-    With ``tls_options`` (see :func:`twisted_rpc.tls.server_options`) every
+    With ``tls_options`` (see :func:`twisted_rpc.core._tls.server_options`) every
     connection speaks TLS, and the registrations say so (``"tls": true``).
 
     With ``mprpc_listen`` the same services are also served to C++ mprpc

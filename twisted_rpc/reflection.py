@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 
 from twisted_rpc.builtin_protos import REFLECTION, FileDescriptorsRequest, ListServicesRequest
 from twisted_rpc.client import Client
-from twisted_rpc.status import NotFoundError
+from twisted_rpc.core._status import NotFoundError
 
 __all__ = ["RemoteDescriptors", "message_class", "remote_service"]
 

@@ -1,8 +1,8 @@
 """Service registry: the embedded static kind, and the types every kind shares.
 
 A provider announces :class:`Registration` s through an
-:class:`~twisted_rpc.interfaces.IServiceRegistry`; a consumer follows provider
-lists through an :class:`~twisted_rpc.interfaces.IServiceDiscovery`. The
+:class:`~twisted_rpc.core._interfaces.IServiceRegistry`; a consumer follows provider
+lists through an :class:`~twisted_rpc.core._interfaces.IServiceDiscovery`. The
 static kind keeps both in memory from configuration, so the framework runs
 on a bare machine; the ZooKeeper kind implements the same interfaces.
 """
@@ -18,7 +18,7 @@ from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from twisted_rpc.interfaces import IServiceDiscovery, IServiceRegistry
+from twisted_rpc.core._interfaces import IServiceDiscovery, IServiceRegistry
 
 __all__ = ["ProviderAddress", "Registration", "StaticRegistry", "check_address", "parse_address"]
 

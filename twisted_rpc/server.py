@@ -22,12 +22,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_rpc import wire
-from twisted_rpc.deadlines import DeadlineQueue
-from twisted_rpc.interfaces import ICallObserver, IServerInterceptor
-from twisted_rpc.protocol import RpcConnection
-from twisted_rpc.service import MethodInfo, Service
-from twisted_rpc.status import (
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._codec import FrameKind, GoawayReason, ProtocolError
+from twisted_rpc.core._connection import RpcConnection
+from twisted_rpc.core._deadlines import DeadlineQueue
+from twisted_rpc.core._interfaces import ICallObserver, IServerInterceptor
+from twisted_rpc.core._service import MethodInfo, Service
+from twisted_rpc.core._status import (
     InternalError,
     InvalidArgumentError,
     NotFoundError,
@@ -38,7 +39,6 @@ from twisted_rpc.status import (
     UnimplementedError,
     code_name,
 )
-from twisted_rpc.wire import FrameKind, GoawayReason, ProtocolError
 
 __all__ = [
     "CallContext",

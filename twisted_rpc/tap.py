@@ -19,7 +19,7 @@ from twisted_rpc.config import (
     load_provider_config,
     load_services,
 )
-from twisted_rpc.interfaces import IServiceRegistry
+from twisted_rpc.core._interfaces import IServiceRegistry
 from twisted_rpc.logs import json_observer
 from twisted_rpc.provider import ProviderService
 from twisted_rpc.registry import StaticRegistry

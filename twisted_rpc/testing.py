@@ -22,9 +22,9 @@ from twisted.test.iosim import ConnectionCompleter, IOPump
 
 from twisted_rpc.builtins import add_builtins
 from twisted_rpc.client import Client, ServiceProxy
-from twisted_rpc.interfaces import IClientInterceptor, IServerInterceptor
+from twisted_rpc.core._interfaces import IClientInterceptor, IServerInterceptor
+from twisted_rpc.core._service import Service
 from twisted_rpc.server import Dispatcher, ServerFactory, ServerLimits
-from twisted_rpc.service import Service
 
 __all__ = ["MemoryProvider"]
 

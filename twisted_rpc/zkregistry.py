@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_rpc.interfaces import IServiceDiscovery, IServiceRegistry
+from twisted_rpc.core._interfaces import IServiceDiscovery, IServiceRegistry
 from twisted_rpc.registry import ProviderAddress, Registration, parse_address
 from twisted_rpc.zookeeper import (
     ACL,

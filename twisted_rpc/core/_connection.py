@@ -8,10 +8,8 @@ the handlers for the kinds they accept.
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -19,9 +17,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_rpc import wire
-from twisted_rpc.status import StatusCode, UnavailableError
-from twisted_rpc.wire import FieldHandler, FrameDecoder, FrameKind, ProtocolError
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._codec import FieldHandler, FrameDecoder, FrameKind, ProtocolError
+from twisted_rpc.core._direct_write import DirectWriter
+from twisted_rpc.core._status import StatusCode, UnavailableError
 
 LARGE_PAYLOAD = 64 * 1024
 
@@ -34,33 +33,6 @@ MAX_PING_PAYLOAD = 1024
 
 DEFAULT_PONG_ABORT_BYTES = 256 * 1024 * 1024
 """Unsent bytes past which a peer that keeps sending PINGs is dropped."""
-
-
-# What _write_now and unsent_bytes read of a TCP transport's write buffer. They
-# are Twisted's private attributes (abstract.FileDescriptor, tcp.Connection):
-# a Twisted without them gets the plain transport path instead.
-_TCP_BUFFER = ("_tempDataLen", "dataBuffer", "offset", "_writeDisconnecting", "TLS", "socket")
-
-
-def _tcp_transport(transport: object) -> tcp.Connection | None:
-    """The TCP transport under ``transport`` (itself, or below TLS), if its
-    buffer can be read."""
-    while not isinstance(transport, tcp.Connection):
-        transport = getattr(transport, "transport", None)
-        if transport is None:
-            return None
-    if not all(hasattr(transport, name) for name in _TCP_BUFFER):
-        return None
-    return transport
-
-
-def _unsent(pieces: list[bytes], sent: int) -> list[bytes]:
-    """What is left of ``pieces`` once their first ``sent`` bytes are written."""
-    for i, piece in enumerate(pieces):
-        if sent < len(piece):
-            return [piece[sent:], *pieces[i + 1 :]]
-        sent -= len(piece)
-    return []
 
 
 def _ignore(data: bytes) -> None:
@@ -131,8 +103,7 @@ class RpcConnection(Protocol):
         )
         self._batch: list[bytes] | None = None
         self._close_timer: Any = None
-        self._tcp: tcp.Connection | None = None  # the TCP transport, itself or below TLS
-        self._socket: socket.socket | None = None  # its socket, when we write to it directly
+        self._writer: DirectWriter | None = None
         self._pings: dict[int, tuple[Deferred, float]] = {}
         self._next_ping = 1
 
@@ -149,9 +120,8 @@ class RpcConnection(Protocol):
             self._write_watch = _WriteBufferWatch(self)
             self.transport.registerProducer(self._write_watch, True)
             self._watching_writes = True
-        self._tcp = _tcp_transport(self.transport)
-        if self._tcp is self.transport:
-            self._socket = self._tcp.socket
+        self._writer = DirectWriter(self.transport)
+        self._write_now = self._writer.write  # type: ignore[method-assign]
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             try:
@@ -212,38 +182,13 @@ class RpcConnection(Protocol):
             handler(call_id, status, 0, b"", None, "", b"")
 
     def _write_now(self, pieces: list[bytes]) -> None:
-        """Write ``pieces`` in order, at once if the transport lets us.
-
-        ``transport.write`` only buffers: the reactor then adds write interest
-        to epoll, sends on its next turn and removes the interest again, two
-        system calls and a turn on top of the ``send``, and it joins what it
-        buffered into one string first (a copy, and for large frames fresh
-        pages). On a plain TCP transport whose buffer is empty the pieces go
-        out with one ``send``/``sendmsg`` instead; whatever the socket does not
-        take, or an error, is left to the transport as usual.
-        """
-        sock = self._socket
-        transport = self.transport
-        if (
-            sock is not None
-            and not transport._tempDataLen
-            and not transport.dataBuffer
-            and not transport.disconnecting
-            and not transport._writeDisconnecting
-            and not transport.TLS  # after startTLS, bytes must go through TLS
-        ):
-            try:
-                sent = sock.send(pieces[0]) if len(pieces) == 1 else sock.sendmsg(pieces)
-            except OSError:  # full (EAGAIN) or failing: the transport finds out which
-                sent = 0
-            if sent:
-                pieces = _unsent(pieces, sent)
-                if not pieces:
-                    return
+        """Write ``pieces`` in order, at once if the transport lets us: once
+        connected, this is the :class:`DirectWriter`'s ``write`` (see
+        :mod:`twisted_rpc.core._direct_write`)."""
         if len(pieces) == 1:
-            transport.write(pieces[0])
+            self.transport.write(pieces[0])
         else:
-            transport.writeSequence(pieces)
+            self.transport.writeSequence(pieces)
 
     def connectionLost(self, reason: Failure) -> None:
         self.connected = False
@@ -284,10 +229,8 @@ class RpcConnection(Protocol):
     def unsent_bytes(self) -> int | None:
         """Bytes given to the transport and not sent yet, if it tells: a TCP
         transport does, also under TLS (which buffers in the TCP transport)."""
-        transport = self._tcp
-        if transport is None:
-            return None
-        return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+        writer = self._writer
+        return writer.unsent_bytes() if writer is not None else None
 
     def protocol_violation(self, why: str) -> None:
         """Log why and close the connection: no more frames are read; the
