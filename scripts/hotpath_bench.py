@@ -19,10 +19,12 @@ from typing import Any
 from twisted.internet.task import Clock
 
 from protos import bench_pb2
-from twisted_rpc.client import Client, ClientConnection
+from twisted_rpc.client._client import Client
+from twisted_rpc.client._connection import ClientConnection
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._service import Service
-from twisted_rpc.server import Dispatcher, ServerFactory
+from twisted_rpc.server._dispatcher import Dispatcher
+from twisted_rpc.server._factory import ServerFactory
 
 SERVICE = bench_pb2.DESCRIPTOR.services_by_name["UserService"]
 ROUTE = b"bench.UserService/Login"

@@ -23,7 +23,7 @@ from twisted_rpc import (
     UnavailableError,
     UnknownRemoteError,
 )
-from twisted_rpc.client import ClientConnection
+from twisted_rpc.client._connection import ClientConnection
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameDecoder, FrameKind
 from twisted_rpc.core._interfaces import IClientInterceptor, IServiceDiscovery, IServiceRegistry

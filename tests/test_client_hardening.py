@@ -24,7 +24,9 @@ from protos import echo_pb2
 from tests.echo_service import ECHO, EchoService
 from tests.test_tcp_writes import over_tcp
 from twisted_rpc import CancelledError, Client, DeadlineExceededError, UnavailableError
-from twisted_rpc.client import Channel, ClientConnection, NotSentError, backoff_policy
+from twisted_rpc.client._channel import Channel
+from twisted_rpc.client._connection import ClientConnection, NotSentError
+from twisted_rpc.client._dials import backoff_policy
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameDecoder, FrameKind, GoawayReason
 from twisted_rpc.core._connection import MAX_PING_PAYLOAD
@@ -32,7 +34,8 @@ from twisted_rpc.core._interfaces import IServiceDiscovery
 from twisted_rpc.core._service import describe
 from twisted_rpc.core._tls import ClientTLS
 from twisted_rpc.registry import ProviderAddress, parse_address
-from twisted_rpc.server import Dispatcher, ServerFactory
+from twisted_rpc.server._dispatcher import Dispatcher
+from twisted_rpc.server._factory import ServerFactory
 from twisted_rpc.testing import MemoryProvider
 
 SERVICE = "mprpc.test.EchoService"

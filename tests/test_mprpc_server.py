@@ -13,7 +13,8 @@ from tests.echo_service import EchoService
 from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY, REGISTER, REGISTER_REPLY
 from twisted_rpc.mprpc_server import MprpcServerFactory
 from twisted_rpc.mprpc_wire import encode_request
-from twisted_rpc.server import Dispatcher, ServerLimits
+from twisted_rpc.server._dispatcher import Dispatcher
+from twisted_rpc.server._factory import ServerLimits
 
 
 class HalfClosingTransport(StringTransport):

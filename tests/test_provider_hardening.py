@@ -16,14 +16,15 @@ from protos import echo_pb2
 from tests.echo_service import ECHO, EchoService
 from twisted_rpc import Service, StatusCode
 from twisted_rpc.builtin_protos import HEALTH, HealthCheckResponse
-from twisted_rpc.client import ClientConnection
+from twisted_rpc.client._connection import ClientConnection
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameDecoder, FrameKind, GoawayReason
 from twisted_rpc.core._connection import CLOSE_TIMEOUT
 from twisted_rpc.core._service import describe
 from twisted_rpc.core._status import ResourceExhaustedError
 from twisted_rpc.provider import ProviderService
-from twisted_rpc.server import Dispatcher, ServerFactory, ServerLimits
+from twisted_rpc.server._dispatcher import Dispatcher
+from twisted_rpc.server._factory import ServerFactory, ServerLimits
 
 ROUTE = b"mprpc.test.EchoService/Echo"
 ASYNC_ROUTE = b"mprpc.test.EchoService/AsyncEcho"

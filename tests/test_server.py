@@ -15,7 +15,8 @@ from tests.echo_service import EchoService
 from twisted_rpc import RpcError, Service, StatusCode
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameDecoder, FrameKind
-from twisted_rpc.server import Dispatcher, FunctionInterceptor, ServerFactory
+from twisted_rpc.server._dispatcher import Dispatcher, FunctionInterceptor
+from twisted_rpc.server._factory import ServerFactory
 
 ECHO = b"mprpc.test.EchoService/Echo"
 ASYNC = b"mprpc.test.EchoService/AsyncEcho"

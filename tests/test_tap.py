@@ -94,7 +94,9 @@ def test_consumer_config(tmp_path):
 def test_consumer_max_write_buffer_reaches_the_connections(tmp_path):
     from twisted.internet.testing import MemoryReactorClock
 
-    from twisted_rpc.client import DEFAULT_MAX_WRITE_BUFFER, Client, _ConnectionFactory
+    from twisted_rpc.client._channel import _ConnectionFactory
+    from twisted_rpc.client._client import Client
+    from twisted_rpc.client._connection import DEFAULT_MAX_WRITE_BUFFER
 
     assert load_consumer_config(write(tmp_path, "")).max_write_buffer == DEFAULT_MAX_WRITE_BUFFER
     path = write(
@@ -219,7 +221,7 @@ def test_hardening_limit_errors(tmp_path, extra, message):
     [("max_calls", 0), ("max_metadata_size", 1.5), ("frame_timeout", float("nan"))],
 )
 def test_server_limits_are_validated(field, value):
-    from twisted_rpc.server import ServerLimits
+    from twisted_rpc.server._factory import ServerLimits
 
     with pytest.raises(ValueError, match=field):
         ServerLimits(**{field: value})

@@ -17,12 +17,13 @@ from protos import echo_pb2
 from tests.echo_service import ECHO as ECHO_SERVICE
 from tests.echo_service import EchoService
 from twisted_rpc import StatusCode
-from twisted_rpc.client import ClientConnection
+from twisted_rpc.client._connection import ClientConnection
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameDecoder
 from twisted_rpc.core._direct_write import _unsent
 from twisted_rpc.core._service import describe
-from twisted_rpc.server import Dispatcher, ServerFactory
+from twisted_rpc.server._dispatcher import Dispatcher
+from twisted_rpc.server._factory import ServerFactory
 
 ECHO = b"mprpc.test.EchoService/Echo"
 ASYNC = describe(ECHO_SERVICE).methods["AsyncEcho"]

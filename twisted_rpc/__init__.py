@@ -7,7 +7,8 @@ descriptors; consumers call them through Deferred-returning proxies from a
 
 __version__ = "0.1.0"
 
-from twisted_rpc.client import Client, ClientCall, ServiceProxy  # noqa: E402
+from twisted_rpc.client._client import Client, ClientCall
+from twisted_rpc.client._proxy import ServiceProxy  # noqa: E402
 from twisted_rpc.core._service import Service  # noqa: E402
 from twisted_rpc.core._status import (  # noqa: E402
     CancelledError,
@@ -21,7 +22,7 @@ from twisted_rpc.core._status import (  # noqa: E402
     UnimplementedError,
     UnknownRemoteError,
 )
-from twisted_rpc.server import CallContext  # noqa: E402
+from twisted_rpc.server._context import CallContext  # noqa: E402
 
 __all__ = [
     "CallContext",

@@ -170,7 +170,7 @@ def serve(args: argparse.Namespace) -> None:
 def run_client(args: argparse.Namespace) -> None:
     from twisted.internet import reactor, task
 
-    from twisted_rpc.client import Client
+    from twisted_rpc.client._client import Client
 
     pb2 = _bench_pb2()
     window = Window(args.server_pid)

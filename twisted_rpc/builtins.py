@@ -31,7 +31,7 @@ from twisted_rpc.builtin_protos import (
 )
 from twisted_rpc.core._service import Service
 from twisted_rpc.core._status import InvalidArgumentError, NotFoundError
-from twisted_rpc.server import CallContext
+from twisted_rpc.server._context import CallContext
 
 __all__ = [
     "MAX_SYMBOL_LENGTH",

@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred
 
 from twisted_rpc.builtin_protos import HEALTH, HealthCheckRequest
 from twisted_rpc.builtins import SERVING, status_name
-from twisted_rpc.client import Client
+from twisted_rpc.client._client import Client
 from twisted_rpc.core._status import RpcError, code_name
 from twisted_rpc.reflection import RemoteDescriptors, message_class
 from twisted_rpc.registry import StaticRegistry, parse_address

@@ -16,18 +16,14 @@ from typing import Any
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
-from twisted_rpc.balancer import balancer_named
-from twisted_rpc.client import (
-    DEFAULT_MAX_CONCURRENT_DIALS,
-    DEFAULT_MAX_DIALS_PER_SECOND,
-    DEFAULT_MAX_WRITE_BUFFER,
-    timeout_error,
-)
+from twisted_rpc.client._balancer import balancer_named
+from twisted_rpc.client._connection import DEFAULT_MAX_WRITE_BUFFER, timeout_error
+from twisted_rpc.client._dials import DEFAULT_MAX_CONCURRENT_DIALS, DEFAULT_MAX_DIALS_PER_SECOND
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._service import Service
 from twisted_rpc.core._tls import ClientTLS, server_options
 from twisted_rpc.registry import ProviderAddress, parse_address
-from twisted_rpc.server import ServerLimits
+from twisted_rpc.server._factory import ServerLimits
 
 __all__ = [
     "ConfigError",

@@ -21,16 +21,9 @@ from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._interfaces import ICallObserver
 from twisted_rpc.core._status import RpcError, StatusCode, code_name
 from twisted_rpc.mprpc_wire import CPP_REPLY_LIMIT, MprpcProtocolError, RequestReader
-from twisted_rpc.server import (
-    MAX_ERROR_MESSAGE,
-    CallContext,
-    Dispatcher,
-    ServerLimits,
-    ServerMethod,
-    clip,
-    fire_waiters,
-    when_empty,
-)
+from twisted_rpc.server._context import CallContext
+from twisted_rpc.server._dispatcher import MAX_ERROR_MESSAGE, Dispatcher, ServerMethod, clip
+from twisted_rpc.server._factory import ServerLimits, fire_waiters, when_empty
 
 __all__ = ["MprpcServerFactory", "MprpcServerProtocol", "short_routes"]
 

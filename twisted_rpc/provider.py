@@ -23,7 +23,8 @@ from twisted_rpc.core._tls import wrap_server_factory
 from twisted_rpc.metrics import ProviderMetrics
 from twisted_rpc.mprpc_server import MprpcServerFactory
 from twisted_rpc.registry import ProviderAddress, Registration, StaticRegistry
-from twisted_rpc.server import Dispatcher, ServerFactory, ServerLimits
+from twisted_rpc.server._dispatcher import Dispatcher
+from twisted_rpc.server._factory import ServerFactory, ServerLimits
 
 __all__ = ["ProviderService"]
 

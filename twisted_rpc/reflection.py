@@ -16,7 +16,7 @@ from google.protobuf.message_factory import GetMessageClass
 from twisted.internet.defer import Deferred
 
 from twisted_rpc.builtin_protos import REFLECTION, FileDescriptorsRequest, ListServicesRequest
-from twisted_rpc.client import Client
+from twisted_rpc.client._client import Client
 from twisted_rpc.core._status import NotFoundError
 
 __all__ = ["RemoteDescriptors", "message_class", "remote_service"]

@@ -1,6 +1,6 @@
 """In-memory provider and client for unit tests (like ``treq.testing``).
 
-The real :class:`~twisted_rpc.client.Client` and the real provider-side
+The real :class:`~twisted_rpc.client._client.Client` and the real provider-side
 connections talk over in-memory transports on a ``MemoryReactorClock``: no
 sockets, no threads, and time moves only when the test says::
 
@@ -21,10 +21,12 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter, IOPump
 
 from twisted_rpc.builtins import add_builtins
-from twisted_rpc.client import Client, ServiceProxy
+from twisted_rpc.client._client import Client
+from twisted_rpc.client._proxy import ServiceProxy
 from twisted_rpc.core._interfaces import IClientInterceptor, IServerInterceptor
 from twisted_rpc.core._service import Service
-from twisted_rpc.server import Dispatcher, ServerFactory, ServerLimits
+from twisted_rpc.server._dispatcher import Dispatcher
+from twisted_rpc.server._factory import ServerFactory, ServerLimits
 
 __all__ = ["MemoryProvider"]
 

@@ -23,7 +23,7 @@ class IClientInterceptor(Interface):
     def intercept(call, request, proceed):
         """Handle one outgoing call.
 
-        ``call`` is a :class:`twisted_rpc.client.ClientCall` (method, timeout,
+        ``call`` is a :class:`twisted_rpc.client._client.ClientCall` (method, timeout,
         metadata, all modifiable); ``proceed(call, request)`` sends it and
         returns a Deferred of the response. Return a Deferred.
         """

@@ -1,0 +1,47 @@
+"""The consumer side: connections, per-provider channels, the client and its proxies.
+
+:class:`ClientConnection` (``_connection``) runs calls on one connection (call
+ids, the outstanding map, deadlines, cancellation). :class:`Channel`
+(``_channel``) keeps one persistent connection to one provider, dialling
+through the client's dial queue and redialling with backoff (``_dials``).
+:class:`Client` (``_client``) picks a channel per call with a balancer
+(``_balancer``) from the provider lists its discovery gives, and builds
+:class:`ServiceProxy` objects (``_proxy``) whose methods return Deferreds::
+
+    client = Client(reactor, providers={"example.UserService": ["127.0.0.1:8000"]})
+    users = client.proxy(user_pb2.DESCRIPTOR.services_by_name["UserService"])
+    response = await users.Login(LoginRequest(name="zhang san", pwd="123456"), timeout=2)
+
+Layering: ``client`` imports :mod:`twisted_rpc.core` and
+:mod:`twisted_rpc.discovery` (provider addresses, the static registry a client
+uses by default, and the ZooKeeper registry a consumer ini file may ask for).
+"""
+
+from twisted_rpc.client._balancer import (
+    Balancer,
+    LeastOutstanding,
+    RoundRobin,
+    WeightedRandom,
+    balancer_named,
+)
+from twisted_rpc.client._channel import Channel
+from twisted_rpc.client._client import Client, ClientCall
+from twisted_rpc.client._connection import MAX_TIMEOUT, ClientConnection, NotSentError
+from twisted_rpc.client._dials import backoff_policy
+from twisted_rpc.client._proxy import ServiceProxy
+
+__all__ = [
+    "MAX_TIMEOUT",
+    "Balancer",
+    "Channel",
+    "Client",
+    "ClientCall",
+    "ClientConnection",
+    "LeastOutstanding",
+    "NotSentError",
+    "RoundRobin",
+    "ServiceProxy",
+    "WeightedRandom",
+    "backoff_policy",
+    "balancer_named",
+]

@@ -1,0 +1,461 @@
+"""One persistent connection to one provider: :class:`Channel` dials (through
+the client's dial queue), proves, redials with backoff and drains on GOAWAY.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from google.protobuf.message import Message
+from twisted.internet import defer
+from twisted.internet.abstract import isIPv6Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twisted_rpc.client._connection import (
+    DEFAULT_MAX_WRITE_BUFFER,
+    ClientConnection,
+    NotSentError,
+    TakenBack,
+    _Serialized,
+    timeout_error,
+)
+from twisted_rpc.client._dials import _DialQueue, backoff_policy
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._codec import GoawayReason
+from twisted_rpc.core._service import (
+    MethodInfo,
+)
+from twisted_rpc.core._status import (
+    CancelledError,
+    DeadlineExceededError,
+)
+from twisted_rpc.core._tls import ClientTLS, wrap_client_endpoint
+from twisted_rpc.registry import ProviderAddress
+
+log = Logger(namespace="twisted_rpc.client")
+
+
+class _ConnectionFactory(Factory):
+    noisy = False
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def buildProtocol(self, addr: object) -> ClientConnection:
+        c = self.channel
+        return ClientConnection(
+            c.clock,
+            c.max_frame_size,
+            c._connection_lost,
+            c._goaway,
+            c.keepalive_interval,
+            c.keepalive_timeout,
+            c.max_write_buffer,
+        )
+
+
+def _endpoint(reactor: Any, address: ProviderAddress, connect_timeout: float) -> Any:
+    """A TCP endpoint for ``address``: IPv6 for a v6 literal, else IPv4 (a
+    HostnameEndpoint would try both, and costs ~300 ms on a refused port)."""
+    if isIPv6Address(address.host):
+        return TCP6ClientEndpoint(reactor, address.host, address.port, connect_timeout)
+    return TCP4ClientEndpoint(reactor, address.host, address.port, connect_timeout)
+
+
+class Channel:
+    """One persistent connection to one provider, re-dialled with backoff.
+
+    States (``state``):
+
+    - ``idle``: no connection and none wanted yet; a call dials.
+    - ``queued``: waiting for the client's dial slot (``max_concurrent_dials``).
+    - ``connecting``: TCP (and TLS) connection under way.
+    - ``proving``: connected, the first PING sent: a connection takes calls
+      only once it has answered a frame (within connect_timeout), so a port
+      that accepts and says nothing, or speaks something else, never does.
+    - ``ready``: proven; calls go to ``protocol``.
+    - ``failed``: the last attempt failed (refused, lost or closed before it was
+      proven, no answer to keepalive pings); calls fail at once with
+      UNAVAILABLE until the redial, which waits ``backoff(failures)``.
+    - ``draining``: GOAWAY (shutdown): out of rotation, calls in flight finish.
+    - ``overloaded``: GOAWAY (overload): out of rotation for a while, then idle.
+    - ``refused``: never dialled (the registry entry asks for what this client
+      refuses, such as TLS off when the client requires it).
+    - ``closed``.
+
+    Calls waiting for a connection wait while queued, connecting or proving.
+    Only a proven connection resets the backoff, and only once it has lived
+    ``stable_after`` seconds: a proven connection lost sooner counts as a
+    failed attempt. A proven connection that is lost is redialled at once,
+    but not again at once if that one is lost quickly too.
+    """
+
+    stable_after = 1.0
+    """Seconds a proven connection must live for its loss to reset the backoff."""
+    overload_pause = 1.0
+    """Seconds (+- 20 %) out of rotation after a GOAWAY saying overload."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        address: ProviderAddress,
+        *,
+        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
+        connect_timeout: float = 5.0,
+        endpoint: Any = None,
+        keepalive_interval: float = 0.0,
+        keepalive_timeout: float = 10.0,
+        tls: ClientTLS | None = None,
+        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+        backoff: Callable[[int], float] | None = None,
+        dials: _DialQueue | None = None,
+        resend: Callable[[Channel, GoawayReason, list[TakenBack]], object] | None = None,
+        refused: str = "",
+    ) -> None:
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
+        self.max_write_buffer = max_write_buffer
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.address = address
+        self.max_frame_size = max_frame_size
+        self.connect_timeout = connect_timeout
+        self.backoff = backoff or backoff_policy()
+        self._dials = dials
+        self._resend = resend or _resend_on
+        if endpoint is None and not refused:
+            endpoint = _endpoint(reactor, address, connect_timeout)
+            if tls is not None:
+                endpoint = wrap_client_endpoint(endpoint, tls, address.host)
+        self.endpoint = endpoint
+        self.state = "refused" if refused else "idle"
+        self.last_error = refused
+        self.protocol: ClientConnection | None = None
+        """The proven connection calls go to, while ready."""
+        self._proving: ClientConnection | None = None
+        self._old: set[ClientConnection] = set()  # after GOAWAY: finishing their calls
+        self._waiters: list[Deferred] = []
+        self.failures = 0
+        """Failed attempts in a row (what the backoff grows with)."""
+        self._prompt_redial = True
+        self._proven_at = 0.0
+        self._dial_slot = False
+        self._retry: Any = None
+        self._attempt: Deferred | None = None
+        self._on_closed: list[Deferred] = []
+
+    def __repr__(self) -> str:
+        return f"<Channel {self.address} {self.state}>"
+
+    @property
+    def usable(self) -> bool:
+        """Worth routing a call to (ready or about to be)."""
+        return self.state in _USABLE
+
+    @property
+    def ready(self) -> bool:
+        """Takes calls now: a proven connection, or idle (a provider closed an
+        idle connection: the call that picks it redials, transparently)."""
+        return self.state in _READY
+
+    @property
+    def dialling(self) -> bool:
+        """A connection attempt is under way: calls routed here wait for it."""
+        return self.state in _DIALLING
+
+    @property
+    def load(self) -> int:
+        """Calls in flight or waiting on this channel."""
+        protocol = self.protocol
+        load = len(self._waiters) + (len(protocol.outstanding) if protocol is not None else 0)
+        for old in self._old:
+            load += len(old.outstanding)
+        return load
+
+    def connect(self) -> None:
+        """Start dialling if idle or failed (then without waiting for the backoff)."""
+        if self.state not in ("idle", "failed"):
+            return
+        self._cancel_retry()
+        self.state = "queued"
+        if self._dials is None:
+            self._dial()
+        else:
+            self._dials.request(self)
+
+    def _dial(self) -> None:
+        if self.state != "queued":
+            return
+        self.state = "connecting"
+        self._dial_slot = self._dials is not None
+        self._attempt = self.endpoint.connect(_ConnectionFactory(self))
+        self._attempt.addCallbacks(self._connected, self._connect_failed)
+
+    def _release_slot(self) -> None:
+        if self._dial_slot:
+            self._dial_slot = False
+            assert self._dials is not None
+            self._dials.release()
+
+    def call(
+        self,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+    ) -> Deferred:
+        protocol = self.protocol
+        if protocol is not None and protocol.available:
+            return protocol.call(method, request, timeout, metadata)
+        error = timeout_error(timeout)
+        if error is not None:
+            return fail(error)
+        if self.state == "idle":
+            self.connect()
+        if self.state not in _DIALLING:
+            return fail(NotSentError(message=f"provider {self.address}: {self.last_error}"))
+        d = Deferred.fromCoroutine(self._call_when_ready(method, request, timeout, metadata))
+        if timeout:
+            d.addTimeout(timeout, self.clock, onTimeoutCancel=_deadline_exceeded)
+        return d
+
+    async def _call_when_ready(
+        self,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+    ) -> Message:
+        started = self.clock.seconds()
+        waiter: Deferred = Deferred(self._waiters.remove)
+        self._waiters.append(waiter)
+        try:
+            protocol = await waiter
+        except defer.CancelledError:
+            raise CancelledError(message="cancelled by the caller") from None
+        if timeout:
+            timeout = max(0.001, timeout - (self.clock.seconds() - started))
+        return await protocol.call(method, request, timeout, metadata)
+
+    def close(self) -> Deferred:
+        """Stop re-dialling and close the connections (their calls fail UNAVAILABLE).
+
+        The Deferred fires once they are closed.
+        """
+        self.state = "closed"
+        self.last_error = "channel closed"
+        self._cancel_retry()
+        self._release_slot()
+        if self._attempt is not None:
+            self._attempt.cancel()
+        self._release_waiters()
+        open_ = [c for c in (self.protocol, self._proving, *self._old) if c is not None]
+        if not open_:
+            return succeed(None)
+        closed: Deferred = Deferred()
+        self._on_closed.append(closed)
+        for connection in open_:
+            connection.close()
+        return closed
+
+    # ----------------------------------------------------------------- internals
+
+    def _connected(self, protocol: ClientConnection) -> None:
+        self._attempt = None
+        if self.state == "closed":
+            protocol.close()
+            return
+        self.state = "proving"
+        self._proving = protocol
+        d = protocol.ping()
+        d.addTimeout(self.connect_timeout, self.clock)
+        d.addCallbacks(lambda _: self._ready(protocol), lambda f: self._unproven(protocol, f))
+
+    def _unproven(self, protocol: ClientConnection, failure: Failure) -> None:
+        if protocol is not self._proving or not protocol.connected:
+            return  # lost already: _connection_lost counted it
+        log.warn(
+            "closing the connection to {address}: no answer to its first PING in {t:g}s",
+            address=self.address,
+            t=self.connect_timeout,
+        )
+        self.last_error = f"no answer to a PING in {self.connect_timeout:g}s"
+        protocol.transport.abortConnection()
+
+    def _ready(self, protocol: ClientConnection) -> None:
+        if protocol is not self._proving or self.state != "proving":
+            return
+        self._proving = None
+        self._release_slot()
+        self.protocol = protocol
+        self.state = "ready"
+        self._proven_at = self.clock.seconds()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(protocol)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._attempt = None
+        self._release_slot()
+        if self.state == "closed":
+            return
+        self.last_error = f"cannot connect: {failure.getErrorMessage()}"
+        self._failed()
+
+    def _failed(self) -> None:
+        self.state = "failed"
+        self.failures += 1
+        self._retry = self.clock.callLater(self.backoff(self.failures), self._redial)
+        # Last: a waiter's errback may close this channel, which cancels the retry.
+        self._release_waiters()
+
+    def _redial(self) -> None:
+        self._retry = None
+        if self.state == "failed":
+            self.connect()
+
+    def _release_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(NotSentError(message=f"provider {self.address}: {self.last_error}"))
+
+    def _cancel_retry(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+
+    def _connection_lost(self, protocol: ClientConnection, reason: Failure) -> None:
+        if protocol in self._old:
+            self._old.discard(protocol)
+            if self.state == "draining" and not self._old:
+                self._drained()
+        elif protocol is self._proving:
+            self._proving = None
+            self._release_slot()
+            if self.state != "closed":
+                if not self.last_error.startswith("no answer to a PING"):
+                    self.last_error = (
+                        f"connection closed before it answered a PING: {reason.getErrorMessage()}"
+                    )
+                self._failed()
+        elif protocol is self.protocol:
+            self.protocol = None
+            if self.state != "closed":
+                self._lost_proven(protocol, reason)
+        if self.state == "closed" and self.protocol is None and self._proving is None:
+            if not self._old:
+                closed, self._on_closed = self._on_closed, []
+                for d in closed:
+                    d.callback(None)
+
+    def _lost_proven(self, protocol: ClientConnection, reason: Failure) -> None:
+        if protocol.keepalive_failed:
+            # A frozen provider still accepts connections (its kernel does):
+            # keep it out of rotation and retry with backoff.
+            self.last_error = "no answer to keepalive pings"
+            self._failed()
+            return
+        self.last_error = f"connection lost: {reason.getErrorMessage()}"
+        if self.clock.seconds() - self._proven_at >= self.stable_after:
+            self.failures = 0
+            self._prompt_redial = True
+        if self._prompt_redial:
+            # Dial again at once (a restarted provider is back quickly), once:
+            # if that connection does not last either, the backoff applies.
+            self._prompt_redial = False
+            self.state = "idle"
+            self.connect()
+        else:
+            self._failed()
+
+    def _drained(self) -> None:
+        """The connection that said GOAWAY (shutdown) has closed: come back
+        only after a backoff (a stopping provider refuses for a while)."""
+        self.last_error = "provider shut down"
+        self._failed()
+
+    def _goaway(
+        self, protocol: ClientConnection, reason: GoawayReason, calls: list[TakenBack]
+    ) -> None:
+        if self.state == "closed":
+            for d, *_ in calls:
+                d.errback(NotSentError(message=f"provider {self.address}: {self.last_error}"))
+            return
+        if protocol is self._proving:
+            self._proving = None
+            self._release_slot()
+        elif protocol is self.protocol:
+            self.protocol = None
+        else:
+            protocol = None  # already put aside
+        if protocol is not None:
+            self._old.add(protocol)
+            if reason == GoawayReason.IDLE:
+                self.state = "idle"  # the next call redials, as if nothing happened
+                if self._waiters:
+                    self.connect()
+            elif reason == GoawayReason.OVERLOAD:
+                self.last_error = "provider is overloaded"
+                self.state = "overloaded"
+                self._cancel_retry()
+                pause = self.overload_pause * random.uniform(0.8, 1.2)
+                self._retry = self.clock.callLater(pause, self._overload_over)
+                self._release_waiters()
+            else:
+                self.last_error = "provider is shutting down"
+                self.state = "draining"
+                self._release_waiters()
+        if calls:
+            self._resend(self, reason, calls)
+
+    def _overload_over(self) -> None:
+        self._retry = None
+        if self.state == "overloaded":
+            self.state = "idle"
+            self.connect()
+
+
+_USABLE = frozenset(("ready", "idle", "queued", "connecting", "proving"))
+
+
+_READY = frozenset(("ready", "idle"))
+
+
+_DIALLING = frozenset(("queued", "connecting", "proving"))
+
+
+def _resend_on(channel: Channel, reason: GoawayReason, calls: list[TakenBack]) -> None:
+    """Send calls a GOAWAY took back again on the same channel (a standalone
+    channel's way; a Client sends them to another provider when it can)."""
+    for call in calls:
+        send_again(channel.clock, call, channel.call)
+
+
+def send_again(
+    clock: IReactorTime,
+    call: TakenBack,
+    send: Callable[[MethodInfo, Any, float | None, Mapping[str, str] | None], Deferred],
+) -> None:
+    """Send a taken-back call with ``send``; its Deferred follows the new call,
+    within what is left of the original deadline."""
+    d, method, payload, metadata, deadline = call
+    timeout = None
+    if deadline:
+        timeout = deadline - clock.seconds()
+        if timeout <= 0:
+            d.errback(DeadlineExceededError(message="deadline exceeded"))
+            return
+    again = send(method, _Serialized(payload), timeout, metadata)
+    d.moved_to = again
+    again.addCallbacks(d.callback, d.errback)
+
+
+def _deadline_exceeded(result: object, timeout: float) -> Failure:
+    return Failure(DeadlineExceededError(message=f"deadline of {timeout:g}s exceeded"))

@@ -1,0 +1,518 @@
+"""The :class:`Client`: picks a channel per call from the provider lists its
+discovery gives, fails over, runs the client interceptors and builds proxies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.logger import Logger
+
+from twisted_rpc.client._balancer import Balancer, RoundRobin, balancer_named
+from twisted_rpc.client._channel import Channel, send_again
+from twisted_rpc.client._connection import (
+    DEFAULT_MAX_WRITE_BUFFER,
+    NotSentError,
+    TakenBack,
+    timeout_error,
+)
+from twisted_rpc.client._dials import (
+    DEFAULT_MAX_CONCURRENT_DIALS,
+    DEFAULT_MAX_DIALS_PER_SECOND,
+    _DialQueue,
+    backoff_policy,
+)
+from twisted_rpc.client._proxy import ServiceProxy
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._codec import GoawayReason
+from twisted_rpc.core._interfaces import IClientInterceptor, IServiceDiscovery
+from twisted_rpc.core._service import (
+    MethodInfo,
+    Service,
+    describe,
+    resolve_descriptor,
+    wrong_request_type,
+)
+from twisted_rpc.core._status import (
+    CancelledError,
+    DeadlineExceededError,
+    RpcError,
+    UnavailableError,
+)
+from twisted_rpc.core._tls import ClientTLS
+from twisted_rpc.registry import ProviderAddress, StaticRegistry, check_address
+
+log = Logger(namespace="twisted_rpc.client")
+
+
+@dataclass(slots=True)
+class ClientCall:
+    """An outgoing call as client interceptors see it (fields may be changed)."""
+
+    method: MethodInfo
+    timeout: float | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    idempotent: bool = False
+    balancer: Balancer | None = None
+
+
+class _ServiceRoute:
+    """The channels serving one service and the client's balancer for them."""
+
+    __slots__ = ("channels", "balancer", "known", "waiters")
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.channels: tuple[Channel, ...] = ()
+        self.balancer = balancer
+        self.known = False  # has discovery given a list yet?
+        self.waiters: list[Deferred] = []
+
+
+BalancerChoice = str | type[Balancer] | None
+
+
+def _make_balancer(choice: BalancerChoice) -> Balancer:
+    if choice is None:
+        return RoundRobin()
+    if isinstance(choice, str):
+        return balancer_named(choice)()
+    return choice()
+
+
+class Client:
+    """Calls services on providers; owns the connections, shared by all proxies.
+
+    Provider lists come from ``discovery`` (an ``IServiceDiscovery``, e.g. a
+    ``ZooKeeperRegistry``), or from ``providers``
+    (``{"package.Service": ["host:port", ...]}``) for the embedded static
+    registry. ``balancer`` is ``round_robin`` (default), ``weighted_random`` or
+    ``least_outstanding``. A call that could not be written to its provider
+    goes to another one; a call lost in flight fails with UNAVAILABLE unless
+    its method is idempotent, in which case it is retried once elsewhere
+    within its deadline.
+    """
+
+    def __init__(
+        self,
+        reactor: Any = None,
+        *,
+        providers: Mapping[str, Iterable[str]] | None = None,
+        discovery: IServiceDiscovery | None = None,
+        interceptors: Sequence[IClientInterceptor] = (),
+        timeout: float | None = None,
+        balancer: BalancerChoice = None,
+        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
+        connect_timeout: float = 5.0,
+        retire_grace: float = 60.0,
+        keepalive_interval: float = 0.0,
+        keepalive_timeout: float = 10.0,
+        tls: ClientTLS | None = None,
+        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+        max_concurrent_dials: int = DEFAULT_MAX_CONCURRENT_DIALS,
+        max_dials_per_second: float = DEFAULT_MAX_DIALS_PER_SECOND,
+        backoff: Callable[[int], float] | None = None,
+    ) -> None:
+        error = timeout_error(timeout)
+        if error is not None:
+            raise error
+        if isinstance(max_concurrent_dials, bool) or not isinstance(max_concurrent_dials, int):
+            raise TypeError(f"max_concurrent_dials must be an int, not {max_concurrent_dials!r}")
+        if max_concurrent_dials < 1:
+            raise ValueError(f"max_concurrent_dials must be at least 1, not {max_concurrent_dials}")
+        if not isinstance(max_dials_per_second, (int, float)) or not (
+            0 < max_dials_per_second < float("inf")
+        ):
+            raise ValueError(f"max_dials_per_second must be positive, not {max_dials_per_second!r}")
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        if discovery is None:
+            discovery = StaticRegistry(providers or {})
+        elif providers is not None:
+            raise TypeError("give providers or discovery, not both")
+        self.reactor = reactor
+        self.discovery = discovery
+        self.interceptors = list(interceptors)
+        self.timeout = timeout
+        self.balancer = balancer
+        _make_balancer(balancer)  # fail now on an unknown name
+        self.max_frame_size = max_frame_size
+        self.connect_timeout = connect_timeout
+        self.retire_grace = retire_grace
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
+        self.tls = tls
+        self.max_write_buffer = max_write_buffer
+        self.max_concurrent_dials = max_concurrent_dials
+        self.backoff = backoff or backoff_policy()
+        self.max_dials_per_second = max_dials_per_second
+        self._dials = _DialQueue(reactor, max_concurrent_dials, max_dials_per_second)
+        self.channels: dict[str, Channel] = {}
+        self._routes: dict[str, _ServiceRoute] = {}
+        self._unsubscribe: list[Callable[[], object]] = []
+        self._retiring: set[Channel] = set()
+        self._invoke = self._send
+        for interceptor in reversed(self.interceptors):
+            self._invoke = _client_intercepted(interceptor, self._invoke)
+
+    @classmethod
+    def from_config(cls, path: str, reactor: Any = None, **kw: Any) -> Client:
+        """A client configured by a consumer ini file (see docs/config.md)."""
+        from twisted_rpc.config import load_consumer_config
+
+        config = load_consumer_config(path)
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        kw.setdefault("timeout", config.timeout)
+        kw.setdefault("balancer", config.balancer)
+        kw.setdefault("keepalive_interval", config.keepalive_interval)
+        kw.setdefault("keepalive_timeout", config.keepalive_timeout)
+        kw.setdefault("max_write_buffer", config.max_write_buffer)
+        kw.setdefault("tls", config.tls)
+        kw.setdefault("max_concurrent_dials", config.max_concurrent_dials)
+        kw.setdefault("max_dials_per_second", config.max_dials_per_second)
+        if config.registry.kind == "zookeeper":
+            from twisted_rpc.zkregistry import ZooKeeperRegistry
+
+            reg = config.registry
+            kw["discovery"] = ZooKeeperRegistry(
+                reactor,
+                reg.hosts,
+                root=reg.root,
+                session_timeout=reg.session_timeout,
+                auth=reg.auth,
+            )
+        else:
+            kw["providers"] = {
+                name: [str(a) for a in addrs] for name, addrs in config.providers.items()
+            }
+        return cls(
+            reactor,
+            max_frame_size=config.max_frame_size,
+            connect_timeout=config.connect_timeout,
+            **kw,
+        )
+
+    def proxy(
+        self,
+        service: ServiceDescriptor | str | type[Service],
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        balancer: BalancerChoice = None,
+        idempotent: bool | Iterable[str] = False,
+    ) -> ServiceProxy:
+        """A proxy whose methods call ``service`` (descriptor, Service class or name).
+
+        ``idempotent`` is True (every method) or the names of the methods that
+        may be retried once on another provider after a connection loss.
+        ``balancer`` overrides the client's for this proxy.
+        """
+        error = timeout_error(timeout)
+        if error is not None:
+            raise error
+        info = describe(resolve_descriptor(service))
+        self._route(info.name)
+        if isinstance(idempotent, bool):
+            retry = set(info.methods) if idempotent else set()
+        else:
+            retry = set(idempotent)
+            unknown = retry - set(info.methods)
+            if unknown:
+                raise ValueError(f"{info.name} has no method {', '.join(sorted(unknown))}")
+        chosen = _make_balancer(balancer) if balancer is not None else None
+        return ServiceProxy(self, info.methods.values(), timeout, metadata, chosen, retry)
+
+    def call(
+        self,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        idempotent: bool = False,
+        balancer: Balancer | None = None,
+    ) -> Deferred:
+        """Call ``method`` on one of its providers (what proxy methods do)."""
+        if type(request) is not method.request_class:
+            return fail(wrong_request_type(method, request))
+        if timeout is None:
+            timeout = self.timeout
+        if self.interceptors:
+            call = ClientCall(method, timeout, dict(metadata or {}), idempotent, balancer)
+            return self._invoke(call, request)
+        # The hot path, kept flat: a ready connection to the provider picked.
+        route = self._routes.get(method.service) or self._route(method.service)
+        channel = (balancer or route.balancer).pick(route.channels)
+        if channel is not None and not idempotent:
+            protocol = channel.protocol
+            if protocol is not None and protocol.available:
+                return protocol.call(method, request, timeout, metadata)
+        return self._send_to(method, request, timeout, metadata, idempotent, balancer, channel)
+
+    def _send(self, call: ClientCall, request: Message) -> Deferred:
+        return self._send_to(
+            call.method, request, call.timeout, call.metadata, call.idempotent, call.balancer
+        )
+
+    def _send_to(
+        self,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+        idempotent: bool,
+        balancer: Balancer | None,
+        channel: Channel | None = None,
+    ) -> Deferred:
+        """Send to ``channel`` (else the one the balancer picks), with failover."""
+        error = timeout_error(timeout)
+        if error is not None:
+            return fail(error)
+        route = self._routes.get(method.service) or self._route(method.service)
+        balancer = balancer or route.balancer
+        if channel is None:
+            channel = balancer.pick(route.channels)
+        if channel is None:
+            if not route.known:
+                return Deferred.fromCoroutine(
+                    self._first_list(
+                        route, method, request, timeout, metadata, idempotent, balancer
+                    )
+                )
+            return fail(NotSentError(message=f"no provider of {method.service}"))
+        protocol = channel.protocol
+        if protocol is not None and protocol.available and not idempotent:
+            return protocol.call(method, request, timeout, metadata)
+        return Deferred.fromCoroutine(
+            self._failover(route, balancer, channel, method, request, timeout, metadata, idempotent)
+        )
+
+    async def _first_list(
+        self,
+        route: _ServiceRoute,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+        idempotent: bool,
+        balancer: Balancer,
+    ) -> Message:
+        """Wait (up to the timeout, or connect_timeout) for discovery's first list."""
+        started = self.reactor.seconds()
+        waiter: Deferred = Deferred(route.waiters.remove)
+        route.waiters.append(waiter)
+        wait = timeout or self.connect_timeout
+        timer = self.reactor.callLater(wait, waiter.cancel)
+        try:
+            await waiter
+        except defer.CancelledError:
+            if timer.active():
+                raise CancelledError(message="cancelled by the caller") from None
+            raise NotSentError(
+                message=f"no provider of {method.service}: none known after {wait:g}s"
+            ) from None
+        finally:
+            if timer.active():
+                timer.cancel()
+        if timeout:
+            timeout = max(0.001, timeout - (self.reactor.seconds() - started))
+        return await self._send_to(method, request, timeout, metadata, idempotent, balancer)
+
+    async def _failover(
+        self,
+        route: _ServiceRoute,
+        balancer: Balancer,
+        channel: Channel,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+        idempotent: bool,
+    ) -> Message:
+        started = self.reactor.seconds()
+        tried: list[Channel] = []
+        retried = False
+        while True:
+            tried.append(channel)
+            remaining = None
+            if timeout:
+                remaining = timeout - (self.reactor.seconds() - started)
+                if remaining <= 0:
+                    raise DeadlineExceededError(message=f"deadline of {timeout:g}s exceeded")
+            try:
+                return await channel.call(method, request, remaining, metadata)
+            except NotSentError as e:
+                error: RpcError = e
+            except UnavailableError as e:
+                if not idempotent or retried:
+                    raise
+                retried = True
+                error = e
+                log.info(
+                    "retrying idempotent {method} elsewhere: {error}",
+                    method=method.full_name,
+                    error=e.message,
+                )
+            next_channel = balancer.pick(route.channels, tried)
+            if next_channel is None:
+                raise error
+            channel = next_channel
+
+    def _route(self, service: str) -> _ServiceRoute:
+        route = self._routes.get(service)
+        if route is None:
+            route = self._routes[service] = _ServiceRoute(_make_balancer(self.balancer))
+            self._unsubscribe.append(
+                self.discovery.subscribe(service, partial(self._providers_changed, route))
+            )
+        return route
+
+    def _providers_changed(
+        self, route: _ServiceRoute, addresses: Sequence[ProviderAddress]
+    ) -> None:
+        """Discovery's new list for a service. A bad entry is skipped with a
+        warning: it never breaks the others, nor raises into discovery."""
+        channels = []
+        for address in addresses:
+            try:
+                channels.append(self._channel(address))
+            except Exception as e:
+                log.warn(
+                    "skipping provider {address!r} from discovery: {error}",
+                    address=address,
+                    error=e,
+                )
+        route.channels = tuple(channels)
+        route.known = True
+        waiters, route.waiters = route.waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        used = {c for r in self._routes.values() for c in r.channels}
+        for key, channel in list(self.channels.items()):
+            if channel not in used:
+                del self.channels[key]
+                self._retire(channel, self.reactor.seconds() + self.retire_grace)
+
+    def _channel(self, address: ProviderAddress) -> Channel:
+        check_address(address)
+        channel = self.channels.get(address.key)
+        if channel is not None and channel.state == "refused":
+            if self._refusal(address) != channel.last_error:
+                channel = None  # what the registry says changed: build it again
+        if channel is None:
+            refused = self._refusal(address)
+            if refused:
+                log.error("not dialling {address}: {why}", address=address, why=refused)
+            channel = Channel(
+                self.reactor,
+                address,
+                max_frame_size=self.max_frame_size,
+                connect_timeout=self.connect_timeout,
+                keepalive_interval=self.keepalive_interval,
+                keepalive_timeout=self.keepalive_timeout,
+                tls=None if refused else self._tls_for(address),
+                max_write_buffer=self.max_write_buffer,
+                backoff=self.backoff,
+                dials=self._dials,
+                resend=self._resend,
+                refused=refused,
+            )
+            old = self.channels.get(address.key)
+            self.channels[address.key] = channel
+            if old is not None:
+                old.close()
+            channel.connect()
+        else:
+            channel.address = address  # the weight may have changed
+        return channel
+
+    def _refusal(self, address: ProviderAddress) -> str:
+        """Why ``address`` must not be dialled, or "" if it may."""
+        if address.data.get("tls") is False and self.tls is not None:
+            return (
+                "its registration says tls=false, and this client requires TLS: "
+                "refused (never sent in cleartext)"
+            )
+        return ""
+
+    def _tls_for(self, address: ProviderAddress) -> ClientTLS | None:
+        """TLS settings to dial ``address`` with: the client's, or the
+        platform's trust roots if its registration asks for TLS and the client
+        has none (an upgrade). A registration never turns TLS off (see
+        _refusal)."""
+        if address.data.get("tls") and self.tls is None:
+            return ClientTLS()  # the platform's trust roots
+        return self.tls
+
+    def _resend(self, channel: Channel, reason: GoawayReason, calls: list[TakenBack]) -> None:
+        """Send calls a GOAWAY showed were never run again: after an idle
+        close on a fresh connection to the same provider, else to another
+        provider (this one is out of rotation) when there is one."""
+        if reason == GoawayReason.IDLE:
+            for call in calls:
+                send_again(self.reactor, call, channel.call)
+            return
+        for call in calls:
+            method = call[1]
+            route = self._routes.get(method.service)
+            if route is None:  # the client is closing
+                call[0].errback(NotSentError(message=f"no provider of {method.service}"))
+                continue
+            send = partial(self._resend_elsewhere, route, channel)
+            send_again(self.reactor, call, send)
+
+    def _resend_elsewhere(
+        self,
+        route: _ServiceRoute,
+        channel: Channel,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+    ) -> Deferred:
+        balancer = route.balancer
+        target = balancer.pick(route.channels, (channel,)) or channel
+        return Deferred.fromCoroutine(
+            self._failover(route, balancer, target, method, request, timeout, metadata, False)
+        )
+
+    def _retire(self, channel: Channel, deadline: float) -> None:
+        """Close a channel no service routes to, once its calls are done."""
+        if channel.load and self.reactor.seconds() < deadline:
+            self._retiring.add(channel)
+            self.reactor.callLater(0.5, self._retire, channel, deadline)
+            return
+        self._retiring.discard(channel)
+        channel.close().addErrback(lambda f: log.failure("closing {c}", f, c=channel))
+
+    def close(self) -> Deferred:
+        """Close every connection; calls still in flight fail with UNAVAILABLE."""
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe.clear()
+        self._dials.stop()
+        closing = [channel.close() for channel in [*self.channels.values(), *self._retiring]]
+        closing.append(self.discovery.close())
+        self.channels.clear()
+        self._retiring.clear()
+        self._routes.clear()
+        return gatherResults(closing).addCallback(lambda _: None)
+
+
+def _client_intercepted(
+    interceptor: IClientInterceptor, proceed: Callable[[ClientCall, Message], Deferred]
+) -> Callable[[ClientCall, Message], Deferred]:
+    def invoke(call: ClientCall, request: Message) -> Deferred:
+        return defer.maybeDeferred(interceptor.intercept, call, request, proceed)
+
+    return invoke

@@ -1,0 +1,349 @@
+"""One consumer-side connection: :class:`ClientConnection` numbers calls,
+keeps the outstanding map, deadlines and cancellation, and hands calls a
+GOAWAY shows were never run back to be sent again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from google.protobuf.message import Message
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._codec import FrameKind, GoawayReason
+from twisted_rpc.core._connection import LARGE_PAYLOAD, RpcConnection
+from twisted_rpc.core._deadlines import DeadlineQueue
+from twisted_rpc.core._service import (
+    MethodInfo,
+)
+from twisted_rpc.core._status import (
+    CancelledError,
+    DataLossError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    RpcError,
+    UnavailableError,
+)
+
+DEFAULT_MAX_WRITE_BUFFER = 256 * 1024 * 1024
+"""Bytes of calls a connection holds unsent before new calls fail RESOURCE_EXHAUSTED."""
+
+
+MAX_TIMEOUT = 0xFFFFFFFF / 1000
+"""The longest call timeout in seconds: the wire carries it as u32 milliseconds."""
+
+
+def timeout_error(timeout: object) -> ValueError | None:
+    """Why ``timeout`` is not a call timeout (None, or 0 to MAX_TIMEOUT seconds), or None."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        return ValueError(f"timeout must be a number of seconds or None, not {timeout!r}")
+    if not 0 <= timeout <= MAX_TIMEOUT:  # also false for nan
+        return ValueError(f"timeout must be between 0 and {MAX_TIMEOUT:g} seconds, not {timeout!r}")
+    return None
+
+
+class NotSentError(UnavailableError):
+    """UNAVAILABLE before the call was written to any connection: safe to send elsewhere."""
+
+
+class _Call(Deferred):
+    """A call's Deferred, which knows its call id, so cancelling it is one lookup.
+
+    ``moved_to`` is set when a GOAWAY took the call back from its connection
+    to send it again: cancelling it then cancels the call that replaced it.
+    """
+
+    __slots__ = ("call_id", "moved_to")
+
+
+class _Serialized:
+    """A request already serialized (a call sent again), as ``call`` takes it."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
+        return self.payload
+
+
+TakenBack = tuple[_Call, MethodInfo, bytes, "Mapping[str, str] | None", float]
+"""A call a GOAWAY showed was never run: its Deferred, method, serialized
+request, metadata and absolute deadline (0: none)."""
+
+
+class ClientConnection(RpcConnection):
+    """One consumer-side connection: numbered calls, answered in any order.
+
+    ``outstanding`` maps a call id to ``(deferred, method, payload, metadata,
+    deadline)``: what it takes to send the call again if a GOAWAY shows the
+    provider never ran it.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
+        on_lost: Callable[[ClientConnection, Failure], object] | None = None,
+        on_goaway: Callable[[ClientConnection, GoawayReason, list[TakenBack]], object]
+        | None = None,
+        keepalive_interval: float = 0.0,
+        keepalive_timeout: float = 10.0,
+        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+    ) -> None:
+        super().__init__(clock, max_frame_size)
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
+        self.max_write_buffer = max_write_buffer
+        self.pong_abort_bytes = max_write_buffer
+        self._written_while_blocked = 0
+        self.keepalive_failed = False
+        self._keepalive: Any = None
+        self.outstanding: dict[int, TakenBack] = {}
+        self.deadlines = DeadlineQueue(clock, self.outstanding, self._deadline_expired)
+        self.goaway_received = False
+        self.goaway_reason: GoawayReason | None = None
+        self.available = False
+        """True while new calls may be sent here (connected, no GOAWAY)."""
+        self._next_id = 1
+        self._wrapped = False
+        self._timeout = 0.0  # the last call's timeout (checked), and it in ms for the wire
+        self._timeout_ms = 0
+        self._on_lost = on_lost
+        self._on_goaway = on_goaway
+        self._handlers[FrameKind.RESPONSE] = self._response_received
+        self._handlers[FrameKind.GOAWAY] = self._goaway_received
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.available = True
+        if self.keepalive_interval > 0:
+            self._keepalive = self.clock.callLater(self.keepalive_interval, self._send_keepalive)
+
+    def _send_keepalive(self) -> None:
+        """PING; a peer that does not answer within keepalive_timeout is dead."""
+        self._keepalive = None
+        if not self.connected:
+            return
+        d = self.ping()
+        d.addTimeout(self.keepalive_timeout, self.clock)
+        d.addCallbacks(self._keepalive_answered, self._keepalive_missed)
+
+    def _keepalive_answered(self, rtt: float) -> None:
+        if self.connected:
+            self._keepalive = self.clock.callLater(self.keepalive_interval, self._send_keepalive)
+
+    def _keepalive_missed(self, failure: Failure) -> None:
+        if self.connected:
+            self.keepalive_failed = True
+            self.log.warn(
+                "no answer to a keepalive ping from {peer} in {t:g}s: closing the connection",
+                peer=self.peer,
+                t=self.keepalive_timeout,
+            )
+            self.transport.abortConnection()
+
+    def call(
+        self,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Deferred:
+        """Send one call; the Deferred fires with the response or an RpcError.
+
+        A bad ``timeout`` (not a number, negative, nan, past MAX_TIMEOUT)
+        fails the Deferred with ValueError; nothing is sent.
+        """
+        if timeout:
+            if timeout != self._timeout:  # the last one was checked already
+                error = timeout_error(timeout)
+                if error is not None:
+                    return fail(error)
+                self._timeout = timeout
+                self._timeout_ms = max(1, int(timeout * 1000))
+        elif timeout is not None and timeout != 0:
+            return fail(timeout_error(timeout) or ValueError(f"bad timeout {timeout!r}"))
+        if not self.available:
+            why = "provider is shutting down" if self.goaway_received else "not connected"
+            return fail(NotSentError(message=f"{self.peer}: {why}"))
+        try:
+            payload = request.SerializeToString()
+        except Exception as e:
+            return fail(InvalidArgumentError(message=f"cannot serialize request: {e}"))
+        size = len(payload)
+        if self.write_blocked and self._over_write_buffer(size):
+            return fail(
+                ResourceExhaustedError(
+                    message=f"{self.peer} reads slower than calls are made: more than "
+                    f"{self.max_write_buffer} bytes of calls wait to be sent"
+                )
+            )
+        call_id = self._next_id
+        if call_id < 0xFFFFFFFF and not self._wrapped:
+            self._next_id = call_id + 1
+        else:
+            call_id = self._next_wrapped_id()
+        try:
+            if timeout:
+                deadline = self.clock.seconds() + timeout
+                header = wire.encode_request(
+                    call_id, method.route, size, self._timeout_ms, metadata
+                )
+            else:
+                deadline = 0.0
+                header = wire.encode_request(call_id, method.route, size, 0, metadata)
+        except Exception as e:  # metadata that is not text, say
+            return fail(InvalidArgumentError(message=f"cannot encode the call: {e}"))
+        d = _Call(self._cancel)
+        d.call_id = call_id
+        self.outstanding[call_id] = (d, method, payload, metadata, deadline)
+        if deadline:
+            self.deadlines.add(deadline, call_id)
+        batch = self._batch
+        if batch is None or size >= LARGE_PAYLOAD:
+            self.send(header, payload)
+        else:  # send()'s first branch, inline: this is the hot path
+            batch.append(header)
+            batch.append(payload)
+        return d
+
+    def _over_write_buffer(self, size: int) -> bool:
+        """Whether ``size`` more bytes would pass max_write_buffer.
+
+        Asked only while the transport is paused: the provider reads slower
+        than we write (busy, or not reading at all). A transport that does not
+        tell what it holds is assumed to hold all written since the pause.
+        """
+        unsent = self.unsent_bytes()
+        if unsent is None:
+            unsent = self._written_while_blocked
+        if unsent + size > self.max_write_buffer:
+            return True
+        self._written_while_blocked += size
+        return False
+
+    def write_buffer_drained(self) -> None:
+        super().write_buffer_drained()
+        self._written_while_blocked = 0
+
+    def close(self) -> None:
+        """Close at once. The calls in flight fail either way, and flushing
+        unsent ones first could wait forever: the transport stops reading
+        when asked to close, so a provider with answers for us stops reading
+        too once its own buffer is full."""
+        self.transport.abortConnection()
+
+    def _next_wrapped_id(self) -> int:
+        """After 2**32 - 1 calls the ids wrap: skip the ones still in flight."""
+        self._wrapped = True
+        call_id = self._next_id
+        while call_id in self.outstanding:
+            call_id = call_id + 1 if call_id < 0xFFFFFFFF else 1
+        self._next_id = call_id + 1 if call_id < 0xFFFFFFFF else 1
+        return call_id
+
+    def _response_received(
+        self,
+        call_id: int,
+        status: int,
+        timeout_ms: int,
+        route: bytes,
+        metadata: dict[str, str] | None,
+        message: str,
+        payload: bytes | memoryview,
+    ) -> None:
+        entry = self.outstanding.pop(call_id, None)
+        if entry is None:
+            return  # answered locally already (cancelled or timed out), or taken back
+        d = entry[0]
+        if status:
+            d.errback(RpcError.from_status(status, message))
+            return
+        response = entry[1].response_class()
+        try:
+            response.ParseFromString(payload)
+        except Exception as e:
+            d.errback(DataLossError(message=f"cannot parse the response: {e}"))
+            return
+        d.callback(response)
+
+    def _goaway_received(self, last_call_id: int, status: int, *_: object) -> None:
+        """No new calls here; the calls above ``last_call_id`` were never run.
+
+        They are taken out of this connection and handed to ``on_goaway`` to
+        be sent again (a late UNAVAILABLE answer to one of them is ignored).
+        """
+        self.goaway_received = True
+        self.available = False
+        try:
+            reason = GoawayReason(status)
+        except ValueError:
+            reason = GoawayReason.UNSPECIFIED
+        self.goaway_reason = reason
+        taken = self._take_back(last_call_id)
+        self.log.info(
+            "{peer} sent GOAWAY ({reason}, last call {last}): {n} calls it never ran go again",
+            peer=self.peer,
+            reason=reason.name.lower(),
+            last=last_call_id,
+            n=len(taken),
+        )
+        if self._on_goaway is not None:
+            self._on_goaway(self, reason, taken)
+        else:
+            for d, *_rest in taken:
+                d.errback(NotSentError(message=f"{self.peer}: provider sent GOAWAY"))
+
+    def _take_back(self, last_call_id: int) -> list[TakenBack]:
+        """Remove and return the calls sent after ``last_call_id``.
+
+        After the ids wrapped around, "after" cannot be told from the id:
+        then nothing is taken back, and those calls end as the connection does.
+        """
+        if self._wrapped:
+            return []
+        outstanding = self.outstanding
+        ids = [call_id for call_id in outstanding if call_id > last_call_id]
+        return [outstanding.pop(call_id) for call_id in ids]
+
+    def _cancel(self, d: Deferred) -> None:
+        moved = getattr(d, "moved_to", None)
+        if moved is not None:  # taken back by a GOAWAY and sent again
+            moved.cancel()
+            return
+        call_id = getattr(d, "call_id", None)
+        entry = self.outstanding.get(call_id) if call_id is not None else None
+        if entry is None or entry[0] is not d:
+            return
+        del self.outstanding[call_id]
+        if self.connected:
+            self.send(wire.encode_cancel(call_id))
+        d.errback(CancelledError(message="cancelled by the caller"))
+
+    def _deadline_expired(self, call_id: int) -> None:
+        entry = self.outstanding.pop(call_id, None)
+        if entry is not None:
+            entry[0].errback(DeadlineExceededError(message="deadline exceeded"))
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self.available = False
+        if self._keepalive is not None and self._keepalive.active():
+            self._keepalive.cancel()
+        self._keepalive = None
+        self.deadlines.stop()
+        outstanding = list(self.outstanding.values())
+        self.outstanding.clear()
+        for d, *_ in outstanding:
+            d.errback(UnavailableError(message=f"connection to {self.peer} lost"))
+        if self._on_lost is not None:
+            self._on_lost(self, reason)

@@ -1,0 +1,68 @@
+"""Proxies: Deferred-returning methods named as in the service."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from google.protobuf.message import Message
+from twisted.internet.defer import Deferred
+
+from twisted_rpc.client._balancer import Balancer
+from twisted_rpc.core._service import (
+    MethodInfo,
+)
+
+if TYPE_CHECKING:
+    from twisted_rpc.client._client import Client
+
+
+class ServiceProxy:
+    """Deferred-returning methods named as in the service, built from its descriptor.
+
+    ``proxy.Login(request, timeout=None, metadata=None)`` returns a Deferred
+    that fires with the response message or fails with an ``RpcError``;
+    ``d.cancel()`` cancels the call (CANCELLED) and tells the provider.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        methods: Iterable[MethodInfo],
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        balancer: Balancer | None = None,
+        idempotent: set[str] | frozenset[str] = frozenset(),
+    ) -> None:
+        for method in methods:
+            stub = _stub(client, method, timeout, metadata, balancer, method.name in idempotent)
+            setattr(self, method.name, stub)
+
+
+def _stub(
+    client: Client,
+    method: MethodInfo,
+    default_timeout: float | None,
+    default_metadata: Mapping[str, str] | None,
+    balancer: Balancer | None,
+    idempotent: bool,
+) -> Callable[..., Deferred]:
+    call = client.call
+
+    def stub(
+        request: Message,
+        *,
+        timeout: float | None = default_timeout,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Deferred:
+        if default_metadata:
+            metadata = {**default_metadata, **(metadata or {})}
+        return call(method, request, timeout, metadata, idempotent, balancer)
+
+    stub.__name__ = method.name
+    stub.__qualname__ = f"{method.service}.{method.name}"
+    stub.__doc__ = (
+        f"Call {method.full_name}({method.request_class.DESCRIPTOR.full_name}) "
+        f"-> Deferred[{method.response_class.DESCRIPTOR.full_name}]"
+    )
+    return stub
