@@ -48,8 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from protos import echo_pb2
-from twisted_rpc.builtin_protos import FileDescriptorsRequest, HealthWatchRequest
 from twisted_rpc.core import _codec as wire
+from twisted_rpc.ops._protos import FileDescriptorsRequest, HealthWatchRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).with_name("twistd"))
@@ -268,7 +268,7 @@ def good_client_main(argv: list[str]) -> int:
 
     from tests.echo_service import ECHO
     from twisted_rpc import Client
-    from twisted_rpc.builtin_protos import HEALTH, HealthCheckRequest
+    from twisted_rpc.ops._protos import HEALTH, HealthCheckRequest
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     providers = {ECHO_SERVICE: [f"127.0.0.1:{args.port}"]}

@@ -35,7 +35,7 @@ from scripts.zkserver import ZooKeeperCluster
 from tests.echo_service import ECHO
 from tests.processes import Provider
 from twisted_rpc import Client
-from twisted_rpc.zkregistry import ZooKeeperRegistry
+from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
 
 SERVICE = "mprpc.test.EchoService"
 ROOT = "/mprpc-bench"

@@ -1,4 +1,4 @@
-"""An in-memory stand-in for ``twisted_rpc.zookeeper.ZooKeeperClient`` (unit tests only).
+"""An in-memory stand-in for ``twisted_rpc.discovery._kazoo.ZooKeeperClient`` (unit tests only).
 
 It keeps the tree, ephemeral owners and one-shot watches like ZooKeeper and
 answers at once; the integration tests run the same registry against a real
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, fail, succeed
 
-from twisted_rpc.zookeeper import (
+from twisted_rpc.discovery._kazoo import (
     CONNECTED,
     LOST,
     SUSPENDED,

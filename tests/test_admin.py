@@ -26,8 +26,8 @@ from protos import echo_pb2, user_pb2
 from tests.echo_service import ECHO
 from tests.processes import Provider
 from twisted_rpc import Client, NotFoundError
-from twisted_rpc.admin import MAX_REFRESH, REFUSAL_LOG_INTERVAL, admin_site
-from twisted_rpc.metrics import ClientMetrics, ProviderMetrics
+from twisted_rpc.ops._admin import MAX_REFRESH, REFUSAL_LOG_INTERVAL, admin_site
+from twisted_rpc.ops._metrics import ClientMetrics, ProviderMetrics
 
 pytestmark = pytest.mark.integration
 

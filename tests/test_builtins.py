@@ -12,17 +12,8 @@ from twisted.internet.defer import CancelledError
 from examples.user.callee import UserService
 from tests.echo_service import EchoService
 from twisted_rpc import InvalidArgumentError, NotFoundError
-from twisted_rpc.builtin_protos import (
-    HEALTH,
-    REFLECTION,
-    FileDescriptorsRequest,
-    HealthCheckRequest,
-    HealthWatchRequest,
-    ListServicesRequest,
-)
-from twisted_rpc.builtins import (
+from twisted_rpc.ops._health import (
     DEFAULT_WATCH_WAIT,
-    MAX_SYMBOL_LENGTH,
     MAX_WATCH_WAIT,
     NOT_SERVING,
     SERVICE_UNKNOWN,
@@ -30,6 +21,15 @@ from twisted_rpc.builtins import (
     HealthService,
     HealthState,
 )
+from twisted_rpc.ops._protos import (
+    HEALTH,
+    REFLECTION,
+    FileDescriptorsRequest,
+    HealthCheckRequest,
+    HealthWatchRequest,
+    ListServicesRequest,
+)
+from twisted_rpc.ops._reflection import MAX_SYMBOL_LENGTH
 from twisted_rpc.testing import MemoryProvider
 
 

@@ -29,7 +29,7 @@ from twisted_rpc.core._codec import FrameDecoder, FrameKind
 from twisted_rpc.core._interfaces import IClientInterceptor, IServiceDiscovery, IServiceRegistry
 from twisted_rpc.core._service import describe
 from twisted_rpc.core._status import _BY_CODE
-from twisted_rpc.registry import StaticRegistry
+from twisted_rpc.discovery._static import StaticRegistry
 from twisted_rpc.testing import MemoryProvider
 
 METHOD = describe(ECHO).methods["Echo"]
@@ -386,7 +386,7 @@ def test_call_ids_wrap_around_skipping_calls_in_flight():
 
 def test_tls_follows_what_the_registration_says():
     from twisted_rpc.core._tls import ClientTLS
-    from twisted_rpc.registry import ProviderAddress
+    from twisted_rpc.discovery._types import ProviderAddress
 
     mine = ClientTLS(ca="ca.pem")
     client = Client(MemoryReactorClock(), providers={}, tls=mine)

@@ -33,7 +33,7 @@ from twisted_rpc.core._connection import MAX_PING_PAYLOAD
 from twisted_rpc.core._interfaces import IServiceDiscovery
 from twisted_rpc.core._service import describe
 from twisted_rpc.core._tls import ClientTLS
-from twisted_rpc.registry import ProviderAddress, parse_address
+from twisted_rpc.discovery._types import ProviderAddress, parse_address
 from twisted_rpc.server._dispatcher import Dispatcher
 from twisted_rpc.server._factory import ServerFactory
 from twisted_rpc.testing import MemoryProvider

@@ -1,4 +1,4 @@
-"""MprpcClient and the mprpc layout of the registry: the directory and registration on
+"""CppClient and the mprpc layout of the registry: the directory and registration on
 the in-memory ZooKeeper, and every failure mode of a call against loopback servers."""
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from tests.fake_zookeeper import FakeZooKeeper
 from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY
 from twisted_rpc import DeadlineExceededError, UnavailableError
 from twisted_rpc.core._status import DataLossError, ResourceExhaustedError
-from twisted_rpc.mprpc_client import (
+from twisted_rpc.cpp._client import (
     DEFAULT_TIMEOUT,
-    MprpcClient,
-    StaticMprpcDirectory,
-    ZooKeeperMprpcDirectory,
+    CppClient,
+    StaticCppDirectory,
+    ZooKeeperCppDirectory,
 )
-from twisted_rpc.registry import ProviderAddress
-from twisted_rpc.zkregistry import ZooKeeperRegistry
+from twisted_rpc.discovery._types import ProviderAddress
+from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
 
 USER = user_pb2.DESCRIPTOR.services_by_name["UserServiceRpc"]
 LOGIN_REQUEST = user_pb2.LoginRequest(name=b"zhang san", pwd=b"123456")
@@ -47,7 +47,7 @@ def result_of(d: Deferred):
 def test_directory_reads_once_then_follows_the_watch():
     zk = FakeZooKeeper(Clock())
     zk.server_create("/UserServiceRpc/Login", b"127.0.0.1:8000", owner=7)
-    directory = ZooKeeperMprpcDirectory(zk)
+    directory = ZooKeeperCppDirectory(zk)
     first = result_of(directory.lookup("UserServiceRpc", "Login"))
     assert first == ProviderAddress("127.0.0.1", 8000)
     requests = zk.requests
@@ -61,7 +61,7 @@ def test_directory_reads_once_then_follows_the_watch():
 
 def test_directory_absence_is_a_typed_failure_and_watched():
     zk = FakeZooKeeper(Clock())
-    directory = ZooKeeperMprpcDirectory(zk)
+    directory = ZooKeeperCppDirectory(zk)
     missing = result_of(directory.lookup("UserServiceRpc", "Login"))
     assert missing.check(UnavailableError)
     assert "/UserServiceRpc/Login" in str(missing.value)
@@ -72,7 +72,7 @@ def test_directory_absence_is_a_typed_failure_and_watched():
 def test_directory_waits_for_a_session_and_keeps_its_cache_through_an_outage():
     zk = FakeZooKeeper(Clock())
     zk.server_create("/S/M", b"127.0.0.1:8000", owner=7)
-    directory = ZooKeeperMprpcDirectory(zk)
+    directory = ZooKeeperCppDirectory(zk)
     result_of(directory.lookup("S", "M"))
     zk.suspend()
     assert result_of(directory.lookup("S", "M")).port == 8000  # outage: cached
@@ -86,7 +86,7 @@ def test_directory_waits_for_a_session_and_keeps_its_cache_through_an_outage():
 def test_directory_bad_node_data_is_a_typed_failure():
     zk = FakeZooKeeper(Clock())
     zk.server_create("/S/M", b"not an address", owner=7)
-    failure = result_of(ZooKeeperMprpcDirectory(zk).lookup("S", "M"))
+    failure = result_of(ZooKeeperCppDirectory(zk).lookup("S", "M"))
     assert failure.check(UnavailableError) and "not ip:port" in str(failure.value)
 
 
@@ -103,7 +103,7 @@ def make_registry():
 
 def test_mprpc_nodes_in_the_cpp_layout():
     zk, registry = make_registry()
-    registry.register_mprpc("UserServiceRpc", "Login", ProviderAddress("10.0.0.1", 8000))
+    registry.register_cpp("UserServiceRpc", "Login", ProviderAddress("10.0.0.1", 8000))
     assert zk.nodes["/UserServiceRpc"] == (b"", 0)
     assert zk.nodes["/UserServiceRpc/Login"] == (b"10.0.0.1:8000", zk.session_id)
     assert registry.registrations == []  # not a native registration
@@ -114,14 +114,14 @@ def test_mprpc_nodes_in_the_cpp_layout():
 def test_stale_node_of_this_address_is_replaced():
     zk, registry = make_registry()
     zk.server_create("/S/M", b"10.0.0.1:8000", owner=0x999)
-    registry.register_mprpc("S", "M", ProviderAddress("10.0.0.1", 8000))
+    registry.register_cpp("S", "M", ProviderAddress("10.0.0.1", 8000))
     assert zk.nodes["/S/M"] == (b"10.0.0.1:8000", zk.session_id)
 
 
 def test_node_of_another_provider_is_left_alone_until_it_goes():
     zk, registry = make_registry()
     zk.server_create("/S/M", b"10.0.0.2:8000", owner=0x999)
-    registry.register_mprpc("S", "M", ProviderAddress("10.0.0.1", 8000))
+    registry.register_cpp("S", "M", ProviderAddress("10.0.0.1", 8000))
     assert zk.nodes["/S/M"] == (b"10.0.0.2:8000", 0x999)
     zk.server_delete("/S/M")
     assert zk.nodes["/S/M"] == (b"10.0.0.1:8000", zk.session_id)
@@ -129,7 +129,7 @@ def test_node_of_another_provider_is_left_alone_until_it_goes():
 
 def test_mprpc_nodes_come_back_in_a_new_session():
     zk, registry = make_registry()
-    registry.register_mprpc("S", "M", ProviderAddress("10.0.0.1", 8000))
+    registry.register_cpp("S", "M", ProviderAddress("10.0.0.1", 8000))
     zk.expire()
     assert "/S/M" not in zk.nodes
     zk.connect(new_session=True)
@@ -156,13 +156,13 @@ class Replying(Protocol):
 class CallTests(TestCase):
     timeout = 20
 
-    async def serve(self, reply: bytes | None) -> tuple[MprpcClient, list[bytes]]:
+    async def serve(self, reply: bytes | None) -> tuple[CppClient, list[bytes]]:
         received: list[bytes] = []
         factory = Factory.forProtocol(lambda: Replying(reply, received))
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
         self.addCleanup(port.stopListening)
         address = f"127.0.0.1:{port.getHost().port}"
-        client = MprpcClient(
+        client = CppClient(
             reactor, providers={"UserServiceRpc": address}, timeout=2, max_reply_size=100
         )
         return client, received
@@ -223,7 +223,7 @@ class CallTests(TestCase):
 
     def test_unconfigured_service_and_wrong_request_type(self):
         async def run():
-            client = MprpcClient(reactor, providers={})
+            client = CppClient(reactor, providers={})
             with self.assertRaises(UnavailableError):
                 await client.proxy(USER).Login(LOGIN_REQUEST)
             with self.assertRaises(TypeError):
@@ -247,7 +247,7 @@ def silent_provider(memory: MemoryReactorClock, index: int = -1) -> StringTransp
 
 def test_a_call_has_a_deadline_by_default():
     memory = MemoryReactorClock()
-    client = MprpcClient(memory, providers={"UserServiceRpc": "127.0.0.1:8000"})
+    client = CppClient(memory, providers={"UserServiceRpc": "127.0.0.1:8000"})
     assert client.timeout == DEFAULT_TIMEOUT == 10.0
     d = client.proxy(USER).Login(LOGIN_REQUEST)
     transport = silent_provider(memory)
@@ -263,7 +263,7 @@ def test_a_call_has_a_deadline_by_default():
 
 def test_proxy_and_call_timeouts_override_the_default():
     memory = MemoryReactorClock()
-    client = MprpcClient(memory, providers={"UserServiceRpc": "127.0.0.1:8000"}, timeout=30)
+    client = CppClient(memory, providers={"UserServiceRpc": "127.0.0.1:8000"}, timeout=30)
     proxy = client.proxy(USER, timeout=2)
     by_proxy = proxy.Login(LOGIN_REQUEST)
     by_call = proxy.Login(LOGIN_REQUEST, timeout=0.5)
@@ -282,7 +282,7 @@ def test_proxy_and_call_timeouts_override_the_default():
 
 def test_timeout_none_on_the_client_means_no_deadline():
     memory = MemoryReactorClock()
-    client = MprpcClient(memory, providers={"UserServiceRpc": "127.0.0.1:8000"}, timeout=None)
+    client = CppClient(memory, providers={"UserServiceRpc": "127.0.0.1:8000"}, timeout=None)
     d = client.proxy(USER).Login(LOGIN_REQUEST)
     transport = silent_provider(memory)
     memory.advance(10_000)
@@ -295,7 +295,7 @@ def test_timeout_none_on_the_client_means_no_deadline():
 @pytest.mark.parametrize("bad", [0, -1, math.inf, math.nan, "5", True])
 def test_bad_timeouts_are_value_errors_naming_the_argument(bad):
     memory = MemoryReactorClock()
-    client = MprpcClient(memory, providers={"UserServiceRpc": "127.0.0.1:8000"})
+    client = CppClient(memory, providers={"UserServiceRpc": "127.0.0.1:8000"})
     failure = result_of(client.proxy(USER).Login(LOGIN_REQUEST, timeout=bad))
     assert failure.check(ValueError) and "timeout" in str(failure.value)
     assert memory.tcpClients == []  # nothing dialled
@@ -305,7 +305,7 @@ def test_bad_timeouts_are_value_errors_naming_the_argument(bad):
         if keyword == "refused_hold" and bad == 0:
             continue  # 0 turns the hold off
         with pytest.raises(ValueError, match=keyword):
-            MprpcClient(memory, providers={}, **{keyword: bad})
+            CppClient(memory, providers={}, **{keyword: bad})
 
 
 # ---------------------------------------------------------------- refused addresses (in memory)
@@ -317,7 +317,7 @@ def refuse(memory: MemoryReactorClock, index: int = -1) -> None:
 
 def test_literal_addresses_are_dialled_directly():
     memory = MemoryReactorClock()
-    client = MprpcClient(
+    client = CppClient(
         memory, providers={"UserServiceRpc.Login": "127.0.0.1:8000", "UserServiceRpc": "[::1]:9"}
     )
     client.proxy(USER).Login(LOGIN_REQUEST)
@@ -333,7 +333,7 @@ def test_a_refused_address_fails_fast_until_the_hold_ends_or_the_node_changes():
     memory = MemoryReactorClock()
     zk = FakeZooKeeper(memory)
     zk.server_create("/UserServiceRpc/Login", b"127.0.0.1:8000", owner=7)
-    client = MprpcClient(memory, directory=ZooKeeperMprpcDirectory(zk))
+    client = CppClient(memory, directory=ZooKeeperCppDirectory(zk))
     login = client.proxy(USER).Login
     first = login(LOGIN_REQUEST)
     refuse(memory)
@@ -361,8 +361,8 @@ def test_a_refused_address_fails_fast_until_the_hold_ends_or_the_node_changes():
 
 def test_refused_hold_zero_dials_every_call():
     memory = MemoryReactorClock()
-    directory = StaticMprpcDirectory({"UserServiceRpc": "127.0.0.1:8000"})
-    client = MprpcClient(memory, directory=directory, refused_hold=0)
+    directory = StaticCppDirectory({"UserServiceRpc": "127.0.0.1:8000"})
+    client = CppClient(memory, directory=directory, refused_hold=0)
     for count in range(1, 4):
         d = client.proxy(USER).Login(LOGIN_REQUEST)
         refuse(memory)

@@ -1,4 +1,4 @@
-"""Integration: the mprpc-compatible listener and MprpcClient, through a real ZooKeeper
+"""Integration: the mprpc-compatible listener and CppClient, through a real ZooKeeper
 in the C++ layout (``/<Service>/<Method>``), against real ``twistd`` providers."""
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from tests.processes import ROOT, Provider, environment
 from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY, REGISTER
 from twisted_rpc import DeadlineExceededError, UnavailableError
 from twisted_rpc.core._service import MethodInfo
-from twisted_rpc.mprpc_client import DEFAULT_TIMEOUT, MprpcClient
-from twisted_rpc.mprpc_wire import RequestReader
+from twisted_rpc.cpp._client import DEFAULT_TIMEOUT, CppClient
+from twisted_rpc.cpp._wire import RequestReader
 
 pytestmark = pytest.mark.integration
 
@@ -151,17 +151,17 @@ class MprpcCompatTests(TestCase):
         for client in (kz, self.kz):
             self.addCleanup(deferToThread, lambda c=client: (c.stop(), c.close()))
 
-    def provider(self, mprpc_listen: str = "tcp:0:interface=127.0.0.1", session=2) -> Provider:
+    def provider(self, cpp_listen: str = "tcp:0:interface=127.0.0.1", session=2) -> Provider:
         extra = (
             f"[registry]\nkind = static\nhosts = {self.hosts}\nsession_timeout = {session}\n"
-            f"[mprpc]\nlisten = {mprpc_listen}\nzookeeper = yes\n"
+            f"[mprpc]\nlisten = {cpp_listen}\nzookeeper = yes\n"
         )
         provider = Provider(Path(tempfile.mkdtemp()), extra, services=SERVICES)
         self.addCleanup(provider.stop)
         return provider
 
-    def client(self, **kw) -> MprpcClient:
-        client = MprpcClient(reactor, zookeeper=self.hosts, session_timeout=2, **kw)
+    def client(self, **kw) -> CppClient:
+        client = CppClient(reactor, zookeeper=self.hosts, session_timeout=2, **kw)
         self.addCleanup(client.close)
         return client
 
@@ -235,7 +235,7 @@ class MprpcCompatTests(TestCase):
             await self.client(timeout=10).call(unknown, request)
         self.assertIn("/EchoService/Nope", str(through_zk.exception))
         # Straight to the listener (no ZooKeeper node to miss): closed without a reply.
-        direct = MprpcClient(reactor, providers={"EchoService": f"127.0.0.1:{port}"}, timeout=10)
+        direct = CppClient(reactor, providers={"EchoService": f"127.0.0.1:{port}"}, timeout=10)
         with self.assertRaises(UnavailableError) as closed:
             await direct.call(unknown, request)
         self.assertIn("without a reply", str(closed.exception))
@@ -275,12 +275,12 @@ class MprpcCompatTests(TestCase):
     async def _stale(self) -> None:
         number = free_port()
         listen = f"tcp:{number}:interface=127.0.0.1"
-        first = self.provider(mprpc_listen=listen, session=10)
+        first = self.provider(cpp_listen=listen, session=10)
         address = f"127.0.0.1:{number}".encode()
         _, stale = await self.node("/EchoService/Echo", data=address)
         first.signal(signal.SIGKILL)
         await deferToThread(first.wait, 10)
-        second = self.provider(mprpc_listen=listen, session=10)
+        second = self.provider(cpp_listen=listen, session=10)
         self.assertEqual(await deferToThread(lambda: second.mprpc_port), number)
         # The dead session's node would stay for 10 s; it is replaced at once.
         await self.replaced("/EchoService/Echo", address, stale.ephemeralOwner, timeout=6)
@@ -383,7 +383,7 @@ class MprpcCompatTests(TestCase):
 
     async def _cpp_conf_chroot(self) -> None:
         """A C++ config file with the chroot in zookeeperport and a key given twice,
-        read as the C++ code reads it, by a Python provider and MprpcClient."""
+        read as the C++ code reads it, by a Python provider and CppClient."""
         port = free_port()
         zk_host, zk_port = self.zk.hosts.split(",")[0].rsplit(":", 1)
         directory = Path(tempfile.mkdtemp())
@@ -410,7 +410,7 @@ class MprpcCompatTests(TestCase):
         await self.node("/UserServiceRpc/Login", data=address)
         warning = await deferToThread(provider.wait_for_output, "zookeeperport given again")
         self.assertIsNotNone(warning)
-        client = MprpcClient.from_mprpc_config(str(conf), reactor, session_timeout=2)
+        client = CppClient.from_cpp_config(str(conf), reactor, session_timeout=2)
         self.addCleanup(client.close)
         login = await client.proxy(USER).Login(user_pb2.LoginRequest(name=b"zhang san"))
         self.assertEqual(login.SerializeToString(), LOGIN_REPLY)

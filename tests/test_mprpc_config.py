@@ -6,9 +6,9 @@ import pytest
 from twisted.internet.testing import MemoryReactor
 
 from twisted_rpc import tap
-from twisted_rpc.config import ConfigError, load_mprpc_conf, load_provider_config
-from twisted_rpc.registry import ProviderAddress
-from twisted_rpc.zkregistry import ZooKeeperRegistry
+from twisted_rpc.config import ConfigError, load_cpp_conf, load_provider_config
+from twisted_rpc.discovery._types import ProviderAddress
+from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
 
 CPP_CONF = """# rpc node
 rpcserverip=127.0.0.1
@@ -22,7 +22,7 @@ zookeeperport=2181
 def test_cpp_conf_read_as_the_original_does(tmp_path):
     path = tmp_path / "test.conf"
     path.write_text(CPP_CONF)
-    conf = load_mprpc_conf(str(path))
+    conf = load_cpp_conf(str(path))
     assert (conf.ip, conf.port, conf.zookeeper) == ("127.0.0.1", 8000, "10.0.0.9:2181")
     listener = conf.listener()
     assert listener.listen == "tcp:8000:interface=127.0.0.1"
@@ -41,12 +41,12 @@ def test_cpp_conf_errors_are_one_line(tmp_path, text, message):
     path = tmp_path / "bad.conf"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
-        load_mprpc_conf(str(path)).listener()
+        load_cpp_conf(str(path)).listener()
 
 
 def test_missing_cpp_conf(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
-        load_mprpc_conf(str(tmp_path / "none.conf"))
+        load_cpp_conf(str(tmp_path / "none.conf"))
 
 
 def test_mprpc_section_with_registry_hosts(tmp_path):
@@ -100,11 +100,11 @@ def test_twistd_with_only_the_cpp_conf(tmp_path):
         ]
     )
     provider = tap.makeService(options, MemoryReactor())
-    assert provider.factory is not None and provider.mprpc_factory is not None
+    assert provider.factory is not None and provider.cpp_factory is not None
     assert len(provider.listeners) == 1  # no native listener configured
-    assert isinstance(provider.mprpc_registry, ZooKeeperRegistry)
-    assert provider.mprpc_registry.zk.hosts == "10.0.0.9:2181"
-    assert provider.mprpc_registry in list(provider)
+    assert isinstance(provider.cpp_registry, ZooKeeperRegistry)
+    assert provider.cpp_registry.zk.hosts == "10.0.0.9:2181"
+    assert provider.cpp_registry in list(provider)
 
 
 def test_twistd_cpp_conf_needs_a_service(tmp_path):
@@ -133,7 +133,7 @@ def warnings_in(logged) -> list[str]:
 def test_a_duplicate_key_keeps_its_first_value_with_a_warning(tmp_path, logged):
     path = tmp_path / "test.conf"
     path.write_text(CPP_CONF + "rpcserverport=9000\nzookeeperip=10.0.0.99\nrpcserverip=127.0.0.1\n")
-    conf = load_mprpc_conf(str(path))
+    conf = load_cpp_conf(str(path))
     # std::unordered_map::insert ignores a second insert of a key: the first value wins.
     assert (conf.port, conf.zookeeper) == (8000, "10.0.0.9:2181")
     warnings = warnings_in(logged)
@@ -158,7 +158,7 @@ def test_zookeeper_connect_string_is_what_the_cpp_client_gets(tmp_path, ip, port
     path.write_text(
         f"rpcserverip=127.0.0.1\nrpcserverport=8000\nzookeeperip={ip}\nzookeeperport={port}\n"
     )
-    conf = load_mprpc_conf(str(path))
+    conf = load_cpp_conf(str(path))
     assert conf.zookeeper == connect
     assert conf.listener().zookeeper == connect
 
@@ -166,7 +166,7 @@ def test_zookeeper_connect_string_is_what_the_cpp_client_gets(tmp_path, ip, port
 def test_rpcserverport_is_read_as_atoi_reads_it(tmp_path, logged):
     path = tmp_path / "test.conf"
     path.write_text("rpcserverip=127.0.0.1\nrpcserverport=8000 # the rpc port\n")
-    assert load_mprpc_conf(str(path)).port == 8000
+    assert load_cpp_conf(str(path)).port == 8000
     assert "read as 8000, as the C++ atoi reads it" in warnings_in(logged)[0]
 
 
@@ -195,7 +195,7 @@ def test_cpp_conf_values_the_cpp_code_cannot_use_are_errors(tmp_path, lines, mes
     path = tmp_path / "bad.conf"
     path.write_text("rpcserverip=127.0.0.1\n" + lines)
     with pytest.raises(ConfigError) as raised:
-        load_mprpc_conf(str(path))
+        load_cpp_conf(str(path))
     assert message in str(raised.value)
 
 
@@ -207,4 +207,4 @@ def test_twistd_cpp_conf_with_a_chroot_in_the_port(tmp_path):
         ["--mprpc-config", str(path), "--service", "examples.mprpc_compat.callee:UserServiceRpc"]
     )
     provider = tap.makeService(options, MemoryReactor())
-    assert provider.mprpc_registry.zk.hosts == "10.0.0.9:2181/staging"
+    assert provider.cpp_registry.zk.hosts == "10.0.0.9:2181/staging"

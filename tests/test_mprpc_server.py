@@ -11,8 +11,8 @@ from examples.mprpc_compat.callee import UserServiceRpc
 from protos import echo_pb2
 from tests.echo_service import EchoService
 from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY, REGISTER, REGISTER_REPLY
-from twisted_rpc.mprpc_server import MprpcServerFactory
-from twisted_rpc.mprpc_wire import encode_request
+from twisted_rpc.cpp._listener import CppServerFactory
+from twisted_rpc.cpp._wire import encode_request
 from twisted_rpc.server._dispatcher import Dispatcher
 from twisted_rpc.server._factory import ServerLimits
 
@@ -29,7 +29,7 @@ class HalfClosingTransport(StringTransport):
 class Harness:
     def __init__(self, limits: ServerLimits | None = None) -> None:
         self.clock = Clock()
-        self.factory = MprpcServerFactory(
+        self.factory = CppServerFactory(
             Dispatcher([UserServiceRpc(), EchoService()]), self.clock, 1 << 20, limits
         )
 
@@ -187,7 +187,7 @@ def test_max_calls_applies_to_compat_calls(logged):
 
 
 def test_compat_calls_are_observed_like_native_ones():
-    from twisted_rpc.metrics import ProviderMetrics
+    from twisted_rpc.ops._metrics import ProviderMetrics
 
     h = Harness()
     h.factory.observer = metrics = ProviderMetrics()

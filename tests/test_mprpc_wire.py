@@ -7,9 +7,9 @@ import struct
 import pytest
 
 from examples.mprpc_compat import user_pb2
-from twisted_rpc.mprpc_wire import (
-    MprpcProtocolError,
-    MprpcRequest,
+from twisted_rpc.cpp._wire import (
+    CppProtocolError,
+    CppRequest,
     RequestReader,
     RpcHeader,
     encode_request,
@@ -60,7 +60,7 @@ def test_reader_reassembles_a_request_split_anywhere(chunk):
     results = [reader.feed(LOGIN[i : i + chunk]) for i in range(0, len(LOGIN), chunk)]
     assert results[:-1] == [None] * (len(results) - 1)
     request = results[-1]
-    assert request == MprpcRequest("UserServiceRpc", "Login", b"\x0a\x09zhang san\x12\x06123456")
+    assert request == CppRequest("UserServiceRpc", "Login", b"\x0a\x09zhang san\x12\x06123456")
     args = user_pb2.LoginRequest.FromString(request.args)
     assert (args.name, args.pwd) == (b"zhang san", b"123456")
 
@@ -79,7 +79,7 @@ def test_empty_args_complete_with_the_header():
     assert (
         RpcHeader(service_name=b"S", method_name=b"M").SerializeToString() == b"\x0a\x01S\x12\x01M"
     )
-    assert RequestReader(100).feed(encode_request("S", "M", b"")) == MprpcRequest("S", "M", b"")
+    assert RequestReader(100).feed(encode_request("S", "M", b"")) == CppRequest("S", "M", b"")
 
 
 def _framed(header: bytes) -> bytes:
@@ -103,5 +103,5 @@ def _framed(header: bytes) -> bytes:
     ],
 )
 def test_reader_rejects_what_cannot_be_a_request(data, message):
-    with pytest.raises(MprpcProtocolError, match=message):
+    with pytest.raises(CppProtocolError, match=message):
         RequestReader(100).feed(data)

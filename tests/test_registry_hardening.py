@@ -30,7 +30,7 @@ from protos import echo_pb2
 from tests.echo_service import ECHO
 from tests.processes import Provider
 from twisted_rpc import Client
-from twisted_rpc.zkregistry import ZooKeeperRegistry
+from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
 
 pytestmark = pytest.mark.integration
 

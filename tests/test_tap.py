@@ -160,7 +160,7 @@ def test_the_plugin_and_what_it_imports_leave_the_reactor_alone():
 
     code = (
         "import sys, runpy; runpy.run_path('twisted/plugins/mprpc_plugin.py');"
-        "import twisted_rpc.tap, twisted_rpc.provider, twisted_rpc.admin;"
+        "import twisted_rpc.tap, twisted_rpc.provider, twisted_rpc.ops._admin;"
         "sys.exit('twisted.internet.reactor' in sys.modules)"
     )
     from tests.processes import ROOT, environment
@@ -192,7 +192,7 @@ def test_hardening_limits_reach_both_listeners(tmp_path):
         limits.max_connections_per_peer,
         limits.max_buffered_bytes,
     ) == (7, 70, 4096, 16, 12.5, 9, 1048576)
-    assert service.mprpc_factory.limits is limits
+    assert service.cpp_factory.limits is limits
     connection = service.factory.buildProtocol(None)
     assert (connection.decoder.max_ext_size, connection.decoder.max_ext_entries) == (4096, 16)
 

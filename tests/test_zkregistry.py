@@ -11,9 +11,9 @@ from zope.interface.verify import verifyObject
 
 from tests.fake_zookeeper import FakeZooKeeper
 from twisted_rpc.core._interfaces import IServiceDiscovery, IServiceRegistry
-from twisted_rpc.registry import ProviderAddress, Registration
-from twisted_rpc.zkregistry import ZooKeeperRegistry
-from twisted_rpc.zookeeper import digest_acls
+from twisted_rpc.discovery._kazoo import digest_acls
+from twisted_rpc.discovery._types import ProviderAddress, Registration
+from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
 
 SERVICE = "example.UserService"
 PROVIDERS = f"/mprpc/{SERVICE}/providers"
@@ -170,7 +170,7 @@ def test_unregister_all_leaves_a_node_another_session_holds():
     """A standby for an mprpc method must not delete the live provider's node."""
     _, zk, registry = make()
     zk.server_create("/UserServiceRpc/Login", b"10.0.0.9:8000", owner=0x77)
-    registry.register_mprpc("UserServiceRpc", "Login", ProviderAddress("127.0.0.1", 9000))
+    registry.register_cpp("UserServiceRpc", "Login", ProviderAddress("127.0.0.1", 9000))
     registry.register(registration())
     assert zk.nodes["/UserServiceRpc/Login"] == (b"10.0.0.9:8000", 0x77)  # standing by
     registry.unregister_all()
@@ -219,7 +219,7 @@ def test_unregister_all_looks_again_when_the_node_changed_meanwhile():
 def test_without_auth_created_nodes_grant_admin_to_nobody():
     _, zk, registry = make()
     registry.register(registration())
-    registry.register_mprpc("UserServiceRpc", "Login", ProviderAddress("127.0.0.1", 9000))
+    registry.register_cpp("UserServiceRpc", "Login", ProviderAddress("127.0.0.1", 9000))
     for path in (
         "/mprpc",
         f"/mprpc/{SERVICE}",

@@ -24,7 +24,7 @@ from scripts.zkserver import ZooKeeperCluster, ZooKeeperServer, free_ports
 from tests.echo_service import ECHO
 from tests.processes import Provider
 from twisted_rpc import Client, UnavailableError
-from twisted_rpc.zkregistry import ZooKeeperRegistry
+from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
 
 pytestmark = pytest.mark.integration
 

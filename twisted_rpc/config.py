@@ -22,18 +22,18 @@ from twisted_rpc.client._dials import DEFAULT_MAX_CONCURRENT_DIALS, DEFAULT_MAX_
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._service import Service
 from twisted_rpc.core._tls import ClientTLS, server_options
-from twisted_rpc.registry import ProviderAddress, parse_address
+from twisted_rpc.discovery._types import ProviderAddress, parse_address
 from twisted_rpc.server._factory import ServerLimits
 
 __all__ = [
     "ConfigError",
     "ConsumerConfig",
-    "MprpcConf",
-    "MprpcListenerConfig",
+    "CppConf",
+    "CppListenerConfig",
     "ProviderConfig",
     "RegistryConfig",
     "load_consumer_config",
-    "load_mprpc_conf",
+    "load_cpp_conf",
     "load_provider_config",
     "load_services",
 ]
@@ -66,7 +66,7 @@ class AdminConfig:
 
 
 @dataclass
-class MprpcListenerConfig:
+class CppListenerConfig:
     """The C++-mprpc-compatible listener of a provider (``[mprpc]``)."""
 
     listen: str
@@ -76,7 +76,7 @@ class MprpcListenerConfig:
 
 
 @dataclass
-class MprpcConf:
+class CppConf:
     """A C++ mprpc ``key=value`` config file (``rpcserverip``, ``rpcserverport``,
     ``zookeeperip``, ``zookeeperport``)."""
 
@@ -85,10 +85,10 @@ class MprpcConf:
     port: int | None
     zookeeper: str | None
 
-    def listener(self) -> MprpcListenerConfig:
+    def listener(self) -> CppListenerConfig:
         if self.ip is None or self.port is None:
             raise ConfigError(f"{self.path}: rpcserverip and rpcserverport are required")
-        return MprpcListenerConfig(
+        return CppListenerConfig(
             listen=f"tcp:{self.port}:interface={self.ip}",
             advertise=ProviderAddress(self.ip, self.port),
             zookeeper=self.zookeeper,
@@ -106,7 +106,7 @@ class ProviderConfig:
     limits: ServerLimits = field(default_factory=ServerLimits)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     tls_options: Any = None
-    mprpc: MprpcListenerConfig | None = None
+    mprpc: CppListenerConfig | None = None
     health: bool = True
     reflection: bool = True
     slow_call_threshold: float = 0.0
@@ -362,7 +362,7 @@ def _check_endpoint(where: str, listen: str) -> None:
         raise ConfigError(f"{where} = {listen!r} is not a valid endpoint: {e}") from None
 
 
-def _mprpc_listener(r: _Reader, registry: RegistryConfig) -> MprpcListenerConfig | None:
+def _mprpc_listener(r: _Reader, registry: RegistryConfig) -> CppListenerConfig | None:
     s = "mprpc"
     if not r.parser.has_section(s):
         return None
@@ -370,9 +370,9 @@ def _mprpc_listener(r: _Reader, registry: RegistryConfig) -> MprpcListenerConfig
     if conf_path:
         if not os.path.isabs(conf_path):
             conf_path = os.path.join(os.path.dirname(r.path), conf_path)
-        listener = load_mprpc_conf(conf_path).listener()
+        listener = load_cpp_conf(conf_path).listener()
     else:
-        listener = MprpcListenerConfig(r.require(s, "listen"))
+        listener = CppListenerConfig(r.require(s, "listen"))
     if r.get(s, "listen"):
         listener.listen = r.require(s, "listen")
     _check_endpoint(f"{r.path}: [mprpc] listen", listener.listen)
@@ -389,7 +389,7 @@ def _mprpc_listener(r: _Reader, registry: RegistryConfig) -> MprpcListenerConfig
     return listener
 
 
-def load_mprpc_conf(path: str) -> MprpcConf:
+def load_cpp_conf(path: str) -> CppConf:
     """Read a C++ mprpc config file as the original (``MprpcConfig::LoadConfigFile``)
     and its users read it.
 
@@ -484,7 +484,7 @@ def load_mprpc_conf(path: str) -> MprpcConf:
     zk_ip, zk_port = values.get("zookeeperip"), values.get("zookeeperport")
     if (zk_ip is None) != (zk_port is None):
         raise ConfigError(f"{path}: zookeeperip and zookeeperport go together")
-    return MprpcConf(
+    return CppConf(
         path=path,
         ip=values.get("rpcserverip") or None,
         port=port("rpcserverport"),

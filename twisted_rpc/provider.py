@@ -13,16 +13,17 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_rpc.admin import DEFAULT_ADMIN_MAX_CONNECTIONS, admin_site
-from twisted_rpc.builtins import NOT_SERVING, add_builtins
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._connection import CLOSE_TIMEOUT
 from twisted_rpc.core._interfaces import IServerInterceptor, IServiceRegistry
 from twisted_rpc.core._service import Service
 from twisted_rpc.core._tls import wrap_server_factory
-from twisted_rpc.metrics import ProviderMetrics
-from twisted_rpc.mprpc_server import MprpcServerFactory
-from twisted_rpc.registry import ProviderAddress, Registration, StaticRegistry
+from twisted_rpc.cpp._listener import CppServerFactory
+from twisted_rpc.discovery._static import StaticRegistry
+from twisted_rpc.discovery._types import ProviderAddress, Registration
+from twisted_rpc.ops._admin import DEFAULT_ADMIN_MAX_CONNECTIONS, admin_site
+from twisted_rpc.ops._health import NOT_SERVING, add_builtins
+from twisted_rpc.ops._metrics import ProviderMetrics
 from twisted_rpc.server._dispatcher import Dispatcher
 from twisted_rpc.server._factory import ServerFactory, ServerLimits
 
@@ -60,9 +61,9 @@ class ProviderService(MultiService):
     With ``tls_options`` (see :func:`twisted_rpc.core._tls.server_options`) every
     connection speaks TLS, and the registrations say so (``"tls": true``).
 
-    With ``mprpc_listen`` the same services are also served to C++ mprpc
+    With ``cpp_listen`` the same services are also served to C++ mprpc
     callers on a second endpoint (``docs/mprpc-compat.md``); with
-    ``mprpc_registry`` (a ``ZooKeeperRegistry``) each method is announced at
+    ``cpp_registry`` (a ``ZooKeeperRegistry``) each method is announced at
     ``/<Service>/<Method>`` as they expect. ``listen`` may then be None.
 
     Stopping it (SIGTERM under twistd) withdraws the announcements, stops
@@ -84,9 +85,9 @@ class ProviderService(MultiService):
         registration_data: dict[str, Any] | None = None,
         limits: ServerLimits | None = None,
         tls_options: Any = None,
-        mprpc_listen: str | None = None,
-        mprpc_advertise: ProviderAddress | None = None,
-        mprpc_registry: Any = None,
+        cpp_listen: str | None = None,
+        cpp_advertise: ProviderAddress | None = None,
+        cpp_registry: Any = None,
         health: bool = True,
         reflection: bool = True,
         admin_listen: str | None = None,
@@ -111,25 +112,23 @@ class ProviderService(MultiService):
             if tls_options is not None:
                 listening_factory = wrap_server_factory(self.factory, tls_options)
             self._add_listener(listen, listening_factory, self._listening)
-        self.mprpc_factory: MprpcServerFactory | None = None
-        self.mprpc_advertise = mprpc_advertise
-        self.mprpc_registry = mprpc_registry
-        self.mprpc_listening: Deferred = Deferred()
-        if mprpc_listen is not None:
-            self.mprpc_factory = MprpcServerFactory(
-                self.dispatcher, reactor, max_frame_size, limits
-            )
-            self._add_listener(mprpc_listen, self.mprpc_factory, self._mprpc_listening)
+        self.cpp_factory: CppServerFactory | None = None
+        self.cpp_advertise = cpp_advertise
+        self.cpp_registry = cpp_registry
+        self.cpp_listening: Deferred = Deferred()
+        if cpp_listen is not None:
+            self.cpp_factory = CppServerFactory(self.dispatcher, reactor, max_frame_size, limits)
+            self._add_listener(cpp_listen, self.cpp_factory, self._cpp_listening)
         if not self.listeners:
-            raise ValueError("a provider needs listen, mprpc_listen or both")
+            raise ValueError("a provider needs listen, cpp_listen or both")
         self.factory.slow_call_threshold = slow_call_threshold
         self.metrics: ProviderMetrics | None = None
         if admin_listen is not None:
             self.metrics = ProviderMetrics()
             self.metrics.watch_provider(self)
             self.factory.observer = self.metrics
-            if self.mprpc_factory is not None:
-                self.mprpc_factory.observer = self.metrics
+            if self.cpp_factory is not None:
+                self.cpp_factory.observer = self.metrics
             endpoint = _ReportingEndpoint(
                 serverFromString(reactor, admin_listen), self._admin_listening
             )
@@ -168,27 +167,27 @@ class ProviderService(MultiService):
     def calls_in_flight(self) -> int:
         """Calls being served, over both protocols."""
         n = self.factory.calls_in_flight
-        if self.mprpc_factory is not None:
-            n += self.mprpc_factory.calls_in_flight
+        if self.cpp_factory is not None:
+            n += self.cpp_factory.calls_in_flight
         return n
 
-    def _mprpc_listening(self, port: IListeningPort) -> None:
+    def _cpp_listening(self, port: IListeningPort) -> None:
         bound = _bound(port)
-        if self.mprpc_advertise is None:
-            self.mprpc_advertise = bound
+        if self.cpp_advertise is None:
+            self.cpp_advertise = bound
         log.info(
             "mprpc-compatible listener on {bound}, advertised as {advertise}",
             bound=bound,
-            advertise=self.mprpc_advertise,
+            advertise=self.cpp_advertise,
         )
-        self.mprpc_listening.callback(bound)
-        if self.mprpc_registry is None:
+        self.cpp_listening.callback(bound)
+        if self.cpp_registry is None:
             return
-        assert self.mprpc_factory is not None
-        for (service, method), served in sorted(self.mprpc_factory.routes.items()):
+        assert self.cpp_factory is not None
+        for (service, method), served in sorted(self.cpp_factory.routes.items()):
             if self.dispatcher.services[served.info.service].builtin:
                 continue  # Health and Reflection are for native callers
-            d = self.mprpc_registry.register_mprpc(service, method, self.mprpc_advertise)
+            d = self.cpp_registry.register_cpp(service, method, self.cpp_advertise)
             d.addErrback(
                 lambda f, p=f"/{service}/{method}": log.failure("registering {p} failed", f, p=p)
             )
@@ -255,8 +254,8 @@ class ProviderService(MultiService):
         self.running = False
         self.health.set_all(NOT_SERVING)  # health watchers learn of the drain first
         registries = [self.registry]
-        if self.mprpc_registry is not None and self.mprpc_registry is not self.registry:
-            registries.append(self.mprpc_registry)
+        if self.cpp_registry is not None and self.cpp_registry is not self.registry:
+            registries.append(self.cpp_registry)
         for registry in registries:
             try:
                 await registry.unregister_all()
@@ -265,8 +264,8 @@ class ProviderService(MultiService):
         for listener in self.listeners:
             await listener.stopService()
         factories: list[Any] = [self.factory]
-        if self.mprpc_factory is not None:
-            factories.append(self.mprpc_factory)
+        if self.cpp_factory is not None:
+            factories.append(self.cpp_factory)
         for factory in factories:
             factory.goaway()
         await self._calls_finished(factories)

@@ -10,20 +10,20 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from twisted_rpc import __version__
-from twisted_rpc.admin import DEFAULT_ADMIN_MAX_CONNECTIONS
 from twisted_rpc.config import (
     ConfigError,
     ProviderConfig,
     check_service_specs,
-    load_mprpc_conf,
+    load_cpp_conf,
     load_provider_config,
     load_services,
 )
 from twisted_rpc.core._interfaces import IServiceRegistry
-from twisted_rpc.logs import json_observer
+from twisted_rpc.discovery._static import StaticRegistry
+from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
+from twisted_rpc.ops._admin import DEFAULT_ADMIN_MAX_CONNECTIONS
+from twisted_rpc.ops._logs import json_observer
 from twisted_rpc.provider import ProviderService
-from twisted_rpc.registry import StaticRegistry
-from twisted_rpc.zkregistry import ZooKeeperRegistry
 
 
 class Options(usage.Options):
@@ -76,7 +76,7 @@ class Options(usage.Options):
         config.services = config.services + self["service"]
         check_service_specs(self["service"], "--service")
         if self["mprpc-config"]:
-            config.mprpc = load_mprpc_conf(self["mprpc-config"]).listener()
+            config.mprpc = load_cpp_conf(self["mprpc-config"]).listener()
         if not config.services:
             raise ConfigError(f"{config.path}: no services to serve (give --service module:Class)")
         return config
@@ -97,12 +97,12 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
     else:
         registry = StaticRegistry()
     mprpc = config.mprpc
-    mprpc_registry = None
+    cpp_registry = None
     if mprpc is not None and mprpc.zookeeper is not None:
         if isinstance(registry, ZooKeeperRegistry) and reg.hosts == mprpc.zookeeper:
-            mprpc_registry = registry
+            cpp_registry = registry
         else:
-            mprpc_registry = ZooKeeperRegistry(
+            cpp_registry = ZooKeeperRegistry(
                 reactor, mprpc.zookeeper, session_timeout=reg.session_timeout
             )
     provider = ProviderService(
@@ -115,9 +115,9 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         max_frame_size=config.max_frame_size,
         limits=config.limits,
         tls_options=config.tls_options,
-        mprpc_listen=mprpc.listen if mprpc else None,
-        mprpc_advertise=mprpc.advertise if mprpc else None,
-        mprpc_registry=mprpc_registry,
+        cpp_listen=mprpc.listen if mprpc else None,
+        cpp_advertise=mprpc.advertise if mprpc else None,
+        cpp_registry=cpp_registry,
         health=config.health,
         reflection=config.reflection,
         admin_listen=config.admin.listen if config.admin else None,
@@ -134,7 +134,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
     )
     if config.log_format == "json":
         provider.log_observer = json_observer()
-    for each in {id(r): r for r in (registry, mprpc_registry)}.values():
+    for each in {id(r): r for r in (registry, cpp_registry)}.values():
         if isinstance(each, ZooKeeperRegistry):
             each.setServiceParent(provider)
     return provider

@@ -20,11 +20,11 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter, IOPump
 
-from twisted_rpc.builtins import add_builtins
 from twisted_rpc.client._client import Client
 from twisted_rpc.client._proxy import ServiceProxy
 from twisted_rpc.core._interfaces import IClientInterceptor, IServerInterceptor
 from twisted_rpc.core._service import Service
+from twisted_rpc.ops._health import add_builtins
 from twisted_rpc.server._dispatcher import Dispatcher
 from twisted_rpc.server._factory import ServerFactory, ServerLimits
 
@@ -48,7 +48,7 @@ class MemoryProvider:
         builtins: bool = False,
     ) -> None:
         """``builtins``: also serve Health and Reflection, as a real provider does
-        (``self.health`` is their :class:`~twisted_rpc.builtins.HealthState`)."""
+        (``self.health`` is their :class:`~twisted_rpc.ops._health.HealthState`)."""
         self.reactor = reactor if reactor is not None else MemoryReactorClock()
         self.dispatcher = Dispatcher(services, interceptors)
         self.health = add_builtins(

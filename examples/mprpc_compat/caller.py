@@ -16,14 +16,14 @@ from twisted.internet.defer import Deferred
 
 from examples.mprpc_compat import user_pb2
 from twisted_rpc import RpcError
-from twisted_rpc.mprpc_client import MprpcClient
+from twisted_rpc.cpp._client import CppClient
 
 
 async def run(reactor, args: argparse.Namespace) -> None:
     if args.mprpc_config:
-        client = MprpcClient.from_mprpc_config(args.mprpc_config, reactor, timeout=5)
+        client = CppClient.from_cpp_config(args.mprpc_config, reactor, timeout=5)
     else:
-        client = MprpcClient(reactor, providers={"UserServiceRpc": args.provider}, timeout=5)
+        client = CppClient(reactor, providers={"UserServiceRpc": args.provider}, timeout=5)
     proxy = client.proxy(user_pb2.DESCRIPTOR.services_by_name["UserServiceRpc"])
     try:
         login = await proxy.Login(user_pb2.LoginRequest(name=b"zhang san", pwd=b"123456"))

@@ -37,7 +37,7 @@ from twisted_rpc.core._status import (
     DeadlineExceededError,
 )
 from twisted_rpc.core._tls import ClientTLS, wrap_client_endpoint
-from twisted_rpc.registry import ProviderAddress
+from twisted_rpc.discovery._types import ProviderAddress
 
 log = Logger(namespace="twisted_rpc.client")
 

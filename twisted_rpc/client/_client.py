@@ -47,7 +47,8 @@ from twisted_rpc.core._status import (
     UnavailableError,
 )
 from twisted_rpc.core._tls import ClientTLS
-from twisted_rpc.registry import ProviderAddress, StaticRegistry, check_address
+from twisted_rpc.discovery._static import StaticRegistry
+from twisted_rpc.discovery._types import ProviderAddress, check_address
 
 log = Logger(namespace="twisted_rpc.client")
 
@@ -182,7 +183,7 @@ class Client:
         kw.setdefault("max_concurrent_dials", config.max_concurrent_dials)
         kw.setdefault("max_dials_per_second", config.max_dials_per_second)
         if config.registry.kind == "zookeeper":
-            from twisted_rpc.zkregistry import ZooKeeperRegistry
+            from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
 
             reg = config.registry
             kw["discovery"] = ZooKeeperRegistry(

@@ -44,7 +44,7 @@ class IServiceDiscovery(Interface):
         """Call ``listener(addresses)`` with the provider list of ``service``
         (a full name), now if known and again on every change.
 
-        ``addresses`` is a tuple of :class:`twisted_rpc.registry.ProviderAddress`.
+        ``addresses`` is a tuple of :class:`twisted_rpc.discovery._types.ProviderAddress`.
         Returns a no-argument callable that ends the subscription.
         """
 
@@ -56,7 +56,7 @@ class IServiceRegistry(Interface):
     """Where providers announce the services they serve."""
 
     def register(registration):
-        """Announce a :class:`twisted_rpc.registry.Registration`; returns a Deferred."""
+        """Announce a :class:`twisted_rpc.discovery._types.Registration`; returns a Deferred."""
 
     def unregister_all():
         """Withdraw every announcement of this registry; returns a Deferred."""

@@ -109,7 +109,7 @@ class ServerFactory(Factory):
 
     @property
     def observer(self) -> ICallObserver | None:
-        """Told of every call's end (metrics); see :mod:`twisted_rpc.metrics`."""
+        """Told of every call's end (metrics); see :mod:`twisted_rpc.ops._metrics`."""
         return self._observer
 
     @observer.setter

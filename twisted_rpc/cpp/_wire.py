@@ -21,8 +21,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 __all__ = [
     "CPP_REPLY_LIMIT",
-    "MprpcProtocolError",
-    "MprpcRequest",
+    "CppProtocolError",
+    "CppRequest",
     "RequestReader",
     "RpcHeader",
     "encode_request",
@@ -62,12 +62,12 @@ def _header_class() -> type:
 RpcHeader = _header_class()
 
 
-class MprpcProtocolError(Exception):
+class CppProtocolError(Exception):
     """Bytes that are not an mprpc request (the connection is closed)."""
 
 
 @dataclass(frozen=True, slots=True)
-class MprpcRequest:
+class CppRequest:
     """One decoded request: names as sent, args still serialized."""
 
     service: str
@@ -86,8 +86,8 @@ def encode_request(service: str, method: str, args: bytes) -> bytes:
 class RequestReader:
     """Reassembles one request from reads of any size.
 
-    ``feed(data)`` returns the :class:`MprpcRequest` once all of it has
-    arrived (None before), and raises :class:`MprpcProtocolError` on bytes
+    ``feed(data)`` returns the :class:`CppRequest` once all of it has
+    arrived (None before), and raises :class:`CppProtocolError` on bytes
     that cannot be one. Bytes after the request are counted in ``extra``.
     """
 
@@ -95,10 +95,10 @@ class RequestReader:
         self.max_request_size = max_request_size
         self._buffer = bytearray()
         self._header: tuple[str, str, int, int] | None = None  # service, method, start, size
-        self.request: MprpcRequest | None = None
+        self.request: CppRequest | None = None
         self.extra = 0
 
-    def feed(self, data: bytes) -> MprpcRequest | None:
+    def feed(self, data: bytes) -> CppRequest | None:
         if self.request is not None:
             self.extra += len(data)
             return None
@@ -109,7 +109,7 @@ class RequestReader:
                 return None
             (header_len,) = _LENGTH.unpack_from(buffer)
             if header_len == 0 or header_len > MAX_HEADER_SIZE:
-                raise MprpcProtocolError(f"header length {header_len} is not plausible")
+                raise CppProtocolError(f"header length {header_len} is not plausible")
             if len(buffer) < 4 + header_len:
                 return None
             header = RpcHeader()
@@ -118,11 +118,11 @@ class RequestReader:
                 service = header.service_name.decode()
                 method = header.method_name.decode()
             except Exception as e:
-                raise MprpcProtocolError(f"bad RpcHeader: {e}") from None
+                raise CppProtocolError(f"bad RpcHeader: {e}") from None
             if not service or not method:
-                raise MprpcProtocolError("RpcHeader names no service or method")
+                raise CppProtocolError("RpcHeader names no service or method")
             if header.args_size > self.max_request_size:
-                raise MprpcProtocolError(
+                raise CppProtocolError(
                     f"args of {header.args_size} bytes exceed the limit of {self.max_request_size}"
                 )
             self._header = (service, method, 4 + header_len, header.args_size)
@@ -130,6 +130,6 @@ class RequestReader:
         if len(buffer) < start + size:
             return None
         self.extra = len(buffer) - start - size
-        self.request = MprpcRequest(service, method, bytes(buffer[start : start + size]))
+        self.request = CppRequest(service, method, bytes(buffer[start : start + size]))
         self._buffer = bytearray()
         return self.request

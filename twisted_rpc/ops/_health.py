@@ -1,66 +1,54 @@
-"""Services every provider serves unless told not to: Health and Reflection.
+"""The Health service every provider serves unless told not to.
 
-- ``mprpc.health.v1.Health``: ``Check(service)`` answers SERVING, NOT_SERVING or
-  SERVICE_UNKNOWN (``""`` asks about the provider as a whole); ``Watch`` is a
-  long poll that answers as soon as the status differs from ``last_status``,
-  or when ``max_wait`` (at most :data:`MAX_WATCH_WAIT` seconds) or the call's
-  deadline is nearly up.
-- ``mprpc.reflection.v1.Reflection``: the names of the services served, and
-  the serialized ``FileDescriptorProto`` of the file defining a symbol with
-  all its dependencies (dependencies first), so a client needs no ``.proto``.
-  A symbol longer than :data:`MAX_SYMBOL_LENGTH` is INVALID_ARGUMENT; error
-  messages quote at most :data:`ECHO_LIMIT` characters of what was asked.
+``mprpc.health.v1.Health``: ``Check(service)`` answers SERVING, NOT_SERVING or
+SERVICE_UNKNOWN (``""`` asks about the provider as a whole); ``Watch`` is a
+long poll that answers as soon as the status differs from ``last_status``,
+or when ``max_wait`` (at most :data:`MAX_WATCH_WAIT` seconds) or the call's
+deadline is nearly up. :func:`add_builtins` adds it and Reflection to a
+dispatcher.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import descriptor_pool
-from google.protobuf.descriptor import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from twisted_rpc.builtin_protos import (
+from twisted_rpc.core._service import Service
+from twisted_rpc.ops._protos import (
     HEALTH,
-    REFLECTION,
-    FileDescriptorsResponse,
     HealthCheckResponse,
-    ListServicesResponse,
     ServingStatus,
 )
-from twisted_rpc.core._service import Service
-from twisted_rpc.core._status import InvalidArgumentError, NotFoundError
+from twisted_rpc.ops._reflection import ReflectionService
 from twisted_rpc.server._context import CallContext
 
 __all__ = [
-    "MAX_SYMBOL_LENGTH",
     "MAX_WATCH_WAIT",
+    "NOT_SERVING",
+    "SERVICE_UNKNOWN",
+    "SERVING",
     "HealthService",
     "HealthState",
-    "ReflectionService",
     "add_builtins",
-    "files_for_symbol",
+    "status_name",
 ]
 
 SERVING = ServingStatus.values_by_name["SERVING"].number
+
+
 NOT_SERVING = ServingStatus.values_by_name["NOT_SERVING"].number
+
+
 SERVICE_UNKNOWN = ServingStatus.values_by_name["SERVICE_UNKNOWN"].number
 
+
 DEFAULT_WATCH_WAIT = 30.0
+
+
 MAX_WATCH_WAIT = 60.0
 """A longer ``max_wait`` is cut to this: a watch holds a call slot while it waits."""
-MAX_SYMBOL_LENGTH = 1024
-"""Longer reflection symbols are refused (protobuf full names are far shorter)."""
-ECHO_LIMIT = 100
-"""At most this many characters of a caller's input are quoted back in an error."""
-
-
-def _quote(text: str, limit: int = ECHO_LIMIT) -> str:
-    """``repr(text)``, cut to ``limit`` characters with the full length noted."""
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def status_name(status: int) -> str:
@@ -152,57 +140,6 @@ class HealthService(Service, descriptor=HEALTH):
             if timer is not None and timer.active():
                 timer.cancel()
         return HealthCheckResponse(status=status)
-
-
-def files_for_symbol(symbol: str, pools: list[Any] = ()) -> list[FileDescriptor]:  # type: ignore[assignment]
-    """The file defining ``symbol`` and its dependencies, dependencies first.
-
-    Raises InvalidArgumentError for a symbol over :data:`MAX_SYMBOL_LENGTH`
-    characters and NotFoundError for one no pool knows.
-    """
-    if len(symbol) > MAX_SYMBOL_LENGTH:
-        raise InvalidArgumentError(
-            message=f"symbol of {len(symbol)} characters: at most {MAX_SYMBOL_LENGTH}"
-            f" ({_quote(symbol)})"
-        )
-    for pool in [descriptor_pool.Default(), *pools]:
-        try:
-            file = pool.FindFileContainingSymbol(symbol)
-            break
-        except KeyError:
-            continue
-    else:
-        raise NotFoundError(message=f"no symbol {_quote(symbol)} here")
-    ordered: list[FileDescriptor] = []
-    seen: set[str] = set()
-
-    def visit(f: FileDescriptor) -> None:
-        if f.name in seen:
-            return
-        seen.add(f.name)
-        for dependency in f.dependencies:
-            visit(dependency)
-        ordered.append(f)
-
-    visit(file)
-    return ordered
-
-
-class ReflectionService(Service, descriptor=REFLECTION):
-    """``mprpc.reflection.v1.Reflection`` for the services of a dispatcher."""
-
-    builtin = True
-
-    def __init__(self, dispatcher: Any) -> None:
-        self.dispatcher = dispatcher
-
-    def ListServices(self, request: Any, context: CallContext) -> Any:
-        return ListServicesResponse(services=sorted(self.dispatcher.services))
-
-    def FileContainingSymbol(self, request: Any, context: CallContext) -> Any:
-        pools = [type(s).descriptor.file.pool for s in self.dispatcher.services.values()]
-        files = files_for_symbol(request.symbol, pools)
-        return FileDescriptorsResponse(file_descriptor_proto=[f.serialized_pb for f in files])
 
 
 def add_builtins(

@@ -60,7 +60,7 @@ __all__ = [
     "others_may_write",
 ]
 
-log = Logger()
+log = Logger(namespace="twisted_rpc.discovery")
 
 CONNECTED = "connected"
 SUSPENDED = "suspended"

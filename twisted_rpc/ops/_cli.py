@@ -10,7 +10,6 @@ Reflection service, so no ``.proto`` is needed. Exit status: 0 on success,
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -21,12 +20,14 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 from twisted.internet.defer import Deferred
 
-from twisted_rpc.builtin_protos import HEALTH, HealthCheckRequest
-from twisted_rpc.builtins import SERVING, status_name
 from twisted_rpc.client._client import Client
 from twisted_rpc.core._status import RpcError, code_name
-from twisted_rpc.reflection import RemoteDescriptors, message_class
-from twisted_rpc.registry import StaticRegistry, parse_address
+from twisted_rpc.discovery._layout import provider_info, provider_path, providers_path
+from twisted_rpc.discovery._static import StaticRegistry
+from twisted_rpc.discovery._types import parse_address
+from twisted_rpc.ops._health import SERVING, status_name
+from twisted_rpc.ops._protos import HEALTH, HealthCheckRequest
+from twisted_rpc.ops._reflection import RemoteDescriptors, message_class
 
 __all__ = ["main"]
 
@@ -48,8 +49,9 @@ class UserError(Exception):
 async def zookeeper_layout(
     reactor: Any, hosts: str, root: str, timeout: float
 ) -> dict[str, list[dict[str, Any]]]:
-    """``{service: [node data, ...]}`` read from the native layout under ``root``."""
-    from twisted_rpc.zookeeper import CONNECTED, NoNodeError, ZooKeeperClient
+    """``{service: [node data, ...]}`` read from the native layout under ``root``
+    (see :mod:`twisted_rpc.discovery._layout`)."""
+    from twisted_rpc.discovery._kazoo import CONNECTED, NoNodeError, ZooKeeperClient
 
     zk = ZooKeeperClient(reactor, hosts, session_timeout=max(timeout, 4.0))
     connected: Deferred = Deferred()
@@ -69,22 +71,17 @@ async def zookeeper_layout(
         except NoNodeError:
             return layout
         for service in sorted(services):
-            path = f"{root}/{service}/providers"
             try:
-                names = await zk.get_children(path)
+                names = await zk.get_children(providers_path(root, service))
             except NoNodeError:
                 names = []
             nodes = []
             for name in sorted(names):
                 try:
-                    data, _ = await zk.get(f"{path}/{name}")
-                    info = json.loads(data)
+                    data, _ = await zk.get(provider_path(root, service, name))
                 except NoNodeError:
                     continue
-                except ValueError:
-                    info = {}
-                info.setdefault("address", name)
-                nodes.append(info)
+                nodes.append(provider_info(name, data))
             layout[service] = nodes
         return layout
     finally:

@@ -20,14 +20,14 @@ from twisted.python.failure import Failure
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._interfaces import ICallObserver
 from twisted_rpc.core._status import RpcError, StatusCode, code_name
-from twisted_rpc.mprpc_wire import CPP_REPLY_LIMIT, MprpcProtocolError, RequestReader
+from twisted_rpc.cpp._wire import CPP_REPLY_LIMIT, CppProtocolError, RequestReader
 from twisted_rpc.server._context import CallContext
 from twisted_rpc.server._dispatcher import MAX_ERROR_MESSAGE, Dispatcher, ServerMethod, clip
 from twisted_rpc.server._factory import ServerLimits, fire_waiters, when_empty
 
-__all__ = ["MprpcServerFactory", "MprpcServerProtocol", "short_routes"]
+__all__ = ["CppServerFactory", "CppServerProtocol", "short_routes"]
 
-log = Logger()
+log = Logger(namespace="twisted_rpc.cpp")
 
 
 def short_routes(dispatcher: Dispatcher) -> dict[tuple[str, str], ServerMethod]:
@@ -47,10 +47,10 @@ def short_routes(dispatcher: Dispatcher) -> dict[tuple[str, str], ServerMethod]:
     return routes
 
 
-class MprpcServerProtocol(Protocol):
+class CppServerProtocol(Protocol):
     """Serves one C++-style call on one connection."""
 
-    def __init__(self, factory: MprpcServerFactory) -> None:
+    def __init__(self, factory: CppServerFactory) -> None:
         self.factory = factory
         self.clock = factory.clock
         self.reader = RequestReader(factory.max_request_size)
@@ -90,7 +90,7 @@ class MprpcServerProtocol(Protocol):
             return
         try:
             request = self.reader.feed(data)
-        except MprpcProtocolError as e:
+        except CppProtocolError as e:
             self._fail(f"bad request: {e}")
             return
         if request is None:
@@ -258,7 +258,7 @@ class MprpcServerProtocol(Protocol):
         self._timer = None
 
 
-class MprpcServerFactory(Factory):
+class CppServerFactory(Factory):
     """Connections speaking the C++ mprpc protocol to ``dispatcher``'s services."""
 
     noisy = False
@@ -277,7 +277,7 @@ class MprpcServerFactory(Factory):
         self.limits = limits or ServerLimits()
         self.read_timeout = read_timeout
         self.routes = short_routes(dispatcher)
-        self.connections: set[MprpcServerProtocol] = set()
+        self.connections: set[CppServerProtocol] = set()
         self.per_peer: dict[str, int] = {}
         """Connections open by peer host."""
         self.in_flight = 0
@@ -289,7 +289,7 @@ class MprpcServerFactory(Factory):
         self.observer: ICallObserver | None = None
         """Told of every call's end, as the native factory's observer is."""
 
-    def buildProtocol(self, addr: Any) -> MprpcServerProtocol | None:
+    def buildProtocol(self, addr: Any) -> CppServerProtocol | None:
         if len(self.connections) >= self.limits.max_connections:
             log.warn("mprpc listener: refusing {addr}: too many connections", addr=addr)
             return None
@@ -303,15 +303,15 @@ class MprpcServerFactory(Factory):
                 host=host,
             )
             return None
-        return MprpcServerProtocol(self)
+        return CppServerProtocol(self)
 
-    def connection_made(self, connection: MprpcServerProtocol) -> None:
+    def connection_made(self, connection: CppServerProtocol) -> None:
         self.connections.add(connection)
         if connection.peer_host is not None:
             host = connection.peer_host
             self.per_peer[host] = self.per_peer.get(host, 0) + 1
 
-    def connection_lost(self, connection: MprpcServerProtocol) -> None:
+    def connection_lost(self, connection: CppServerProtocol) -> None:
         if connection not in self.connections:
             return
         self.connections.discard(connection)

@@ -1,6 +1,6 @@
 """Calling C++ mprpc providers (and Python providers' mprpc listeners).
 
-:class:`MprpcClient` builds Deferred-returning proxies like :class:`Client`'s.
+:class:`CppClient` builds Deferred-returning proxies like :class:`Client`'s.
 Each call looks its provider up at ``/<Service>/<Method>`` in ZooKeeper (read
 once, then kept fresh by a watch), opens a connection of its own, sends the
 request in one write, reads to EOF and parses the reply. Every way a call can
@@ -56,25 +56,21 @@ from twisted_rpc.core._status import (
     RpcError,
     UnavailableError,
 )
-from twisted_rpc.mprpc_wire import encode_request
-from twisted_rpc.registry import ProviderAddress, parse_address
-from twisted_rpc.zookeeper import (
-    CONNECTED,
-    NoNodeError,
-    WatchedEvent,
-    ZooKeeperClient,
-)
+from twisted_rpc.cpp._wire import encode_request
+from twisted_rpc.discovery._kazoo import CONNECTED, NoNodeError, WatchedEvent, ZooKeeperClient
+from twisted_rpc.discovery._layout import cpp_path, decode_cpp
+from twisted_rpc.discovery._types import ProviderAddress, parse_address
 
 __all__ = [
     "DEFAULT_REFUSED_HOLD",
     "DEFAULT_TIMEOUT",
-    "MprpcClient",
-    "MprpcDirectory",
-    "StaticMprpcDirectory",
-    "ZooKeeperMprpcDirectory",
+    "CppClient",
+    "CppDirectory",
+    "StaticCppDirectory",
+    "ZooKeeperCppDirectory",
 ]
 
-log = Logger()
+log = Logger(namespace="twisted_rpc.cpp")
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds a call waits for its reply unless the client, proxy or call says
@@ -95,7 +91,7 @@ def short_name(service: str) -> str:
     return service.rpartition(".")[2]
 
 
-class MprpcDirectory:
+class CppDirectory:
     """Where an mprpc method is served: ``lookup(service, method)`` → Deferred[address]."""
 
     def lookup(self, service: str, method: str) -> Deferred:
@@ -109,7 +105,7 @@ class MprpcDirectory:
         may have moved (its node changed or went). Static addresses never do."""
 
 
-class StaticMprpcDirectory(MprpcDirectory):
+class StaticCppDirectory(CppDirectory):
     """Addresses from configuration: ``{"UserServiceRpc": "127.0.0.1:8000"}``
     (a service's short name, or ``Service.Method`` for one method)."""
 
@@ -123,7 +119,7 @@ class StaticMprpcDirectory(MprpcDirectory):
         return succeed(address)
 
 
-class ZooKeeperMprpcDirectory(MprpcDirectory):
+class ZooKeeperCppDirectory(CppDirectory):
     """Reads ``/<Service>/<Method>`` (data ``b"ip:port"``) once, then follows it
     with a watch; the cached address outlives a ZooKeeper outage."""
 
@@ -139,7 +135,7 @@ class ZooKeeperMprpcDirectory(MprpcDirectory):
         zk.start()
 
     def lookup(self, service: str, method: str) -> Deferred:
-        path = f"/{service}/{method}"
+        path = cpp_path(service, method)
         if path in self.cache:
             address = self.cache[path]
             if address is not None:
@@ -176,8 +172,8 @@ class ZooKeeperMprpcDirectory(MprpcDirectory):
             self.cache[path] = None
             return None
         try:
-            address = parse_address(data.decode())
-        except (UnicodeDecodeError, ValueError):
+            address = decode_cpp(data)
+        except ValueError:  # UnicodeDecodeError included
             raise UnavailableError(message=f"{path} holds {data!r}, not ip:port") from None
         self.cache[path] = address
         return address
@@ -299,7 +295,7 @@ def _endpoint(
     return HostnameEndpoint(reactor, address.host, address.port, timeout=connect_timeout)
 
 
-class MprpcClient:
+class CppClient:
     """Calls services over the C++ mprpc protocol.
 
     Give ``zookeeper`` (a connect string; providers found at
@@ -322,7 +318,7 @@ class MprpcClient:
         *,
         zookeeper: str | None = None,
         providers: Mapping[str, str] | None = None,
-        directory: MprpcDirectory | None = None,
+        directory: CppDirectory | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         connect_timeout: float = 5.0,
         max_reply_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
@@ -347,11 +343,11 @@ class MprpcClient:
         if sum(given) != 1:
             raise TypeError("give exactly one of zookeeper, providers or directory")
         if zookeeper is not None:
-            directory = ZooKeeperMprpcDirectory(
+            directory = ZooKeeperCppDirectory(
                 ZooKeeperClient(reactor, zookeeper, session_timeout=session_timeout)
             )
         elif providers is not None:
-            directory = StaticMprpcDirectory(providers)
+            directory = StaticCppDirectory(providers)
         assert directory is not None
         self.reactor = reactor
         self.directory = directory
@@ -364,25 +360,25 @@ class MprpcClient:
         directory.on_change(self._moved)
 
     @classmethod
-    def from_mprpc_config(cls, path: str, reactor: Any = None, **kw: Any) -> MprpcClient:
+    def from_cpp_config(cls, path: str, reactor: Any = None, **kw: Any) -> CppClient:
         """A client for the ZooKeeper named in a C++ ``key=value`` config file."""
-        from twisted_rpc.config import load_mprpc_conf
+        from twisted_rpc.config import load_cpp_conf
 
-        conf = load_mprpc_conf(path)
+        conf = load_cpp_conf(path)
         if conf.zookeeper is None:
             raise ValueError(f"{path}: no zookeeperip/zookeeperport")
         return cls(reactor, zookeeper=conf.zookeeper, **kw)
 
     def proxy(
         self, service: ServiceDescriptor | str | type[Service], *, timeout: float | None = None
-    ) -> MprpcProxy:
+    ) -> CppProxy:
         """Deferred-returning methods of ``service``, called over mprpc.
 
         ``timeout``: the deadline of its calls (None: the client's)."""
         if timeout is not None:
             timeout = _seconds("timeout", timeout)
         info = describe(resolve_descriptor(service))
-        return MprpcProxy(self, info.methods.values(), timeout)
+        return CppProxy(self, info.methods.values(), timeout)
 
     def call(self, method: MethodInfo, request: Message, timeout: float | None = None) -> Deferred:
         """Call ``method`` once; fires with the response or fails with an RpcError.
@@ -467,15 +463,15 @@ class MprpcClient:
         return self.directory.close()
 
 
-class MprpcProxy:
+class CppProxy:
     """``proxy.Login(request, timeout=None)`` → Deferred of the response."""
 
-    def __init__(self, client: MprpcClient, methods: Any, timeout: float | None) -> None:
+    def __init__(self, client: CppClient, methods: Any, timeout: float | None) -> None:
         for method in methods:
             setattr(self, method.name, _stub(client, method, timeout))
 
 
-def _stub(client: MprpcClient, method: MethodInfo, default_timeout: float | None) -> Any:
+def _stub(client: CppClient, method: MethodInfo, default_timeout: float | None) -> Any:
     def stub(request: Message, *, timeout: float | None = default_timeout) -> Deferred:
         return client.call(method, request, timeout)
 

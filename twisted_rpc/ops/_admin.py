@@ -29,8 +29,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from twisted_rpc import __version__
-from twisted_rpc.builtins import status_name
-from twisted_rpc.metrics import ProviderMetrics, quantile
+from twisted_rpc.ops._health import status_name
+from twisted_rpc.ops._metrics import ProviderMetrics, quantile
 
 __all__ = [
     "DEFAULT_ADMIN_IDLE_TIMEOUT",
@@ -40,7 +40,7 @@ __all__ = [
     "status_data",
 ]
 
-log = Logger()
+log = Logger(namespace="twisted_rpc.ops")
 
 DEFAULT_ADMIN_MAX_CONNECTIONS = 64
 """Open admin connections at once (``[admin] max_connections``)."""
@@ -100,7 +100,7 @@ def status_data(provider: Any, metrics: ProviderMetrics) -> dict[str, Any]:
             "version": __version__,
             "uptime_seconds": round(now - (provider.started_at or now), 1),
             "listening": str(provider.advertise) if provider.advertise else None,
-            "mprpc_listening": str(provider.mprpc_advertise) if provider.mprpc_advertise else None,
+            "mprpc_listening": str(provider.cpp_advertise) if provider.cpp_advertise else None,
             "health": status_name(provider.health.check("")),
             "calls_in_flight": provider.calls_in_flight,
         },

@@ -1,26 +1,22 @@
-"""Service registry: the embedded static kind, and the types every kind shares.
+"""The types every registry shares: :class:`ProviderAddress` (where a provider
+is dialled, with its weight and published data), :class:`Registration` (one
+service served at one address) and the strict ``host:port`` parser.
 
-A provider announces :class:`Registration` s through an
-:class:`~twisted_rpc.core._interfaces.IServiceRegistry`; a consumer follows provider
-lists through an :class:`~twisted_rpc.core._interfaces.IServiceDiscovery`. The
-static kind keeps both in memory from configuration, so the framework runs
-on a bare machine; the ZooKeeper kind implements the same interfaces.
+A provider announces registrations through an
+:class:`~twisted_rpc.core.IServiceRegistry`; a consumer follows provider
+lists through an :class:`~twisted_rpc.core.IServiceDiscovery`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.abstract import isIPv6Address
-from twisted.internet.defer import Deferred, succeed
-from zope.interface import implementer
 
-from twisted_rpc.core._interfaces import IServiceDiscovery, IServiceRegistry
-
-__all__ = ["ProviderAddress", "Registration", "StaticRegistry", "check_address", "parse_address"]
+__all__ = ["ProviderAddress", "Registration", "check_address", "parse_address"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,49 +90,3 @@ class Registration:
     service: str
     address: ProviderAddress
     data: Mapping[str, Any] = field(default_factory=dict)
-
-
-@implementer(IServiceDiscovery, IServiceRegistry)
-class StaticRegistry:
-    """Provider lists given up front; registrations only recorded.
-
-    ``providers`` maps a service's full name to ``"host:port"`` strings (or
-    :class:`ProviderAddress` es). Services not listed fall back to
-    ``default`` (every service a single provider serves, say).
-    """
-
-    def __init__(
-        self,
-        providers: Mapping[str, Iterable[str | ProviderAddress]] | None = None,
-        default: Iterable[str | ProviderAddress] = (),
-    ) -> None:
-        self._providers = {
-            name: tuple(_address(a) for a in addresses)
-            for name, addresses in (providers or {}).items()
-        }
-        self._default = tuple(_address(a) for a in default)
-        self.registrations: list[Registration] = []
-
-    def providers(self, service: str) -> tuple[ProviderAddress, ...]:
-        return self._providers.get(service, self._default)
-
-    def subscribe(
-        self, service: str, listener: Callable[[tuple[ProviderAddress, ...]], object]
-    ) -> Callable[[], None]:
-        listener(self.providers(service))
-        return lambda: None
-
-    def register(self, registration: Registration) -> Deferred:
-        self.registrations.append(registration)
-        return succeed(None)
-
-    def unregister_all(self) -> Deferred:
-        self.registrations.clear()
-        return succeed(None)
-
-    def close(self) -> Deferred:
-        return succeed(None)
-
-
-def _address(a: str | ProviderAddress) -> ProviderAddress:
-    return a if isinstance(a, ProviderAddress) else parse_address(a)

@@ -1,0 +1,152 @@
+"""The ZooKeeper layouts: the one module that knows their paths and node data.
+
+The native layout (``docs/registry.md``), one ephemeral node per provider of a
+service, its data JSON (``host``, ``port``, ``weight`` and what the provider
+publishes)::
+
+    <root>/<package.Service>/providers/<host:port>
+
+The C++ mprpc layout (``docs/mprpc-compat.md``), one ephemeral node per
+method, its data the provider's address as text::
+
+    /<Service>/<Method>                               b"ip:port"
+
+The registry writes and reads both through these builders and codecs, and so
+do the C++ client's directory and the ``mprpc`` command.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from typing import Any
+
+from twisted_rpc.discovery._types import ProviderAddress, Registration, parse_address
+
+__all__ = [
+    "DEFAULT_ROOT",
+    "BadNode",
+    "cpp_path",
+    "decode_cpp",
+    "decode_provider",
+    "encode_cpp",
+    "encode_provider",
+    "provider_info",
+    "provider_path",
+    "providers_path",
+]
+
+DEFAULT_ROOT = "/mprpc"
+"""The native layout's root unless configured otherwise (``[registry] root``)."""
+MAX_WEIGHT = 1_000_000
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?")
+
+
+# ---------------------------------------------------------------- native layout
+
+
+def providers_path(root: str, service: str) -> str:
+    """The node whose children are ``service``'s providers."""
+    return f"{root}/{service}/providers"
+
+
+def provider_path(root: str, service: str, name: str) -> str:
+    """One provider's node: ``name`` is its ``host:port`` (``ProviderAddress.key``)."""
+    return f"{providers_path(root, service)}/{name}"
+
+
+def encode_provider(registration: Registration) -> bytes:
+    """A provider node's data: its address, weight and published data, as JSON."""
+    address = registration.address
+    data = {
+        "host": address.host,
+        "port": address.port,
+        "weight": address.weight,
+        **registration.data,
+    }
+    return json.dumps(data, sort_keys=True).encode()
+
+
+class BadNode(ValueError):
+    """A provider node that cannot be used; its message says why."""
+
+
+def decode_provider(name: str, data: bytes) -> ProviderAddress:
+    """The provider a node named ``name`` with ``data`` names, or :class:`BadNode`.
+
+    Our JSON gives the host and port; a node whose data is not that (another
+    registry's, or none) is read from its name, ``host:port``.
+    """
+    try:
+        info = json.loads(data)
+    except (ValueError, RecursionError):
+        info = None
+    if not isinstance(info, dict):
+        info = {}
+    if "host" in info or "port" in info:
+        return _checked(info.get("host"), info.get("port"), info.get("weight", 100), info)
+    try:
+        address = parse_address(name)
+    except ValueError:
+        raise BadNode("no host and port in its data, and its name is not host:port") from None
+    return _checked(address.host, address.port, info.get("weight", 100), info)
+
+
+def provider_info(name: str, data: bytes) -> dict[str, Any]:
+    """A provider node's data as a dict for display, as lenient as can be: what
+    is not a JSON object reads as ``{}``; ``address`` is the node's name unless
+    the data gives one."""
+    try:
+        info = json.loads(data)
+    except (ValueError, RecursionError):
+        info = {}
+    if not isinstance(info, dict):
+        info = {}
+    info.setdefault("address", name)
+    return info
+
+
+def clip(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _checked(host: object, port: object, weight: object, info: dict) -> ProviderAddress:
+    """A ProviderAddress from a node's values, or BadNode saying what is wrong."""
+    if not isinstance(host, str) or not _valid_host(host):
+        raise BadNode(f"bad host {clip(repr(host))}")
+    if type(port) is not int or not 0 < port < 65536:
+        raise BadNode(f"bad port {clip(repr(port))}")
+    if type(weight) is not int or not 0 <= weight <= MAX_WEIGHT:
+        raise BadNode(f"bad weight {clip(repr(weight))} (an integer 0..{MAX_WEIGHT})")
+    return ProviderAddress(host, port, weight, info)
+
+
+def _valid_host(host: str) -> bool:
+    """A DNS name or an IP address (v6 without brackets), nothing else."""
+    if _HOSTNAME.fullmatch(host):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- C++ mprpc layout
+
+
+def cpp_path(service: str, method: str) -> str:
+    """The node of a method for C++ callers; ``service`` is the short name
+    (no package), as C++ mprpc names it."""
+    return f"/{service}/{method}"
+
+
+def encode_cpp(address: ProviderAddress) -> bytes:
+    """A C++-layout node's data: ``b"ip:port"``."""
+    return address.key.encode()
+
+
+def decode_cpp(data: bytes) -> ProviderAddress:
+    """The address a C++-layout node holds (ValueError if it is not ``ip:port``)."""
+    return parse_address(data.decode())

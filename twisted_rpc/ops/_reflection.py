@@ -1,0 +1,155 @@
+"""Reflection: the service every provider serves unless told not to, and the
+client helpers that call it.
+
+``mprpc.reflection.v1.Reflection`` answers the names of the services served,
+and the serialized ``FileDescriptorProto`` of the file defining a symbol with
+all its dependencies (dependencies first), so a client needs no ``.proto``. A
+symbol longer than :data:`MAX_SYMBOL_LENGTH` is INVALID_ARGUMENT; error
+messages quote at most :data:`ECHO_LIMIT` characters of what was asked.
+
+Calling a service without its ``.proto``::
+
+    descriptor = await remote_service(client, "example.UserService")
+    users = client.proxy(descriptor)       # message classes built from the provider's files
+    request = users_request_class(...)     # see message_class()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import Descriptor, FileDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
+from twisted.internet.defer import Deferred
+
+from twisted_rpc.client._client import Client
+from twisted_rpc.core._service import Service
+from twisted_rpc.core._status import InvalidArgumentError, NotFoundError
+from twisted_rpc.ops._protos import (
+    REFLECTION,
+    FileDescriptorsRequest,
+    FileDescriptorsResponse,
+    ListServicesRequest,
+    ListServicesResponse,
+)
+from twisted_rpc.server._context import CallContext
+
+__all__ = [
+    "MAX_SYMBOL_LENGTH",
+    "ReflectionService",
+    "RemoteDescriptors",
+    "files_for_symbol",
+    "message_class",
+    "remote_service",
+]
+
+MAX_SYMBOL_LENGTH = 1024
+"""Longer reflection symbols are refused (protobuf full names are far shorter)."""
+
+
+ECHO_LIMIT = 100
+"""At most this many characters of a caller's input are quoted back in an error."""
+
+
+def _quote(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``repr(text)``, cut to ``limit`` characters with the full length noted."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def files_for_symbol(symbol: str, pools: list[Any] = ()) -> list[FileDescriptor]:  # type: ignore[assignment]
+    """The file defining ``symbol`` and its dependencies, dependencies first.
+
+    Raises InvalidArgumentError for a symbol over :data:`MAX_SYMBOL_LENGTH`
+    characters and NotFoundError for one no pool knows.
+    """
+    if len(symbol) > MAX_SYMBOL_LENGTH:
+        raise InvalidArgumentError(
+            message=f"symbol of {len(symbol)} characters: at most {MAX_SYMBOL_LENGTH}"
+            f" ({_quote(symbol)})"
+        )
+    for pool in [descriptor_pool.Default(), *pools]:
+        try:
+            file = pool.FindFileContainingSymbol(symbol)
+            break
+        except KeyError:
+            continue
+    else:
+        raise NotFoundError(message=f"no symbol {_quote(symbol)} here")
+    ordered: list[FileDescriptor] = []
+    seen: set[str] = set()
+
+    def visit(f: FileDescriptor) -> None:
+        if f.name in seen:
+            return
+        seen.add(f.name)
+        for dependency in f.dependencies:
+            visit(dependency)
+        ordered.append(f)
+
+    visit(file)
+    return ordered
+
+
+class ReflectionService(Service, descriptor=REFLECTION):
+    """``mprpc.reflection.v1.Reflection`` for the services of a dispatcher."""
+
+    builtin = True
+
+    def __init__(self, dispatcher: Any) -> None:
+        self.dispatcher = dispatcher
+
+    def ListServices(self, request: Any, context: CallContext) -> Any:
+        return ListServicesResponse(services=sorted(self.dispatcher.services))
+
+    def FileContainingSymbol(self, request: Any, context: CallContext) -> Any:
+        pools = [type(s).descriptor.file.pool for s in self.dispatcher.services.values()]
+        files = files_for_symbol(request.symbol, pools)
+        return FileDescriptorsResponse(file_descriptor_proto=[f.serialized_pb for f in files])
+
+
+class RemoteDescriptors:
+    """A private descriptor pool filled from a provider's Reflection service."""
+
+    def __init__(self, client: Client, timeout: float | None = None) -> None:
+        self.client = client
+        self.timeout = timeout
+        self.pool = descriptor_pool.DescriptorPool()
+        self._files: set[str] = set()
+        self._reflection = client.proxy(REFLECTION, timeout=timeout)
+
+    def list_services(self) -> Deferred:
+        """Fires with the names of the services the provider serves."""
+        d = self._reflection.ListServices(ListServicesRequest())
+        return d.addCallback(lambda reply: list(reply.services))
+
+    async def load(self, symbol: str) -> None:
+        """Add the file defining ``symbol`` and its dependencies to the pool."""
+        reply = await self._reflection.FileContainingSymbol(FileDescriptorsRequest(symbol=symbol))
+        for raw in reply.file_descriptor_proto:
+            proto = descriptor_pb2.FileDescriptorProto.FromString(raw)
+            if proto.name not in self._files:
+                self.pool.Add(proto)
+                self._files.add(proto.name)
+
+    async def service(self, name: str) -> ServiceDescriptor:
+        await self.load(name)
+        try:
+            return self.pool.FindServiceByName(name)
+        except KeyError:
+            raise NotFoundError(message=f"{name} is not a service") from None
+
+
+async def remote_service(
+    client: Client, name: str, timeout: float | None = None
+) -> ServiceDescriptor:
+    """The descriptor of service ``name``, from its provider's Reflection service."""
+    return await RemoteDescriptors(client, timeout).service(name)
+
+
+def message_class(descriptor: Descriptor) -> type[Message]:
+    """The message class of a (reflected) message descriptor."""
+    return GetMessageClass(descriptor)
