@@ -227,7 +227,7 @@ def start_provider(directory: Path, extra: str, nofile: int | None) -> Process:
     config = directory / "provider.ini"
     config.write_text(
         "[provider]\nlisten = tcp:0:interface=127.0.0.1\n"
-        f"services = tests.echo_service:EchoService\n{extra}\n"
+        f"services = testbed.echo_service:EchoService\n{extra}\n"
     )
     process = Process(
         [TWISTD, "-n", "--pidfile=", "mprpc", "--config", str(config)],
@@ -266,7 +266,7 @@ def good_client_main(argv: list[str]) -> int:
     from twisted.internet import reactor, task
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from tests.echo_service import ECHO
+    from testbed.echo_service import ECHO
     from twisted_rpc import Client
     from twisted_rpc.ops._protos import HEALTH, HealthCheckRequest
 

@@ -31,12 +31,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from protos import echo_pb2
-from scripts.harness import run_with_zookeeper
-from scripts.zkserver import ZooKeeperCluster
-from tests.echo_service import ECHO
-from tests.processes import Provider
-from twisted_rpc import Client, RpcError
-from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
+from testbed.echo_service import ECHO
+from testbed.harness import run_with_zookeeper
+from testbed.processes import Provider
+from testbed.zkserver import ZooKeeperCluster
+from twisted_rpc import Client, RpcError, ZooKeeperRegistry
 
 SERVICE = "mprpc.test.EchoService"
 ROOT = "/mprpc-faults"

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from protos import echo_pb2
-from tests.processes import Provider
+from testbed.processes import Provider
 from twisted_rpc.core import _codec as wire
 
 ROUTES = [

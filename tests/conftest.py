@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from twisted.logger import globalLogPublisher
 
-from scripts.zkserver import ZooKeeperCluster
+from testbed.zkserver import ZooKeeperCluster
 
 
 @pytest.fixture(scope="session")

@@ -23,11 +23,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from protos import echo_pb2, user_pb2
-from tests.echo_service import ECHO
-from tests.processes import Provider
+from testbed.echo_service import ECHO
+from testbed.processes import Provider
 from twisted_rpc import Client, NotFoundError
-from twisted_rpc.ops._admin import MAX_REFRESH, REFUSAL_LOG_INTERVAL, admin_site
-from twisted_rpc.ops._metrics import ClientMetrics, ProviderMetrics
+from twisted_rpc.ops import ClientMetrics, ProviderMetrics, admin_site
+from twisted_rpc.ops._admin import MAX_REFRESH, REFUSAL_LOG_INTERVAL
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.processes import ROOT, environment
+from testbed.processes import ROOT, environment
 
 pytestmark = pytest.mark.integration
 

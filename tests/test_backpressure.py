@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from protos import echo_pb2
-from tests.processes import Provider
+from testbed.processes import Provider
 from twisted_rpc.core._codec import encode_request
 
 pytestmark = pytest.mark.integration

@@ -12,16 +12,18 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter
 
 from protos import echo_pb2
-from tests.echo_service import ECHO, EchoService
-from twisted_rpc import Client, UnavailableError
-from twisted_rpc.client._balancer import (
+from testbed.echo_service import ECHO, EchoService
+from twisted_rpc import (
+    Client,
+    Dispatcher,
+    FunctionInterceptor,
     LeastOutstanding,
     RoundRobin,
+    UnavailableError,
     WeightedRandom,
     balancer_named,
 )
-from twisted_rpc.server._dispatcher import Dispatcher, FunctionInterceptor
-from twisted_rpc.server._factory import ServerFactory
+from twisted_rpc.server import ServerFactory
 from twisted_rpc.testing import MemoryProvider
 
 SERVICE = "mprpc.test.EchoService"

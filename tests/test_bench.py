@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.processes import ROOT, environment
+from testbed.processes import ROOT, environment
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ def test_bench_server_and_client_report_one_json_line():
         [
             sys.executable,
             "-m",
-            "twisted_rpc.bench",
+            "benchmarks.peer",
             "server",
             "--stdin-watch",
             "--max-seconds",
@@ -49,7 +49,7 @@ def test_bench_server_and_client_report_one_json_line():
             [
                 sys.executable,
                 "-m",
-                "twisted_rpc.bench",
+                "benchmarks.peer",
                 "client",
                 "--port",
                 port,
@@ -89,7 +89,7 @@ def test_bench_server_and_client_report_one_json_line():
 
 
 def test_ratio_tables_compare_within_one_run():
-    from scripts.bench_ratios import ratio_rows, target_rows
+    from benchmarks.ratios import ratio_rows, target_rows
 
     def cell(calls: float, p99: float, cpu: float) -> dict:
         return {"calls_per_s": calls, "p99_us": p99, "cpu_us_per_call": cpu}
@@ -117,7 +117,7 @@ def test_ratio_tables_compare_within_one_run():
 
 
 def test_hotpath_bench_runs_both_sides_end_to_end():
-    from scripts.hotpath_bench import consumer_us_per_call, provider_us_per_call
+    from benchmarks.hotpath import consumer_us_per_call, provider_us_per_call
 
     # Each answer's callback makes the next call; the consumer side checks that
     # every call was answered, so a broken path fails here rather than measures.

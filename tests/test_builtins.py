@@ -10,17 +10,10 @@ from google.protobuf.message_factory import GetMessageClass
 from twisted.internet.defer import CancelledError
 
 from examples.user.callee import UserService
-from tests.echo_service import EchoService
+from testbed.echo_service import EchoService
 from twisted_rpc import InvalidArgumentError, NotFoundError
-from twisted_rpc.ops._health import (
-    DEFAULT_WATCH_WAIT,
-    MAX_WATCH_WAIT,
-    NOT_SERVING,
-    SERVICE_UNKNOWN,
-    SERVING,
-    HealthService,
-    HealthState,
-)
+from twisted_rpc.ops import NOT_SERVING, SERVICE_UNKNOWN, SERVING, HealthService, HealthState
+from twisted_rpc.ops._health import DEFAULT_WATCH_WAIT, MAX_WATCH_WAIT
 from twisted_rpc.ops._protos import (
     HEALTH,
     REFLECTION,

@@ -16,10 +16,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.processes import ROOT, Provider, environment
+from testbed.processes import ROOT, Provider, environment
 from tests.test_zookeeper import ZooKeeperTestCase
 from twisted_rpc import Client
-from twisted_rpc.ops._health import NOT_SERVING, SERVING
+from twisted_rpc.ops import NOT_SERVING, SERVING
 from twisted_rpc.ops._protos import HEALTH, HealthWatchRequest
 
 pytestmark = pytest.mark.integration
@@ -146,8 +146,8 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 from google.protobuf import json_format
 from twisted_rpc import Client
-from twisted_rpc.ops._reflection import message_class, remote_service
-from twisted_rpc.discovery._static import StaticRegistry
+from twisted_rpc.ops import message_class, remote_service
+from twisted_rpc import StaticRegistry
 
 async def main(reactor):
     # One provider for every service, Reflection included.

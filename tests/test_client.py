@@ -12,24 +12,26 @@ from twisted.test.iosim import ConnectionCompleter
 from zope.interface.verify import verifyObject
 
 from protos import echo_pb2, user_pb2
-from tests.echo_service import ECHO, EchoService
+from testbed.echo_service import ECHO, EchoService
 from twisted_rpc import (
     CancelledError,
     Client,
     DeadlineExceededError,
+    IClientInterceptor,
+    IServiceDiscovery,
+    IServiceRegistry,
     NotFoundError,
     RpcError,
+    StaticRegistry,
     StatusCode,
     UnavailableError,
     UnknownRemoteError,
 )
-from twisted_rpc.client._connection import ClientConnection
+from twisted_rpc.client import ClientConnection
 from twisted_rpc.core import _codec as wire
+from twisted_rpc.core import describe
 from twisted_rpc.core._codec import FrameDecoder, FrameKind
-from twisted_rpc.core._interfaces import IClientInterceptor, IServiceDiscovery, IServiceRegistry
-from twisted_rpc.core._service import describe
 from twisted_rpc.core._status import _BY_CODE
-from twisted_rpc.discovery._static import StaticRegistry
 from twisted_rpc.testing import MemoryProvider
 
 METHOD = describe(ECHO).methods["Echo"]
@@ -385,8 +387,7 @@ def test_call_ids_wrap_around_skipping_calls_in_flight():
 
 
 def test_tls_follows_what_the_registration_says():
-    from twisted_rpc.core._tls import ClientTLS
-    from twisted_rpc.discovery._types import ProviderAddress
+    from twisted_rpc import ClientTLS, ProviderAddress
 
     mine = ClientTLS(ca="ca.pem")
     client = Client(MemoryReactorClock(), providers={}, tls=mine)

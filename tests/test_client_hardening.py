@@ -21,21 +21,27 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from protos import echo_pb2
-from tests.echo_service import ECHO, EchoService
+from testbed.echo_service import ECHO, EchoService
 from tests.test_tcp_writes import over_tcp
-from twisted_rpc import CancelledError, Client, DeadlineExceededError, UnavailableError
-from twisted_rpc.client._channel import Channel
-from twisted_rpc.client._connection import ClientConnection, NotSentError
-from twisted_rpc.client._dials import backoff_policy
+from twisted_rpc import (
+    CancelledError,
+    Channel,
+    Client,
+    ClientTLS,
+    DeadlineExceededError,
+    Dispatcher,
+    IServiceDiscovery,
+    NotSentError,
+    ProviderAddress,
+    UnavailableError,
+    parse_address,
+)
+from twisted_rpc.client import ClientConnection, backoff_policy
 from twisted_rpc.core import _codec as wire
+from twisted_rpc.core import describe
 from twisted_rpc.core._codec import FrameDecoder, FrameKind, GoawayReason
 from twisted_rpc.core._connection import MAX_PING_PAYLOAD
-from twisted_rpc.core._interfaces import IServiceDiscovery
-from twisted_rpc.core._service import describe
-from twisted_rpc.core._tls import ClientTLS
-from twisted_rpc.discovery._types import ProviderAddress, parse_address
-from twisted_rpc.server._dispatcher import Dispatcher
-from twisted_rpc.server._factory import ServerFactory
+from twisted_rpc.server import ServerFactory
 from twisted_rpc.testing import MemoryProvider
 
 SERVICE = "mprpc.test.EchoService"
@@ -633,7 +639,7 @@ def test_channel_refused_never_dials():
 
 
 def test_consumer_settings_from_the_ini_file(tmp_path):
-    from twisted_rpc.config import ConfigError, load_consumer_config
+    from twisted_rpc import ConfigError, load_consumer_config
 
     path = tmp_path / "consumer.ini"
     path.write_text(

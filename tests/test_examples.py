@@ -41,7 +41,7 @@ def test_friend_service():
 def test_time_moves_only_when_the_test_says_so():
     """Deadlines run on the provider's Clock: an async handler slower than the timeout."""
     from protos import echo_pb2
-    from tests.echo_service import EchoService
+    from testbed.echo_service import EchoService
     from twisted_rpc import DeadlineExceededError
 
     memory = MemoryProvider([EchoService()], timeout=1.0, builtins=True)

@@ -7,14 +7,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from protos import echo_pb2
-from tests.echo_service import ECHO, EchoService
-from twisted_rpc import StatusCode, UnavailableError
-from twisted_rpc.client._connection import ClientConnection
+from testbed.echo_service import ECHO, EchoService
+from twisted_rpc import Dispatcher, ServerLimits, StatusCode, UnavailableError
+from twisted_rpc.client import ClientConnection
 from twisted_rpc.core import _codec as wire
+from twisted_rpc.core import describe
 from twisted_rpc.core._codec import FrameDecoder, FrameKind
-from twisted_rpc.core._service import describe
-from twisted_rpc.server._dispatcher import Dispatcher
-from twisted_rpc.server._factory import ServerFactory, ServerLimits
+from twisted_rpc.server import ServerFactory
 from twisted_rpc.testing import MemoryProvider
 
 result = MemoryProvider.result

@@ -19,16 +19,16 @@ from twisted.trial.unittest import TestCase
 from examples.mprpc_compat import user_pb2
 from tests.fake_zookeeper import FakeZooKeeper
 from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY
-from twisted_rpc import DeadlineExceededError, UnavailableError
-from twisted_rpc.core._status import DataLossError, ResourceExhaustedError
-from twisted_rpc.cpp._client import (
-    DEFAULT_TIMEOUT,
-    CppClient,
-    StaticCppDirectory,
-    ZooKeeperCppDirectory,
+from twisted_rpc import (
+    DataLossError,
+    DeadlineExceededError,
+    ProviderAddress,
+    ResourceExhaustedError,
+    UnavailableError,
+    ZooKeeperRegistry,
 )
-from twisted_rpc.discovery._types import ProviderAddress
-from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
+from twisted_rpc.cpp import CppClient, StaticCppDirectory, ZooKeeperCppDirectory
+from twisted_rpc.cpp._client import DEFAULT_TIMEOUT
 
 USER = user_pb2.DESCRIPTOR.services_by_name["UserServiceRpc"]
 LOGIN_REQUEST = user_pb2.LoginRequest(name=b"zhang san", pwd=b"123456")

@@ -24,17 +24,16 @@ from twisted.trial.unittest import TestCase
 
 from examples.mprpc_compat import user_pb2
 from protos import echo_pb2
-from tests.echo_service import ECHO
-from tests.processes import ROOT, Provider, environment
+from testbed.echo_service import ECHO
+from testbed.processes import ROOT, Provider, environment
 from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY, REGISTER
-from twisted_rpc import DeadlineExceededError, UnavailableError
-from twisted_rpc.core._service import MethodInfo
-from twisted_rpc.cpp._client import DEFAULT_TIMEOUT, CppClient
-from twisted_rpc.cpp._wire import RequestReader
+from twisted_rpc import DeadlineExceededError, MethodInfo, UnavailableError
+from twisted_rpc.cpp import CppClient, RequestReader
+from twisted_rpc.cpp._client import DEFAULT_TIMEOUT
 
 pytestmark = pytest.mark.integration
 
-SERVICES = "tests.echo_service:EchoService examples.mprpc_compat.callee:UserServiceRpc"
+SERVICES = "testbed.echo_service:EchoService examples.mprpc_compat.callee:UserServiceRpc"
 USER = user_pb2.DESCRIPTOR.services_by_name["UserServiceRpc"]
 
 

@@ -1,14 +1,15 @@
-"""C++ mprpc key=value config files, the [mprpc] section, and twistd's --mprpc-config."""
+"""C++ mprpc key=value config files, the [cpp] section ([mprpc] of old), and twistd's
+--cpp-config (--mprpc-config of old)."""
 
 from __future__ import annotations
 
 import pytest
 from twisted.internet.testing import MemoryReactor
+from twisted.python import usage
 
-from twisted_rpc import tap
-from twisted_rpc.config import ConfigError, load_cpp_conf, load_provider_config
-from twisted_rpc.discovery._types import ProviderAddress
-from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
+from twisted_rpc import ConfigError, ProviderAddress, ZooKeeperRegistry, load_provider_config
+from twisted_rpc.cpp import load_cpp_conf
+from twisted_rpc.provider import _tap as tap
 
 CPP_CONF = """# rpc node
 rpcserverip=127.0.0.1
@@ -49,51 +50,69 @@ def test_missing_cpp_conf(tmp_path):
         load_cpp_conf(str(tmp_path / "none.conf"))
 
 
-def test_mprpc_section_with_registry_hosts(tmp_path):
+@pytest.mark.parametrize("name", ["cpp", "mprpc"])
+def test_cpp_section_with_registry_hosts(tmp_path, name):
     path = tmp_path / "p.ini"
     path.write_text(
         "[provider]\nlisten = tcp:0\nservices = a:B\n"
         "[registry]\nkind = zookeeper\nhosts = zk1:2181\n"
-        "[mprpc]\nlisten = tcp:0:interface=127.0.0.1\nadvertise = 10.1.1.1:9000\nzookeeper = yes\n"
+        f"[{name}]\nlisten = tcp:0:interface=127.0.0.1\nadvertise = 10.1.1.1:9000\n"
+        "zookeeper = yes\n"
     )
-    mprpc = load_provider_config(str(path)).mprpc
-    assert mprpc.listen == "tcp:0:interface=127.0.0.1"
-    assert mprpc.advertise == ProviderAddress("10.1.1.1", 9000)
-    assert mprpc.zookeeper == "zk1:2181"
+    cpp = load_provider_config(str(path)).cpp
+    assert cpp.listen == "tcp:0:interface=127.0.0.1"
+    assert cpp.advertise == ProviderAddress("10.1.1.1", 9000)
+    assert cpp.zookeeper == "zk1:2181"
 
 
-def test_mprpc_section_pointing_at_a_cpp_conf(tmp_path):
+@pytest.mark.parametrize("name", ["cpp", "mprpc"])
+def test_cpp_section_pointing_at_a_cpp_conf(tmp_path, name):
     (tmp_path / "test.conf").write_text(CPP_CONF)
     path = tmp_path / "p.ini"
-    path.write_text("[provider]\nlisten = tcp:0\nservices = a:B\n[mprpc]\nconfig = test.conf\n")
-    mprpc = load_provider_config(str(path)).mprpc
-    assert (mprpc.listen, mprpc.zookeeper) == ("tcp:8000:interface=127.0.0.1", "10.0.0.9:2181")
+    path.write_text(f"[provider]\nlisten = tcp:0\nservices = a:B\n[{name}]\nconfig = test.conf\n")
+    cpp = load_provider_config(str(path)).cpp
+    assert (cpp.listen, cpp.zookeeper) == ("tcp:8000:interface=127.0.0.1", "10.0.0.9:2181")
 
 
+def test_cpp_and_mprpc_sections_together_are_refused(tmp_path):
+    path = tmp_path / "p.ini"
+    path.write_text(
+        "[provider]\nlisten = tcp:0\nservices = a:B\n"
+        "[cpp]\nlisten = tcp:1\n[mprpc]\nlisten = tcp:2\n"
+    )
+    with pytest.raises(ConfigError, match=r"\[cpp\] and \[mprpc\] are one section"):
+        load_provider_config(str(path))
+
+
+@pytest.mark.parametrize("name", ["cpp", "mprpc"])
 @pytest.mark.parametrize(
     "section, message",
     [
-        ("[mprpc]\nzookeeper = yes\n", "[mprpc] listen is required"),
-        ("[mprpc]\nlisten = nonsense:1\n", "is not a valid endpoint"),
-        ("[mprpc]\nlisten = tcp:0\nzookeeper = maybe\n", "expected yes or no"),
-        ("[mprpc]\nport = 1\n", "unknown key 'port'"),
+        ("zookeeper = yes\n", "[{name}] listen is required"),
+        ("listen = nonsense:1\n", "is not a valid endpoint"),
+        (
+            "listen = tcp:0\nzookeeper = maybe\n",
+            "[{name}] zookeeper = 'maybe' (expected yes or no)",
+        ),
+        ("port = 1\n", "unknown key 'port' in [{name}]"),
     ],
 )
-def test_mprpc_section_errors(tmp_path, section, message):
+def test_cpp_section_errors(tmp_path, name, section, message):
     path = tmp_path / "p.ini"
-    path.write_text("[provider]\nlisten = tcp:0\nservices = a:B\n" + section)
+    path.write_text(f"[provider]\nlisten = tcp:0\nservices = a:B\n[{name}]\n" + section)
     with pytest.raises(ConfigError) as raised:
         load_provider_config(str(path))
-    assert message in str(raised.value)
+    assert message.format(name=name) in str(raised.value)
 
 
-def test_twistd_with_only_the_cpp_conf(tmp_path):
+@pytest.mark.parametrize("option", ["--cpp-config", "--mprpc-config"])
+def test_twistd_with_only_the_cpp_conf(tmp_path, option):
     path = tmp_path / "test.conf"
     path.write_text(CPP_CONF)
     options = tap.Options()
     options.parseOptions(
         [
-            "--mprpc-config",
+            option,
             str(path),
             "--service",
             "examples.mprpc_compat.callee:UserServiceRpc",
@@ -107,11 +126,18 @@ def test_twistd_with_only_the_cpp_conf(tmp_path):
     assert provider.cpp_registry in list(provider)
 
 
+def test_twistd_cpp_config_and_mprpc_config_together_are_refused(tmp_path):
+    path = tmp_path / "test.conf"
+    path.write_text(CPP_CONF)
+    with pytest.raises(usage.UsageError, match="--cpp-config and --mprpc-config are one option"):
+        tap.Options().parseOptions(["--cpp-config", str(path), "--mprpc-config", str(path)])
+
+
 def test_twistd_cpp_conf_needs_a_service(tmp_path):
     path = tmp_path / "test.conf"
     path.write_text(CPP_CONF)
     with pytest.raises(SystemExit, match="no services to serve"):
-        tap.Options().parseOptions(["--mprpc-config", str(path)])
+        tap.Options().parseOptions(["--cpp-config", str(path)])
 
 
 def test_twistd_bad_service_spec(tmp_path):

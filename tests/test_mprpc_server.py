@@ -9,12 +9,10 @@ from twisted.python.failure import Failure
 
 from examples.mprpc_compat.callee import UserServiceRpc
 from protos import echo_pb2
-from tests.echo_service import EchoService
+from testbed.echo_service import EchoService
 from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY, REGISTER, REGISTER_REPLY
-from twisted_rpc.cpp._listener import CppServerFactory
-from twisted_rpc.cpp._wire import encode_request
-from twisted_rpc.server._dispatcher import Dispatcher
-from twisted_rpc.server._factory import ServerLimits
+from twisted_rpc import Dispatcher, ServerLimits
+from twisted_rpc.cpp import CppServerFactory, encode_request
 
 
 class HalfClosingTransport(StringTransport):
@@ -187,7 +185,7 @@ def test_max_calls_applies_to_compat_calls(logged):
 
 
 def test_compat_calls_are_observed_like_native_ones():
-    from twisted_rpc.ops._metrics import ProviderMetrics
+    from twisted_rpc.ops import ProviderMetrics
 
     h = Harness()
     h.factory.observer = metrics = ProviderMetrics()

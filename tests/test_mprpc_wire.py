@@ -7,13 +7,8 @@ import struct
 import pytest
 
 from examples.mprpc_compat import user_pb2
-from twisted_rpc.cpp._wire import (
-    CppProtocolError,
-    CppRequest,
-    RequestReader,
-    RpcHeader,
-    encode_request,
-)
+from twisted_rpc.cpp import CppProtocolError, CppRequest, RequestReader, encode_request
+from twisted_rpc.cpp._wire import RpcHeader
 
 # Observed on the wire from the C++ example (see the issue and docs/mprpc-compat.md).
 LOGIN = (

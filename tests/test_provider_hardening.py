@@ -13,18 +13,22 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from protos import echo_pb2
-from tests.echo_service import ECHO, EchoService
-from twisted_rpc import Service, StatusCode
-from twisted_rpc.client._connection import ClientConnection
+from testbed.echo_service import ECHO, EchoService
+from twisted_rpc import (
+    Dispatcher,
+    ProviderService,
+    ResourceExhaustedError,
+    ServerLimits,
+    Service,
+    StatusCode,
+)
+from twisted_rpc.client import ClientConnection
 from twisted_rpc.core import _codec as wire
+from twisted_rpc.core import describe
 from twisted_rpc.core._codec import FrameDecoder, FrameKind, GoawayReason
 from twisted_rpc.core._connection import CLOSE_TIMEOUT
-from twisted_rpc.core._service import describe
-from twisted_rpc.core._status import ResourceExhaustedError
 from twisted_rpc.ops._protos import HEALTH, HealthCheckResponse
-from twisted_rpc.provider import ProviderService
-from twisted_rpc.server._dispatcher import Dispatcher
-from twisted_rpc.server._factory import ServerFactory, ServerLimits
+from twisted_rpc.server import ServerFactory
 
 ROUTE = b"mprpc.test.EchoService/Echo"
 ASYNC_ROUTE = b"mprpc.test.EchoService/AsyncEcho"
@@ -537,7 +541,7 @@ def test_a_violation_reported_by_a_handler_flushes_the_answers_once():
 
 
 def _mprpc(services, **limits):
-    from twisted_rpc.cpp._listener import CppServerFactory
+    from twisted_rpc.cpp import CppServerFactory
 
     return CppServerFactory(Dispatcher(services), Clock(), 1 << 20, ServerLimits(**limits))
 
@@ -560,7 +564,7 @@ def test_the_mprpc_listener_caps_connections_per_peer():
 
 
 def test_the_mprpc_listener_keeps_long_lived_calls_apart(logged):
-    from twisted_rpc.cpp._wire import encode_request
+    from twisted_rpc.cpp import encode_request
 
     watcher = Watcher()
     factory = _mprpc([EchoService(), watcher], max_calls=1, max_long_lived_calls=2)
@@ -577,7 +581,7 @@ def test_the_mprpc_listener_keeps_long_lived_calls_apart(logged):
 
 
 def test_the_mprpc_listener_quotes_a_long_unknown_name_truncated(logged):
-    from twisted_rpc.cpp._wire import encode_request
+    from twisted_rpc.cpp import encode_request
 
     factory = _mprpc([EchoService()])
     _mprpc_connect(factory).dataReceived(encode_request("EchoService", "M" * 4000, b""))

@@ -27,15 +27,14 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from protos import echo_pb2
-from tests.echo_service import ECHO
-from tests.processes import Provider
-from twisted_rpc import Client
-from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
+from testbed.echo_service import ECHO
+from testbed.processes import Provider
+from twisted_rpc import Client, ZooKeeperRegistry
 
 pytestmark = pytest.mark.integration
 
 SERVICE = "mprpc.test.EchoService"
-MPRPC_SERVICES = "tests.echo_service:EchoService examples.mprpc_compat.callee:UserServiceRpc"
+MPRPC_SERVICES = "testbed.echo_service:EchoService examples.mprpc_compat.callee:UserServiceRpc"
 OPEN = make_acl("world", "anyone", all=True)
 
 

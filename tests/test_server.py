@@ -11,12 +11,11 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 
 from protos import echo_pb2
-from tests.echo_service import EchoService
-from twisted_rpc import RpcError, Service, StatusCode
+from testbed.echo_service import EchoService
+from twisted_rpc import Dispatcher, FunctionInterceptor, RpcError, Service, StatusCode
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameDecoder, FrameKind
-from twisted_rpc.server._dispatcher import Dispatcher, FunctionInterceptor
-from twisted_rpc.server._factory import ServerFactory
+from twisted_rpc.server import ServerFactory
 
 ECHO = b"mprpc.test.EchoService/Echo"
 ASYNC = b"mprpc.test.EchoService/AsyncEcho"

@@ -7,9 +7,8 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 
-from twisted_rpc import tap
-from twisted_rpc.config import ConfigError, load_consumer_config, load_provider_config
-from twisted_rpc.provider import ProviderService
+from twisted_rpc import ConfigError, ProviderService, load_consumer_config, load_provider_config
+from twisted_rpc.provider import _tap as tap
 
 
 def write(tmp_path, text):
@@ -23,7 +22,7 @@ def test_options_and_service_tree(tmp_path):
         tmp_path,
         "[provider]\nlisten = tcp:0:interface=127.0.0.1  # inline comment\n"
         "advertise = 10.0.0.5:8000\n"
-        "services = tests.echo_service:EchoService examples.user.callee:UserService\n"
+        "services = testbed.echo_service:EchoService examples.user.callee:UserService\n"
         "grace_period = 2.5\n",
     )
     options = tap.Options()
@@ -43,7 +42,7 @@ def test_options_and_service_tree(tmp_path):
 
 
 def test_config_is_required():
-    with pytest.raises(usage.UsageError, match="--config or --mprpc-config is required"):
+    with pytest.raises(usage.UsageError, match="--config or --cpp-config is required"):
         tap.Options().parseOptions([])
 
 
@@ -94,8 +93,8 @@ def test_consumer_config(tmp_path):
 def test_consumer_max_write_buffer_reaches_the_connections(tmp_path):
     from twisted.internet.testing import MemoryReactorClock
 
+    from twisted_rpc import Client
     from twisted_rpc.client._channel import _ConnectionFactory
-    from twisted_rpc.client._client import Client
     from twisted_rpc.client._connection import DEFAULT_MAX_WRITE_BUFFER
 
     assert load_consumer_config(write(tmp_path, "")).max_write_buffer == DEFAULT_MAX_WRITE_BUFFER
@@ -123,7 +122,7 @@ def test_shipped_configs_load():
 def test_operability_keys(tmp_path):
     path = write(
         tmp_path,
-        "[provider]\nlisten = tcp:0\nservices = tests.echo_service:EchoService\n"
+        "[provider]\nlisten = tcp:0\nservices = testbed.echo_service:EchoService\n"
         "health = no\nreflection = no\nslow_call_threshold = 0.5\nlog_format = json\n"
         "[admin]\nlisten = tcp:0:interface=127.0.0.1\n",
     )
@@ -160,10 +159,10 @@ def test_the_plugin_and_what_it_imports_leave_the_reactor_alone():
 
     code = (
         "import sys, runpy; runpy.run_path('twisted/plugins/mprpc_plugin.py');"
-        "import twisted_rpc.tap, twisted_rpc.provider, twisted_rpc.ops._admin;"
+        "import twisted_rpc.provider._tap, twisted_rpc.provider._service, twisted_rpc.ops._admin;"
         "sys.exit('twisted.internet.reactor' in sys.modules)"
     )
-    from tests.processes import ROOT, environment
+    from testbed.processes import ROOT, environment
 
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environment(), timeout=60)
     assert done.returncode == 0
@@ -173,7 +172,7 @@ def test_hardening_limits_reach_both_listeners(tmp_path):
     path = write(
         tmp_path,
         "[provider]\nlisten = tcp:0:interface=127.0.0.1\n"
-        "services = tests.echo_service:EchoService\n"
+        "services = testbed.echo_service:EchoService\n"
         "max_long_lived_calls_per_connection = 7\nmax_long_lived_calls = 70\n"
         "max_metadata_size = 4096\nmax_metadata_entries = 16\nframe_timeout = 12.5\n"
         "max_connections_per_peer = 9\nmax_buffered_bytes = 1048576\n"
@@ -210,7 +209,7 @@ def test_hardening_limits_reach_both_listeners(tmp_path):
 def test_hardening_limit_errors(tmp_path, extra, message):
     path = write(
         tmp_path,
-        f"[provider]\nlisten = tcp:0\nservices = tests.echo_service:EchoService\n{extra}\n",
+        f"[provider]\nlisten = tcp:0\nservices = testbed.echo_service:EchoService\n{extra}\n",
     )
     with pytest.raises(ConfigError, match=message):
         load_provider_config(path)
@@ -221,7 +220,7 @@ def test_hardening_limit_errors(tmp_path, extra, message):
     [("max_calls", 0), ("max_metadata_size", 1.5), ("frame_timeout", float("nan"))],
 )
 def test_server_limits_are_validated(field, value):
-    from twisted_rpc.server._factory import ServerLimits
+    from twisted_rpc import ServerLimits
 
     with pytest.raises(ValueError, match=field):
         ServerLimits(**{field: value})

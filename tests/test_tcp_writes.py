@@ -14,16 +14,15 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 
 from protos import echo_pb2
-from tests.echo_service import ECHO as ECHO_SERVICE
-from tests.echo_service import EchoService
-from twisted_rpc import StatusCode
-from twisted_rpc.client._connection import ClientConnection
+from testbed.echo_service import ECHO as ECHO_SERVICE
+from testbed.echo_service import EchoService
+from twisted_rpc import Dispatcher, StatusCode
+from twisted_rpc.client import ClientConnection
 from twisted_rpc.core import _codec as wire
+from twisted_rpc.core import describe
 from twisted_rpc.core._codec import FrameDecoder
 from twisted_rpc.core._direct_write import _unsent
-from twisted_rpc.core._service import describe
-from twisted_rpc.server._dispatcher import Dispatcher
-from twisted_rpc.server._factory import ServerFactory
+from twisted_rpc.server import ServerFactory
 
 ECHO = b"mprpc.test.EchoService/Echo"
 ASYNC = describe(ECHO_SERVICE).methods["AsyncEcho"]

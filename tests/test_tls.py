@@ -17,11 +17,9 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from protos import echo_pb2
-from tests.echo_service import ECHO
-from tests.processes import Provider
-from twisted_rpc import Client, UnavailableError
-from twisted_rpc.config import ConfigError, load_provider_config
-from twisted_rpc.core._tls import ClientTLS
+from testbed.echo_service import ECHO
+from testbed.processes import Provider
+from twisted_rpc import Client, ClientTLS, ConfigError, UnavailableError, load_provider_config
 
 pytestmark = pytest.mark.integration
 

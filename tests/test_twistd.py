@@ -18,8 +18,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from protos import echo_pb2, friend_pb2, user_pb2
-from tests.echo_service import ECHO
-from tests.processes import ROOT, Provider, run_twistd
+from testbed.echo_service import ECHO
+from testbed.processes import ROOT, Provider, run_twistd
 from twisted_rpc import (
     Client,
     DeadlineExceededError,
@@ -228,7 +228,7 @@ class ProviderTests(TestCase):
 def _renamed(proxy, name):
     from dataclasses import replace
 
-    from twisted_rpc.core._service import describe
+    from twisted_rpc.core import describe
 
     method = describe(ECHO).methods["Echo"]
     return replace(method, name=name, route=f"{method.service}/{name}".encode())
@@ -251,15 +251,18 @@ GOOD = "[provider]\nlisten = tcp:0:interface=127.0.0.1\nservices = {services}\n"
     [
         (None, "no such config file"),
         (
-            GOOD.format(services="tests.echo_service:EchoService") + "colour = blue\n",
+            GOOD.format(services="testbed.echo_service:EchoService") + "colour = blue\n",
             "unknown key 'colour'",
         ),
         ("[provider]\nlisten = nope:1\nservices = a:B\n", "is not a valid endpoint"),
         (GOOD.format(services="tests.nowhere:EchoService"), "cannot import tests.nowhere"),
-        (GOOD.format(services="tests.echo_service:ECHO"), "is not a twisted_rpc.Service subclass"),
-        (GOOD.format(services="tests.echo_service:Missing"), "has no Missing"),
         (
-            GOOD.format(services="tests.echo_service:EchoService") + "[registry]\nkind = etcd\n",
+            GOOD.format(services="testbed.echo_service:ECHO"),
+            "is not a twisted_rpc.Service subclass",
+        ),
+        (GOOD.format(services="testbed.echo_service:Missing"), "has no Missing"),
+        (
+            GOOD.format(services="testbed.echo_service:EchoService") + "[registry]\nkind = etcd\n",
             "kind = 'etcd'",
         ),
         ("[provider\n", "File contains no section headers"),
@@ -284,7 +287,7 @@ def test_port_in_use_fails_at_start(tmp_path):
         path = _config(
             tmp_path,
             f"[provider]\nlisten = tcp:{port}:interface=127.0.0.1\n"
-            "services = tests.echo_service:EchoService\n",
+            "services = testbed.echo_service:EchoService\n",
         )
         done = run_twistd(["mprpc", "--config", path])
     assert done.returncode != 0

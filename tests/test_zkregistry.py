@@ -10,10 +10,14 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from tests.fake_zookeeper import FakeZooKeeper
-from twisted_rpc.core._interfaces import IServiceDiscovery, IServiceRegistry
+from twisted_rpc import (
+    IServiceDiscovery,
+    IServiceRegistry,
+    ProviderAddress,
+    Registration,
+    ZooKeeperRegistry,
+)
 from twisted_rpc.discovery._kazoo import digest_acls
-from twisted_rpc.discovery._types import ProviderAddress, Registration
-from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
 
 SERVICE = "example.UserService"
 PROVIDERS = f"/mprpc/{SERVICE}/providers"

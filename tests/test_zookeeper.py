@@ -20,11 +20,10 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from protos import echo_pb2
-from scripts.zkserver import ZooKeeperCluster, ZooKeeperServer, free_ports
-from tests.echo_service import ECHO
-from tests.processes import Provider
-from twisted_rpc import Client, UnavailableError
-from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
+from testbed.echo_service import ECHO
+from testbed.processes import Provider
+from testbed.zkserver import ZooKeeperCluster, ZooKeeperServer, free_ports
+from twisted_rpc import Client, UnavailableError, ZooKeeperRegistry
 
 pytestmark = pytest.mark.integration
 

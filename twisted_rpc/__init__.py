@@ -2,43 +2,123 @@
 
 Providers serve :class:`Service` subclasses built from protobuf service
 descriptors; consumers call them through Deferred-returning proxies from a
-:class:`Client`. See README.md.
+:class:`Client`. See README.md, and docs/architecture.md for the subpackages:
+``core`` (wire, connection, status, services), ``server``, ``client``,
+``discovery``, ``ops``, ``cpp`` (the C++ mprpc protocol) and ``provider``.
+
+Everything a user needs imports from here; importing it starts no reactor.
 """
 
-__version__ = "0.1.0"
-
-from twisted_rpc.client._client import Client, ClientCall
-from twisted_rpc.client._proxy import ServiceProxy  # noqa: E402
-from twisted_rpc.core._service import Service  # noqa: E402
-from twisted_rpc.core._status import (  # noqa: E402
+from twisted_rpc._version import __version__
+from twisted_rpc.client import (
+    Balancer,
+    Channel,
+    Client,
+    ClientCall,
+    LeastOutstanding,
+    NotSentError,
+    RoundRobin,
+    ServiceProxy,
+    WeightedRandom,
+    balancer_named,
+    load_consumer_config,
+)
+from twisted_rpc.core import (
+    AbortedError,
+    AlreadyExistsError,
     CancelledError,
+    ClientTLS,
+    ConfigError,
+    DataLossError,
     DeadlineExceededError,
+    FailedPreconditionError,
+    ICallObserver,
+    IClientInterceptor,
     InternalError,
     InvalidArgumentError,
+    IServerInterceptor,
+    IServiceDiscovery,
+    IServiceRegistry,
+    MethodInfo,
     NotFoundError,
+    OutOfRangeError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
     RpcError,
+    Service,
     StatusCode,
+    UnauthenticatedError,
     UnavailableError,
     UnimplementedError,
+    UnknownError,
     UnknownRemoteError,
+    code_name,
+    server_options,
+    wrap_server_factory,
 )
-from twisted_rpc.server._context import CallContext  # noqa: E402
+from twisted_rpc.discovery import (
+    ProviderAddress,
+    Registration,
+    StaticRegistry,
+    ZooKeeperRegistry,
+    parse_address,
+)
+from twisted_rpc.provider import ProviderService, load_provider_config
+from twisted_rpc.server import CallContext, Dispatcher, FunctionInterceptor, ServerLimits
 
 __all__ = [
+    "AbortedError",
+    "AlreadyExistsError",
+    "Balancer",
     "CallContext",
     "CancelledError",
+    "Channel",
     "Client",
     "ClientCall",
+    "ClientTLS",
+    "ConfigError",
+    "DataLossError",
     "DeadlineExceededError",
+    "Dispatcher",
+    "FailedPreconditionError",
+    "FunctionInterceptor",
+    "ICallObserver",
+    "IClientInterceptor",
+    "IServerInterceptor",
+    "IServiceDiscovery",
+    "IServiceRegistry",
     "InternalError",
     "InvalidArgumentError",
+    "LeastOutstanding",
+    "MethodInfo",
     "NotFoundError",
+    "NotSentError",
+    "OutOfRangeError",
+    "PermissionDeniedError",
+    "ProviderAddress",
+    "ProviderService",
+    "Registration",
+    "ResourceExhaustedError",
+    "RoundRobin",
     "RpcError",
     "Service",
     "ServiceProxy",
+    "ServerLimits",
+    "StaticRegistry",
     "StatusCode",
+    "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
+    "UnknownError",
     "UnknownRemoteError",
+    "WeightedRandom",
+    "ZooKeeperRegistry",
     "__version__",
+    "balancer_named",
+    "code_name",
+    "load_consumer_config",
+    "load_provider_config",
+    "parse_address",
+    "server_options",
+    "wrap_server_factory",
 ]

@@ -1,6 +1,6 @@
 """UserServiceRpc as the C++ mprpc example's callee implements it, in Python.
 
-Served to C++ callers by ``twistd -n mprpc --mprpc-config test.conf --service
+Served to C++ callers by ``twistd -n mprpc --cpp-config test.conf --service
 examples.mprpc_compat.callee:UserServiceRpc`` (and to Python consumers on the
 native protocol too, when a ``[provider] listen`` is configured).
 """

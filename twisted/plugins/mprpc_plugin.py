@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 mprpc = ServiceMaker(
     "twisted_rpc provider",
-    "twisted_rpc.tap",
+    "twisted_rpc.provider._tap",
     "Serve protobuf RPC services configured in an ini file",
     "mprpc",
 )

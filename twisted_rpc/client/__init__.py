@@ -4,6 +4,7 @@
 ids, the outstanding map, deadlines, cancellation). :class:`Channel`
 (``_channel``) keeps one persistent connection to one provider, dialling
 through the client's dial queue and redialling with backoff (``_dials``).
+A consumer ini file is read by ``_config``.
 :class:`Client` (``_client``) picks a channel per call with a balancer
 (``_balancer``) from the provider lists its discovery gives, and builds
 :class:`ServiceProxy` objects (``_proxy``) whose methods return Deferreds::
@@ -26,6 +27,7 @@ from twisted_rpc.client._balancer import (
 )
 from twisted_rpc.client._channel import Channel
 from twisted_rpc.client._client import Client, ClientCall
+from twisted_rpc.client._config import ConsumerConfig, load_consumer_config
 from twisted_rpc.client._connection import MAX_TIMEOUT, ClientConnection, NotSentError
 from twisted_rpc.client._dials import backoff_policy
 from twisted_rpc.client._proxy import ServiceProxy
@@ -37,6 +39,7 @@ __all__ = [
     "Client",
     "ClientCall",
     "ClientConnection",
+    "ConsumerConfig",
     "LeastOutstanding",
     "NotSentError",
     "RoundRobin",
@@ -44,4 +47,5 @@ __all__ = [
     "WeightedRandom",
     "backoff_policy",
     "balancer_named",
+    "load_consumer_config",
 ]

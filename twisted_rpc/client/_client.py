@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from twisted_rpc.client._balancer import Balancer, RoundRobin, balancer_named
 from twisted_rpc.client._channel import Channel, send_again
+from twisted_rpc.client._config import load_consumer_config
 from twisted_rpc.client._connection import (
     DEFAULT_MAX_WRITE_BUFFER,
     NotSentError,
@@ -167,8 +168,6 @@ class Client:
     @classmethod
     def from_config(cls, path: str, reactor: Any = None, **kw: Any) -> Client:
         """A client configured by a consumer ini file (see docs/config.md)."""
-        from twisted_rpc.config import load_consumer_config
-
         config = load_consumer_config(path)
         if reactor is None:
             from twisted.internet import reactor as global_reactor

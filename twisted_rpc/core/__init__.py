@@ -12,6 +12,7 @@ Layering: ``core`` imports nothing of ``twisted_rpc`` above it. ``server``,
 ``provider`` puts everything together.
 """
 
+from twisted_rpc.core._ini import ConfigError
 from twisted_rpc.core._interfaces import (
     ICallObserver,
     IClientInterceptor,
@@ -49,6 +50,7 @@ __all__ = [
     "AlreadyExistsError",
     "CancelledError",
     "ClientTLS",
+    "ConfigError",
     "DataLossError",
     "DeadlineExceededError",
     "FailedPreconditionError",

@@ -19,12 +19,15 @@ from twisted_rpc.cpp._client import (
     StaticCppDirectory,
     ZooKeeperCppDirectory,
 )
+from twisted_rpc.cpp._conf import CppConf, CppListenerConfig, load_cpp_conf
 from twisted_rpc.cpp._listener import CppServerFactory
 from twisted_rpc.cpp._wire import CppProtocolError, CppRequest, RequestReader, encode_request
 
 __all__ = [
     "CppClient",
+    "CppConf",
     "CppDirectory",
+    "CppListenerConfig",
     "CppProtocolError",
     "CppProxy",
     "CppRequest",
@@ -33,4 +36,5 @@ __all__ = [
     "StaticCppDirectory",
     "ZooKeeperCppDirectory",
     "encode_request",
+    "load_cpp_conf",
 ]

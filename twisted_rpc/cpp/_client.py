@@ -362,7 +362,7 @@ class CppClient:
     @classmethod
     def from_cpp_config(cls, path: str, reactor: Any = None, **kw: Any) -> CppClient:
         """A client for the ZooKeeper named in a C++ ``key=value`` config file."""
-        from twisted_rpc.config import load_cpp_conf
+        from twisted_rpc.cpp._conf import load_cpp_conf
 
         conf = load_cpp_conf(path)
         if conf.zookeeper is None:

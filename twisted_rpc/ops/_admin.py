@@ -28,7 +28,7 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from twisted_rpc import __version__
+from twisted_rpc._version import __version__
 from twisted_rpc.ops._health import status_name
 from twisted_rpc.ops._metrics import ProviderMetrics, quantile
 

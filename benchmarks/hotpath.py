@@ -1,6 +1,6 @@
 """CPU per call of the provider's and the consumer's code alone: no sockets, no reactor.
 
-    PYTHONPATH=. .venv/bin/python -m scripts.hotpath_bench [--concurrency 16] [--calls 200000]
+    PYTHONPATH=. .venv/bin/python -m benchmarks.hotpath [--concurrency 16] [--calls 200000]
 
 Provider: a ServerConnection fed chunks of C pre-encoded bench.UserService.Login
 requests (30 s deadline each), answering into a list. Consumer: a ClientConnection
@@ -19,12 +19,10 @@ from typing import Any
 from twisted.internet.task import Clock
 
 from protos import bench_pb2
-from twisted_rpc.client._client import Client
-from twisted_rpc.client._connection import ClientConnection
+from twisted_rpc import Client, Dispatcher, Service
+from twisted_rpc.client import ClientConnection
 from twisted_rpc.core import _codec as wire
-from twisted_rpc.core._service import Service
-from twisted_rpc.server._dispatcher import Dispatcher
-from twisted_rpc.server._factory import ServerFactory
+from twisted_rpc.server import ServerFactory
 
 SERVICE = bench_pb2.DESCRIPTOR.services_by_name["UserService"]
 ROUTE = b"bench.UserService/Login"

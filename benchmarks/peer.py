@@ -1,7 +1,7 @@
 """The framework under the peer benchmark's contract (../shared/bench/peers/README.md).
 
-    python -m twisted_rpc.bench server [--port P] [--stdin-watch] [--max-seconds S]
-    python -m twisted_rpc.bench client --port P -c C -n N [--warmup W] [--duration D]
+    python -m benchmarks.peer server [--port P] [--stdin-watch] [--max-seconds S]
+    python -m benchmarks.peer client --port P -c C -n N [--warmup W] [--duration D]
                                        [--server-pid PID] [--timeout T] [--metadata]
 
 The server is a ``ProviderService`` exactly as ``twistd mprpc`` builds it
@@ -142,8 +142,7 @@ def watchdog(seconds: float, stdin_eof: bool = False) -> None:
 def serve(args: argparse.Namespace) -> None:
     from twisted.internet import reactor
 
-    from twisted_rpc.core._service import Service
-    from twisted_rpc.provider import ProviderService
+    from twisted_rpc import ProviderService, Service
 
     pb2 = _bench_pb2()
 
@@ -170,7 +169,7 @@ def serve(args: argparse.Namespace) -> None:
 def run_client(args: argparse.Namespace) -> None:
     from twisted.internet import reactor, task
 
-    from twisted_rpc.client._client import Client
+    from twisted_rpc import Client
 
     pb2 = _bench_pb2()
     window = Window(args.server_pid)
@@ -233,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     role = argv[0] if argv else ""
     if role == "server":
-        p = argparse.ArgumentParser(prog="python -m twisted_rpc.bench server")
+        p = argparse.ArgumentParser(prog="python -m benchmarks.peer server")
         p.add_argument("--port", type=int, default=0)
         p.add_argument("--max-seconds", type=float, default=900)
         p.add_argument("--stdin-watch", action="store_true")
@@ -241,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         watchdog(args.max_seconds, args.stdin_watch)
         serve(args)
     elif role == "client":
-        p = argparse.ArgumentParser(prog="python -m twisted_rpc.bench client")
+        p = argparse.ArgumentParser(prog="python -m benchmarks.peer client")
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--concurrency", "-c", type=int, default=1)
         p.add_argument("--payload-bytes", "-n", type=int, default=32)

@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 
-from scripts.zkserver import ZooKeeperCluster
-from tests.processes import Provider
+from testbed.processes import Provider
+from testbed.zkserver import ZooKeeperCluster
 
 
 def run_with_zookeeper(

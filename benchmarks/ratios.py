@@ -1,6 +1,6 @@
 """Tables for docs/benchmarks.md from one run of the peer benchmark's run_all.py.
 
-    python scripts/bench_ratios.py peers.json [--system twisted_rpc]
+    python benchmarks/ratios.py peers.json [--system twisted_rpc]
 
 Prints twisted_rpc's medians against the pipelined raw-Twisted floor and
 grpc-aio of the same run, then the performance issue's targets with the value

@@ -29,7 +29,7 @@ from twisted_rpc.server._factory import ServerFactory, ServerLimits
 
 __all__ = ["ProviderService"]
 
-log = Logger()
+log = Logger(namespace="twisted_rpc.provider")
 
 
 @implementer(IStreamServerEndpoint)

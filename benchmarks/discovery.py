@@ -1,6 +1,6 @@
 """Discovery figures against a real ZooKeeper (docs/benchmarks.md).
 
-    PYTHONPATH=. .venv/bin/python -m scripts.discovery_bench [--nodes 1000]
+    PYTHONPATH=. .venv/bin/python -m benchmarks.discovery [--nodes 1000]
 
 1. SIGKILL of one of two providers under load: time until the consumer routes
    no new call to it (its channel leaves rotation).
@@ -30,12 +30,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from protos import echo_pb2
-from scripts.harness import run_with_zookeeper
-from scripts.zkserver import ZooKeeperCluster
-from tests.echo_service import ECHO
-from tests.processes import Provider
-from twisted_rpc import Client
-from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
+from testbed.echo_service import ECHO
+from testbed.harness import run_with_zookeeper
+from testbed.processes import Provider
+from testbed.zkserver import ZooKeeperCluster
+from twisted_rpc import Client, ZooKeeperRegistry
 
 SERVICE = "mprpc.test.EchoService"
 ROOT = "/mprpc-bench"

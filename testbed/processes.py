@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 SERVICES = (
-    "tests.echo_service:EchoService examples.user.callee:UserService "
+    "testbed.echo_service:EchoService examples.user.callee:UserService "
     "examples.friend.callee:FriendService"
 )
 _LISTENING = re.compile(r"provider listening on 127\.0\.0\.1:(\d+)")

@@ -1,0 +1,105 @@
+"""The consumer ini file (``[consumer]``, ``[providers]``, ``[registry]``,
+``[tls]``), read and checked up front (see ``docs/config.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twisted_rpc.client._balancer import balancer_named
+from twisted_rpc.client._connection import DEFAULT_MAX_WRITE_BUFFER, timeout_error
+from twisted_rpc.client._dials import DEFAULT_MAX_CONCURRENT_DIALS, DEFAULT_MAX_DIALS_PER_SECOND
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._ini import REGISTRY_KEYS, ConfigError, Reader, RegistryConfig
+from twisted_rpc.core._tls import ClientTLS
+from twisted_rpc.discovery._types import ProviderAddress, parse_address
+
+__all__ = ["ConsumerConfig", "load_consumer_config"]
+
+
+@dataclass
+class ConsumerConfig:
+    """What a consumer ini file says (see :func:`load_consumer_config`)."""
+
+    path: str
+    timeout: float | None = None
+    connect_timeout: float = 5.0
+    max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE
+    balancer: str = "round_robin"
+    keepalive_interval: float = 0.0
+    keepalive_timeout: float = 10.0
+    max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER
+    max_concurrent_dials: int = DEFAULT_MAX_CONCURRENT_DIALS
+    max_dials_per_second: float = DEFAULT_MAX_DIALS_PER_SECOND
+    tls: ClientTLS | None = None
+    providers: dict[str, list[ProviderAddress]] = field(default_factory=dict)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+
+_CONSUMER_KEYS = {
+    "timeout",
+    "connect_timeout",
+    "max_frame_size",
+    "balancer",
+    "keepalive_interval",
+    "keepalive_timeout",
+    "max_write_buffer",
+    "max_concurrent_dials",
+    "max_dials_per_second",
+}
+
+
+_CONSUMER_TLS_KEYS = {"ca", "certificate", "private_key"}
+
+
+def load_consumer_config(path: str) -> ConsumerConfig:
+    """Read and check a consumer ini file."""
+    r = Reader(
+        path,
+        {
+            "consumer": _CONSUMER_KEYS,
+            "registry": REGISTRY_KEYS,
+            "providers": None,
+            "tls": _CONSUMER_TLS_KEYS,
+        },
+    )
+    providers: dict[str, list[ProviderAddress]] = {}
+    if r.parser.has_section("providers"):
+        for service, raw in r.parser["providers"].items():
+            providers[service] = [
+                r.parsed("providers", service, a, parse_address)
+                for a in raw.replace(",", " ").split()
+            ]
+    timeout = r.number("consumer", "timeout", 0.0)
+    if timeout_error(timeout) is not None:
+        raise ConfigError(f"{path}: [consumer] timeout: {timeout_error(timeout)}")
+    balancer = r.get("consumer", "balancer", "round_robin") or "round_robin"
+    try:
+        balancer_named(balancer)
+    except ValueError as e:
+        raise ConfigError(f"{path}: [consumer] balancer: {e}") from None
+    return ConsumerConfig(
+        path=path,
+        timeout=timeout or None,
+        connect_timeout=r.number("consumer", "connect_timeout", 5.0, minimum=0.001),
+        max_frame_size=r.number("consumer", "max_frame_size", wire.DEFAULT_MAX_FRAME_SIZE, int, 64),
+        balancer=balancer,
+        keepalive_interval=r.number("consumer", "keepalive_interval", 0.0),
+        keepalive_timeout=r.number("consumer", "keepalive_timeout", 10.0, minimum=0.001),
+        max_write_buffer=r.number("consumer", "max_write_buffer", DEFAULT_MAX_WRITE_BUFFER, int, 0),
+        max_concurrent_dials=r.number(
+            "consumer", "max_concurrent_dials", DEFAULT_MAX_CONCURRENT_DIALS, int, 1
+        ),
+        max_dials_per_second=r.number(
+            "consumer", "max_dials_per_second", DEFAULT_MAX_DIALS_PER_SECOND, float, 0.001
+        ),
+        tls=ClientTLS(
+            r.get("tls", "ca", "") or "",
+            r.get("tls", "certificate", "") or "",
+            r.get("tls", "private_key", "") or "",
+        )
+        if r.parser.has_section("tls")
+        else None,
+        providers=providers,
+        registry=r.registry(),
+    )

@@ -1,0 +1,221 @@
+"""The provider ini file (``[provider]``, ``[registry]``, ``[tls]``, ``[cpp]``,
+``[admin]``), read and checked up front (see ``docs/config.md``), and the
+``module:Class`` service specs it names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._ini import REGISTRY_KEYS, ConfigError, Reader, RegistryConfig, check_endpoint
+from twisted_rpc.core._service import Service
+from twisted_rpc.core._tls import server_options
+from twisted_rpc.cpp._conf import CPP_KEYS, CPP_SECTIONS, CppListenerConfig, read_cpp_section
+from twisted_rpc.discovery._types import ProviderAddress, parse_address
+from twisted_rpc.server._factory import ServerLimits
+
+__all__ = [
+    "AdminConfig",
+    "ProviderConfig",
+    "check_service_specs",
+    "load_provider_config",
+    "load_services",
+]
+
+
+@dataclass
+class AdminConfig:
+    """The admin HTTP endpoint (``[admin]``): metrics, status page, JSON."""
+
+    listen: str
+    max_connections: int = 64
+    """Admin connections open at once; more are closed at once (logged)."""
+
+
+@dataclass
+class ProviderConfig:
+    """What a provider ini file says (see :func:`load_provider_config`)."""
+
+    path: str
+    listen: str | None
+    advertise: ProviderAddress | None
+    services: list[str]
+    grace_period: float = 10.0
+    max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    tls_options: Any = None
+    cpp: CppListenerConfig | None = None
+    """The listener for C++ mprpc callers (``[cpp]``), if any."""
+    health: bool = True
+    reflection: bool = True
+    slow_call_threshold: float = 0.0
+    admin: AdminConfig | None = None
+    log_format: str = "text"
+
+
+_PROVIDER_KEYS = {
+    "listen",
+    "advertise",
+    "services",
+    "grace_period",
+    "max_frame_size",
+    "max_calls_per_connection",
+    "max_calls",
+    "max_connections",
+    "idle_timeout",
+    "max_long_lived_calls_per_connection",
+    "max_long_lived_calls",
+    "max_metadata_size",
+    "max_metadata_entries",
+    "frame_timeout",
+    "max_connections_per_peer",
+    "max_buffered_bytes",
+    "health",
+    "reflection",
+    "slow_call_threshold",
+    "log_format",
+}
+
+
+_PROVIDER_TLS_KEYS = {"certificate", "private_key", "client_ca"}
+
+
+def load_provider_config(path: str) -> ProviderConfig:
+    """Read and check a provider ini file (the services are not imported here)."""
+    r = Reader(
+        path,
+        {
+            "provider": _PROVIDER_KEYS,
+            "registry": REGISTRY_KEYS,
+            "tls": _PROVIDER_TLS_KEYS,
+            **dict.fromkeys(CPP_SECTIONS, CPP_KEYS),
+            "admin": {"listen", "max_connections"},
+        },
+    )
+    if not r.parser.has_section("provider"):
+        raise ConfigError(f"{path}: missing section [provider]")
+    listen = r.require("provider", "listen")
+    check_endpoint(f"{path}: [provider] listen", listen)
+    raw_advertise = r.get("provider", "advertise")
+    advertise = None
+    if raw_advertise:
+        advertise = r.parsed("provider", "advertise", raw_advertise, parse_address)
+    services = r.require("provider", "services").split()
+    check_service_specs(services, f"{path}: [provider] services")
+    tls_options = None
+    if r.parser.has_section("tls"):
+        try:
+            tls_options = server_options(
+                r.require("tls", "certificate"),
+                r.require("tls", "private_key"),
+                r.get("tls", "client_ca", "") or "",
+            )
+        except ValueError as e:
+            raise ConfigError(f"{path}: [tls] {e}") from None
+    registry = r.registry()
+    return ProviderConfig(
+        tls_options=tls_options,
+        path=path,
+        listen=listen,
+        advertise=advertise,
+        services=services,
+        grace_period=r.number("provider", "grace_period", 10.0),
+        max_frame_size=r.number("provider", "max_frame_size", wire.DEFAULT_MAX_FRAME_SIZE, int, 64),
+        limits=ServerLimits(
+            max_calls_per_connection=r.number(
+                "provider", "max_calls_per_connection", 1000, int, minimum=1
+            ),
+            max_calls=r.number("provider", "max_calls", 10000, int, minimum=1),
+            max_connections=r.number("provider", "max_connections", 1000, int, minimum=1),
+            idle_timeout=r.number("provider", "idle_timeout", 0.0),
+            **_hardening_limits(r),
+        ),
+        registry=registry,
+        cpp=read_cpp_section(r, registry),
+        health=r.flag("provider", "health", True),
+        reflection=r.flag("provider", "reflection", True),
+        slow_call_threshold=r.number("provider", "slow_call_threshold", 0.0),
+        admin=_admin(r),
+        log_format=_log_format(r),
+    )
+
+
+def _hardening_limits(r: Reader) -> dict[str, Any]:
+    """The ``[provider]`` limits on what one peer may hold (docs/config.md)."""
+    d = ServerLimits()
+    p = "provider"
+    return {
+        "max_long_lived_calls_per_connection": r.number(
+            p, "max_long_lived_calls_per_connection", d.max_long_lived_calls_per_connection, int, 1
+        ),
+        "max_long_lived_calls": r.number(p, "max_long_lived_calls", d.max_long_lived_calls, int, 1),
+        "max_metadata_size": r.number(p, "max_metadata_size", d.max_metadata_size, int, 1),
+        "max_metadata_entries": r.number(p, "max_metadata_entries", d.max_metadata_entries, int, 1),
+        "frame_timeout": r.number(p, "frame_timeout", d.frame_timeout),
+        "max_connections_per_peer": r.number(
+            p, "max_connections_per_peer", d.max_connections_per_peer, int, 1
+        ),
+        "max_buffered_bytes": r.number(p, "max_buffered_bytes", d.max_buffered_bytes, int, 1),
+    }
+
+
+def _log_format(r: Reader) -> str:
+    value = r.get("provider", "log_format", "text") or "text"
+    if value not in ("text", "json"):
+        raise ConfigError(f"{r.path}: [provider] log_format = {value!r} (expected text or json)")
+    return value
+
+
+def _admin(r: Reader) -> AdminConfig | None:
+    if not r.parser.has_section("admin"):
+        return None
+    listen = r.require("admin", "listen")
+    check_endpoint(f"{r.path}: [admin] listen", listen)
+    return AdminConfig(listen, r.number("admin", "max_connections", 64, int, minimum=1))
+
+
+def check_service_specs(specs: list[str], where: str) -> None:
+    """Each spec must look like ``module:Class`` (nothing is imported here)."""
+    for spec in specs:
+        module, sep, name = spec.partition(":")
+        if not sep or not module or not name:
+            raise ConfigError(f"{where}: {spec!r} is not module:Class")
+
+
+def load_services(specs: list[str], where: str = "services") -> list[Service]:
+    """Import ``module:Class`` specs and instantiate each Service class.
+
+    The working directory is on the import path, as for ``python -m``.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    instances = []
+    for spec in specs:
+        module_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:
+            raise ConfigError(
+                f"{where}: cannot import {module_name}: {type(e).__name__}: {e}"
+            ) from None
+        cls = module
+        for part in attr.split("."):
+            cls = getattr(cls, part, None)
+            if cls is None:
+                raise ConfigError(f"{where}: {module_name} has no {attr}")
+        if not (isinstance(cls, type) and issubclass(cls, Service) and cls.descriptor is not None):
+            raise ConfigError(
+                f"{where}: {spec} is not a twisted_rpc.Service subclass with a descriptor"
+            )
+        try:
+            instances.append(cls())
+        except Exception as e:
+            raise ConfigError(f"{where}: {spec}() failed: {type(e).__name__}: {e}") from None
+    return instances

@@ -1,0 +1,145 @@
+"""``twistd mprpc``: options and the service tree of a provider."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from twisted_rpc._version import __version__
+from twisted_rpc.core._ini import ConfigError
+from twisted_rpc.core._interfaces import IServiceRegistry
+from twisted_rpc.cpp._conf import load_cpp_conf
+from twisted_rpc.discovery._static import StaticRegistry
+from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
+from twisted_rpc.ops._admin import DEFAULT_ADMIN_MAX_CONNECTIONS
+from twisted_rpc.ops._logs import json_observer
+from twisted_rpc.provider._config import (
+    ProviderConfig,
+    check_service_specs,
+    load_provider_config,
+    load_services,
+)
+from twisted_rpc.provider._service import ProviderService
+
+
+class Options(usage.Options):
+    """Command-line options of ``twistd mprpc``."""
+
+    synopsis = "--config etc/provider.ini | --cpp-config test.conf --service module:Class"
+    longdesc = (
+        "Serve protobuf RPC services (twisted_rpc) as configured in an ini file, "
+        "or, for a C++ mprpc deployment, as its key=value config file says "
+        "(docs/mprpc-compat.md)."
+    )
+    optParameters = [
+        ["config", "c", None, "Provider config file (ini); see docs/config.md."],
+        [
+            "cpp-config",
+            None,
+            None,
+            "A C++ mprpc config file (rpcserverip, rpcserverport, zookeeperip, "
+            "zookeeperport): serve the C++ mprpc protocol there and register in its ZooKeeper.",
+        ],
+        ["mprpc-config", None, None, "The old name of --cpp-config."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["service"] = []
+
+    def opt_service(self, spec: str) -> None:
+        """A module:Class service to serve (repeatable; adds to [provider] services)."""
+        self["service"].append(spec)
+
+    def postOptions(self) -> None:
+        if self["mprpc-config"]:
+            if self["cpp-config"]:
+                raise usage.UsageError("--cpp-config and --mprpc-config are one option: give one")
+            self["cpp-config"] = self["mprpc-config"]
+        if not self["config"] and not self["cpp-config"]:
+            raise usage.UsageError("--config or --cpp-config is required")
+        try:
+            config = self._load()
+            services = load_services(config.services, f"{config.path}: services")
+        except ConfigError as e:
+            # One clear line and a non-zero exit, not a usage text or a traceback.
+            raise SystemExit(f"twistd mprpc: config error: {e}") from None
+        self["provider_config"] = config
+        self["service_instances"] = services
+
+    def _load(self) -> ProviderConfig:
+        if self["config"]:
+            config = load_provider_config(self["config"])
+        else:
+            config = ProviderConfig(
+                path=self["cpp-config"], listen=None, advertise=None, services=[]
+            )
+        config.services = config.services + self["service"]
+        check_service_specs(self["service"], "--service")
+        if self["cpp-config"]:
+            config.cpp = load_cpp_conf(self["cpp-config"]).listener()
+        if not config.services:
+            raise ConfigError(f"{config.path}: no services to serve (give --service module:Class)")
+        return config
+
+
+def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IService:
+    """The provider's service tree, from parsed options."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    config: ProviderConfig = options["provider_config"]
+    reg = config.registry
+    if reg.kind == "zookeeper":
+        registry: IServiceRegistry = ZooKeeperRegistry(
+            reactor, reg.hosts, root=reg.root, session_timeout=reg.session_timeout, auth=reg.auth
+        )
+    else:
+        registry = StaticRegistry()
+    cpp = config.cpp
+    cpp_registry = None
+    if cpp is not None and cpp.zookeeper is not None:
+        if isinstance(registry, ZooKeeperRegistry) and reg.hosts == cpp.zookeeper:
+            cpp_registry = registry
+        else:
+            cpp_registry = ZooKeeperRegistry(
+                reactor, cpp.zookeeper, session_timeout=reg.session_timeout
+            )
+    provider = ProviderService(
+        reactor,
+        config.listen,
+        options["service_instances"],
+        advertise=config.advertise,
+        registry=registry,
+        grace_period=config.grace_period,
+        max_frame_size=config.max_frame_size,
+        limits=config.limits,
+        tls_options=config.tls_options,
+        cpp_listen=cpp.listen if cpp else None,
+        cpp_advertise=cpp.advertise if cpp else None,
+        cpp_registry=cpp_registry,
+        health=config.health,
+        reflection=config.reflection,
+        admin_listen=config.admin.listen if config.admin else None,
+        admin_max_connections=(
+            config.admin.max_connections if config.admin else DEFAULT_ADMIN_MAX_CONNECTIONS
+        ),
+        slow_call_threshold=config.slow_call_threshold,
+        registration_data={
+            "weight": config.registry.weight,
+            "pid": os.getpid(),
+            "version": __version__,
+            "started_at": time.time(),
+        },
+    )
+    if config.log_format == "json":
+        provider.log_observer = json_observer()
+    for each in {id(r): r for r in (registry, cpp_registry)}.values():
+        if isinstance(each, ZooKeeperRegistry):
+            each.setServiceParent(provider)
+    return provider
