@@ -1,6 +1,6 @@
 """In-memory provider and client for unit tests (like ``treq.testing``).
 
-The real :class:`~twisted_rpc.client._client.Client` and the real provider-side
+The real :class:`~twisted_rpc.Client` and the real provider-side
 connections talk over in-memory transports on a ``MemoryReactorClock``: no
 sockets, no threads, and time moves only when the test says::
 
@@ -48,7 +48,7 @@ class MemoryProvider:
         builtins: bool = False,
     ) -> None:
         """``builtins``: also serve Health and Reflection, as a real provider does
-        (``self.health`` is their :class:`~twisted_rpc.ops._health.HealthState`)."""
+        (``self.health`` is their :class:`~twisted_rpc.ops.HealthState`)."""
         self.reactor = reactor if reactor is not None else MemoryReactorClock()
         self.dispatcher = Dispatcher(services, interceptors)
         self.health = add_builtins(

@@ -29,13 +29,8 @@ from twisted_rpc.client._connection import (
 from twisted_rpc.client._dials import _DialQueue, backoff_policy
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import GoawayReason
-from twisted_rpc.core._service import (
-    MethodInfo,
-)
-from twisted_rpc.core._status import (
-    CancelledError,
-    DeadlineExceededError,
-)
+from twisted_rpc.core._service import MethodInfo
+from twisted_rpc.core._status import CancelledError, DeadlineExceededError
 from twisted_rpc.core._tls import ClientTLS, wrap_client_endpoint
 from twisted_rpc.discovery._types import ProviderAddress
 

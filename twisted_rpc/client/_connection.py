@@ -17,9 +17,7 @@ from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameKind, GoawayReason
 from twisted_rpc.core._connection import LARGE_PAYLOAD, RpcConnection
 from twisted_rpc.core._deadlines import DeadlineQueue
-from twisted_rpc.core._service import (
-    MethodInfo,
-)
+from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.core._status import (
     CancelledError,
     DataLossError,

@@ -9,9 +9,7 @@ from google.protobuf.message import Message
 from twisted.internet.defer import Deferred
 
 from twisted_rpc.client._balancer import Balancer
-from twisted_rpc.core._service import (
-    MethodInfo,
-)
+from twisted_rpc.core._service import MethodInfo
 
 if TYPE_CHECKING:
     from twisted_rpc.client._client import Client

@@ -23,7 +23,7 @@ class IClientInterceptor(Interface):
     def intercept(call, request, proceed):
         """Handle one outgoing call.
 
-        ``call`` is a :class:`twisted_rpc.client._client.ClientCall` (method, timeout,
+        ``call`` is a :class:`twisted_rpc.ClientCall` (method, timeout,
         metadata, all modifiable); ``proceed(call, request)`` sends it and
         returns a Deferred of the response. Return a Deferred.
         """
@@ -44,7 +44,7 @@ class IServiceDiscovery(Interface):
         """Call ``listener(addresses)`` with the provider list of ``service``
         (a full name), now if known and again on every change.
 
-        ``addresses`` is a tuple of :class:`twisted_rpc.discovery._types.ProviderAddress`.
+        ``addresses`` is a tuple of :class:`twisted_rpc.ProviderAddress`.
         Returns a no-argument callable that ends the subscription.
         """
 
@@ -56,7 +56,7 @@ class IServiceRegistry(Interface):
     """Where providers announce the services they serve."""
 
     def register(registration):
-        """Announce a :class:`twisted_rpc.discovery._types.Registration`; returns a Deferred."""
+        """Announce a :class:`twisted_rpc.Registration`; returns a Deferred."""
 
     def unregister_all():
         """Withdraw every announcement of this registry; returns a Deferred."""

@@ -16,11 +16,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from twisted_rpc.core._service import Service
-from twisted_rpc.ops._protos import (
-    HEALTH,
-    HealthCheckResponse,
-    ServingStatus,
-)
+from twisted_rpc.ops._protos import HEALTH, HealthCheckResponse, ServingStatus
 from twisted_rpc.ops._reflection import ReflectionService
 from twisted_rpc.server._context import CallContext
 

@@ -1,7 +1,7 @@
 """JSON log output: one flat JSON object per line, for log shippers.
 
 Selected by ``[provider] log_format = json`` (twistd then writes these lines
-instead of its text), or with ``twistd --logger twisted_rpc.ops._logs.json_observer``.
+instead of its text), or with ``twistd --logger twisted_rpc.ops.json_observer``.
 Each line has ``time``, ``level``, ``namespace`` and ``text`` (the formatted
 message), every field of the event (``call_id``, ``method``, ``service``,
 ``peer``, ``code``, ``duration_ms`` for failed and slow calls), and
@@ -53,5 +53,5 @@ def json_lines_observer(out: IO[str]) -> ILogObserver:
 
 
 def json_observer() -> ILogObserver:
-    """For ``twistd --logger twisted_rpc.ops._logs.json_observer``: JSON lines on stdout."""
+    """For ``twistd --logger twisted_rpc.ops.json_observer``: JSON lines on stdout."""
     return json_lines_observer(sys.stdout)

@@ -58,7 +58,7 @@ def _bound(port: IListeningPort) -> ProviderAddress:
 class ProviderService(MultiService):
     """Serves ``services`` on the endpoint ``listen`` and announces them.
 
-    With ``tls_options`` (see :func:`twisted_rpc.core._tls.server_options`) every
+    With ``tls_options`` (see :func:`twisted_rpc.server_options`) every
     connection speaks TLS, and the registrations say so (``"tls": true``).
 
     With ``cpp_listen`` the same services are also served to C++ mprpc

@@ -17,11 +17,7 @@ from zope.interface import implementer
 
 from twisted_rpc.core._interfaces import IServerInterceptor
 from twisted_rpc.core._service import MethodInfo, Service
-from twisted_rpc.core._status import (
-    NotFoundError,
-    RpcError,
-    UnimplementedError,
-)
+from twisted_rpc.core._status import NotFoundError, RpcError, UnimplementedError
 from twisted_rpc.server._context import CallContext
 
 ECHO_LIMIT = 128
