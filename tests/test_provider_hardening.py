@@ -17,7 +17,7 @@ from tests.echo_service import ECHO, EchoService
 from twisted_rpc import Service, StatusCode, wire
 from twisted_rpc.builtin_protos import HEALTH, HealthCheckResponse
 from twisted_rpc.client import ClientConnection
-from twisted_rpc.protocol import CLOSE_TIMEOUT
+from twisted_rpc.protocol import CLOSE_TIMEOUT, RefusedConnection
 from twisted_rpc.provider import ProviderService
 from twisted_rpc.server import Dispatcher, ServerFactory, ServerLimits
 from twisted_rpc.service import describe
@@ -51,8 +51,10 @@ class Conn:
         self.factory = factory
         self.proto = factory.buildProtocol(IPv4Address("TCP", host, port))
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
-        if self.proto is not None:
-            self.proto.makeConnection(self.transport)
+        self.proto.makeConnection(self.transport)
+        if isinstance(self.proto, RefusedConnection):
+            assert self.transport.disconnecting  # closed as soon as made
+            self.proto = None
 
     def request(self, call_id, route=ROUTE, message=None, timeout_ms=0, metadata=None):
         payload = (message or echo_pb2.EchoRequest()).SerializeToString()
@@ -542,8 +544,11 @@ def _mprpc(services, **limits):
 
 def _mprpc_connect(factory, host="10.0.0.1", port=1):
     proto = factory.buildProtocol(IPv4Address("TCP", host, port))
-    if proto is not None:
-        proto.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", host, port)))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+    proto.makeConnection(transport)
+    if isinstance(proto, RefusedConnection):
+        assert transport.disconnecting  # closed as soon as made
+        return None
     return proto
 
 

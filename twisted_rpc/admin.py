@@ -31,6 +31,7 @@ from twisted.web.server import Request, Site
 from twisted_rpc import __version__
 from twisted_rpc.builtins import status_name
 from twisted_rpc.metrics import ProviderMetrics, quantile
+from twisted_rpc.protocol import RefusedConnection
 
 __all__ = [
     "DEFAULT_ADMIN_IDLE_TIMEOUT",
@@ -288,7 +289,7 @@ class AdminFactory(WrappingFactory):
     def open_connections(self) -> int:
         return len(self.protocols)
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+    def buildProtocol(self, addr: IAddress) -> Protocol:
         if len(self.protocols) < self.max_connections:
             return super().buildProtocol(addr)  # type: ignore[no-any-return]
         self.refused += 1
@@ -303,4 +304,4 @@ class AdminFactory(WrappingFactory):
                 peer=str(addr),
             )
             self._logged_at, self._unlogged = now, 0
-        return None  # the connection is closed at once
+        return RefusedConnection()  # closed at once, under TLS too

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted_rpc import wire
 from twisted_rpc.interfaces import ICallObserver
 from twisted_rpc.mprpc_wire import CPP_REPLY_LIMIT, MprpcProtocolError, RequestReader
+from twisted_rpc.protocol import RefusedConnection
 from twisted_rpc.server import (
     MAX_ERROR_MESSAGE,
     CallContext,
@@ -296,10 +297,10 @@ class MprpcServerFactory(Factory):
         self.observer: ICallObserver | None = None
         """Told of every call's end, as the native factory's observer is."""
 
-    def buildProtocol(self, addr: Any) -> MprpcServerProtocol | None:
+    def buildProtocol(self, addr: Any) -> MprpcServerProtocol | RefusedConnection:
         if len(self.connections) >= self.limits.max_connections:
             log.warn("mprpc listener: refusing {addr}: too many connections", addr=addr)
-            return None
+            return RefusedConnection()
         host = getattr(addr, "host", None)
         if host is not None and self.per_peer.get(host, 0) >= self.limits.max_connections_per_peer:
             log.warn(
@@ -309,7 +310,7 @@ class MprpcServerFactory(Factory):
                 n=self.per_peer[host],
                 host=host,
             )
-            return None
+            return RefusedConnection()
         return MprpcServerProtocol(self)
 
     def connection_made(self, connection: MprpcServerProtocol) -> None:

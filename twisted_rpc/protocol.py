@@ -67,6 +67,16 @@ def _ignore(data: bytes) -> None:
     """What a connection closing after an error does with more bytes."""
 
 
+class RefusedConnection(Protocol):
+    """What a factory builds for a connection a limit refuses: closed as soon
+    as it is made. (Returning None closes a plain TCP connection on accept,
+    but a wrapping factory, such as the TLS one an ``ssl:`` endpoint puts
+    around it, would wrap the None and leave the socket open.)"""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
 @implementer(IPushProducer)
 class _WriteBufferWatch:
     """Registered on a connection's own transport, which pauses it when its

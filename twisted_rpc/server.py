@@ -25,7 +25,7 @@ from zope.interface import implementer
 from twisted_rpc import wire
 from twisted_rpc.deadlines import DeadlineQueue
 from twisted_rpc.interfaces import ICallObserver, IServerInterceptor
-from twisted_rpc.protocol import RpcConnection
+from twisted_rpc.protocol import RefusedConnection, RpcConnection
 from twisted_rpc.service import MethodInfo, Service
 from twisted_rpc.status import (
     InternalError,
@@ -655,7 +655,7 @@ class ServerFactory(Factory):
         self._slow_call_threshold = seconds
         self.timing = self._observer is not None or seconds > 0
 
-    def buildProtocol(self, addr: object) -> ServerConnection | None:
+    def buildProtocol(self, addr: object) -> ServerConnection | RefusedConnection:
         limits = self.limits
         if len(self.connections) >= limits.max_connections:
             log.warn(
@@ -663,7 +663,7 @@ class ServerFactory(Factory):
                 addr=addr,
                 n=len(self.connections),
             )
-            return None
+            return RefusedConnection()
         host = getattr(addr, "host", None)
         if host is not None and self.per_peer.get(host, 0) >= limits.max_connections_per_peer:
             log.warn(
@@ -673,7 +673,7 @@ class ServerFactory(Factory):
                 n=self.per_peer[host],
                 host=host,
             )
-            return None
+            return RefusedConnection()
         return ServerConnection(self)
 
     def connection_made(self, connection: ServerConnection) -> None:
