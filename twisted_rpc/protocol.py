@@ -326,17 +326,29 @@ class RpcConnection(Protocol):
         elif not self.unsent_bytes():
             self.transport.abortConnection()
             return
+        self.close_within(CLOSE_TIMEOUT, "answers unread after an error")
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close_within` was asked and the connection is not gone yet."""
+        return self._close_timer is not None
+
+    def close_within(self, seconds: float, why: str) -> None:
+        """Close once written frames are flushed, and abort if that has not
+        happened within ``seconds`` (a peer that reads nothing never lets a
+        graceful close finish)."""
         self.close()
         if self._close_timer is None and self.connected:
-            self._close_timer = self.clock.callLater(CLOSE_TIMEOUT, self._close_timed_out)
+            self._close_timer = self.clock.callLater(seconds, self._close_timed_out, seconds, why)
 
-    def _close_timed_out(self) -> None:
+    def _close_timed_out(self, seconds: float, why: str) -> None:
         self._close_timer = None
         if self.connected:
             self.log.warn(
-                "aborting connection from {peer}: answers unread for {t:g}s after an error",
+                "aborting connection from {peer}: {why} for {t:g}s",
                 peer=self.peer,
-                t=CLOSE_TIMEOUT,
+                why=why,
+                t=seconds,
             )
             self.transport.abortConnection()
 

@@ -25,7 +25,7 @@ from zope.interface import implementer
 from twisted_rpc import wire
 from twisted_rpc.deadlines import DeadlineQueue
 from twisted_rpc.interfaces import ICallObserver, IServerInterceptor
-from twisted_rpc.protocol import RefusedConnection, RpcConnection
+from twisted_rpc.protocol import CLOSE_TIMEOUT, RefusedConnection, RpcConnection
 from twisted_rpc.service import MethodInfo, Service
 from twisted_rpc.status import (
     InternalError,
@@ -759,15 +759,18 @@ class ServerFactory(Factory):
         limits = self.limits
         now = self.clock.seconds()
         for connection in list(self.connections):
+            if connection.closing:
+                continue  # closed as idle already, or after an error: aborted in time
             started = connection.partial_since
-            if started is not None:
-                if limits.frame_timeout and now - started >= limits.frame_timeout:
+            if started is not None and limits.frame_timeout:
+                if now - started >= limits.frame_timeout:
                     connection.drop(
                         f"a frame started {now - started:.0f}s ago is still not whole "
                         f"({connection.decoder.buffered} bytes in; frame_timeout "
                         f"{limits.frame_timeout:g}s)"
                     )
                 continue
+            # Without a frame timeout, a partial frame is no activity either.
             if (
                 limits.idle_timeout
                 and not connection.pending
@@ -775,7 +778,7 @@ class ServerFactory(Factory):
             ):
                 log.info("closing idle connection from {peer}", peer=connection.peer)
                 connection.goaway("connection closed as idle", GoawayReason.IDLE)
-                connection.close()
+                connection.close_within(CLOSE_TIMEOUT, "GOAWAY (idle) unread")
         self._sweeper = self.clock.callLater(self._sweep_interval(), self._sweep)
 
     def goaway(self, message: str = "provider is shutting down") -> None:
