@@ -106,6 +106,7 @@ class _Watched:
         "reading",
         "dirty",
         "refusal",
+        "changed",
     )
 
     def __init__(self, service: str) -> None:
@@ -120,6 +121,8 @@ class _Watched:
         self.dirty = False
         self.refusal: str | None = None
         """The ACL of the providers node last refused, to log it once."""
+        self.changed: set[str] = set()
+        """Names of nodes changed or deleted since they were read: read again."""
 
 
 @implementer(IServiceRegistry, IServiceDiscovery)
@@ -515,6 +518,12 @@ class ZooKeeperRegistry(Service):
                 self._apply(watched, ())
                 return
             children = self._capped(watched, path, children)
+            # A node changed since it was read (a bad one replaced by a good one
+            # under the same name, say) is read again.
+            changed, watched.changed = watched.changed, set()
+            for name in changed:
+                watched.nodes.pop(name, None)
+                watched.skipped.discard(name)
             watched.skipped.intersection_update(children)
             fresh = [
                 name
@@ -522,7 +531,7 @@ class ZooKeeperRegistry(Service):
                 if name not in watched.nodes and name not in watched.skipped
             ]
             read = await gatherResults(
-                [Deferred.fromCoroutine(self._read_node(path, name)) for name in fresh]
+                [Deferred.fromCoroutine(self._read_node(path, name, watched)) for name in fresh]
             )
         except KazooException as e:
             log.info("reading {path}: {error!r}; keeping the last list", path=path, error=e)
@@ -574,11 +583,17 @@ class ZooKeeperRegistry(Service):
         )
         return kept
 
-    async def _read_node(self, path: str, name: str) -> ProviderAddress | bool:
+    async def _read_node(self, path: str, name: str, watched: _Watched) -> ProviderAddress | bool:
         """The provider a node names; False if it is gone, True (logged) if it
-        is unusable."""
+        is unusable. A watch on the node has it read again once it changes."""
+
+        def node_changed(event: WatchedEvent) -> None:
+            if self._watched.get(watched.service) is watched:
+                watched.changed.add(name)
+                self._read_soon(watched)
+
         try:
-            data, stat = await self.zk.get(f"{path}/{name}")
+            data, stat = await self.zk.get(f"{path}/{name}", watch=node_changed)
             return self._parse_node(name, data, stat)
         except NoNodeError:
             return False  # gone meanwhile
