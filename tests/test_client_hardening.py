@@ -617,6 +617,22 @@ def test_overload_recovery_follows_the_backoff_and_waits_for_a_call():
         assert all(result(d) is not None for d in calls) and first.state == "ready"
 
 
+def test_a_timeout_of_another_type_equal_to_the_last_one_is_still_checked():
+    from decimal import Decimal
+
+    conn = ClientConnection(Clock())
+    transport = StringTransport()
+    conn.makeConnection(transport)
+    conn.call(METHOD, echo_pb2.EchoRequest(), timeout=1)
+    for bad in (True, Decimal(1), False, Decimal(0)):
+        error = failure_of(conn.call(METHOD, echo_pb2.EchoRequest(), timeout=bad))
+        assert type(error) is ValueError and "timeout" in str(error), bad
+    conn.call(METHOD, echo_pb2.EchoRequest(), timeout=1.0)
+    conn.call(METHOD, echo_pb2.EchoRequest(), timeout=0)
+    assert [f.timeout_ms for f in frames_of(transport.value())] == [1000, 1000, 0]
+    assert len(conn.outstanding) == 3
+
+
 # ------------------------------------------------------------------ 4: bad timeouts
 
 

@@ -221,13 +221,20 @@ class ClientConnection(RpcConnection):
         fails the Deferred with ValueError; nothing is sent.
         """
         if timeout:
-            if timeout != self._timeout:  # the last one was checked already
+            # The last call's timeout was checked already: the same object,
+            # or an equal float or int (True == 1, Decimal(1) == 1: checked).
+            if timeout is not self._timeout and (
+                timeout != self._timeout
+                or (type(timeout) is not float and type(timeout) is not int)
+            ):
                 error = timeout_error(timeout)
                 if error is not None:
                     return fail(error)
                 self._timeout = timeout
                 self._timeout_ms = max(1, int(timeout * 1000))
-        elif timeout is not None and timeout != 0:
+        elif timeout is not None and (
+            timeout != 0 or (type(timeout) is not float and type(timeout) is not int)
+        ):
             return fail(timeout_error(timeout) or ValueError(f"bad timeout {timeout!r}"))
         if not self.available:
             why = "provider is shutting down" if self.goaway_received else "not connected"
