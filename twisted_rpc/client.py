@@ -83,6 +83,15 @@ DEFAULT_MAX_CONCURRENT_DIALS = 32
 DEFAULT_MAX_DIALS_PER_SECOND = 500.0
 """Redials (after a failed attempt) a client starts per second at most, past a burst."""
 
+MAX_RESENDS = 1
+"""Times a call is sent again after a GOAWAY showed it was never run. Past
+it the call fails with NotSentError: a provider that says GOAWAY to every
+call cannot keep one going round."""
+
+GOAWAY_CLOSE_GRACE = 10.0
+"""Seconds a connection closed after its GOAWAY (its calls done) may take to
+flush; then it is aborted (a peer that does not read)."""
+
 
 def timeout_error(timeout: object) -> ValueError | None:
     """Why ``timeout`` is not a call timeout (None, or 0 to MAX_TIMEOUT seconds), or None."""
@@ -100,25 +109,24 @@ class NotSentError(UnavailableError):
 
 
 class _Call(Deferred):
-    """A call's Deferred, which knows its call id, so cancelling it is one lookup.
+    """A call's Deferred, which knows its call id and who holds it, so
+    cancelling it is one lookup.
 
-    ``moved_to`` is set when a GOAWAY took the call back from its connection
-    to send it again: cancelling it then cancels the call that replaced it.
+    ``holder`` is the connection whose outstanding map holds it, or, when a
+    GOAWAY took the call back and its channel is dialling, the
+    :class:`_Parked` entry that waits for the connection; None in between.
+    A call sent again keeps its Deferred: it moves, nothing is chained to it.
+    ``resends`` counts the times it was sent again (see MAX_RESENDS).
     """
 
-    __slots__ = ("call_id", "moved_to")
+    __slots__ = ("call_id", "holder")
+    resends = 0
 
 
-class _Serialized:
-    """A request already serialized (a call sent again), as ``call`` takes it."""
-
-    __slots__ = ("payload",)
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-
-    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
-        return self.payload
+def _cancel_call(d: _Call) -> None:
+    holder = d.holder
+    if holder is not None:
+        holder._cancel(d)
 
 
 TakenBack = tuple[_Call, MethodInfo, bytes, "Mapping[str, str] | None", float]
@@ -159,9 +167,11 @@ class ClientConnection(RpcConnection):
         self.goaway_reason: GoawayReason | None = None
         self.available = False
         """True while new calls may be sent here (connected, no GOAWAY)."""
+        self.made_at = 0.0
+        """When the connection was made (clock seconds)."""
         self._next_id = 1
         self._wrapped = False
-        self._timeout = 0.0  # the last call's timeout (checked), and it in ms for the wire
+        self._timeout: float = 0.0  # the last call's timeout (checked), and it in ms for the wire
         self._timeout_ms = 0
         self._on_lost = on_lost
         self._on_goaway = on_goaway
@@ -170,6 +180,7 @@ class ClientConnection(RpcConnection):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.made_at = self.clock.seconds()
         self.available = True
         if self.keepalive_interval > 0:
             self._keepalive = self.clock.callLater(self.keepalive_interval, self._send_keepalive)
@@ -210,13 +221,20 @@ class ClientConnection(RpcConnection):
         fails the Deferred with ValueError; nothing is sent.
         """
         if timeout:
-            if timeout != self._timeout:  # the last one was checked already
+            # The last call's timeout was checked already: the same object,
+            # or an equal float or int (True == 1, Decimal(1) == 1: checked).
+            if timeout is not self._timeout and (
+                timeout != self._timeout
+                or (type(timeout) is not float and type(timeout) is not int)
+            ):
                 error = timeout_error(timeout)
                 if error is not None:
                     return fail(error)
                 self._timeout = timeout
                 self._timeout_ms = max(1, int(timeout * 1000))
-        elif timeout is not None and timeout != 0:
+        elif timeout is not None and (
+            timeout != 0 or (type(timeout) is not float and type(timeout) is not int)
+        ):
             return fail(timeout_error(timeout) or ValueError(f"bad timeout {timeout!r}"))
         if not self.available:
             why = "provider is shutting down" if self.goaway_received else "not connected"
@@ -249,8 +267,9 @@ class ClientConnection(RpcConnection):
                 header = wire.encode_request(call_id, method.route, size, 0, metadata)
         except Exception as e:  # metadata that is not text, say
             return fail(InvalidArgumentError(message=f"cannot encode the call: {e}"))
-        d = _Call(self._cancel)
+        d = _Call(_cancel_call)
         d.call_id = call_id
+        d.holder = self
         self.outstanding[call_id] = (d, method, payload, metadata, deadline)
         if deadline:
             self.deadlines.add(deadline, call_id)
@@ -261,6 +280,49 @@ class ClientConnection(RpcConnection):
             batch.append(header)
             batch.append(payload)
         return d
+
+    def resume(self, call: TakenBack) -> RpcError | None:
+        """Send a call a GOAWAY took back (from another connection) here: the
+        same Deferred, a new call id, what is left of its deadline.
+
+        Returns why it could not be sent (NotSentError: it may go elsewhere),
+        or None: sent, or ended (its deadline passed, the buffer is full).
+        """
+        d, method, payload, metadata, deadline = call
+        if not self.available:
+            why = "provider is shutting down" if self.goaway_received else "not connected"
+            return NotSentError(message=f"{self.peer}: {why}")
+        timeout_ms = 0
+        if deadline:
+            left = deadline - self.clock.seconds()
+            if left <= 0:
+                d.holder = None
+                d.errback(DeadlineExceededError(message="deadline exceeded"))
+                return None
+            timeout_ms = max(1, int(left * 1000))
+        size = len(payload)
+        if self.write_blocked and self._over_write_buffer(size):
+            d.holder = None
+            d.errback(
+                ResourceExhaustedError(
+                    message=f"{self.peer} reads slower than calls are made: more than "
+                    f"{self.max_write_buffer} bytes of calls wait to be sent"
+                )
+            )
+            return None
+        call_id = self._next_id
+        if call_id < 0xFFFFFFFF and not self._wrapped:
+            self._next_id = call_id + 1
+        else:
+            call_id = self._next_wrapped_id()
+        header = wire.encode_request(call_id, method.route, size, timeout_ms, metadata)
+        d.call_id = call_id
+        d.holder = self
+        self.outstanding[call_id] = call
+        if deadline:
+            self.deadlines.add(deadline, call_id)
+        self.send(header, payload)
+        return None
 
     def _over_write_buffer(self, size: int) -> bool:
         """Whether ``size`` more bytes would pass max_write_buffer.
@@ -335,6 +397,8 @@ class ClientConnection(RpcConnection):
         except ValueError:
             reason = GoawayReason.UNSPECIFIED
         self.goaway_reason = reason
+        # From now on, the connection closes once its last call is done.
+        self._handlers[FrameKind.RESPONSE] = self._response_after_goaway
         taken = self._take_back(last_call_id)
         self.log.info(
             "{peer} sent GOAWAY ({reason}, last call {last}): {n} calls it never ran go again",
@@ -348,6 +412,30 @@ class ClientConnection(RpcConnection):
         else:
             for d, *_rest in taken:
                 d.errback(NotSentError(message=f"{self.peer}: provider sent GOAWAY"))
+        self._close_if_done()
+
+    def _response_after_goaway(self, *frame: Any) -> None:
+        self._response_received(*frame)
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        """After a GOAWAY, once no call is left: close the connection (a
+        provider may leave it open), and abort it if it has not closed
+        GOAWAY_CLOSE_GRACE seconds later (a peer that does not read)."""
+        if self.outstanding or not self.connected or self._close_timer is not None:
+            return
+        RpcConnection.close(self)  # flushes what was written (a CANCEL, say)
+        self._close_timer = self.clock.callLater(GOAWAY_CLOSE_GRACE, self._close_overdue)
+
+    def _close_overdue(self) -> None:
+        self._close_timer = None
+        if self.connected:
+            self.log.warn(
+                "aborting the connection to {peer}: not closed {t:g}s after its GOAWAY",
+                peer=self.peer,
+                t=GOAWAY_CLOSE_GRACE,
+            )
+            self.transport.abortConnection()
 
     def _take_back(self, last_call_id: int) -> list[TakenBack]:
         """Remove and return the calls sent after ``last_call_id``.
@@ -359,26 +447,29 @@ class ClientConnection(RpcConnection):
             return []
         outstanding = self.outstanding
         ids = [call_id for call_id in outstanding if call_id > last_call_id]
-        return [outstanding.pop(call_id) for call_id in ids]
+        taken = [outstanding.pop(call_id) for call_id in ids]
+        for entry in taken:
+            entry[0].holder = None  # in transit
+        return taken
 
-    def _cancel(self, d: Deferred) -> None:
-        moved = getattr(d, "moved_to", None)
-        if moved is not None:  # taken back by a GOAWAY and sent again
-            moved.cancel()
-            return
-        call_id = getattr(d, "call_id", None)
-        entry = self.outstanding.get(call_id) if call_id is not None else None
+    def _cancel(self, d: _Call) -> None:
+        call_id = d.call_id
+        entry = self.outstanding.get(call_id)
         if entry is None or entry[0] is not d:
             return
         del self.outstanding[call_id]
         if self.connected:
             self.send(wire.encode_cancel(call_id))
         d.errback(CancelledError(message="cancelled by the caller"))
+        if self.goaway_received:
+            self._close_if_done()
 
     def _deadline_expired(self, call_id: int) -> None:
         entry = self.outstanding.pop(call_id, None)
         if entry is not None:
             entry[0].errback(DeadlineExceededError(message="deadline exceeded"))
+            if self.goaway_received:
+                self._close_if_done()
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
@@ -517,23 +608,31 @@ class Channel:
     - ``failed``: the last attempt failed (refused, lost or closed before it was
       proven, no answer to keepalive pings); calls fail at once with
       UNAVAILABLE until the redial, which waits ``backoff(failures)``.
+    - ``backoff``: a GOAWAY (idle) ended a connection before it had lasted
+      ``stable_after``: a failed attempt. Calls wait; after
+      ``backoff(failures)`` the channel redials if calls wait, else is idle.
     - ``draining``: GOAWAY (shutdown): out of rotation, calls in flight finish.
-    - ``overloaded``: GOAWAY (overload): out of rotation for a while, then idle.
+    - ``overloaded``: GOAWAY (overload): out of rotation for
+      ``backoff(failures)`` (at least ``overload_pause``), then idle: the
+      next call redials.
     - ``refused``: never dialled (the registry entry asks for what this client
       refuses, such as TLS off when the client requires it).
     - ``closed``.
 
-    Calls waiting for a connection wait while queued, connecting or proving.
-    Only a proven connection resets the backoff, and only once it has lived
-    ``stable_after`` seconds: a proven connection lost sooner counts as a
-    failed attempt. A proven connection that is lost is redialled at once,
-    but not again at once if that one is lost quickly too.
+    Calls waiting for a connection wait while queued, connecting, proving or
+    in backoff. Only a connection that ends well resets the backoff: proven,
+    and ended (lost, or GOAWAY for any reason) ``stable_after`` seconds or
+    more after it was made. A proven connection lost sooner, or closed as
+    idle sooner, counts as a failed attempt. A proven connection that is lost
+    is redialled at once, but not again at once if that one is lost quickly
+    too. After a GOAWAY the old connection is closed once its calls are done.
     """
 
     stable_after = 1.0
-    """Seconds a proven connection must live for its loss to reset the backoff."""
+    """Seconds a proven connection must live for its end to reset the backoff
+    (a provider's ``idle_timeout`` shorter than this counts as failures)."""
     overload_pause = 1.0
-    """Seconds (+- 20 %) out of rotation after a GOAWAY saying overload."""
+    """Seconds (+- 20 %) at least out of rotation after a GOAWAY saying overload."""
 
     def __init__(
         self,
@@ -578,7 +677,6 @@ class Channel:
         self.failures = 0
         """Failed attempts in a row (what the backoff grows with)."""
         self._prompt_redial = True
-        self._proven_at = 0.0
         self._dial_slot = False
         self._retry: Any = None
         self._attempt: Deferred | None = None
@@ -677,6 +775,23 @@ class Channel:
             timeout = max(0.001, timeout - (self.clock.seconds() - started))
         return await protocol.call(method, request, timeout, metadata)
 
+    def resume(self, call: TakenBack, fallback: Callable[[TakenBack, RpcError], object]) -> None:
+        """Send a call a GOAWAY took back on this channel: at once when ready,
+        else once connected (within its deadline). If it cannot be sent here,
+        ``fallback(call, error)`` is called with a NotSentError."""
+        protocol = self.protocol
+        if protocol is not None and protocol.available:
+            error = protocol.resume(call)
+            if error is not None:
+                fallback(call, error)
+            return
+        if self.state == "idle":
+            self.connect()
+        if self.state not in _DIALLING:
+            fallback(call, NotSentError(message=f"provider {self.address}: {self.last_error}"))
+            return
+        _Parked(self, call, fallback)
+
     def close(self) -> Deferred:
         """Stop re-dialling and close the connections (their calls fail UNAVAILABLE).
 
@@ -729,7 +844,6 @@ class Channel:
         self._release_slot()
         self.protocol = protocol
         self.state = "ready"
-        self._proven_at = self.clock.seconds()
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(protocol)
@@ -788,6 +902,16 @@ class Channel:
                 for d in closed:
                     d.callback(None)
 
+    def _ended_well(self, protocol: ClientConnection) -> bool:
+        """Whether a proven connection that ends now lasted: then the backoff
+        starts afresh. (Its age counts from when it was made: a provider's
+        idle timer starts no earlier.)"""
+        if self.clock.seconds() - protocol.made_at < self.stable_after:
+            return False
+        self.failures = 0
+        self._prompt_redial = True
+        return True
+
     def _lost_proven(self, protocol: ClientConnection, reason: Failure) -> None:
         if protocol.keepalive_failed:
             # A frozen provider still accepts connections (its kernel does):
@@ -796,9 +920,7 @@ class Channel:
             self._failed()
             return
         self.last_error = f"connection lost: {reason.getErrorMessage()}"
-        if self.clock.seconds() - self._proven_at >= self.stable_after:
-            self.failures = 0
-            self._prompt_redial = True
+        self._ended_well(protocol)
         if self._prompt_redial:
             # Dial again at once (a restarted provider is back quickly), once:
             # if that connection does not last either, the backoff applies.
@@ -821,69 +943,149 @@ class Channel:
             for d, *_ in calls:
                 d.errback(NotSentError(message=f"provider {self.address}: {self.last_error}"))
             return
+        well = False
         if protocol is self._proving:
             self._proving = None
             self._release_slot()
         elif protocol is self.protocol:
             self.protocol = None
+            well = self._ended_well(protocol)
         else:
             protocol = None  # already put aside
         if protocol is not None:
             self._old.add(protocol)
             if reason == GoawayReason.IDLE:
-                self.state = "idle"  # the next call redials, as if nothing happened
-                if self._waiters:
-                    self.connect()
+                if well:
+                    self.state = "idle"  # the next call redials, as if nothing happened
+                    if self._waiters:
+                        self.connect()
+                else:  # closed as idle as soon as made: not a healthy connection
+                    self.last_error = (
+                        f"provider said GOAWAY (idle) before the connection had lasted "
+                        f"{self.stable_after:g}s"
+                    )
+                    self._pause("backoff", self.backoff(self.failures + 1))
             elif reason == GoawayReason.OVERLOAD:
                 self.last_error = "provider is overloaded"
-                self.state = "overloaded"
-                self._cancel_retry()
                 pause = self.overload_pause * random.uniform(0.8, 1.2)
-                self._retry = self.clock.callLater(pause, self._overload_over)
+                self._pause("overloaded", max(pause, self.backoff(self.failures + 1)))
                 self._release_waiters()
             else:
                 self.last_error = "provider is shutting down"
                 self.state = "draining"
                 self._release_waiters()
         if calls:
-            self._resend(self, reason, calls)
+            again = []
+            for call in calls:
+                d = call[0]
+                if d.resends >= MAX_RESENDS:
+                    d.errback(
+                        NotSentError(
+                            message=f"provider {self.address} said GOAWAY "
+                            f"({reason.name.lower()}) before running the call, which was "
+                            f"sent again after a GOAWAY already: not sent again"
+                        )
+                    )
+                else:
+                    d.resends += 1
+                    again.append(call)
+            if again:
+                self._resend(self, reason, again)
 
-    def _overload_over(self) -> None:
+    def _pause(self, state: str, seconds: float) -> None:
+        """A failed attempt: ``state`` for ``seconds``, then idle (redialled
+        at once only if calls wait)."""
+        self.state = state
+        self.failures += 1
+        self._cancel_retry()
+        self._retry = self.clock.callLater(seconds, self._pause_over, state)
+
+    def _pause_over(self, state: str) -> None:
         self._retry = None
-        if self.state == "overloaded":
+        if self.state == state:
             self.state = "idle"
-            self.connect()
+            if self._waiters:
+                self.connect()
 
 
-_USABLE = frozenset(("ready", "idle", "queued", "connecting", "proving"))
+class _Parked:
+    """A call a GOAWAY took back, waiting for its channel's connection; its
+    deadline and cancelling still apply."""
+
+    __slots__ = ("channel", "call", "fallback", "waiter", "timer")
+
+    def __init__(
+        self,
+        channel: Channel,
+        call: TakenBack,
+        fallback: Callable[[TakenBack, RpcError], object],
+    ) -> None:
+        self.channel = channel
+        self.call = call
+        self.fallback = fallback
+        call[0].holder = self
+        self.waiter: Deferred = Deferred()
+        channel._waiters.append(self.waiter)
+        self.waiter.addCallbacks(self._connected, self._not_sent)
+        deadline = call[4]
+        self.timer: Any = None
+        if deadline:
+            wait = max(0.0, deadline - channel.clock.seconds())
+            self.timer = channel.clock.callLater(wait, self._expired)
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _connected(self, protocol: ClientConnection) -> None:
+        self._stop_timer()
+        self.call[0].holder = None
+        error = protocol.resume(self.call)
+        if error is not None:
+            self.fallback(self.call, error)
+
+    def _not_sent(self, failure: Failure) -> None:
+        self._stop_timer()
+        self.call[0].holder = None
+        error = failure.value
+        if not isinstance(error, RpcError):
+            error = NotSentError(message=f"provider {self.channel.address}: {error}")
+        self.fallback(self.call, error)
+
+    def _cancel(self, d: _Call) -> None:
+        self._end(CancelledError(message="cancelled by the caller"))
+
+    def _expired(self) -> None:
+        self.timer = None
+        self._end(DeadlineExceededError(message="deadline exceeded"))
+
+    def _end(self, error: RpcError) -> None:
+        self._stop_timer()
+        waiters = self.channel._waiters
+        if self.waiter in waiters:
+            waiters.remove(self.waiter)
+        d = self.call[0]
+        d.holder = None
+        d.errback(error)
+
+
+_USABLE = frozenset(("ready", "idle", "queued", "connecting", "proving", "backoff"))
 _READY = frozenset(("ready", "idle"))
-_DIALLING = frozenset(("queued", "connecting", "proving"))
+_DIALLING = frozenset(("queued", "connecting", "proving", "backoff"))
+
+
+def _not_sent(call: TakenBack, error: RpcError) -> None:
+    d = call[0]
+    d.holder = None
+    d.errback(error)
 
 
 def _resend_on(channel: Channel, reason: GoawayReason, calls: list[TakenBack]) -> None:
     """Send calls a GOAWAY took back again on the same channel (a standalone
     channel's way; a Client sends them to another provider when it can)."""
     for call in calls:
-        send_again(channel.clock, call, channel.call)
-
-
-def send_again(
-    clock: IReactorTime,
-    call: TakenBack,
-    send: Callable[[MethodInfo, Any, float | None, Mapping[str, str] | None], Deferred],
-) -> None:
-    """Send a taken-back call with ``send``; its Deferred follows the new call,
-    within what is left of the original deadline."""
-    d, method, payload, metadata, deadline = call
-    timeout = None
-    if deadline:
-        timeout = deadline - clock.seconds()
-        if timeout <= 0:
-            d.errback(DeadlineExceededError(message="deadline exceeded"))
-            return
-    again = send(method, _Serialized(payload), timeout, metadata)
-    d.moved_to = again
-    again.addCallbacks(d.callback, d.errback)
+        channel.resume(call, _not_sent)
 
 
 def _deadline_exceeded(result: object, timeout: float) -> Failure:
@@ -1295,34 +1497,35 @@ class Client:
     def _resend(self, channel: Channel, reason: GoawayReason, calls: list[TakenBack]) -> None:
         """Send calls a GOAWAY showed were never run again: after an idle
         close on a fresh connection to the same provider, else to another
-        provider (this one is out of rotation) when there is one."""
-        if reason == GoawayReason.IDLE:
-            for call in calls:
-                send_again(self.reactor, call, channel.call)
-            return
+        provider (this one is out of rotation) when there is one; if one
+        cannot take it, to the next."""
         for call in calls:
             method = call[1]
             route = self._routes.get(method.service)
             if route is None:  # the client is closing
-                call[0].errback(NotSentError(message=f"no provider of {method.service}"))
+                _not_sent(call, NotSentError(message=f"no provider of {method.service}"))
                 continue
-            send = partial(self._resend_elsewhere, route, channel)
-            send_again(self.reactor, call, send)
+            tried = [channel]
+            fallback = partial(self._resend_elsewhere, route, tried)
+            if reason == GoawayReason.IDLE:
+                channel.resume(call, fallback)
+            else:
+                why = NotSentError(message=f"provider {channel.address}: {channel.last_error}")
+                fallback(call, why)
 
     def _resend_elsewhere(
-        self,
-        route: _ServiceRoute,
-        channel: Channel,
-        method: MethodInfo,
-        request: Message,
-        timeout: float | None,
-        metadata: Mapping[str, str] | None,
-    ) -> Deferred:
-        balancer = route.balancer
-        target = balancer.pick(route.channels, (channel,)) or channel
-        return Deferred.fromCoroutine(
-            self._failover(route, balancer, target, method, request, timeout, metadata, False)
-        )
+        self, route: _ServiceRoute, tried: list[Channel], call: TakenBack, error: RpcError
+    ) -> None:
+        """Send ``call`` to a provider not ``tried`` yet, else fail it with ``error``."""
+        if not isinstance(error, NotSentError):
+            _not_sent(call, error)
+            return
+        channel = route.balancer.pick(route.channels, tried)
+        if channel is None:
+            _not_sent(call, error)
+            return
+        tried.append(channel)
+        channel.resume(call, partial(self._resend_elsewhere, route, tried))
 
     def _retire(self, channel: Channel, deadline: float) -> None:
         """Close a channel no service routes to, once its calls are done."""
