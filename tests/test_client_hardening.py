@@ -48,6 +48,8 @@ SERVICE = "mprpc.test.EchoService"
 METHOD = describe(ECHO).methods["Echo"]
 ASYNC = describe(ECHO).methods["AsyncEcho"]
 result = MemoryProvider.result
+LASTED = Channel.stable_after + 0.01
+"""Long enough for a connection to count as stable (clock floats add up inexactly)."""
 
 
 def failure_of(d: Deferred) -> BaseException:
@@ -307,15 +309,19 @@ class _Provider:
         (conn,) = [c for c in self.memory.factory.connections if not c.draining]
         return conn
 
-    def goaway(self, reason: GoawayReason) -> None:
-        """The provider sends GOAWAY, as server.py does, with ``reason``."""
+    def goaway(self, reason: GoawayReason, last: int | None = None):
+        """The provider sends GOAWAY, as server.py does, with ``reason``
+        (and ``last`` as the last call it ran, if given). Returns the connection."""
         conn = self.server()
         conn.draining = True
-        conn.send(wire.encode_goaway(conn.last_call_id, reason.name.lower(), reason=reason))
+        last = conn.last_call_id if last is None else last
+        conn.send(wire.encode_goaway(last, reason.name.lower(), reason=reason))
+        return conn
 
 
 def test_idle_goaway_resends_calls_it_never_ran_on_a_fresh_connection():
     p = _Provider()
+    p.memory.advance(LASTED)  # an idle close comes idle_timeout after the last call
     slow = p.echo.AsyncEcho(echo_pb2.EchoRequest(payload=b"slow", delay=1), timeout=5)
     p.memory.flush()
     p.goaway(GoawayReason.IDLE)
@@ -347,7 +353,8 @@ def test_shutdown_goaway_sends_calls_it_never_ran_to_another_provider():
     two.flush()
     assert result(d).payload == b"x"
     assert two.served == {1001: 0, 1002: 1}
-    assert first.state == "draining"
+    # No call left on it: closed by the consumer, redialled after a backoff.
+    assert first.state == "failed" and first.last_error == "provider shut down"
     calls = [echo.Echo(echo_pb2.EchoRequest()) for _ in range(3)]
     two.flush()
     assert all(result(d) is not None for d in calls)
@@ -370,9 +377,12 @@ def test_overload_goaway_takes_the_provider_out_of_rotation_for_a_while():
     two.flush()
     assert all(result(d) is not None for d in calls)
     assert two.served == {1001: 0, 1002: 4}
-    two.reactor.advance(1.3)  # back after about a second
+    two.reactor.advance(1.3)  # back after about a second, dialled by the next call
+    assert first.state == "idle" and two.reactor.tcpClients == []
+    calls = [echo.Echo(echo_pb2.EchoRequest()) for _ in range(2)]
     two.connect_all()
-    assert first.state == "ready"
+    two.connect_all()
+    assert first.state == "ready" and two.served == {1001: 1, 1002: 5}
 
 
 def test_after_idle_closes_calls_spread_over_every_provider_again():
@@ -381,6 +391,7 @@ def test_after_idle_closes_calls_spread_over_every_provider_again():
     two = TwoProviders()
     echo = two.client.proxy(ECHO)
     two.connect_all()
+    two.reactor.advance(LASTED)
     for factory in two.factories.values():
         for server in list(factory.connections):
             server.draining = True
@@ -424,6 +435,206 @@ def test_a_call_past_its_deadline_when_taken_back_fails_with_deadline_exceeded()
     conn.dataReceived(wire.encode_goaway(0, reason=GoawayReason.SHUTDOWN))
     assert conn.outstanding == {} and len(channel_calls) == 1
     assert not d.called  # taken back, to be sent again: not failed
+
+
+# ------------------------------------------------------------------ GOAWAY from a hostile provider
+
+
+class _GoesAway(Protocol):
+    """A hostile provider: answers the first PING, then says GOAWAY (idle,
+    last call 0), and again on every request; closes the connection after it
+    or (``close = False``) leaves it open."""
+
+    close = True
+    made: list[_GoesAway] = []
+
+    def connectionMade(self) -> None:
+        self.made.append(self)
+        self.open = True
+        self.decoder = FrameDecoder(self._frame)
+
+    def connectionLost(self, reason) -> None:
+        self.open = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.decoder.feed(data)
+
+    def _frame(self, frame) -> None:
+        if frame.kind == FrameKind.PING:
+            self.transport.write(wire.encode_pong(frame.call_id, bytes(frame.payload)))
+        elif frame.kind != FrameKind.REQUEST:
+            return
+        self.transport.write(wire.encode_goaway(0, "", GoawayReason.IDLE))
+        if self.close:
+            self.transport.loseConnection()
+
+
+class _GoesAwayOpen(_GoesAway):
+    close = False
+    made: list[_GoesAway] = []
+
+
+@pytest.mark.parametrize("peer", [_GoesAway, _GoesAwayOpen])
+def test_a_provider_that_says_idle_goaway_at_once_is_not_redialled_in_a_loop(peer):
+    peer.made.clear()
+    reactor, client = _in_memory(peer)
+    d = client.proxy(ECHO).Echo(echo_pb2.EchoRequest(), timeout=2)
+    dials = _run(reactor, 1.0, step=0.05)
+    # The call was sent twice (the second time after a backoff), then failed;
+    # nothing else dials (the code before: a dial per step, 20 in 1 s).
+    assert dials == 2
+    error = failure_of(d)
+    assert type(error) is NotSentError and "sent again after a GOAWAY already" in error.message
+    (channel,) = client.channels.values()
+    assert channel.failures == 2 and not channel._old
+    assert [c.open for c in peer.made] == [False, False]  # the consumer closed them itself
+
+
+def test_an_idle_goaway_before_the_connection_lasted_counts_as_a_failed_attempt():
+    p = _Provider()
+    (channel,) = p.memory.client.channels.values()
+    p.goaway(GoawayReason.IDLE)  # as soon as the connection is proven
+    settle(p.memory)
+    assert channel.state == "backoff" and channel.failures == 1
+    d = p.echo.Echo(echo_pb2.EchoRequest(payload=b"x"), timeout=5)
+    settle(p.memory)
+    assert not d.called and len(p.memory.pumps) == 1  # waits for the backoff
+    p.memory.advance(0.13)  # 0.1 s +- 20 %
+    settle(p.memory)
+    assert result(d).payload == b"x" and channel.state == "ready" and len(p.memory.pumps) == 2
+    p.memory.advance(LASTED)  # this one lasts: its idle close is healthy
+    p.goaway(GoawayReason.IDLE)
+    settle(p.memory)
+    assert channel.failures == 0 and channel.state == "idle"
+
+
+@pytest.mark.parametrize(
+    "reason", [GoawayReason.IDLE, GoawayReason.SHUTDOWN], ids=lambda r: r.name.lower()
+)
+def test_a_connection_that_ended_well_resets_the_backoff_whatever_ended_it(reason):
+    p = _Provider()
+    (channel,) = p.memory.client.channels.values()
+    channel.failures = 6  # earlier failed attempts: the next one would wait about 5 s
+    p.memory.advance(LASTED)
+    conn = p.goaway(reason)
+    conn.transport.loseConnection()  # a provider closes the connection after its GOAWAY
+    settle(p.memory)
+    assert channel.failures == (reason == GoawayReason.SHUTDOWN)  # drained: one, 0.1 s
+    p.memory.advance(0.13)
+    d = p.echo.Echo(echo_pb2.EchoRequest(payload=b"y"), timeout=5)
+    settle(p.memory)
+    assert result(d).payload == b"y" and channel.state == "ready"
+
+
+def test_a_call_sent_again_is_the_callers_deferred_and_only_once():
+    p = _Provider()
+    (channel,) = p.memory.client.channels.values()
+    p.memory.advance(LASTED)
+    d = channel.call(ASYNC, echo_pb2.EchoRequest(delay=10), None, None)
+    p.goaway(GoawayReason.IDLE, last=0)
+    settle(p.memory)
+    # Sent again on a fresh connection: the same Deferred, no new one chained to it.
+    (entry,) = channel.protocol.outstanding.values()
+    assert entry[0] is d and not d.called
+    p.memory.advance(LASTED)
+    p.goaway(GoawayReason.IDLE, last=0)  # a second time: not sent a third time
+    settle(p.memory)
+    error = failure_of(d)
+    assert type(error) is NotSentError and "sent again after a GOAWAY already" in error.message
+    assert all(not c.connected for c in p.memory.factory.connections if c.draining)
+
+
+def test_a_call_sent_again_can_be_cancelled_or_expire_while_its_channel_backs_off():
+    p = _Provider()
+    (channel,) = p.memory.client.channels.values()
+    p.memory.advance(LASTED)
+    d = channel.call(ASYNC, echo_pb2.EchoRequest(delay=10), 30, None)
+    p.goaway(GoawayReason.IDLE, last=0)
+    settle(p.memory)  # sent again on a fresh connection
+    d.cancel()
+    assert isinstance(failure_of(d), CancelledError) and channel.protocol.outstanding == {}
+    server = p.server()
+    assert server.pending  # running it
+    settle(p.memory)
+    assert not server.pending  # told to stop
+    # That connection says GOAWAY at once: the channel backs off, the calls
+    # taken back wait for it, and still end when cancelled or at their deadline.
+    cancelled = channel.call(ASYNC, echo_pb2.EchoRequest(delay=10), 30, None)
+    timed = channel.call(ASYNC, echo_pb2.EchoRequest(delay=10), 0.05, None)
+    p.goaway(GoawayReason.IDLE, last=0)
+    settle(p.memory)
+    assert channel.state == "backoff" and len(channel._waiters) == 2
+    cancelled.cancel()
+    assert isinstance(failure_of(cancelled), CancelledError) and len(channel._waiters) == 1
+    p.memory.reactor.advance(0.05)
+    assert isinstance(failure_of(timed), DeadlineExceededError) and channel._waiters == []
+    p.memory.advance(0.2)  # the backoff is over, and no call waits: no dial
+    assert channel.state == "idle" and p.memory.reactor.tcpClients == []
+
+
+def test_an_old_connection_is_closed_once_its_calls_are_done():
+    p = _Provider()
+    (channel,) = p.memory.client.channels.values()
+    p.memory.advance(LASTED)
+    slow = p.echo.AsyncEcho(echo_pb2.EchoRequest(payload=b"s", delay=1), timeout=5)
+    settle(p.memory)
+    conn = p.goaway(GoawayReason.IDLE)  # the slow call ran: it finishes where it is
+    settle(p.memory)
+    (old,) = channel._old
+    assert old.connected and conn.connected  # a provider that does not close it
+    p.memory.advance(1)
+    assert result(slow).payload == b"s"
+    settle(p.memory)
+    assert not old.connected and not conn.connected and not channel._old
+
+
+def test_an_old_connection_whose_peer_does_not_read_is_aborted_after_a_grace():
+    conn = ClientConnection(Clock())
+    transport = StringTransport()
+    conn.makeConnection(transport)
+    conn.dataReceived(wire.encode_goaway(0, reason=GoawayReason.IDLE))
+    assert transport.disconnecting and not conn.transport.disconnected
+    conn.clock.advance(10)
+    assert transport.disconnected  # StringTransport: abortConnection
+
+
+def test_overload_recovery_follows_the_backoff_and_waits_for_a_call():
+    from tests.test_balancing import TwoProviders
+
+    two = TwoProviders(backoff=lambda failures: 2.0 * failures)
+    echo = two.client.proxy(ECHO)
+    two.connect_all()
+    first = two.client.channels["127.0.0.1:1001"]
+    for attempt in (1, 2):  # each connection said overload at once: 2 s, then 4 s
+        (server,) = [c for c in two.factories[1001].connections if not c.draining]
+        server.draining = True
+        server.send(wire.encode_goaway(0, "busy", reason=GoawayReason.OVERLOAD))
+        two.flush()
+        assert first.state == "overloaded" and first.failures == attempt
+        two.reactor.advance(2.0 * attempt - 0.01)
+        assert first.state == "overloaded"
+        two.reactor.advance(0.02)
+        assert first.state == "idle" and two.reactor.tcpClients == []  # no call: no dial
+        calls = [echo.Echo(echo_pb2.EchoRequest()) for _ in range(2)]
+        two.connect_all()
+        two.connect_all()
+        assert all(result(d) is not None for d in calls) and first.state == "ready"
+
+
+def test_a_timeout_of_another_type_equal_to_the_last_one_is_still_checked():
+    from decimal import Decimal
+
+    conn = ClientConnection(Clock())
+    transport = StringTransport()
+    conn.makeConnection(transport)
+    conn.call(METHOD, echo_pb2.EchoRequest(), timeout=1)
+    for bad in (True, Decimal(1), False, Decimal(0)):
+        error = failure_of(conn.call(METHOD, echo_pb2.EchoRequest(), timeout=bad))
+        assert type(error) is ValueError and "timeout" in str(error), bad
+    conn.call(METHOD, echo_pb2.EchoRequest(), timeout=1.0)
+    conn.call(METHOD, echo_pb2.EchoRequest(), timeout=0)
+    assert [f.timeout_ms for f in frames_of(transport.value())] == [1000, 1000, 0]
+    assert len(conn.outstanding) == 3
 
 
 # ------------------------------------------------------------------ 4: bad timeouts

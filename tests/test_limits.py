@@ -13,6 +13,7 @@ from twisted_rpc.client import ClientConnection
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core import describe
 from twisted_rpc.core._codec import FrameDecoder, FrameKind
+from twisted_rpc.core._connection import RefusedConnection
 from twisted_rpc.server import ServerFactory
 from twisted_rpc.testing import MemoryProvider
 
@@ -53,10 +54,11 @@ def _server(limits: ServerLimits):
 
 def _connect(factory):
     proto = factory.buildProtocol(None)
-    if proto is None:
-        return None, None
     transport = StringTransport()
     proto.makeConnection(transport)
+    if isinstance(proto, RefusedConnection):
+        assert transport.disconnecting  # closed as soon as made
+        return None, None
     return proto, transport
 
 

@@ -26,7 +26,7 @@ from twisted_rpc.client import ClientConnection
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core import describe
 from twisted_rpc.core._codec import FrameDecoder, FrameKind, GoawayReason
-from twisted_rpc.core._connection import CLOSE_TIMEOUT
+from twisted_rpc.core._connection import CLOSE_TIMEOUT, RefusedConnection
 from twisted_rpc.ops._protos import HEALTH, HealthCheckResponse
 from twisted_rpc.server import ServerFactory
 
@@ -57,8 +57,10 @@ class Conn:
         self.factory = factory
         self.proto = factory.buildProtocol(IPv4Address("TCP", host, port))
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
-        if self.proto is not None:
-            self.proto.makeConnection(self.transport)
+        self.proto.makeConnection(self.transport)
+        if isinstance(self.proto, RefusedConnection):
+            assert self.transport.disconnecting  # closed as soon as made
+            self.proto = None
 
     def request(self, call_id, route=ROUTE, message=None, timeout_ms=0, metadata=None):
         payload = (message or echo_pb2.EchoRequest()).SerializeToString()
@@ -207,7 +209,9 @@ def test_an_oversized_goaway_extension_keeps_its_reason():
     conn.makeConnection(StringTransport())
     frame = _ext_frame(FrameKind.GOAWAY, 0, b"\x00" * 10_000, status=GoawayReason.IDLE)
     conn.dataReceived(frame)
-    assert conn.goaway_received and not conn.transport.disconnecting
+    assert conn.goaway_reason == GoawayReason.IDLE
+    # With no call left the consumer closes the connection itself; not aborted as a bad frame.
+    assert conn.transport.disconnecting and not conn.transport.disconnected
 
 
 # --------------------------------------------------------------------------- item 9
@@ -548,8 +552,11 @@ def _mprpc(services, **limits):
 
 def _mprpc_connect(factory, host="10.0.0.1", port=1):
     proto = factory.buildProtocol(IPv4Address("TCP", host, port))
-    if proto is not None:
-        proto.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", host, port)))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+    proto.makeConnection(transport)
+    if isinstance(proto, RefusedConnection):
+        assert transport.disconnecting  # closed as soon as made
+        return None
     return proto
 
 

@@ -144,3 +144,29 @@ def test_bad_tls_files_are_a_config_error(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"\[tls\] cannot read certificate"):
         load_provider_config(str(config))
+
+
+def test_a_connection_refused_by_the_factory_is_refused_under_tls_too():
+    """A connection limit's refusal (buildProtocol returning None) must close
+    the connection on accept under TLS as without it; Twisted's TLS factory
+    wrapped the None and left the socket open and uncounted."""
+    import twisted.test
+    from twisted.internet import ssl
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.protocol import Factory, Protocol
+
+    from twisted_rpc import wrap_server_factory
+
+    class OneConnection(Factory):
+        built = 0
+
+        def buildProtocol(self, addr):
+            self.built += 1
+            return Protocol() if self.built == 1 else None
+
+    pem = Path(twisted.test.__file__).with_name("server.pem")  # Twisted's test certificate
+    options = ssl.PrivateCertificate.loadPEM(pem.read_bytes()).options()
+    tls = wrap_server_factory(OneConnection(), options)
+    addr = IPv4Address("TCP", "127.0.0.1", 5555)
+    assert tls.buildProtocol(addr) is not None
+    assert tls.buildProtocol(addr) is None

@@ -407,3 +407,18 @@ def test_a_node_gone_while_read_is_read_again_when_it_comes_back():
     _provider_node(zk, 8000)
     clock.advance(0.05)
     assert [a.port for a in seen[-1]] == [8000]
+
+
+def test_a_skipped_node_is_read_again_once_it_changes(logged):
+    """A bad node replaced by a good one under the same name (its data set,
+    or deleted and created again within one debounce) is used then."""
+    clock, zk, registry = make()
+    path = f"{PROVIDERS}/127.0.0.1:8000"
+    zk.server_create(path, b'{"host": "127.0.0.1", "port": 0}', owner=0x99)
+    seen = []
+    registry.subscribe(SERVICE, seen.append)
+    clock.advance(0)
+    assert seen == [] or list(seen[-1]) == []
+    zk.set(path, json.dumps({"host": "127.0.0.1", "port": 8000}).encode())
+    clock.advance(0.05)
+    assert [a.port for a in seen[-1]] == [8000]

@@ -20,17 +20,18 @@ from twisted.python.failure import Failure
 
 from twisted_rpc.client._connection import (
     DEFAULT_MAX_WRITE_BUFFER,
+    MAX_RESENDS,
     ClientConnection,
     NotSentError,
     TakenBack,
-    _Serialized,
     timeout_error,
 )
 from twisted_rpc.client._dials import _DialQueue, backoff_policy
+from twisted_rpc.client._parked import _not_sent, _Parked
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import GoawayReason
 from twisted_rpc.core._service import MethodInfo
-from twisted_rpc.core._status import CancelledError, DeadlineExceededError
+from twisted_rpc.core._status import CancelledError, DeadlineExceededError, RpcError
 from twisted_rpc.core._tls import ClientTLS, wrap_client_endpoint
 from twisted_rpc.discovery._types import ProviderAddress
 
@@ -79,23 +80,31 @@ class Channel:
     - ``failed``: the last attempt failed (refused, lost or closed before it was
       proven, no answer to keepalive pings); calls fail at once with
       UNAVAILABLE until the redial, which waits ``backoff(failures)``.
+    - ``backoff``: a GOAWAY (idle) ended a connection before it had lasted
+      ``stable_after``: a failed attempt. Calls wait; after
+      ``backoff(failures)`` the channel redials if calls wait, else is idle.
     - ``draining``: GOAWAY (shutdown): out of rotation, calls in flight finish.
-    - ``overloaded``: GOAWAY (overload): out of rotation for a while, then idle.
+    - ``overloaded``: GOAWAY (overload): out of rotation for
+      ``backoff(failures)`` (at least ``overload_pause``), then idle: the
+      next call redials.
     - ``refused``: never dialled (the registry entry asks for what this client
       refuses, such as TLS off when the client requires it).
     - ``closed``.
 
-    Calls waiting for a connection wait while queued, connecting or proving.
-    Only a proven connection resets the backoff, and only once it has lived
-    ``stable_after`` seconds: a proven connection lost sooner counts as a
-    failed attempt. A proven connection that is lost is redialled at once,
-    but not again at once if that one is lost quickly too.
+    Calls waiting for a connection wait while queued, connecting, proving or
+    in backoff. Only a connection that ends well resets the backoff: proven,
+    and ended (lost, or GOAWAY for any reason) ``stable_after`` seconds or
+    more after it was made. A proven connection lost sooner, or closed as
+    idle sooner, counts as a failed attempt. A proven connection that is lost
+    is redialled at once, but not again at once if that one is lost quickly
+    too. After a GOAWAY the old connection is closed once its calls are done.
     """
 
     stable_after = 1.0
-    """Seconds a proven connection must live for its loss to reset the backoff."""
+    """Seconds a proven connection must live for its end to reset the backoff
+    (a provider's ``idle_timeout`` shorter than this counts as failures)."""
     overload_pause = 1.0
-    """Seconds (+- 20 %) out of rotation after a GOAWAY saying overload."""
+    """Seconds (+- 20 %) at least out of rotation after a GOAWAY saying overload."""
 
     def __init__(
         self,
@@ -140,7 +149,6 @@ class Channel:
         self.failures = 0
         """Failed attempts in a row (what the backoff grows with)."""
         self._prompt_redial = True
-        self._proven_at = 0.0
         self._dial_slot = False
         self._retry: Any = None
         self._attempt: Deferred | None = None
@@ -239,6 +247,23 @@ class Channel:
             timeout = max(0.001, timeout - (self.clock.seconds() - started))
         return await protocol.call(method, request, timeout, metadata)
 
+    def resume(self, call: TakenBack, fallback: Callable[[TakenBack, RpcError], object]) -> None:
+        """Send a call a GOAWAY took back on this channel: at once when ready,
+        else once connected (within its deadline). If it cannot be sent here,
+        ``fallback(call, error)`` is called with a NotSentError."""
+        protocol = self.protocol
+        if protocol is not None and protocol.available:
+            error = protocol.resume(call)
+            if error is not None:
+                fallback(call, error)
+            return
+        if self.state == "idle":
+            self.connect()
+        if self.state not in _DIALLING:
+            fallback(call, NotSentError(message=f"provider {self.address}: {self.last_error}"))
+            return
+        _Parked(self, call, fallback)
+
     def close(self) -> Deferred:
         """Stop re-dialling and close the connections (their calls fail UNAVAILABLE).
 
@@ -291,7 +316,6 @@ class Channel:
         self._release_slot()
         self.protocol = protocol
         self.state = "ready"
-        self._proven_at = self.clock.seconds()
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(protocol)
@@ -350,6 +374,16 @@ class Channel:
                 for d in closed:
                     d.callback(None)
 
+    def _ended_well(self, protocol: ClientConnection) -> bool:
+        """Whether a proven connection that ends now lasted: then the backoff
+        starts afresh. (Its age counts from when it was made: a provider's
+        idle timer starts no earlier.)"""
+        if self.clock.seconds() - protocol.made_at < self.stable_after:
+            return False
+        self.failures = 0
+        self._prompt_redial = True
+        return True
+
     def _lost_proven(self, protocol: ClientConnection, reason: Failure) -> None:
         if protocol.keepalive_failed:
             # A frozen provider still accepts connections (its kernel does):
@@ -358,9 +392,7 @@ class Channel:
             self._failed()
             return
         self.last_error = f"connection lost: {reason.getErrorMessage()}"
-        if self.clock.seconds() - self._proven_at >= self.stable_after:
-            self.failures = 0
-            self._prompt_redial = True
+        self._ended_well(protocol)
         if self._prompt_redial:
             # Dial again at once (a restarted provider is back quickly), once:
             # if that connection does not last either, the backoff applies.
@@ -383,73 +415,85 @@ class Channel:
             for d, *_ in calls:
                 d.errback(NotSentError(message=f"provider {self.address}: {self.last_error}"))
             return
+        well = False
         if protocol is self._proving:
             self._proving = None
             self._release_slot()
         elif protocol is self.protocol:
             self.protocol = None
+            well = self._ended_well(protocol)
         else:
             protocol = None  # already put aside
         if protocol is not None:
             self._old.add(protocol)
             if reason == GoawayReason.IDLE:
-                self.state = "idle"  # the next call redials, as if nothing happened
-                if self._waiters:
-                    self.connect()
+                if well:
+                    self.state = "idle"  # the next call redials, as if nothing happened
+                    if self._waiters:
+                        self.connect()
+                else:  # closed as idle as soon as made: not a healthy connection
+                    self.last_error = (
+                        f"provider said GOAWAY (idle) before the connection had lasted "
+                        f"{self.stable_after:g}s"
+                    )
+                    self._pause("backoff", self.backoff(self.failures + 1))
             elif reason == GoawayReason.OVERLOAD:
                 self.last_error = "provider is overloaded"
-                self.state = "overloaded"
-                self._cancel_retry()
                 pause = self.overload_pause * random.uniform(0.8, 1.2)
-                self._retry = self.clock.callLater(pause, self._overload_over)
+                self._pause("overloaded", max(pause, self.backoff(self.failures + 1)))
                 self._release_waiters()
             else:
                 self.last_error = "provider is shutting down"
                 self.state = "draining"
                 self._release_waiters()
         if calls:
-            self._resend(self, reason, calls)
+            again = []
+            for call in calls:
+                d = call[0]
+                if d.resends >= MAX_RESENDS:
+                    d.errback(
+                        NotSentError(
+                            message=f"provider {self.address} said GOAWAY "
+                            f"({reason.name.lower()}) before running the call, which was "
+                            f"sent again after a GOAWAY already: not sent again"
+                        )
+                    )
+                else:
+                    d.resends += 1
+                    again.append(call)
+            if again:
+                self._resend(self, reason, again)
 
-    def _overload_over(self) -> None:
+    def _pause(self, state: str, seconds: float) -> None:
+        """A failed attempt: ``state`` for ``seconds``, then idle (redialled
+        at once only if calls wait)."""
+        self.state = state
+        self.failures += 1
+        self._cancel_retry()
+        self._retry = self.clock.callLater(seconds, self._pause_over, state)
+
+    def _pause_over(self, state: str) -> None:
         self._retry = None
-        if self.state == "overloaded":
+        if self.state == state:
             self.state = "idle"
-            self.connect()
+            if self._waiters:
+                self.connect()
 
 
-_USABLE = frozenset(("ready", "idle", "queued", "connecting", "proving"))
+_USABLE = frozenset(("ready", "idle", "queued", "connecting", "proving", "backoff"))
 
 
 _READY = frozenset(("ready", "idle"))
 
 
-_DIALLING = frozenset(("queued", "connecting", "proving"))
+_DIALLING = frozenset(("queued", "connecting", "proving", "backoff"))
 
 
 def _resend_on(channel: Channel, reason: GoawayReason, calls: list[TakenBack]) -> None:
     """Send calls a GOAWAY took back again on the same channel (a standalone
     channel's way; a Client sends them to another provider when it can)."""
     for call in calls:
-        send_again(channel.clock, call, channel.call)
-
-
-def send_again(
-    clock: IReactorTime,
-    call: TakenBack,
-    send: Callable[[MethodInfo, Any, float | None, Mapping[str, str] | None], Deferred],
-) -> None:
-    """Send a taken-back call with ``send``; its Deferred follows the new call,
-    within what is left of the original deadline."""
-    d, method, payload, metadata, deadline = call
-    timeout = None
-    if deadline:
-        timeout = deadline - clock.seconds()
-        if timeout <= 0:
-            d.errback(DeadlineExceededError(message="deadline exceeded"))
-            return
-    again = send(method, _Serialized(payload), timeout, metadata)
-    d.moved_to = again
-    again.addCallbacks(d.callback, d.errback)
+        channel.resume(call, _not_sent)
 
 
 def _deadline_exceeded(result: object, timeout: float) -> Failure:

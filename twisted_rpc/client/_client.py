@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.logger import Logger
 
 from twisted_rpc.client._balancer import Balancer, RoundRobin, balancer_named
-from twisted_rpc.client._channel import Channel, send_again
+from twisted_rpc.client._channel import Channel
 from twisted_rpc.client._config import load_consumer_config
 from twisted_rpc.client._connection import (
     DEFAULT_MAX_WRITE_BUFFER,
@@ -30,6 +30,7 @@ from twisted_rpc.client._dials import (
     _DialQueue,
     backoff_policy,
 )
+from twisted_rpc.client._parked import _not_sent
 from twisted_rpc.client._proxy import ServiceProxy
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import GoawayReason
@@ -457,34 +458,35 @@ class Client:
     def _resend(self, channel: Channel, reason: GoawayReason, calls: list[TakenBack]) -> None:
         """Send calls a GOAWAY showed were never run again: after an idle
         close on a fresh connection to the same provider, else to another
-        provider (this one is out of rotation) when there is one."""
-        if reason == GoawayReason.IDLE:
-            for call in calls:
-                send_again(self.reactor, call, channel.call)
-            return
+        provider (this one is out of rotation) when there is one; if one
+        cannot take it, to the next."""
         for call in calls:
             method = call[1]
             route = self._routes.get(method.service)
             if route is None:  # the client is closing
-                call[0].errback(NotSentError(message=f"no provider of {method.service}"))
+                _not_sent(call, NotSentError(message=f"no provider of {method.service}"))
                 continue
-            send = partial(self._resend_elsewhere, route, channel)
-            send_again(self.reactor, call, send)
+            tried = [channel]
+            fallback = partial(self._resend_elsewhere, route, tried)
+            if reason == GoawayReason.IDLE:
+                channel.resume(call, fallback)
+            else:
+                why = NotSentError(message=f"provider {channel.address}: {channel.last_error}")
+                fallback(call, why)
 
     def _resend_elsewhere(
-        self,
-        route: _ServiceRoute,
-        channel: Channel,
-        method: MethodInfo,
-        request: Message,
-        timeout: float | None,
-        metadata: Mapping[str, str] | None,
-    ) -> Deferred:
-        balancer = route.balancer
-        target = balancer.pick(route.channels, (channel,)) or channel
-        return Deferred.fromCoroutine(
-            self._failover(route, balancer, target, method, request, timeout, metadata, False)
-        )
+        self, route: _ServiceRoute, tried: list[Channel], call: TakenBack, error: RpcError
+    ) -> None:
+        """Send ``call`` to a provider not ``tried`` yet, else fail it with ``error``."""
+        if not isinstance(error, NotSentError):
+            _not_sent(call, error)
+            return
+        channel = route.balancer.pick(route.channels, tried)
+        if channel is None:
+            _not_sent(call, error)
+            return
+        tried.append(channel)
+        channel.resume(call, partial(self._resend_elsewhere, route, tried))
 
     def _retire(self, channel: Channel, deadline: float) -> None:
         """Close a channel no service routes to, once its calls are done."""

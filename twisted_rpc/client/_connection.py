@@ -36,6 +36,17 @@ MAX_TIMEOUT = 0xFFFFFFFF / 1000
 """The longest call timeout in seconds: the wire carries it as u32 milliseconds."""
 
 
+MAX_RESENDS = 1
+"""Times a call is sent again after a GOAWAY showed it was never run. Past
+it the call fails with NotSentError: a provider that says GOAWAY to every
+call cannot keep one going round."""
+
+
+GOAWAY_CLOSE_GRACE = 10.0
+"""Seconds a connection closed after its GOAWAY (its calls done) may take to
+flush; then it is aborted (a peer that does not read)."""
+
+
 def timeout_error(timeout: object) -> ValueError | None:
     """Why ``timeout`` is not a call timeout (None, or 0 to MAX_TIMEOUT seconds), or None."""
     if timeout is None:
@@ -52,25 +63,24 @@ class NotSentError(UnavailableError):
 
 
 class _Call(Deferred):
-    """A call's Deferred, which knows its call id, so cancelling it is one lookup.
+    """A call's Deferred, which knows its call id and who holds it, so
+    cancelling it is one lookup.
 
-    ``moved_to`` is set when a GOAWAY took the call back from its connection
-    to send it again: cancelling it then cancels the call that replaced it.
+    ``holder`` is the connection whose outstanding map holds it, or, when a
+    GOAWAY took the call back and its channel is dialling, the
+    :class:`_Parked` entry that waits for the connection; None in between.
+    A call sent again keeps its Deferred: it moves, nothing is chained to it.
+    ``resends`` counts the times it was sent again (see MAX_RESENDS).
     """
 
-    __slots__ = ("call_id", "moved_to")
+    __slots__ = ("call_id", "holder")
+    resends = 0
 
 
-class _Serialized:
-    """A request already serialized (a call sent again), as ``call`` takes it."""
-
-    __slots__ = ("payload",)
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-
-    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
-        return self.payload
+def _cancel_call(d: _Call) -> None:
+    holder = d.holder
+    if holder is not None:
+        holder._cancel(d)
 
 
 TakenBack = tuple[_Call, MethodInfo, bytes, "Mapping[str, str] | None", float]
@@ -111,9 +121,11 @@ class ClientConnection(RpcConnection):
         self.goaway_reason: GoawayReason | None = None
         self.available = False
         """True while new calls may be sent here (connected, no GOAWAY)."""
+        self.made_at = 0.0
+        """When the connection was made (clock seconds)."""
         self._next_id = 1
         self._wrapped = False
-        self._timeout = 0.0  # the last call's timeout (checked), and it in ms for the wire
+        self._timeout: float = 0.0  # the last call's timeout (checked), and it in ms for the wire
         self._timeout_ms = 0
         self._on_lost = on_lost
         self._on_goaway = on_goaway
@@ -122,6 +134,7 @@ class ClientConnection(RpcConnection):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.made_at = self.clock.seconds()
         self.available = True
         if self.keepalive_interval > 0:
             self._keepalive = self.clock.callLater(self.keepalive_interval, self._send_keepalive)
@@ -162,13 +175,20 @@ class ClientConnection(RpcConnection):
         fails the Deferred with ValueError; nothing is sent.
         """
         if timeout:
-            if timeout != self._timeout:  # the last one was checked already
+            # The last call's timeout was checked already: the same object,
+            # or an equal float or int (True == 1, Decimal(1) == 1: checked).
+            if timeout is not self._timeout and (
+                timeout != self._timeout
+                or (type(timeout) is not float and type(timeout) is not int)
+            ):
                 error = timeout_error(timeout)
                 if error is not None:
                     return fail(error)
                 self._timeout = timeout
                 self._timeout_ms = max(1, int(timeout * 1000))
-        elif timeout is not None and timeout != 0:
+        elif timeout is not None and (
+            timeout != 0 or (type(timeout) is not float and type(timeout) is not int)
+        ):
             return fail(timeout_error(timeout) or ValueError(f"bad timeout {timeout!r}"))
         if not self.available:
             why = "provider is shutting down" if self.goaway_received else "not connected"
@@ -201,8 +221,9 @@ class ClientConnection(RpcConnection):
                 header = wire.encode_request(call_id, method.route, size, 0, metadata)
         except Exception as e:  # metadata that is not text, say
             return fail(InvalidArgumentError(message=f"cannot encode the call: {e}"))
-        d = _Call(self._cancel)
+        d = _Call(_cancel_call)
         d.call_id = call_id
+        d.holder = self
         self.outstanding[call_id] = (d, method, payload, metadata, deadline)
         if deadline:
             self.deadlines.add(deadline, call_id)
@@ -213,6 +234,49 @@ class ClientConnection(RpcConnection):
             batch.append(header)
             batch.append(payload)
         return d
+
+    def resume(self, call: TakenBack) -> RpcError | None:
+        """Send a call a GOAWAY took back (from another connection) here: the
+        same Deferred, a new call id, what is left of its deadline.
+
+        Returns why it could not be sent (NotSentError: it may go elsewhere),
+        or None: sent, or ended (its deadline passed, the buffer is full).
+        """
+        d, method, payload, metadata, deadline = call
+        if not self.available:
+            why = "provider is shutting down" if self.goaway_received else "not connected"
+            return NotSentError(message=f"{self.peer}: {why}")
+        timeout_ms = 0
+        if deadline:
+            left = deadline - self.clock.seconds()
+            if left <= 0:
+                d.holder = None
+                d.errback(DeadlineExceededError(message="deadline exceeded"))
+                return None
+            timeout_ms = max(1, int(left * 1000))
+        size = len(payload)
+        if self.write_blocked and self._over_write_buffer(size):
+            d.holder = None
+            d.errback(
+                ResourceExhaustedError(
+                    message=f"{self.peer} reads slower than calls are made: more than "
+                    f"{self.max_write_buffer} bytes of calls wait to be sent"
+                )
+            )
+            return None
+        call_id = self._next_id
+        if call_id < 0xFFFFFFFF and not self._wrapped:
+            self._next_id = call_id + 1
+        else:
+            call_id = self._next_wrapped_id()
+        header = wire.encode_request(call_id, method.route, size, timeout_ms, metadata)
+        d.call_id = call_id
+        d.holder = self
+        self.outstanding[call_id] = call
+        if deadline:
+            self.deadlines.add(deadline, call_id)
+        self.send(header, payload)
+        return None
 
     def _over_write_buffer(self, size: int) -> bool:
         """Whether ``size`` more bytes would pass max_write_buffer.
@@ -287,6 +351,8 @@ class ClientConnection(RpcConnection):
         except ValueError:
             reason = GoawayReason.UNSPECIFIED
         self.goaway_reason = reason
+        # From now on, the connection closes once its last call is done.
+        self._handlers[FrameKind.RESPONSE] = self._response_after_goaway
         taken = self._take_back(last_call_id)
         self.log.info(
             "{peer} sent GOAWAY ({reason}, last call {last}): {n} calls it never ran go again",
@@ -300,6 +366,30 @@ class ClientConnection(RpcConnection):
         else:
             for d, *_rest in taken:
                 d.errback(NotSentError(message=f"{self.peer}: provider sent GOAWAY"))
+        self._close_if_done()
+
+    def _response_after_goaway(self, *frame: Any) -> None:
+        self._response_received(*frame)
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        """After a GOAWAY, once no call is left: close the connection (a
+        provider may leave it open), and abort it if it has not closed
+        GOAWAY_CLOSE_GRACE seconds later (a peer that does not read)."""
+        if self.outstanding or not self.connected or self._close_timer is not None:
+            return
+        RpcConnection.close(self)  # flushes what was written (a CANCEL, say)
+        self._close_timer = self.clock.callLater(GOAWAY_CLOSE_GRACE, self._close_overdue)
+
+    def _close_overdue(self) -> None:
+        self._close_timer = None
+        if self.connected:
+            self.log.warn(
+                "aborting the connection to {peer}: not closed {t:g}s after its GOAWAY",
+                peer=self.peer,
+                t=GOAWAY_CLOSE_GRACE,
+            )
+            self.transport.abortConnection()
 
     def _take_back(self, last_call_id: int) -> list[TakenBack]:
         """Remove and return the calls sent after ``last_call_id``.
@@ -311,26 +401,29 @@ class ClientConnection(RpcConnection):
             return []
         outstanding = self.outstanding
         ids = [call_id for call_id in outstanding if call_id > last_call_id]
-        return [outstanding.pop(call_id) for call_id in ids]
+        taken = [outstanding.pop(call_id) for call_id in ids]
+        for entry in taken:
+            entry[0].holder = None  # in transit
+        return taken
 
-    def _cancel(self, d: Deferred) -> None:
-        moved = getattr(d, "moved_to", None)
-        if moved is not None:  # taken back by a GOAWAY and sent again
-            moved.cancel()
-            return
-        call_id = getattr(d, "call_id", None)
-        entry = self.outstanding.get(call_id) if call_id is not None else None
+    def _cancel(self, d: _Call) -> None:
+        call_id = d.call_id
+        entry = self.outstanding.get(call_id)
         if entry is None or entry[0] is not d:
             return
         del self.outstanding[call_id]
         if self.connected:
             self.send(wire.encode_cancel(call_id))
         d.errback(CancelledError(message="cancelled by the caller"))
+        if self.goaway_received:
+            self._close_if_done()
 
     def _deadline_expired(self, call_id: int) -> None:
         entry = self.outstanding.pop(call_id, None)
         if entry is not None:
             entry[0].errback(DeadlineExceededError(message="deadline exceeded"))
+            if self.goaway_received:
+                self._close_if_done()
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)

@@ -39,6 +39,16 @@ def _ignore(data: bytes) -> None:
     """What a connection closing after an error does with more bytes."""
 
 
+class RefusedConnection(Protocol):
+    """What a factory builds for a connection a limit refuses: closed as soon
+    as it is made. (Returning None closes a plain TCP connection on accept,
+    but a wrapping factory, such as the TLS one an ``ssl:`` endpoint puts
+    around it, would wrap the None and leave the socket open.)"""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
 @implementer(IPushProducer)
 class _WriteBufferWatch:
     """Registered on a connection's own transport, which pauses it when its
@@ -259,17 +269,29 @@ class RpcConnection(Protocol):
         elif not self.unsent_bytes():
             self.transport.abortConnection()
             return
+        self.close_within(CLOSE_TIMEOUT, "answers unread after an error")
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close_within` was asked and the connection is not gone yet."""
+        return self._close_timer is not None
+
+    def close_within(self, seconds: float, why: str) -> None:
+        """Close once written frames are flushed, and abort if that has not
+        happened within ``seconds`` (a peer that reads nothing never lets a
+        graceful close finish)."""
         self.close()
         if self._close_timer is None and self.connected:
-            self._close_timer = self.clock.callLater(CLOSE_TIMEOUT, self._close_timed_out)
+            self._close_timer = self.clock.callLater(seconds, self._close_timed_out, seconds, why)
 
-    def _close_timed_out(self) -> None:
+    def _close_timed_out(self, seconds: float, why: str) -> None:
         self._close_timer = None
         if self.connected:
             self.log.warn(
-                "aborting connection from {peer}: answers unread for {t:g}s after an error",
+                "aborting connection from {peer}: {why} for {t:g}s",
                 peer=self.peer,
-                t=CLOSE_TIMEOUT,
+                why=why,
+                t=seconds,
             )
             self.transport.abortConnection()
 

@@ -8,10 +8,15 @@ order: those go to a FIFO (O(1)); any earlier than the last one go to a heap.
 Answered calls are not removed; they are skipped when their deadline comes,
 and the queue is rebuilt when such stale entries outnumber the live ones.
 
-An entry names its call by id *and* by the owner's record of it (the value
-in the ``live`` map when the deadline was added): a call id is reused once
-its call is over (a provider cannot choose the ids its peer sends), and the
-deadline of a finished call must not expire a later call with the same id.
+Where call ids can be reused while an old deadline is still queued (a
+provider cannot choose the ids its peer sends), an entry names its call by id
+*and* by the owner's record of it (the value in the ``live`` map when the
+deadline was added: ``by_record=True``), so the deadline of a finished call
+cannot expire a later call with the same id. The record is then held until
+its deadline passes or the queue is compacted, so it must be small. A
+consumer numbers its own calls and never reuses an id in flight: it matches
+by id alone and its records (which hold the request, to send it again) are
+not kept alive by the queue.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ _Entry = tuple[float, int, int, object]
 _GONE = object()
 """What ``live.get`` gives for an id no longer there: matches no record."""
 
+_ANY = object()
+"""The record of an entry matched by id alone."""
+
 
 def _nothing(call_id: int) -> None:
     """What a stopped queue calls (nothing: its connection is gone)."""
@@ -39,8 +47,9 @@ class DeadlineQueue:
     """Calls ``on_expired(call_id)`` for each live call whose deadline passed.
 
     ``live`` is the owner's map of calls in flight. :meth:`add` a deadline
-    once the call is in it; an entry whose call is no longer there, or whose
-    id now names another call (another value), is an answered call, dropped.
+    once the call is in it; an entry whose call is no longer there (or, with
+    ``by_record``, whose id now names another call: another value) is an
+    answered call, dropped.
     """
 
     __slots__ = (
@@ -53,6 +62,7 @@ class DeadlineQueue:
         "_timer",
         "_timer_at",
         "_added",
+        "_by_record",
     )
 
     def __init__(
@@ -60,8 +70,11 @@ class DeadlineQueue:
         clock: IReactorTime,
         live: Mapping[int, object],
         on_expired: Callable[[int], object],
+        *,
+        by_record: bool = False,
     ) -> None:
         self._clock = clock
+        self._by_record = by_record
         self._live = live
         self._on_expired = on_expired
         self._fifo: deque[_Entry] = deque()
@@ -80,7 +93,7 @@ class DeadlineQueue:
         self._added = added = self._added + 1
         if not added & 63 and len(self) > 2 * len(self._live):
             self._compact()
-        entry = (deadline, added, call_id, self._live[call_id])
+        entry = (deadline, added, call_id, self._live[call_id] if self._by_record else _ANY)
         if deadline >= self._last:
             # In order: the timer, if any, is already due no later than this.
             self._fifo.append(entry)
@@ -104,10 +117,18 @@ class DeadlineQueue:
                 self._timer.cancel()
             self._timer = None
 
+    def _matcher(self) -> Callable[[int, object], bool]:
+        """Whether an entry's ``(call_id, record)`` still names a live call."""
+        live = self._live
+        if self._by_record:
+            get = live.get
+            return lambda call_id, record: get(call_id, _GONE) is record
+        return lambda call_id, record: call_id in live
+
     def _compact(self) -> None:
-        get = self._live.get
-        self._fifo = deque(entry for entry in self._fifo if get(entry[2], _GONE) is entry[3])
-        self._heap = [entry for entry in self._heap if get(entry[2], _GONE) is entry[3]]
+        alive = self._matcher()
+        self._fifo = deque(entry for entry in self._fifo if alive(entry[2], entry[3]))
+        self._heap = [entry for entry in self._heap if alive(entry[2], entry[3])]
         heapq.heapify(self._heap)
 
     def _schedule(self, deadline: float) -> None:
@@ -119,20 +140,20 @@ class DeadlineQueue:
     def _fire(self) -> None:
         self._timer = None
         now = self._clock.seconds()
-        get = self._live.get
+        alive = self._matcher()
         fifo, heap = self._fifo, self._heap
         expired = []
         while fifo and fifo[0][0] <= now:
             _, _, call_id, call = fifo.popleft()
-            if get(call_id, _GONE) is call:
+            if alive(call_id, call):
                 expired.append(call_id)
         while heap and heap[0][0] <= now:
             _, _, call_id, call = heapq.heappop(heap)
-            if get(call_id, _GONE) is call:
+            if alive(call_id, call):
                 expired.append(call_id)
-        while fifo and get(fifo[0][2], _GONE) is not fifo[0][3]:
+        while fifo and not alive(fifo[0][2], fifo[0][3]):
             fifo.popleft()
-        while heap and get(heap[0][2], _GONE) is not heap[0][3]:
+        while heap and not alive(heap[0][2], heap[0][3]):
             heapq.heappop(heap)
         if fifo or heap:
             first = min(fifo[0][0] if fifo else float("inf"), heap[0][0] if heap else float("inf"))

@@ -41,10 +41,25 @@ def server_options(certificate: str, private_key: str, client_ca: str = "") -> A
 
 
 def wrap_server_factory(factory: Any, options: Any) -> Any:
-    """The factory that speaks TLS around ``factory``'s connections."""
+    """The factory that speaks TLS around ``factory``'s connections.
+
+    A connection ``factory`` refuses (``buildProtocol`` returns None: a
+    connection limit) is refused by the TLS factory too, so it is closed on
+    accept as without TLS. (Twisted's ``TLSMemoryBIOFactory`` would wrap the
+    None and leave the socket open, uncounted.)
+    """
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
-    return TLSMemoryBIOFactory(options, False, factory)
+    class _RefusingTLSFactory(TLSMemoryBIOFactory):
+        noisy = False
+
+        def buildProtocol(self, addr: Any) -> Any:
+            inner = self.wrappedFactory.buildProtocol(addr)
+            if inner is None:
+                return None
+            return self.protocol(self, inner)
+
+    return _RefusingTLSFactory(options, False, factory)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._connection import RefusedConnection
 from twisted_rpc.core._interfaces import ICallObserver
 from twisted_rpc.core._status import RpcError, StatusCode, code_name
 from twisted_rpc.cpp._wire import CPP_REPLY_LIMIT, CppProtocolError, RequestReader
@@ -289,10 +290,10 @@ class CppServerFactory(Factory):
         self.observer: ICallObserver | None = None
         """Told of every call's end, as the native factory's observer is."""
 
-    def buildProtocol(self, addr: Any) -> CppServerProtocol | None:
+    def buildProtocol(self, addr: Any) -> CppServerProtocol | RefusedConnection:
         if len(self.connections) >= self.limits.max_connections:
             log.warn("mprpc listener: refusing {addr}: too many connections", addr=addr)
-            return None
+            return RefusedConnection()
         host = getattr(addr, "host", None)
         if host is not None and self.per_peer.get(host, 0) >= self.limits.max_connections_per_peer:
             log.warn(
@@ -302,7 +303,7 @@ class CppServerFactory(Factory):
                 n=self.per_peer[host],
                 host=host,
             )
-            return None
+            return RefusedConnection()
         return CppServerProtocol(self)
 
     def connection_made(self, connection: CppServerProtocol) -> None:

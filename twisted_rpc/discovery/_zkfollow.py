@@ -46,6 +46,7 @@ class _Watched:
         "reading",
         "dirty",
         "refusal",
+        "changed",
     )
 
     def __init__(self, service: str) -> None:
@@ -60,6 +61,8 @@ class _Watched:
         self.dirty = False
         self.refusal: str | None = None
         """The ACL of the providers node last refused, to log it once."""
+        self.changed: set[str] = set()
+        """Names of nodes changed or deleted since they were read: read again."""
 
 
 class Follower:
@@ -176,6 +179,12 @@ class Follower:
                 self._apply(watched, ())
                 return
             children = self._capped(watched, path, children)
+            # A node changed since it was read (a bad one replaced by a good one
+            # under the same name, say) is read again.
+            changed, watched.changed = watched.changed, set()
+            for name in changed:
+                watched.nodes.pop(name, None)
+                watched.skipped.discard(name)
             watched.skipped.intersection_update(children)
             fresh = [
                 name
@@ -183,7 +192,7 @@ class Follower:
                 if name not in watched.nodes and name not in watched.skipped
             ]
             read = await gatherResults(
-                [Deferred.fromCoroutine(self._read_node(path, name)) for name in fresh]
+                [Deferred.fromCoroutine(self._read_node(path, name, watched)) for name in fresh]
             )
         except KazooException as e:
             log.info("reading {path}: {error!r}; keeping the last list", path=path, error=e)
@@ -235,11 +244,17 @@ class Follower:
         )
         return kept
 
-    async def _read_node(self, path: str, name: str) -> ProviderAddress | bool:
+    async def _read_node(self, path: str, name: str, watched: _Watched) -> ProviderAddress | bool:
         """The provider a node names; False if it is gone, True (logged) if it
-        is unusable."""
+        is unusable. A watch on the node has it read again once it changes."""
+
+        def node_changed(event: WatchedEvent) -> None:
+            if self._watched.get(watched.service) is watched:
+                watched.changed.add(name)
+                self._read_soon(watched)
+
         try:
-            data, stat = await self.zk.get(f"{path}/{name}")
+            data, stat = await self.zk.get(f"{path}/{name}", watch=node_changed)
             return self._parse_node(name, data, stat)
         except NoNodeError:
             return False  # gone meanwhile

@@ -29,6 +29,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from twisted_rpc._version import __version__
+from twisted_rpc.core._connection import RefusedConnection
 from twisted_rpc.ops._health import status_name
 from twisted_rpc.ops._metrics import ProviderMetrics, quantile
 
@@ -288,7 +289,7 @@ class AdminFactory(WrappingFactory):
     def open_connections(self) -> int:
         return len(self.protocols)
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+    def buildProtocol(self, addr: IAddress) -> Protocol:
         if len(self.protocols) < self.max_connections:
             return super().buildProtocol(addr)  # type: ignore[no-any-return]
         self.refused += 1
@@ -303,4 +304,4 @@ class AdminFactory(WrappingFactory):
                 peer=str(addr),
             )
             self._logged_at, self._unlogged = now, 0
-        return None  # the connection is closed at once
+        return RefusedConnection()  # closed at once, under TLS too

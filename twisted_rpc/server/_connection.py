@@ -54,7 +54,9 @@ class ServerConnection(RpcConnection):
         self.pending: dict[int, _Pending] = {}
         self.long_lived = 0
         """How many of the calls in ``pending`` are long-lived."""
-        self.deadlines = DeadlineQueue(factory.clock, self.pending, self._deadline_expired)
+        self.deadlines = DeadlineQueue(
+            factory.clock, self.pending, self._deadline_expired, by_record=True
+        )
         self.draining = False
         self.goaway_message = ""
         self.last_call_id = 0

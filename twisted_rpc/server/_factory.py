@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import GoawayReason
+from twisted_rpc.core._connection import CLOSE_TIMEOUT, RefusedConnection
 from twisted_rpc.core._interfaces import ICallObserver
 from twisted_rpc.server._connection import ServerConnection
 from twisted_rpc.server._dispatcher import Dispatcher
@@ -127,7 +128,7 @@ class ServerFactory(Factory):
         self._slow_call_threshold = seconds
         self.timing = self._observer is not None or seconds > 0
 
-    def buildProtocol(self, addr: object) -> ServerConnection | None:
+    def buildProtocol(self, addr: object) -> ServerConnection | RefusedConnection:
         limits = self.limits
         if len(self.connections) >= limits.max_connections:
             log.warn(
@@ -135,7 +136,7 @@ class ServerFactory(Factory):
                 addr=addr,
                 n=len(self.connections),
             )
-            return None
+            return RefusedConnection()
         host = getattr(addr, "host", None)
         if host is not None and self.per_peer.get(host, 0) >= limits.max_connections_per_peer:
             log.warn(
@@ -145,7 +146,7 @@ class ServerFactory(Factory):
                 n=self.per_peer[host],
                 host=host,
             )
-            return None
+            return RefusedConnection()
         return ServerConnection(self)
 
     def connection_made(self, connection: ServerConnection) -> None:
@@ -231,15 +232,18 @@ class ServerFactory(Factory):
         limits = self.limits
         now = self.clock.seconds()
         for connection in list(self.connections):
+            if connection.closing:
+                continue  # closed as idle already, or after an error: aborted in time
             started = connection.partial_since
-            if started is not None:
-                if limits.frame_timeout and now - started >= limits.frame_timeout:
+            if started is not None and limits.frame_timeout:
+                if now - started >= limits.frame_timeout:
                     connection.drop(
                         f"a frame started {now - started:.0f}s ago is still not whole "
                         f"({connection.decoder.buffered} bytes in; frame_timeout "
                         f"{limits.frame_timeout:g}s)"
                     )
                 continue
+            # Without a frame timeout, a partial frame is no activity either.
             if (
                 limits.idle_timeout
                 and not connection.pending
@@ -247,7 +251,7 @@ class ServerFactory(Factory):
             ):
                 log.info("closing idle connection from {peer}", peer=connection.peer)
                 connection.goaway("connection closed as idle", GoawayReason.IDLE)
-                connection.close()
+                connection.close_within(CLOSE_TIMEOUT, "GOAWAY (idle) unread")
         self._sweeper = self.clock.callLater(self._sweep_interval(), self._sweep)
 
     def goaway(self, message: str = "provider is shutting down") -> None:
