@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from kazoo.client import KazooClient
+from kazoo.exceptions import NoNodeError
 from kazoo.security import make_acl
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -168,9 +169,11 @@ class MprpcCompatTests(TestCase):
         """``(data, stat)`` of ``path`` once it exists (with ``data``, if given)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = await deferToThread(self.kz.exists, path)
-            if found is not None:
+            try:
                 value, stat = await deferToThread(self.kz.get, path)
+            except NoNodeError:  # not yet, or deleted and not created again yet
+                pass
+            else:
                 if data is None or value == data:
                     return value, stat
             await sleep(0.05)
