@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from examples.mprpc_compat import user_pb2
 from tests.fake_zookeeper import FakeZooKeeper
-from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY
+from tests.unit.cpp.test_mprpc_wire import LOGIN, LOGIN_REPLY
 from twisted_rpc import (
     DataLossError,
     DeadlineExceededError,

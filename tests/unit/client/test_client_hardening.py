@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from protos import echo_pb2
 from testbed.echo_service import ECHO, EchoService
-from tests.test_tcp_writes import over_tcp
+from tests.unit.core.test_tcp_writes import over_tcp
 from twisted_rpc import (
     CancelledError,
     Channel,
@@ -339,7 +339,7 @@ def test_idle_goaway_resends_calls_it_never_ran_on_a_fresh_connection():
 
 
 def test_shutdown_goaway_sends_calls_it_never_ran_to_another_provider():
-    from tests.test_balancing import TwoProviders
+    from tests.unit.client.test_balancing import TwoProviders
 
     two = TwoProviders()
     echo = two.client.proxy(ECHO)
@@ -362,7 +362,7 @@ def test_shutdown_goaway_sends_calls_it_never_ran_to_another_provider():
 
 
 def test_overload_goaway_takes_the_provider_out_of_rotation_for_a_while():
-    from tests.test_balancing import TwoProviders
+    from tests.unit.client.test_balancing import TwoProviders
 
     two = TwoProviders()
     echo = two.client.proxy(ECHO)
@@ -386,7 +386,7 @@ def test_overload_goaway_takes_the_provider_out_of_rotation_for_a_while():
 
 
 def test_after_idle_closes_calls_spread_over_every_provider_again():
-    from tests.test_balancing import TwoProviders
+    from tests.unit.client.test_balancing import TwoProviders
 
     two = TwoProviders()
     echo = two.client.proxy(ECHO)
@@ -599,7 +599,7 @@ def test_an_old_connection_whose_peer_does_not_read_is_aborted_after_a_grace():
 
 
 def test_overload_recovery_follows_the_backoff_and_waits_for_a_call():
-    from tests.test_balancing import TwoProviders
+    from tests.unit.client.test_balancing import TwoProviders
 
     two = TwoProviders(backoff=lambda failures: 2.0 * failures)
     echo = two.client.proxy(ECHO)

@@ -17,7 +17,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from testbed.processes import ROOT, Provider, environment
-from tests.test_zookeeper import ZooKeeperTestCase
+from tests.integration.test_zookeeper import ZooKeeperTestCase
 from twisted_rpc import Client
 from twisted_rpc.ops import NOT_SERVING, SERVING
 from twisted_rpc.ops._protos import HEALTH, HealthWatchRequest

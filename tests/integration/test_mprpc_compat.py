@@ -26,7 +26,7 @@ from examples.mprpc_compat import user_pb2
 from protos import echo_pb2
 from testbed.echo_service import ECHO
 from testbed.processes import ROOT, Provider, environment
-from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY, REGISTER
+from tests.unit.cpp.test_mprpc_wire import LOGIN, LOGIN_REPLY, REGISTER
 from twisted_rpc import DeadlineExceededError, MethodInfo, UnavailableError
 from twisted_rpc.cpp import CppClient, RequestReader
 from twisted_rpc.cpp._client import DEFAULT_TIMEOUT

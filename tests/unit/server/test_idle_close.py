@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.test_provider_hardening import ROUTE, Conn, _factory
+from tests.unit.server.test_provider_hardening import ROUTE, Conn, _factory
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameKind, GoawayReason
 from twisted_rpc.core._connection import CLOSE_TIMEOUT
