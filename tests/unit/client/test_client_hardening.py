@@ -797,7 +797,7 @@ def test_a_node_asking_for_tls_still_upgrades_a_plain_client():
 class IPv6Tests(TestCase):
     """A real provider on ::1, called by a Client given "[::1]:port"."""
 
-    async def _call(self) -> None:
+    async def test_a_provider_on_ipv6_loopback_is_called(self) -> None:
         try:
             port = global_reactor.listenTCP(
                 0, ServerFactory(Dispatcher([EchoService()]), global_reactor), interface="::1"
@@ -813,9 +813,6 @@ class IPv6Tests(TestCase):
         self.addCleanup(client.close)
         reply = await client.proxy(ECHO).Echo(echo_pb2.EchoRequest(payload=b"over v6"))
         self.assertEqual(reply.payload, b"over v6")
-
-    def test_a_provider_on_ipv6_loopback_is_called(self):
-        return Deferred.fromCoroutine(self._call())
 
 
 def test_channel_refused_never_dials():
