@@ -7,41 +7,28 @@ import os
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 
 from protos import echo_pb2
 from testbed.echo_service import EchoService
+from tests.helpers import ServerConn
 from twisted_rpc import Dispatcher, FunctionInterceptor, RpcError, Service, StatusCode
 from twisted_rpc.core import _codec as wire
-from twisted_rpc.core._codec import FrameDecoder, FrameKind
+from twisted_rpc.core._codec import FrameKind
 from twisted_rpc.server import ServerFactory
 
 ECHO = b"mprpc.test.EchoService/Echo"
 ASYNC = b"mprpc.test.EchoService/AsyncEcho"
 
 
-class Harness:
+class Harness(ServerConn):
     def __init__(self, services=None, interceptors=(), max_frame_size=1 << 20):
         self.clock = Clock()
-        self.factory = ServerFactory(
-            Dispatcher(services or [EchoService()], interceptors), self.clock, max_frame_size
+        super().__init__(
+            ServerFactory(
+                Dispatcher(services or [EchoService()], interceptors), self.clock, max_frame_size
+            )
         )
-        self.proto = self.factory.buildProtocol(None)
-        self.transport = StringTransport()
-        self.proto.makeConnection(self.transport)
-
-    def request(self, call_id, route, message=b"", timeout_ms=0, metadata=None):
-        payload = message if isinstance(message, bytes) else message.SerializeToString()
-        self.proto.dataReceived(
-            wire.encode_request(call_id, route, len(payload), timeout_ms, metadata) + payload
-        )
-
-    def frames(self):
-        frames = []
-        FrameDecoder(frames.append).feed(self.transport.value())
-        self.transport.clear()
-        return frames
 
 
 def test_sync_answer_is_byte_exact():

@@ -9,13 +9,13 @@ import socket
 import time
 
 import pytest
-from twisted.internet import tcp
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import StringTransport
 
 from protos import echo_pb2
 from testbed.echo_service import ECHO as ECHO_SERVICE
 from testbed.echo_service import EchoService
+from tests.helpers import failure_of, frames_of, over_tcp
 from twisted_rpc import Dispatcher, StatusCode
 from twisted_rpc.client import ClientConnection
 from twisted_rpc.core import _codec as wire
@@ -26,33 +26,6 @@ from twisted_rpc.server import ServerFactory
 
 ECHO = b"mprpc.test.EchoService/Echo"
 ASYNC = describe(ECHO_SERVICE).methods["AsyncEcho"]
-
-
-def failure_of(d):
-    failures = []
-    d.addErrback(failures.append)
-    assert failures, "the call did not fail"
-    return failures[0].value
-
-
-def over_tcp(protocol, buffer_size: int = 0):
-    """Connect ``protocol`` to a peer socket through a real tcp.Server transport on
-    loopback (the reactor a MemoryReactor); yield (protocol, peer socket, reactor)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    peer = socket.create_connection(listener.getsockname())
-    accepted, address = listener.accept()
-    listener.close()
-    if buffer_size:  # small kernel buffers: the transport's own fills sooner
-        for s in (accepted, peer):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
-    reactor = MemoryReactor()
-    protocol.makeConnection(tcp.Server(accepted, protocol, address, None, 1, reactor))
-    try:
-        yield protocol, peer, reactor
-    finally:
-        peer.close()
-        accepted.close()
 
 
 @pytest.fixture
@@ -129,8 +102,7 @@ def test_a_large_answer_inside_a_batch_keeps_the_order_on_any_transport():
     proto.makeConnection(transport)
     big = b"z" * (200 * 1024)
     proto.dataReceived(request(1, b"a") + request(2, big) + request(3, b"c"))
-    frames: list = []
-    FrameDecoder(frames.append).feed(transport.value())
+    frames = frames_of(transport.value())
     assert [f.call_id for f in frames] == [1, 2, 3]
     assert echo_pb2.EchoReply.FromString(bytes(frames[1].payload)).payload == big
 

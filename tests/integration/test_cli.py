@@ -17,7 +17,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from testbed.processes import ROOT, Provider, environment
-from tests.test_zookeeper import ZooKeeperTestCase
+from tests.integration.test_zookeeper import ZooKeeperTestCase
 from twisted_rpc import Client
 from twisted_rpc.ops import NOT_SERVING, SERVING
 from twisted_rpc.ops._protos import HEALTH, HealthWatchRequest
@@ -181,7 +181,7 @@ def test_reflection_only_call_without_the_proto_modules(provider):
 class DrainTests(TestCase):
     timeout = 60
 
-    async def _drain(self) -> None:
+    async def test_health_turns_not_serving_when_draining(self) -> None:
         provider = Provider(Path(tempfile.mkdtemp()), "grace_period = 5\n")
         self.addCleanup(provider.stop)
         client = Client(reactor, providers={HEALTH.full_name: [provider.address]}, timeout=20)
@@ -195,9 +195,6 @@ class DrainTests(TestCase):
         reply = await watch
         self.assertEqual(reply.status, NOT_SERVING)
 
-    def test_health_turns_not_serving_when_draining(self):
-        return Deferred.fromCoroutine(self._drain())
-
 
 async def _sleep(seconds: float) -> None:
     from twisted.internet.task import deferLater
@@ -206,7 +203,7 @@ async def _sleep(seconds: float) -> None:
 
 
 class ZooKeeperCliTests(ZooKeeperTestCase):
-    async def _via_zk(self) -> None:
+    async def test_list_describe_call_health_through_zookeeper(self) -> None:
         provider = await self.registered(extra="weight = 7\n")
         hosts = ["--zk", self.zk.hosts, "--root", self.root]
         listed = await deferToThread(mprpc, "list", *hosts)
@@ -235,9 +232,6 @@ class ZooKeeperCliTests(ZooKeeperTestCase):
         healthy = await deferToThread(mprpc, "health", "example.UserService", *hosts)
         self.assertEqual(healthy.returncode, 0, healthy.stdout + healthy.stderr)
         self.assertIn("example.UserService  SERVING", healthy.stdout)
-
-    def test_list_describe_call_health_through_zookeeper(self):
-        return Deferred.fromCoroutine(self._via_zk())
 
 
 def test_provider_without_reflection_says_so(tmp_path):

@@ -27,7 +27,7 @@ from examples.mprpc_compat import user_pb2
 from protos import echo_pb2
 from testbed.echo_service import ECHO
 from testbed.processes import ROOT, Provider, environment
-from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY, REGISTER
+from tests.unit.cpp.test_mprpc_wire import LOGIN, LOGIN_REPLY, REGISTER
 from twisted_rpc import DeadlineExceededError, MethodInfo, UnavailableError
 from twisted_rpc.cpp import CppClient, RequestReader
 from twisted_rpc.cpp._client import DEFAULT_TIMEOUT
@@ -197,7 +197,7 @@ class MprpcCompatTests(TestCase):
 
     # ------------------------------------------------------------------ tests
 
-    async def _layout_and_calls(self) -> None:
+    async def test_python_consumer_calls_python_compat_listener_through_zookeeper(self) -> None:
         provider, port = await self.registered()
         address = f"127.0.0.1:{port}".encode()
         for method in ("Login", "Register"):
@@ -222,10 +222,7 @@ class MprpcCompatTests(TestCase):
         reply = await deferToThread(raw_call, port, LOGIN, 1)
         self.assertEqual(reply, LOGIN_REPLY)
 
-    def test_python_consumer_calls_python_compat_listener_through_zookeeper(self):
-        return Deferred.fromCoroutine(self._layout_and_calls())
-
-    async def _unknown(self) -> None:
+    async def test_unknown_method_is_a_typed_failure_not_a_hang(self) -> None:
         """A Python provider closes at once; a C++ one stays silent (see _cpp_silent)."""
         provider, port = await self.registered()
         unknown = MethodInfo(
@@ -245,10 +242,7 @@ class MprpcCompatTests(TestCase):
         line = await deferToThread(provider.wait_for_output, "unknown method 'Nope'")
         self.assertIsNotNone(line)
 
-    def test_unknown_method_is_a_typed_failure_not_a_hang(self):
-        return Deferred.fromCoroutine(self._unknown())
-
-    async def _killed(self) -> None:
+    async def test_provider_killed_mid_call(self) -> None:
         provider, _ = await self.registered()
         echo = self.client(timeout=30).proxy(ECHO)
         self.assertEqual((await echo.Echo(echo_pb2.EchoRequest(payload=b"up"))).pid, provider.pid)
@@ -260,10 +254,7 @@ class MprpcCompatTests(TestCase):
             await call
         self.assertLess(time.monotonic() - started, 5)
 
-    def test_provider_killed_mid_call(self):
-        return Deferred.fromCoroutine(self._killed())
-
-    async def _large(self) -> None:
+    async def test_reply_over_1024_bytes_works_and_is_logged(self) -> None:
         provider, _ = await self.registered()
         echo = self.client(timeout=10).proxy(ECHO)
         reply = await echo.Echo(echo_pb2.EchoRequest(payload=b"z" * 5000))
@@ -271,10 +262,7 @@ class MprpcCompatTests(TestCase):
         warning = await deferToThread(provider.wait_for_output, r"reply of \d+ bytes.*1024")
         self.assertIn("EchoService/Echo", warning.string[warning.start() - 200 : warning.end()])
 
-    def test_reply_over_1024_bytes_works_and_is_logged(self):
-        return Deferred.fromCoroutine(self._large())
-
-    async def _stale(self) -> None:
+    async def test_stale_node_of_a_dead_session_is_replaced(self) -> None:
         number = free_port()
         listen = f"tcp:{number}:interface=127.0.0.1"
         first = self.provider(cpp_listen=listen, session=10)
@@ -289,10 +277,7 @@ class MprpcCompatTests(TestCase):
         reply = await self.client(timeout=10).proxy(ECHO).Echo(echo_pb2.EchoRequest())
         self.assertEqual(reply.pid, second.pid)
 
-    def test_stale_node_of_a_dead_session_is_replaced(self):
-        return Deferred.fromCoroutine(self._stale())
-
-    async def _takeover(self) -> None:
+    async def test_standby_provider_takes_over_the_node(self) -> None:
         first, first_port = await self.registered()
         second = self.provider()
         second_port = await deferToThread(lambda: second.mprpc_port)
@@ -311,10 +296,7 @@ class MprpcCompatTests(TestCase):
         self.assertIn(second.pid, pids)  # the consumer's watch saw the new address
         self.assertNotEqual(first_port, second_port)
 
-    def test_standby_provider_takes_over_the_node(self):
-        return Deferred.fromCoroutine(self._takeover())
-
-    async def _expiry(self) -> None:
+    async def test_reregistered_after_session_expiry(self) -> None:
         provider, port = await self.registered()
         _, before = await self.node("/EchoService/Echo")
         provider.signal(signal.SIGSTOP)
@@ -327,10 +309,7 @@ class MprpcCompatTests(TestCase):
         reply = await self.client(timeout=10).proxy(ECHO).Echo(echo_pb2.EchoRequest())
         self.assertEqual(reply.pid, provider.pid)
 
-    def test_reregistered_after_session_expiry(self):
-        return Deferred.fromCoroutine(self._expiry())
-
-    async def _both_from_cpp_conf(self) -> None:
+    async def test_provider_and_caller_from_one_cpp_config_file(self) -> None:
         """Provider and caller both from one C++ key=value file, through ZooKeeper's root."""
         port = free_port()
         zk_host, zk_port = self.zk.hosts.split(",")[0].rsplit(":", 1)
@@ -380,10 +359,7 @@ class MprpcCompatTests(TestCase):
         await deferToThread(provider.stop)  # graceful: its nodes go at once
         self.assertIsNone(await deferToThread(root.exists, "/UserServiceRpc/Login"))
 
-    def test_provider_and_caller_from_one_cpp_config_file(self):
-        return Deferred.fromCoroutine(self._both_from_cpp_conf())
-
-    async def _cpp_conf_chroot(self) -> None:
+    async def test_cpp_config_with_a_chroot_in_the_port_and_a_duplicate_key(self) -> None:
         """A C++ config file with the chroot in zookeeperport and a key given twice,
         read as the C++ code reads it, by a Python provider and CppClient."""
         port = free_port()
@@ -417,9 +393,6 @@ class MprpcCompatTests(TestCase):
         login = await client.proxy(USER).Login(user_pb2.LoginRequest(name=b"zhang san"))
         self.assertEqual(login.SerializeToString(), LOGIN_REPLY)
 
-    def test_cpp_config_with_a_chroot_in_the_port_and_a_duplicate_key(self):
-        return Deferred.fromCoroutine(self._cpp_conf_chroot())
-
     def cpp_provider(self, replies: dict[str, bytes], port: int = 0) -> CppProvider:
         cpp = CppProvider(replies, port)
         self.addCleanup(deferToThread, cpp.stop)
@@ -432,7 +405,9 @@ class MprpcCompatTests(TestCase):
         data = f"127.0.0.1:{port}".encode()
         await deferToThread(self.kz.create, path, data, ephemeral=True, makepath=True)
 
-    async def _cpp_silent(self) -> None:
+    async def test_cpp_provider_silent_on_an_unknown_method_ends_at_the_default_deadline(
+        self,
+    ) -> None:
         # The C++ provider serves Login; Register's node leads to it too (an older
         # build now runs at the address the node names), and it does not know Register.
         cpp = self.cpp_provider({"Login": LOGIN_REPLY})
@@ -453,10 +428,7 @@ class MprpcCompatTests(TestCase):
             await sleep(0.05)
         self.assertEqual(cpp.closed_by_caller, 1)  # the caller closed the silent connection
 
-    def test_cpp_provider_silent_on_an_unknown_method_ends_at_the_default_deadline(self):
-        return Deferred.fromCoroutine(self._cpp_silent())
-
-    async def _cpp_crashed(self) -> None:
+    async def test_calls_to_a_crashed_cpp_providers_lingering_node_fail_fast(self) -> None:
         # A crashed C++ provider's node lingers for its session (30 s): a closed port.
         port = free_port()
         await self.cpp_node("/UserServiceRpc/Login", port)
@@ -484,9 +456,6 @@ class MprpcCompatTests(TestCase):
         self.assertIsNotNone(reply, "no reply from the restarted provider")
         self.assertEqual(reply.SerializeToString(), LOGIN_REPLY)
         self.assertEqual(cpp.requests, [LOGIN])
-
-    def test_calls_to_a_crashed_cpp_providers_lingering_node_fail_fast(self):
-        return Deferred.fromCoroutine(self._cpp_crashed())
 
 
 def test_example_from_a_cpp_config_file(tmp_path):

@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from protos import echo_pb2
 from testbed.echo_service import ECHO, EchoService
-from tests.test_tcp_writes import over_tcp
+from tests.helpers import TwoProviders, failure_of, frames_of, over_tcp, result
 from twisted_rpc import (
     CancelledError,
     Channel,
@@ -47,21 +47,8 @@ from twisted_rpc.testing import MemoryProvider
 SERVICE = "mprpc.test.EchoService"
 METHOD = describe(ECHO).methods["Echo"]
 ASYNC = describe(ECHO).methods["AsyncEcho"]
-result = MemoryProvider.result
 LASTED = Channel.stable_after + 0.01
 """Long enough for a connection to count as stable (clock floats add up inexactly)."""
-
-
-def failure_of(d: Deferred) -> BaseException:
-    with pytest.raises(Exception) as info:
-        result(d)
-    return info.value
-
-
-def frames_of(data: bytes) -> list:
-    frames: list = []
-    FrameDecoder(frames.append).feed(data)
-    return frames
 
 
 class PausingTransport(StringTransport):
@@ -339,8 +326,6 @@ def test_idle_goaway_resends_calls_it_never_ran_on_a_fresh_connection():
 
 
 def test_shutdown_goaway_sends_calls_it_never_ran_to_another_provider():
-    from tests.test_balancing import TwoProviders
-
     two = TwoProviders()
     echo = two.client.proxy(ECHO)
     two.connect_all()
@@ -362,8 +347,6 @@ def test_shutdown_goaway_sends_calls_it_never_ran_to_another_provider():
 
 
 def test_overload_goaway_takes_the_provider_out_of_rotation_for_a_while():
-    from tests.test_balancing import TwoProviders
-
     two = TwoProviders()
     echo = two.client.proxy(ECHO)
     two.connect_all()
@@ -386,8 +369,6 @@ def test_overload_goaway_takes_the_provider_out_of_rotation_for_a_while():
 
 
 def test_after_idle_closes_calls_spread_over_every_provider_again():
-    from tests.test_balancing import TwoProviders
-
     two = TwoProviders()
     echo = two.client.proxy(ECHO)
     two.connect_all()
@@ -599,8 +580,6 @@ def test_an_old_connection_whose_peer_does_not_read_is_aborted_after_a_grace():
 
 
 def test_overload_recovery_follows_the_backoff_and_waits_for_a_call():
-    from tests.test_balancing import TwoProviders
-
     two = TwoProviders(backoff=lambda failures: 2.0 * failures)
     echo = two.client.proxy(ECHO)
     two.connect_all()
@@ -818,7 +797,7 @@ def test_a_node_asking_for_tls_still_upgrades_a_plain_client():
 class IPv6Tests(TestCase):
     """A real provider on ::1, called by a Client given "[::1]:port"."""
 
-    async def _call(self) -> None:
+    async def test_a_provider_on_ipv6_loopback_is_called(self) -> None:
         try:
             port = global_reactor.listenTCP(
                 0, ServerFactory(Dispatcher([EchoService()]), global_reactor), interface="::1"
@@ -834,9 +813,6 @@ class IPv6Tests(TestCase):
         self.addCleanup(client.close)
         reply = await client.proxy(ECHO).Echo(echo_pb2.EchoRequest(payload=b"over v6"))
         self.assertEqual(reply.payload, b"over v6")
-
-    def test_a_provider_on_ipv6_loopback_is_called(self):
-        return Deferred.fromCoroutine(self._call())
 
 
 def test_channel_refused_never_dials():

@@ -145,7 +145,7 @@ class ZooKeeperTestCase(TestCase):
 
 
 class RegistryTests(ZooKeeperTestCase):
-    async def _layout(self) -> None:
+    async def test_registration_layout_and_data(self) -> None:
         provider = self.provider(extra="weight = 7\n")
         kz = await self.kazoo()
         path = self.node(provider)
@@ -166,10 +166,7 @@ class RegistryTests(ZooKeeperTestCase):
         reply = await echo.Echo(echo_pb2.EchoRequest(payload=b"found"))
         self.assertEqual((reply.payload, reply.pid), (b"found", provider.pid))
 
-    def test_registration_layout_and_data(self):
-        return Deferred.fromCoroutine(self._layout())
-
-    async def _two(self) -> None:
+    async def test_two_providers_share_load_and_survive_a_sigkill(self) -> None:
         a, b = await self.registered(), await self.registered()
         client, echo = self.consumer()
         load = Load(echo)
@@ -193,10 +190,7 @@ class RegistryTests(ZooKeeperTestCase):
             lambda: _negate(self.stat(kz, self.node(a))), timeout=SESSION * 5, what="node gone"
         )
 
-    def test_two_providers_share_load_and_survive_a_sigkill(self):
-        return Deferred.fromCoroutine(self._two())
-
-    async def _third(self) -> None:
+    async def test_new_provider_gets_calls_within_a_second(self) -> None:
         await self.registered()
         client, echo = self.consumer()
         load = Load(echo)
@@ -212,10 +206,7 @@ class RegistryTests(ZooKeeperTestCase):
         self.assertLess(first - registered, 1.0)
         self.assertEqual(load.failures, [])
 
-    def test_new_provider_gets_calls_within_a_second(self):
-        return Deferred.fromCoroutine(self._third())
-
-    async def _deleted(self) -> None:
+    async def test_deleted_node_is_recreated_and_acl_protects_it(self) -> None:
         provider = self.provider(extra="auth = digest:provider:secret\n")
         path = self.node(provider)
         anonymous = await self.kazoo()
@@ -232,10 +223,7 @@ class RegistryTests(ZooKeeperTestCase):
         self.assertEqual(again.ephemeralOwner, first.ephemeralOwner)
         self.assertIn("was deleted by someone else", provider.output)
 
-    def test_deleted_node_is_recreated_and_acl_protects_it(self):
-        return Deferred.fromCoroutine(self._deleted())
-
-    async def _expiry(self) -> None:
+    async def test_session_expiry_registers_again(self) -> None:
         provider = self.provider()
         path = self.node(provider)
         kz = await self.kazoo()
@@ -253,10 +241,7 @@ class RegistryTests(ZooKeeperTestCase):
         reply = await echo.Echo(echo_pb2.EchoRequest(payload=b"back"))
         self.assertEqual(reply.pid, provider.pid)
 
-    def test_session_expiry_registers_again(self):
-        return Deferred.fromCoroutine(self._expiry())
-
-    async def _sigterm(self) -> None:
+    async def test_sigterm_deletes_nodes_first_and_finishes_calls(self) -> None:
         provider = self.provider()
         path = self.node(provider)
         kz = await self.kazoo()
@@ -274,10 +259,7 @@ class RegistryTests(ZooKeeperTestCase):
         out = provider.output
         self.assertLess(out.index("unregistered"), out.index("Closed"))
 
-    def test_sigterm_deletes_nodes_first_and_finishes_calls(self):
-        return Deferred.fromCoroutine(self._sigterm())
-
-    async def _unreachable(self) -> None:
+    async def test_provider_serves_while_zookeeper_is_down_and_registers_later(self) -> None:
         (port,) = free_ports(1)
         hosts = f"127.0.0.1:{port}"
         provider = self.provider(hosts=hosts)
@@ -295,9 +277,6 @@ class RegistryTests(ZooKeeperTestCase):
         await self.wait_for(lambda: self.stat(kz, self.node(provider)), what="late registration")
         self.assertIsNone(provider.process.poll())
 
-    def test_provider_serves_while_zookeeper_is_down_and_registers_later(self):
-        return Deferred.fromCoroutine(self._unreachable())
-
 
 class OutageTests(ZooKeeperTestCase):
     """Tests that stop ZooKeeper servers get their own."""
@@ -308,7 +287,7 @@ class OutageTests(ZooKeeperTestCase):
         await deferToThread(cluster.start)
         return cluster
 
-    async def _outage(self) -> None:
+    async def test_calls_go_on_through_a_zookeeper_outage(self) -> None:
         cluster = await self.own_cluster(1)
         a = await self.registered(cluster.hosts)
         client, echo = self.consumer(cluster.hosts)
@@ -332,10 +311,7 @@ class OutageTests(ZooKeeperTestCase):
         await load.stop()
         self.assertEqual(load.failures, [])
 
-    def test_calls_go_on_through_a_zookeeper_outage(self):
-        return Deferred.fromCoroutine(self._outage())
-
-    async def _ensemble(self) -> None:
+    async def test_session_moves_to_another_ensemble_server(self) -> None:
         cluster = await self.own_cluster(3)
         provider = self.provider(cluster.hosts)
         kz = await self.kazoo(cluster.hosts)
@@ -358,9 +334,6 @@ class OutageTests(ZooKeeperTestCase):
         await load.stop()
         self.assertEqual(load.failures, [])
         self.assertEqual(set(load.by_pid), {provider.pid})
-
-    def test_session_moves_to_another_ensemble_server(self):
-        return Deferred.fromCoroutine(self._ensemble())
 
 
 def _four(port: int, command: str) -> str:

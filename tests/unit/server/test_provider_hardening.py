@@ -14,6 +14,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from protos import echo_pb2
 from testbed.echo_service import ECHO, EchoService
+from tests.helpers import ROUTE, ServerConn
 from twisted_rpc import (
     Dispatcher,
     ProviderService,
@@ -25,12 +26,11 @@ from twisted_rpc import (
 from twisted_rpc.client import ClientConnection
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core import describe
-from twisted_rpc.core._codec import FrameDecoder, FrameKind, GoawayReason
+from twisted_rpc.core._codec import FrameKind, GoawayReason
 from twisted_rpc.core._connection import CLOSE_TIMEOUT, RefusedConnection
 from twisted_rpc.ops._protos import HEALTH, HealthCheckResponse
 from twisted_rpc.server import ServerFactory
 
-ROUTE = b"mprpc.test.EchoService/Echo"
 ASYNC_ROUTE = b"mprpc.test.EchoService/AsyncEcho"
 WATCH_ROUTE = b"mprpc.health.v1.Health/Watch"
 ASYNC = describe(ECHO).methods["AsyncEcho"]
@@ -48,31 +48,6 @@ class Watcher(Service, descriptor=HEALTH):
         d: Deferred = Deferred()
         self.waiting.append(d)
         return d
-
-
-class Conn:
-    """A provider-side connection on a StringTransport."""
-
-    def __init__(self, factory: ServerFactory, host: str = "10.0.0.1", port: int = 1000):
-        self.factory = factory
-        self.proto = factory.buildProtocol(IPv4Address("TCP", host, port))
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
-        self.proto.makeConnection(self.transport)
-        if isinstance(self.proto, RefusedConnection):
-            assert self.transport.disconnecting  # closed as soon as made
-            self.proto = None
-
-    def request(self, call_id, route=ROUTE, message=None, timeout_ms=0, metadata=None):
-        payload = (message or echo_pb2.EchoRequest()).SerializeToString()
-        self.proto.dataReceived(
-            wire.encode_request(call_id, route, len(payload), timeout_ms, metadata) + payload
-        )
-
-    def frames(self):
-        frames = []
-        FrameDecoder(frames.append, max_ext_size=1 << 20).feed(self.transport.value())
-        self.transport.clear()
-        return frames
 
 
 def _factory(services=None, **limits):
@@ -107,7 +82,7 @@ def entries_visited(monkeypatch):
 # --------------------------------------------------------------------------- item 8
 
 
-def _still_serving(conn: Conn, call_id: int) -> None:
+def _still_serving(conn: ServerConn, call_id: int) -> None:
     conn.request(call_id, message=echo_pb2.EchoRequest(payload=b"ok"))
     (frame,) = conn.frames()
     assert (frame.call_id, frame.status) == (call_id, 0)
@@ -116,7 +91,7 @@ def _still_serving(conn: Conn, call_id: int) -> None:
 
 def test_a_60_mib_extension_of_reserved_entries_is_refused_unread(entries_visited):
     _, factory = _factory()
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     payload = echo_pb2.EchoRequest(payload=b"x").SerializeToString()
     ext = b"\x09\x00\x00\x00\x00" * (60 * 1024 * 1024 // 5)  # reserved tag, empty value
     conn.proto.dataReceived(_ext_frame(FrameKind.REQUEST, 7, ext, ROUTE, payload))
@@ -129,7 +104,7 @@ def test_a_60_mib_extension_of_reserved_entries_is_refused_unread(entries_visite
 
 def test_a_mib_of_distinct_metadata_keys_is_refused_unread(entries_visited):
     _, factory = _factory()
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     metadata = {f"k{i:07d}": "" for i in range(100_000)}  # ~1.2 MiB of distinct keys
     conn.request(3, metadata=metadata)
     assert entries_visited[0] == 0
@@ -141,7 +116,7 @@ def test_a_mib_of_distinct_metadata_keys_is_refused_unread(entries_visited):
 
 def test_too_many_small_entries_are_refused_after_the_limit(entries_visited):
     _, factory = _factory(max_metadata_entries=10)
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     conn.request(1, metadata={f"k{i}": "v" for i in range(500)})  # 3.5 KiB: under the size
     assert entries_visited[0] == 10
     (frame,) = conn.frames()
@@ -155,7 +130,7 @@ def test_too_many_small_entries_are_refused_after_the_limit(entries_visited):
 
 def test_the_metadata_size_limit_is_configurable():
     _, factory = _factory(max_metadata_size=64)
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     conn.request(1, metadata={"user": "x" * 100})
     (frame,) = conn.frames()
     assert frame.status == StatusCode.RESOURCE_EXHAUSTED
@@ -164,7 +139,7 @@ def test_the_metadata_size_limit_is_configurable():
 
 def test_an_oversized_request_extension_on_an_unknown_route_is_not_found():
     _, factory = _factory()
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     conn.proto.dataReceived(_ext_frame(FrameKind.REQUEST, 1, b"\x00" * 20_000, b"no.Such/Thing"))
     (frame,) = conn.frames()
     assert frame.status == StatusCode.NOT_FOUND
@@ -172,7 +147,7 @@ def test_an_oversized_request_extension_on_an_unknown_route_is_not_found():
 
 def test_a_ping_extension_is_skipped_unread(entries_visited):
     _, factory = _factory()
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     conn.proto.dataReceived(_ext_frame(FrameKind.PING, 9, b"\x09\x00\x00\x00\x00" * 1000))
     (pong,) = conn.frames()
     assert (pong.kind, pong.call_id) == (FrameKind.PONG, 9)
@@ -226,7 +201,7 @@ def test_long_lived_calls_have_their_own_budget():
         max_long_lived_calls_per_connection=5,
         max_long_lived_calls=30,
     )
-    attackers = [Conn(factory, port=2000 + i) for i in range(10)]
+    attackers = [ServerConn(factory, port=2000 + i) for i in range(10)]
     refusals = []
     for conn in attackers:
         for call_id in range(1, 101):  # 10 connections x 100 watches
@@ -238,7 +213,7 @@ def test_long_lived_calls_have_their_own_budget():
     assert any("5 long-lived calls" in m and "on this connection" in m for m in refusals)
     assert any("30 long-lived calls" in m and "at this provider" in m for m in refusals)
     # Ordinary calls from a good client are not locked out.
-    good = Conn(factory, host="10.0.0.2")
+    good = ServerConn(factory, host="10.0.0.2")
     for call_id in range(1, 11):
         good.request(call_id, ASYNC_ROUTE, echo_pb2.EchoRequest(delay=1))
     assert good.frames() == []
@@ -253,7 +228,7 @@ def test_long_lived_calls_have_their_own_budget():
 def test_long_lived_slots_are_returned_when_the_connection_goes():
     watcher = Watcher()
     _, factory = _factory([watcher], max_long_lived_calls=3)
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     for call_id in (1, 2, 3):
         conn.request(call_id, WATCH_ROUTE, echo_pb2.EchoRequest())
     assert factory.long_lived_in_flight == 3
@@ -275,7 +250,7 @@ def test_long_lived_methods_must_name_methods_of_the_service():
 def test_a_frame_dribbled_a_byte_at_a_time_is_closed_after_frame_timeout(logged):
     clock, factory = _factory(idle_timeout=10, frame_timeout=30)
     factory.doStart()
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     frame = wire.encode_request(1, ROUTE, 100) + b"\x00" * 100
     closed_at = None
     for i in range(40):  # one byte every 2.5 s, for 100 s
@@ -293,7 +268,7 @@ def test_a_frame_dribbled_a_byte_at_a_time_is_closed_after_frame_timeout(logged)
 def test_a_frame_that_completes_in_time_is_not_closed_and_counts_as_activity():
     clock, factory = _factory(idle_timeout=10, frame_timeout=30)
     factory.doStart()
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     data = wire.encode_request(1, ROUTE, 0)
     conn.proto.dataReceived(data[:5])
     clock.advance(8)
@@ -309,18 +284,18 @@ def test_a_frame_that_completes_in_time_is_not_closed_and_counts_as_activity():
 
 def test_connections_per_peer_address_are_capped():
     _, factory = _factory(max_connections_per_peer=2)
-    a = Conn(factory, "10.0.0.1", 1)
-    Conn(factory, "10.0.0.1", 2)
-    assert Conn(factory, "10.0.0.1", 3).proto is None
-    assert Conn(factory, "10.0.0.9", 1).proto is not None  # another peer
+    a = ServerConn(factory, "10.0.0.1", 1)
+    ServerConn(factory, "10.0.0.1", 2)
+    assert ServerConn(factory, "10.0.0.1", 3).proto is None
+    assert ServerConn(factory, "10.0.0.9", 1).proto is not None  # another peer
     a.proto.connectionLost(None)
-    assert Conn(factory, "10.0.0.1", 4).proto is not None
+    assert ServerConn(factory, "10.0.0.1", 4).proto is not None
     assert factory.per_peer == {"10.0.0.1": 2, "10.0.0.9": 1}
 
 
 def test_partial_frames_past_max_buffered_bytes_close_the_largest_holder(logged):
     _, factory = _factory(max_buffered_bytes=1000)
-    conns = [Conn(factory, port=p) for p in (1, 2, 3)]
+    conns = [ServerConn(factory, port=p) for p in (1, 2, 3)]
     header = wire.encode_request(1, ROUTE, 10_000)
     for conn, size in zip(conns, (400, 500, 300), strict=True):
         conn.proto.dataReceived(header + b"\x00" * size)
@@ -370,7 +345,7 @@ def test_a_closed_provider_connection_is_freed_by_refcounting_alone():
 
 
 def _watching(factory):
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     conn.request(1, WATCH_ROUTE, echo_pb2.EchoRequest(), timeout_ms=5000)
     conn.request(2, WATCH_ROUTE, echo_pb2.EchoRequest())
     assert len(conn.proto.pending) == 2
@@ -410,7 +385,7 @@ def test_a_closed_consumer_connection_is_freed_by_refcounting_alone():
 
 def test_an_unknown_route_is_quoted_truncated_in_the_error_and_the_log(logged):
     _, factory = _factory()
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     route = b"a" * 30_000 + b"/" + b"b" * 35_534  # 65,535 bytes
     conn.request(1, route)
     (frame,) = conn.frames()
@@ -422,7 +397,7 @@ def test_an_unknown_route_is_quoted_truncated_in_the_error_and_the_log(logged):
 
 def test_a_long_handler_error_message_is_cut_on_the_wire():
     _, factory = _factory()
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     conn.request(1, message=echo_pb2.EchoRequest(fail_code=9, fail_message="m" * 100_000))
     (frame,) = conn.frames()
     assert frame.status == 9
@@ -434,7 +409,7 @@ def test_a_long_handler_error_message_is_cut_on_the_wire():
 
 def test_a_finished_calls_deadline_does_not_expire_a_later_call_with_its_id():
     clock, factory = _factory()
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     conn.request(7, ASYNC_ROUTE, echo_pb2.EchoRequest(delay=1), timeout_ms=10_000)
     clock.advance(1)
     (first,) = conn.frames()
@@ -450,7 +425,7 @@ def test_a_finished_calls_deadline_does_not_expire_a_later_call_with_its_id():
 
 def test_answers_before_a_malformed_frame_are_flushed_before_closing():
     _, factory = _factory()
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     payload = echo_pb2.EchoRequest(payload=b"before").SerializeToString()
     good = wire.encode_request(1, ROUTE, len(payload)) + payload
     conn.proto.dataReceived(good + wire.encode_header(99, 2, 0))  # then an unknown kind
@@ -465,7 +440,7 @@ def test_answers_before_a_malformed_frame_are_flushed_before_closing():
 
 def test_a_malformed_frame_with_nothing_to_flush_aborts_at_once():
     _, factory = _factory()
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     conn.proto.dataReceived(wire.encode_header(99, 2, 0))
     assert conn.transport.disconnected
     assert factory.clock.getDelayedCalls() == []
@@ -476,7 +451,7 @@ def test_a_malformed_frame_with_nothing_to_flush_aborts_at_once():
 
 def test_goaway_reports_the_highest_call_accepted_and_its_reason():
     clock, factory = _factory()
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     conn.request(5, ASYNC_ROUTE, echo_pb2.EchoRequest(delay=1))
     conn.request(3, ASYNC_ROUTE, echo_pb2.EchoRequest(delay=1))
     factory.goaway()
@@ -499,7 +474,7 @@ def test_stopping_waits_for_calls_without_polling_then_for_the_answers_to_go():
         reactor, "tcp:0:interface=127.0.0.1", [EchoService()], grace_period=10
     )
     provider.startService()
-    conn = Conn(provider.factory)
+    conn = ServerConn(provider.factory)
     conn.request(1, ASYNC_ROUTE, echo_pb2.EchoRequest(delay=3))
     stopped = provider.stopService()
     assert not stopped.called
@@ -518,7 +493,7 @@ def test_stopping_gives_up_after_the_grace_period():
         reactor, "tcp:0:interface=127.0.0.1", [EchoService()], grace_period=2
     )
     provider.startService()
-    conn = Conn(provider.factory)
+    conn = ServerConn(provider.factory)
     conn.request(1, ASYNC_ROUTE, echo_pb2.EchoRequest(delay=30))
     stopped = provider.stopService()
     reactor.advance(2)
@@ -530,7 +505,7 @@ def test_stopping_gives_up_after_the_grace_period():
 
 def test_a_violation_reported_by_a_handler_flushes_the_answers_once():
     _, factory = _factory()
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     proto = conn.proto
     proto._handlers[FrameKind.PING] = lambda *fields: proto.protocol_violation("bad ping")
     payload = echo_pb2.EchoRequest(payload=b"once").SerializeToString()

@@ -9,65 +9,20 @@ import pytest
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
-from twisted.test.iosim import ConnectionCompleter
 
 from protos import echo_pb2
-from testbed.echo_service import ECHO, EchoService
+from testbed.echo_service import ECHO
+from tests.helpers import TwoProviders, failure_of, result
 from twisted_rpc import (
     Client,
-    Dispatcher,
-    FunctionInterceptor,
     LeastOutstanding,
     RoundRobin,
     UnavailableError,
     WeightedRandom,
     balancer_named,
 )
-from twisted_rpc.server import ServerFactory
-from twisted_rpc.testing import MemoryProvider
 
 SERVICE = "mprpc.test.EchoService"
-result = MemoryProvider.result
-
-
-class TwoProviders:
-    ports = (1001, 1002)
-
-    def __init__(self, **client_kw):
-        self.reactor = MemoryReactorClock()
-        self.served = {port: 0 for port in self.ports}
-        self.factories = {}
-        for port in self.ports:
-
-            def count(request, context, proceed, port=port):
-                self.served[port] += 1
-                return proceed(request, context)
-
-            dispatcher = Dispatcher([EchoService()], [FunctionInterceptor(count)])
-            self.factories[port] = ServerFactory(dispatcher, self.reactor)
-            self.reactor.listenTCP(port, self.factories[port], interface="127.0.0.1")
-        self.client = Client(
-            self.reactor,
-            providers={SERVICE: [f"127.0.0.1:{p}" for p in self.ports]},
-            **client_kw,
-        )
-        self.completer = ConnectionCompleter(self.reactor)
-        self.pumps = []
-
-    def connect_all(self):
-        while (pump := self.completer.succeedOnce()) is not None:
-            self.pumps.append(pump)
-        self.flush()
-
-    def flush(self):
-        for pump in self.pumps:
-            pump.flush()
-
-
-def failure_of(d):
-    with pytest.raises(Exception) as info:
-        result(d)
-    return info.value
 
 
 def test_round_robin_alternates():

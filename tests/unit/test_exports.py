@@ -296,3 +296,37 @@ def test_setup_cfg_ships_every_subpackage_py_typed_and_the_command():
     module, _, function = target.partition(":")
     assert name == "mprpc"
     assert callable(getattr(importlib.import_module(module), function))
+
+
+def _private_uses(path: Path) -> list[tuple[int, str, str]]:
+    """(line, private module, name) for each name a file takes from a private
+    module of twisted_rpc: ``from twisted_rpc.x._m import name`` and ``m.name``
+    after ``from twisted_rpc.x import _m``."""
+    tree = ast.parse(path.read_text(), str(path))
+    uses, aliases = [], {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("twisted_rpc"):
+            for alias in node.names:
+                if "._" in node.module:
+                    uses.append((node.lineno, node.module, alias.name))
+                elif alias.name.startswith("_"):
+                    aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+        ):
+            uses.append((node.lineno, aliases[node.value.id], node.attr))
+    return uses
+
+
+def test_tests_take_public_names_from_the_facades():
+    wrong = []
+    for path in sorted((ROOT / "tests").rglob("*.py")) + sorted((ROOT / "testbed").glob("*.py")):
+        for line, module, name in _private_uses(path):
+            facades = (module.rsplit("._", 1)[0], "twisted_rpc")
+            public = [f for f in facades if name in EXPORTS.get(f, ())]
+            if public:
+                wrong.append(f"{path.relative_to(ROOT)}:{line}: {name} from {public[0]}")
+    assert not wrong

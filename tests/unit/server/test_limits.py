@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from protos import echo_pb2
 from testbed.echo_service import ECHO, EchoService
+from tests.helpers import ServerConn, failure_of, frames_of, result
 from twisted_rpc import Dispatcher, ServerLimits, StatusCode, UnavailableError
 from twisted_rpc.client import ClientConnection
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core import describe
-from twisted_rpc.core._codec import FrameDecoder, FrameKind
-from twisted_rpc.core._connection import RefusedConnection
+from twisted_rpc.core._codec import FrameKind
 from twisted_rpc.server import ServerFactory
 from twisted_rpc.testing import MemoryProvider
 
-result = MemoryProvider.result
 ASYNC = describe(ECHO).methods["AsyncEcho"]
-
-
-def failure_of(d):
-    with pytest.raises(Exception) as info:
-        result(d)
-    return info.value
 
 
 def test_calls_per_connection_over_the_limit_are_resource_exhausted():
@@ -52,67 +44,54 @@ def _server(limits: ServerLimits):
     return clock, factory
 
 
-def _connect(factory):
-    proto = factory.buildProtocol(None)
-    transport = StringTransport()
-    proto.makeConnection(transport)
-    if isinstance(proto, RefusedConnection):
-        assert transport.disconnecting  # closed as soon as made
-        return None, None
-    return proto, transport
-
-
-def _request(proto, call_id, delay=1.0):
-    payload = echo_pb2.EchoRequest(delay=delay).SerializeToString()
-    proto.dataReceived(wire.encode_request(call_id, ASYNC.route, len(payload)) + payload)
+def _request(conn: ServerConn, call_id, delay=1.0):
+    conn.request(call_id, ASYNC.route, echo_pb2.EchoRequest(delay=delay))
 
 
 def _frames(transport):
-    frames = []
-    FrameDecoder(frames.append).feed(transport.value())
+    frames = frames_of(transport.value())
     transport.clear()
     return frames
 
 
 def test_calls_per_provider_are_limited_across_connections():
     clock, factory = _server(ServerLimits(max_calls=2))
-    a, ta = _connect(factory)
-    b, tb = _connect(factory)
+    a, b = ServerConn(factory), ServerConn(factory)
     _request(a, 1)
     _request(b, 1)
     _request(b, 2)
-    (refused,) = _frames(tb)
+    (refused,) = b.frames()
     assert (refused.call_id, refused.status) == (2, StatusCode.RESOURCE_EXHAUSTED)
     assert factory.calls_in_flight == 2
-    a.connectionLost(None)  # its call is cancelled: room again
+    a.proto.connectionLost(None)  # its call is cancelled: room again
     assert factory.calls_in_flight == 1
     _request(b, 3)
-    assert _frames(tb) == []
+    assert b.frames() == []
     clock.advance(1)
-    assert {f.call_id for f in _frames(tb)} == {1, 3}
+    assert {f.call_id for f in b.frames()} == {1, 3}
     assert factory.calls_in_flight == 0
 
 
 def test_connections_over_the_limit_are_refused():
     _, factory = _server(ServerLimits(max_connections=2))
-    first, _ = _connect(factory)
-    _connect(factory)
-    assert _connect(factory) == (None, None)
-    first.connectionLost(None)
-    assert _connect(factory)[0] is not None
+    first = ServerConn(factory)
+    ServerConn(factory)
+    assert ServerConn(factory).proto is None  # refused, its transport closed
+    first.proto.connectionLost(None)
+    assert ServerConn(factory).proto is not None
 
 
 def test_idle_connections_are_closed():
     clock, factory = _server(ServerLimits(idle_timeout=10))
     factory.doStart()
-    idle, t_idle = _connect(factory)
-    busy, t_busy = _connect(factory)
+    idle, busy = ServerConn(factory), ServerConn(factory)
+    t_idle, t_busy = idle.transport, busy.transport
     _request(busy, 1, delay=30)
     clock.advance(6)
     assert not t_idle.disconnecting
     clock.advance(6)  # idle for 12 s, swept every 5 s
     assert t_idle.disconnecting
-    (goaway,) = _frames(t_idle)
+    (goaway,) = idle.frames()
     assert (goaway.kind, goaway.status) == (FrameKind.GOAWAY, wire.GoawayReason.IDLE)
     assert not t_busy.disconnecting  # a call in flight keeps it open
     factory.doStop()
@@ -142,7 +121,7 @@ def test_keepalive_detects_a_silent_peer():
 
 def test_full_write_buffer_pauses_reading_at_the_provider():
     _, factory = _server(ServerLimits())
-    proto, transport = _connect(factory)
+    transport = ServerConn(factory).transport
     transport.producer.pauseProducing()  # what Twisted does when the buffer is full
     assert transport.producerState == "paused"
     transport.producer.resumeProducing()

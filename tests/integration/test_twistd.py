@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from twisted.internet import reactor
 from twisted.internet.base import DelayedCall
-from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.defer import DeferredList, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -59,7 +59,7 @@ class ProviderTests(TestCase):
         self.addCleanup(client.close)
         return client
 
-    async def _examples(self) -> None:
+    async def test_examples(self) -> None:
         provider = self.start()
         client = self.client(provider)
         users = client.proxy(USER)
@@ -78,10 +78,7 @@ class ProviderTests(TestCase):
         with self.assertRaises(NotFoundError):
             await client.proxy(FRIEND).GetFriendsList(friend_pb2.GetFriendsListRequest(userid=5))
 
-    def test_examples(self):
-        return Deferred.fromCoroutine(self._examples())
-
-    async def _many(self) -> None:
+    async def test_thousand_concurrent_calls_on_one_connection(self) -> None:
         provider = self.start()
         client = self.client(provider)
         echo = client.proxy(ECHO)
@@ -97,20 +94,14 @@ class ProviderTests(TestCase):
         ids = {r.call_id for r in replies}
         self.assertEqual(len(ids), 1000)  # distinct calls on one connection
 
-    def test_thousand_concurrent_calls_on_one_connection(self):
-        return Deferred.fromCoroutine(self._many())
-
-    async def _big(self) -> None:
+    async def test_four_mebibyte_message(self) -> None:
         provider = self.start()
         echo = self.client(provider).proxy(ECHO)
         payload = bytes(range(256)) * (4 * 4096)  # 4 MiB
         reply = await echo.Echo(echo_pb2.EchoRequest(payload=payload))
         self.assertEqual(reply.payload, payload)
 
-    def test_four_mebibyte_message(self):
-        return Deferred.fromCoroutine(self._big())
-
-    async def _errors(self) -> None:
+    async def test_errors_are_typed(self) -> None:
         provider = self.start()
         client = self.client(provider)
         echo = client.proxy(ECHO)
@@ -133,10 +124,7 @@ class ProviderTests(TestCase):
         self.assertIn("ValueError: secret detail", provider.output)  # logged there only
         self.assertRegex(provider.output, r"call \d+ mprpc.test.EchoService/Echo from 127.0.0.1")
 
-    def test_errors_are_typed(self):
-        return Deferred.fromCoroutine(self._errors())
-
-    async def _killed(self) -> None:
+    async def test_provider_killed_mid_call(self) -> None:
         provider = self.start()
         echo = self.client(provider).proxy(ECHO)
         await echo.Echo(echo_pb2.EchoRequest())
@@ -150,10 +138,7 @@ class ProviderTests(TestCase):
         after = await DeferredList([echo.Echo(echo_pb2.EchoRequest())], consumeErrors=True)
         self.assertIsInstance(after[0][1].value, UnavailableError)
 
-    def test_provider_killed_mid_call(self):
-        return Deferred.fromCoroutine(self._killed())
-
-    async def _frozen(self) -> None:
+    async def test_keepalive_detects_a_stopped_provider(self) -> None:
         provider = self.start()
         echo = self.client(provider, keepalive_interval=0.3, keepalive_timeout=0.5).proxy(ECHO)
         await echo.Echo(echo_pb2.EchoRequest())
@@ -168,10 +153,7 @@ class ProviderTests(TestCase):
         finally:
             provider.signal(signal.SIGCONT)
 
-    def test_keepalive_detects_a_stopped_provider(self):
-        return Deferred.fromCoroutine(self._frozen())
-
-    async def _sigterm(self) -> None:
+    async def test_sigterm_lets_calls_in_flight_finish(self) -> None:
         provider = self.start("grace_period = 10")
         echo = self.client(provider).proxy(ECHO)
         await echo.Echo(echo_pb2.EchoRequest())
@@ -194,10 +176,7 @@ class ProviderTests(TestCase):
         with self.assertRaises(UnavailableError):
             await echo.Echo(echo_pb2.EchoRequest())
 
-    def test_sigterm_lets_calls_in_flight_finish(self):
-        return Deferred.fromCoroutine(self._sigterm())
-
-    async def _malformed(self) -> None:
+    async def test_malformed_input_closes_only_that_connection(self) -> None:
         provider = self.start("max_frame_size = 1048576")
         echo = self.client(provider).proxy(ECHO)
         route = b"mprpc.test.EchoService/Echo"
@@ -220,9 +199,6 @@ class ProviderTests(TestCase):
         ok = await echo.Echo(echo_pb2.EchoRequest(payload=b"fine"))
         self.assertEqual(ok.payload, b"fine")
         self.assertIn("exceeds the limit of 1048576", provider.output)
-
-    def test_malformed_input_closes_only_that_connection(self):
-        return Deferred.fromCoroutine(self._malformed())
 
 
 def _renamed(proxy, name):

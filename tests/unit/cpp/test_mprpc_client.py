@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from examples.mprpc_compat import user_pb2
 from tests.fake_zookeeper import FakeZooKeeper
-from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY
+from tests.unit.cpp.test_mprpc_wire import LOGIN, LOGIN_REPLY
 from twisted_rpc import (
     DataLossError,
     DeadlineExceededError,
@@ -173,63 +173,42 @@ class CallTests(TestCase):
             setattr(client, key, value)
         return await client.proxy(USER).Login(LOGIN_REQUEST), received
 
-    def test_request_bytes_and_reply(self):
-        async def run():
-            response, received = await self.login(LOGIN_REPLY)
-            self.assertEqual(b"".join(received), LOGIN)
-            self.assertEqual(response.SerializeToString(), LOGIN_REPLY)
+    async def test_request_bytes_and_reply(self):
+        response, received = await self.login(LOGIN_REPLY)
+        self.assertEqual(b"".join(received), LOGIN)
+        self.assertEqual(response.SerializeToString(), LOGIN_REPLY)
 
-        return Deferred.fromCoroutine(run())
+    async def test_empty_reply_is_unavailable_unless_allowed(self):
+        with self.assertRaises(UnavailableError):
+            await self.login(b"")
+        response, _ = await self.login(b"", allow_empty_reply=True)
+        self.assertFalse(response.HasField("result"))
 
-    def test_empty_reply_is_unavailable_unless_allowed(self):
-        async def run():
-            with self.assertRaises(UnavailableError):
-                await self.login(b"")
-            response, _ = await self.login(b"", allow_empty_reply=True)
-            self.assertFalse(response.HasField("result"))
+    async def test_garbage_reply_is_data_loss(self):
+        with self.assertRaises(DataLossError):
+            await self.login(b"\xff\xff\xff\xff")
 
-        return Deferred.fromCoroutine(run())
+    async def test_oversized_reply_is_resource_exhausted(self):
+        with self.assertRaises(ResourceExhaustedError):
+            await self.login(b"\x0a\x00" * 200)
 
-    def test_garbage_reply_is_data_loss(self):
-        async def run():
-            with self.assertRaises(DataLossError):
-                await self.login(b"\xff\xff\xff\xff")
+    async def test_no_reply_in_time_is_deadline_exceeded(self):
+        with self.assertRaises(DeadlineExceededError):
+            await self.login(None, timeout=0.3)
 
-        return Deferred.fromCoroutine(run())
+    async def test_connection_refused_is_unavailable(self):
+        client, _ = await self.serve(LOGIN_REPLY)
+        client.directory.providers["UserServiceRpc"] = ProviderAddress("127.0.0.1", 1)
+        with self.assertRaises(UnavailableError) as raised:
+            await client.proxy(USER).Login(LOGIN_REQUEST)
+        self.assertIn("cannot connect", str(raised.exception))
 
-    def test_oversized_reply_is_resource_exhausted(self):
-        async def run():
-            with self.assertRaises(ResourceExhaustedError):
-                await self.login(b"\x0a\x00" * 200)
-
-        return Deferred.fromCoroutine(run())
-
-    def test_no_reply_in_time_is_deadline_exceeded(self):
-        async def run():
-            with self.assertRaises(DeadlineExceededError):
-                await self.login(None, timeout=0.3)
-
-        return Deferred.fromCoroutine(run())
-
-    def test_connection_refused_is_unavailable(self):
-        async def run():
-            client, _ = await self.serve(LOGIN_REPLY)
-            client.directory.providers["UserServiceRpc"] = ProviderAddress("127.0.0.1", 1)
-            with self.assertRaises(UnavailableError) as raised:
-                await client.proxy(USER).Login(LOGIN_REQUEST)
-            self.assertIn("cannot connect", str(raised.exception))
-
-        return Deferred.fromCoroutine(run())
-
-    def test_unconfigured_service_and_wrong_request_type(self):
-        async def run():
-            client = CppClient(reactor, providers={})
-            with self.assertRaises(UnavailableError):
-                await client.proxy(USER).Login(LOGIN_REQUEST)
-            with self.assertRaises(TypeError):
-                await client.proxy(USER).Login(user_pb2.RegisterRequest())
-
-        return Deferred.fromCoroutine(run())
+    async def test_unconfigured_service_and_wrong_request_type(self):
+        client = CppClient(reactor, providers={})
+        with self.assertRaises(UnavailableError):
+            await client.proxy(USER).Login(LOGIN_REQUEST)
+        with self.assertRaises(TypeError):
+            await client.proxy(USER).Login(user_pb2.RegisterRequest())
 
 
 # ---------------------------------------------------------------- deadlines (in memory)

@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 from examples.mprpc_compat.callee import UserServiceRpc
 from protos import echo_pb2
 from testbed.echo_service import EchoService
-from tests.test_mprpc_wire import LOGIN, LOGIN_REPLY, REGISTER, REGISTER_REPLY
+from tests.unit.cpp.test_mprpc_wire import LOGIN, LOGIN_REPLY, REGISTER, REGISTER_REPLY
 from twisted_rpc import Dispatcher, ServerLimits
 from twisted_rpc.cpp import CppServerFactory, encode_request
 

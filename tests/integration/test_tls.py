@@ -13,7 +13,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from protos import echo_pb2
@@ -104,7 +103,7 @@ class TLSTests(TestCase):
         self.addCleanup(client.close)
         return client.proxy(ECHO)
 
-    async def _server_auth(self) -> None:
+    async def test_server_certificate_is_verified(self) -> None:
         provider = self.provider(mutual=False)
         good = self.echo(provider, ClientTLS(ca=self.ca[2]))
         reply = await good.Echo(echo_pb2.EchoRequest(payload=b"over tls"))
@@ -117,10 +116,7 @@ class TLSTests(TestCase):
         with self.assertRaises(UnavailableError):
             await plain.proxy(ECHO).Echo(echo_pb2.EchoRequest())  # no TLS: refused
 
-    def test_server_certificate_is_verified(self):
-        return Deferred.fromCoroutine(self._server_auth())
-
-    async def _mutual(self) -> None:
+    async def test_mutual_tls_requires_a_client_certificate(self) -> None:
         provider = self.provider(mutual=True)
         anonymous = self.echo(provider, ClientTLS(ca=self.ca[2]))
         with self.assertRaises(UnavailableError):
@@ -131,9 +127,6 @@ class TLSTests(TestCase):
         )
         reply = await known.Echo(echo_pb2.EchoRequest(payload=b"mutual"))
         self.assertEqual(reply.payload, b"mutual")
-
-    def test_mutual_tls_requires_a_client_certificate(self):
-        return Deferred.fromCoroutine(self._mutual())
 
 
 def test_bad_tls_files_are_a_config_error(tmp_path):

@@ -9,7 +9,7 @@ from twisted.python import usage
 
 from twisted_rpc import ConfigError, ProviderAddress, ZooKeeperRegistry, load_provider_config
 from twisted_rpc.cpp import load_cpp_conf
-from twisted_rpc.provider import _tap as tap
+from twisted_rpc.provider import Options, makeService
 
 CPP_CONF = """# rpc node
 rpcserverip=127.0.0.1
@@ -109,7 +109,7 @@ def test_cpp_section_errors(tmp_path, name, section, message):
 def test_twistd_with_only_the_cpp_conf(tmp_path, option):
     path = tmp_path / "test.conf"
     path.write_text(CPP_CONF)
-    options = tap.Options()
+    options = Options()
     options.parseOptions(
         [
             option,
@@ -118,7 +118,7 @@ def test_twistd_with_only_the_cpp_conf(tmp_path, option):
             "examples.mprpc_compat.callee:UserServiceRpc",
         ]
     )
-    provider = tap.makeService(options, MemoryReactor())
+    provider = makeService(options, MemoryReactor())
     assert provider.factory is not None and provider.cpp_factory is not None
     assert len(provider.listeners) == 1  # no native listener configured
     assert isinstance(provider.cpp_registry, ZooKeeperRegistry)
@@ -130,21 +130,21 @@ def test_twistd_cpp_config_and_mprpc_config_together_are_refused(tmp_path):
     path = tmp_path / "test.conf"
     path.write_text(CPP_CONF)
     with pytest.raises(usage.UsageError, match="--cpp-config and --mprpc-config are one option"):
-        tap.Options().parseOptions(["--cpp-config", str(path), "--mprpc-config", str(path)])
+        Options().parseOptions(["--cpp-config", str(path), "--mprpc-config", str(path)])
 
 
 def test_twistd_cpp_conf_needs_a_service(tmp_path):
     path = tmp_path / "test.conf"
     path.write_text(CPP_CONF)
     with pytest.raises(SystemExit, match="no services to serve"):
-        tap.Options().parseOptions(["--cpp-config", str(path)])
+        Options().parseOptions(["--cpp-config", str(path)])
 
 
 def test_twistd_bad_service_spec(tmp_path):
     path = tmp_path / "test.conf"
     path.write_text(CPP_CONF)
     with pytest.raises(SystemExit, match="--service: 'nope' is not module:Class"):
-        tap.Options().parseOptions(["--mprpc-config", str(path), "--service", "nope"])
+        Options().parseOptions(["--mprpc-config", str(path), "--service", "nope"])
 
 
 # ---------------------------------------------------------------- read as the C++ reader reads it
@@ -228,9 +228,9 @@ def test_cpp_conf_values_the_cpp_code_cannot_use_are_errors(tmp_path, lines, mes
 def test_twistd_cpp_conf_with_a_chroot_in_the_port(tmp_path):
     path = tmp_path / "test.conf"
     path.write_text(CPP_CONF.replace("zookeeperport=2181", "zookeeperport=2181/staging"))
-    options = tap.Options()
+    options = Options()
     options.parseOptions(
         ["--mprpc-config", str(path), "--service", "examples.mprpc_compat.callee:UserServiceRpc"]
     )
-    provider = tap.makeService(options, MemoryReactor())
+    provider = makeService(options, MemoryReactor())
     assert provider.cpp_registry.zk.hosts == "10.0.0.9:2181/staging"

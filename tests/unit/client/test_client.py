@@ -6,13 +6,14 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter
 from zope.interface.verify import verifyObject
 
 from protos import echo_pb2, user_pb2
 from testbed.echo_service import ECHO, EchoService
+from tests.helpers import ClientConn, failure_of, result
 from twisted_rpc import (
     CancelledError,
     Client,
@@ -27,39 +28,17 @@ from twisted_rpc import (
     UnavailableError,
     UnknownRemoteError,
 )
-from twisted_rpc.client import ClientConnection
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core import describe
-from twisted_rpc.core._codec import FrameDecoder, FrameKind
+from twisted_rpc.core._codec import FrameKind
 from twisted_rpc.core._status import _BY_CODE
 from twisted_rpc.testing import MemoryProvider
 
 METHOD = describe(ECHO).methods["Echo"]
-result = MemoryProvider.result
-
-
-def failure_of(d: Deferred) -> BaseException:
-    with pytest.raises(Exception) as info:
-        result(d)
-    return info.value
-
-
-class Conn:
-    def __init__(self):
-        self.clock = Clock()
-        self.proto = ClientConnection(self.clock)
-        self.transport = StringTransport()
-        self.proto.makeConnection(self.transport)
-
-    def sent(self):
-        frames = []
-        FrameDecoder(frames.append).feed(self.transport.value())
-        self.transport.clear()
-        return frames
 
 
 def test_request_is_byte_exact():
-    c = Conn()
+    c = ClientConn()
     request = echo_pb2.EchoRequest(payload=b"x")
     c.proto.call(METHOD, request, timeout=2.5)
     payload = request.SerializeToString()
@@ -67,7 +46,7 @@ def test_request_is_byte_exact():
 
 
 def test_responses_match_by_call_id_in_any_order():
-    c = Conn()
+    c = ClientConn()
     d1 = c.proto.call(METHOD, echo_pb2.EchoRequest(payload=b"1"))
     d2 = c.proto.call(METHOD, echo_pb2.EchoRequest(payload=b"2"))
     r2 = echo_pb2.EchoReply(payload=b"two").SerializeToString()
@@ -81,7 +60,7 @@ def test_responses_match_by_call_id_in_any_order():
 
 @pytest.mark.parametrize("code", sorted(_BY_CODE))
 def test_every_status_code_fails_with_its_type(code):
-    c = Conn()
+    c = ClientConn()
     d = c.proto.call(METHOD, echo_pb2.EchoRequest())
     c.proto.dataReceived(wire.encode_status(1, code, f"code {code}"))
     error = failure_of(d)
@@ -91,7 +70,7 @@ def test_every_status_code_fails_with_its_type(code):
 
 
 def test_unknown_code_is_unknown_remote_error():
-    c = Conn()
+    c = ClientConn()
     d = c.proto.call(METHOD, echo_pb2.EchoRequest())
     c.proto.dataReceived(wire.encode_status(1, 999, "from the future"))
     error = failure_of(d)
@@ -99,14 +78,14 @@ def test_unknown_code_is_unknown_remote_error():
 
 
 def test_unparseable_response_is_a_typed_failure():
-    c = Conn()
+    c = ClientConn()
     d = c.proto.call(METHOD, echo_pb2.EchoRequest())
     c.proto.dataReceived(wire.encode_response(1, 2) + b"\xff\xff")
     assert failure_of(d).code == StatusCode.DATA_LOSS
 
 
 def test_cancel_fails_locally_and_tells_the_provider():
-    c = Conn()
+    c = ClientConn()
     d = c.proto.call(METHOD, echo_pb2.EchoRequest())
     c.transport.clear()
     d.cancel()
@@ -118,7 +97,7 @@ def test_cancel_fails_locally_and_tells_the_provider():
 
 
 def test_deadline_fires_on_the_injected_clock_and_is_cleared_on_answer():
-    c = Conn()
+    c = ClientConn()
     slow = c.proto.call(METHOD, echo_pb2.EchoRequest(), timeout=1.0)
     quick = c.proto.call(METHOD, echo_pb2.EchoRequest(), timeout=1.0)
     r = echo_pb2.EchoReply().SerializeToString()
@@ -133,7 +112,7 @@ def test_deadline_fires_on_the_injected_clock_and_is_cleared_on_answer():
 
 
 def test_connection_lost_fails_outstanding_calls_and_later_calls():
-    c = Conn()
+    c = ClientConn()
     ds = [c.proto.call(METHOD, echo_pb2.EchoRequest(), timeout=5) for _ in range(3)]
     c.proto.connectionLost(Failure(ConnectionDone()))
     for d in ds:
@@ -143,7 +122,7 @@ def test_connection_lost_fails_outstanding_calls_and_later_calls():
 
 
 def test_goaway_refuses_new_calls_but_keeps_calls_in_flight():
-    c = Conn()
+    c = ClientConn()
     d = c.proto.call(METHOD, echo_pb2.EchoRequest())
     c.proto.dataReceived(wire.encode_goaway(1, "bye"))
     refused = c.proto.call(METHOD, echo_pb2.EchoRequest())
@@ -154,7 +133,7 @@ def test_goaway_refuses_new_calls_but_keeps_calls_in_flight():
 
 
 def test_ping_measures_round_trip_on_the_clock():
-    c = Conn()
+    c = ClientConn()
     d = c.proto.ping(b"p")
     (frame,) = c.sent()
     assert frame.kind == FrameKind.PING
@@ -376,7 +355,7 @@ def test_deadline_queue_stays_small_when_calls_are_answered():
 
 
 def test_call_ids_wrap_around_skipping_calls_in_flight():
-    c = Conn()
+    c = ClientConn()
     c.proto._next_id = 0xFFFFFFFF
     first = c.proto.call(METHOD, echo_pb2.EchoRequest())  # id 0xFFFFFFFF, then 1 again
     assert c.proto._next_id == 1

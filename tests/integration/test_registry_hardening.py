@@ -91,7 +91,7 @@ class HostileRegistryTests(TestCase):
 
     # ------------------------------------------------------------------ 16
 
-    async def _standby(self) -> None:
+    async def test_a_standby_leaves_the_cpp_providers_node_on_sigterm(self) -> None:
         chroot = f"/mprpc-compat-{uuid.uuid4().hex[:8]}"
         top = await self.kazoo()
         await deferToThread(top.ensure_path, chroot)
@@ -121,12 +121,9 @@ class HostileRegistryTests(TestCase):
         self.assertIn("leaving /UserServiceRpc/Login: held by session", python.output)
         self.assertIsNone(await deferToThread(cpp.exists, "/UserServiceRpc/Register"))
 
-    def test_a_standby_leaves_the_cpp_providers_node_on_sigterm(self):
-        return Deferred.fromCoroutine(self._standby())
-
     # ------------------------------------------------------------------ 15
 
-    async def _squatted(self) -> None:
+    async def test_with_auth_a_provider_refuses_parents_others_created(self) -> None:
         anonymous = await self.kazoo()
         providers = f"{self.root}/{SERVICE}/providers"
         await deferToThread(anonymous.ensure_path, providers)  # open ACL, created first
@@ -156,10 +153,7 @@ class HostileRegistryTests(TestCase):
         await self.wait_for(lambda: _value(bool(seen)), what="a provider list")
         self.assertEqual(seen[-1], ())
 
-    def test_with_auth_a_provider_refuses_parents_others_created(self):
-        return Deferred.fromCoroutine(self._squatted())
-
-    async def _locked(self) -> None:
+    async def test_with_auth_every_node_is_closed_to_others(self) -> None:
         provider = self.provider(self.zk_section("auth = digest:provider:secret\n"))
         providers = f"{self.root}/{SERVICE}/providers"
         node = f"{providers}/127.0.0.1:{provider.port}"
@@ -182,10 +176,7 @@ class HostileRegistryTests(TestCase):
         with self.assertRaises(NoAuthError):
             await deferToThread(mallory.set_acls, self.root, [OPEN])
 
-    def test_with_auth_every_node_is_closed_to_others(self):
-        return Deferred.fromCoroutine(self._locked())
-
-    async def _open_root(self) -> None:
+    async def test_without_auth_nobody_may_change_the_acl_of_nodes_made(self) -> None:
         provider = self.provider(self.zk_section())
         anonymous = await self.kazoo()
         node = f"{self.root}/{SERVICE}/providers/127.0.0.1:{provider.port}"
@@ -195,12 +186,9 @@ class HostileRegistryTests(TestCase):
                 anonymous.set_acls, self.root, [make_acl("world", "anyone", read=True)]
             )
 
-    def test_without_auth_nobody_may_change_the_acl_of_nodes_made(self):
-        return Deferred.fromCoroutine(self._open_root())
-
     # ------------------------------------------------------------------ 6
 
-    async def _bad_nodes(self) -> None:
+    async def test_bad_provider_nodes_are_skipped_and_the_real_one_used(self) -> None:
         provider = self.provider(self.zk_section())
         attacker = await self.kazoo()
         providers = f"{self.root}/{SERVICE}/providers"
@@ -235,9 +223,6 @@ class HostileRegistryTests(TestCase):
         reply = await echo.Echo(echo_pb2.EchoRequest(payload=b"x"))
         self.assertEqual(reply.pid, provider.pid)
         self.assertEqual([a.port for a in registry.providers(SERVICE)], [provider.port])
-
-    def test_bad_provider_nodes_are_skipped_and_the_real_one_used(self):
-        return Deferred.fromCoroutine(self._bad_nodes())
 
 
 async def _value(value):

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import gatherResults
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
@@ -131,7 +131,7 @@ class AdminTests(TestCase):
         await echo.AsyncEcho(echo_pb2.EchoRequest(delay=0.3))
         return provider, base, client, metrics
 
-    async def _metrics(self) -> None:
+    async def test_metrics_and_json_match_the_calls_made(self) -> None:
         provider, base, client, client_metrics = await self._calls()
         text = await deferToThread(fetch, base + "/metrics")
         calls = samples(text, "mprpc_server_calls_total")
@@ -178,10 +178,7 @@ class AdminTests(TestCase):
         self.assertIsNotNone(slow)
         self.assertRegex(provider.output, r"failed: NOT_FOUND .*\(\d+\.\d ms\)")
 
-    def test_metrics_and_json_match_the_calls_made(self):
-        return Deferred.fromCoroutine(self._metrics())
-
-    async def _page(self) -> None:
+    async def test_status_page_in_a_browser_shows_the_calls_made(self) -> None:
         provider, base, client, _ = await self._calls()
         (channel,) = client.channels.values()
         local = channel.protocol.transport.getHost()
@@ -209,14 +206,11 @@ class AdminTests(TestCase):
         with open(screenshot, "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
 
-    def test_status_page_in_a_browser_shows_the_calls_made(self):
-        return Deferred.fromCoroutine(self._page())
-
 
 class JsonLogTests(TestCase):
     timeout = 60
 
-    async def _json(self) -> None:
+    async def test_json_log_lines_carry_the_call_fields(self) -> None:
         provider = Provider(Path(tempfile.mkdtemp()), "log_format = json\n")
         self.addCleanup(provider.stop)
         client = Client(reactor, providers={ECHO.full_name: [provider.address]}, timeout=10)
@@ -234,9 +228,6 @@ class JsonLogTests(TestCase):
         self.assertIsInstance(failed["call_id"], int)
         self.assertGreaterEqual(failed["duration_ms"], 0)
         self.assertEqual(failed["level"], "info")
-
-    def test_json_log_lines_carry_the_call_fields(self):
-        return Deferred.fromCoroutine(self._json())
 
 
 class _Provider:
@@ -299,7 +290,7 @@ def test_admin_max_connections_must_be_positive():
 class AdminLimitTests(TestCase):
     timeout = 60
 
-    async def _limits(self) -> None:
+    async def test_bad_refresh_is_a_400_and_connections_are_capped(self) -> None:
         provider = Provider(
             Path(tempfile.mkdtemp()),
             "[admin]\nlisten = tcp:0:interface=127.0.0.1\nmax_connections = 3\n",
@@ -326,9 +317,6 @@ class AdminLimitTests(TestCase):
                 s.close()
         status = json.loads(await deferToThread(fetch, base + "/status.json"))
         self.assertEqual(status["provider"]["pid"], provider.pid)
-
-    def test_bad_refresh_is_a_400_and_connections_are_capped(self):
-        return Deferred.fromCoroutine(self._limits())
 
 
 def status_code(url: str) -> int:

@@ -8,7 +8,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 
 from twisted_rpc import ConfigError, ProviderService, load_consumer_config, load_provider_config
-from twisted_rpc.provider import _tap as tap
+from twisted_rpc.provider import Options, makeService
 
 
 def write(tmp_path, text):
@@ -25,9 +25,9 @@ def test_options_and_service_tree(tmp_path):
         "services = testbed.echo_service:EchoService examples.user.callee:UserService\n"
         "grace_period = 2.5\n",
     )
-    options = tap.Options()
+    options = Options()
     options.parseOptions(["-c", path])
-    service = tap.makeService(options, MemoryReactor())
+    service = makeService(options, MemoryReactor())
     assert isinstance(service, ProviderService)
     assert sorted(service.dispatcher.services) == [
         "example.UserService",
@@ -43,13 +43,13 @@ def test_options_and_service_tree(tmp_path):
 
 def test_config_is_required():
     with pytest.raises(usage.UsageError, match="--config or --cpp-config is required"):
-        tap.Options().parseOptions([])
+        Options().parseOptions([])
 
 
 def test_bad_config_exits_with_one_line(tmp_path):
     path = write(tmp_path, "[provider]\nlisten = tcp:0\nservices = nope\n")
     with pytest.raises(SystemExit) as exited:
-        tap.Options().parseOptions(["--config", path])
+        Options().parseOptions(["--config", path])
     assert str(exited.value) == (
         f"twistd mprpc: config error: {path}: [provider] services: 'nope' is not module:Class"
     )
@@ -126,9 +126,9 @@ def test_operability_keys(tmp_path):
         "health = no\nreflection = no\nslow_call_threshold = 0.5\nlog_format = json\n"
         "[admin]\nlisten = tcp:0:interface=127.0.0.1\n",
     )
-    options = tap.Options()
+    options = Options()
     options.parseOptions(["-c", path])
-    service = tap.makeService(options, MemoryReactor())
+    service = makeService(options, MemoryReactor())
     assert sorted(service.dispatcher.services) == ["mprpc.test.EchoService"]  # no built-ins
     assert service.factory.slow_call_threshold == 0.5
     assert service.metrics is not None and service.factory.observer is service.metrics
@@ -178,9 +178,9 @@ def test_hardening_limits_reach_both_listeners(tmp_path):
         "max_connections_per_peer = 9\nmax_buffered_bytes = 1048576\n"
         "[mprpc]\nlisten = tcp:0:interface=127.0.0.1\n",
     )
-    options = tap.Options()
+    options = Options()
     options.parseOptions(["-c", path])
-    service = tap.makeService(options, MemoryReactor())
+    service = makeService(options, MemoryReactor())
     limits = service.factory.limits
     assert (
         limits.max_long_lived_calls_per_connection,

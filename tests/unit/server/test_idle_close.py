@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tests.test_provider_hardening import ROUTE, Conn, _factory
+from tests.helpers import ROUTE, ServerConn
+from tests.unit.server.test_provider_hardening import _factory
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameKind, GoawayReason
 from twisted_rpc.core._connection import CLOSE_TIMEOUT
@@ -11,7 +12,7 @@ from twisted_rpc.core._connection import CLOSE_TIMEOUT
 def test_a_partial_frame_does_not_keep_a_connection_open_without_a_frame_timeout():
     clock, factory = _factory(idle_timeout=0.5, frame_timeout=0)
     factory.doStart()
-    partial, silent = Conn(factory, port=1), Conn(factory, port=2)
+    partial, silent = ServerConn(factory, port=1), ServerConn(factory, port=2)
     partial.proto.dataReceived(wire.encode_request(1, ROUTE, 10)[:1])
     clock.advance(3)
     factory.doStop()
@@ -22,7 +23,7 @@ def test_a_partial_frame_does_not_keep_a_connection_open_without_a_frame_timeout
 def test_an_idle_close_is_aborted_when_the_peer_reads_nothing(logged):
     clock, factory = _factory(idle_timeout=1)
     factory.doStart()
-    conn = Conn(factory)
+    conn = ServerConn(factory)
     clock.advance(1.5)
     (goaway,) = conn.frames()
     assert (goaway.kind, goaway.status) == (FrameKind.GOAWAY, GoawayReason.IDLE)
