@@ -85,7 +85,7 @@ class MemoryProvider:
         self.flush()
 
     @staticmethod
-    def result(d: Deferred) -> Any:
+    def result(d: Deferred[Any]) -> Any:
         """The result ``d`` already has; a failure is raised (and consumed)."""
         outcome: list[Any] = []
 
