@@ -16,7 +16,7 @@ Nothing outside this module imports kazoo.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import (
@@ -38,7 +38,7 @@ from kazoo.security import (
     make_digest_acl_credential,
 )
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -69,19 +69,9 @@ LOST = "lost"
 STOPPED = "stopped"
 
 
-class ZooKeeperReactor(Protocol):
+class IZooKeeperReactor(IReactorTime, IReactorFromThreads):
     """What the ZooKeeper client and registry use of a reactor: its clock
-    (``IReactorTime``) and ``callFromThread`` (``IReactorFromThreads``)."""
-
-    def seconds(self) -> float: ...
-
-    def callLater(
-        self, delay: float, callable: Callable[..., object], *args: object, **kw: object
-    ) -> IDelayedCall: ...
-
-    def callFromThread(
-        self, callable: Callable[..., object], *args: object, **kw: object
-    ) -> None: ...
+    and ``callFromThread`` (for typing; any reactor provides both)."""
 
 
 StateListener = Callable[[str, bool], object]
@@ -145,7 +135,7 @@ class ZooKeeperClient:
 
     def __init__(
         self,
-        reactor: ZooKeeperReactor,
+        reactor: IZooKeeperReactor,
         hosts: str,
         *,
         session_timeout: float = 10.0,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -21,7 +21,6 @@ from twisted_rpc.discovery._kazoo import (
     NoNodeError,
     WatchedEvent,
     ZooKeeperClient,
-    ZooKeeperReactor,
     acl_text,
     others_may_write,
 )
@@ -73,7 +72,7 @@ class Follower:
     def __init__(
         self,
         zk: ZooKeeperClient,
-        reactor: ZooKeeperReactor,
+        reactor: IReactorTime,
         root: str,
         *,
         session_timeout: float,

@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IDelayedCall
 from zope.interface import implementer
 
 from twisted_rpc.core._interfaces import IServiceDiscovery, IServiceRegistry
-from twisted_rpc.discovery._kazoo import CONNECTED, ZooKeeperClient, ZooKeeperReactor
+from twisted_rpc.discovery._kazoo import CONNECTED, IZooKeeperReactor, ZooKeeperClient
 from twisted_rpc.discovery._layout import DEFAULT_ROOT
 from twisted_rpc.discovery._types import ProviderAddress, Registration
 from twisted_rpc.discovery._zkannounce import Announcer, UnsafeParentError
@@ -51,7 +51,7 @@ class ZooKeeperRegistry(Service):
 
     def __init__(
         self,
-        reactor: ZooKeeperReactor,
+        reactor: IZooKeeperReactor,
         hosts: str,
         *,
         root: str = DEFAULT_ROOT,

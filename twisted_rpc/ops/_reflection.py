@@ -121,14 +121,16 @@ class RemoteDescriptors:
         self._files: set[str] = set()
         self._reflection = client.proxy(REFLECTION, timeout=timeout)
 
-    def list_services(self) -> Deferred:
+    def list_services(self) -> Deferred[list[str]]:
         """Fires with the names of the services the provider serves."""
-        d = self._reflection.ListServices(ListServicesRequest())
+        # (A proxy's methods are made from the service descriptor at run time.)
+        d: Deferred[Any] = self._reflection.ListServices(ListServicesRequest())  # type: ignore[attr-defined]
         return d.addCallback(lambda reply: list(reply.services))
 
     async def load(self, symbol: str) -> None:
         """Add the file defining ``symbol`` and its dependencies to the pool."""
-        reply = await self._reflection.FileContainingSymbol(FileDescriptorsRequest(symbol=symbol))
+        request = FileDescriptorsRequest(symbol=symbol)
+        reply = await self._reflection.FileContainingSymbol(request)  # type: ignore[attr-defined]
         for raw in reply.file_descriptor_proto:
             proto = descriptor_pb2.FileDescriptorProto.FromString(raw)
             if proto.name not in self._files:
