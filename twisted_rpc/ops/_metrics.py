@@ -122,7 +122,7 @@ class ProviderMetrics:
         by_code = self.totals.setdefault(method, {})
         by_code[code_text] = by_code.get(code_text, 0) + 1
 
-    def gauge(self, name: str, documentation: str, read: Any) -> Gauge:
+    def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> Gauge:
         """A gauge whose value is ``read()`` at each scrape."""
         gauge = Gauge(name, documentation, registry=self.registry)
         gauge.set_function(read)
