@@ -16,6 +16,7 @@ Calling a service without its ``.proto``::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -60,7 +61,9 @@ def _quote(text: str, limit: int = ECHO_LIMIT) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
-def files_for_symbol(symbol: str, pools: list[Any] = ()) -> list[FileDescriptor]:  # type: ignore[assignment]
+def files_for_symbol(
+    symbol: str, pools: Sequence[descriptor_pool.DescriptorPool] = ()
+) -> list[FileDescriptor]:
     """The file defining ``symbol`` and its dependencies, dependencies first.
 
     Raises InvalidArgumentError for a symbol over :data:`MAX_SYMBOL_LENGTH`
