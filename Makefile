@@ -36,9 +36,11 @@ zookeeper: $(STAMP)
 browser:
 	scripts/install-browser
 
+# ruff, then mypy --strict over the package (settings: pyproject.toml's [tool.mypy]).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: protos lint zookeeper browser
 	$(PY) -m pytest

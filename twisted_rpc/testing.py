@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from google.protobuf.descriptor import ServiceDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -66,7 +67,7 @@ class MemoryProvider:
         self._completer = ConnectionCompleter(self.reactor)
         self.pumps: list[IOPump] = []
 
-    def proxy(self, service: Any, **kw: Any) -> ServiceProxy:
+    def proxy(self, service: ServiceDescriptor | str | type[Service], **kw: Any) -> ServiceProxy:
         return self.client.proxy(service, **kw)
 
     def flush(self) -> None:
@@ -85,7 +86,7 @@ class MemoryProvider:
         self.flush()
 
     @staticmethod
-    def result(d: Deferred) -> Any:
+    def result(d: Deferred[Any]) -> Any:
         """The result ``d`` already has; a failure is raised (and consumed)."""
         outcome: list[Any] = []
 

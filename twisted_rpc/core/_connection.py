@@ -11,8 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -35,6 +41,12 @@ DEFAULT_PONG_ABORT_BYTES = 256 * 1024 * 1024
 """Unsent bytes past which a peer that keeps sending PINGs is dropped."""
 
 
+class IRpcTransport(ITCPTransport, IConsumer):
+    """What a connection uses of its transport (for typing only): a TCP
+    transport, plain or under TLS, that takes a producer. In tests, a
+    ``StringTransport`` stands in for it."""
+
+
 def _ignore(data: bytes) -> None:
     """What a connection closing after an error does with more bytes."""
 
@@ -44,6 +56,8 @@ class RefusedConnection(Protocol):
     as it is made. (Returning None closes a plain TCP connection on accept,
     but a wrapping factory, such as the TLS one an ``ssl:`` endpoint puts
     around it, would wrap the None and leave the socket open.)"""
+
+    transport: IRpcTransport
 
     def connectionMade(self) -> None:
         self.transport.abortConnection()
@@ -85,6 +99,7 @@ class RpcConnection(Protocol):
     """
 
     log = Logger()
+    transport: IRpcTransport
 
     def __init__(
         self,
@@ -112,9 +127,9 @@ class RpcConnection(Protocol):
             self._handlers, max_frame_size, max_ext_size, max_ext_entries, self._ext_rejected
         )
         self._batch: list[bytes] | None = None
-        self._close_timer: Any = None
+        self._close_timer: IDelayedCall | None = None
         self._writer: DirectWriter | None = None
-        self._pings: dict[int, tuple[Deferred, float]] = {}
+        self._pings: dict[int, tuple[Deferred[float], float]] = {}
         self._next_ping = 1
 
     # ----------------------------------------------------------------- Protocol
@@ -142,6 +157,7 @@ class RpcConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         # Frames sent while handling this chunk (answers, and the calls their
         # callbacks make) go out in one write at the end.
+        batch: list[bytes]  # (an annotation only: no cost here)
         self._batch = batch = []
         decoder = self.decoder
         try:
@@ -200,7 +216,7 @@ class RpcConnection(Protocol):
         else:
             self.transport.writeSequence(pieces)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
@@ -328,7 +344,7 @@ class RpcConnection(Protocol):
     pong_abort_bytes = DEFAULT_PONG_ABORT_BYTES
     """PINGs left unanswered because the peer was not reading what we wrote."""
 
-    def ping(self, payload: bytes = b"") -> Deferred:
+    def ping(self, payload: bytes = b"") -> Deferred[float]:
         """Send a PING; the Deferred fires with the round-trip time in seconds."""
         if not self.connected:
             return fail(UnavailableError(message="not connected"))
@@ -338,10 +354,13 @@ class RpcConnection(Protocol):
             )
         ping_id = self._next_ping
         self._next_ping = (ping_id + 1) & 0xFFFFFFFF or 1
-        d: Deferred = Deferred(lambda _: self._pings.pop(ping_id, None))
+        d: Deferred[float] = Deferred(lambda _: self._forget_ping(ping_id))
         self._pings[ping_id] = (d, self.clock.seconds())
         self.send(wire.encode_ping(ping_id, payload))
         return d
+
+    def _forget_ping(self, ping_id: int) -> None:
+        self._pings.pop(ping_id, None)
 
     def _ping_received(self, ping_id: int, *fields: Any) -> None:
         """Answer with a PONG, unless the peer is not reading what we wrote.

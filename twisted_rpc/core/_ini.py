@@ -12,7 +12,7 @@ import configparser
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, overload
 
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
@@ -95,7 +95,21 @@ class Reader:
             raise ConfigError(f"{self.path}: [{section}] {key} is required")
         return value
 
-    def number(self, section: str, key: str, default: float, kind: type = float, minimum=0):
+    @overload
+    def number(
+        self, section: str, key: str, default: int, kind: type[int], minimum: float = ...
+    ) -> int: ...
+
+    @overload
+    def number(
+        self, section: str, key: str, default: float, kind: type[float] = ..., minimum: float = ...
+    ) -> float: ...
+
+    def number(
+        self, section: str, key: str, default: float, kind: type[float] = float, minimum: float = 0
+    ) -> float:
+        """The number at ``[section] key`` (``default`` if unset) as ``kind``
+        (float or int), finite and at least ``minimum``."""
         raw = self.get(section, key)
         if raw is None:
             return default

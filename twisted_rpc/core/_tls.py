@@ -11,7 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (pyOpenSSL is imported only when TLS is used)
+    from twisted.internet.interfaces import (
+        IAddress,
+        IOpenSSLClientConnectionCreator,
+        IProtocolFactory,
+        IStreamClientEndpoint,
+    )
+    from twisted.internet.ssl import CertificateOptions
+    from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
 __all__ = ["ClientTLS", "server_options", "wrap_client_endpoint", "wrap_server_factory"]
 
@@ -23,7 +33,7 @@ def _read(path: str, what: str) -> bytes:
         raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
-def server_options(certificate: str, private_key: str, client_ca: str = "") -> Any:
+def server_options(certificate: str, private_key: str, client_ca: str = "") -> CertificateOptions:
     """Twisted ``CertificateOptions`` for a provider."""
     from twisted.internet import ssl
 
@@ -31,16 +41,21 @@ def server_options(certificate: str, private_key: str, client_ca: str = "") -> A
         own = ssl.PrivateCertificate.loadPEM(
             _read(certificate, "certificate") + b"\n" + _read(private_key, "private key")
         )
+        options: CertificateOptions
         if client_ca:
-            return own.options(ssl.Certificate.loadPEM(_read(client_ca, "client CA")))
-        return own.options()
+            options = own.options(ssl.Certificate.loadPEM(_read(client_ca, "client CA")))
+        else:
+            options = own.options()
+        return options
     except ValueError:
         raise
     except Exception as e:
         raise ValueError(f"bad TLS certificate or key: {e}") from None
 
 
-def wrap_server_factory(factory: Any, options: Any) -> Any:
+def wrap_server_factory(
+    factory: IProtocolFactory, options: CertificateOptions
+) -> TLSMemoryBIOFactory:
     """The factory that speaks TLS around ``factory``'s connections.
 
     A connection ``factory`` refuses (``buildProtocol`` returns None: a
@@ -53,7 +68,10 @@ def wrap_server_factory(factory: Any, options: Any) -> Any:
     class _RefusingTLSFactory(TLSMemoryBIOFactory):
         noisy = False
 
-        def buildProtocol(self, addr: Any) -> Any:
+        # (None refuses the connection, which the base class's type does not allow.)
+        def buildProtocol(  # type: ignore[override]
+            self, addr: IAddress | None
+        ) -> TLSMemoryBIOProtocol | None:
             inner = self.wrappedFactory.buildProtocol(addr)
             if inner is None:
                 return None
@@ -72,7 +90,7 @@ class ClientTLS:
     """This consumer's certificate, for providers that require one."""
     private_key: str = ""
 
-    def options_for(self, host: str) -> Any:
+    def options_for(self, host: str) -> IOpenSSLClientConnectionCreator:
         from twisted.internet import ssl
 
         trust = ssl.Certificate.loadPEM(_read(self.ca, "CA")) if self.ca else None
@@ -84,7 +102,9 @@ class ClientTLS:
         return ssl.optionsForClientTLS(host, trustRoot=trust, clientCertificate=client)
 
 
-def wrap_client_endpoint(endpoint: Any, tls: ClientTLS, host: str) -> Any:
+def wrap_client_endpoint(
+    endpoint: IStreamClientEndpoint, tls: ClientTLS, host: str
+) -> IStreamClientEndpoint:
     """``endpoint`` with TLS on top, verifying the provider as ``host``."""
     from twisted.internet.endpoints import wrapClientTLS
 

@@ -22,8 +22,8 @@ UNAVAILABLE at once, as they would after dialling.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
 
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
@@ -36,7 +36,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     connectProtocol,
 )
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTCP, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -57,7 +57,13 @@ from twisted_rpc.core._status import (
     UnavailableError,
 )
 from twisted_rpc.cpp._wire import encode_request
-from twisted_rpc.discovery._kazoo import CONNECTED, NoNodeError, WatchedEvent, ZooKeeperClient
+from twisted_rpc.discovery._kazoo import (
+    CONNECTED,
+    IZooKeeperReactor,
+    NoNodeError,
+    WatchedEvent,
+    ZooKeeperClient,
+)
 from twisted_rpc.discovery._layout import cpp_path, decode_cpp
 from twisted_rpc.discovery._types import ProviderAddress, parse_address
 
@@ -86,6 +92,11 @@ _MAX_REFUSED = 1024
 """Refused addresses remembered at most (expired ones are dropped first)."""
 
 
+class ICppReactor(IZooKeeperReactor, IReactorTCP):
+    """What :class:`CppClient` uses of a reactor: its clock, ``callFromThread``
+    (for ZooKeeper) and TCP (for typing; any reactor provides them)."""
+
+
 def short_name(service: str) -> str:
     """``UserServiceRpc`` for ``fixbug.UserServiceRpc``: C++ mprpc's service name."""
     return service.rpartition(".")[2]
@@ -94,10 +105,10 @@ def short_name(service: str) -> str:
 class CppDirectory:
     """Where an mprpc method is served: ``lookup(service, method)`` → Deferred[address]."""
 
-    def lookup(self, service: str, method: str) -> Deferred:
+    def lookup(self, service: str, method: str) -> Deferred[ProviderAddress]:
         raise NotImplementedError
 
-    def close(self) -> Deferred:
+    def close(self) -> Deferred[None]:
         return succeed(None)
 
     def on_change(self, listener: Callable[[ProviderAddress], object]) -> None:
@@ -112,7 +123,7 @@ class StaticCppDirectory(CppDirectory):
     def __init__(self, providers: Mapping[str, str]) -> None:
         self.providers = {name: parse_address(a) for name, a in providers.items()}
 
-    def lookup(self, service: str, method: str) -> Deferred:
+    def lookup(self, service: str, method: str) -> Deferred[ProviderAddress]:
         address = self.providers.get(f"{service}.{method}") or self.providers.get(service)
         if address is None:
             return fail(UnavailableError(message=f"no provider configured for {service}"))
@@ -127,21 +138,21 @@ class ZooKeeperCppDirectory(CppDirectory):
         self.zk = zk
         self.lookup_timeout = lookup_timeout
         self.cache: dict[str, ProviderAddress | None] = {}
-        self._reading: dict[str, list[Deferred]] = {}
+        self._reading: dict[str, list[Deferred[ProviderAddress]]] = {}
         self._session: int | None = None
-        self._connected: list[Deferred] = []
+        self._connected: list[Deferred[None]] = []
         self._listeners: list[Callable[[ProviderAddress], object]] = []
         zk.add_state_listener(self._state_changed)
         zk.start()
 
-    def lookup(self, service: str, method: str) -> Deferred:
+    def lookup(self, service: str, method: str) -> Deferred[ProviderAddress]:
         path = cpp_path(service, method)
         if path in self.cache:
             address = self.cache[path]
             if address is not None:
                 return succeed(address)
             return fail(_no_provider(path))
-        waiter: Deferred = Deferred()
+        waiter: Deferred[ProviderAddress] = Deferred()
         waiting = self._reading.setdefault(path, [])
         waiting.append(waiter)
         if len(waiting) == 1:
@@ -161,7 +172,7 @@ class ZooKeeperCppDirectory(CppDirectory):
 
         if not self.zk.connected:
             # kazoo refuses requests before its first session; wait for it.
-            waiter: Deferred = Deferred(lambda d: self._connected.remove(d))
+            waiter: Deferred[None] = Deferred(lambda d: self._connected.remove(d))
             self._connected.append(waiter)
             await waiter
         try:
@@ -178,7 +189,7 @@ class ZooKeeperCppDirectory(CppDirectory):
         self.cache[path] = address
         return address
 
-    def _settle(self, result: Any, path: str) -> None:
+    def _settle(self, result: ProviderAddress | None | Failure, path: str) -> None:
         waiting = self._reading.pop(path, [])
         for waiter in waiting:
             if isinstance(result, Failure):
@@ -219,7 +230,7 @@ class ZooKeeperCppDirectory(CppDirectory):
             except Exception:
                 log.failure("mprpc directory listener failed for {address}", address=address)
 
-    def close(self) -> Deferred:
+    def close(self) -> Deferred[None]:
         return self.zk.close()
 
 
@@ -230,12 +241,14 @@ def _no_provider(path: str) -> UnavailableError:
 class _OneCall(Protocol):
     """Writes one request, collects the reply until EOF."""
 
+    transport: ITCPTransport
+
     def __init__(self, request: bytes, max_reply_size: int) -> None:
         self.request = request
         self.max_reply_size = max_reply_size
         self.chunks: list[bytes] = []
         self.size = 0
-        self.finished: Deferred = Deferred(self._cancel)
+        self.finished: Deferred[bytes] = Deferred(self._cancel)
         self.too_big = False
 
     def connectionMade(self) -> None:
@@ -265,7 +278,7 @@ class _OneCall(Protocol):
                 UnavailableError(message=f"connection lost before the reply: {reason.value}")
             )
 
-    def _cancel(self, d: Deferred) -> None:
+    def _cancel(self, d: Deferred[bytes]) -> None:
         if self.transport is not None:
             self.transport.abortConnection()
 
@@ -283,7 +296,7 @@ def _seconds(name: str, value: Any) -> float:
 
 
 def _endpoint(
-    reactor: Any, address: ProviderAddress, connect_timeout: float
+    reactor: ICppReactor, address: ProviderAddress, connect_timeout: float
 ) -> IStreamClientEndpoint:
     """A plain TCP endpoint for an IP literal (what the C++ layout holds): a
     refused connection fails in about a millisecond, where HostnameEndpoint
@@ -314,7 +327,7 @@ class CppClient:
 
     def __init__(
         self,
-        reactor: Any = None,
+        reactor: ICppReactor | None = None,
         *,
         zookeeper: str | None = None,
         providers: Mapping[str, str] | None = None,
@@ -338,7 +351,9 @@ class CppClient:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
-            reactor = global_reactor
+            # Every real reactor provides these; Twisted's type of the global
+            # reactor names only the interfaces common to all of them.
+            reactor = cast(ICppReactor, global_reactor)
         given = [x is not None for x in (zookeeper, providers, directory)]
         if sum(given) != 1:
             raise TypeError("give exactly one of zookeeper, providers or directory")
@@ -360,7 +375,7 @@ class CppClient:
         directory.on_change(self._moved)
 
     @classmethod
-    def from_cpp_config(cls, path: str, reactor: Any = None, **kw: Any) -> CppClient:
+    def from_cpp_config(cls, path: str, reactor: ICppReactor | None = None, **kw: Any) -> CppClient:
         """A client for the ZooKeeper named in a C++ ``key=value`` config file."""
         from twisted_rpc.cpp._conf import load_cpp_conf
 
@@ -380,7 +395,9 @@ class CppClient:
         info = describe(resolve_descriptor(service))
         return CppProxy(self, info.methods.values(), timeout)
 
-    def call(self, method: MethodInfo, request: Message, timeout: float | None = None) -> Deferred:
+    def call(
+        self, method: MethodInfo, request: Message, timeout: float | None = None
+    ) -> Deferred[Message]:
         """Call ``method`` once; fires with the response or fails with an RpcError.
 
         ``timeout``: seconds to wait for the reply (None: the client's)."""
@@ -396,7 +413,7 @@ class CppClient:
         d = Deferred.fromCoroutine(self._call(method, request))
         if timeout is not None:
 
-            def timed_out(result: Any, after: float) -> Any:
+            def timed_out(result: Message | Failure, after: float) -> Message | Failure:
                 if isinstance(result, Failure) and result.check(CancelledError):
                     return Failure(DeadlineExceededError(message=f"no reply within {after:g} s"))
                 return result
@@ -458,7 +475,7 @@ class CppClient:
         # Its node changed (a provider restarted there, perhaps): dial it again.
         self._refused.pop(address, None)
 
-    def close(self) -> Deferred:
+    def close(self) -> Deferred[None]:
         """Release the directory (its ZooKeeper session)."""
         return self.directory.close()
 
@@ -466,13 +483,17 @@ class CppClient:
 class CppProxy:
     """``proxy.Login(request, timeout=None)`` → Deferred of the response."""
 
-    def __init__(self, client: CppClient, methods: Any, timeout: float | None) -> None:
+    def __init__(
+        self, client: CppClient, methods: Iterable[MethodInfo], timeout: float | None
+    ) -> None:
         for method in methods:
             setattr(self, method.name, _stub(client, method, timeout))
 
 
-def _stub(client: CppClient, method: MethodInfo, default_timeout: float | None) -> Any:
-    def stub(request: Message, *, timeout: float | None = default_timeout) -> Deferred:
+def _stub(
+    client: CppClient, method: MethodInfo, default_timeout: float | None
+) -> Callable[..., Deferred[Message]]:
+    def stub(request: Message, *, timeout: float | None = default_timeout) -> Deferred[Message]:
         return client.call(method, request, timeout)
 
     stub.__name__ = method.name

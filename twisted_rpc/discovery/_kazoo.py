@@ -38,6 +38,7 @@ from kazoo.security import (
     make_digest_acl_credential,
 )
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -66,6 +67,12 @@ CONNECTED = "connected"
 SUSPENDED = "suspended"
 LOST = "lost"
 STOPPED = "stopped"
+
+
+class IZooKeeperReactor(IReactorTime, IReactorFromThreads):
+    """What the ZooKeeper client and registry use of a reactor: its clock
+    and ``callFromThread`` (for typing; any reactor provides both)."""
+
 
 StateListener = Callable[[str, bool], object]
 """``listener(state, new_session)``, called on the reactor thread."""
@@ -128,7 +135,7 @@ class ZooKeeperClient:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IZooKeeperReactor,
         hosts: str,
         *,
         session_timeout: float = 10.0,
@@ -173,7 +180,7 @@ class ZooKeeperClient:
             self._started = True
             self.kazoo.start_async()
 
-    def close(self) -> Deferred:
+    def close(self) -> Deferred[None]:
         """End the session (its ephemeral nodes go at once) and stop kazoo's threads."""
         if not self._started:
             return succeed(None)
@@ -228,12 +235,12 @@ class ZooKeeperClient:
 
     # ----------------------------------------------------------------- requests
 
-    def _request(self, method: Callable[..., Any], *args: Any, **kw: Any) -> Deferred:
+    def _request(self, method: Callable[..., Any], *args: Any, **kw: Any) -> Deferred[Any]:
         try:
             result = method(*args, **kw)
         except Exception:
             return fail()
-        d: Deferred = Deferred()
+        d: Deferred[Any] = Deferred()
 
         def completed(async_result: Any) -> None:  # kazoo's thread
             self.reactor.callFromThread(_settle, d, async_result)
@@ -256,43 +263,47 @@ class ZooKeeperClient:
         *,
         ephemeral: bool = False,
         acl: list[ACL] | None = None,
-    ) -> Deferred:
+    ) -> Deferred[str]:
         return self._request(
             self.kazoo.create_async, path, value, acl=acl or self.acl, ephemeral=ephemeral
         )
 
-    def ensure_path(self, path: str, acl: list[ACL] | None = None) -> Deferred:
+    def ensure_path(self, path: str, acl: list[ACL] | None = None) -> Deferred[Any]:
         return self._request(self.kazoo.ensure_path_async, path, acl=acl or self.acl)
 
-    def get(self, path: str, watch: Callable[[WatchedEvent], object] | None = None) -> Deferred:
+    def get(
+        self, path: str, watch: Callable[[WatchedEvent], object] | None = None
+    ) -> Deferred[tuple[bytes, ZnodeStat]]:
         """Fires with ``(data, ZnodeStat)``."""
         return self._request(self.kazoo.get_async, path, watch=watch and self.watcher(watch))
 
     def get_children(
         self, path: str, watch: Callable[[WatchedEvent], object] | None = None
-    ) -> Deferred:
+    ) -> Deferred[list[str]]:
         return self._request(
             self.kazoo.get_children_async, path, watch=watch and self.watcher(watch)
         )
 
-    def exists(self, path: str, watch: Callable[[WatchedEvent], object] | None = None) -> Deferred:
+    def exists(
+        self, path: str, watch: Callable[[WatchedEvent], object] | None = None
+    ) -> Deferred[ZnodeStat | None]:
         """Fires with a ZnodeStat, or None when there is no node."""
         return self._request(self.kazoo.exists_async, path, watch=watch and self.watcher(watch))
 
-    def get_acls(self, path: str) -> Deferred:
+    def get_acls(self, path: str) -> Deferred[tuple[list[ACL], ZnodeStat]]:
         """Fires with ``(list of ACL, ZnodeStat)``."""
         return self._request(self.kazoo.get_acls_async, path)
 
-    def set(self, path: str, value: bytes) -> Deferred:
+    def set(self, path: str, value: bytes) -> Deferred[ZnodeStat]:
         return self._request(self.kazoo.set_async, path, value)
 
-    def delete(self, path: str, version: int = -1) -> Deferred:
+    def delete(self, path: str, version: int = -1) -> Deferred[None]:
         """Delete ``path``; with ``version``, only if the node still has that
         version (else BadVersionError)."""
         return self._request(self.kazoo.delete_async, path, version)
 
 
-def _settle(d: Deferred, async_result: Any) -> None:
+def _settle(d: Deferred[Any], async_result: Any) -> None:
     if async_result.successful():
         d.callback(async_result.value)
     else:

@@ -111,7 +111,7 @@ def clip(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def _checked(host: object, port: object, weight: object, info: dict) -> ProviderAddress:
+def _checked(host: object, port: object, weight: object, info: dict[str, Any]) -> ProviderAddress:
     """A ProviderAddress from a node's values, or BadNode saying what is wrong."""
     if not isinstance(host, str) or not _valid_host(host):
         raise BadNode(f"bad host {clip(repr(host))}")

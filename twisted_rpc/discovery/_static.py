@@ -47,15 +47,15 @@ class StaticRegistry:
         listener(self.providers(service))
         return lambda: None
 
-    def register(self, registration: Registration) -> Deferred:
+    def register(self, registration: Registration) -> Deferred[None]:
         self.registrations.append(registration)
         return succeed(None)
 
-    def unregister_all(self) -> Deferred:
+    def unregister_all(self) -> Deferred[None]:
         self.registrations.clear()
         return succeed(None)
 
-    def close(self) -> Deferred:
+    def close(self) -> Deferred[None]:
         return succeed(None)
 
 

@@ -94,13 +94,13 @@ class Announcer:
     def registrations(self) -> list[Registration]:
         return [node.registration for node in self._nodes.values() if not node.cpp_layout]
 
-    def register(self, registration: Registration) -> Deferred:
+    def register(self, registration: Registration) -> Deferred[None]:
         """Announce ``registration`` now if connected, else as soon as connected."""
         path = provider_path(self.root, registration.service, registration.address.key)
         self._nodes[path] = _Node(registration, encode_provider(registration))
         return self._announce(path)
 
-    def register_cpp(self, service: str, method: str, address: ProviderAddress) -> Deferred:
+    def register_cpp(self, service: str, method: str, address: ProviderAddress) -> Deferred[None]:
         """Announce ``/<service>/<method>`` = ``b"ip:port"`` for C++ mprpc callers.
 
         ``service`` is the short name (no package). The path holds one provider:
@@ -112,14 +112,14 @@ class Announcer:
         self._nodes[path] = _Node(registration, encode_cpp(address), cpp_layout=True)
         return self._announce(path)
 
-    def _announce(self, path: str) -> Deferred:
+    def _announce(self, path: str) -> Deferred[None]:
         self.zk.start()
         if not self.zk.connected:
             log.info("zookeeper not connected: {path} will be registered when it is", path=path)
             return succeed(None)
         return self._ensure_node(path)
 
-    def unregister_all(self) -> Deferred:
+    def unregister_all(self) -> Deferred[None]:
         """Delete every node this registry's session holds (a graceful stop
         does this first). A node held by another session (another provider of
         a C++-layout method, for which this one stands by) is left alone."""
@@ -129,7 +129,7 @@ class Announcer:
             return succeed(None)
         return gatherResults([self._delete(path) for path in paths]).addCallback(lambda _: None)
 
-    def _delete(self, path: str) -> Deferred:
+    def _delete(self, path: str) -> Deferred[None]:
         d = Deferred.fromCoroutine(self._delete_own(path))
         d.addErrback(lambda f: log.failure("deleting {path} failed", f, path=path))
         return d
@@ -157,7 +157,7 @@ class Announcer:
             return
         log.warn("{path} kept changing: not deleted (it goes with the session)", path=path)
 
-    def _ensure_node(self, path: str) -> Deferred:
+    def _ensure_node(self, path: str) -> Deferred[None]:
         if path in self._ensuring:
             self._ensure_again.add(path)
             return succeed(None)

@@ -11,8 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twisted_rpc.discovery._kazoo import (
     KazooException,
@@ -71,7 +72,7 @@ class Follower:
     def __init__(
         self,
         zk: ZooKeeperClient,
-        reactor: Any,
+        reactor: IReactorTime,
         root: str,
         *,
         session_timeout: float,
@@ -151,7 +152,7 @@ class Follower:
             if watched.dirty:
                 self._read_soon(watched)
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> None:
             log.failure("reading providers of {service}", failure, service=watched.service)
             self.later(1.0, self._read_soon, watched)  # try again later
 
@@ -181,8 +182,8 @@ class Follower:
             children = self._capped(watched, path, children)
             # A node changed since it was read (a bad one replaced by a good one
             # under the same name, say) is read again.
-            changed, watched.changed = watched.changed, set()
-            for name in changed:
+            stale, watched.changed = watched.changed, set()
+            for name in stale:
                 watched.nodes.pop(name, None)
                 watched.skipped.discard(name)
             watched.skipped.intersection_update(children)

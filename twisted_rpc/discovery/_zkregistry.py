@@ -10,7 +10,6 @@ and the node data; ``_kazoo`` is the session.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -18,7 +17,7 @@ from twisted.internet.interfaces import IDelayedCall
 from zope.interface import implementer
 
 from twisted_rpc.core._interfaces import IServiceDiscovery, IServiceRegistry
-from twisted_rpc.discovery._kazoo import CONNECTED, ZooKeeperClient
+from twisted_rpc.discovery._kazoo import CONNECTED, IZooKeeperReactor, ZooKeeperClient
 from twisted_rpc.discovery._layout import DEFAULT_ROOT
 from twisted_rpc.discovery._types import ProviderAddress, Registration
 from twisted_rpc.discovery._zkannounce import Announcer, UnsafeParentError
@@ -52,7 +51,7 @@ class ZooKeeperRegistry(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IZooKeeperReactor,
         hosts: str,
         *,
         root: str = DEFAULT_ROOT,
@@ -92,11 +91,11 @@ class ZooKeeperRegistry(Service):
     # ----------------------------------------------------------------- lifecycle
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # (Twisted's is not annotated)
         self.start()
 
-    def stopService(self) -> Deferred:
-        super().stopService()
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]  # (Twisted's is not annotated)
         return self.close()
 
     def start(self) -> None:
@@ -113,7 +112,7 @@ class ZooKeeperRegistry(Service):
         call = self.reactor.callLater(delay, run)
         self._retries.add(call)
 
-    def close(self) -> Deferred:
+    def close(self) -> Deferred[None]:
         """End the session: this registry's nodes vanish at once."""
         for call in self._retries:
             if call.active():
@@ -140,11 +139,11 @@ class ZooKeeperRegistry(Service):
         """Nodes created again (new session, or deleted by someone else)."""
         return self._announcer.reregistrations
 
-    def register(self, registration: Registration) -> Deferred:
+    def register(self, registration: Registration) -> Deferred[None]:
         """Announce ``registration`` now if connected, else as soon as connected."""
         return self._announcer.register(registration)
 
-    def register_cpp(self, service: str, method: str, address: ProviderAddress) -> Deferred:
+    def register_cpp(self, service: str, method: str, address: ProviderAddress) -> Deferred[None]:
         """Announce ``/<service>/<method>`` = ``b"ip:port"`` for C++ mprpc callers.
 
         ``service`` is the short name (no package). The path holds one provider:
@@ -153,7 +152,7 @@ class ZooKeeperRegistry(Service):
         """
         return self._announcer.register_cpp(service, method, address)
 
-    def unregister_all(self) -> Deferred:
+    def unregister_all(self) -> Deferred[None]:
         """Delete every node this registry's session holds (a graceful stop
         does this first). A node held by another session is left alone."""
         return self._announcer.unregister_all()

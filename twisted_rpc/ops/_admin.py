@@ -21,10 +21,11 @@ import os
 from html import escape
 from typing import Any
 
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -202,7 +203,7 @@ class StatusPage(Resource):
     isLeaf = True
 
     def __init__(self, provider: Any, metrics: ProviderMetrics, as_json: bool) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # (twisted.web: not annotated)
         self.provider = provider
         self.metrics = metrics
         self.as_json = as_json
@@ -251,12 +252,13 @@ def admin_site(
     # Imported here: prometheus_client.twisted imports the global reactor.
     from prometheus_client.twisted import MetricsResource
 
-    root = _Root()
+    # twisted.web's and prometheus_client's constructors are not annotated.
+    root = _Root()  # type: ignore[no-untyped-call]
     root.putChild(b"", root)
-    root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+    root.putChild(b"metrics", MetricsResource(registry=metrics.registry))  # type: ignore[no-untyped-call]
     root.putChild(b"status", StatusPage(provider, metrics, as_json=False))
     root.putChild(b"status.json", StatusPage(provider, metrics, as_json=True))
-    site = _QuietSite(root, timeout=idle_timeout, reactor=provider.reactor)
+    site = _QuietSite(root, timeout=idle_timeout, reactor=provider.reactor)  # type: ignore[no-untyped-call]
     site.noisy = False
     return AdminFactory(site, provider.reactor, max_connections)
 
@@ -264,7 +266,7 @@ def admin_site(
 class _QuietSite(Site):
     """No access log: a scrape every few seconds is not news."""
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 
@@ -273,10 +275,10 @@ class AdminFactory(WrappingFactory):
 
     noisy = False
 
-    def __init__(self, site: Site, clock: Any, max_connections: int) -> None:
+    def __init__(self, site: Site, clock: IReactorTime, max_connections: int) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {max_connections!r}")
-        super().__init__(site)
+        super().__init__(site)  # type: ignore[no-untyped-call]  # (not annotated)
         self.site = site
         self.clock = clock
         self.max_connections = max_connections
@@ -289,9 +291,11 @@ class AdminFactory(WrappingFactory):
     def open_connections(self) -> int:
         return len(self.protocols)
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:
+    # WrappingFactory promises a ProtocolWrapper; a refused connection gets a
+    # plain protocol that closes it at once.
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:  # type: ignore[override]
         if len(self.protocols) < self.max_connections:
-            return super().buildProtocol(addr)  # type: ignore[no-any-return]
+            return super().buildProtocol(addr)
         self.refused += 1
         self._unlogged += 1
         now = self.clock.seconds()

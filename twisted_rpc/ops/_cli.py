@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
@@ -28,6 +28,15 @@ from twisted_rpc.discovery._types import parse_address
 from twisted_rpc.ops._health import SERVING, status_name
 from twisted_rpc.ops._protos import HEALTH, HealthCheckRequest
 from twisted_rpc.ops._reflection import RemoteDescriptors, message_class
+
+if TYPE_CHECKING:  # (kazoo is imported only by the commands that use ZooKeeper)
+    from twisted.internet.interfaces import IReactorTCP
+
+    from twisted_rpc.discovery._kazoo import IZooKeeperReactor
+
+    class ICommandReactor(IZooKeeperReactor, IReactorTCP):
+        """What the commands use of the reactor: its clock, threads and TCP."""
+
 
 __all__ = ["main"]
 
@@ -47,17 +56,20 @@ class UserError(Exception):
 
 
 async def zookeeper_layout(
-    reactor: Any, hosts: str, root: str, timeout: float
+    reactor: ICommandReactor, hosts: str, root: str, timeout: float
 ) -> dict[str, list[dict[str, Any]]]:
     """``{service: [node data, ...]}`` read from the native layout under ``root``
     (see :mod:`twisted_rpc.discovery._layout`)."""
     from twisted_rpc.discovery._kazoo import CONNECTED, NoNodeError, ZooKeeperClient
 
     zk = ZooKeeperClient(reactor, hosts, session_timeout=max(timeout, 4.0))
-    connected: Deferred = Deferred()
-    zk.add_state_listener(
-        lambda state, new: state == CONNECTED and not connected.called and connected.callback(None)
-    )
+    connected: Deferred[None] = Deferred()
+
+    def state_changed(state: str, new_session: bool) -> None:
+        if state == CONNECTED and not connected.called:
+            connected.callback(None)
+
+    zk.add_state_listener(state_changed)
     zk.start()
     connected.addTimeout(timeout, reactor)
     try:
@@ -88,7 +100,9 @@ async def zookeeper_layout(
         await zk.close()
 
 
-async def endpoints_for(reactor: Any, args: argparse.Namespace, service: str) -> list[str]:
+async def endpoints_for(
+    reactor: ICommandReactor, args: argparse.Namespace, service: str
+) -> list[str]:
     """Where ``service`` is served: the ``--endpoint``, or its providers in ZooKeeper."""
     if args.endpoint:
         return [args.endpoint]
@@ -102,7 +116,7 @@ async def endpoints_for(reactor: Any, args: argparse.Namespace, service: str) ->
     return [node["address"] for node in nodes]
 
 
-def client_for(reactor: Any, endpoint: str, args: argparse.Namespace) -> Client:
+def client_for(reactor: ICommandReactor, endpoint: str, args: argparse.Namespace) -> Client:
     try:
         address = parse_address(endpoint)
     except ValueError as e:
@@ -128,7 +142,7 @@ def split_symbol(symbol: str) -> tuple[str, str | None]:
 
 
 async def reflected(
-    reactor: Any, args: argparse.Namespace, service: str
+    reactor: ICommandReactor, args: argparse.Namespace, service: str
 ) -> tuple[Client, ServiceDescriptor]:
     endpoint = (await endpoints_for(reactor, args, service))[0]
     client = client_for(reactor, endpoint, args)
@@ -143,7 +157,7 @@ async def reflected(
 # ---------------------------------------------------------------- commands
 
 
-async def cmd_list(reactor: Any, args: argparse.Namespace) -> int:
+async def cmd_list(reactor: ICommandReactor, args: argparse.Namespace) -> int:
     if args.endpoint:
         client = client_for(reactor, args.endpoint, args)
         try:
@@ -214,7 +228,7 @@ def _messages_used(descriptor: ServiceDescriptor, method: str | None) -> list[De
     return list(seen.values())
 
 
-async def cmd_describe(reactor: Any, args: argparse.Namespace) -> int:
+async def cmd_describe(reactor: ICommandReactor, args: argparse.Namespace) -> int:
     service, method = split_symbol(args.symbol)
     client, descriptor = await reflected(reactor, args, service)
     await client.close()
@@ -244,7 +258,7 @@ def parse_headers(headers: Sequence[str]) -> dict[str, str]:
     return metadata
 
 
-async def cmd_call(reactor: Any, args: argparse.Namespace) -> int:
+async def cmd_call(reactor: ICommandReactor, args: argparse.Namespace) -> int:
     service, method = split_symbol(args.method)
     if method is None:
         raise UserError(f"{args.method!r}: expected package.Service.Method", 2)
@@ -268,7 +282,7 @@ async def cmd_call(reactor: Any, args: argparse.Namespace) -> int:
         await client.close()
 
 
-async def cmd_health(reactor: Any, args: argparse.Namespace) -> int:
+async def cmd_health(reactor: ICommandReactor, args: argparse.Namespace) -> int:
     if args.endpoint:
         targets = [(args.endpoint, args.service)]
     else:
@@ -281,7 +295,8 @@ async def cmd_health(reactor: Any, args: argparse.Namespace) -> int:
     for endpoint, service in targets:
         client = client_for(reactor, endpoint, args)
         try:
-            reply = await client.proxy(HEALTH).Check(HealthCheckRequest(service=service))
+            health = client.proxy(HEALTH)
+            reply = await health.Check(HealthCheckRequest(service=service))  # type: ignore[attr-defined]
             status = status_name(reply.status)
             healthy = healthy and reply.status == SERVING
         except RpcError as e:
@@ -368,8 +383,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         status.append(result if isinstance(result, int) else report(result.value))
         reactor.stop()
 
+    # Every real reactor provides IReactorFromThreads too; Twisted's type of the
+    # global reactor names only the interfaces common to all of them.
+    commands_reactor = cast("ICommandReactor", reactor)
+
     def start() -> None:
-        Deferred.fromCoroutine(COMMANDS[args.command](reactor, args)).addBoth(done)
+        Deferred.fromCoroutine(COMMANDS[args.command](commands_reactor, args)).addBoth(done)
 
     reactor.callWhenRunning(start)
     reactor.run()

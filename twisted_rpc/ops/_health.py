@@ -57,7 +57,7 @@ class HealthState:
     def __init__(self) -> None:
         self.statuses: dict[str, int] = {"": SERVING}
         # Keyed by id(Deferred): a watcher that gives up is forgotten in O(1).
-        self._watchers: dict[int, tuple[str, int, Deferred]] = {}
+        self._watchers: dict[int, tuple[str, int, Deferred[int]]] = {}
 
     def check(self, service: str) -> int:
         return self.statuses.get(service, SERVICE_UNKNOWN)
@@ -73,14 +73,14 @@ class HealthState:
             self.statuses[name] = status
         self._wake()
 
-    def changed(self, service: str, last: int) -> Deferred:
+    def changed(self, service: str, last: int) -> Deferred[int]:
         """Fires with the new status once ``service``'s status is not ``last``."""
         current = self.check(service)
         if current != last:
-            d: Deferred = Deferred()
-            d.callback(current)
-            return d
-        d = Deferred(self._forget)
+            done: Deferred[int] = Deferred()
+            done.callback(current)
+            return done
+        d: Deferred[int] = Deferred(self._forget)
         self._watchers[id(d)] = (service, last, d)
         return d
 
@@ -89,7 +89,7 @@ class HealthState:
         """How many watches wait for a change."""
         return len(self._watchers)
 
-    def _forget(self, d: Deferred) -> None:
+    def _forget(self, d: Deferred[int]) -> None:
         self._watchers.pop(id(d), None)
 
     def _wake(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.logger import ILogObserver, formatEvent
 from zope.interface import provider
@@ -49,7 +49,7 @@ def json_lines_observer(out: IO[str]) -> ILogObserver:
         out.write(json.dumps(record) + "\n")
         out.flush()
 
-    return observe
+    return cast(ILogObserver, observe)  # @provider's result is not typed
 
 
 def json_observer() -> ILogObserver:

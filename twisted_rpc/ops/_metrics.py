@@ -23,17 +23,22 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_rpc.core._interfaces import ICallObserver, IClientInterceptor
 from twisted_rpc.core._status import RpcError, StatusCode, code_name
+
+if TYPE_CHECKING:
+    from twisted_rpc.client import ClientCall
 
 __all__ = ["ClientMetrics", "ProviderMetrics", "quantile"]
 
@@ -107,7 +112,7 @@ class ProviderMetrics:
         self.totals: dict[str, dict[str, int]] = {}  # method -> code name -> calls
         self.history: deque[tuple[float, dict[str, int]]] = deque(maxlen=11)
         self._sampler: LoopingCall | None = None
-        self._clock: Any = None
+        self._clock: IReactorTime | None = None
 
     def call_finished(self, method: str, code: int, duration: float) -> None:
         service, name = _split(method)
@@ -117,7 +122,7 @@ class ProviderMetrics:
         by_code = self.totals.setdefault(method, {})
         by_code[code_text] = by_code.get(code_text, 0) + 1
 
-    def gauge(self, name: str, documentation: str, read: Any) -> Gauge:
+    def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> Gauge:
         """A gauge whose value is ``read()`` at each scrape."""
         gauge = Gauge(name, documentation, registry=self.registry)
         gauge.set_function(read)
@@ -155,7 +160,7 @@ class ProviderMetrics:
 
     # ---------------------------------------------------------------- rates
 
-    def start_sampling(self, clock: Any, interval: float = 1.0) -> None:
+    def start_sampling(self, clock: IReactorTime, interval: float = 1.0) -> None:
         """Record the totals every ``interval`` s (the last 10 s give calls/s)."""
         self._clock = clock
         self._sampler = LoopingCall(self.sample)
@@ -168,6 +173,7 @@ class ProviderMetrics:
 
     def sample(self) -> None:
         counts = {method: sum(by_code.values()) for method, by_code in self.totals.items()}
+        assert self._clock is not None, "sampled before start_sampling"
         self.history.append((self._clock.seconds(), counts))
 
     def rate(self, method: str) -> float:
@@ -175,6 +181,7 @@ class ProviderMetrics:
         if not self.history:
             return 0.0
         t0, first = self.history[0]
+        assert self._clock is not None, "samples come after start_sampling"
         now = sum(self.totals.get(method, {}).values())
         return (now - first.get(method, 0)) / max(self._clock.seconds() - t0, 1.0)
 
@@ -197,7 +204,7 @@ class ProviderMetrics:
 class ClientMetrics:
     """Counts a client's calls by service, method and status (an interceptor)."""
 
-    def __init__(self, clock: Any, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, clock: IReactorTime, registry: CollectorRegistry | None = None) -> None:
         self.clock = clock
         self.registry = registry if registry is not None else CollectorRegistry()
         self.calls = Counter(
@@ -224,12 +231,17 @@ class ClientMetrics:
         )
         gauge.set_function(lambda: sum(1 for c in client.channels.values() if c.protocol))
 
-    def intercept(self, call: Any, request: Message, proceed: Any) -> Deferred:
+    def intercept(
+        self,
+        call: ClientCall,
+        request: Message,
+        proceed: Callable[[ClientCall, Message], Deferred[Message]],
+    ) -> Deferred[Message]:
         started = self.clock.seconds()
         service, method = call.method.service, call.method.name
         self.in_flight.inc()
 
-        def done(result: Any) -> Any:
+        def done(result: Message | Failure) -> Message | Failure:
             if isinstance(result, Failure):
                 error = result.value
                 code = error.code if isinstance(error, RpcError) else StatusCode.UNKNOWN

@@ -16,6 +16,7 @@ Calling a service without its ``.proto``::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -60,7 +61,9 @@ def _quote(text: str, limit: int = ECHO_LIMIT) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
-def files_for_symbol(symbol: str, pools: list[Any] = ()) -> list[FileDescriptor]:  # type: ignore[assignment]
+def files_for_symbol(
+    symbol: str, pools: Sequence[descriptor_pool.DescriptorPool] = ()
+) -> list[FileDescriptor]:
     """The file defining ``symbol`` and its dependencies, dependencies first.
 
     Raises InvalidArgumentError for a symbol over :data:`MAX_SYMBOL_LENGTH`
@@ -121,14 +124,16 @@ class RemoteDescriptors:
         self._files: set[str] = set()
         self._reflection = client.proxy(REFLECTION, timeout=timeout)
 
-    def list_services(self) -> Deferred:
+    def list_services(self) -> Deferred[list[str]]:
         """Fires with the names of the services the provider serves."""
-        d = self._reflection.ListServices(ListServicesRequest())
+        # (A proxy's methods are made from the service descriptor at run time.)
+        d: Deferred[Any] = self._reflection.ListServices(ListServicesRequest())  # type: ignore[attr-defined]
         return d.addCallback(lambda reply: list(reply.services))
 
     async def load(self, symbol: str) -> None:
         """Add the file defining ``symbol`` and its dependencies to the pool."""
-        reply = await self._reflection.FileContainingSymbol(FileDescriptorsRequest(symbol=symbol))
+        request = FileDescriptorsRequest(symbol=symbol)
+        reply = await self._reflection.FileContainingSymbol(request)  # type: ignore[attr-defined]
         for raw in reply.file_descriptor_proto:
             proto = descriptor_pb2.FileDescriptorProto.FromString(raw)
             if proto.name not in self._files:
