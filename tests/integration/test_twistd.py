@@ -198,7 +198,8 @@ class ProviderTests(TestCase):
                 self.assertEqual(struct.unpack_from("!H", reply, 6)[0], status)
         ok = await echo.Echo(echo_pb2.EchoRequest(payload=b"fine"))
         self.assertEqual(ok.payload, b"fine")
-        self.assertIn("exceeds the limit of 1048576", provider.output)
+        # Logged by the provider; its output is read by a thread, so wait for the line.
+        await deferToThread(provider.wait_for_output, "exceeds the limit of 1048576")
 
 
 def _renamed(proxy, name):
