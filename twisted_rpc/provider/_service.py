@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -13,7 +14,6 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._connection import CLOSE_TIMEOUT
 from twisted_rpc.core._interfaces import IServerInterceptor, IServiceRegistry
 from twisted_rpc.core._service import Service
@@ -21,11 +21,12 @@ from twisted_rpc.core._tls import wrap_server_factory
 from twisted_rpc.cpp._listener import CppServerFactory
 from twisted_rpc.discovery._static import StaticRegistry
 from twisted_rpc.discovery._types import ProviderAddress, Registration
-from twisted_rpc.ops._admin import DEFAULT_ADMIN_MAX_CONNECTIONS, admin_site
+from twisted_rpc.ops._admin import admin_site
 from twisted_rpc.ops._health import NOT_SERVING, add_builtins
 from twisted_rpc.ops._metrics import ProviderMetrics
+from twisted_rpc.provider._options import ProviderOptions
 from twisted_rpc.server._dispatcher import Dispatcher
-from twisted_rpc.server._factory import ServerFactory, ServerLimits
+from twisted_rpc.server._factory import ServerFactory
 
 __all__ = ["ProviderService"]
 
@@ -74,26 +75,44 @@ class ProviderService(MultiService):
     def __init__(
         self,
         reactor: Any,
-        listen: str | None,
-        services: Sequence[Service],
+        services: Sequence[Service] | str | None,
+        options: ProviderOptions | Sequence[Service] | None = None,
+        /,
         *,
-        advertise: ProviderAddress | None = None,
         registry: IServiceRegistry | None = None,
-        interceptors: Sequence[IServerInterceptor] = (),
-        grace_period: float = 10.0,
-        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
-        registration_data: dict[str, Any] | None = None,
-        limits: ServerLimits | None = None,
-        tls_options: Any = None,
-        cpp_listen: str | None = None,
-        cpp_advertise: ProviderAddress | None = None,
         cpp_registry: Any = None,
-        health: bool = True,
-        reflection: bool = True,
-        admin_listen: str | None = None,
-        admin_max_connections: int = DEFAULT_ADMIN_MAX_CONNECTIONS,
-        slow_call_threshold: float = 0.0,
+        interceptors: Sequence[IServerInterceptor] = (),
+        **settings: Any,
     ) -> None:
+        if services is None or isinstance(services, str):
+            # The older form ProviderService(reactor, listen, services, **settings).
+            settings["listen"] = services
+            services, options = options, None  # type: ignore[assignment]
+        unknown = set(settings) - ProviderOptions.field_names()
+        if unknown:
+            raise TypeError(f"ProviderService: unknown settings {sorted(unknown)}")
+        if options is None:
+            options = ProviderOptions(**settings)
+        elif not isinstance(options, ProviderOptions):
+            raise TypeError(f"ProviderService: options must be ProviderOptions, not {options!r}")
+        elif settings:
+            options = replace(options, **settings)
+        self.options: ProviderOptions = options
+        assert services is not None and not isinstance(services, (str, ProviderOptions))
+        listen = options.listen
+        advertise = options.advertise
+        grace_period = options.grace_period
+        max_frame_size = options.max_frame_size
+        registration_data = options.registration_data
+        limits = options.limits
+        tls_options = options.tls_options
+        cpp_listen = options.cpp_listen
+        cpp_advertise = options.cpp_advertise
+        health = options.health
+        reflection = options.reflection
+        admin_listen = options.admin_listen
+        admin_max_connections = options.admin_max_connections
+        slow_call_threshold = options.slow_call_threshold
         super().__init__()
         self.reactor = reactor
         self.started_at: float | None = None

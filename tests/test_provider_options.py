@@ -1,0 +1,169 @@
+"""ProviderOptions: every provider setting in one frozen, checked dataclass,
+built from code (options object or keywords) and from the ini file alike."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+
+from testbed.echo_service import EchoService
+from twisted_rpc import ProviderOptions, ProviderService, ServerLimits
+from twisted_rpc.core._ini import ConfigError
+from twisted_rpc.discovery._types import ProviderAddress
+from twisted_rpc.provider import load_provider_config
+from twisted_rpc.provider._options import check_server_endpoint
+
+LISTEN = "tcp:0:interface=127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        LISTEN,
+        "tcp:7000",
+        "tcp6:0:interface=\\:\\:1",
+        "unix:/tmp/provider.sock",
+        "systemd:domain=INET:index=0",
+    ],
+)
+def test_known_endpoint_types_are_accepted(endpoint):
+    check_server_endpoint(endpoint)
+    assert ProviderOptions(listen=endpoint).listen == endpoint
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "why"),
+    [
+        ("bogus:1", "Unknown endpoint type: 'bogus'"),
+        ("tcp:abc", "invalid literal for int()"),
+        ("tcp:0:colour=red", "unexpected keyword argument 'colour'"),
+        ("", "non-empty string"),
+    ],
+)
+def test_bad_endpoints_are_refused_with_the_reason(endpoint, why):
+    with pytest.raises(ValueError, match="ProviderOptions.listen") as e:
+        ProviderOptions(listen=endpoint)
+    assert why in str(e.value)
+    with pytest.raises(ValueError, match="ProviderOptions.admin_listen"):
+        ProviderOptions(listen=LISTEN, admin_listen=endpoint)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("grace_period", -1),
+        ("grace_period", float("inf")),
+        ("grace_period", "10"),
+        ("slow_call_threshold", -0.5),
+        ("max_frame_size", 63),
+        ("max_frame_size", 1.5),
+        ("admin_max_connections", 0),
+        ("limits", {"max_calls": 1}),
+        ("registration_data", ["weight"]),
+        ("advertise", "127.0.0.1:7000"),
+        ("health", "yes"),
+    ],
+)
+def test_bad_settings_are_refused(setting, value):
+    with pytest.raises(ValueError, match=f"ProviderOptions.{setting}"):
+        ProviderOptions(listen=LISTEN, **{setting: value})
+
+
+def test_a_provider_needs_a_listener():
+    with pytest.raises(ValueError, match="listen, cpp_listen or both"):
+        ProviderOptions()
+    assert ProviderOptions(cpp_listen=LISTEN).listen is None
+
+
+def test_options_are_frozen_with_the_documented_defaults():
+    options = ProviderOptions(listen=LISTEN)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.grace_period = 1  # type: ignore[misc]
+    assert options.grace_period == 10.0
+    assert options.limits == ServerLimits()
+    assert options.admin_listen is None and options.cpp_listen is None
+    assert options.health and options.reflection
+
+
+def test_the_service_takes_options_or_the_same_settings_as_keywords():
+    reactor = MemoryReactorClock()
+    options = ProviderOptions(listen=LISTEN, grace_period=3, slow_call_threshold=0.5)
+    by_options = ProviderService(reactor, [EchoService()], options)
+    by_keywords = ProviderService(
+        reactor, [EchoService()], listen=LISTEN, grace_period=3, slow_call_threshold=0.5
+    )
+    older_form = ProviderService(
+        reactor, LISTEN, [EchoService()], grace_period=3, slow_call_threshold=0.5
+    )
+    assert by_options.options == by_keywords.options == older_form.options == options
+    assert by_options.grace_period == 3
+    assert by_options.factory.slow_call_threshold == 0.5
+    overridden = ProviderService(reactor, [EchoService()], options, grace_period=1)
+    assert overridden.options == dataclasses.replace(options, grace_period=1)
+
+
+def test_the_service_refuses_unknown_settings_and_bad_values():
+    reactor = MemoryReactorClock()
+    with pytest.raises(TypeError, match="grace"):
+        ProviderService(reactor, [EchoService()], listen=LISTEN, grace=1)
+    with pytest.raises(ValueError, match="is not a valid endpoint"):
+        ProviderService(reactor, [EchoService()], listen="tcp:seven")
+
+
+def test_the_ini_file_builds_the_same_options(tmp_path):
+    ini = tmp_path / "provider.ini"
+    ini.write_text(
+        textwrap.dedent(
+            """\
+            [provider]
+            listen = tcp:7001:interface=127.0.0.1
+            advertise = 10.0.0.5:7001
+            services = pkg.mod:Svc
+            grace_period = 4
+            max_calls = 7
+            slow_call_threshold = 0.25
+            health = no
+            [registry]
+            weight = 30
+            [admin]
+            listen = tcp:9100:interface=127.0.0.1
+            max_connections = 5
+            """
+        )
+    )
+    options = load_provider_config(str(ini)).options(registration_data={"pid": 1})
+    assert options == ProviderOptions(
+        listen="tcp:7001:interface=127.0.0.1",
+        advertise=ProviderAddress("10.0.0.5", 7001),
+        grace_period=4.0,
+        limits=ServerLimits(max_calls=7),
+        slow_call_threshold=0.25,
+        health=False,
+        registration_data={"pid": 1},
+        admin_listen="tcp:9100:interface=127.0.0.1",
+        admin_max_connections=5,
+    )
+    assert load_provider_config(str(ini)).options().registration_data == {"weight": 30}
+    with pytest.raises(ConfigError, match="provider.ini: ProviderOptions.grace_period"):
+        load_provider_config(str(ini)).options(grace_period=-1)
+
+
+def test_config_checks_build_no_test_reactor():
+    """Endpoint strings are parsed, not built on a MemoryReactor: loading the
+    package and checking a config imports no test double."""
+    code = (
+        "import sys, twisted_rpc, twisted_rpc.provider;"
+        "from twisted_rpc.core._ini import check_endpoint;"
+        "check_endpoint('listen', 'tcp:0');"
+        "twisted_rpc.ProviderOptions(listen='tcp:0');"
+        "print('twisted.internet.testing' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "False"
