@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+from twisted.internet.defer import succeed
 from twisted.internet.testing import MemoryReactorClock
 
 from testbed.echo_service import EchoService
@@ -17,6 +18,7 @@ from twisted_rpc.core._ini import ConfigError
 from twisted_rpc.discovery._types import ProviderAddress
 from twisted_rpc.provider import load_provider_config
 from twisted_rpc.provider._options import check_server_endpoint
+from twisted_rpc.provider._service import Drainable
 
 LISTEN = "tcp:0:interface=127.0.0.1"
 
@@ -167,3 +169,127 @@ def test_config_checks_build_no_test_reactor():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- composition
+
+
+class _Registry:
+    """Records what is registered and withdrawn (a static registry otherwise)."""
+
+    def __init__(self, events):
+        self.events = events
+        self.registered = []
+
+    def register(self, registration):
+        self.registered.append(registration)
+        return succeed(None)
+
+    def unregister_all(self):
+        self.events.append("unregister")
+        return succeed(None)
+
+
+def test_the_provider_is_composed_of_child_services():
+    reactor = MemoryReactorClock()
+    plain = ProviderService(reactor, [EchoService()], listen=LISTEN)
+    assert [type(s).__name__ for s in plain] == ["RegistrarService", "ListenerService"]
+    assert plain.namedServices.keys() == {"registrar"}
+    both = ProviderService(
+        reactor,
+        [EchoService()],
+        listen=LISTEN,
+        cpp_listen=LISTEN,
+        admin_listen="tcp:0:interface=127.0.0.1",
+    )
+    assert [type(s).__name__ for s in both] == [
+        "RegistrarService",
+        "ListenerService",
+        "ListenerService",
+        "StreamServerEndpointService",
+    ]
+    assert both.getServiceNamed("admin") is list(both)[-1]
+    assert [listener.drainable.factory for listener in both.listeners] == [
+        both.factory,
+        both.cpp_factory,
+    ]
+    assert both.metrics is not None and both.factory.observer is both.metrics
+
+
+def test_the_registrar_registers_when_bound_and_withdraws_first_on_stop():
+    reactor = MemoryReactorClock()
+    events: list[str] = []
+    registry = _Registry(events)
+    provider = ProviderService(reactor, [EchoService()], listen=LISTEN, registry=registry)
+    provider.startService()
+    assert [r.service for r in registry.registered] == ["mprpc.test.EchoService"]
+    assert provider.registrar.running
+    (listener,) = provider.listeners
+    factory = provider.factory
+    real = {name: getattr(factory, name) for name in ("goaway", "when_idle", "close_connections")}
+
+    def record(name):
+        def call(*a, **kw):
+            events.append(name)
+            return real[name](*a, **kw)
+
+        return call
+
+    for name in real:
+        setattr(factory, name, record(name))
+    stop_listener = listener.stopService
+
+    def listener_stops():
+        events.append("stop listening")
+        return stop_listener()
+
+    listener.stopService = listener_stops
+    provider.health.set_all = lambda status: events.append(f"health {status}")
+    stopped = provider.stopService()
+    assert stopped.called
+    assert events == [
+        "health 2",
+        "unregister",
+        "stop listening",
+        "goaway",
+        "when_idle",
+        "close_connections",
+    ]
+    assert not provider.registrar.running and not provider.running
+
+
+class _NewNames:
+    """A factory with the IDrainable names (and the older ones, unused)."""
+
+    def __init__(self):
+        self.calls = []
+        self.connections = {1, 2}
+
+    def goaway(self):
+        self.calls.append("goaway")
+
+    def whenDrained(self):
+        self.calls.append("whenDrained")
+        return succeed(None)
+
+    def closeConnections(self):
+        self.calls.append("closeConnections")
+        return succeed(None)
+
+    def abortConnections(self):
+        self.calls.append("abortConnections")
+
+    def when_idle(self):
+        raise AssertionError("the older name is used")
+
+    close_connections = abort_connections = when_idle
+
+
+def test_a_drainable_uses_the_idrainable_names_when_the_factory_has_them():
+    factory = _NewNames()
+    drainable = Drainable(factory)
+    drainable.goaway()
+    assert drainable.whenDrained().called and drainable.closeConnections().called
+    drainable.abortConnections()
+    assert factory.calls == ["goaway", "whenDrained", "closeConnections", "abortConnections"]
+    assert drainable.open_connections == 2
