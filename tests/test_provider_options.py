@@ -293,3 +293,22 @@ def test_a_drainable_uses_the_idrainable_names_when_the_factory_has_them():
     drainable.abortConnections()
     assert factory.calls == ["goaway", "whenDrained", "closeConnections", "abortConnections"]
     assert drainable.open_connections == 2
+
+
+def test_the_admin_site_is_imported_only_when_configured():
+    code = (
+        "import sys\n"
+        "from twisted.internet.testing import MemoryReactorClock\n"
+        "from testbed.echo_service import EchoService\n"
+        "import twisted_rpc, twisted_rpc.provider._tap, twisted.plugins.mprpc_plugin\n"
+        "from twisted_rpc import ProviderService\n"
+        "ProviderService(MemoryReactorClock(), [EchoService()], listen='tcp:0')\n"
+        "before = sorted(m for m in sys.modules if m.startswith('twisted.web'))\n"
+        "ProviderService(MemoryReactorClock(), [EchoService()], listen='tcp:0',"
+        " admin_listen='tcp:0')\n"
+        "print(before, 'twisted_rpc.ops._admin' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[] True"
