@@ -197,7 +197,13 @@ def _admin_service(provider: ProviderService, options: ProviderOptions) -> IServ
 
 
 class ProviderService(MultiService):
-    """Serves ``services`` on the endpoint ``listen`` and announces them.
+    """Serves ``services`` as ``options`` (a :class:`ProviderOptions`, or the
+    same settings as keywords) say, and announces them.
+
+    ``ProviderService(reactor, services, ProviderOptions(listen=...))``; the
+    older ``ProviderService(reactor, listen, services, **settings)`` works too.
+    ``registry`` (default: a ``StaticRegistry``), ``cpp_registry`` and
+    ``interceptors`` are the collaborators given beside the options.
 
     With ``tls_options`` (see :func:`twisted_rpc.server_options`) every
     connection speaks TLS, and the registrations say so (``"tls": true``).
@@ -207,9 +213,16 @@ class ProviderService(MultiService):
     ``cpp_registry`` (a ``ZooKeeperRegistry``) each method is announced at
     ``/<Service>/<Method>`` as they expect. ``listen`` may then be None.
 
-    Stopping it (SIGTERM under twistd) withdraws the announcements, stops
-    accepting, sends GOAWAY, lets calls in flight finish for up to
-    ``grace_period`` seconds, then closes the connections.
+    Children: the :class:`RegistrarService` (``"registrar"``), one
+    :class:`ListenerService` per listener (``listeners``), the admin site
+    (``"admin"``) when ``admin_listen`` is set, then what the caller adds.
+
+    Stopping it (SIGTERM under twistd): health NOT_SERVING, the registrar
+    withdraws the announcements, the listeners stop accepting, GOAWAY on
+    every listener, the calls in flight get up to ``grace_period`` seconds
+    (``whenDrained``, no polling), the connections are closed (aborted after
+    ``CLOSE_TIMEOUT`` if they do not take their answers), then the other
+    children stop.
     """
 
     def __init__(
