@@ -63,7 +63,7 @@ from twisted_rpc.discovery import (
     ZooKeeperRegistry,
     parse_address,
 )
-from twisted_rpc.provider import ProviderService, load_provider_config
+from twisted_rpc.provider import ProviderOptions, ProviderService, load_provider_config
 from twisted_rpc.server import CallContext, Dispatcher, FunctionInterceptor, ServerLimits
 
 __all__ = [
@@ -96,6 +96,7 @@ __all__ = [
     "OutOfRangeError",
     "PermissionDeniedError",
     "ProviderAddress",
+    "ProviderOptions",
     "ProviderService",
     "Registration",
     "ResourceExhaustedError",

@@ -11,7 +11,8 @@ and :mod:`twisted_rpc.discovery` (reflection and the ``mprpc`` command call
 providers and read the registry).
 """
 
-from twisted_rpc.ops._admin import admin_site
+from typing import Any
+
 from twisted_rpc.ops._health import (
     NOT_SERVING,
     SERVICE_UNKNOWN,
@@ -46,3 +47,13 @@ __all__ = [
     "message_class",
     "remote_service",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The admin site (twisted.web) is imported on first use only: a provider
+    # without [admin] never loads it.
+    if name == "admin_site":
+        from twisted_rpc.ops._admin import admin_site
+
+        return admin_site
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

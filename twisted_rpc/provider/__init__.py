@@ -16,6 +16,7 @@ from twisted_rpc.provider._config import (
     load_provider_config,
     load_services,
 )
+from twisted_rpc.provider._options import ProviderOptions
 from twisted_rpc.provider._service import ProviderService
 from twisted_rpc.provider._tap import Options, makeService
 
@@ -23,6 +24,7 @@ __all__ = [
     "AdminConfig",
     "Options",
     "ProviderConfig",
+    "ProviderOptions",
     "ProviderService",
     "load_provider_config",
     "load_services",

@@ -12,11 +12,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted_rpc.core import _codec as wire
-from twisted_rpc.core._ini import REGISTRY_KEYS, ConfigError, Reader, RegistryConfig, check_endpoint
+from twisted_rpc.core._ini import REGISTRY_KEYS, ConfigError, Reader, RegistryConfig
 from twisted_rpc.core._service import Service
 from twisted_rpc.core._tls import server_options
 from twisted_rpc.cpp._conf import CPP_KEYS, CPP_SECTIONS, CppListenerConfig, read_cpp_section
 from twisted_rpc.discovery._types import ProviderAddress, parse_address
+from twisted_rpc.provider._options import (
+    DEFAULT_ADMIN_MAX_CONNECTIONS,
+    ProviderOptions,
+    check_server_endpoint,
+)
 from twisted_rpc.server._factory import ServerLimits
 
 __all__ = [
@@ -33,7 +38,7 @@ class AdminConfig:
     """The admin HTTP endpoint (``[admin]``): metrics, status page, JSON."""
 
     listen: str
-    max_connections: int = 64
+    max_connections: int = DEFAULT_ADMIN_MAX_CONNECTIONS
     """Admin connections open at once; more are closed at once (logged)."""
 
 
@@ -57,6 +62,41 @@ class ProviderConfig:
     slow_call_threshold: float = 0.0
     admin: AdminConfig | None = None
     log_format: str = "text"
+
+    def options(self, **settings: Any) -> ProviderOptions:
+        """The :class:`ProviderOptions` this file says (``settings`` override)."""
+        cpp = self.cpp
+        built: dict[str, Any] = {
+            "listen": self.listen,
+            "advertise": self.advertise,
+            "grace_period": self.grace_period,
+            "max_frame_size": self.max_frame_size,
+            "limits": self.limits,
+            "tls_options": self.tls_options,
+            "registration_data": {"weight": self.registry.weight},
+            "cpp_listen": cpp.listen if cpp else None,
+            "cpp_advertise": cpp.advertise if cpp else None,
+            "health": self.health,
+            "reflection": self.reflection,
+            "admin_listen": self.admin.listen if self.admin else None,
+            "admin_max_connections": (
+                self.admin.max_connections if self.admin else DEFAULT_ADMIN_MAX_CONNECTIONS
+            ),
+            "slow_call_threshold": self.slow_call_threshold,
+        }
+        built.update(settings)
+        try:
+            return ProviderOptions(**built)
+        except ValueError as e:
+            raise ConfigError(f"{self.path}: {e}") from None
+
+
+def check_endpoint(where: str, listen: str) -> None:
+    """Raise ConfigError unless ``listen`` is a server endpoint Twisted knows."""
+    try:
+        check_server_endpoint(listen)
+    except ValueError as e:
+        raise ConfigError(f"{where} = {e}") from None
 
 
 _PROVIDER_KEYS = {
@@ -177,7 +217,10 @@ def _admin(r: Reader) -> AdminConfig | None:
         return None
     listen = r.require("admin", "listen")
     check_endpoint(f"{r.path}: [admin] listen", listen)
-    return AdminConfig(listen, r.number("admin", "max_connections", 64, int, minimum=1))
+    return AdminConfig(
+        listen,
+        r.number("admin", "max_connections", DEFAULT_ADMIN_MAX_CONNECTIONS, int, minimum=1),
+    )
 
 
 def check_service_specs(specs: list[str], where: str) -> None:

@@ -1,19 +1,28 @@
-"""The provider as a Twisted service: listener, dispatcher, registry, graceful stop."""
+"""The provider as a Twisted service, composed of child services.
+
+:class:`ProviderService` is a MultiService whose children are the
+:class:`ListenerService` s (the native one, the C++ one when configured), the
+:class:`RegistrarService` (registers when a listener is bound, withdraws first
+on stop), the admin site (only when configured; its module is imported only
+then) and whatever the caller adds (``makeService`` adds the ZooKeeper
+registries). It runs the graceful stop across them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
+from twisted.application.service import Service as TwistedService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._connection import CLOSE_TIMEOUT
 from twisted_rpc.core._interfaces import IServerInterceptor, IServiceRegistry
 from twisted_rpc.core._service import Service
@@ -21,13 +30,12 @@ from twisted_rpc.core._tls import wrap_server_factory
 from twisted_rpc.cpp._listener import CppServerFactory
 from twisted_rpc.discovery._static import StaticRegistry
 from twisted_rpc.discovery._types import ProviderAddress, Registration
-from twisted_rpc.ops._admin import DEFAULT_ADMIN_MAX_CONNECTIONS, admin_site
 from twisted_rpc.ops._health import NOT_SERVING, add_builtins
-from twisted_rpc.ops._metrics import ProviderMetrics
+from twisted_rpc.provider._options import ProviderOptions
 from twisted_rpc.server._dispatcher import Dispatcher
-from twisted_rpc.server._factory import ServerFactory, ServerLimits
+from twisted_rpc.server._factory import ServerFactory
 
-__all__ = ["ProviderService"]
+__all__ = ["Drainable", "ListenerService", "ProviderService", "RegistrarService"]
 
 log = Logger(namespace="twisted_rpc.provider")
 
@@ -36,11 +44,13 @@ log = Logger(namespace="twisted_rpc.provider")
 class _ReportingEndpoint:
     """Wraps a server endpoint to learn the port it listens on."""
 
-    def __init__(self, endpoint: IStreamServerEndpoint, on_listening: Any) -> None:
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, on_listening: Callable[[IListeningPort], None]
+    ) -> None:
         self.endpoint = endpoint
         self.on_listening = on_listening
 
-    def listen(self, factory: Any) -> Deferred:
+    def listen(self, factory: Any) -> Deferred[IListeningPort]:
         d = self.endpoint.listen(factory)
         d.addCallback(self._report)
         return d
@@ -55,8 +65,145 @@ def _bound(port: IListeningPort) -> ProviderAddress:
     return ProviderAddress(getattr(host, "host", "?"), getattr(host, "port", 0))
 
 
+class Drainable:
+    """A listener factory seen through the ``IDrainable`` contract
+    (``goaway``, ``whenDrained``, ``closeConnections``, ``abortConnections``),
+    whether it has those names or the older ``when_idle``,
+    ``close_connections``, ``abort_connections``."""
+
+    def __init__(self, factory: Any) -> None:
+        self.factory = factory
+
+    def _method(self, name: str, older: str) -> Callable[[], Any]:
+        method: Callable[[], Any] | None = getattr(self.factory, name, None)
+        return method if method is not None else getattr(self.factory, older)
+
+    def goaway(self) -> None:
+        self.factory.goaway()
+
+    def whenDrained(self) -> Deferred[None]:
+        d: Deferred[None] = self._method("whenDrained", "when_idle")()
+        return d
+
+    def closeConnections(self) -> Deferred[None]:
+        d: Deferred[None] = self._method("closeConnections", "close_connections")()
+        return d
+
+    def abortConnections(self) -> None:
+        self._method("abortConnections", "abort_connections")()
+
+    @property
+    def open_connections(self) -> int:
+        return len(getattr(self.factory, "connections", ()))
+
+
+class ListenerService(StreamServerEndpointService):
+    """One listener: an endpoint, the factory it serves, and that factory
+    as a :class:`Drainable` for the graceful stop. ``on_listening`` is told
+    the bound port."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        listen: str,
+        factory: Any,
+        on_listening: Callable[[IListeningPort], None],
+        *,
+        served: Any = None,
+    ) -> None:
+        endpoint = _ReportingEndpoint(serverFromString(reactor, listen), on_listening)
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True
+        self.drainable = Drainable(served if served is not None else factory)
+
+
+class RegistrarService(TwistedService):
+    """Announces the services once a listener is bound and withdraws every
+    announcement first when stopped (before the listeners stop)."""
+
+    name = "registrar"
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        registry: IServiceRegistry,
+        registration_data: dict[str, Any],
+        cpp_registry: Any = None,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.registry = registry
+        self.registration_data = registration_data
+        self.cpp_registry = cpp_registry
+
+    def register(self, advertise: ProviderAddress) -> None:
+        """Register every application service at ``advertise``."""
+        for name, service in sorted(self.dispatcher.services.items()):
+            if service.builtin:
+                continue
+            info = type(service).service_info()
+            data = {**self.registration_data, "methods": sorted(info.methods)}
+            d = self.registry.register(Registration(name, advertise, data))
+            d.addErrback(
+                lambda f, n=name: log.failure("registering {service} failed", f, service=n)
+            )
+
+    def register_cpp(self, advertise: ProviderAddress, routes: dict[Any, Any]) -> None:
+        """Announce each method at ``/<Service>/<Method>`` for C++ callers."""
+        if self.cpp_registry is None:
+            return
+        for (service, method), served in sorted(routes.items()):
+            if self.dispatcher.services[served.info.service].builtin:
+                continue  # Health and Reflection are for native callers
+            d = self.cpp_registry.register_cpp(service, method, advertise)
+            d.addErrback(
+                lambda f, p=f"/{service}/{method}": log.failure("registering {p} failed", f, p=p)
+            )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._withdraw())
+
+    async def _withdraw(self) -> None:
+        registries = [self.registry]
+        if self.cpp_registry is not None and self.cpp_registry is not self.registry:
+            registries.append(self.cpp_registry)
+        for registry in registries:
+            try:
+                await registry.unregister_all()
+            except Exception:
+                log.failure("withdrawing registrations failed")
+
+
+def _admin_service(provider: ProviderService, options: ProviderOptions) -> IService:
+    """The admin site and its metrics, imported only when configured."""
+    from twisted_rpc.ops._admin import admin_site
+    from twisted_rpc.ops._metrics import ProviderMetrics
+
+    assert options.admin_listen is not None
+    metrics = ProviderMetrics()
+    metrics.watch_provider(provider)
+    provider.metrics = metrics
+    provider.factory.observer = metrics
+    if provider.cpp_factory is not None:
+        provider.cpp_factory.observer = metrics
+    site = admin_site(provider, metrics, max_connections=options.admin_max_connections)
+    endpoint = _ReportingEndpoint(
+        serverFromString(provider.reactor, options.admin_listen), provider._admin_listening
+    )
+    admin = StreamServerEndpointService(endpoint, site)
+    admin._raiseSynchronously = True
+    admin.setName("admin")
+    return admin
+
+
 class ProviderService(MultiService):
-    """Serves ``services`` on the endpoint ``listen`` and announces them.
+    """Serves ``services`` as ``options`` (a :class:`ProviderOptions`, or the
+    same settings as keywords) say, and announces them.
+
+    ``ProviderService(reactor, services, ProviderOptions(listen=...))``; the
+    older ``ProviderService(reactor, listen, services, **settings)`` works too.
+    ``registry`` (default: a ``StaticRegistry``), ``cpp_registry`` and
+    ``interceptors`` are the collaborators given beside the options.
 
     With ``tls_options`` (see :func:`twisted_rpc.server_options`) every
     connection speaks TLS, and the registrations say so (``"tls": true``).
@@ -66,76 +213,93 @@ class ProviderService(MultiService):
     ``cpp_registry`` (a ``ZooKeeperRegistry``) each method is announced at
     ``/<Service>/<Method>`` as they expect. ``listen`` may then be None.
 
-    Stopping it (SIGTERM under twistd) withdraws the announcements, stops
-    accepting, sends GOAWAY, lets calls in flight finish for up to
-    ``grace_period`` seconds, then closes the connections.
+    Children: the :class:`RegistrarService` (``"registrar"``), one
+    :class:`ListenerService` per listener (``listeners``), the admin site
+    (``"admin"``) when ``admin_listen`` is set, then what the caller adds.
+
+    Stopping it (SIGTERM under twistd): health NOT_SERVING, the registrar
+    withdraws the announcements, the listeners stop accepting, GOAWAY on
+    every listener, the calls in flight get up to ``grace_period`` seconds
+    (``whenDrained``, no polling), the connections are closed (aborted after
+    ``CLOSE_TIMEOUT`` if they do not take their answers), then the other
+    children stop.
     """
 
     def __init__(
         self,
         reactor: Any,
-        listen: str | None,
-        services: Sequence[Service],
+        services: Sequence[Service] | str | None,
+        options: ProviderOptions | Sequence[Service] | None = None,
+        /,
         *,
-        advertise: ProviderAddress | None = None,
         registry: IServiceRegistry | None = None,
-        interceptors: Sequence[IServerInterceptor] = (),
-        grace_period: float = 10.0,
-        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
-        registration_data: dict[str, Any] | None = None,
-        limits: ServerLimits | None = None,
-        tls_options: Any = None,
-        cpp_listen: str | None = None,
-        cpp_advertise: ProviderAddress | None = None,
         cpp_registry: Any = None,
-        health: bool = True,
-        reflection: bool = True,
-        admin_listen: str | None = None,
-        admin_max_connections: int = DEFAULT_ADMIN_MAX_CONNECTIONS,
-        slow_call_threshold: float = 0.0,
+        interceptors: Sequence[IServerInterceptor] = (),
+        **settings: Any,
     ) -> None:
+        if services is None or isinstance(services, str):
+            # The older form ProviderService(reactor, listen, services, **settings).
+            settings["listen"] = services
+            services, options = options, None  # type: ignore[assignment]
+        unknown = set(settings) - ProviderOptions.field_names()
+        if unknown:
+            raise TypeError(f"ProviderService: unknown settings {sorted(unknown)}")
+        if options is None:
+            options = ProviderOptions(**settings)
+        elif not isinstance(options, ProviderOptions):
+            raise TypeError(f"ProviderService: options must be ProviderOptions, not {options!r}")
+        elif settings:
+            options = replace(options, **settings)
+        self.options: ProviderOptions = options
+        assert services is not None and not isinstance(services, (str, ProviderOptions))
         super().__init__()
         self.reactor = reactor
         self.started_at: float | None = None
         self.dispatcher = Dispatcher(services, interceptors)
-        self.health = add_builtins(self.dispatcher, reactor, health=health, reflection=reflection)
-        self.factory = ServerFactory(self.dispatcher, reactor, max_frame_size, limits)
+        self.health = add_builtins(
+            self.dispatcher, reactor, health=options.health, reflection=options.reflection
+        )
+        self.factory = ServerFactory(
+            self.dispatcher, reactor, options.max_frame_size, options.limits
+        )
+        self.factory.slow_call_threshold = options.slow_call_threshold
         self.registry = registry if registry is not None else StaticRegistry()
-        self.advertise = advertise
-        self.grace_period = grace_period
-        self.registration_data = {**(registration_data or {}), "tls": tls_options is not None}
-        self.port: IListeningPort | None = None
-        self.listening: Deferred = Deferred()
-        self.listeners: list[StreamServerEndpointService] = []
-        if listen is not None:
-            listening_factory = self.factory
-            if tls_options is not None:
-                listening_factory = wrap_server_factory(self.factory, tls_options)
-            self._add_listener(listen, listening_factory, self._listening)
-        self.cpp_factory: CppServerFactory | None = None
-        self.cpp_advertise = cpp_advertise
         self.cpp_registry = cpp_registry
-        self.cpp_listening: Deferred = Deferred()
-        if cpp_listen is not None:
-            self.cpp_factory = CppServerFactory(self.dispatcher, reactor, max_frame_size, limits)
-            self._add_listener(cpp_listen, self.cpp_factory, self._cpp_listening)
-        if not self.listeners:
-            raise ValueError("a provider needs listen, cpp_listen or both")
-        self.factory.slow_call_threshold = slow_call_threshold
-        self.metrics: ProviderMetrics | None = None
-        if admin_listen is not None:
-            self.metrics = ProviderMetrics()
-            self.metrics.watch_provider(self)
-            self.factory.observer = self.metrics
-            if self.cpp_factory is not None:
-                self.cpp_factory.observer = self.metrics
-            endpoint = _ReportingEndpoint(
-                serverFromString(reactor, admin_listen), self._admin_listening
+        self.advertise = options.advertise
+        self.cpp_advertise = options.cpp_advertise
+        self.grace_period = options.grace_period
+        self.registration_data = {
+            **options.registration_data,
+            "tls": options.tls_options is not None,
+        }
+        self.port: IListeningPort | None = None
+        self.listening: Deferred[ProviderAddress] = Deferred()
+        self.cpp_listening: Deferred[ProviderAddress] = Deferred()
+        self.metrics: Any = None
+        self.registrar = RegistrarService(
+            self.dispatcher, self.registry, self.registration_data, cpp_registry
+        )
+        self.registrar.setServiceParent(self)
+        self.listeners: list[ListenerService] = []
+        if options.listen is not None:
+            served: Any = self.factory
+            if options.tls_options is not None:
+                served = wrap_server_factory(self.factory, options.tls_options)
+            self._add_listener(
+                ListenerService(
+                    reactor, options.listen, served, self._listening, served=self.factory
+                )
             )
-            site = admin_site(self, self.metrics, max_connections=admin_max_connections)
-            admin = StreamServerEndpointService(endpoint, site)
-            admin._raiseSynchronously = True
-            admin.setServiceParent(self)
+        self.cpp_factory: CppServerFactory | None = None
+        if options.cpp_listen is not None:
+            self.cpp_factory = CppServerFactory(
+                self.dispatcher, reactor, options.max_frame_size, options.limits
+            )
+            self._add_listener(
+                ListenerService(reactor, options.cpp_listen, self.cpp_factory, self._cpp_listening)
+            )
+        if options.admin_listen is not None:
+            _admin_service(self, options).setServiceParent(self)
 
     log_observer: Any = None
     """When set, the application's log observer (twistd logs through it)."""
@@ -153,15 +317,12 @@ class ProviderService(MultiService):
         if self.metrics is not None:
             self.metrics.start_sampling(self.reactor)
 
-    def _admin_listening(self, port: IListeningPort) -> None:
-        log.info("admin endpoint on http://{bound}/status (metrics: /metrics)", bound=_bound(port))
-
-    def _add_listener(self, listen: str, factory: Any, on_listening: Any) -> None:
-        endpoint = _ReportingEndpoint(serverFromString(self.reactor, listen), on_listening)
-        listener = StreamServerEndpointService(endpoint, factory)
-        listener._raiseSynchronously = True
+    def _add_listener(self, listener: ListenerService) -> None:
         listener.setServiceParent(self)
         self.listeners.append(listener)
+
+    def _admin_listening(self, port: IListeningPort) -> None:
+        log.info("admin endpoint on http://{bound}/status (metrics: /metrics)", bound=_bound(port))
 
     @property
     def calls_in_flight(self) -> int:
@@ -181,16 +342,8 @@ class ProviderService(MultiService):
             advertise=self.cpp_advertise,
         )
         self.cpp_listening.callback(bound)
-        if self.cpp_registry is None:
-            return
         assert self.cpp_factory is not None
-        for (service, method), served in sorted(self.cpp_factory.routes.items()):
-            if self.dispatcher.services[served.info.service].builtin:
-                continue  # Health and Reflection are for native callers
-            d = self.cpp_registry.register_cpp(service, method, self.cpp_advertise)
-            d.addErrback(
-                lambda f, p=f"/{service}/{method}": log.failure("registering {p} failed", f, p=p)
-            )
+        self.registrar.register_cpp(self.cpp_advertise, self.cpp_factory.routes)
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
@@ -204,19 +357,11 @@ class ProviderService(MultiService):
             services=" ".join(sorted(self.dispatcher.services)),
         )
         self.listening.callback(bound)
-        for name, service in sorted(self.dispatcher.services.items()):
-            if service.builtin:
-                continue
-            info = type(service).service_info()
-            data = {**self.registration_data, "methods": sorted(info.methods)}
-            d = self.registry.register(Registration(name, self.advertise, data))
-            d.addErrback(
-                lambda f, n=name: log.failure("registering {service} failed", f, service=n)
-            )
+        self.registrar.register(self.advertise)
 
-    async def _calls_finished(self, factories: list[Any]) -> None:
+    async def _calls_finished(self, drainables: list[Drainable]) -> None:
         """Wait until no call is in flight, for at most the grace period."""
-        drained = DeferredList([f.when_idle() for f in factories], consumeErrors=True)
+        drained = DeferredList([d.whenDrained() for d in drainables], consumeErrors=True)
         if drained.called:
             return
         # Cancelled when the grace period is over: it then fires all the same.
@@ -227,10 +372,10 @@ class ProviderService(MultiService):
             if timer.active():
                 timer.cancel()
 
-    async def _connections_closed(self, factories: list[Any]) -> None:
+    async def _connections_closed(self, drainables: list[Drainable]) -> None:
         """Close the connections once their answers are sent, waiting for
         that at most CLOSE_TIMEOUT seconds; then abort those left."""
-        closed = DeferredList([f.close_connections() for f in factories], consumeErrors=True)
+        closed = DeferredList([d.closeConnections() for d in drainables], consumeErrors=True)
         if closed.called:
             return
         timer = self.reactor.callLater(CLOSE_TIMEOUT, closed.cancel)
@@ -239,42 +384,37 @@ class ProviderService(MultiService):
         finally:
             if timer.active():
                 timer.cancel()
-        left = sum(len(f.connections) for f in factories)
+        left = sum(d.open_connections for d in drainables)
         if left:
             log.warn("aborting {left} connections that did not take their answers", left=left)
-            for factory in factories:
-                factory.abort_connections()
+            for drainable in drainables:
+                drainable.abortConnections()
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        """Health NOT_SERVING, withdraw the registrations, stop listening,
+        GOAWAY on every listener, wait for the calls in flight (at most
+        ``grace_period``), close the connections, then stop the other children."""
         if not self.running:
             return
         self.running = False
         self.health.set_all(NOT_SERVING)  # health watchers learn of the drain first
-        registries = [self.registry]
-        if self.cpp_registry is not None and self.cpp_registry is not self.registry:
-            registries.append(self.cpp_registry)
-        for registry in registries:
-            try:
-                await registry.unregister_all()
-            except Exception:
-                log.failure("withdrawing registrations failed")
+        await self.registrar.stopService()
         for listener in self.listeners:
             await listener.stopService()
-        factories: list[Any] = [self.factory]
-        if self.cpp_factory is not None:
-            factories.append(self.cpp_factory)
-        for factory in factories:
-            factory.goaway()
-        await self._calls_finished(factories)
+        drainables = [listener.drainable for listener in self.listeners]
+        for drainable in drainables:
+            drainable.goaway()
+        await self._calls_finished(drainables)
         left = self.calls_in_flight
         if left:
             log.warn("grace period over: closing with {left} calls in flight", left=left)
-        await self._connections_closed(factories)
+        await self._connections_closed(drainables)
         if self.metrics is not None:
             self.metrics.stop_sampling()
+        done = {self.registrar, *self.listeners}
         for service in reversed(list(self)):
-            if service not in self.listeners and service.running:
+            if service not in done and service.running:
                 await service.stopService()

@@ -15,7 +15,6 @@ from twisted_rpc.core._interfaces import IServiceRegistry
 from twisted_rpc.cpp._conf import load_cpp_conf
 from twisted_rpc.discovery._static import StaticRegistry
 from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
-from twisted_rpc.ops._admin import DEFAULT_ADMIN_MAX_CONNECTIONS
 from twisted_rpc.ops._logs import json_observer
 from twisted_rpc.provider._config import (
     ProviderConfig,
@@ -110,32 +109,20 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
             cpp_registry = ZooKeeperRegistry(
                 reactor, cpp.zookeeper, session_timeout=reg.session_timeout
             )
-    provider = ProviderService(
-        reactor,
-        config.listen,
-        options["service_instances"],
-        advertise=config.advertise,
-        registry=registry,
-        grace_period=config.grace_period,
-        max_frame_size=config.max_frame_size,
-        limits=config.limits,
-        tls_options=config.tls_options,
-        cpp_listen=cpp.listen if cpp else None,
-        cpp_advertise=cpp.advertise if cpp else None,
-        cpp_registry=cpp_registry,
-        health=config.health,
-        reflection=config.reflection,
-        admin_listen=config.admin.listen if config.admin else None,
-        admin_max_connections=(
-            config.admin.max_connections if config.admin else DEFAULT_ADMIN_MAX_CONNECTIONS
-        ),
-        slow_call_threshold=config.slow_call_threshold,
+    provider_options = config.options(
         registration_data={
             "weight": config.registry.weight,
             "pid": os.getpid(),
             "version": __version__,
             "started_at": time.time(),
         },
+    )
+    provider = ProviderService(
+        reactor,
+        options["service_instances"],
+        provider_options,
+        registry=registry,
+        cpp_registry=cpp_registry,
     )
     if config.log_format == "json":
         provider.log_observer = json_observer()

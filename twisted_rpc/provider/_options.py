@@ -1,0 +1,116 @@
+"""Every provider setting and its default in one place: :class:`ProviderOptions`.
+
+Built by the ini loader (``ProviderConfig.options()``) and by code alike
+(``ProviderService(reactor, services, ProviderOptions(listen=...))`` or the
+same settings as keywords). Endpoint strings are checked here against the
+endpoint types Twisted knows (its built-ins and the installed
+``IStreamServerEndpointStringParser`` plugins), without building an endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from twisted.internet.endpoints import _parseServer
+
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.discovery._types import ProviderAddress
+from twisted_rpc.server._factory import ServerLimits
+
+__all__ = ["DEFAULT_ADMIN_MAX_CONNECTIONS", "ProviderOptions", "check_server_endpoint"]
+
+DEFAULT_ADMIN_MAX_CONNECTIONS = 64
+"""The same default as ``twisted_rpc.ops``' admin site (not imported from it:
+the admin site is imported only when configured)."""
+
+
+def check_server_endpoint(description: str) -> None:
+    """Raise ValueError unless ``description`` is a server endpoint string
+    Twisted can build (``tcp:0:interface=127.0.0.1``, ``unix:/run/p.sock``,
+    ``ssl:...``, ``tcp6:...``, ``systemd:...`` or an installed plugin's).
+
+    The built-in types' arguments are checked too (a port must be a number,
+    no unknown keyword); a plugin's arguments are left to the plugin.
+    """
+    if not isinstance(description, str) or not description.strip():
+        raise ValueError(f"an endpoint must be a non-empty string, not {description!r}")
+    try:
+        _parseServer(description, None)
+    except Exception as e:
+        raise ValueError(f"{description!r} is not a valid endpoint: {e}") from None
+
+
+def _seconds(name: str, value: Any) -> None:
+    if type(value) not in (int, float) or not 0 <= value < float("inf"):
+        raise ValueError(f"ProviderOptions.{name} must be seconds >= 0, not {value!r}")
+
+
+@dataclass(frozen=True)
+class ProviderOptions:
+    """What a provider serves on and how (``[provider]``, ``[cpp]``, ``[admin]``
+    of ``docs/config.md``); the collaborators (services, registries,
+    interceptors) are given to :class:`ProviderService` beside it."""
+
+    listen: str | None = None
+    """Endpoint of the native listener (``tcp:7000:interface=0.0.0.0``); None: none."""
+    advertise: ProviderAddress | None = None
+    """Address registered for the native listener (default: the bound one)."""
+    grace_period: float = 10.0
+    """Seconds calls in flight get to finish when the provider stops."""
+    max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    tls_options: Any = None
+    """``twisted_rpc.server_options(...)``: the native listener speaks TLS."""
+    registration_data: Mapping[str, Any] = field(default_factory=dict)
+    """Extra data in each registration (weight, pid, version...)."""
+    cpp_listen: str | None = None
+    """Endpoint of the listener for C++ mprpc callers; None: none."""
+    cpp_advertise: ProviderAddress | None = None
+    health: bool = True
+    reflection: bool = True
+    admin_listen: str | None = None
+    """Endpoint of the admin HTTP site (metrics, status); None: no admin site."""
+    admin_max_connections: int = DEFAULT_ADMIN_MAX_CONNECTIONS
+    slow_call_threshold: float = 0.0
+    """Log calls slower than this many seconds (0: none)."""
+
+    def __post_init__(self) -> None:
+        if self.listen is None and self.cpp_listen is None:
+            raise ValueError("a provider needs listen, cpp_listen or both")
+        for name in ("listen", "cpp_listen", "admin_listen"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    check_server_endpoint(value)
+                except ValueError as e:
+                    raise ValueError(f"ProviderOptions.{name} = {e}") from None
+        for name in ("advertise", "cpp_advertise"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, ProviderAddress):
+                raise ValueError(f"ProviderOptions.{name} must be a ProviderAddress, not {value!r}")
+        _seconds("grace_period", self.grace_period)
+        _seconds("slow_call_threshold", self.slow_call_threshold)
+        if type(self.max_frame_size) is not int or self.max_frame_size < 64:
+            raise ValueError(
+                f"ProviderOptions.max_frame_size must be an int >= 64, not {self.max_frame_size!r}"
+            )
+        if type(self.admin_max_connections) is not int or self.admin_max_connections < 1:
+            raise ValueError(
+                "ProviderOptions.admin_max_connections must be a positive int, "
+                f"not {self.admin_max_connections!r}"
+            )
+        if not isinstance(self.limits, ServerLimits):
+            raise ValueError(f"ProviderOptions.limits must be a ServerLimits, not {self.limits!r}")
+        if not isinstance(self.registration_data, Mapping):
+            data = self.registration_data
+            raise ValueError(f"ProviderOptions.registration_data must be a mapping, not {data!r}")
+        for name in ("health", "reflection"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"ProviderOptions.{name} must be a bool")
+
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        """The settings, as keywords of ``ProviderService``."""
+        return frozenset(f.name for f in fields(cls))
