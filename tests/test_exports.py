@@ -109,10 +109,13 @@ EXPORTS = {
     "twisted_rpc.client": {
         "Balancer",
         "Channel",
+        "ChannelEvent",
+        "ChannelState",
         "Client",
         "ClientCall",
         "ClientConnection",
         "ConsumerConfig",
+        "InvalidTransition",
         "LeastOutstanding",
         "MAX_TIMEOUT",
         "NotSentError",

@@ -31,15 +31,19 @@ from twisted_rpc.client._config import ConsumerConfig, load_consumer_config
 from twisted_rpc.client._connection import MAX_TIMEOUT, ClientConnection, NotSentError
 from twisted_rpc.client._dials import backoff_policy
 from twisted_rpc.client._proxy import ServiceProxy
+from twisted_rpc.client._states import ChannelEvent, ChannelState, InvalidTransition
 
 __all__ = [
     "MAX_TIMEOUT",
     "Balancer",
     "Channel",
+    "ChannelEvent",
+    "ChannelState",
     "Client",
     "ClientCall",
     "ClientConnection",
     "ConsumerConfig",
+    "InvalidTransition",
     "LeastOutstanding",
     "NotSentError",
     "RoundRobin",

@@ -32,6 +32,7 @@ from twisted_rpc.client._dials import (
 )
 from twisted_rpc.client._parked import _not_sent
 from twisted_rpc.client._proxy import ServiceProxy
+from twisted_rpc.client._states import ChannelState
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import GoawayReason
 from twisted_rpc.core._interfaces import IClientInterceptor, IServiceDiscovery
@@ -407,7 +408,7 @@ class Client:
     def _channel(self, address: ProviderAddress) -> Channel:
         check_address(address)
         channel = self.channels.get(address.key)
-        if channel is not None and channel.state == "refused":
+        if channel is not None and channel.state == ChannelState.REFUSED:
             if self._refusal(address) != channel.last_error:
                 channel = None  # what the registry says changed: build it again
         if channel is None:

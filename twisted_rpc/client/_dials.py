@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
 
+from twisted_rpc.client._states import ChannelState
+
 if TYPE_CHECKING:
     from twisted_rpc.client._channel import Channel
 
@@ -85,7 +87,7 @@ class _DialQueue:
                 self._tokens -= 1
 
     def _start(self, channel: Channel) -> bool:
-        if channel.state != "queued":
+        if channel.state != ChannelState.QUEUED:
             return False  # closed (or dialled another way) meanwhile
         self.active += 1
         channel._dial()
