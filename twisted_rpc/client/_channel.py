@@ -19,14 +19,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_rpc.client._connection import (
-    DEFAULT_MAX_WRITE_BUFFER,
     MAX_RESENDS,
     ClientConnection,
     NotSentError,
     TakenBack,
     timeout_error,
 )
-from twisted_rpc.client._dials import _DialQueue, backoff_policy
+from twisted_rpc.client._dials import _DialQueue
+from twisted_rpc.client._options import ClientOptions
 from twisted_rpc.client._parked import _not_sent, _Parked
 from twisted_rpc.client._states import (
     _READY,
@@ -36,11 +36,10 @@ from twisted_rpc.client._states import (
     ChannelState,
     transition,
 )
-from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import GoawayReason
 from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.core._status import CancelledError, DeadlineExceededError, RpcError
-from twisted_rpc.core._tls import ClientTLS, wrap_client_endpoint
+from twisted_rpc.core._tls import wrap_client_endpoint
 from twisted_rpc.discovery._types import ProviderAddress
 
 log = Logger(namespace="twisted_rpc.client")
@@ -54,15 +53,7 @@ class _ConnectionFactory(Factory):
 
     def buildProtocol(self, addr: object) -> ClientConnection:
         c = self.channel
-        return ClientConnection(
-            c.clock,
-            c.max_frame_size,
-            c._connection_lost,
-            c._goaway,
-            c.keepalive_interval,
-            c.keepalive_timeout,
-            c.max_write_buffer,
-        )
+        return ClientConnection(c.clock, c.options, on_lost=c._connection_lost, on_goaway=c._goaway)
 
 
 def _endpoint(reactor: Any, address: ProviderAddress, connect_timeout: float) -> Any:
@@ -98,34 +89,36 @@ class Channel:
         self,
         reactor: Any,
         address: ProviderAddress,
+        options: ClientOptions | None = None,
         *,
-        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
-        connect_timeout: float = 5.0,
         endpoint: Any = None,
-        keepalive_interval: float = 0.0,
-        keepalive_timeout: float = 10.0,
-        tls: ClientTLS | None = None,
-        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
-        backoff: Callable[[int], float] | None = None,
         dials: _DialQueue | None = None,
         resend: Callable[[Channel, GoawayReason, list[TakenBack]], object] | None = None,
         refused: str = "",
+        **settings: Any,
     ) -> None:
-        self.keepalive_interval = keepalive_interval
-        self.keepalive_timeout = keepalive_timeout
-        self.max_write_buffer = max_write_buffer
+        """``options`` (or ClientOptions' keywords as ``settings``) give
+        max_frame_size, connect_timeout, keepalive_interval,
+        keepalive_timeout, tls, max_write_buffer and backoff. ``dials`` is
+        the client's dial queue (None: dial at once); ``resend`` sends calls
+        a GOAWAY took back (default: again on this channel); ``refused``
+        says why this provider must never be dialled."""
+        if options is None:
+            options = ClientOptions()
+        if settings:
+            options = options.replace(**settings)
+        self.options = options
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.address = address
-        self.max_frame_size = max_frame_size
-        self.connect_timeout = connect_timeout
-        self.backoff = backoff or backoff_policy()
+        self.connect_timeout = options.connect_timeout
+        self.backoff = options.backoff
         self._dials = dials
         self._resend = resend or _resend_on
         if endpoint is None and not refused:
-            endpoint = _endpoint(reactor, address, connect_timeout)
-            if tls is not None:
-                endpoint = wrap_client_endpoint(endpoint, tls, address.host)
+            endpoint = _endpoint(reactor, address, options.connect_timeout)
+            if options.tls is not None:
+                endpoint = wrap_client_endpoint(endpoint, options.tls, address.host)
         self.endpoint = endpoint
         self.state: ChannelState = ChannelState.REFUSED if refused else ChannelState.IDLE
         self.last_error = refused

@@ -13,6 +13,12 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from twisted_rpc.client._options import (  # noqa: F401 (also imported from here)
+    DEFAULT_MAX_WRITE_BUFFER,
+    MAX_TIMEOUT,
+    ClientOptions,
+    timeout_error,
+)
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameKind, GoawayReason
 from twisted_rpc.core._connection import LARGE_PAYLOAD, RpcConnection
@@ -28,14 +34,6 @@ from twisted_rpc.core._status import (
     UnavailableError,
 )
 
-DEFAULT_MAX_WRITE_BUFFER = 256 * 1024 * 1024
-"""Bytes of calls a connection holds unsent before new calls fail RESOURCE_EXHAUSTED."""
-
-
-MAX_TIMEOUT = 0xFFFFFFFF / 1000
-"""The longest call timeout in seconds: the wire carries it as u32 milliseconds."""
-
-
 MAX_RESENDS = 1
 """Times a call is sent again after a GOAWAY showed it was never run. Past
 it the call fails with NotSentError: a provider that says GOAWAY to every
@@ -47,15 +45,7 @@ GOAWAY_CLOSE_GRACE = 10.0
 flush; then it is aborted (a peer that does not read)."""
 
 
-def timeout_error(timeout: object) -> ValueError | None:
-    """Why ``timeout`` is not a call timeout (None, or 0 to MAX_TIMEOUT seconds), or None."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        return ValueError(f"timeout must be a number of seconds or None, not {timeout!r}")
-    if not 0 <= timeout <= MAX_TIMEOUT:  # also false for nan
-        return ValueError(f"timeout must be between 0 and {MAX_TIMEOUT:g} seconds, not {timeout!r}")
-    return None
+_DEFAULT_OPTIONS = ClientOptions()
 
 
 class NotSentError(UnavailableError):
@@ -99,19 +89,26 @@ class ClientConnection(RpcConnection):
     def __init__(
         self,
         clock: IReactorTime,
-        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
+        options: ClientOptions | None = None,
+        *,
         on_lost: Callable[[ClientConnection, Failure], object] | None = None,
         on_goaway: Callable[[ClientConnection, GoawayReason, list[TakenBack]], object]
         | None = None,
-        keepalive_interval: float = 0.0,
-        keepalive_timeout: float = 10.0,
-        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+        **settings: Any,
     ) -> None:
-        super().__init__(clock, max_frame_size)
-        self.keepalive_interval = keepalive_interval
-        self.keepalive_timeout = keepalive_timeout
-        self.max_write_buffer = max_write_buffer
-        self.pong_abort_bytes = max_write_buffer
+        """``options`` (or ClientOptions' keywords as ``settings``) give
+        max_frame_size, keepalive_interval, keepalive_timeout and
+        max_write_buffer."""
+        if options is None:
+            options = _DEFAULT_OPTIONS
+        if settings:
+            options = options.replace(**settings)
+        super().__init__(clock, options.max_frame_size)
+        self.options = options
+        self.keepalive_interval = options.keepalive_interval
+        self.keepalive_timeout = options.keepalive_timeout
+        self.max_write_buffer = options.max_write_buffer
+        self.pong_abort_bytes = options.max_write_buffer
         self._written_while_blocked = 0
         self.keepalive_failed = False
         self._keepalive: Any = None
