@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal, overload
 
 from google.protobuf.message import Message
 from twisted.internet import defer
-from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -25,9 +23,9 @@ from twisted_rpc.client._connection import (
     TakenBack,
     timeout_error,
 )
-from twisted_rpc.client._dials import _DialQueue
+from twisted_rpc.client._dials import _DialQueue, _endpoint
 from twisted_rpc.client._options import ClientOptions
-from twisted_rpc.client._parked import _not_sent, _Parked
+from twisted_rpc.client._parked import _Parked, _resend_on
 from twisted_rpc.client._states import (
     _READY,
     _USABLE,
@@ -54,14 +52,6 @@ class _ConnectionFactory(Factory):
     def buildProtocol(self, addr: object) -> ClientConnection:
         c = self.channel
         return ClientConnection(c.clock, c.options, on_lost=c._connection_lost, on_goaway=c._goaway)
-
-
-def _endpoint(reactor: Any, address: ProviderAddress, connect_timeout: float) -> Any:
-    """A TCP endpoint for ``address``: IPv6 for a v6 literal, else IPv4 (a
-    HostnameEndpoint would try both, and costs ~300 ms on a refused port)."""
-    if isIPv6Address(address.host):
-        return TCP6ClientEndpoint(reactor, address.host, address.port, connect_timeout)
-    return TCP4ClientEndpoint(reactor, address.host, address.port, connect_timeout)
 
 
 class Channel:
@@ -192,16 +182,44 @@ class Channel:
             assert self._dials is not None
             self._dials.release()
 
+    @overload
     def call(
         self,
         method: MethodInfo,
         request: Message,
         timeout: float | None,
         metadata: Mapping[str, str] | None,
-    ) -> Deferred:
+        wait: Literal[True] = True,
+    ) -> Deferred: ...
+
+    @overload
+    def call(
+        self,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+        wait: bool,
+    ) -> Deferred | None: ...
+
+    def call(
+        self,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+        wait: bool = True,
+    ) -> Deferred | None:
+        """Send a call on the ready connection. Else, with ``wait``, dial if
+        idle and send it once connected (within its timeout), or fail it with
+        NotSentError at once if the channel is out of rotation; without
+        ``wait``, return None at once (the client's fast path: it then
+        chooses with failover)."""
         protocol = self.protocol
         if protocol is not None and protocol.available:
             return protocol.call(method, request, timeout, metadata)
+        if not wait:
+            return None
         error = timeout_error(timeout)
         if error is not None:
             return fail(error)
@@ -467,13 +485,6 @@ class Channel:
             self._to(ChannelEvent.PAUSE_OVER)
             if self._waiters:
                 self.connect()
-
-
-def _resend_on(channel: Channel, reason: GoawayReason, calls: list[TakenBack]) -> None:
-    """Send calls a GOAWAY took back again on the same channel (a standalone
-    channel's way; a Client sends them to another provider when it can)."""
-    for call in calls:
-        channel.resume(call, _not_sent)
 
 
 def _deadline_exceeded(result: object, timeout: float) -> Failure:

@@ -223,13 +223,13 @@ class Client:
         if self.interceptors:
             call = ClientCall(method, timeout, dict(metadata or {}), idempotent, balancer)
             return self._invoke(call, request)
-        # The hot path, kept flat: a ready connection to the provider picked.
+        # The hot path, kept flat: the provider picked, if its channel is ready.
         route = self._routes.get(method.service) or self._route(method.service)
         channel = (balancer or route.balancer).pick(route.channels)
         if channel is not None and not idempotent:
-            protocol = channel.protocol
-            if protocol is not None and protocol.available:
-                return protocol.call(method, request, timeout, metadata)
+            d = channel.call(method, request, timeout, metadata, False)
+            if d is not None:
+                return d
         return self._send_to(method, request, timeout, metadata, idempotent, balancer, channel)
 
     def _send(self, call: ClientCall, request: Message) -> Deferred:
@@ -263,9 +263,10 @@ class Client:
                     )
                 )
             return fail(NotSentError(message=f"no provider of {method.service}"))
-        protocol = channel.protocol
-        if protocol is not None and protocol.available and not idempotent:
-            return protocol.call(method, request, timeout, metadata)
+        if not idempotent:
+            d = channel.call(method, request, timeout, metadata, False)
+            if d is not None:
+                return d
         return Deferred.fromCoroutine(
             self._failover(route, balancer, channel, method, request, timeout, metadata, idempotent)
         )
