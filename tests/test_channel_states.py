@@ -4,9 +4,17 @@ allowed, with its target, or rejected; and the Channel moves only through it."""
 from __future__ import annotations
 
 import pytest
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 
-from twisted_rpc.client import Channel, ChannelEvent, ChannelState, InvalidTransition
+from twisted_rpc.client import (
+    Channel,
+    ChannelEvent,
+    ChannelState,
+    ConnectionState,
+    InvalidTransition,
+)
 from twisted_rpc.client._states import DIALLING, TRANSITIONS, transition
 from twisted_rpc.discovery import ProviderAddress
 
@@ -75,3 +83,74 @@ def test_a_channel_moves_only_through_the_table() -> None:
     assert channel.state is S.CLOSED
     channel.connect()  # no DIAL from closed: nothing happens
     assert channel.state is S.CLOSED and len(reactor.tcpClients) == 1
+
+
+# ------------------------------------------------------- the connection's state
+
+
+def _open_connection(**settings):
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from twisted_rpc.client import ClientConnection
+
+    clock = Clock()
+    connection = ClientConnection(clock, **settings)
+    assert connection.state is ConnectionState.NEW and not connection.available
+    connection.makeConnection(StringTransport())
+    return clock, connection
+
+
+def test_connection_open_goaway_closed() -> None:
+    from twisted_rpc.core import _codec as wire
+    from twisted_rpc.core._codec import GoawayReason
+
+    _clock, connection = _open_connection()
+    assert connection.state is ConnectionState.OPEN and connection.available
+    connection.dataReceived(wire.encode_goaway(0, reason=GoawayReason.SHUTDOWN))
+    assert connection.state is ConnectionState.GOAWAY
+    assert connection.goaway_received and not connection.available
+    assert not connection.keepalive_failed
+    connection.connectionLost(Failure(ConnectionDone()))
+    assert connection.state is ConnectionState.CLOSED and connection.goaway_received
+
+
+def test_connection_unresponsive_stays_so_once_lost() -> None:
+    clock, connection = _open_connection(keepalive_interval=1, keepalive_timeout=1)
+    clock.advance(1)  # PING sent
+    clock.advance(1)  # unanswered: aborted
+    assert connection.state is ConnectionState.UNRESPONSIVE and connection.keepalive_failed
+    assert not connection.available and connection.transport.disconnecting
+    connection.connectionLost(Failure(ConnectionDone()))
+    assert connection.state is ConnectionState.UNRESPONSIVE and connection.keepalive_failed
+
+
+# ------------------------------------------------------------- the fast path
+
+
+def test_client_call_goes_through_channel_call(monkeypatch) -> None:
+    from protos import echo_pb2
+    from twisted_rpc import Client
+    from twisted_rpc.core._service import describe
+
+    service = describe(echo_pb2.DESCRIPTOR.services_by_name["EchoService"])
+    method = service.methods["Echo"]
+    client = Client(MemoryReactorClock(), providers={service.name: ["127.0.0.1:1"]})
+    client._route(service.name)
+    (channel,) = client.channels.values()
+    _clock, connection = _open_connection()
+    channel.state, channel.protocol = S.READY, connection
+    seen = []
+    real = Channel.call
+
+    def spy(self, *args):
+        seen.append(args[4:])
+        return real(self, *args)
+
+    monkeypatch.setattr(Channel, "call", spy)
+    d = client.call(method, echo_pb2.EchoRequest(payload=b"x"), timeout=1)
+    assert seen == [(False,)] and list(connection.outstanding) == [1]
+    assert connection.outstanding[1][0] is d
+    # Not ready: wait=False answers None at once, and the client fails over.
+    connection.connectionLost(Failure(ConnectionDone()))
+    assert channel.call(method, echo_pb2.EchoRequest(), 1, None, False) is None

@@ -116,6 +116,7 @@ EXPORTS = {
         "ClientCall",
         "ClientConnection",
         "ClientOptions",
+        "ConnectionState",
         "ConsumerConfig",
         "InvalidTransition",
         "LeastOutstanding",

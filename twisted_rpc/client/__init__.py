@@ -32,7 +32,12 @@ from twisted_rpc.client._connection import MAX_TIMEOUT, ClientConnection, NotSen
 from twisted_rpc.client._dials import backoff_policy
 from twisted_rpc.client._options import ClientOptions
 from twisted_rpc.client._proxy import ServiceProxy
-from twisted_rpc.client._states import ChannelEvent, ChannelState, InvalidTransition
+from twisted_rpc.client._states import (
+    ChannelEvent,
+    ChannelState,
+    ConnectionState,
+    InvalidTransition,
+)
 
 __all__ = [
     "MAX_TIMEOUT",
@@ -44,6 +49,7 @@ __all__ = [
     "ClientCall",
     "ClientConnection",
     "ClientOptions",
+    "ConnectionState",
     "ConsumerConfig",
     "InvalidTransition",
     "LeastOutstanding",

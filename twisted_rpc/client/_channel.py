@@ -32,6 +32,7 @@ from twisted_rpc.client._states import (
     DIALLING,
     ChannelEvent,
     ChannelState,
+    ConnectionState,
     transition,
 )
 from twisted_rpc.core._codec import GoawayReason
@@ -41,6 +42,7 @@ from twisted_rpc.core._tls import wrap_client_endpoint
 from twisted_rpc.discovery._types import ProviderAddress
 
 log = Logger(namespace="twisted_rpc.client")
+_OPEN = ConnectionState.OPEN
 
 
 class _ConnectionFactory(Factory):
@@ -216,7 +218,7 @@ class Channel:
         ``wait``, return None at once (the client's fast path: it then
         chooses with failover)."""
         protocol = self.protocol
-        if protocol is not None and protocol.available:
+        if protocol is not None and protocol.state is _OPEN:
             return protocol.call(method, request, timeout, metadata)
         if not wait:
             return None
@@ -255,7 +257,7 @@ class Channel:
         else once connected (within its deadline). If it cannot be sent here,
         ``fallback(call, error)`` is called with a NotSentError."""
         protocol = self.protocol
-        if protocol is not None and protocol.available:
+        if protocol is not None and protocol.state is _OPEN:
             error = protocol.resume(call)
             if error is not None:
                 fallback(call, error)

@@ -19,6 +19,7 @@ from twisted_rpc.client._options import (  # noqa: F401 (also imported from here
     ClientOptions,
     timeout_error,
 )
+from twisted_rpc.client._states import ConnectionState
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameKind, GoawayReason
 from twisted_rpc.core._connection import LARGE_PAYLOAD, RpcConnection
@@ -46,6 +47,7 @@ flush; then it is aborted (a peer that does not read)."""
 
 
 _DEFAULT_OPTIONS = ClientOptions()
+_OPEN = ConnectionState.OPEN
 
 
 class NotSentError(UnavailableError):
@@ -110,14 +112,12 @@ class ClientConnection(RpcConnection):
         self.max_write_buffer = options.max_write_buffer
         self.pong_abort_bytes = options.max_write_buffer
         self._written_while_blocked = 0
-        self.keepalive_failed = False
         self._keepalive: Any = None
         self.outstanding: dict[int, TakenBack] = {}
         self.deadlines = DeadlineQueue(clock, self.outstanding, self._deadline_expired)
-        self.goaway_received = False
         self.goaway_reason: GoawayReason | None = None
-        self.available = False
-        """True while new calls may be sent here (connected, no GOAWAY)."""
+        self.state = ConnectionState.NEW
+        """A :class:`ConnectionState`: calls are sent only while ``open``."""
         self.made_at = 0.0
         """When the connection was made (clock seconds)."""
         self._next_id = 1
@@ -132,7 +132,7 @@ class ClientConnection(RpcConnection):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.made_at = self.clock.seconds()
-        self.available = True
+        self.state = ConnectionState.OPEN
         if self.keepalive_interval > 0:
             self._keepalive = self.clock.callLater(self.keepalive_interval, self._send_keepalive)
 
@@ -151,7 +151,7 @@ class ClientConnection(RpcConnection):
 
     def _keepalive_missed(self, failure: Failure) -> None:
         if self.connected:
-            self.keepalive_failed = True
+            self.state = ConnectionState.UNRESPONSIVE
             self.log.warn(
                 "no answer to a keepalive ping from {peer} in {t:g}s: closing the connection",
                 peer=self.peer,
@@ -187,9 +187,8 @@ class ClientConnection(RpcConnection):
             timeout != 0 or (type(timeout) is not float and type(timeout) is not int)
         ):
             return fail(timeout_error(timeout) or ValueError(f"bad timeout {timeout!r}"))
-        if not self.available:
-            why = "provider is shutting down" if self.goaway_received else "not connected"
-            return fail(NotSentError(message=f"{self.peer}: {why}"))
+        if self.state is not _OPEN:
+            return fail(self._not_open())
         try:
             payload = request.SerializeToString()
         except Exception as e:
@@ -240,9 +239,8 @@ class ClientConnection(RpcConnection):
         or None: sent, or ended (its deadline passed, the buffer is full).
         """
         d, method, payload, metadata, deadline = call
-        if not self.available:
-            why = "provider is shutting down" if self.goaway_received else "not connected"
-            return NotSentError(message=f"{self.peer}: {why}")
+        if self.state is not _OPEN:
+            return self._not_open()
         timeout_ms = 0
         if deadline:
             left = deadline - self.clock.seconds()
@@ -274,6 +272,25 @@ class ClientConnection(RpcConnection):
             self.deadlines.add(deadline, call_id)
         self.send(header, payload)
         return None
+
+    @property
+    def available(self) -> bool:
+        """Whether new calls may be sent here (open: connected, no GOAWAY)."""
+        return self.state is _OPEN
+
+    @property
+    def goaway_received(self) -> bool:
+        """Whether the provider said GOAWAY on this connection."""
+        return self.goaway_reason is not None
+
+    @property
+    def keepalive_failed(self) -> bool:
+        """Whether the connection was aborted for an unanswered keepalive PING."""
+        return self.state is ConnectionState.UNRESPONSIVE
+
+    def _not_open(self) -> NotSentError:
+        why = "provider is shutting down" if self.goaway_reason is not None else "not connected"
+        return NotSentError(message=f"{self.peer}: {why}")
 
     def _over_write_buffer(self, size: int) -> bool:
         """Whether ``size`` more bytes would pass max_write_buffer.
@@ -341,8 +358,8 @@ class ClientConnection(RpcConnection):
         They are taken out of this connection and handed to ``on_goaway`` to
         be sent again (a late UNAVAILABLE answer to one of them is ignored).
         """
-        self.goaway_received = True
-        self.available = False
+        if self.state is _OPEN:
+            self.state = ConnectionState.GOAWAY
         try:
             reason = GoawayReason(status)
         except ValueError:
@@ -412,19 +429,20 @@ class ClientConnection(RpcConnection):
         if self.connected:
             self.send(wire.encode_cancel(call_id))
         d.errback(CancelledError(message="cancelled by the caller"))
-        if self.goaway_received:
+        if self.goaway_reason is not None:
             self._close_if_done()
 
     def _deadline_expired(self, call_id: int) -> None:
         entry = self.outstanding.pop(call_id, None)
         if entry is not None:
             entry[0].errback(DeadlineExceededError(message="deadline exceeded"))
-            if self.goaway_received:
+            if self.goaway_reason is not None:
                 self._close_if_done()
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
-        self.available = False
+        if self.state is not ConnectionState.UNRESPONSIVE:
+            self.state = ConnectionState.CLOSED
         if self._keepalive is not None and self._keepalive.active():
             self._keepalive.cancel()
         self._keepalive = None

@@ -12,6 +12,7 @@ __all__ = [
     "TRANSITIONS",
     "ChannelEvent",
     "ChannelState",
+    "ConnectionState",
     "InvalidTransition",
     "transition",
 ]
@@ -139,3 +140,24 @@ _READY = frozenset((_S.READY, _S.IDLE))
 
 
 _USABLE = _READY | DIALLING
+
+
+class ConnectionState(StrEnum):
+    """The states of a :class:`~twisted_rpc.client.ClientConnection`.
+
+    - ``new``: not connected yet.
+    - ``open``: takes calls (``available``).
+    - ``goaway``: the provider said GOAWAY: no new calls; the calls it did
+      not run were handed back, the others finish, then the connection closes.
+    - ``unresponsive``: a keepalive PING went unanswered: the connection is
+      aborted, and stays so once lost (its channel backs off).
+    - ``closed``: lost or closed.
+
+    new -> open -> (goaway ->) closed; open or goaway -> unresponsive.
+    """
+
+    NEW = "new"
+    OPEN = "open"
+    GOAWAY = "goaway"
+    UNRESPONSIVE = "unresponsive"
+    CLOSED = "closed"
