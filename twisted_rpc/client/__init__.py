@@ -3,8 +3,11 @@
 :class:`ClientConnection` (``_connection``) runs calls on one connection (call
 ids, the outstanding map, deadlines, cancellation). :class:`Channel`
 (``_channel``) keeps one persistent connection to one provider, dialling
-through the client's dial queue and redialling with backoff (``_dials``).
-A consumer ini file is read by ``_config``.
+through the client's dial queue and redialling with backoff (``_dials``); its
+states (:class:`ChannelState`) change only through the one transition table
+of ``_states``, which also holds :class:`ConnectionState`. Every client
+setting and its default is a field of :class:`ClientOptions` (``_options``);
+a consumer ini file, read by ``_config``, builds one.
 :class:`Client` (``_client``) picks a channel per call with a balancer
 (``_balancer``) from the provider lists its discovery gives, and builds
 :class:`ServiceProxy` objects (``_proxy``) whose methods return Deferreds::
