@@ -22,6 +22,7 @@ def test_defaults_in_one_place() -> None:
     assert (options.max_concurrent_dials, options.max_dials_per_second) == (32, 500.0)
     assert options.max_write_buffer == 256 * 1024 * 1024 and options.tls is None
     assert ClientOptions() == ClientOptions()  # one default backoff policy
+    assert ClientOptions(backoff=None) == ClientOptions()  # None: the default, as before
     assert 0.08 <= options.backoff(1) <= 0.12 and 4.0 <= options.backoff(50) <= 6.0
 
 

@@ -111,6 +111,8 @@ class ClientOptions:
         _number("max_write_buffer", self.max_write_buffer, int, 0)
         _number("max_concurrent_dials", self.max_concurrent_dials, int, 1)
         _number("max_dials_per_second", self.max_dials_per_second, float, 0, above=True)
+        if self.backoff is None:  # what Client(backoff=None) always meant
+            object.__setattr__(self, "backoff", _DEFAULT_BACKOFF)
         if not callable(self.backoff):
             raise TypeError(f"backoff must be callable (failures -> seconds): {self.backoff!r}")
 
