@@ -3,8 +3,11 @@
 :class:`ClientConnection` (``_connection``) runs calls on one connection (call
 ids, the outstanding map, deadlines, cancellation). :class:`Channel`
 (``_channel``) keeps one persistent connection to one provider, dialling
-through the client's dial queue and redialling with backoff (``_dials``).
-A consumer ini file is read by ``_config``.
+through the client's dial queue and redialling with backoff (``_dials``); its
+states (:class:`ChannelState`) change only through the one transition table
+of ``_states``, which also holds :class:`ConnectionState`. Every client
+setting and its default is a field of :class:`ClientOptions` (``_options``);
+a consumer ini file, read by ``_config``, builds one.
 :class:`Client` (``_client``) picks a channel per call with a balancer
 (``_balancer``) from the provider lists its discovery gives, and builds
 :class:`ServiceProxy` objects (``_proxy``) whose methods return Deferreds::
@@ -30,16 +33,28 @@ from twisted_rpc.client._client import Client, ClientCall
 from twisted_rpc.client._config import ConsumerConfig, load_consumer_config
 from twisted_rpc.client._connection import MAX_TIMEOUT, ClientConnection, NotSentError
 from twisted_rpc.client._dials import backoff_policy
+from twisted_rpc.client._options import ClientOptions
 from twisted_rpc.client._proxy import ServiceProxy
+from twisted_rpc.client._states import (
+    ChannelEvent,
+    ChannelState,
+    ConnectionState,
+    InvalidTransition,
+)
 
 __all__ = [
     "MAX_TIMEOUT",
     "Balancer",
     "Channel",
+    "ChannelEvent",
+    "ChannelState",
     "Client",
     "ClientCall",
     "ClientConnection",
+    "ClientOptions",
+    "ConnectionState",
     "ConsumerConfig",
+    "InvalidTransition",
     "LeastOutstanding",
     "NotSentError",
     "RoundRobin",

@@ -6,36 +6,43 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal, overload
 
 from google.protobuf.message import Message
 from twisted.internet import defer
-from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_rpc.client._connection import (
-    DEFAULT_MAX_WRITE_BUFFER,
     MAX_RESENDS,
     ClientConnection,
     NotSentError,
     TakenBack,
     timeout_error,
 )
-from twisted_rpc.client._dials import _DialQueue, backoff_policy
-from twisted_rpc.client._parked import _not_sent, _Parked
-from twisted_rpc.core import _codec as wire
+from twisted_rpc.client._dials import _DialQueue, _endpoint
+from twisted_rpc.client._options import ClientOptions
+from twisted_rpc.client._parked import _Parked, _resend_on
+from twisted_rpc.client._states import (
+    _READY,
+    _USABLE,
+    DIALLING,
+    ChannelEvent,
+    ChannelState,
+    ConnectionState,
+    transition,
+)
 from twisted_rpc.core._codec import GoawayReason
 from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.core._status import CancelledError, DeadlineExceededError, RpcError
-from twisted_rpc.core._tls import ClientTLS, wrap_client_endpoint
+from twisted_rpc.core._tls import wrap_client_endpoint
 from twisted_rpc.discovery._types import ProviderAddress
 
 log = Logger(namespace="twisted_rpc.client")
+_OPEN = ConnectionState.OPEN
 
 
 class _ConnectionFactory(Factory):
@@ -46,57 +53,21 @@ class _ConnectionFactory(Factory):
 
     def buildProtocol(self, addr: object) -> ClientConnection:
         c = self.channel
-        return ClientConnection(
-            c.clock,
-            c.max_frame_size,
-            c._connection_lost,
-            c._goaway,
-            c.keepalive_interval,
-            c.keepalive_timeout,
-            c.max_write_buffer,
-        )
-
-
-def _endpoint(reactor: Any, address: ProviderAddress, connect_timeout: float) -> Any:
-    """A TCP endpoint for ``address``: IPv6 for a v6 literal, else IPv4 (a
-    HostnameEndpoint would try both, and costs ~300 ms on a refused port)."""
-    if isIPv6Address(address.host):
-        return TCP6ClientEndpoint(reactor, address.host, address.port, connect_timeout)
-    return TCP4ClientEndpoint(reactor, address.host, address.port, connect_timeout)
+        return ClientConnection(c.clock, c.options, on_lost=c._connection_lost, on_goaway=c._goaway)
 
 
 class Channel:
     """One persistent connection to one provider, re-dialled with backoff.
 
-    States (``state``):
+    ``state`` is a :class:`ChannelState`, changed only through the one
+    transition table (:data:`TRANSITIONS`, by :class:`ChannelEvent`); the
+    states and what calls do in each are documented on :class:`ChannelState`.
 
-    - ``idle``: no connection and none wanted yet; a call dials.
-    - ``queued``: waiting for the client's dial slot (``max_concurrent_dials``).
-    - ``connecting``: TCP (and TLS) connection under way.
-    - ``proving``: connected, the first PING sent: a connection takes calls
-      only once it has answered a frame (within connect_timeout), so a port
-      that accepts and says nothing, or speaks something else, never does.
-    - ``ready``: proven; calls go to ``protocol``.
-    - ``failed``: the last attempt failed (refused, lost or closed before it was
-      proven, no answer to keepalive pings); calls fail at once with
-      UNAVAILABLE until the redial, which waits ``backoff(failures)``.
-    - ``backoff``: a GOAWAY (idle) ended a connection before it had lasted
-      ``stable_after``: a failed attempt. Calls wait; after
-      ``backoff(failures)`` the channel redials if calls wait, else is idle.
-    - ``draining``: GOAWAY (shutdown): out of rotation, calls in flight finish.
-    - ``overloaded``: GOAWAY (overload): out of rotation for
-      ``backoff(failures)`` (at least ``overload_pause``), then idle: the
-      next call redials.
-    - ``refused``: never dialled (the registry entry asks for what this client
-      refuses, such as TLS off when the client requires it).
-    - ``closed``.
-
-    Calls waiting for a connection wait while queued, connecting, proving or
-    in backoff. Only a connection that ends well resets the backoff: proven,
-    and ended (lost, or GOAWAY for any reason) ``stable_after`` seconds or
-    more after it was made. A proven connection lost sooner, or closed as
-    idle sooner, counts as a failed attempt. A proven connection that is lost
-    is redialled at once, but not again at once if that one is lost quickly
+    Only a connection that ends well resets the backoff: proven, and ended
+    (lost, or GOAWAY for any reason) ``stable_after`` seconds or more after
+    it was made. A proven connection lost sooner, or closed as idle sooner,
+    counts as a failed attempt. A proven connection that is lost is
+    redialled at once, but not again at once if that one is lost quickly
     too. After a GOAWAY the old connection is closed once its calls are done.
     """
 
@@ -110,36 +81,38 @@ class Channel:
         self,
         reactor: Any,
         address: ProviderAddress,
+        options: ClientOptions | None = None,
         *,
-        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
-        connect_timeout: float = 5.0,
         endpoint: Any = None,
-        keepalive_interval: float = 0.0,
-        keepalive_timeout: float = 10.0,
-        tls: ClientTLS | None = None,
-        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
-        backoff: Callable[[int], float] | None = None,
         dials: _DialQueue | None = None,
         resend: Callable[[Channel, GoawayReason, list[TakenBack]], object] | None = None,
         refused: str = "",
+        **settings: Any,
     ) -> None:
-        self.keepalive_interval = keepalive_interval
-        self.keepalive_timeout = keepalive_timeout
-        self.max_write_buffer = max_write_buffer
+        """``options`` (or ClientOptions' keywords as ``settings``) give
+        max_frame_size, connect_timeout, keepalive_interval,
+        keepalive_timeout, tls, max_write_buffer and backoff. ``dials`` is
+        the client's dial queue (None: dial at once); ``resend`` sends calls
+        a GOAWAY took back (default: again on this channel); ``refused``
+        says why this provider must never be dialled."""
+        if options is None:
+            options = ClientOptions()
+        if settings:
+            options = options.replace(**settings)
+        self.options = options
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.address = address
-        self.max_frame_size = max_frame_size
-        self.connect_timeout = connect_timeout
-        self.backoff = backoff or backoff_policy()
+        self.connect_timeout = options.connect_timeout
+        self.backoff = options.backoff
         self._dials = dials
         self._resend = resend or _resend_on
         if endpoint is None and not refused:
-            endpoint = _endpoint(reactor, address, connect_timeout)
-            if tls is not None:
-                endpoint = wrap_client_endpoint(endpoint, tls, address.host)
+            endpoint = _endpoint(reactor, address, options.connect_timeout)
+            if options.tls is not None:
+                endpoint = wrap_client_endpoint(endpoint, options.tls, address.host)
         self.endpoint = endpoint
-        self.state = "refused" if refused else "idle"
+        self.state: ChannelState = ChannelState.REFUSED if refused else ChannelState.IDLE
         self.last_error = refused
         self.protocol: ClientConnection | None = None
         """The proven connection calls go to, while ready."""
@@ -157,6 +130,10 @@ class Channel:
     def __repr__(self) -> str:
         return f"<Channel {self.address} {self.state}>"
 
+    def _to(self, event: ChannelEvent) -> None:
+        """Move to the state the transition table gives for ``event``."""
+        self.state = transition(self.state, event)
+
     @property
     def usable(self) -> bool:
         """Worth routing a call to (ready or about to be)."""
@@ -171,7 +148,7 @@ class Channel:
     @property
     def dialling(self) -> bool:
         """A connection attempt is under way: calls routed here wait for it."""
-        return self.state in _DIALLING
+        return self.state in DIALLING
 
     @property
     def load(self) -> int:
@@ -184,19 +161,19 @@ class Channel:
 
     def connect(self) -> None:
         """Start dialling if idle or failed (then without waiting for the backoff)."""
-        if self.state not in ("idle", "failed"):
+        if self.state != ChannelState.IDLE and self.state != ChannelState.FAILED:
             return
         self._cancel_retry()
-        self.state = "queued"
+        self._to(ChannelEvent.DIAL)
         if self._dials is None:
             self._dial()
         else:
             self._dials.request(self)
 
     def _dial(self) -> None:
-        if self.state != "queued":
+        if self.state != ChannelState.QUEUED:
             return
-        self.state = "connecting"
+        self._to(ChannelEvent.SLOT)
         self._dial_slot = self._dials is not None
         self._attempt = self.endpoint.connect(_ConnectionFactory(self))
         self._attempt.addCallbacks(self._connected, self._connect_failed)
@@ -207,22 +184,50 @@ class Channel:
             assert self._dials is not None
             self._dials.release()
 
+    @overload
     def call(
         self,
         method: MethodInfo,
         request: Message,
         timeout: float | None,
         metadata: Mapping[str, str] | None,
-    ) -> Deferred:
+        wait: Literal[True] = True,
+    ) -> Deferred: ...
+
+    @overload
+    def call(
+        self,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+        wait: bool,
+    ) -> Deferred | None: ...
+
+    def call(
+        self,
+        method: MethodInfo,
+        request: Message,
+        timeout: float | None,
+        metadata: Mapping[str, str] | None,
+        wait: bool = True,
+    ) -> Deferred | None:
+        """Send a call on the ready connection. Else, with ``wait``, dial if
+        idle and send it once connected (within its timeout), or fail it with
+        NotSentError at once if the channel is out of rotation; without
+        ``wait``, return None at once (the client's fast path: it then
+        chooses with failover)."""
         protocol = self.protocol
-        if protocol is not None and protocol.available:
+        if protocol is not None and protocol.state is _OPEN:
             return protocol.call(method, request, timeout, metadata)
+        if not wait:
+            return None
         error = timeout_error(timeout)
         if error is not None:
             return fail(error)
-        if self.state == "idle":
+        if self.state == ChannelState.IDLE:
             self.connect()
-        if self.state not in _DIALLING:
+        if self.state not in DIALLING:
             return fail(NotSentError(message=f"provider {self.address}: {self.last_error}"))
         d = Deferred.fromCoroutine(self._call_when_ready(method, request, timeout, metadata))
         if timeout:
@@ -252,14 +257,14 @@ class Channel:
         else once connected (within its deadline). If it cannot be sent here,
         ``fallback(call, error)`` is called with a NotSentError."""
         protocol = self.protocol
-        if protocol is not None and protocol.available:
+        if protocol is not None and protocol.state is _OPEN:
             error = protocol.resume(call)
             if error is not None:
                 fallback(call, error)
             return
-        if self.state == "idle":
+        if self.state == ChannelState.IDLE:
             self.connect()
-        if self.state not in _DIALLING:
+        if self.state not in DIALLING:
             fallback(call, NotSentError(message=f"provider {self.address}: {self.last_error}"))
             return
         _Parked(self, call, fallback)
@@ -269,7 +274,7 @@ class Channel:
 
         The Deferred fires once they are closed.
         """
-        self.state = "closed"
+        self._to(ChannelEvent.CLOSE)
         self.last_error = "channel closed"
         self._cancel_retry()
         self._release_slot()
@@ -289,10 +294,10 @@ class Channel:
 
     def _connected(self, protocol: ClientConnection) -> None:
         self._attempt = None
-        if self.state == "closed":
+        if self.state == ChannelState.CLOSED:
             protocol.close()
             return
-        self.state = "proving"
+        self._to(ChannelEvent.CONNECTED)
         self._proving = protocol
         d = protocol.ping()
         d.addTimeout(self.connect_timeout, self.clock)
@@ -310,12 +315,12 @@ class Channel:
         protocol.transport.abortConnection()
 
     def _ready(self, protocol: ClientConnection) -> None:
-        if protocol is not self._proving or self.state != "proving":
+        if protocol is not self._proving or self.state != ChannelState.PROVING:
             return
         self._proving = None
         self._release_slot()
         self.protocol = protocol
-        self.state = "ready"
+        self._to(ChannelEvent.PROVEN)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(protocol)
@@ -323,13 +328,13 @@ class Channel:
     def _connect_failed(self, failure: Failure) -> None:
         self._attempt = None
         self._release_slot()
-        if self.state == "closed":
+        if self.state == ChannelState.CLOSED:
             return
         self.last_error = f"cannot connect: {failure.getErrorMessage()}"
         self._failed()
 
     def _failed(self) -> None:
-        self.state = "failed"
+        self._to(ChannelEvent.FAIL)
         self.failures += 1
         self._retry = self.clock.callLater(self.backoff(self.failures), self._redial)
         # Last: a waiter's errback may close this channel, which cancels the retry.
@@ -337,7 +342,7 @@ class Channel:
 
     def _redial(self) -> None:
         self._retry = None
-        if self.state == "failed":
+        if self.state == ChannelState.FAILED:
             self.connect()
 
     def _release_waiters(self) -> None:
@@ -353,12 +358,12 @@ class Channel:
     def _connection_lost(self, protocol: ClientConnection, reason: Failure) -> None:
         if protocol in self._old:
             self._old.discard(protocol)
-            if self.state == "draining" and not self._old:
+            if self.state == ChannelState.DRAINING and not self._old:
                 self._drained()
         elif protocol is self._proving:
             self._proving = None
             self._release_slot()
-            if self.state != "closed":
+            if self.state != ChannelState.CLOSED:
                 if not self.last_error.startswith("no answer to a PING"):
                     self.last_error = (
                         f"connection closed before it answered a PING: {reason.getErrorMessage()}"
@@ -366,9 +371,9 @@ class Channel:
                 self._failed()
         elif protocol is self.protocol:
             self.protocol = None
-            if self.state != "closed":
+            if self.state != ChannelState.CLOSED:
                 self._lost_proven(protocol, reason)
-        if self.state == "closed" and self.protocol is None and self._proving is None:
+        if self.state == ChannelState.CLOSED and self.protocol is None and self._proving is None:
             if not self._old:
                 closed, self._on_closed = self._on_closed, []
                 for d in closed:
@@ -397,7 +402,7 @@ class Channel:
             # Dial again at once (a restarted provider is back quickly), once:
             # if that connection does not last either, the backoff applies.
             self._prompt_redial = False
-            self.state = "idle"
+            self._to(ChannelEvent.LOST)
             self.connect()
         else:
             self._failed()
@@ -411,7 +416,7 @@ class Channel:
     def _goaway(
         self, protocol: ClientConnection, reason: GoawayReason, calls: list[TakenBack]
     ) -> None:
-        if self.state == "closed":
+        if self.state == ChannelState.CLOSED:
             for d, *_ in calls:
                 d.errback(NotSentError(message=f"provider {self.address}: {self.last_error}"))
             return
@@ -428,7 +433,8 @@ class Channel:
             self._old.add(protocol)
             if reason == GoawayReason.IDLE:
                 if well:
-                    self.state = "idle"  # the next call redials, as if nothing happened
+                    # the next call redials, as if nothing happened
+                    self._to(ChannelEvent.GOAWAY_IDLE)
                     if self._waiters:
                         self.connect()
                 else:  # closed as idle as soon as made: not a healthy connection
@@ -436,15 +442,17 @@ class Channel:
                         f"provider said GOAWAY (idle) before the connection had lasted "
                         f"{self.stable_after:g}s"
                     )
-                    self._pause("backoff", self.backoff(self.failures + 1))
+                    self._pause(ChannelEvent.GOAWAY_IDLE_EARLY, self.backoff(self.failures + 1))
             elif reason == GoawayReason.OVERLOAD:
                 self.last_error = "provider is overloaded"
                 pause = self.overload_pause * random.uniform(0.8, 1.2)
-                self._pause("overloaded", max(pause, self.backoff(self.failures + 1)))
+                self._pause(
+                    ChannelEvent.GOAWAY_OVERLOAD, max(pause, self.backoff(self.failures + 1))
+                )
                 self._release_waiters()
             else:
                 self.last_error = "provider is shutting down"
-                self.state = "draining"
+                self._to(ChannelEvent.GOAWAY_SHUTDOWN)
                 self._release_waiters()
         if calls:
             again = []
@@ -464,36 +472,21 @@ class Channel:
             if again:
                 self._resend(self, reason, again)
 
-    def _pause(self, state: str, seconds: float) -> None:
-        """A failed attempt: ``state`` for ``seconds``, then idle (redialled
-        at once only if calls wait)."""
-        self.state = state
+    def _pause(self, event: ChannelEvent, seconds: float) -> None:
+        """A failed attempt: the state ``event`` leads to (backoff or
+        overloaded) for ``seconds``, then idle (redialled at once only if
+        calls wait)."""
+        self._to(event)
         self.failures += 1
         self._cancel_retry()
-        self._retry = self.clock.callLater(seconds, self._pause_over, state)
+        self._retry = self.clock.callLater(seconds, self._pause_over, self.state)
 
-    def _pause_over(self, state: str) -> None:
+    def _pause_over(self, state: ChannelState) -> None:
         self._retry = None
         if self.state == state:
-            self.state = "idle"
+            self._to(ChannelEvent.PAUSE_OVER)
             if self._waiters:
                 self.connect()
-
-
-_USABLE = frozenset(("ready", "idle", "queued", "connecting", "proving", "backoff"))
-
-
-_READY = frozenset(("ready", "idle"))
-
-
-_DIALLING = frozenset(("queued", "connecting", "proving", "backoff"))
-
-
-def _resend_on(channel: Channel, reason: GoawayReason, calls: list[TakenBack]) -> None:
-    """Send calls a GOAWAY took back again on the same channel (a standalone
-    channel's way; a Client sends them to another provider when it can)."""
-    for call in calls:
-        channel.resume(call, _not_sent)
 
 
 def _deadline_exceeded(result: object, timeout: float) -> Failure:

@@ -5,7 +5,7 @@ discovery gives, fails over, runs the client interceptors and builds proxies.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any
 
@@ -19,20 +19,15 @@ from twisted_rpc.client._balancer import Balancer, RoundRobin, balancer_named
 from twisted_rpc.client._channel import Channel
 from twisted_rpc.client._config import load_consumer_config
 from twisted_rpc.client._connection import (
-    DEFAULT_MAX_WRITE_BUFFER,
     NotSentError,
     TakenBack,
     timeout_error,
 )
-from twisted_rpc.client._dials import (
-    DEFAULT_MAX_CONCURRENT_DIALS,
-    DEFAULT_MAX_DIALS_PER_SECOND,
-    _DialQueue,
-    backoff_policy,
-)
+from twisted_rpc.client._dials import _DialQueue
+from twisted_rpc.client._options import ClientOptions
 from twisted_rpc.client._parked import _not_sent
 from twisted_rpc.client._proxy import ServiceProxy
-from twisted_rpc.core import _codec as wire
+from twisted_rpc.client._states import ChannelState
 from twisted_rpc.core._codec import GoawayReason
 from twisted_rpc.core._interfaces import IClientInterceptor, IServiceDiscovery
 from twisted_rpc.core._service import (
@@ -81,6 +76,9 @@ class _ServiceRoute:
 BalancerChoice = str | type[Balancer] | None
 
 
+_DEFAULT_OPTIONS = ClientOptions()
+
+
 def _make_balancer(choice: BalancerChoice) -> Balancer:
     if choice is None:
         return RoundRobin()
@@ -105,34 +103,22 @@ class Client:
     def __init__(
         self,
         reactor: Any = None,
+        options: ClientOptions | None = None,
         *,
         providers: Mapping[str, Iterable[str]] | None = None,
         discovery: IServiceDiscovery | None = None,
         interceptors: Sequence[IClientInterceptor] = (),
-        timeout: float | None = None,
-        balancer: BalancerChoice = None,
-        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
-        connect_timeout: float = 5.0,
-        retire_grace: float = 60.0,
-        keepalive_interval: float = 0.0,
-        keepalive_timeout: float = 10.0,
-        tls: ClientTLS | None = None,
-        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
-        max_concurrent_dials: int = DEFAULT_MAX_CONCURRENT_DIALS,
-        max_dials_per_second: float = DEFAULT_MAX_DIALS_PER_SECOND,
-        backoff: Callable[[int], float] | None = None,
+        **settings: Any,
     ) -> None:
-        error = timeout_error(timeout)
-        if error is not None:
-            raise error
-        if isinstance(max_concurrent_dials, bool) or not isinstance(max_concurrent_dials, int):
-            raise TypeError(f"max_concurrent_dials must be an int, not {max_concurrent_dials!r}")
-        if max_concurrent_dials < 1:
-            raise ValueError(f"max_concurrent_dials must be at least 1, not {max_concurrent_dials}")
-        if not isinstance(max_dials_per_second, (int, float)) or not (
-            0 < max_dials_per_second < float("inf")
-        ):
-            raise ValueError(f"max_dials_per_second must be positive, not {max_dials_per_second!r}")
+        """``options``: a :class:`ClientOptions`; ``settings``: its fields
+        as keywords (``timeout=2``, ``balancer="least_outstanding"``...),
+        which build one (over ``options`` if given too)."""
+        if options is None:
+            options = ClientOptions(**settings) if settings else _DEFAULT_OPTIONS
+        elif settings:
+            options = options.replace(**settings)
+        elif not isinstance(options, ClientOptions):
+            raise TypeError(f"options must be a ClientOptions, not {options!r}")
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
@@ -141,23 +127,18 @@ class Client:
             discovery = StaticRegistry(providers or {})
         elif providers is not None:
             raise TypeError("give providers or discovery, not both")
+        self.options = options
         self.reactor = reactor
         self.discovery = discovery
         self.interceptors = list(interceptors)
-        self.timeout = timeout
-        self.balancer = balancer
-        _make_balancer(balancer)  # fail now on an unknown name
-        self.max_frame_size = max_frame_size
-        self.connect_timeout = connect_timeout
-        self.retire_grace = retire_grace
-        self.keepalive_interval = keepalive_interval
-        self.keepalive_timeout = keepalive_timeout
-        self.tls = tls
-        self.max_write_buffer = max_write_buffer
-        self.max_concurrent_dials = max_concurrent_dials
-        self.backoff = backoff or backoff_policy()
-        self.max_dials_per_second = max_dials_per_second
-        self._dials = _DialQueue(reactor, max_concurrent_dials, max_dials_per_second)
+        self.timeout = options.timeout
+        self.balancer = options.balancer
+        self.connect_timeout = options.connect_timeout
+        self.retire_grace = options.retire_grace
+        self.tls = options.tls
+        self._dials = _DialQueue(
+            reactor, options.max_concurrent_dials, options.max_dials_per_second
+        )
         self.channels: dict[str, Channel] = {}
         self._routes: dict[str, _ServiceRoute] = {}
         self._unsubscribe: list[Callable[[], object]] = []
@@ -168,20 +149,16 @@ class Client:
 
     @classmethod
     def from_config(cls, path: str, reactor: Any = None, **kw: Any) -> Client:
-        """A client configured by a consumer ini file (see docs/config.md)."""
+        """A client configured by a consumer ini file (see docs/config.md);
+        ClientOptions' fields as keywords override what the file says;
+        ``interceptors`` may be given too."""
         config = load_consumer_config(path)
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
-        kw.setdefault("timeout", config.timeout)
-        kw.setdefault("balancer", config.balancer)
-        kw.setdefault("keepalive_interval", config.keepalive_interval)
-        kw.setdefault("keepalive_timeout", config.keepalive_timeout)
-        kw.setdefault("max_write_buffer", config.max_write_buffer)
-        kw.setdefault("tls", config.tls)
-        kw.setdefault("max_concurrent_dials", config.max_concurrent_dials)
-        kw.setdefault("max_dials_per_second", config.max_dials_per_second)
+        names = {f.name for f in fields(ClientOptions)}
+        options = config.options.replace(**{k: kw.pop(k) for k in list(kw) if k in names})
         if config.registry.kind == "zookeeper":
             from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
 
@@ -197,12 +174,7 @@ class Client:
             kw["providers"] = {
                 name: [str(a) for a in addrs] for name, addrs in config.providers.items()
             }
-        return cls(
-            reactor,
-            max_frame_size=config.max_frame_size,
-            connect_timeout=config.connect_timeout,
-            **kw,
-        )
+        return cls(reactor, options, **kw)
 
     def proxy(
         self,
@@ -251,13 +223,13 @@ class Client:
         if self.interceptors:
             call = ClientCall(method, timeout, dict(metadata or {}), idempotent, balancer)
             return self._invoke(call, request)
-        # The hot path, kept flat: a ready connection to the provider picked.
+        # The hot path, kept flat: the provider picked, if its channel is ready.
         route = self._routes.get(method.service) or self._route(method.service)
         channel = (balancer or route.balancer).pick(route.channels)
         if channel is not None and not idempotent:
-            protocol = channel.protocol
-            if protocol is not None and protocol.available:
-                return protocol.call(method, request, timeout, metadata)
+            d = channel.call(method, request, timeout, metadata, False)
+            if d is not None:
+                return d
         return self._send_to(method, request, timeout, metadata, idempotent, balancer, channel)
 
     def _send(self, call: ClientCall, request: Message) -> Deferred:
@@ -291,9 +263,10 @@ class Client:
                     )
                 )
             return fail(NotSentError(message=f"no provider of {method.service}"))
-        protocol = channel.protocol
-        if protocol is not None and protocol.available and not idempotent:
-            return protocol.call(method, request, timeout, metadata)
+        if not idempotent:
+            d = channel.call(method, request, timeout, metadata, False)
+            if d is not None:
+                return d
         return Deferred.fromCoroutine(
             self._failover(route, balancer, channel, method, request, timeout, metadata, idempotent)
         )
@@ -407,23 +380,21 @@ class Client:
     def _channel(self, address: ProviderAddress) -> Channel:
         check_address(address)
         channel = self.channels.get(address.key)
-        if channel is not None and channel.state == "refused":
+        if channel is not None and channel.state == ChannelState.REFUSED:
             if self._refusal(address) != channel.last_error:
                 channel = None  # what the registry says changed: build it again
         if channel is None:
             refused = self._refusal(address)
             if refused:
                 log.error("not dialling {address}: {why}", address=address, why=refused)
+            options = self.options
+            tls = None if refused else self._tls_for(address)
+            if tls is not options.tls:
+                options = options.replace(tls=tls)
             channel = Channel(
                 self.reactor,
                 address,
-                max_frame_size=self.max_frame_size,
-                connect_timeout=self.connect_timeout,
-                keepalive_interval=self.keepalive_interval,
-                keepalive_timeout=self.keepalive_timeout,
-                tls=None if refused else self._tls_for(address),
-                max_write_buffer=self.max_write_buffer,
-                backoff=self.backoff,
+                options,
                 dials=self._dials,
                 resend=self._resend,
                 refused=refused,

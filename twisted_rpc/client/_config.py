@@ -4,11 +4,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from twisted_rpc.client._balancer import balancer_named
-from twisted_rpc.client._connection import DEFAULT_MAX_WRITE_BUFFER, timeout_error
 from twisted_rpc.client._dials import DEFAULT_MAX_CONCURRENT_DIALS, DEFAULT_MAX_DIALS_PER_SECOND
+from twisted_rpc.client._options import DEFAULT_MAX_WRITE_BUFFER, ClientOptions, timeout_error
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._ini import REGISTRY_KEYS, ConfigError, Reader, RegistryConfig
 from twisted_rpc.core._tls import ClientTLS
@@ -19,21 +20,22 @@ __all__ = ["ConsumerConfig", "load_consumer_config"]
 
 @dataclass
 class ConsumerConfig:
-    """What a consumer ini file says (see :func:`load_consumer_config`)."""
+    """What a consumer ini file says (see :func:`load_consumer_config`): the
+    client's settings as ``options`` (also readable as attributes,
+    ``config.timeout``), the providers it lists and its registry."""
 
     path: str
-    timeout: float | None = None
-    connect_timeout: float = 5.0
-    max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE
-    balancer: str = "round_robin"
-    keepalive_interval: float = 0.0
-    keepalive_timeout: float = 10.0
-    max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER
-    max_concurrent_dials: int = DEFAULT_MAX_CONCURRENT_DIALS
-    max_dials_per_second: float = DEFAULT_MAX_DIALS_PER_SECOND
-    tls: ClientTLS | None = None
+    options: ClientOptions = field(default_factory=ClientOptions)
     providers: dict[str, list[ProviderAddress]] = field(default_factory=dict)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _OPTION_NAMES:
+            return getattr(self.options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+_OPTION_NAMES = frozenset(f.name for f in fields(ClientOptions))
 
 
 _CONSUMER_KEYS = {
@@ -78,28 +80,33 @@ def load_consumer_config(path: str) -> ConsumerConfig:
         balancer_named(balancer)
     except ValueError as e:
         raise ConfigError(f"{path}: [consumer] balancer: {e}") from None
-    return ConsumerConfig(
-        path=path,
-        timeout=timeout or None,
-        connect_timeout=r.number("consumer", "connect_timeout", 5.0, minimum=0.001),
-        max_frame_size=r.number("consumer", "max_frame_size", wire.DEFAULT_MAX_FRAME_SIZE, int, 64),
-        balancer=balancer,
-        keepalive_interval=r.number("consumer", "keepalive_interval", 0.0),
-        keepalive_timeout=r.number("consumer", "keepalive_timeout", 10.0, minimum=0.001),
-        max_write_buffer=r.number("consumer", "max_write_buffer", DEFAULT_MAX_WRITE_BUFFER, int, 0),
-        max_concurrent_dials=r.number(
-            "consumer", "max_concurrent_dials", DEFAULT_MAX_CONCURRENT_DIALS, int, 1
-        ),
-        max_dials_per_second=r.number(
-            "consumer", "max_dials_per_second", DEFAULT_MAX_DIALS_PER_SECOND, float, 0.001
-        ),
-        tls=ClientTLS(
-            r.get("tls", "ca", "") or "",
-            r.get("tls", "certificate", "") or "",
-            r.get("tls", "private_key", "") or "",
+    try:
+        options = ClientOptions(
+            timeout=timeout or None,
+            balancer=balancer,
+            connect_timeout=r.number("consumer", "connect_timeout", 5.0, minimum=0.001),
+            max_frame_size=r.number(
+                "consumer", "max_frame_size", wire.DEFAULT_MAX_FRAME_SIZE, int, 64
+            ),
+            keepalive_interval=r.number("consumer", "keepalive_interval", 0.0),
+            keepalive_timeout=r.number("consumer", "keepalive_timeout", 10.0, minimum=0.001),
+            max_write_buffer=r.number(
+                "consumer", "max_write_buffer", DEFAULT_MAX_WRITE_BUFFER, int, 0
+            ),
+            max_concurrent_dials=r.number(
+                "consumer", "max_concurrent_dials", DEFAULT_MAX_CONCURRENT_DIALS, int, 1
+            ),
+            max_dials_per_second=r.number(
+                "consumer", "max_dials_per_second", DEFAULT_MAX_DIALS_PER_SECOND, float, 0.001
+            ),
+            tls=ClientTLS(
+                r.get("tls", "ca", "") or "",
+                r.get("tls", "certificate", "") or "",
+                r.get("tls", "private_key", "") or "",
+            )
+            if r.parser.has_section("tls")
+            else None,
         )
-        if r.parser.has_section("tls")
-        else None,
-        providers=providers,
-        registry=r.registry(),
-    )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: [consumer] {e}") from None
+    return ConsumerConfig(path=path, options=options, providers=providers, registry=r.registry())

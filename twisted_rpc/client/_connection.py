@@ -13,6 +13,13 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from twisted_rpc.client._options import (  # noqa: F401 (also imported from here)
+    DEFAULT_MAX_WRITE_BUFFER,
+    MAX_TIMEOUT,
+    ClientOptions,
+    timeout_error,
+)
+from twisted_rpc.client._states import ConnectionState
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameKind, GoawayReason
 from twisted_rpc.core._connection import LARGE_PAYLOAD, RpcConnection
@@ -28,14 +35,6 @@ from twisted_rpc.core._status import (
     UnavailableError,
 )
 
-DEFAULT_MAX_WRITE_BUFFER = 256 * 1024 * 1024
-"""Bytes of calls a connection holds unsent before new calls fail RESOURCE_EXHAUSTED."""
-
-
-MAX_TIMEOUT = 0xFFFFFFFF / 1000
-"""The longest call timeout in seconds: the wire carries it as u32 milliseconds."""
-
-
 MAX_RESENDS = 1
 """Times a call is sent again after a GOAWAY showed it was never run. Past
 it the call fails with NotSentError: a provider that says GOAWAY to every
@@ -47,15 +46,8 @@ GOAWAY_CLOSE_GRACE = 10.0
 flush; then it is aborted (a peer that does not read)."""
 
 
-def timeout_error(timeout: object) -> ValueError | None:
-    """Why ``timeout`` is not a call timeout (None, or 0 to MAX_TIMEOUT seconds), or None."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        return ValueError(f"timeout must be a number of seconds or None, not {timeout!r}")
-    if not 0 <= timeout <= MAX_TIMEOUT:  # also false for nan
-        return ValueError(f"timeout must be between 0 and {MAX_TIMEOUT:g} seconds, not {timeout!r}")
-    return None
+_DEFAULT_OPTIONS = ClientOptions()
+_OPEN = ConnectionState.OPEN
 
 
 class NotSentError(UnavailableError):
@@ -99,28 +91,33 @@ class ClientConnection(RpcConnection):
     def __init__(
         self,
         clock: IReactorTime,
-        max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE,
+        options: ClientOptions | None = None,
+        *,
         on_lost: Callable[[ClientConnection, Failure], object] | None = None,
         on_goaway: Callable[[ClientConnection, GoawayReason, list[TakenBack]], object]
         | None = None,
-        keepalive_interval: float = 0.0,
-        keepalive_timeout: float = 10.0,
-        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+        **settings: Any,
     ) -> None:
-        super().__init__(clock, max_frame_size)
-        self.keepalive_interval = keepalive_interval
-        self.keepalive_timeout = keepalive_timeout
-        self.max_write_buffer = max_write_buffer
-        self.pong_abort_bytes = max_write_buffer
+        """``options`` (or ClientOptions' keywords as ``settings``) give
+        max_frame_size, keepalive_interval, keepalive_timeout and
+        max_write_buffer."""
+        if options is None:
+            options = _DEFAULT_OPTIONS
+        if settings:
+            options = options.replace(**settings)
+        super().__init__(clock, options.max_frame_size)
+        self.options = options
+        self.keepalive_interval = options.keepalive_interval
+        self.keepalive_timeout = options.keepalive_timeout
+        self.max_write_buffer = options.max_write_buffer
+        self.pong_abort_bytes = options.max_write_buffer
         self._written_while_blocked = 0
-        self.keepalive_failed = False
         self._keepalive: Any = None
         self.outstanding: dict[int, TakenBack] = {}
         self.deadlines = DeadlineQueue(clock, self.outstanding, self._deadline_expired)
-        self.goaway_received = False
         self.goaway_reason: GoawayReason | None = None
-        self.available = False
-        """True while new calls may be sent here (connected, no GOAWAY)."""
+        self.state = ConnectionState.NEW
+        """A :class:`ConnectionState`: calls are sent only while ``open``."""
         self.made_at = 0.0
         """When the connection was made (clock seconds)."""
         self._next_id = 1
@@ -135,7 +132,7 @@ class ClientConnection(RpcConnection):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.made_at = self.clock.seconds()
-        self.available = True
+        self.state = ConnectionState.OPEN
         if self.keepalive_interval > 0:
             self._keepalive = self.clock.callLater(self.keepalive_interval, self._send_keepalive)
 
@@ -154,7 +151,7 @@ class ClientConnection(RpcConnection):
 
     def _keepalive_missed(self, failure: Failure) -> None:
         if self.connected:
-            self.keepalive_failed = True
+            self.state = ConnectionState.UNRESPONSIVE
             self.log.warn(
                 "no answer to a keepalive ping from {peer} in {t:g}s: closing the connection",
                 peer=self.peer,
@@ -190,9 +187,8 @@ class ClientConnection(RpcConnection):
             timeout != 0 or (type(timeout) is not float and type(timeout) is not int)
         ):
             return fail(timeout_error(timeout) or ValueError(f"bad timeout {timeout!r}"))
-        if not self.available:
-            why = "provider is shutting down" if self.goaway_received else "not connected"
-            return fail(NotSentError(message=f"{self.peer}: {why}"))
+        if self.state is not _OPEN:
+            return fail(self._not_open())
         try:
             payload = request.SerializeToString()
         except Exception as e:
@@ -243,9 +239,8 @@ class ClientConnection(RpcConnection):
         or None: sent, or ended (its deadline passed, the buffer is full).
         """
         d, method, payload, metadata, deadline = call
-        if not self.available:
-            why = "provider is shutting down" if self.goaway_received else "not connected"
-            return NotSentError(message=f"{self.peer}: {why}")
+        if self.state is not _OPEN:
+            return self._not_open()
         timeout_ms = 0
         if deadline:
             left = deadline - self.clock.seconds()
@@ -277,6 +272,25 @@ class ClientConnection(RpcConnection):
             self.deadlines.add(deadline, call_id)
         self.send(header, payload)
         return None
+
+    @property
+    def available(self) -> bool:
+        """Whether new calls may be sent here (open: connected, no GOAWAY)."""
+        return self.state is _OPEN
+
+    @property
+    def goaway_received(self) -> bool:
+        """Whether the provider said GOAWAY on this connection."""
+        return self.goaway_reason is not None
+
+    @property
+    def keepalive_failed(self) -> bool:
+        """Whether the connection was aborted for an unanswered keepalive PING."""
+        return self.state is ConnectionState.UNRESPONSIVE
+
+    def _not_open(self) -> NotSentError:
+        why = "provider is shutting down" if self.goaway_reason is not None else "not connected"
+        return NotSentError(message=f"{self.peer}: {why}")
 
     def _over_write_buffer(self, size: int) -> bool:
         """Whether ``size`` more bytes would pass max_write_buffer.
@@ -344,8 +358,8 @@ class ClientConnection(RpcConnection):
         They are taken out of this connection and handed to ``on_goaway`` to
         be sent again (a late UNAVAILABLE answer to one of them is ignored).
         """
-        self.goaway_received = True
-        self.available = False
+        if self.state is _OPEN:
+            self.state = ConnectionState.GOAWAY
         try:
             reason = GoawayReason(status)
         except ValueError:
@@ -415,19 +429,20 @@ class ClientConnection(RpcConnection):
         if self.connected:
             self.send(wire.encode_cancel(call_id))
         d.errback(CancelledError(message="cancelled by the caller"))
-        if self.goaway_received:
+        if self.goaway_reason is not None:
             self._close_if_done()
 
     def _deadline_expired(self, call_id: int) -> None:
         entry = self.outstanding.pop(call_id, None)
         if entry is not None:
             entry[0].errback(DeadlineExceededError(message="deadline exceeded"))
-            if self.goaway_received:
+            if self.goaway_reason is not None:
                 self._close_if_done()
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
-        self.available = False
+        if self.state is not ConnectionState.UNRESPONSIVE:
+            self.state = ConnectionState.CLOSED
         if self._keepalive is not None and self._keepalive.active():
             self._keepalive.cancel()
         self._keepalive = None

@@ -9,10 +9,15 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.abstract import isIPv6Address
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IReactorTime
+
+from twisted_rpc.client._states import ChannelState
 
 if TYPE_CHECKING:
     from twisted_rpc.client._channel import Channel
+    from twisted_rpc.discovery._types import ProviderAddress
 
 
 DEFAULT_MAX_CONCURRENT_DIALS = 32
@@ -85,7 +90,7 @@ class _DialQueue:
                 self._tokens -= 1
 
     def _start(self, channel: Channel) -> bool:
-        if channel.state != "queued":
+        if channel.state != ChannelState.QUEUED:
             return False  # closed (or dialled another way) meanwhile
         self.active += 1
         channel._dial()
@@ -101,3 +106,11 @@ class _DialQueue:
         if self._later is not None and self._later.active():
             self._later.cancel()
         self._later = None
+
+
+def _endpoint(reactor: Any, address: ProviderAddress, connect_timeout: float) -> Any:
+    """A TCP endpoint for ``address``: IPv6 for a v6 literal, else IPv4 (a
+    HostnameEndpoint would try both, and costs ~300 ms on a refused port)."""
+    if isIPv6Address(address.host):
+        return TCP6ClientEndpoint(reactor, address.host, address.port, connect_timeout)
+    return TCP4ClientEndpoint(reactor, address.host, address.port, connect_timeout)

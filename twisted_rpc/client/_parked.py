@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from twisted_rpc.client._connection import ClientConnection, NotSentError, TakenBack, _Call
+from twisted_rpc.core._codec import GoawayReason
 from twisted_rpc.core._status import CancelledError, DeadlineExceededError, RpcError
 
 if TYPE_CHECKING:
@@ -84,3 +85,10 @@ def _not_sent(call: TakenBack, error: RpcError) -> None:
     d = call[0]
     d.holder = None
     d.errback(error)
+
+
+def _resend_on(channel: Channel, reason: GoawayReason, calls: list[TakenBack]) -> None:
+    """Send calls a GOAWAY took back again on the same channel (a standalone
+    channel's way; a Client sends them to another provider when it can)."""
+    for call in calls:
+        channel.resume(call, _not_sent)

@@ -835,7 +835,7 @@ def test_consumer_settings_from_the_ini_file(tmp_path):
     )
     assert load_consumer_config(str(path)).max_concurrent_dials == 4
     client = Client.from_config(str(path), MemoryReactorClock())
-    assert (client.max_concurrent_dials, client.max_dials_per_second) == (4, 20)
+    assert (client.options.max_concurrent_dials, client.options.max_dials_per_second) == (4, 20)
     for bad, why in [("timeout = inf", "timeout"), ("max_concurrent_dials = 0", "at least 1")]:
         path.write_text(f"[consumer]\n{bad}\n")
         with pytest.raises(ConfigError, match=why):

@@ -1,0 +1,127 @@
+"""Every client setting and its default in one place: :class:`ClientOptions`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
+
+from twisted_rpc.client._balancer import balancer_named
+from twisted_rpc.client._dials import (
+    DEFAULT_MAX_CONCURRENT_DIALS,
+    DEFAULT_MAX_DIALS_PER_SECOND,
+    backoff_policy,
+)
+from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._tls import ClientTLS
+
+if TYPE_CHECKING:
+    from twisted_rpc.client._balancer import Balancer
+
+__all__ = ["DEFAULT_MAX_WRITE_BUFFER", "MAX_TIMEOUT", "ClientOptions", "timeout_error"]
+
+
+DEFAULT_MAX_WRITE_BUFFER = 256 * 1024 * 1024
+"""Bytes of calls a connection holds unsent before new calls fail RESOURCE_EXHAUSTED."""
+
+
+MAX_TIMEOUT = 0xFFFFFFFF / 1000
+"""The longest call timeout in seconds: the wire carries it as u32 milliseconds."""
+
+
+def timeout_error(timeout: object) -> ValueError | None:
+    """Why ``timeout`` is not a call timeout (None, or 0 to MAX_TIMEOUT seconds), or None."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        return ValueError(f"timeout must be a number of seconds or None, not {timeout!r}")
+    if not 0 <= timeout <= MAX_TIMEOUT:  # also false for nan
+        return ValueError(f"timeout must be between 0 and {MAX_TIMEOUT:g} seconds, not {timeout!r}")
+    return None
+
+
+_DEFAULT_BACKOFF = backoff_policy()
+
+
+def _number(name: str, value: object, kind: type, minimum: float, above: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        what = "a number" if kind is float else "an int"
+        raise TypeError(f"{name} must be {what}, not {value!r}")
+    if not math.isfinite(value) or value < minimum or (above and value == minimum):
+        bound = f"more than {minimum:g}" if above else f"at least {minimum:g}"
+        raise ValueError(f"{name} must be finite and {bound}, not {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientOptions:
+    """Every setting of a :class:`~twisted_rpc.client.Client` (and of its
+    channels and connections), with its default; checked when built (a
+    wrong type: TypeError, a value out of range: ValueError).
+
+    ``Client(reactor, options)`` takes one; ``Client(reactor, timeout=2,
+    ...)`` builds one from keywords; a consumer ini file's ``[consumer]``
+    and ``[tls]`` sections build one (``docs/config.md``). Change one with
+    :meth:`replace`.
+    """
+
+    timeout: float | None = None
+    """Default call timeout in seconds (None: none), up to MAX_TIMEOUT."""
+    balancer: str | type[Balancer] | None = None
+    """``round_robin`` (None), ``weighted_random``, ``least_outstanding`` or a Balancer class."""
+    max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE
+    """Largest frame read from a provider (at least 64 bytes)."""
+    connect_timeout: float = 5.0
+    """Seconds to connect, and for a new connection to answer its first PING."""
+    retire_grace: float = 60.0
+    """Seconds a provider discovery no longer lists keeps its connection for calls in flight."""
+    keepalive_interval: float = 0.0
+    """Seconds between keepalive PINGs on a connection (0: none)."""
+    keepalive_timeout: float = 10.0
+    """Seconds a keepalive PING has to be answered before the connection is aborted."""
+    tls: ClientTLS | None = None
+    """Dial providers over TLS with these settings (None: cleartext unless a
+    registration asks for TLS)."""
+    max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER
+    """Bytes of calls a connection holds unsent before new calls fail RESOURCE_EXHAUSTED."""
+    max_concurrent_dials: int = DEFAULT_MAX_CONCURRENT_DIALS
+    """Connection attempts (connect and first PING) in progress at once (at least 1)."""
+    max_dials_per_second: float = DEFAULT_MAX_DIALS_PER_SECOND
+    """Redials started per second at most, past a burst of max_concurrent_dials."""
+    backoff: Callable[[int], float] = _DEFAULT_BACKOFF
+    """Failed attempts in a row -> seconds before the next (the signature of
+    Twisted's ``backoffPolicy``); default :func:`backoff_policy`: 0.1 s
+    doubling up to 5 s, +- 20 %."""
+
+    def __post_init__(self) -> None:
+        error = timeout_error(self.timeout)
+        if error is not None:
+            raise error
+        if self.balancer is not None and not isinstance(self.balancer, type):
+            if not isinstance(self.balancer, str):
+                raise TypeError(f"balancer must be a name or a Balancer class: {self.balancer!r}")
+            balancer_named(self.balancer)  # ValueError on an unknown name
+        _number("max_frame_size", self.max_frame_size, int, 64)
+        _number("connect_timeout", self.connect_timeout, float, 0, above=True)
+        _number("retire_grace", self.retire_grace, float, 0)
+        _number("keepalive_interval", self.keepalive_interval, float, 0)
+        _number("keepalive_timeout", self.keepalive_timeout, float, 0, above=True)
+        if self.tls is not None and not isinstance(self.tls, ClientTLS):
+            raise TypeError(f"tls must be a ClientTLS or None, not {self.tls!r}")
+        _number("max_write_buffer", self.max_write_buffer, int, 0)
+        _number("max_concurrent_dials", self.max_concurrent_dials, int, 1)
+        _number("max_dials_per_second", self.max_dials_per_second, float, 0, above=True)
+        if self.backoff is None:  # what Client(backoff=None) always meant
+            object.__setattr__(self, "backoff", _DEFAULT_BACKOFF)
+        if not callable(self.backoff):
+            raise TypeError(f"backoff must be callable (failures -> seconds): {self.backoff!r}")
+
+    def replace(self, **changes: Any) -> ClientOptions:
+        """A copy with ``changes`` (checked the same way)."""
+        unknown = set(changes) - _NAMES
+        if unknown:
+            raise TypeError(f"unknown client option(s): {', '.join(sorted(unknown))}")
+        return replace(self, **changes)
+
+
+_NAMES = frozenset(f.name for f in fields(ClientOptions))
