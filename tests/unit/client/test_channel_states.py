@@ -131,7 +131,7 @@ def test_connection_unresponsive_stays_so_once_lost() -> None:
 def test_client_call_goes_through_channel_call(monkeypatch) -> None:
     from protos import echo_pb2
     from twisted_rpc import Client
-    from twisted_rpc.core._service import describe
+    from twisted_rpc.core import describe
 
     service = describe(echo_pb2.DESCRIPTOR.services_by_name["EchoService"])
     method = service.methods["Echo"]

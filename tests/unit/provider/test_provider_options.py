@@ -13,9 +13,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.testing import MemoryReactorClock
 
 from testbed.echo_service import EchoService
-from twisted_rpc import ProviderOptions, ProviderService, ServerLimits
-from twisted_rpc.core._ini import ConfigError
-from twisted_rpc.discovery._types import ProviderAddress
+from twisted_rpc import ConfigError, ProviderAddress, ProviderOptions, ProviderService, ServerLimits
 from twisted_rpc.provider import load_provider_config
 from twisted_rpc.provider._options import check_server_endpoint
 from twisted_rpc.provider._service import Drainable
