@@ -31,9 +31,9 @@ from twisted_rpc.client._balancer import (
 from twisted_rpc.client._channel import Channel
 from twisted_rpc.client._client import Client, ClientCall
 from twisted_rpc.client._config import ConsumerConfig, load_consumer_config
-from twisted_rpc.client._connection import MAX_TIMEOUT, ClientConnection, NotSentError
+from twisted_rpc.client._connection import ClientConnection, NotSentError
 from twisted_rpc.client._dials import backoff_policy
-from twisted_rpc.client._options import ClientOptions
+from twisted_rpc.client._options import MAX_TIMEOUT, ClientOptions
 from twisted_rpc.client._proxy import ServiceProxy
 from twisted_rpc.client._states import (
     ChannelEvent,

@@ -14,12 +14,22 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 __all__ = ["Balancer", "LeastOutstanding", "RoundRobin", "WeightedRandom", "balancer_named"]
 
 
+class _Weighted(Protocol):
+    @property
+    def weight(self) -> int: ...
+
+
 class _Channel(Protocol):
+    """What a balancer sees of a channel."""
+
+    @property
+    def address(self) -> _Weighted: ...
+
     @property
     def usable(self) -> bool: ...
 
@@ -33,16 +43,20 @@ class _Channel(Protocol):
     def load(self) -> int: ...
 
 
+_C = TypeVar("_C", bound=_Channel)
+"""The channels' type: a balancer returns one of those it is given."""
+
+
 class Balancer:
     """Base: ``pick(channels, exclude)`` returns a channel, or None if there is none."""
 
     name = ""
 
-    def pick(self, channels: Sequence[_Channel], exclude: Sequence[object] = ()) -> _Channel | None:
+    def pick(self, channels: Sequence[_C], exclude: Sequence[object] = ()) -> _C | None:
         raise NotImplementedError
 
     @staticmethod
-    def _candidates(channels: Sequence[_Channel], exclude: Sequence[object]) -> list[_Channel]:
+    def _candidates(channels: Sequence[_C], exclude: Sequence[object]) -> list[_C]:
         """The channels of the best tier: ready, else dialling, else usable, else any."""
         rest = [c for c in channels if c not in exclude] if exclude else list(channels)
         ready = [c for c in rest if c.ready]
@@ -60,7 +74,7 @@ class RoundRobin(Balancer):
     def __init__(self) -> None:
         self._next = 0
 
-    def pick(self, channels: Sequence[_Channel], exclude: Sequence[object] = ()) -> _Channel | None:
+    def pick(self, channels: Sequence[_C], exclude: Sequence[object] = ()) -> _C | None:
         count = len(channels)
         if count <= 1 and not exclude:
             return channels[0] if count else None  # usable or not, it is the only one
@@ -97,11 +111,11 @@ class WeightedRandom(Balancer):
     def __init__(self, rng: random.Random | None = None) -> None:
         self._random = rng or random.Random()
 
-    def pick(self, channels: Sequence[_Channel], exclude: Sequence[object] = ()) -> _Channel | None:
+    def pick(self, channels: Sequence[_C], exclude: Sequence[object] = ()) -> _C | None:
         candidates = self._candidates(channels, exclude)
         if not candidates:
             return None
-        weights = [max(0, c.address.weight) for c in candidates]  # type: ignore[attr-defined]
+        weights = [max(0, c.address.weight) for c in candidates]
         if not any(weights):
             return self._random.choice(candidates)
         return self._random.choices(candidates, weights)[0]
@@ -115,7 +129,7 @@ class LeastOutstanding(Balancer):
     def __init__(self, rng: random.Random | None = None) -> None:
         self._random = rng or random.Random()
 
-    def pick(self, channels: Sequence[_Channel], exclude: Sequence[object] = ()) -> _Channel | None:
+    def pick(self, channels: Sequence[_C], exclude: Sequence[object] = ()) -> _C | None:
         candidates = self._candidates(channels, exclude)
         if len(candidates) < 2:
             return candidates[0] if candidates else None

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 
 from google.protobuf.message import Message
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProtocol,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,10 +26,9 @@ from twisted_rpc.client._connection import (
     ClientConnection,
     NotSentError,
     TakenBack,
-    timeout_error,
 )
-from twisted_rpc.client._dials import _DialQueue, _endpoint
-from twisted_rpc.client._options import ClientOptions
+from twisted_rpc.client._dials import ClientReactor, _DialQueue, _endpoint
+from twisted_rpc.client._options import ClientOptions, timeout_error
 from twisted_rpc.client._parked import _Parked, _resend_on
 from twisted_rpc.client._states import (
     _READY,
@@ -79,11 +83,11 @@ class Channel:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: ClientReactor,
         address: ProviderAddress,
         options: ClientOptions | None = None,
         *,
-        endpoint: Any = None,
+        endpoint: IStreamClientEndpoint | None = None,
         dials: _DialQueue | None = None,
         resend: Callable[[Channel, GoawayReason, list[TakenBack]], object] | None = None,
         refused: str = "",
@@ -101,7 +105,9 @@ class Channel:
             options = options.replace(**settings)
         self.options = options
         self.reactor = reactor
-        self.clock: IReactorTime = reactor
+        # The protocol has IReactorTime's methods; zope interfaces are
+        # nominal, and Deferred.addTimeout and the connections ask for one.
+        self.clock = cast(IReactorTime, reactor)
         self.address = address
         self.connect_timeout = options.connect_timeout
         self.backoff = options.backoff
@@ -118,14 +124,14 @@ class Channel:
         """The proven connection calls go to, while ready."""
         self._proving: ClientConnection | None = None
         self._old: set[ClientConnection] = set()  # after GOAWAY: finishing their calls
-        self._waiters: list[Deferred] = []
+        self._waiters: list[Deferred[ClientConnection]] = []
         self.failures = 0
         """Failed attempts in a row (what the backoff grows with)."""
         self._prompt_redial = True
         self._dial_slot = False
-        self._retry: Any = None
-        self._attempt: Deferred | None = None
-        self._on_closed: list[Deferred] = []
+        self._retry: IDelayedCall | None = None
+        self._attempt: Deferred[IProtocol] | None = None
+        self._on_closed: list[Deferred[None]] = []
 
     def __repr__(self) -> str:
         return f"<Channel {self.address} {self.state}>"
@@ -175,6 +181,7 @@ class Channel:
             return
         self._to(ChannelEvent.SLOT)
         self._dial_slot = self._dials is not None
+        assert self.endpoint is not None  # only a refused channel has none: it never dials
         self._attempt = self.endpoint.connect(_ConnectionFactory(self))
         self._attempt.addCallbacks(self._connected, self._connect_failed)
 
@@ -192,7 +199,7 @@ class Channel:
         timeout: float | None,
         metadata: Mapping[str, str] | None,
         wait: Literal[True] = True,
-    ) -> Deferred: ...
+    ) -> Deferred[Message]: ...
 
     @overload
     def call(
@@ -202,7 +209,7 @@ class Channel:
         timeout: float | None,
         metadata: Mapping[str, str] | None,
         wait: bool,
-    ) -> Deferred | None: ...
+    ) -> Deferred[Message] | None: ...
 
     def call(
         self,
@@ -211,7 +218,7 @@ class Channel:
         timeout: float | None,
         metadata: Mapping[str, str] | None,
         wait: bool = True,
-    ) -> Deferred | None:
+    ) -> Deferred[Message] | None:
         """Send a call on the ready connection. Else, with ``wait``, dial if
         idle and send it once connected (within its timeout), or fail it with
         NotSentError at once if the channel is out of rotation; without
@@ -242,7 +249,7 @@ class Channel:
         metadata: Mapping[str, str] | None,
     ) -> Message:
         started = self.clock.seconds()
-        waiter: Deferred = Deferred(self._waiters.remove)
+        waiter: Deferred[ClientConnection] = Deferred(self._waiters.remove)
         self._waiters.append(waiter)
         try:
             protocol = await waiter
@@ -269,7 +276,7 @@ class Channel:
             return
         _Parked(self, call, fallback)
 
-    def close(self) -> Deferred:
+    def close(self) -> Deferred[None]:
         """Stop re-dialling and close the connections (their calls fail UNAVAILABLE).
 
         The Deferred fires once they are closed.
@@ -284,7 +291,7 @@ class Channel:
         open_ = [c for c in (self.protocol, self._proving, *self._old) if c is not None]
         if not open_:
             return succeed(None)
-        closed: Deferred = Deferred()
+        closed: Deferred[None] = Deferred()
         self._on_closed.append(closed)
         for connection in open_:
             connection.close()
@@ -421,6 +428,7 @@ class Channel:
                 d.errback(NotSentError(message=f"provider {self.address}: {self.last_error}"))
             return
         well = False
+        kept: ClientConnection | None = protocol
         if protocol is self._proving:
             self._proving = None
             self._release_slot()
@@ -428,9 +436,9 @@ class Channel:
             self.protocol = None
             well = self._ended_well(protocol)
         else:
-            protocol = None  # already put aside
-        if protocol is not None:
-            self._old.add(protocol)
+            kept = None  # already put aside
+        if kept is not None:
+            self._old.add(kept)
             if reason == GoawayReason.IDLE:
                 if well:
                     # the next call redials, as if nothing happened

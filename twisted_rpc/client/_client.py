@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
@@ -21,10 +21,9 @@ from twisted_rpc.client._config import load_consumer_config
 from twisted_rpc.client._connection import (
     NotSentError,
     TakenBack,
-    timeout_error,
 )
-from twisted_rpc.client._dials import _DialQueue
-from twisted_rpc.client._options import ClientOptions
+from twisted_rpc.client._dials import ClientReactor, _DialQueue
+from twisted_rpc.client._options import ClientOptions, timeout_error
 from twisted_rpc.client._parked import _not_sent
 from twisted_rpc.client._proxy import ServiceProxy
 from twisted_rpc.client._states import ChannelState
@@ -46,6 +45,9 @@ from twisted_rpc.core._status import (
 from twisted_rpc.core._tls import ClientTLS
 from twisted_rpc.discovery._static import StaticRegistry
 from twisted_rpc.discovery._types import ProviderAddress, check_address
+
+if TYPE_CHECKING:  # (kazoo is imported only when a ZooKeeper registry is asked for)
+    from twisted_rpc.discovery._kazoo import IZooKeeperReactor
 
 log = Logger(namespace="twisted_rpc.client")
 
@@ -70,7 +72,7 @@ class _ServiceRoute:
         self.channels: tuple[Channel, ...] = ()
         self.balancer = balancer
         self.known = False  # has discovery given a list yet?
-        self.waiters: list[Deferred] = []
+        self.waiters: list[Deferred[None]] = []
 
 
 BalancerChoice = str | type[Balancer] | None
@@ -102,7 +104,7 @@ class Client:
 
     def __init__(
         self,
-        reactor: Any = None,
+        reactor: ClientReactor | None = None,
         options: ClientOptions | None = None,
         *,
         providers: Mapping[str, Iterable[str]] | None = None,
@@ -143,12 +145,12 @@ class Client:
         self._routes: dict[str, _ServiceRoute] = {}
         self._unsubscribe: list[Callable[[], object]] = []
         self._retiring: set[Channel] = set()
-        self._invoke = self._send
+        self._invoke: Callable[[ClientCall, Message], Deferred[Message]] = self._send
         for interceptor in reversed(self.interceptors):
             self._invoke = _client_intercepted(interceptor, self._invoke)
 
     @classmethod
-    def from_config(cls, path: str, reactor: Any = None, **kw: Any) -> Client:
+    def from_config(cls, path: str, reactor: ClientReactor | None = None, **kw: Any) -> Client:
         """A client configured by a consumer ini file (see docs/config.md);
         ClientOptions' fields as keywords override what the file says;
         ``interceptors`` may be given too."""
@@ -163,8 +165,11 @@ class Client:
             from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
 
             reg = config.registry
+            # Every real reactor provides IReactorFromThreads too (what
+            # ZooKeeper needs besides the clock); ClientReactor leaves it out
+            # since only this registry uses it.
             kw["discovery"] = ZooKeeperRegistry(
-                reactor,
+                cast("IZooKeeperReactor", reactor),
                 reg.hosts,
                 root=reg.root,
                 session_timeout=reg.session_timeout,
@@ -214,7 +219,7 @@ class Client:
         metadata: Mapping[str, str] | None = None,
         idempotent: bool = False,
         balancer: Balancer | None = None,
-    ) -> Deferred:
+    ) -> Deferred[Message]:
         """Call ``method`` on one of its providers (what proxy methods do)."""
         if type(request) is not method.request_class:
             return fail(wrong_request_type(method, request))
@@ -232,7 +237,7 @@ class Client:
                 return d
         return self._send_to(method, request, timeout, metadata, idempotent, balancer, channel)
 
-    def _send(self, call: ClientCall, request: Message) -> Deferred:
+    def _send(self, call: ClientCall, request: Message) -> Deferred[Message]:
         return self._send_to(
             call.method, request, call.timeout, call.metadata, call.idempotent, call.balancer
         )
@@ -246,7 +251,7 @@ class Client:
         idempotent: bool,
         balancer: Balancer | None,
         channel: Channel | None = None,
-    ) -> Deferred:
+    ) -> Deferred[Message]:
         """Send to ``channel`` (else the one the balancer picks), with failover."""
         error = timeout_error(timeout)
         if error is not None:
@@ -283,7 +288,7 @@ class Client:
     ) -> Message:
         """Wait (up to the timeout, or connect_timeout) for discovery's first list."""
         started = self.reactor.seconds()
-        waiter: Deferred = Deferred(route.waiters.remove)
+        waiter: Deferred[None] = Deferred(route.waiters.remove)
         route.waiters.append(waiter)
         wait = timeout or self.connect_timeout
         timer = self.reactor.callLater(wait, waiter.cancel)
@@ -468,7 +473,7 @@ class Client:
         self._retiring.discard(channel)
         channel.close().addErrback(lambda f: log.failure("closing {c}", f, c=channel))
 
-    def close(self) -> Deferred:
+    def close(self) -> Deferred[None]:
         """Close every connection; calls still in flight fail with UNAVAILABLE."""
         for unsubscribe in self._unsubscribe:
             unsubscribe()
@@ -483,9 +488,9 @@ class Client:
 
 
 def _client_intercepted(
-    interceptor: IClientInterceptor, proceed: Callable[[ClientCall, Message], Deferred]
-) -> Callable[[ClientCall, Message], Deferred]:
-    def invoke(call: ClientCall, request: Message) -> Deferred:
+    interceptor: IClientInterceptor, proceed: Callable[[ClientCall, Message], Deferred[Message]]
+) -> Callable[[ClientCall, Message], Deferred[Message]]:
+    def invoke(call: ClientCall, request: Message) -> Deferred[Message]:
         return defer.maybeDeferred(interceptor.intercept, call, request, proceed)
 
     return invoke

@@ -6,11 +6,12 @@ GOAWAY shows were never run back to be sent again.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol, cast
 
 from google.protobuf.message import Message
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from twisted_rpc.client._options import (  # noqa: F401 (also imported from here)
@@ -54,7 +55,13 @@ class NotSentError(UnavailableError):
     """UNAVAILABLE before the call was written to any connection: safe to send elsewhere."""
 
 
-class _Call(Deferred):
+class _Holder(Protocol):
+    """What holds a call in flight (a connection, or a parked call)."""
+
+    def _cancel(self, d: _Call, /) -> None: ...
+
+
+class _Call(Deferred[Message]):
     """A call's Deferred, which knows its call id and who holds it, so
     cancelling it is one lookup.
 
@@ -66,13 +73,16 @@ class _Call(Deferred):
     """
 
     __slots__ = ("call_id", "holder")
+    call_id: int
+    holder: _Holder | None
     resends = 0
 
 
-def _cancel_call(d: _Call) -> None:
-    holder = d.holder
+def _cancel_call(d: Deferred[Message]) -> None:
+    call = cast(_Call, d)  # the canceller of a _Call, given only that _Call
+    holder = call.holder
     if holder is not None:
-        holder._cancel(d)
+        holder._cancel(call)
 
 
 TakenBack = tuple[_Call, MethodInfo, bytes, "Mapping[str, str] | None", float]
@@ -112,7 +122,7 @@ class ClientConnection(RpcConnection):
         self.max_write_buffer = options.max_write_buffer
         self.pong_abort_bytes = options.max_write_buffer
         self._written_while_blocked = 0
-        self._keepalive: Any = None
+        self._keepalive: IDelayedCall | None = None
         self.outstanding: dict[int, TakenBack] = {}
         self.deadlines = DeadlineQueue(clock, self.outstanding, self._deadline_expired)
         self.goaway_reason: GoawayReason | None = None
@@ -165,7 +175,7 @@ class ClientConnection(RpcConnection):
         request: Message,
         timeout: float | None = None,
         metadata: Mapping[str, str] | None = None,
-    ) -> Deferred:
+    ) -> Deferred[Message]:
         """Send one call; the Deferred fires with the response or an RpcError.
 
         A bad ``timeout`` (not a number, negative, nan, past MAX_TIMEOUT)
@@ -346,7 +356,8 @@ class ClientConnection(RpcConnection):
             return
         response = entry[1].response_class()
         try:
-            response.ParseFromString(payload)
+            # protobuf parses any buffer; types-protobuf declares bytes only.
+            response.ParseFromString(payload)  # type: ignore[arg-type]
         except Exception as e:
             d.errback(DataLossError(message=f"cannot parse the response: {e}"))
             return
@@ -439,7 +450,7 @@ class ClientConnection(RpcConnection):
             if self.goaway_reason is not None:
                 self._close_if_done()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         if self.state is not ConnectionState.UNRESPONSIVE:
             self.state = ConnectionState.CLOSED

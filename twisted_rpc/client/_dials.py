@@ -7,17 +7,48 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import (
+    IConnector,
+    IDelayedCall,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import ClientFactory
 
 from twisted_rpc.client._states import ChannelState
 
 if TYPE_CHECKING:
     from twisted_rpc.client._channel import Channel
     from twisted_rpc.discovery._types import ProviderAddress
+
+
+class _Clock(Protocol):
+    """IReactorTime's ``seconds`` and ``callLater`` (what the dial queue uses)."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> IDelayedCall: ...
+
+
+class ClientReactor(_Clock, Protocol):
+    """What a client uses of a reactor: its clock (IReactorTime) and TCP
+    (IReactorTCP's ``connectTCP``). Structural, so that any reactor (the
+    global one, a ``MemoryReactorClock``, a value typed by an interface that
+    extends both) is accepted as it is."""
+
+    def connectTCP(
+        self,
+        host: str,
+        port: int,
+        factory: ClientFactory[Any],
+        timeout: float = 30.0,
+        bindAddress: tuple[str, int] | None = None,
+    ) -> IConnector: ...
 
 
 DEFAULT_MAX_CONCURRENT_DIALS = 32
@@ -53,7 +84,7 @@ class _DialQueue:
     The rate matters when attempts end fast: thousands of registered ports
     that refuse would otherwise be redialled as fast as they refuse."""
 
-    def __init__(self, clock: IReactorTime, limit: int, rate: float) -> None:
+    def __init__(self, clock: _Clock, limit: int, rate: float) -> None:
         self.clock = clock
         self.limit = limit
         self.rate = rate
@@ -62,7 +93,7 @@ class _DialQueue:
         self.again: deque[Channel] = deque()
         self._tokens = float(limit)
         self._refilled = clock.seconds()
-        self._later: Any = None
+        self._later: IDelayedCall | None = None
 
     def request(self, channel: Channel) -> None:
         (self.again if channel.failures else self.first).append(channel)
@@ -108,7 +139,9 @@ class _DialQueue:
         self._later = None
 
 
-def _endpoint(reactor: Any, address: ProviderAddress, connect_timeout: float) -> Any:
+def _endpoint(
+    reactor: ClientReactor, address: ProviderAddress, connect_timeout: float
+) -> IStreamClientEndpoint:
     """A TCP endpoint for ``address``: IPv6 for a v6 literal, else IPv4 (a
     HostnameEndpoint would try both, and costs ~300 ms on a refused port)."""
     if isIPv6Address(address.host):

@@ -6,9 +6,10 @@ the error that ended the wait. Their deadline and cancelling still apply.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from twisted_rpc.client._connection import ClientConnection, NotSentError, TakenBack, _Call
@@ -35,11 +36,11 @@ class _Parked:
         self.call = call
         self.fallback = fallback
         call[0].holder = self
-        self.waiter: Deferred = Deferred()
+        self.waiter: Deferred[ClientConnection] = Deferred()
         channel._waiters.append(self.waiter)
         self.waiter.addCallbacks(self._connected, self._not_sent)
         deadline = call[4]
-        self.timer: Any = None
+        self.timer: IDelayedCall | None = None
         if deadline:
             wait = max(0.0, deadline - channel.clock.seconds())
             self.timer = channel.clock.callLater(wait, self._expired)

@@ -44,7 +44,7 @@ def _stub(
     default_metadata: Mapping[str, str] | None,
     balancer: Balancer | None,
     idempotent: bool,
-) -> Callable[..., Deferred]:
+) -> Callable[..., Deferred[Message]]:
     call = client.call
 
     def stub(
@@ -52,7 +52,7 @@ def _stub(
         *,
         timeout: float | None = default_timeout,
         metadata: Mapping[str, str] | None = None,
-    ) -> Deferred:
+    ) -> Deferred[Message]:
         if default_metadata:
             metadata = {**default_metadata, **(metadata or {})}
         return call(method, request, timeout, metadata, idempotent, balancer)
