@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from google.protobuf.message import Message
 from twisted.internet.defer import Deferred
@@ -13,6 +13,20 @@ from twisted_rpc.core._service import MethodInfo
 
 if TYPE_CHECKING:
     from twisted_rpc.client._client import Client
+
+
+class ProxyMethod(Protocol):
+    """A proxy's method, as type checkers see it: the request message, then
+    ``timeout`` and ``metadata`` by keyword; a Deferred of the response (its
+    class comes from the descriptor at run time, hence ``Any``)."""
+
+    def __call__(
+        self,
+        request: Message,
+        *,
+        timeout: float | None = ...,
+        metadata: Mapping[str, str] | None = ...,
+    ) -> Deferred[Any]: ...
 
 
 class ServiceProxy:
@@ -35,6 +49,11 @@ class ServiceProxy:
         for method in methods:
             stub = _stub(client, method, timeout, metadata, balancer, method.name in idempotent)
             setattr(self, method.name, stub)
+
+    if TYPE_CHECKING:
+        # The methods are set per instance from the descriptor: a type checker
+        # sees any attribute as one (at run time a missing one still raises).
+        def __getattr__(self, name: str) -> ProxyMethod: ...
 
 
 def _stub(

@@ -296,7 +296,7 @@ async def cmd_health(reactor: ICommandReactor, args: argparse.Namespace) -> int:
         client = client_for(reactor, endpoint, args)
         try:
             health = client.proxy(HEALTH)
-            reply = await health.Check(HealthCheckRequest(service=service))  # type: ignore[attr-defined]
+            reply = await health.Check(HealthCheckRequest(service=service))
             status = status_name(reply.status)
             healthy = healthy and reply.status == SERVING
         except RpcError as e:

@@ -127,13 +127,13 @@ class RemoteDescriptors:
     def list_services(self) -> Deferred[list[str]]:
         """Fires with the names of the services the provider serves."""
         # (A proxy's methods are made from the service descriptor at run time.)
-        d: Deferred[Any] = self._reflection.ListServices(ListServicesRequest())  # type: ignore[attr-defined]
+        d: Deferred[Any] = self._reflection.ListServices(ListServicesRequest())
         return d.addCallback(lambda reply: list(reply.services))
 
     async def load(self, symbol: str) -> None:
         """Add the file defining ``symbol`` and its dependencies to the pool."""
         request = FileDescriptorsRequest(symbol=symbol)
-        reply = await self._reflection.FileContainingSymbol(request)  # type: ignore[attr-defined]
+        reply = await self._reflection.FileContainingSymbol(request)
         for raw in reply.file_descriptor_proto:
             proto = descriptor_pb2.FileDescriptorProto.FromString(raw)
             if proto.name not in self._files:
