@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -119,9 +120,12 @@ class Listener:
         raise NotImplementedError
 
     def connect(self) -> tuple[Any, StringTransport]:
+        return self.connect_to(self.factory)
+
+    def connect_to(self, factory: Any) -> tuple[Any, StringTransport]:
         self.port += 1
         address = IPv4Address("TCP", "10.0.0.1", self.port)
-        proto = self.factory.buildProtocol(address)
+        proto = factory.buildProtocol(address)
         transport = StringTransport(peerAddress=address)
         proto.makeConnection(transport)
         return proto, transport
@@ -282,6 +286,48 @@ def test_the_handler_sees_its_connection(listener):
     assert context.connection is proto and isinstance(proto, CallRunner)
     assert context.peer == "10.0.0.1:1"
     assert context.time_remaining() is None
+
+
+def strict_service() -> tuple[Service, type[Any]]:
+    """A proto2 service whose response has a required field: an empty
+    response cannot be serialised. ``Req.later``: answer through a Deferred."""
+    field = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(name="strict.proto", package="strict")
+    proto.syntax = "proto2"
+    request = proto.message_type.add(name="Req")
+    request.field.add(name="later", number=1, type=field.TYPE_BOOL, label=field.LABEL_OPTIONAL)
+    response = proto.message_type.add(name="Resp")
+    response.field.add(name="x", number=1, type=field.TYPE_INT32, label=field.LABEL_REQUIRED)
+    method = proto.service.add(name="Strict").method.add(name="Get")
+    method.input_type, method.output_type = ".strict.Req", ".strict.Resp"
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    file = pool.FindFileByName("strict.proto")
+    req = message_factory.GetMessageClass(file.message_types_by_name["Req"])
+    resp = message_factory.GetMessageClass(file.message_types_by_name["Resp"])
+
+    class Strict(Service, descriptor=file.services_by_name["Strict"]):
+        def Get(self, request: Any, context: CallContext) -> Any:
+            return defer.succeed(resp()) if request.later else resp()
+
+    return Strict(), req
+
+
+@pytest.mark.parametrize("later", [False, True])
+def test_a_response_that_cannot_be_serialised_is_internal(listener, logged, later):
+    service, req = strict_service()
+    factory = listener.make_factory(Dispatcher([service]), None)
+    factory.observer = listener.observed
+    proto, transport = listener.connect_to(factory)
+    args = req(later=later).SerializeToString()
+    if listener.kind == "native":
+        proto.dataReceived(wire.encode_request(7, b"strict.Strict/Get", len(args)) + args)
+    else:
+        proto.dataReceived(encode_request("Strict", "Get", args))
+    assert listener.outcome(transport) == wire_outcome(listener, "INTERNAL")
+    assert listener.observed.calls == [("strict.Strict/Get", "INTERNAL")]
+    (failure,) = tracebacks(logged)
+    assert "missing required fields" in str(failure.value)
 
 
 # ------------------------------------------------------------------- draining
