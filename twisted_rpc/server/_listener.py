@@ -10,6 +10,7 @@ close). Each subclass adds its wire's settings and its connection class
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -140,6 +141,9 @@ class ListenerFactory(Factory):
 
     # ----------------------------------------------------------------- connections
 
+    protocol: Callable[[Any], Protocol]
+    """The listener's connection class, built with the factory as its argument."""
+
     def buildProtocol(self, addr: Any) -> Protocol | None:
         limits = self.limits
         if len(self.connections) >= limits.max_connections:
@@ -161,7 +165,7 @@ class ListenerFactory(Factory):
                 host=host,
             )
             return RefusedConnection()
-        return self.protocol(self)  # type: ignore[call-arg]
+        return self.protocol(self)
 
     def connection_made(self, connection: Any) -> None:
         """``connection`` is open (its ``peer_host`` known): count it, and

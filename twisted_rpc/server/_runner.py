@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="twisted_rpc.server")
 
-_Pending = tuple[Deferred, MethodInfo, float, bool]
+_Pending = tuple[Deferred[object], MethodInfo, float, bool]
 """A call in flight: its handler's Deferred, method, start time, long-lived."""
 
 
@@ -109,8 +109,8 @@ class CallRunner:
         status through the wire's hooks, now or when its Deferred fires.
         """
         if self.draining:
-            error = UnavailableError(message=self.goaway_message)
-            self.fail_call(call_id, error, method.info.full_name, started)
+            refused = UnavailableError(message=self.goaway_message)
+            self.fail_call(call_id, refused, method.info.full_name, started)
             return
         factory = self.factory
         limits = factory.limits
@@ -219,7 +219,7 @@ class CallRunner:
         entry = self._take(call_id)
         if entry is None:
             return  # cancelled, expired or disconnected: already answered or nobody waits
-        error = self._status_of(failure.value, call_id, info, failure)
+        error = self._status_of(failure.value or Exception(), call_id, info, failure)
         self.fail_call(call_id, error, info.full_name, entry[2])
 
     def _send_response(
@@ -240,7 +240,7 @@ class CallRunner:
             )
             return
         try:
-            payload = result.SerializeToString()  # type: ignore[attr-defined]
+            payload: bytes = result.SerializeToString()
         except Exception as e:
             self.fail_call(call_id, self._status_of(e, call_id, info), info.full_name, started)
             return
