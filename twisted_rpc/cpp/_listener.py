@@ -56,7 +56,7 @@ class CppServerProtocol(CallRunner, Protocol):
         self.reader = RequestReader(factory.max_request_size)
         self.peer = "?"
         self.peer_host: str | None = None
-        self.method: ServerMethod | None = None
+        self.routes = factory.routes
         self._timer: IDelayedCall | None = None
         self._done = False
         self.init_calls(factory.clock)
@@ -93,26 +93,25 @@ class CppServerProtocol(CallRunner, Protocol):
         if request is None:
             return
         self._cancel_timer()
-        started = self.clock.seconds()
         if self.reader.extra:
             log.warn(
                 "mprpc request from {peer}: ignoring {n} bytes after the request",
                 peer=self.peer,
                 n=self.reader.extra,
             )
-        method = self.factory.routes.get((request.service, request.method))
-        if method is None:
-            known = any(s == request.service for s, _ in self.factory.routes)
-            what = (
-                f"unknown method {clip(request.method)!r} of service {request.service}"
-                if known
-                else f"unknown service {clip(request.service)!r}"
-            )
-            name = clip(f"{request.service}/{request.method}")
-            self.fail_call(0, NotFoundError(message=what), name, started, unknown=True)
-            return
-        self.method = method
-        self.run_call(0, method, request.args, None, 0, started)
+        key = (request.service, request.method)
+        self.request_received(0, 0, 0, key, None, "", request.args)
+
+    def _unknown_route(self, call_id: int, route: tuple[str, str], started: float) -> None:
+        service, method = route
+        known = any(s == service for s, _ in self.routes)
+        what = (
+            f"unknown method {clip(method)!r} of service {service}"
+            if known
+            else f"unknown service {clip(service)!r}"
+        )
+        name = clip(f"{service}/{method}")
+        self.fail_call(call_id, NotFoundError(message=what), name, started, unknown=True)
 
     def goaway(self, message: str) -> None:
         """Refuse the call if it has not arrived yet (closed without a reply)."""
@@ -166,7 +165,9 @@ class CppServerProtocol(CallRunner, Protocol):
         self._close_without_reply()
 
     def _method_name(self) -> str:
-        return self.method.info.full_name if self.method is not None else "?"
+        request = self.reader.request
+        method = None if request is None else self.routes.get((request.service, request.method))
+        return method.info.full_name if method is not None else "?"
 
     def _read_timed_out(self) -> None:
         self._timer = None

@@ -41,7 +41,7 @@ class ServerConnection(CallRunner, RpcConnection):
         self.init_calls(factory.clock)
         self.held = 0
         """Bytes of a partial frame counted in the factory's ``partial_bytes``."""
-        self._handlers[FrameKind.REQUEST] = self._request_received
+        self._handlers[FrameKind.REQUEST] = self.request_received
         self._handlers[FrameKind.CANCEL] = self._cancel_received
 
     def connectionMade(self) -> None:
@@ -99,25 +99,6 @@ class ServerConnection(CallRunner, RpcConnection):
                 self.send(wire.encode_goaway(self.last_call_id, message, reason))
 
     # ----------------------------------------------------------------- calls
-
-    def _request_received(
-        self,
-        call_id: int,
-        status: int,
-        timeout_ms: int,
-        route: bytes,
-        metadata: dict[str, str] | None,
-        message: str,
-        payload: bytes | memoryview,
-    ) -> None:
-        started = self.clock.seconds()
-        method = self.routes.get(route)
-        if method is None:
-            self._unknown_route(call_id, route, started)
-            return
-        if call_id in self.pending:
-            raise ProtocolError(f"call id {call_id} is already in flight")
-        self.run_call(call_id, method, payload, metadata, timeout_ms, started)
 
     def _unknown_route(self, call_id: int, route: bytes, started: float) -> None:
         not_found = self.factory.dispatcher.not_found(route)

@@ -2,22 +2,25 @@
 
 A listener's connection class (the native :class:`ServerConnection`, the
 C++ listener's ``CppServerProtocol``) mixes it in, as AMP's protocol mixes in
-its ``BoxDispatcher``, and keeps only its wire: it reads a request, finds its
-method, hands both to :meth:`CallRunner.run_call`, and writes what the runner
-decides through two hooks. The runner does the rest, the same for every wire:
+its ``BoxDispatcher``, and keeps only its wire: it reads a request and hands
+it to :meth:`CallRunner.request_received`, and it says what an unknown route
+is and writes what the runner decides through three hooks. The runner does
+the rest, the same for every wire:
 
-draining refusal → limits (ordinary and long-lived budgets, per connection and
-per listener) → parse → invoke through the interceptor chain (a response, a
-Deferred or a coroutine) → response-type check → serialise → error to status
-(an ``RpcError`` as it is, ``CancelledError`` as CANCELLED, anything else
-INTERNAL with its traceback logged) → the observer and the slow-call log;
-and for the calls in flight: deadlines, cancellation, the connection's loss.
+route lookup → draining refusal → limits (ordinary and long-lived budgets,
+per connection and per listener) → parse → invoke through the interceptor
+chain (a response, a Deferred or a coroutine) → response-type check →
+serialise → error to status (an ``RpcError`` as it is, ``CancelledError`` as
+CANCELLED, anything else INTERNAL with its traceback logged) → the observer
+and the slow-call log; and for the calls in flight: deadlines, cancellation,
+the connection's loss.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -25,6 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twisted_rpc.core._codec import ProtocolError
 from twisted_rpc.core._deadlines import DeadlineQueue
 from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.core._status import (
@@ -57,7 +61,9 @@ class CallRunner:
     - ``factory``: its :class:`ListenerFactory` (limits, the listener's call
       counters, observer, slow-call threshold, drain waiters);
     - ``clock`` and ``peer`` (for handlers' :class:`CallContext` and logs);
-    - :meth:`_write_response` and :meth:`_write_status`, its wire;
+    - ``routes``: its requests' keys → methods;
+    - :meth:`_unknown_route`, :meth:`_write_response` and
+      :meth:`_write_status`, its wire;
     - ``call_label`` (a class attribute) for its log lines.
 
     ``draining`` and ``goaway_message`` say whether new calls are refused,
@@ -67,6 +73,7 @@ class CallRunner:
     factory: ListenerFactory
     clock: IReactorTime
     peer: str
+    routes: Mapping[Any, ServerMethod]
     call_label: ClassVar[str] = "call {call_id}"
     """How this wire's log lines name a call (a format over the event's keys)."""
 
@@ -83,6 +90,11 @@ class CallRunner:
 
     # ----------------------------------------------------------------- the wire
 
+    def _unknown_route(self, call_id: int, route: Any, started: float) -> None:
+        """End ``call_id``, whose ``route`` no service here serves, with
+        NOT_FOUND (through :meth:`fail_call` with ``unknown=True``)."""
+        raise NotImplementedError
+
     def _write_response(self, call_id: int, payload: bytes) -> None:
         """Send the serialised response of ``call_id``."""
         raise NotImplementedError
@@ -93,21 +105,33 @@ class CallRunner:
 
     # ----------------------------------------------------------------- a call
 
-    def run_call(
+    def request_received(
         self,
         call_id: int,
-        method: ServerMethod,
-        payload: bytes | memoryview,
-        metadata: dict[str, str] | None,
+        status: int,
         timeout_ms: int,
-        started: float,
+        route: Any,
+        metadata: dict[str, str] | None,
+        message: str,
+        payload: bytes | memoryview,
     ) -> None:
-        """Run a call of ``method`` (found by the wire) on the request ``payload``.
+        """A request arrived: run it, and end it with a response or a status
+        through the wire's hooks, now or when its handler's Deferred fires.
 
-        ``timeout_ms`` is the caller's timeout (0: none), ``started`` when the
-        request arrived. Whatever happens, the call ends with a response or a
-        status through the wire's hooks, now or when its Deferred fires.
+        ``route`` is the request's key in ``routes``; ``timeout_ms`` the
+        caller's timeout (0: none). The arguments are the native REQUEST
+        frame's fields, in its order, so the native connection takes this
+        method as its frame handler with no call in between (the provider's
+        hot path); ``status`` and ``message`` are not used, and a wire
+        without them (the C++ one) passes 0 and "".
         """
+        started = self.clock.seconds()
+        method = self.routes.get(route)
+        if method is None:
+            self._unknown_route(call_id, route, started)
+            return
+        if call_id in self.pending:
+            raise ProtocolError(f"call id {call_id} is already in flight")
         if self.draining:
             refused = UnavailableError(message=self.goaway_message)
             self.fail_call(call_id, refused, method.info.full_name, started)
