@@ -42,6 +42,7 @@ ERRORS = {
 INTERFACES = {
     "ICallObserver",
     "IClientInterceptor",
+    "IDrainable",
     "IServerInterceptor",
     "IServiceDiscovery",
     "IServiceRegistry",

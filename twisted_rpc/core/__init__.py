@@ -16,6 +16,7 @@ from twisted_rpc.core._ini import ConfigError
 from twisted_rpc.core._interfaces import (
     ICallObserver,
     IClientInterceptor,
+    IDrainable,
     IServerInterceptor,
     IServiceDiscovery,
     IServiceRegistry,
@@ -56,6 +57,7 @@ __all__ = [
     "FailedPreconditionError",
     "ICallObserver",
     "IClientInterceptor",
+    "IDrainable",
     "IServerInterceptor",
     "IServiceDiscovery",
     "IServiceRegistry",

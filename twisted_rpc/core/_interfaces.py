@@ -37,6 +37,28 @@ class ICallObserver(Interface):
         route), ``code`` the status sent, ``duration`` seconds since the request."""
 
 
+class IDrainable(Interface):
+    """A listener that can be stopped gracefully (the native listener and
+    the C++ one): refuse new calls, let the calls in flight finish, close."""
+
+    def goaway():
+        """Refuse new calls from now on, on every connection open and every
+        one opened later (the native protocol sends GOAWAY SHUTDOWN; the C++
+        one, which cannot say so, closes a refused call without a reply)."""
+
+    def whenDrained():
+        """A Deferred firing with None once no call is in flight (at once if
+        none is); cancel it to stop waiting."""
+
+    def closeConnections():
+        """Close every connection once what was written to it is sent; returns
+        a Deferred firing with None when all are closed (cancel it to stop
+        waiting)."""
+
+    def abortConnections():
+        """Close every connection at once, dropping what is not sent."""
+
+
 class IServiceDiscovery(Interface):
     """Where consumers learn which providers serve a service."""
 

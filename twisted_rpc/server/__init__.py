@@ -1,10 +1,13 @@
 """The provider side of the native protocol.
 
 The dispatcher and its interceptor chain (``_dispatcher``), the context a
-handler gets (``_context``), one connection's calls (``_connection``) and the
-factory that holds a listener's connections, its limits and its drain
+handler gets (``_context``), the one call runner every listener's connection
+mixes in (``_runner``: limits, parse, invoke, errors to status, observer),
+what every listener's factory shares (``_listener``: :class:`ServerLimits`,
+connection caps, calls in flight, the drain of :class:`IDrainable`), and the
+native listener: one connection's wire (``_connection``) and its factory
 (``_factory``). The C++ listener (:mod:`twisted_rpc.cpp`) runs its calls
-through the same dispatcher.
+through the same runner and dispatcher.
 
 Layering: ``server`` imports :mod:`twisted_rpc.core` only.
 """

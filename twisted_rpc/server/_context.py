@@ -8,11 +8,16 @@ from typing import TYPE_CHECKING
 from twisted_rpc.core._service import MethodInfo
 
 if TYPE_CHECKING:
-    from twisted_rpc.server._connection import ServerConnection
+    from twisted_rpc.server._runner import CallRunner
 
 
 class CallContext:
-    """What a handler knows of the call it serves, beyond the request."""
+    """What a handler knows of the call it serves, beyond the request.
+
+    ``connection`` is the connection the call came on, of whichever listener
+    (the native :class:`ServerConnection` or the C++ listener's); ``call_id``
+    is 0 and ``metadata`` empty for a C++ caller, whose protocol has neither.
+    """
 
     __slots__ = ("call_id", "method", "metadata", "deadline", "connection")
 
@@ -22,7 +27,7 @@ class CallContext:
         method: MethodInfo,
         metadata: Mapping[str, str] | None,
         deadline: float | None,
-        connection: ServerConnection | None,
+        connection: CallRunner | None,
     ) -> None:
         self.call_id = call_id
         self.method = method

@@ -553,7 +553,7 @@ def test_the_mprpc_listener_keeps_long_lived_calls_apart(logged):
     for port in (1, 2, 3):
         _mprpc_connect(factory, port=port).dataReceived(encode_request("Health", "Watch", b""))
     assert len(watcher.waiting) == 2 and factory.long_lived_in_flight == 2
-    assert any("2 long-lived calls" in str(e.get("why", "")) for e in logged)
+    assert any("2 long-lived calls" in str(e.get("message", "")) for e in logged)
     call = _mprpc_connect(factory, port=4)
     args = echo_pb2.EchoRequest(delay=1).SerializeToString()
     call.dataReceived(encode_request("EchoService", "AsyncEcho", args))
@@ -568,4 +568,4 @@ def test_the_mprpc_listener_quotes_a_long_unknown_name_truncated(logged):
     factory = _mprpc([EchoService()])
     _mprpc_connect(factory).dataReceived(encode_request("EchoService", "M" * 4000, b""))
     (event,) = [e for e in logged if "failed" in str(e.get("log_format", ""))]
-    assert "(4000 characters)" in event["why"] and len(event["why"]) < 300
+    assert "(4000 characters)" in event["message"] and len(event["message"]) < 300
