@@ -224,7 +224,7 @@ def test_the_registrar_registers_when_bound_and_withdraws_first_on_stop():
     assert provider.registrar.running
     (listener,) = provider.listeners
     factory = provider.factory
-    real = {name: getattr(factory, name) for name in ("goaway", "when_idle", "close_connections")}
+    real = {name: getattr(factory, name) for name in ("goaway", "whenDrained", "closeConnections")}
 
     def record(name):
         def call(*a, **kw):
@@ -250,8 +250,8 @@ def test_the_registrar_registers_when_bound_and_withdraws_first_on_stop():
         "unregister",
         "stop listening",
         "goaway",
-        "when_idle",
-        "close_connections",
+        "whenDrained",
+        "closeConnections",
     ]
     assert not provider.registrar.running and not provider.running
 
