@@ -10,7 +10,7 @@ provider does.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -49,6 +49,8 @@ class CppServerProtocol(CallRunner, Protocol):
 
     call_label = "mprpc call"
     factory: CppServerFactory
+    transport: ITCPTransport
+    """Set before ``connectionMade``; every method that writes or closes runs after it."""
 
     def __init__(self, factory: CppServerFactory) -> None:
         self.factory = factory

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameKind, GoawayReason, ProtocolError
-from twisted_rpc.core._connection import RpcConnection
+from twisted_rpc.core._connection import IRpcTransport, RpcConnection
 from twisted_rpc.core._status import ResourceExhaustedError
 from twisted_rpc.server._dispatcher import clip
 from twisted_rpc.server._runner import CallRunner
@@ -23,10 +25,17 @@ if TYPE_CHECKING:
 log = Logger(namespace="twisted_rpc.server")
 
 
+class IServerTransport(IRpcTransport, IPushProducer):
+    """What a provider connection uses of its transport (for typing only):
+    also what it reads can be paused and resumed, as a TCP transport's
+    (plain or under TLS) can."""
+
+
 class ServerConnection(CallRunner, RpcConnection):
     """One provider-side connection: many calls in flight, answered in any order."""
 
     factory: ServerFactory
+    transport: IServerTransport
 
     def __init__(self, factory: ServerFactory) -> None:
         limits = factory.limits
@@ -48,7 +57,7 @@ class ServerConnection(CallRunner, RpcConnection):
         super().connectionMade()
         self.factory.connection_made(self)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._release_partial()
         super().connectionLost(reason)
         self.factory.connection_lost(self)

@@ -65,7 +65,7 @@ def _unimplemented(info: MethodInfo) -> Handler:
 
 
 def _from_coroutine_function(fn: Callable[..., Any]) -> Handler:
-    def handler(request: Message, context: CallContext) -> Deferred:
+    def handler(request: Message, context: CallContext) -> Deferred[Message]:
         return Deferred.fromCoroutine(fn(request, context))
 
     return handler

@@ -167,7 +167,8 @@ class CallRunner:
             self.last_call_id = call_id
         request = method.request_class()
         try:
-            request.ParseFromString(payload)
+            # The stub says bytes; protobuf parses any buffer, a memoryview without a copy.
+            request.ParseFromString(payload)  # type: ignore[arg-type]
         except Exception as e:
             self.fail_call(
                 call_id,
