@@ -237,11 +237,6 @@ class ListenerFactory(Factory):
         for connection in list(self.connections):
             connection.transport.abortConnection()
 
-    # The names the provider service used before IDrainable.
-    when_idle = whenDrained
-    close_connections = closeConnections
-    abort_connections = abortConnections
-
 
 def fire_waiters(waiters: list[Deferred[None]]) -> None:
     """Fire each Deferred of ``waiters`` not fired (or cancelled) yet with None."""
