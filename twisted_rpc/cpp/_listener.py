@@ -185,11 +185,10 @@ class CppServerProtocol(CallRunner, Protocol):
         self._timer = None
 
 
-class CppServerFactory(ListenerFactory):
+class CppServerFactory(ListenerFactory[CppServerProtocol]):
     """Connections speaking the C++ mprpc protocol to ``dispatcher``'s services."""
 
     protocol = CppServerProtocol
-    connections: set[CppServerProtocol]
     name = "C++ mprpc"
 
     def __init__(

@@ -5,9 +5,7 @@ C++ listener (limits, calls in flight, the drain) is :class:`ListenerFactory`.
 
 from __future__ import annotations
 
-from typing import Any
-
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from twisted_rpc.core import _codec as wire
@@ -22,11 +20,10 @@ __all__ = ["ServerFactory", "ServerLimits"]
 log = Logger(namespace="twisted_rpc.server")
 
 
-class ServerFactory(ListenerFactory):
+class ServerFactory(ListenerFactory[ServerConnection]):
     """Builds :class:`ServerConnection` s for a dispatcher and tracks them."""
 
     protocol = ServerConnection
-    connections: set[ServerConnection]
 
     def __init__(
         self,
@@ -39,7 +36,7 @@ class ServerFactory(ListenerFactory):
         self.max_frame_size = max_frame_size
         self.partial_bytes = 0
         """Bytes of partial frames held by all connections."""
-        self._sweeper: Any = None
+        self._sweeper: IDelayedCall | None = None
 
     def shed_partial_frames(self) -> None:
         """Over ``max_buffered_bytes`` of partial frames: close the connections

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
+from typing import Protocol as Structural
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -83,8 +84,29 @@ class ServerLimits:
                 raise ValueError(f"ServerLimits.{name} must be seconds >= 0, not {value!r}")
 
 
+class ListenerConnection(Structural):
+    """What a listener's factory uses of its connections (the native
+    :class:`ServerConnection`, the C++ listener's protocol)."""
+
+    peer_host: str | None
+    """The peer's host, known once the connection is made (None if it has none)."""
+
+    @property
+    def transport(self) -> ITCPTransport: ...
+
+    def goaway(self, message: str) -> None:
+        """Refuse new calls from now on, with ``message``."""
+
+    def close(self) -> None:
+        """Close once what was written is sent."""
+
+
+C = TypeVar("C", bound=ListenerConnection)
+"""A listener's connection class."""
+
+
 @implementer(IDrainable)
-class ListenerFactory(Factory):
+class ListenerFactory(Factory, Generic[C]):
     """Connections of one listener, their calls in flight, and their drain."""
 
     noisy = False
@@ -97,7 +119,7 @@ class ListenerFactory(Factory):
         self.dispatcher = dispatcher
         self.clock = clock
         self.limits = limits or ServerLimits()
-        self.connections: set[Any] = set()
+        self.connections: set[C] = set()
         self.per_peer: dict[str, int] = {}
         """Connections open by peer host."""
         self.draining = False
@@ -144,7 +166,7 @@ class ListenerFactory(Factory):
     protocol: Callable[[Any], Protocol]
     """The listener's connection class, built with the factory as its argument."""
 
-    def buildProtocol(self, addr: Any) -> Protocol | None:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         limits = self.limits
         if len(self.connections) >= limits.max_connections:
             log.warn(
@@ -167,7 +189,7 @@ class ListenerFactory(Factory):
             return RefusedConnection()
         return self.protocol(self)
 
-    def connection_made(self, connection: Any) -> None:
+    def connection_made(self, connection: C) -> None:
         """``connection`` is open (its ``peer_host`` known): count it, and
         refuse its calls if the listener drains."""
         self.connections.add(connection)
@@ -177,7 +199,7 @@ class ListenerFactory(Factory):
         if self.draining:
             connection.goaway(self.goaway_message)
 
-    def connection_lost(self, connection: Any) -> None:
+    def connection_lost(self, connection: C) -> None:
         if connection not in self.connections:
             return
         self.connections.discard(connection)

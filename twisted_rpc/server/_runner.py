@@ -70,7 +70,7 @@ class CallRunner:
     and with what message (set by the connection's ``goaway``).
     """
 
-    factory: ListenerFactory
+    factory: ListenerFactory[Any]
     clock: IReactorTime
     peer: str
     routes: Mapping[Any, ServerMethod]
