@@ -1,14 +1,33 @@
-"""The interfaces between twisted_rpc's layers (zope.interface)."""
+"""The interfaces between twisted_rpc's layers (zope.interface).
+
+``core`` imports nothing above it, so the types those layers define (the
+server's ``CallContext``, the client's ``ClientCall``, discovery's
+``Registration`` and ``ProviderAddress``) appear here as ``Any``; the
+implementations annotate them with the real classes.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.message import Message
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+ServerProceed = Callable[[Message, Any], Any]
+"""The rest of a provider's interceptor chain: ``(request, context)`` → a
+response message, a Deferred of one or a coroutine."""
+
+ClientProceed = Callable[[Any, Message], "Deferred[Message]"]
+"""The rest of a client's interceptor chain: ``(call, request)`` → a Deferred
+of the response."""
 
 
 class IServerInterceptor(Interface):
     """Wraps every call a provider serves (metadata, auth, metrics, logging)."""
 
-    def intercept(request, context, proceed):
+    def intercept(request: Message, context: Any, proceed: ServerProceed) -> Any:
         """Handle one call.
 
         ``proceed(request, context)`` runs the rest of the chain and returns a
@@ -20,7 +39,7 @@ class IServerInterceptor(Interface):
 class IClientInterceptor(Interface):
     """Wraps every call a client makes."""
 
-    def intercept(call, request, proceed):
+    def intercept(call: Any, request: Message, proceed: ClientProceed) -> Deferred[Message]:
         """Handle one outgoing call.
 
         ``call`` is a :class:`twisted_rpc.ClientCall` (method, timeout,
@@ -32,7 +51,7 @@ class IClientInterceptor(Interface):
 class ICallObserver(Interface):
     """Told of every call a provider finishes (metrics, status page)."""
 
-    def call_finished(method, code, duration):
+    def call_finished(method: str, code: int, duration: float) -> None:
         """``method`` is ``"package.Service/Method"`` (``"?/?"`` for an unknown
         route), ``code`` the status sent, ``duration`` seconds since the request."""
 
@@ -41,28 +60,30 @@ class IDrainable(Interface):
     """A listener that can be stopped gracefully (the native listener and
     the C++ one): refuse new calls, let the calls in flight finish, close."""
 
-    def goaway():
+    def goaway() -> None:
         """Refuse new calls from now on, on every connection open and every
         one opened later (the native protocol sends GOAWAY SHUTDOWN; the C++
         one, which cannot say so, closes a refused call without a reply)."""
 
-    def whenDrained():
+    def whenDrained() -> Deferred[None]:
         """A Deferred firing with None once no call is in flight (at once if
         none is); cancel it to stop waiting."""
 
-    def closeConnections():
+    def closeConnections() -> Deferred[None]:
         """Close every connection once what was written to it is sent; returns
         a Deferred firing with None when all are closed (cancel it to stop
         waiting)."""
 
-    def abortConnections():
+    def abortConnections() -> None:
         """Close every connection at once, dropping what is not sent."""
 
 
 class IServiceDiscovery(Interface):
     """Where consumers learn which providers serve a service."""
 
-    def subscribe(service, listener):
+    def subscribe(
+        service: str, listener: Callable[[tuple[Any, ...]], object]
+    ) -> Callable[[], None]:
         """Call ``listener(addresses)`` with the provider list of ``service``
         (a full name), now if known and again on every change.
 
@@ -70,17 +91,17 @@ class IServiceDiscovery(Interface):
         Returns a no-argument callable that ends the subscription.
         """
 
-    def close():
+    def close() -> Deferred[None]:
         """Release what the discovery holds; returns a Deferred."""
 
 
 class IServiceRegistry(Interface):
     """Where providers announce the services they serve."""
 
-    def register(registration):
+    def register(registration: Any) -> Deferred[None]:
         """Announce a :class:`twisted_rpc.Registration`; returns a Deferred."""
 
-    def unregister_all():
+    def unregister_all() -> Deferred[None]:
         """Withdraw every announcement of this registry; returns a Deferred."""
 
     registrations = Attribute("The registrations currently announced (a sequence).")
