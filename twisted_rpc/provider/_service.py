@@ -325,6 +325,7 @@ class ProviderService(MultiService):
             self.cpp_factory = CppServerFactory(
                 self.dispatcher, clock, options.max_frame_size, options.limits
             )
+            self.cpp_factory.slow_call_threshold = options.slow_call_threshold
             self._add_listener(
                 ListenerService(reactor, options.cpp_listen, self.cpp_factory, self._cpp_listening)
             )

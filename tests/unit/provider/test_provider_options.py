@@ -16,6 +16,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from protos import echo_pb2
 from testbed.echo_service import EchoService
 from twisted_rpc import (
     ConfigError,
@@ -26,6 +27,7 @@ from twisted_rpc import (
     ServerLimits,
 )
 from twisted_rpc.core._connection import CLOSE_TIMEOUT
+from twisted_rpc.cpp import encode_request
 from twisted_rpc.provider import load_provider_config
 from twisted_rpc.provider._options import check_server_endpoint
 from twisted_rpc.provider._service import ListenerService, open_connections
@@ -322,6 +324,22 @@ def test_open_connections_counts_what_a_listener_holds():
 def test_a_listener_factory_must_be_drainable():
     with pytest.raises(TypeError):
         ListenerService(MemoryReactorClock(), LISTEN, Factory(), lambda port: None)
+
+
+def test_the_cpp_listener_logs_slow_calls_too(logged):
+    reactor = MemoryReactorClock()
+    provider = ProviderService(reactor, [EchoService()], cpp_listen=LISTEN, slow_call_threshold=0.5)
+    assert provider.cpp_factory is not None
+    assert provider.cpp_factory.slow_call_threshold == 0.5
+    address = IPv4Address("TCP", "10.0.0.1", 1)
+    proto = provider.cpp_factory.buildProtocol(address)
+    proto.makeConnection(StringTransport(peerAddress=address))
+    request = echo_pb2.EchoRequest(payload=b"x", delay=1)
+    proto.dataReceived(encode_request("EchoService", "AsyncEcho", request.SerializeToString()))
+    reactor.advance(1)
+    (event,) = [e for e in logged if e.get("log_format", "").startswith("slow ")]
+    assert event["method"] == "mprpc.test.EchoService/AsyncEcho"
+    assert event["duration_ms"] == 1000
 
 
 def test_the_admin_site_is_imported_only_when_configured():
