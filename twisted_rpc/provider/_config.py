@@ -9,7 +9,7 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._ini import REGISTRY_KEYS, ConfigError, Reader, RegistryConfig
@@ -23,6 +23,9 @@ from twisted_rpc.provider._options import (
     check_server_endpoint,
 )
 from twisted_rpc.server._factory import ServerLimits
+
+if TYPE_CHECKING:  # (pyOpenSSL is imported only when TLS is used)
+    from twisted.internet.ssl import CertificateOptions
 
 __all__ = [
     "AdminConfig",
@@ -54,7 +57,7 @@ class ProviderConfig:
     max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE
     limits: ServerLimits = field(default_factory=ServerLimits)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
-    tls_options: Any = None
+    tls_options: CertificateOptions | None = None
     cpp: CppListenerConfig | None = None
     """The listener for C++ mprpc callers (``[cpp]``), if any."""
     health: bool = True
@@ -239,7 +242,7 @@ def load_services(specs: list[str], where: str = "services") -> list[Service]:
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.append(cwd)
-    instances = []
+    instances: list[Service] = []
     for spec in specs:
         module_name, _, attr = spec.partition(":")
         try:
@@ -248,7 +251,7 @@ def load_services(specs: list[str], where: str = "services") -> list[Service]:
             raise ConfigError(
                 f"{where}: cannot import {module_name}: {type(e).__name__}: {e}"
             ) from None
-        cls = module
+        cls: object = module
         for part in attr.split("."):
             cls = getattr(cls, part, None)
             if cls is None:

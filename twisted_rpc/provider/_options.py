@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.endpoints import _parseServer
 
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.discovery._types import ProviderAddress
 from twisted_rpc.server._factory import ServerLimits
+
+if TYPE_CHECKING:  # (pyOpenSSL is imported only when TLS is used)
+    from twisted.internet.ssl import CertificateOptions
 
 __all__ = ["DEFAULT_ADMIN_MAX_CONNECTIONS", "ProviderOptions", "check_server_endpoint"]
 
@@ -42,7 +45,7 @@ def check_server_endpoint(description: str) -> None:
         raise ValueError(f"{description!r} is not a valid endpoint: {e}") from None
 
 
-def _seconds(name: str, value: Any) -> None:
+def _seconds(name: str, value: float) -> None:
     if type(value) not in (int, float) or not 0 <= value < float("inf"):
         raise ValueError(f"ProviderOptions.{name} must be seconds >= 0, not {value!r}")
 
@@ -61,7 +64,7 @@ class ProviderOptions:
     """Seconds calls in flight get to finish when the provider stops."""
     max_frame_size: int = wire.DEFAULT_MAX_FRAME_SIZE
     limits: ServerLimits = field(default_factory=ServerLimits)
-    tls_options: Any = None
+    tls_options: CertificateOptions | None = None
     """``twisted_rpc.server_options(...)``: the native listener speaks TLS."""
     registration_data: Mapping[str, Any] = field(default_factory=dict)
     """Extra data in each registration (weight, pid, version...)."""

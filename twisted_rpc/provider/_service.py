@@ -12,19 +12,28 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, IServiceCollection, MultiService
 from twisted.application.service import Service as TwistedService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.logger import Logger
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import ServerFactory as TwistedServerFactory
+from twisted.logger import ILogObserver, Logger, LogLevel
+from twisted.python.components import Componentized
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_rpc.core._connection import CLOSE_TIMEOUT
-from twisted_rpc.core._interfaces import IServerInterceptor, IServiceRegistry
+from twisted_rpc.core._interfaces import IDrainable, IServerInterceptor, IServiceRegistry
 from twisted_rpc.core._service import Service
 from twisted_rpc.core._tls import wrap_server_factory
 from twisted_rpc.cpp._listener import CppServerFactory
@@ -32,12 +41,54 @@ from twisted_rpc.discovery._static import StaticRegistry
 from twisted_rpc.discovery._types import ProviderAddress, Registration
 from twisted_rpc.ops._health import NOT_SERVING, add_builtins
 from twisted_rpc.provider._options import ProviderOptions
-from twisted_rpc.server._dispatcher import Dispatcher
+from twisted_rpc.server._dispatcher import Dispatcher, ServerMethod
 from twisted_rpc.server._factory import ServerFactory
 
-__all__ = ["Drainable", "ListenerService", "ProviderService", "RegistrarService"]
+if TYPE_CHECKING:  # (the admin site's modules are imported only when configured)
+    from twisted_rpc.ops._metrics import ProviderMetrics
+
+__all__ = [
+    "CppRegistry",
+    "ListenerService",
+    "ProviderReactor",
+    "ProviderService",
+    "RegistrarService",
+    "open_connections",
+]
 
 log = Logger(namespace="twisted_rpc.provider")
+
+
+class ProviderReactor(Protocol):
+    """What a provider uses of a reactor: its clock (IReactorTime's
+    ``seconds`` and ``callLater``) and what its endpoints listen with
+    (IReactorTCP's ``listenTCP``; a ``unix:`` or ``ssl:`` endpoint also needs
+    the reactor's ``listenUNIX`` or ``listenSSL``, which Twisted's endpoint
+    strings do not type). Structural, so that any reactor (the global one, a
+    ``MemoryReactorClock``) is accepted as it is."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> IDelayedCall: ...
+
+    def listenTCP(
+        self, port: int, factory: TwistedServerFactory, backlog: int = 50, interface: str = ""
+    ) -> IListeningPort: ...
+
+
+class CppRegistry(Protocol):
+    """Where the C++ listener's methods are announced for C++ callers (a
+    ``ZooKeeperRegistry``)."""
+
+    def register_cpp(self, service: str, method: str, address: ProviderAddress) -> Deferred[None]:
+        """Announce ``/<service>/<method>`` at ``address``."""
+        ...
+
+    def unregister_all(self) -> Deferred[None]:
+        """Withdraw every announcement."""
+        ...
 
 
 @implementer(IStreamServerEndpoint)
@@ -50,7 +101,7 @@ class _ReportingEndpoint:
         self.endpoint = endpoint
         self.on_listening = on_listening
 
-    def listen(self, factory: Any) -> Deferred[IListeningPort]:
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
         d = self.endpoint.listen(factory)
         d.addCallback(self._report)
         return d
@@ -60,61 +111,41 @@ class _ReportingEndpoint:
         return port
 
 
+def _log_failure(failure: Failure, /, message: str, **fields: object) -> None:
+    """An errback: log ``failure`` (``message`` formatted with ``fields``)."""
+    log.failure(message, failure, LogLevel.critical, **fields)
+
+
 def _bound(port: IListeningPort) -> ProviderAddress:
     host = port.getHost()
     return ProviderAddress(getattr(host, "host", "?"), getattr(host, "port", 0))
 
 
-class Drainable:
-    """A listener factory seen through the ``IDrainable`` contract
-    (``goaway``, ``whenDrained``, ``closeConnections``, ``abortConnections``),
-    whether it has those names or the older ``when_idle``,
-    ``close_connections``, ``abort_connections``."""
-
-    def __init__(self, factory: Any) -> None:
-        self.factory = factory
-
-    def _method(self, name: str, older: str) -> Callable[[], Any]:
-        method: Callable[[], Any] | None = getattr(self.factory, name, None)
-        return method if method is not None else getattr(self.factory, older)
-
-    def goaway(self) -> None:
-        self.factory.goaway()
-
-    def whenDrained(self) -> Deferred[None]:
-        d: Deferred[None] = self._method("whenDrained", "when_idle")()
-        return d
-
-    def closeConnections(self) -> Deferred[None]:
-        d: Deferred[None] = self._method("closeConnections", "close_connections")()
-        return d
-
-    def abortConnections(self) -> None:
-        self._method("abortConnections", "abort_connections")()
-
-    @property
-    def open_connections(self) -> int:
-        return len(getattr(self.factory, "connections", ()))
+def open_connections(listener: IDrainable) -> int:
+    """Connections ``listener`` still holds (a listener factory's
+    ``connections``; 0 for one that does not say)."""
+    return len(getattr(listener, "connections", ()))
 
 
 class ListenerService(StreamServerEndpointService):
-    """One listener: an endpoint, the factory it serves, and that factory
-    as a :class:`Drainable` for the graceful stop. ``on_listening`` is told
-    the bound port."""
+    """One listener: an endpoint, the factory it serves, and the listener
+    that factory is (``served``, when ``factory`` wraps it, e.g. in TLS) as
+    the :class:`IDrainable` the graceful stop drives. ``on_listening`` is
+    told the bound port."""
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: ProviderReactor,
         listen: str,
-        factory: Any,
+        factory: IProtocolFactory,
         on_listening: Callable[[IListeningPort], None],
         *,
-        served: Any = None,
+        served: IDrainable | None = None,
     ) -> None:
         endpoint = _ReportingEndpoint(serverFromString(reactor, listen), on_listening)
-        super().__init__(endpoint, factory)
+        super().__init__(endpoint, factory)  # type: ignore[no-untyped-call]  # (not annotated)
         self._raiseSynchronously = True
-        self.drainable = Drainable(served if served is not None else factory)
+        self.drainable: IDrainable = served if served is not None else IDrainable(factory)
 
 
 class RegistrarService(TwistedService):
@@ -128,7 +159,7 @@ class RegistrarService(TwistedService):
         dispatcher: Dispatcher,
         registry: IServiceRegistry,
         registration_data: dict[str, Any],
-        cpp_registry: Any = None,
+        cpp_registry: CppRegistry | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.registry = registry
@@ -143,11 +174,11 @@ class RegistrarService(TwistedService):
             info = type(service).service_info()
             data = {**self.registration_data, "methods": sorted(info.methods)}
             d = self.registry.register(Registration(name, advertise, data))
-            d.addErrback(
-                lambda f, n=name: log.failure("registering {service} failed", f, service=n)
-            )
+            d.addErrback(_log_failure, "registering {service} failed", service=name)
 
-    def register_cpp(self, advertise: ProviderAddress, routes: dict[Any, Any]) -> None:
+    def register_cpp(
+        self, advertise: ProviderAddress, routes: dict[tuple[str, str], ServerMethod]
+    ) -> None:
         """Announce each method at ``/<Service>/<Method>`` for C++ callers."""
         if self.cpp_registry is None:
             return
@@ -155,19 +186,17 @@ class RegistrarService(TwistedService):
             if self.dispatcher.services[served.info.service].builtin:
                 continue  # Health and Reflection are for native callers
             d = self.cpp_registry.register_cpp(service, method, advertise)
-            d.addErrback(
-                lambda f, p=f"/{service}/{method}": log.failure("registering {p} failed", f, p=p)
-            )
+            d.addErrback(_log_failure, "registering {p} failed", p=f"/{service}/{method}")
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # (Twisted's is not annotated)
         return Deferred.fromCoroutine(self._withdraw())
 
     async def _withdraw(self) -> None:
-        registries = [self.registry]
-        if self.cpp_registry is not None and self.cpp_registry is not self.registry:
-            registries.append(self.cpp_registry)
-        for registry in registries:
+        # The same registry once, even when it is both.
+        both: tuple[IServiceRegistry | CppRegistry | None, ...] = (self.registry, self.cpp_registry)
+        registries = {id(r): r for r in both if r is not None}
+        for registry in registries.values():
             try:
                 await registry.unregister_all()
             except Exception:
@@ -190,9 +219,10 @@ def _admin_service(provider: ProviderService, options: ProviderOptions) -> IServ
     endpoint = _ReportingEndpoint(
         serverFromString(provider.reactor, options.admin_listen), provider._admin_listening
     )
-    admin = StreamServerEndpointService(endpoint, site)
+    # Twisted's application services are not annotated.
+    admin = StreamServerEndpointService(endpoint, site)  # type: ignore[no-untyped-call]
     admin._raiseSynchronously = True
-    admin.setName("admin")
+    admin.setName("admin")  # type: ignore[no-untyped-call]
     return admin
 
 
@@ -227,13 +257,13 @@ class ProviderService(MultiService):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: ProviderReactor,
         services: Sequence[Service] | str | None,
         options: ProviderOptions | Sequence[Service] | None = None,
         /,
         *,
         registry: IServiceRegistry | None = None,
-        cpp_registry: Any = None,
+        cpp_registry: CppRegistry | None = None,
         interceptors: Sequence[IServerInterceptor] = (),
         **settings: Any,
     ) -> None:
@@ -252,16 +282,16 @@ class ProviderService(MultiService):
             options = replace(options, **settings)
         self.options: ProviderOptions = options
         assert services is not None and not isinstance(services, (str, ProviderOptions))
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # (Twisted's is not annotated)
         self.reactor = reactor
+        # ProviderReactor is structural; what takes a clock names IReactorTime.
+        clock = cast(IReactorTime, reactor)
         self.started_at: float | None = None
         self.dispatcher = Dispatcher(services, interceptors)
         self.health = add_builtins(
-            self.dispatcher, reactor, health=options.health, reflection=options.reflection
+            self.dispatcher, clock, health=options.health, reflection=options.reflection
         )
-        self.factory = ServerFactory(
-            self.dispatcher, reactor, options.max_frame_size, options.limits
-        )
+        self.factory = ServerFactory(self.dispatcher, clock, options.max_frame_size, options.limits)
         self.factory.slow_call_threshold = options.slow_call_threshold
         self.registry = registry if registry is not None else StaticRegistry()
         self.cpp_registry = cpp_registry
@@ -275,50 +305,52 @@ class ProviderService(MultiService):
         self.port: IListeningPort | None = None
         self.listening: Deferred[ProviderAddress] = Deferred()
         self.cpp_listening: Deferred[ProviderAddress] = Deferred()
-        self.metrics: Any = None
+        self.metrics: ProviderMetrics | None = None
         self.registrar = RegistrarService(
             self.dispatcher, self.registry, self.registration_data, cpp_registry
         )
-        self.registrar.setServiceParent(self)
+        self.registrar.setServiceParent(self)  # type: ignore[no-untyped-call]  # (not annotated)
         self.listeners: list[ListenerService] = []
         if options.listen is not None:
-            served: Any = self.factory
+            factory: IProtocolFactory = self.factory
             if options.tls_options is not None:
-                served = wrap_server_factory(self.factory, options.tls_options)
+                factory = wrap_server_factory(self.factory, options.tls_options)
             self._add_listener(
                 ListenerService(
-                    reactor, options.listen, served, self._listening, served=self.factory
+                    reactor, options.listen, factory, self._listening, served=self.factory
                 )
             )
         self.cpp_factory: CppServerFactory | None = None
         if options.cpp_listen is not None:
             self.cpp_factory = CppServerFactory(
-                self.dispatcher, reactor, options.max_frame_size, options.limits
+                self.dispatcher, clock, options.max_frame_size, options.limits
             )
+            self.cpp_factory.slow_call_threshold = options.slow_call_threshold
             self._add_listener(
                 ListenerService(reactor, options.cpp_listen, self.cpp_factory, self._cpp_listening)
             )
         if options.admin_listen is not None:
-            _admin_service(self, options).setServiceParent(self)
+            admin = _admin_service(self, options)
+            admin.setServiceParent(self)  # type: ignore[no-untyped-call]  # (not annotated)
 
-    log_observer: Any = None
+    log_observer: ILogObserver | None = None
     """When set, the application's log observer (twistd logs through it)."""
 
-    def setServiceParent(self, parent: Any) -> None:
-        super().setServiceParent(parent)
+    def setServiceParent(self, parent: IServiceCollection | Componentized) -> None:
+        """``parent``: a service collection, or twistd's application (which
+        gets the :attr:`log_observer`)."""
+        super().setServiceParent(parent)  # type: ignore[no-untyped-call]  # (not annotated)
         if self.log_observer is not None and hasattr(parent, "setComponent"):
-            from twisted.logger import ILogObserver
-
             parent.setComponent(ILogObserver, self.log_observer)
 
     def startService(self) -> None:
         self.started_at = self.reactor.seconds()
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # (Twisted's is not annotated)
         if self.metrics is not None:
-            self.metrics.start_sampling(self.reactor)
+            self.metrics.start_sampling(cast(IReactorTime, self.reactor))
 
     def _add_listener(self, listener: ListenerService) -> None:
-        listener.setServiceParent(self)
+        listener.setServiceParent(self)  # type: ignore[no-untyped-call]  # (not annotated)
         self.listeners.append(listener)
 
     def _admin_listening(self, port: IListeningPort) -> None:
@@ -359,7 +391,7 @@ class ProviderService(MultiService):
         self.listening.callback(bound)
         self.registrar.register(self.advertise)
 
-    async def _calls_finished(self, drainables: list[Drainable]) -> None:
+    async def _calls_finished(self, drainables: list[IDrainable]) -> None:
         """Wait until no call is in flight, for at most the grace period."""
         drained = DeferredList([d.whenDrained() for d in drainables], consumeErrors=True)
         if drained.called:
@@ -372,7 +404,7 @@ class ProviderService(MultiService):
             if timer.active():
                 timer.cancel()
 
-    async def _connections_closed(self, drainables: list[Drainable]) -> None:
+    async def _connections_closed(self, drainables: list[IDrainable]) -> None:
         """Close the connections once their answers are sent, waiting for
         that at most CLOSE_TIMEOUT seconds; then abort those left."""
         closed = DeferredList([d.closeConnections() for d in drainables], consumeErrors=True)
@@ -384,7 +416,7 @@ class ProviderService(MultiService):
         finally:
             if timer.active():
                 timer.cancel()
-        left = sum(d.open_connections for d in drainables)
+        left = sum(open_connections(d) for d in drainables)
         if left:
             log.warn("aborting {left} connections that did not take their answers", left=left)
             for drainable in drainables:
@@ -403,7 +435,7 @@ class ProviderService(MultiService):
         self.health.set_all(NOT_SERVING)  # health watchers learn of the drain first
         await self.registrar.stopService()
         for listener in self.listeners:
-            await listener.stopService()
+            await listener.stopService()  # type: ignore[no-untyped-call]  # (not annotated)
         drainables = [listener.drainable for listener in self.listeners]
         for drainable in drainables:
             drainable.goaway()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -13,6 +13,7 @@ from twisted_rpc._version import __version__
 from twisted_rpc.core._ini import ConfigError
 from twisted_rpc.core._interfaces import IServiceRegistry
 from twisted_rpc.cpp._conf import load_cpp_conf
+from twisted_rpc.discovery._kazoo import IZooKeeperReactor
 from twisted_rpc.discovery._static import StaticRegistry
 from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
 from twisted_rpc.ops._logs import json_observer
@@ -22,7 +23,7 @@ from twisted_rpc.provider._config import (
     load_provider_config,
     load_services,
 )
-from twisted_rpc.provider._service import ProviderService
+from twisted_rpc.provider._service import ProviderReactor, ProviderService
 
 
 class Options(usage.Options):
@@ -47,7 +48,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # (Twisted's is not annotated)
         self["service"] = []
 
     def opt_service(self, spec: str) -> None:
@@ -86,17 +87,23 @@ class Options(usage.Options):
         return config
 
 
-def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IService:
+def makeService(
+    options: Options | dict[str, Any], reactor: ProviderReactor | None = None
+) -> IService:
     """The provider's service tree, from parsed options."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    # Every real reactor provides IReactorFromThreads too (what ZooKeeper needs
+    # besides the clock); ProviderReactor leaves it out since only the
+    # ZooKeeper registries use it.
+    zk_reactor = cast(IZooKeeperReactor, reactor)
     config: ProviderConfig = options["provider_config"]
     reg = config.registry
     if reg.kind == "zookeeper":
         registry: IServiceRegistry = ZooKeeperRegistry(
-            reactor, reg.hosts, root=reg.root, session_timeout=reg.session_timeout, auth=reg.auth
+            zk_reactor, reg.hosts, root=reg.root, session_timeout=reg.session_timeout, auth=reg.auth
         )
     else:
         registry = StaticRegistry()
@@ -107,7 +114,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
             cpp_registry = registry
         else:
             cpp_registry = ZooKeeperRegistry(
-                reactor, cpp.zookeeper, session_timeout=reg.session_timeout
+                zk_reactor, cpp.zookeeper, session_timeout=reg.session_timeout
             )
     provider_options = config.options(
         registration_data={
@@ -128,5 +135,5 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         provider.log_observer = json_observer()
     for each in {id(r): r for r in (registry, cpp_registry)}.values():
         if isinstance(each, ZooKeeperRegistry):
-            each.setServiceParent(provider)
+            each.setServiceParent(provider)  # type: ignore[no-untyped-call]  # (not annotated)
     return provider

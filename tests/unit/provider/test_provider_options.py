@@ -9,14 +9,28 @@ import sys
 import textwrap
 
 import pytest
-from twisted.internet.defer import succeed
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
+from protos import echo_pb2
 from testbed.echo_service import EchoService
-from twisted_rpc import ConfigError, ProviderAddress, ProviderOptions, ProviderService, ServerLimits
+from twisted_rpc import (
+    ConfigError,
+    IDrainable,
+    ProviderAddress,
+    ProviderOptions,
+    ProviderService,
+    ServerLimits,
+)
+from twisted_rpc.core._connection import CLOSE_TIMEOUT
+from twisted_rpc.cpp import encode_request
 from twisted_rpc.provider import load_provider_config
 from twisted_rpc.provider._options import check_server_endpoint
-from twisted_rpc.provider._service import Drainable
+from twisted_rpc.provider._service import ListenerService, open_connections
 
 LISTEN = "tcp:0:interface=127.0.0.1"
 
@@ -207,10 +221,8 @@ def test_the_provider_is_composed_of_child_services():
         "StreamServerEndpointService",
     ]
     assert both.getServiceNamed("admin") is list(both)[-1]
-    assert [listener.drainable.factory for listener in both.listeners] == [
-        both.factory,
-        both.cpp_factory,
-    ]
+    # Each listener's factory is the IDrainable the stop drives, as it is.
+    assert [listener.drainable for listener in both.listeners] == [both.factory, both.cpp_factory]
     assert both.metrics is not None and both.factory.observer is both.metrics
 
 
@@ -256,8 +268,9 @@ def test_the_registrar_registers_when_bound_and_withdraws_first_on_stop():
     assert not provider.registrar.running and not provider.running
 
 
-class _NewNames:
-    """A factory with the IDrainable names (and the older ones, unused)."""
+@implementer(IDrainable)
+class _StuckListener:
+    """An IDrainable whose two connections do not close by themselves."""
 
     def __init__(self):
         self.calls = []
@@ -272,25 +285,61 @@ class _NewNames:
 
     def closeConnections(self):
         self.calls.append("closeConnections")
-        return succeed(None)
+        return Deferred()
 
     def abortConnections(self):
         self.calls.append("abortConnections")
-
-    def when_idle(self):
-        raise AssertionError("the older name is used")
-
-    close_connections = abort_connections = when_idle
+        self.connections.clear()
 
 
-def test_a_drainable_uses_the_idrainable_names_when_the_factory_has_them():
-    factory = _NewNames()
-    drainable = Drainable(factory)
-    drainable.goaway()
-    assert drainable.whenDrained().called and drainable.closeConnections().called
-    drainable.abortConnections()
-    assert factory.calls == ["goaway", "whenDrained", "closeConnections", "abortConnections"]
-    assert drainable.open_connections == 2
+def test_the_stop_drives_each_listener_through_idrainable(logged):
+    reactor = MemoryReactorClock()
+    provider = ProviderService(reactor, [EchoService()], listen=LISTEN)
+    stuck = _StuckListener()
+    verifyObject(IDrainable, stuck)
+    listener = ListenerService(reactor, LISTEN, Factory(), lambda port: None, served=stuck)
+    assert listener.drainable is stuck
+    listener.setServiceParent(provider)
+    provider.listeners.append(listener)
+    provider.startService()
+    stopped = provider.stopService()
+    assert stuck.calls == ["goaway", "whenDrained", "closeConnections"]
+    assert not stopped.called
+    reactor.advance(CLOSE_TIMEOUT)
+    assert stuck.calls[-1] == "abortConnections" and stopped.called
+    (warning,) = [e for e in logged if e.get("log_format", "").startswith("aborting")]
+    assert warning["left"] == 2
+
+
+def test_open_connections_counts_what_a_listener_holds():
+    reactor = MemoryReactorClock()
+    provider = ProviderService(reactor, [EchoService()], listen=LISTEN)
+    assert open_connections(provider.factory) == 0
+    address = IPv4Address("TCP", "10.0.0.1", 1)
+    provider.factory.buildProtocol(address).makeConnection(StringTransport(peerAddress=address))
+    assert open_connections(provider.factory) == 1
+    assert open_connections(_StuckListener()) == 2
+
+
+def test_a_listener_factory_must_be_drainable():
+    with pytest.raises(TypeError):
+        ListenerService(MemoryReactorClock(), LISTEN, Factory(), lambda port: None)
+
+
+def test_the_cpp_listener_logs_slow_calls_too(logged):
+    reactor = MemoryReactorClock()
+    provider = ProviderService(reactor, [EchoService()], cpp_listen=LISTEN, slow_call_threshold=0.5)
+    assert provider.cpp_factory is not None
+    assert provider.cpp_factory.slow_call_threshold == 0.5
+    address = IPv4Address("TCP", "10.0.0.1", 1)
+    proto = provider.cpp_factory.buildProtocol(address)
+    proto.makeConnection(StringTransport(peerAddress=address))
+    request = echo_pb2.EchoRequest(payload=b"x", delay=1)
+    proto.dataReceived(encode_request("EchoService", "AsyncEcho", request.SerializeToString()))
+    reactor.advance(1)
+    (event,) = [e for e in logged if e.get("log_format", "").startswith("slow ")]
+    assert event["method"] == "mprpc.test.EchoService/AsyncEcho"
+    assert event["duration_ms"] == 1000
 
 
 def test_the_admin_site_is_imported_only_when_configured():
