@@ -7,10 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from twisted_rpc.client._balancer import balancer_named
-from twisted_rpc.client._dials import DEFAULT_MAX_CONCURRENT_DIALS, DEFAULT_MAX_DIALS_PER_SECOND
-from twisted_rpc.client._options import DEFAULT_MAX_WRITE_BUFFER, ClientOptions, timeout_error
-from twisted_rpc.core import _codec as wire
+from twisted_rpc.client._options import ClientOptions
 from twisted_rpc.core._ini import REGISTRY_KEYS, ConfigError, Reader, RegistryConfig
 from twisted_rpc.core._tls import ClientTLS
 from twisted_rpc.discovery._types import ProviderAddress, parse_address
@@ -36,6 +33,7 @@ class ConsumerConfig:
 
 
 _OPTION_NAMES = frozenset(f.name for f in fields(ClientOptions))
+_DEFAULTS = ClientOptions()
 
 
 _CONSUMER_KEYS = {
@@ -72,32 +70,21 @@ def load_consumer_config(path: str) -> ConsumerConfig:
                 r.parsed("providers", service, a, parse_address)
                 for a in raw.replace(",", " ").split()
             ]
-    timeout = r.number("consumer", "timeout", 0.0)
-    if timeout_error(timeout) is not None:
-        raise ConfigError(f"{path}: [consumer] timeout: {timeout_error(timeout)}")
-    balancer = r.get("consumer", "balancer", "round_robin") or "round_robin"
-    try:
-        balancer_named(balancer)
-    except ValueError as e:
-        raise ConfigError(f"{path}: [consumer] balancer: {e}") from None
+    d = _DEFAULTS  # every default in one place: ClientOptions, which checks the values too
     try:
         options = ClientOptions(
-            timeout=timeout or None,
-            balancer=balancer,
-            connect_timeout=r.number("consumer", "connect_timeout", 5.0, minimum=0.001),
-            max_frame_size=r.number(
-                "consumer", "max_frame_size", wire.DEFAULT_MAX_FRAME_SIZE, int, 64
-            ),
-            keepalive_interval=r.number("consumer", "keepalive_interval", 0.0),
-            keepalive_timeout=r.number("consumer", "keepalive_timeout", 10.0, minimum=0.001),
-            max_write_buffer=r.number(
-                "consumer", "max_write_buffer", DEFAULT_MAX_WRITE_BUFFER, int, 0
-            ),
+            timeout=r.number("consumer", "timeout", 0.0) or None,
+            balancer=r.get("consumer", "balancer", "round_robin") or "round_robin",
+            connect_timeout=r.number("consumer", "connect_timeout", d.connect_timeout),
+            max_frame_size=r.number("consumer", "max_frame_size", d.max_frame_size, int),
+            keepalive_interval=r.number("consumer", "keepalive_interval", d.keepalive_interval),
+            keepalive_timeout=r.number("consumer", "keepalive_timeout", d.keepalive_timeout),
+            max_write_buffer=r.number("consumer", "max_write_buffer", d.max_write_buffer, int),
             max_concurrent_dials=r.number(
-                "consumer", "max_concurrent_dials", DEFAULT_MAX_CONCURRENT_DIALS, int, 1
+                "consumer", "max_concurrent_dials", d.max_concurrent_dials, int
             ),
             max_dials_per_second=r.number(
-                "consumer", "max_dials_per_second", DEFAULT_MAX_DIALS_PER_SECOND, float, 0.001
+                "consumer", "max_dials_per_second", d.max_dials_per_second, float
             ),
             tls=ClientTLS(
                 r.get("tls", "ca", "") or "",
