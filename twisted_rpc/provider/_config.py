@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from twisted_rpc.core import _codec as wire
@@ -168,44 +168,49 @@ def load_provider_config(path: str) -> ProviderConfig:
         listen=listen,
         advertise=advertise,
         services=services,
-        grace_period=r.number("provider", "grace_period", 10.0),
-        max_frame_size=r.number("provider", "max_frame_size", wire.DEFAULT_MAX_FRAME_SIZE, int, 64),
-        limits=ServerLimits(
-            max_calls_per_connection=r.number(
-                "provider", "max_calls_per_connection", 1000, int, minimum=1
-            ),
-            max_calls=r.number("provider", "max_calls", 10000, int, minimum=1),
-            max_connections=r.number("provider", "max_connections", 1000, int, minimum=1),
-            idle_timeout=r.number("provider", "idle_timeout", 0.0),
-            **_hardening_limits(r),
-        ),
+        grace_period=r.number("provider", "grace_period", _default("grace_period")),
+        max_frame_size=r.number("provider", "max_frame_size", _default("max_frame_size"), int, 64),
+        limits=_limits(r),
         registry=registry,
         cpp=read_cpp_section(r, registry),
         health=r.flag("provider", "health", True),
         reflection=r.flag("provider", "reflection", True),
-        slow_call_threshold=r.number("provider", "slow_call_threshold", 0.0),
+        slow_call_threshold=r.number(
+            "provider", "slow_call_threshold", _default("slow_call_threshold")
+        ),
         admin=_admin(r),
         log_format=_log_format(r),
     )
 
 
-def _hardening_limits(r: Reader) -> dict[str, Any]:
-    """The ``[provider]`` limits on what one peer may hold (docs/config.md)."""
+def _default(name: str) -> Any:
+    """The default of a :class:`ProviderOptions` setting: defaults live there."""
+    return next(f.default for f in fields(ProviderOptions) if f.name == name)
+
+
+def _limits(r: Reader) -> ServerLimits:
+    """The ``[provider]`` limits (docs/config.md), defaults from ServerLimits."""
     d = ServerLimits()
     p = "provider"
-    return {
-        "max_long_lived_calls_per_connection": r.number(
+    return ServerLimits(
+        max_calls_per_connection=r.number(
+            p, "max_calls_per_connection", d.max_calls_per_connection, int, 1
+        ),
+        max_calls=r.number(p, "max_calls", d.max_calls, int, 1),
+        max_connections=r.number(p, "max_connections", d.max_connections, int, 1),
+        idle_timeout=r.number(p, "idle_timeout", d.idle_timeout),
+        max_long_lived_calls_per_connection=r.number(
             p, "max_long_lived_calls_per_connection", d.max_long_lived_calls_per_connection, int, 1
         ),
-        "max_long_lived_calls": r.number(p, "max_long_lived_calls", d.max_long_lived_calls, int, 1),
-        "max_metadata_size": r.number(p, "max_metadata_size", d.max_metadata_size, int, 1),
-        "max_metadata_entries": r.number(p, "max_metadata_entries", d.max_metadata_entries, int, 1),
-        "frame_timeout": r.number(p, "frame_timeout", d.frame_timeout),
-        "max_connections_per_peer": r.number(
+        max_long_lived_calls=r.number(p, "max_long_lived_calls", d.max_long_lived_calls, int, 1),
+        max_metadata_size=r.number(p, "max_metadata_size", d.max_metadata_size, int, 1),
+        max_metadata_entries=r.number(p, "max_metadata_entries", d.max_metadata_entries, int, 1),
+        frame_timeout=r.number(p, "frame_timeout", d.frame_timeout),
+        max_connections_per_peer=r.number(
             p, "max_connections_per_peer", d.max_connections_per_peer, int, 1
         ),
-        "max_buffered_bytes": r.number(p, "max_buffered_bytes", d.max_buffered_bytes, int, 1),
-    }
+        max_buffered_bytes=r.number(p, "max_buffered_bytes", d.max_buffered_bytes, int, 1),
+    )
 
 
 def _log_format(r: Reader) -> str:
