@@ -16,6 +16,7 @@ import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from protos import echo_pb2
@@ -97,4 +98,4 @@ class GoawayLiveTests(TestCase):
         )
         self.assertEqual(failures, [])
         self.assertEqual(pids, {first.pid, second.pid})  # both served before the stop
-        self.assertIsNotNone(first.wait(10))  # and the first one did stop
+        self.assertIsNotNone(await deferToThread(first.wait, 10))  # and the first one stopped
