@@ -139,27 +139,31 @@ def test_bad_tls_files_are_a_config_error(tmp_path):
         load_provider_config(str(config))
 
 
-def test_a_connection_refused_by_the_factory_is_refused_under_tls_too():
-    """A connection limit's refusal (buildProtocol returning None) must close
-    the connection on accept under TLS as without it; Twisted's TLS factory
-    wrapped the None and left the socket open and uncounted."""
+def test_a_connection_refused_by_a_limit_is_closed_under_tls_too():
+    """A connection over a limit must be closed on accept under TLS as without
+    it (a refusal returned as None was wrapped by the TLS factory and left the
+    socket open and uncounted)."""
     import twisted.test
     from twisted.internet import ssl
     from twisted.internet.address import IPv4Address
-    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
 
-    from twisted_rpc import wrap_server_factory
-
-    class OneConnection(Factory):
-        built = 0
-
-        def buildProtocol(self, addr):
-            self.built += 1
-            return Protocol() if self.built == 1 else None
+    from testbed.echo_service import EchoService
+    from twisted_rpc import Dispatcher, ServerLimits, wrap_server_factory
+    from twisted_rpc.server import ServerFactory
 
     pem = Path(twisted.test.__file__).with_name("server.pem")  # Twisted's test certificate
     options = ssl.PrivateCertificate.loadPEM(pem.read_bytes()).options()
-    tls = wrap_server_factory(OneConnection(), options)
+    factory = ServerFactory(
+        Dispatcher([EchoService()]), Clock(), limits=ServerLimits(max_connections_per_peer=1)
+    )
+    tls = wrap_server_factory(factory, options)
     addr = IPv4Address("TCP", "127.0.0.1", 5555)
-    assert tls.buildProtocol(addr) is not None
-    assert tls.buildProtocol(addr) is None
+    transports = []
+    for _ in range(2):
+        transport = StringTransport(peerAddress=addr)
+        tls.buildProtocol(addr).makeConnection(transport)
+        transports.append(transport)
+    assert [t.disconnecting for t in transports] == [False, True]
+    assert len(factory.connections) == 1

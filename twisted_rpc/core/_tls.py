@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # (pyOpenSSL is imported only when TLS is used)
     from twisted.internet.interfaces import (
-        IAddress,
         IOpenSSLClientConnectionCreator,
         IProtocolFactory,
         IStreamClientEndpoint,
     )
     from twisted.internet.ssl import CertificateOptions
-    from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+    from twisted.protocols.tls import TLSMemoryBIOFactory
 
 __all__ = ["ClientTLS", "server_options", "wrap_client_endpoint", "wrap_server_factory"]
 
@@ -58,26 +57,13 @@ def wrap_server_factory(
 ) -> TLSMemoryBIOFactory:
     """The factory that speaks TLS around ``factory``'s connections.
 
-    A connection ``factory`` refuses (``buildProtocol`` returns None: a
-    connection limit) is refused by the TLS factory too, so it is closed on
-    accept as without TLS. (Twisted's ``TLSMemoryBIOFactory`` would wrap the
-    None and leave the socket open, uncounted.)
+    ``factory`` must build a protocol for every connection, refused ones
+    included (``RefusedConnection``, which closes itself): the TLS factory
+    would wrap a None and leave the socket open.
     """
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
-    class _RefusingTLSFactory(TLSMemoryBIOFactory):
-        noisy = False
-
-        # (None refuses the connection, which the base class's type does not allow.)
-        def buildProtocol(  # type: ignore[override]
-            self, addr: IAddress | None
-        ) -> TLSMemoryBIOProtocol | None:
-            inner = self.wrappedFactory.buildProtocol(addr)
-            if inner is None:
-                return None
-            return self.protocol(self, inner)
-
-    return _RefusingTLSFactory(options, False, factory)
+    return TLSMemoryBIOFactory(options, False, factory)
 
 
 @dataclass(frozen=True)
