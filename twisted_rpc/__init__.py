@@ -12,13 +12,16 @@ Everything a user needs imports from here; importing it starts no reactor.
 from twisted_rpc._version import __version__
 from twisted_rpc.client import (
     Balancer,
+    BidiStream,
     Channel,
     Client,
     ClientCall,
     ClientOptions,
+    ClientStream,
     LeastOutstanding,
     NotSentError,
     RoundRobin,
+    ServerStream,
     ServiceProxy,
     WeightedRandom,
     balancer_named,
@@ -35,10 +38,12 @@ from twisted_rpc.core import (
     FailedPreconditionError,
     ICallObserver,
     IClientInterceptor,
+    IClientStreamInterceptor,
     IDrainable,
     InternalError,
     InvalidArgumentError,
     IServerInterceptor,
+    IServerStreamInterceptor,
     IServiceDiscovery,
     IServiceRegistry,
     MethodInfo,
@@ -66,9 +71,21 @@ from twisted_rpc.discovery import (
     parse_address,
 )
 from twisted_rpc.provider import ProviderOptions, ProviderService, load_provider_config
-from twisted_rpc.server import CallContext, Dispatcher, FunctionInterceptor, ServerLimits
+from twisted_rpc.server import (
+    CallContext,
+    Dispatcher,
+    FunctionInterceptor,
+    RequestStream,
+    ServerLimits,
+)
 
 __all__ = [
+    "RequestStream",
+    "IServerStreamInterceptor",
+    "IClientStreamInterceptor",
+    "ServerStream",
+    "ClientStream",
+    "BidiStream",
     "AbortedError",
     "AlreadyExistsError",
     "Balancer",

@@ -10,7 +10,10 @@ setting and its default is a field of :class:`ClientOptions` (``_options``);
 a consumer ini file, read by ``_config``, builds one.
 :class:`Client` (``_client``) picks a channel per call with a balancer
 (``_balancer``) from the provider lists its discovery gives, and builds
-:class:`ServiceProxy` objects (``_proxy``) whose methods return Deferreds::
+:class:`ServiceProxy` objects (``_proxy``) whose methods return Deferreds,
+or for streaming methods a :class:`ServerStream`, :class:`ClientStream` or
+:class:`BidiStream` (``_streams``; started by ``_stream_start``, carried on
+the connection by ``_stream_wire``)::
 
     client = Client(reactor, providers={"example.UserService": ["127.0.0.1:8000"]})
     users = client.proxy(user_pb2.DESCRIPTOR.services_by_name["UserService"])
@@ -41,10 +44,12 @@ from twisted_rpc.client._states import (
     ConnectionState,
     InvalidTransition,
 )
+from twisted_rpc.client._streams import BidiStream, ClientStream, ServerStream, StreamCall
 
 __all__ = [
     "MAX_TIMEOUT",
     "Balancer",
+    "BidiStream",
     "Channel",
     "ChannelEvent",
     "ChannelState",
@@ -52,13 +57,16 @@ __all__ = [
     "ClientCall",
     "ClientConnection",
     "ClientOptions",
+    "ClientStream",
     "ConnectionState",
     "ConsumerConfig",
     "InvalidTransition",
     "LeastOutstanding",
     "NotSentError",
     "RoundRobin",
+    "ServerStream",
     "ServiceProxy",
+    "StreamCall",
     "WeightedRandom",
     "backoff_policy",
     "balancer_named",

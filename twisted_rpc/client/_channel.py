@@ -160,9 +160,11 @@ class Channel:
     def load(self) -> int:
         """Calls in flight or waiting on this channel."""
         protocol = self.protocol
-        load = len(self._waiters) + (len(protocol.outstanding) if protocol is not None else 0)
+        load = len(self._waiters)
+        if protocol is not None:
+            load += len(protocol.outstanding) + len(protocol.streams)
         for old in self._old:
-            load += len(old.outstanding)
+            load += len(old.outstanding) + len(old.streams)
         return load
 
     def connect(self) -> None:
@@ -258,6 +260,20 @@ class Channel:
         if timeout:
             timeout = max(0.001, timeout - (self.clock.seconds() - started))
         return await protocol.call(method, request, timeout, metadata)
+
+    def when_ready(self) -> Deferred[ClientConnection]:
+        """The ready connection: at once if there is one, else once dialled
+        (dialling if idle); NotSentError if the channel is out of rotation."""
+        protocol = self.protocol
+        if protocol is not None and protocol.state is _OPEN:
+            return succeed(protocol)
+        if self.state == ChannelState.IDLE:
+            self.connect()
+        if self.state not in DIALLING:
+            return fail(NotSentError(message=f"provider {self.address}: {self.last_error}"))
+        waiter: Deferred[ClientConnection] = Deferred(self._waiters.remove)
+        self._waiters.append(waiter)
+        return waiter
 
     def resume(self, call: TakenBack, fallback: Callable[[TakenBack, RpcError], object]) -> None:
         """Send a call a GOAWAY took back on this channel: at once when ready,

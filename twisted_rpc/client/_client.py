@@ -27,8 +27,14 @@ from twisted_rpc.client._options import ClientOptions, timeout_error
 from twisted_rpc.client._parked import _not_sent
 from twisted_rpc.client._proxy import ServiceProxy
 from twisted_rpc.client._states import ChannelState
+from twisted_rpc.client._stream_start import StreamStarter, _stream_intercepted
+from twisted_rpc.client._streams import StreamCall
 from twisted_rpc.core._codec import GoawayReason
-from twisted_rpc.core._interfaces import IClientInterceptor, IServiceDiscovery
+from twisted_rpc.core._interfaces import (
+    IClientInterceptor,
+    IClientStreamInterceptor,
+    IServiceDiscovery,
+)
 from twisted_rpc.core._service import (
     MethodInfo,
     Service,
@@ -89,7 +95,7 @@ def _make_balancer(choice: BalancerChoice) -> Balancer:
     return choice()
 
 
-class Client:
+class Client(StreamStarter):
     """Calls services on providers; owns the connections, shared by all proxies.
 
     Provider lists come from ``discovery`` (an ``IServiceDiscovery``, e.g. a
@@ -146,8 +152,14 @@ class Client:
         self._unsubscribe: list[Callable[[], object]] = []
         self._retiring: set[Channel] = set()
         self._invoke: Callable[[ClientCall, Message], Deferred[Message]] = self._send
+        self._invoke_stream: Callable[[ClientCall, Any], StreamCall[Any, Any]] = self._start_stream
         for interceptor in reversed(self.interceptors):
-            self._invoke = _client_intercepted(interceptor, self._invoke)
+            if IClientStreamInterceptor.providedBy(interceptor):
+                self._invoke_stream = _stream_intercepted(interceptor, self._invoke_stream)
+            if IClientInterceptor.providedBy(interceptor) or not (
+                IClientStreamInterceptor.providedBy(interceptor)
+            ):
+                self._invoke = _client_intercepted(interceptor, self._invoke)
 
     @classmethod
     def from_config(cls, path: str, reactor: ClientReactor | None = None, **kw: Any) -> Client:

@@ -21,6 +21,7 @@ from twisted_rpc.client._options import (  # noqa: F401 (also imported from here
     timeout_error,
 )
 from twisted_rpc.client._states import ConnectionState
+from twisted_rpc.client._stream_wire import StreamWire
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameKind, GoawayReason
 from twisted_rpc.core._connection import LARGE_PAYLOAD, RpcConnection
@@ -90,7 +91,7 @@ TakenBack = tuple[_Call, MethodInfo, bytes, "Mapping[str, str] | None", float]
 request, metadata and absolute deadline (0: none)."""
 
 
-class ClientConnection(RpcConnection):
+class ClientConnection(StreamWire, RpcConnection):
     """One consumer-side connection: numbered calls, answered in any order.
 
     ``outstanding`` maps a call id to ``(deferred, method, payload, metadata,
@@ -138,6 +139,11 @@ class ClientConnection(RpcConnection):
         self._on_goaway = on_goaway
         self._handlers[FrameKind.RESPONSE] = self._response_received
         self._handlers[FrameKind.GOAWAY] = self._goaway_received
+        self._handlers[FrameKind.MESSAGE] = self._stream_message
+        self._handlers[FrameKind.HEADERS] = self._stream_headers
+        self._handlers[FrameKind.WINDOW] = self._stream_window
+        self.streams = {}
+        """Streams in flight by call id (they share the ids of calls)."""
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -349,7 +355,11 @@ class ClientConnection(RpcConnection):
     ) -> None:
         entry = self.outstanding.pop(call_id, None)
         if entry is None:
-            return  # answered locally already (cancelled or timed out), or taken back
+            # answered locally already (cancelled or timed out), or taken back; or a stream
+            stream = self.streams.pop(call_id, None) if self.streams else None
+            if stream is not None:
+                stream.response_received(status, message, metadata, payload)
+            return
         d = entry[0]
         if status:
             d.errback(RpcError.from_status(status, message))
@@ -379,6 +389,10 @@ class ClientConnection(RpcConnection):
         # From now on, the connection closes once its last call is done.
         self._handlers[FrameKind.RESPONSE] = self._response_after_goaway
         taken = self._take_back(last_call_id)
+        if not self._wrapped:
+            for call_id in [i for i in self.streams if i > last_call_id]:
+                stream = self.streams.pop(call_id)
+                stream.end(NotSentError(message=f"{self.peer}: provider sent GOAWAY"))
         self.log.info(
             "{peer} sent GOAWAY ({reason}, last call {last}): {n} calls it never ran go again",
             peer=self.peer,
@@ -401,7 +415,7 @@ class ClientConnection(RpcConnection):
         """After a GOAWAY, once no call is left: close the connection (a
         provider may leave it open), and abort it if it has not closed
         GOAWAY_CLOSE_GRACE seconds later (a peer that does not read)."""
-        if self.outstanding or not self.connected or self._close_timer is not None:
+        if self.outstanding or self.streams or not self.connected or self._close_timer is not None:
             return
         RpcConnection.close(self)  # flushes what was written (a CANCEL, say)
         self._close_timer = self.clock.callLater(GOAWAY_CLOSE_GRACE, self._close_overdue)
@@ -462,5 +476,9 @@ class ClientConnection(RpcConnection):
         self.outstanding.clear()
         for d, *_ in outstanding:
             d.errback(UnavailableError(message=f"connection to {self.peer} lost"))
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for stream in streams:
+            stream.end(UnavailableError(message=f"connection to {self.peer} lost"))
         if self._on_lost is not None:
             self._on_lost(self, reason)

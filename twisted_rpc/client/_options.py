@@ -14,6 +14,7 @@ from twisted_rpc.client._dials import (
     backoff_policy,
 )
 from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._flow import DEFAULT_STREAM_WINDOW, check_window
 from twisted_rpc.core._tls import ClientTLS
 
 if TYPE_CHECKING:
@@ -92,6 +93,9 @@ class ClientOptions:
     """Failed attempts in a row -> seconds before the next (the signature of
     Twisted's ``backoffPolicy``); default :func:`backoff_policy`: 0.1 s
     doubling up to 5 s, +- 20 %."""
+    stream_window: int = DEFAULT_STREAM_WINDOW
+    """Bytes of replies each stream may receive ahead of the application
+    taking them (its receive window, told to providers in the settings)."""
 
     def __post_init__(self) -> None:
         error = timeout_error(self.timeout)
@@ -111,6 +115,7 @@ class ClientOptions:
         _number("max_write_buffer", self.max_write_buffer, int, 0)
         _number("max_concurrent_dials", self.max_concurrent_dials, int, 1)
         _number("max_dials_per_second", self.max_dials_per_second, float, 0, above=True)
+        check_window(self.stream_window)
         if self.backoff is None:  # what Client(backoff=None) always meant
             object.__setattr__(self, "backoff", _DEFAULT_BACKOFF)
         if not callable(self.backoff):

@@ -63,7 +63,9 @@ def _stub(
     default_metadata: Mapping[str, str] | None,
     balancer: Balancer | None,
     idempotent: bool,
-) -> Callable[..., Deferred[Message]]:
+) -> Callable[..., Any]:
+    if method.client_streaming or method.server_streaming:
+        return _stream_stub(client, method, default_metadata, balancer)
     call = client.call
 
     def stub(
@@ -81,5 +83,43 @@ def _stub(
     stub.__doc__ = (
         f"Call {method.full_name}({method.request_class.DESCRIPTOR.full_name}) "
         f"-> Deferred[{method.response_class.DESCRIPTOR.full_name}]"
+    )
+    return stub
+
+
+def _stream_stub(
+    client: Client,
+    method: MethodInfo,
+    default_metadata: Mapping[str, str] | None,
+    balancer: Balancer | None,
+) -> Callable[..., Any]:
+    """A streaming method: it returns the stream at once (a
+    :class:`ServerStream`, :class:`ClientStream` or :class:`BidiStream`).
+    A proxy's default timeout is for unary calls; a stream has a deadline
+    only if given ``timeout``."""
+    start = client.stream
+
+    def stub(
+        request: Any = None,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Any:
+        if default_metadata:
+            metadata = {**default_metadata, **(metadata or {})}
+        return start(method, request, timeout, metadata, balancer)
+
+    kind = (
+        "BidiStream"
+        if method.client_streaming and method.server_streaming
+        else "ClientStream"
+        if method.client_streaming
+        else "ServerStream"
+    )
+    stub.__name__ = method.name
+    stub.__qualname__ = f"{method.service}.{method.name}"
+    stub.__doc__ = (
+        f"Stream {method.full_name}({method.request_class.DESCRIPTOR.full_name}) "
+        f"-> {kind}[{method.response_class.DESCRIPTOR.full_name}]"
     )
     return stub

@@ -16,8 +16,10 @@ from twisted_rpc.core._ini import ConfigError
 from twisted_rpc.core._interfaces import (
     ICallObserver,
     IClientInterceptor,
+    IClientStreamInterceptor,
     IDrainable,
     IServerInterceptor,
+    IServerStreamInterceptor,
     IServiceDiscovery,
     IServiceRegistry,
 )
@@ -57,8 +59,10 @@ __all__ = [
     "FailedPreconditionError",
     "ICallObserver",
     "IClientInterceptor",
+    "IClientStreamInterceptor",
     "IDrainable",
     "IServerInterceptor",
+    "IServerStreamInterceptor",
     "IServiceDiscovery",
     "IServiceRegistry",
     "InternalError",

@@ -31,6 +31,10 @@ __all__ = [
     "ProtocolError",
     "RejectHandler",
     "encode_cancel",
+    "encode_end_stream",
+    "encode_headers",
+    "encode_message",
+    "encode_window",
     "encode_goaway",
     "encode_ping",
     "encode_pong",
@@ -55,10 +59,12 @@ _U16 = struct.Struct("!H")
 FLAG_EXT = 0x01
 """An extension block follows the route."""
 FLAG_END_STREAM = 0x02
-"""Reserved for streaming calls: the last frame of a stream."""
+"""Unused: END_STREAM is a frame kind, so frame handlers need no flags."""
 
 EXT_ERROR_MESSAGE = 1
 EXT_METADATA = 2
+EXT_SETTING = 3
+"""A setting, in a PING or PONG only: laid out as a metadata pair."""
 
 _pack_header = _HEADER.pack
 _unpack_header = _HEADER.unpack_from
@@ -74,6 +80,10 @@ class FrameKind(IntEnum):
     PING = 4
     PONG = 5
     GOAWAY = 6
+    MESSAGE = 7
+    END_STREAM = 8
+    WINDOW = 9
+    HEADERS = 10
 
 
 class GoawayReason(IntEnum):
@@ -94,11 +104,14 @@ class GoawayReason(IntEnum):
 
 REQUEST = FrameKind.REQUEST.value
 RESPONSE = FrameKind.RESPONSE.value
-GOAWAY = FrameKind.GOAWAY.value
+GOAWAY, PING, PONG = FrameKind.GOAWAY.value, FrameKind.PING.value, FrameKind.PONG.value
+MESSAGE, WINDOW, HEADERS = FrameKind.MESSAGE.value, FrameKind.WINDOW.value, FrameKind.HEADERS.value
 
-_EXT_KINDS = frozenset({REQUEST, RESPONSE, GOAWAY})
-"""The kinds whose extension is read; in the others (CANCEL, PING, PONG) it
-means nothing and is skipped unread."""
+_EXT_KINDS = frozenset({REQUEST, RESPONSE, GOAWAY, HEADERS})
+"""Kinds whose extension is read for metadata and error text (PING and PONG:
+for settings); in the others it means nothing and is skipped unread."""
+
+_SETTINGS_KINDS = frozenset({PING, PONG})
 
 
 class ProtocolError(Exception):
@@ -159,7 +172,9 @@ class Frame:
 # --------------------------------------------------------------------------- encoding
 
 
-def _encode_ext(metadata: Mapping[str, str] | None, message: str) -> bytes:
+def _encode_ext(
+    metadata: Mapping[str, str] | None, message: str, pair_tag: int = EXT_METADATA
+) -> bytes:
     parts = []
     if message:
         raw = message.encode("utf-8")
@@ -169,7 +184,7 @@ def _encode_ext(metadata: Mapping[str, str] | None, message: str) -> bytes:
         for key, value in metadata.items():
             k = key.encode("utf-8")
             v = value.encode("utf-8")
-            parts.append(_EXT_ENTRY.pack(EXT_METADATA, 2 + len(k) + len(v)))
+            parts.append(_EXT_ENTRY.pack(pair_tag, 2 + len(k) + len(v)))
             parts.append(_U16.pack(len(k)))
             parts.append(k)
             parts.append(v)
@@ -236,21 +251,56 @@ def encode_status(call_id: int, status: int, message: str = "") -> bytes:
 
 
 def encode_cancel(call_id: int) -> bytes:
+    """CANCEL: the consumer gave up on ``call_id`` (a call or a stream)."""
     return _pack_header(_FIXED_AFTER_LENGTH, FrameKind.CANCEL, 0, 0, call_id, 0, 0)
 
 
-def encode_ping(ping_id: int, payload: bytes = b"") -> bytes:
-    return (
-        _pack_header(_FIXED_AFTER_LENGTH + len(payload), FrameKind.PING, 0, 0, ping_id, 0, 0)
-        + payload
-    )
+def encode_ping(
+    ping_id: int, payload: bytes = b"", settings: Mapping[str, str] | None = None
+) -> bytes:
+    """A PING; ``settings`` (the sender's) ride in its extension."""
+    return _control(PING, ping_id, payload, settings)
 
 
-def encode_pong(ping_id: int, payload: bytes = b"") -> bytes:
-    return (
-        _pack_header(_FIXED_AFTER_LENGTH + len(payload), FrameKind.PONG, 0, 0, ping_id, 0, 0)
-        + payload
-    )
+def encode_pong(
+    ping_id: int, payload: bytes = b"", settings: Mapping[str, str] | None = None
+) -> bytes:
+    return _control(PONG, ping_id, payload, settings)
+
+
+def _control(kind: int, ping_id: int, payload: bytes, settings: Mapping[str, str] | None) -> bytes:
+    """A PING or PONG with ``settings`` as EXT_SETTING entries: what its
+    sender supports and its limits (``{"streams": "1", ...}``). A receiver
+    that knows no settings skips them (unknown extension tags are skipped,
+    and older receivers skip a PING's extension unread)."""
+    flags = 0
+    ext = b""
+    if settings:
+        ext = _encode_ext(settings, "", EXT_SETTING)
+        flags = FLAG_EXT
+    length = _FIXED_AFTER_LENGTH + len(ext) + len(payload)
+    return _pack_header(length, kind, flags, 0, ping_id, 0, 0) + ext + payload
+
+
+def encode_message(call_id: int, payload_size: int) -> bytes:
+    """Header of a MESSAGE frame: one message of stream ``call_id``."""
+    return _pack_header(_FIXED_AFTER_LENGTH + payload_size, MESSAGE, 0, 0, call_id, 0, 0)
+
+
+def encode_end_stream(call_id: int) -> bytes:
+    """END_STREAM: the consumer sends no more messages on stream ``call_id``."""
+    return _pack_header(_FIXED_AFTER_LENGTH, FrameKind.END_STREAM, 0, 0, call_id, 0, 0)
+
+
+def encode_window(call_id: int, increment: int) -> bytes:
+    """WINDOW: the receiver of stream ``call_id`` grants ``increment`` more
+    bytes of credit (carried where a REQUEST has its timeout)."""
+    return _pack_header(_FIXED_AFTER_LENGTH, WINDOW, 0, 0, call_id, increment, 0)
+
+
+def encode_headers(call_id: int, metadata: Mapping[str, str]) -> bytes:
+    """HEADERS: the provider's initial metadata for stream ``call_id``."""
+    return encode_header(HEADERS, call_id, 0, metadata=metadata)
 
 
 def encode_goaway(
@@ -264,7 +314,9 @@ def encode_goaway(
 # --------------------------------------------------------------------------- decoding
 
 
-def _decode_ext(ext: bytes, max_entries: int) -> tuple[dict[str, str] | None, str]:
+def _decode_ext(
+    ext: bytes, max_entries: int, pair_tag: int = EXT_METADATA
+) -> tuple[dict[str, str] | None, str]:
     metadata: dict[str, str] | None = None
     message = ""
     pos = 0
@@ -287,7 +339,7 @@ def _decode_ext(ext: bytes, max_entries: int) -> tuple[dict[str, str] | None, st
             pos += size
             if tag == EXT_ERROR_MESSAGE:
                 message = value.decode("utf-8")
-            elif tag == EXT_METADATA:
+            elif tag == pair_tag:
                 if size < 2:
                     raise ProtocolError("metadata entry without a key length")
                 (klen,) = _U16.unpack_from(value, 0)
@@ -296,7 +348,8 @@ def _decode_ext(ext: bytes, max_entries: int) -> tuple[dict[str, str] | None, st
                 if metadata is None:
                     metadata = {}
                 metadata[value[2 : 2 + klen].decode("utf-8")] = value[2 + klen :].decode("utf-8")
-            # other tags: reserved for later versions, skipped
+            # other tags (settings outside a PING or PONG, metadata inside
+            # one): reserved for later versions, skipped
     except UnicodeDecodeError as e:
         raise ProtocolError(f"extension text is not UTF-8: {e}") from None
     return metadata, message
@@ -306,7 +359,9 @@ FieldHandler = Callable[
     [int, int, int, bytes, "dict[str, str] | None", str, "bytes | memoryview"], object
 ]
 """A handler of one frame kind, given the frame's fields:
-``(call_id, status, timeout_ms, route, metadata, message, payload)``."""
+``(call_id, status, timeout_ms, route, metadata, message, payload)``. For a
+PING or PONG, ``metadata`` holds the settings; for a WINDOW, ``timeout_ms``
+the credit increment."""
 
 RejectHandler = Callable[[int, int, int, bytes, str], object]
 """Given ``(kind, call_id, status, route, why)`` for a whole frame whose
@@ -439,6 +494,15 @@ class FrameDecoder:
                         pos = end
                         self.reject(kind, call_id, status, route, str(e))
                         continue
+                elif kind in _SETTINGS_KINDS and ext_len <= self.max_ext_size:
+                    # Settings arrive as the ``metadata`` argument of a PING
+                    # or PONG handler; past the limits they are ignored.
+                    try:
+                        metadata, _ = _decode_ext(
+                            data[body : body + ext_len], self.max_ext_entries, EXT_SETTING
+                        )
+                    except ExtensionLimitError:
+                        metadata = None
                 body += ext_len
             pos = end
             payload = data[body:end] if end - body < _LARGE else memoryview(data)[body:end]

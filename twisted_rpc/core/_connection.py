@@ -26,6 +26,7 @@ from zope.interface import implementer
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FieldHandler, FrameDecoder, FrameKind, ProtocolError
 from twisted_rpc.core._direct_write import DirectWriter
+from twisted_rpc.core._flow import Inbox
 from twisted_rpc.core._status import StatusCode, UnavailableError
 
 LARGE_PAYLOAD = 64 * 1024
@@ -131,6 +132,9 @@ class RpcConnection(Protocol):
         self._writer: DirectWriter | None = None
         self._pings: dict[int, tuple[Deferred[float], float]] = {}
         self._next_ping = 1
+        self._woken: list[Inbox] = []
+        self.peer_settings: dict[str, str] | None = None
+        """The settings the peer sent (see :meth:`local_settings`), once it has."""
 
     # ----------------------------------------------------------------- Protocol
 
@@ -162,6 +166,8 @@ class RpcConnection(Protocol):
         decoder = self.decoder
         try:
             done = decoder.feed(data)
+            if self._woken:
+                self._fire_woken()
         except ProtocolError as e:
             self.protocol_violation(str(e))
             self._batch = None
@@ -182,6 +188,22 @@ class RpcConnection(Protocol):
             self.last_active = self.clock.seconds()
         if decoder.buffered or self.partial_since is not None:
             self.partial_frame(bool(done))
+
+    def wake_later(self, inbox: Inbox) -> None:
+        """Fire ``inbox``'s reader once the chunk being handled is (at once
+        outside one), so it takes all the chunk's messages in one go."""
+        if self._batch is None:
+            inbox.fire()
+        else:
+            self._woken.append(inbox)
+
+    def _fire_woken(self) -> None:
+        woken = self._woken
+        while woken:
+            self._woken = []
+            for inbox in woken:
+                inbox.fire()
+            woken = self._woken
 
     def partial_frame(self, completed: bool) -> None:
         """Called after a read that leaves a frame partly received, or ends
@@ -344,8 +366,22 @@ class RpcConnection(Protocol):
     pong_abort_bytes = DEFAULT_PONG_ABORT_BYTES
     """PINGs left unanswered because the peer was not reading what we wrote."""
 
+    def local_settings(self) -> dict[str, str] | None:
+        """What this side tells its peer it supports, in its first PING (a
+        consumer) or the PONG answering a PING with settings (a provider):
+        see docs/protocol.md, "Settings". None: nothing to tell."""
+        return None
+
+    def settings_received(self, settings: dict[str, str]) -> None:
+        """The peer's settings arrived (in a PING or a PONG)."""
+        if self.peer_settings is None:
+            self.peer_settings = settings
+
+    _settings_sent = False
+
     def ping(self, payload: bytes = b"") -> Deferred[float]:
-        """Send a PING; the Deferred fires with the round-trip time in seconds."""
+        """Send a PING; the Deferred fires with the round-trip time in seconds.
+        The first one carries this side's settings."""
         if not self.connected:
             return fail(UnavailableError(message="not connected"))
         if len(payload) > MAX_PING_PAYLOAD:
@@ -356,7 +392,11 @@ class RpcConnection(Protocol):
         self._next_ping = (ping_id + 1) & 0xFFFFFFFF or 1
         d: Deferred[float] = Deferred(lambda _: self._forget_ping(ping_id))
         self._pings[ping_id] = (d, self.clock.seconds())
-        self.send(wire.encode_ping(ping_id, payload))
+        settings = None
+        if not self._settings_sent:
+            self._settings_sent = True
+            settings = self.local_settings()
+        self.send(wire.encode_ping(ping_id, payload, settings))
         return d
 
     def _forget_ping(self, ping_id: int) -> None:
@@ -372,6 +412,7 @@ class RpcConnection(Protocol):
         more than pong_abort_bytes wait unsent is dropped.
         """
         payload = fields[-1]
+        settings = fields[3]
         if len(payload) > MAX_PING_PAYLOAD:
             raise ProtocolError(
                 f"PING payload of {len(payload)} bytes exceeds the limit of {MAX_PING_PAYLOAD}"
@@ -385,9 +426,20 @@ class RpcConnection(Protocol):
                     f"peer does not read: {unsent} bytes wait unsent and it keeps sending PINGs"
                 )
             return
-        self.send(wire.encode_pong(ping_id, bytes(payload)))
+        answer = None
+        if settings is not None:
+            # Answered with ours, once: a peer that sends none (an older one)
+            # gets PONGs as they always were.
+            self.settings_received(settings)
+            if not self._settings_sent:
+                self._settings_sent = True
+                answer = self.local_settings()
+        self.send(wire.encode_pong(ping_id, bytes(payload), answer))
 
-    def _pong_received(self, ping_id: int, *_: object) -> None:
+    def _pong_received(self, ping_id: int, *fields: Any) -> None:
+        settings = fields[3]
+        if settings is not None:
+            self.settings_received(settings)
         entry = self._pings.pop(ping_id, None)
         if entry is not None:
             d, sent = entry

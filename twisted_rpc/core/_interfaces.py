@@ -36,6 +36,40 @@ class IServerInterceptor(Interface):
         """
 
 
+class IServerStreamInterceptor(Interface):
+    """Wraps every streaming call a provider serves (an interceptor may
+    provide this and :class:`IServerInterceptor` both; one that provides
+    only this one sees no unary call, and the other way round)."""
+
+    def intercept_stream(request: Any, context: Any, proceed: ServerProceed) -> Any:
+        """Handle one streaming call as it starts.
+
+        ``request`` is the request (server streaming) or the stream of
+        requests (client streaming, bidi: an async iterator); ``context``
+        the :class:`twisted_rpc.CallContext`. ``proceed(request, context)``
+        runs the rest of the chain and returns the handler's result (an async
+        iterable of responses, or for client streaming, the response or a
+        Deferred or coroutine of it). Return the same, possibly wrapped
+        (e.g. an async generator re-yielding what it yields), or raise an
+        ``RpcError`` to refuse the stream.
+        """
+
+
+class IClientStreamInterceptor(Interface):
+    """Wraps every streaming call a client starts."""
+
+    def intercept_stream(call: Any, request: Any, proceed: Callable[[Any, Any], Any]) -> Any:
+        """Handle one outgoing stream as it starts.
+
+        ``call`` is a :class:`twisted_rpc.ClientCall` (method, timeout,
+        metadata, all modifiable); ``request`` the request (server
+        streaming), or the requests' iterable or None (client streaming,
+        bidi); ``proceed(call, request)`` starts the stream and returns its
+        stream object (:class:`twisted_rpc.ServerStream`, ``ClientStream``
+        or ``BidiStream``). Return that object (or raise an ``RpcError``).
+        """
+
+
 class IClientInterceptor(Interface):
     """Wraps every call a client makes."""
 

@@ -5,6 +5,7 @@ requests and cancels, and writes answers and GOAWAY; its calls run in the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IPushProducer
@@ -52,6 +53,21 @@ class ServerConnection(CallRunner, RpcConnection):
         """Bytes of a partial frame counted in the factory's ``partial_bytes``."""
         self._handlers[FrameKind.REQUEST] = self.request_received
         self._handlers[FrameKind.CANCEL] = self._cancel_received
+        self._handlers[FrameKind.MESSAGE] = self.stream_message_received
+        self._handlers[FrameKind.END_STREAM] = self.end_stream_received
+        self._handlers[FrameKind.WINDOW] = self.window_received
+
+    supports_streams = True
+    _told_not_reading = False
+
+    def local_settings(self) -> dict[str, str]:
+        limits = self.factory.limits
+        return {
+            "streams": "1",
+            "stream_window": str(limits.stream_window),
+            "max_streams": str(limits.max_streams_per_connection),
+            "max_frame_size": str(self.factory.max_frame_size),
+        }
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -87,12 +103,16 @@ class ServerConnection(CallRunner, RpcConnection):
     def write_buffer_full(self) -> None:
         # Answers are not being read: stop reading requests until they are.
         super().write_buffer_full()
-        log.info("{peer} is not reading its answers: pausing its requests", peer=self.peer)
+        if not self._told_not_reading and not self.streams:
+            self._told_not_reading = True  # once per connection: streams fill it routinely
+            log.info("{peer} is not reading its answers: pausing its requests", peer=self.peer)
         self.transport.pauseProducing()
 
     def write_buffer_drained(self) -> None:
         super().write_buffer_drained()
         self.transport.resumeProducing()
+        if self._turn_waiters:
+            self.turn_over()
 
     def goaway(self, message: str = "", reason: GoawayReason = GoawayReason.SHUTDOWN) -> None:
         """Tell the peer to send no new calls here; calls in flight still finish.
@@ -136,6 +156,33 @@ class ServerConnection(CallRunner, RpcConnection):
 
     def _write_status(self, call_id: int, code: int, message: str) -> None:
         self.send(wire.encode_status(call_id, code, message))
+
+    def _write_message(self, call_id: int, payload: bytes) -> None:
+        self.send(wire.encode_message(call_id, len(payload)), payload)
+
+    def _write_headers(self, call_id: int, metadata: Mapping[str, str]) -> None:
+        self.send(wire.encode_headers(call_id, metadata))
+
+    def _write_window(self, call_id: int, increment: int) -> None:
+        self.send(wire.encode_window(call_id, increment))
+
+    def _write_end(
+        self,
+        call_id: int,
+        code: int,
+        message: str,
+        trailers: Mapping[str, str] | None,
+        payload: bytes = b"",
+    ) -> None:
+        header = wire.encode_header(
+            wire.RESPONSE,
+            call_id,
+            len(payload),
+            status=code,
+            message=message,
+            metadata=trailers,
+        )
+        self.send(header, payload)
 
     def _cancel_received(self, call_id: int, *_: object) -> None:
         self.cancel_call(call_id)

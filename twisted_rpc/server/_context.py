@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted_rpc.core._service import MethodInfo
 
@@ -19,7 +19,15 @@ class CallContext:
     is 0 and ``metadata`` empty for a C++ caller, whose protocol has neither.
     """
 
-    __slots__ = ("call_id", "method", "metadata", "deadline", "connection")
+    __slots__ = (
+        "call_id",
+        "method",
+        "metadata",
+        "deadline",
+        "connection",
+        "trailing_metadata",
+        "_stream",
+    )
 
     def __init__(
         self,
@@ -34,6 +42,21 @@ class CallContext:
         self.metadata: Mapping[str, str] = metadata or {}
         self.deadline = deadline
         self.connection = connection
+        self.trailing_metadata: dict[str, str] | None = None
+        """Sent with a stream's final status (see :meth:`set_trailing_metadata`)."""
+        self._stream: Any = None
+
+    def send_initial_metadata(self, metadata: Mapping[str, str]) -> None:
+        """Send ``metadata`` to the consumer now, before the stream's first
+        message (streaming calls only; the consumer reads it as the
+        stream's ``initial_metadata``)."""
+        if self._stream is None or self.connection is None:
+            raise RuntimeError("initial metadata is for streaming calls")
+        self.connection.send_initial_metadata(self._stream, metadata)
+
+    def set_trailing_metadata(self, metadata: Mapping[str, str]) -> None:
+        """Metadata to send with the stream's final status."""
+        self.trailing_metadata = dict(metadata)
 
     @property
     def peer(self) -> str:

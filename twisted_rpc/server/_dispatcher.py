@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from twisted_rpc.core._interfaces import IServerInterceptor
+from twisted_rpc.core._interfaces import IServerInterceptor, IServerStreamInterceptor
 from twisted_rpc.core._service import MethodInfo, Service
 from twisted_rpc.core._status import NotFoundError, RpcError, UnimplementedError
 from twisted_rpc.server._context import CallContext
@@ -47,14 +47,16 @@ class ServerMethod:
     budget of :class:`ServerLimits`, not the ordinary one.
     """
 
-    __slots__ = ("info", "request_class", "response_class", "invoke", "long_lived")
+    __slots__ = ("info", "request_class", "response_class", "invoke", "long_lived", "streaming")
 
     def __init__(self, info: MethodInfo, invoke: Handler, long_lived: bool = False) -> None:
         self.info = info
         self.request_class = info.request_class
         self.response_class = info.response_class
         self.invoke = invoke
-        self.long_lived = long_lived
+        self.streaming = info.client_streaming or info.server_streaming
+        """A stream (of any kind): its calls have their own budget."""
+        self.long_lived = long_lived or self.streaming
 
 
 def _unimplemented(info: MethodInfo) -> Handler:
@@ -67,6 +69,13 @@ def _unimplemented(info: MethodInfo) -> Handler:
 def _from_coroutine_function(fn: Callable[..., Any]) -> Handler:
     def handler(request: Message, context: CallContext) -> Deferred[Message]:
         return Deferred.fromCoroutine(fn(request, context))
+
+    return handler
+
+
+def _stream_intercepted(interceptor: IServerStreamInterceptor, proceed: Handler) -> Handler:
+    def handler(request: Any, context: CallContext) -> Any:
+        return interceptor.intercept_stream(request, context, proceed)
 
     return handler
 
@@ -115,10 +124,19 @@ class Dispatcher:
             handler = getattr(service, method.name, None)
             if not callable(handler):
                 handler = _unimplemented(method)
+            elif method.client_streaming or method.server_streaming:
+                for interceptor in reversed(self.interceptors):
+                    if IServerStreamInterceptor.providedBy(interceptor):
+                        handler = _stream_intercepted(interceptor, handler)
+                self.routes[method.route] = ServerMethod(method, handler, True)
+                continue
             elif inspect.iscoroutinefunction(handler):
                 handler = _from_coroutine_function(handler)
             for interceptor in reversed(self.interceptors):
-                handler = _intercepted(interceptor, handler)
+                if IServerInterceptor.providedBy(interceptor) or not (
+                    IServerStreamInterceptor.providedBy(interceptor)
+                ):
+                    handler = _intercepted(interceptor, handler)
             self.routes[method.route] = ServerMethod(method, handler, method.name in long_lived)
 
     def not_found(self, route: bytes) -> RpcError:

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._connection import RefusedConnection
+from twisted_rpc.core._flow import check_window
 from twisted_rpc.core._interfaces import ICallObserver, IDrainable
 from twisted_rpc.server._dispatcher import Dispatcher
 
@@ -62,6 +63,17 @@ class ServerLimits:
     max_buffered_bytes: int = 256 * 1024 * 1024
     """Bytes of partial frames held across all connections; past it, the
     connections holding the largest partial frames are closed."""
+    max_streams_per_connection: int = 256
+    """Streams open at once on one connection (more: RESOURCE_EXHAUSTED);
+    they count neither as ordinary nor as long-lived calls."""
+    max_streams: int = 10000
+    """Streams open at once on all connections together."""
+    stream_window: int = 256 * 1024
+    """Bytes of request messages each stream may send ahead of its handler
+    (its receive window; see docs/protocol.md, "Flow control")."""
+    stream_idle_timeout: float = 0.0
+    """End a stream (DEADLINE_EXCEEDED) after this long without a message
+    either way (0: never)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -74,11 +86,14 @@ class ServerLimits:
             "max_metadata_entries",
             "max_connections_per_peer",
             "max_buffered_bytes",
+            "max_streams_per_connection",
+            "max_streams",
         ):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"ServerLimits.{name} must be a positive int, not {value!r}")
-        for name in ("idle_timeout", "frame_timeout"):
+        check_window(self.stream_window, "ServerLimits.stream_window")
+        for name in ("idle_timeout", "frame_timeout", "stream_idle_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"ServerLimits.{name} must be seconds >= 0, not {value!r}")
@@ -127,6 +142,7 @@ class ListenerFactory(Factory, Generic[C]):
         self.in_flight = 0
         """Ordinary calls in flight (see ``calls_in_flight`` for all)."""
         self.long_lived_in_flight = 0
+        self.streams_in_flight = 0
         self.idle_waiters: list[Deferred[None]] = []
         self.closed_waiters: list[Deferred[None]] = []
         self._observer: ICallObserver | None = None
@@ -159,7 +175,7 @@ class ListenerFactory(Factory, Generic[C]):
     @property
     def calls_in_flight(self) -> int:
         """Calls in flight, long-lived ones included."""
-        return self.in_flight + self.long_lived_in_flight
+        return self.in_flight + self.long_lived_in_flight + self.streams_in_flight
 
     # ----------------------------------------------------------------- connections
 

@@ -42,6 +42,7 @@ from twisted_rpc.core._status import (
 )
 from twisted_rpc.server._context import CallContext
 from twisted_rpc.server._dispatcher import MAX_ERROR_MESSAGE, ServerMethod, clip
+from twisted_rpc.server._streams import StreamRunner
 
 if TYPE_CHECKING:
     from twisted_rpc.server._listener import ListenerFactory
@@ -52,7 +53,7 @@ _Pending = tuple[Deferred[object], MethodInfo, float, bool]
 """A call in flight: its handler's Deferred, method, start time, long-lived."""
 
 
-class CallRunner:
+class CallRunner(StreamRunner):
     """Runs the calls of one connection, whatever its wire.
 
     The class mixing it in calls :meth:`init_calls` from its constructor and
@@ -87,6 +88,7 @@ class CallRunner:
         self.goaway_message = ""
         self.last_call_id = 0
         """The highest call id accepted to run here (what a GOAWAY reports)."""
+        self.init_streams()
 
     # ----------------------------------------------------------------- the wire
 
@@ -139,6 +141,9 @@ class CallRunner:
         factory = self.factory
         limits = factory.limits
         if method.long_lived:
+            if method.streaming:
+                self.start_stream(call_id, timeout_ms, method, metadata, payload, started)
+                return
             refusal = self._long_lived_refusal(method)
             if refusal is not None:
                 self.fail_call(call_id, refusal, method.info.full_name, started)
@@ -274,7 +279,13 @@ class CallRunner:
             self._finished(info.full_name, StatusCode.OK, started, call_id)
 
     def fail_call(
-        self, call_id: int, error: RpcError, method: str, started: float, unknown: bool = False
+        self,
+        call_id: int,
+        error: RpcError,
+        method: str,
+        started: float,
+        unknown: bool = False,
+        trailers: Mapping[str, str] | None = None,
     ) -> None:
         """End ``call_id`` with ``error``, log it and tell the observer.
 
@@ -295,7 +306,10 @@ class CallRunner:
             message=message,
             duration_ms=duration * 1000,
         )
-        self._write_status(call_id, int(error.code), message)
+        if trailers:
+            self._write_end(call_id, int(error.code), message, trailers)
+        else:
+            self._write_status(call_id, int(error.code), message)
         observer = self.factory.observer
         if observer is not None:
             observer.call_finished("?/?" if unknown else method, int(error.code), duration)
@@ -357,10 +371,13 @@ class CallRunner:
         if entry is not None:
             self._finished(entry[1].full_name, StatusCode.CANCELLED, entry[2])
             entry[0].cancel()
+        elif self.streams:
+            self.cancel_stream(call_id)
 
     def cancel_calls(self) -> None:
         """The connection is gone: cancel every call in flight (no answer is sent)."""
         self.deadlines.stop()
+        self.cancel_streams()
         pending = list(self.pending.values())
         factory = self.factory
         long_lived = self.long_lived

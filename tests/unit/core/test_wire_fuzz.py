@@ -49,7 +49,19 @@ def frames(draw):
         return wire.encode_cancel(call_id), (kind, call_id, b"", None, "", b"")
     if kind in (FrameKind.PING, FrameKind.PONG):
         encode = wire.encode_ping if kind == FrameKind.PING else wire.encode_pong
-        return encode(call_id, payload), (kind, call_id, b"", None, "", payload)
+        settings = draw(metadata)
+        frame = encode(call_id, payload, settings)
+        return frame, (kind, call_id, b"", settings or None, "", payload)
+    if kind == FrameKind.MESSAGE:
+        frame = wire.encode_message(call_id, len(payload)) + payload
+        return frame, (kind, call_id, b"", None, "", payload)
+    if kind == FrameKind.END_STREAM:
+        return wire.encode_end_stream(call_id), (kind, call_id, b"", None, "", b"")
+    if kind == FrameKind.WINDOW:
+        return wire.encode_window(call_id, 5), (kind, call_id, b"", None, "", b"")
+    if kind == FrameKind.HEADERS:
+        meta = draw(metadata)
+        return wire.encode_headers(call_id, meta), (kind, call_id, b"", meta or None, "", b"")
     message = draw(texts)
     return wire.encode_goaway(call_id, message), (kind, call_id, b"", None, message, b"")
 

@@ -145,13 +145,20 @@ def test_an_oversized_request_extension_on_an_unknown_route_is_not_found():
     assert frame.status == StatusCode.NOT_FOUND
 
 
-def test_a_ping_extension_is_skipped_unread(entries_visited):
+def test_a_ping_extension_is_read_for_settings_within_the_limits(entries_visited):
+    """A PING's extension holds settings: at most max_metadata_entries of its
+    entries are walked, and one over the limits is ignored (answered)."""
     _, factory = _factory()
     conn = ServerConn(factory)
     conn.proto.dataReceived(_ext_frame(FrameKind.PING, 9, b"\x09\x00\x00\x00\x00" * 1000))
     (pong,) = conn.frames()
     assert (pong.kind, pong.call_id) == (FrameKind.PONG, 9)
-    assert entries_visited[0] == 0
+    assert entries_visited[0] <= wire.DEFAULT_MAX_EXT_ENTRIES + 1
+    assert conn.proto.peer_settings is None
+    conn.proto.dataReceived(_ext_frame(FrameKind.PING, 10, b"\x09" * 20_000))
+    (pong,) = conn.frames()
+    assert pong.call_id == 10
+    assert entries_visited[0] <= wire.DEFAULT_MAX_EXT_ENTRIES + 1
 
 
 def test_the_consumer_refuses_an_oversized_answer_extension_and_keeps_the_connection(
