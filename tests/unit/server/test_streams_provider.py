@@ -208,7 +208,7 @@ def test_window_frames_for_ended_streams_are_ignored_and_overflow_is_an_error():
     conn.request(3, COUNT, echo_pb2.CountRequest(forever=True, payload_size=500))
     conn.proto.dataReceived(wire.encode_window(3, 2**30))
     assert not conn.transport.disconnecting
-    conn.proto.dataReceived(wire.encode_window(3, 2**30 + 1000))
+    conn.proto.dataReceived(wire.encode_window(3, 2**30 + 200_000))
     assert conn.transport.disconnecting
 
 
