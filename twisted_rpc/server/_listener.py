@@ -26,6 +26,7 @@ from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._connection import RefusedConnection
 from twisted_rpc.core._flow import check_window
 from twisted_rpc.core._interfaces import ICallObserver, IDrainable
+from twisted_rpc.core._status import UnavailableError
 from twisted_rpc.server._dispatcher import Dispatcher
 
 log = Logger(namespace="twisted_rpc.server")
@@ -260,8 +261,12 @@ class ListenerFactory(Factory, Generic[C]):
 
     def closeConnections(self) -> Deferred[None]:
         """Close every connection once what was written to it is sent; the
-        Deferred fires when all are closed (cancel it to stop waiting)."""
+        Deferred fires when all are closed (cancel it to stop waiting).
+        Streams still open end first with UNAVAILABLE (their handlers closed)."""
         for connection in list(self.connections):
+            end_streams = getattr(connection, "end_streams", None)
+            if end_streams is not None and getattr(connection, "streams", None):
+                end_streams(UnavailableError(message=f"{self.goaway_message}: grace period over"))
             connection.close()
         if not self.connections:
             return defer.succeed(None)

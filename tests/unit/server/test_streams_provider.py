@@ -273,3 +273,17 @@ def test_a_draining_provider_refuses_new_streams_and_lets_running_ones_finish():
     assert service.ends == {"t": "done"}
     clock.advance(0)
     assert drained.called
+
+
+def test_closing_connections_after_the_grace_period_ends_streams_unavailable():
+    clock, service, factory, conn = _conn(window=2048)
+    conn.request(3, COUNT, echo_pb2.CountRequest(forever=True, payload_size=100, tag="t"))
+    _turns(clock)
+    conn.frames()
+    factory.goaway()
+    factory.closeConnections()
+    frames = conn.frames()
+    assert [f.kind for f in frames] == [FrameKind.GOAWAY, FrameKind.RESPONSE]
+    assert frames[-1].status == StatusCode.UNAVAILABLE
+    assert "grace period over" in frames[-1].message
+    assert service.ends == {"t": "closed"}
