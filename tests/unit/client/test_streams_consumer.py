@@ -275,3 +275,30 @@ def test_async_iteration_takes_a_whole_chunk_without_a_deferred_per_reply(monkey
     assert len(waits) == 2  # one before the chunk, one after it: none per reply
     conn.proto.dataReceived(wire.encode_header(wire.RESPONSE, request.call_id, 0))
     assert done.called
+
+
+def test_a_stream_with_no_provider_ends_not_sent():
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twisted_rpc import Client
+
+    client = Client(MemoryReactorClock(), providers={})
+    stream = client.proxy(STREAMS).Count(echo_pb2.CountRequest())
+    error = failure_of(stream.read())
+    assert isinstance(error, NotSentError)
+    assert "no provider of mprpc.test.StreamService" in error.message
+
+
+def test_bad_stream_arguments_raise_at_the_call():
+    import pytest
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twisted_rpc import Client
+
+    proxy = Client(MemoryReactorClock(), providers={}).proxy(STREAMS)
+    with pytest.raises(TypeError):
+        proxy.Count(echo_pb2.EchoRequest())  # the wrong request type
+    with pytest.raises(TypeError):
+        proxy.Sum(echo_pb2.EchoRequest())  # one message where an iterable belongs
+    with pytest.raises(ValueError):
+        proxy.Count(echo_pb2.CountRequest(), timeout=-1)
