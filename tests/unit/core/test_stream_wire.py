@@ -7,6 +7,7 @@ import pytest
 from twisted.internet.defer import CancelledError
 
 from tests.helpers import frames_of
+from twisted_rpc import RpcError, StatusCode
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameKind, ProtocolError
 from twisted_rpc.core._flow import (
@@ -16,7 +17,6 @@ from twisted_rpc.core._flow import (
     check_window,
     message_cost,
 )
-from twisted_rpc.core._status import RpcError, StatusCode
 
 
 def h(text: str) -> bytes:
