@@ -236,7 +236,9 @@ def test_a_plain_generator_serves_a_server_stream_and_bidi_echoes():
     conn = ServerConn(factory)
     conn.request(3, COUNT, echo_pb2.CountRequest(count=2))
     _turns(clock)
-    assert [f.kind for f in conn.frames()] == [FrameKind.MESSAGE] * 2 + [FrameKind.RESPONSE]
+    frames = conn.frames()
+    assert [f.kind for f in frames] == [FrameKind.MESSAGE] * 2 + [FrameKind.RESPONSE]
+    assert frames[-1].status == 0
 
 
 def test_bidi_echoes_with_initial_metadata_first():
