@@ -66,7 +66,8 @@ class ServerLimits:
     connections holding the largest partial frames are closed."""
     max_streams_per_connection: int = 256
     """Streams open at once on one connection (more: RESOURCE_EXHAUSTED);
-    they count neither as ordinary nor as long-lived calls."""
+    open streams also count as calls in flight (``max_calls_per_connection``,
+    ``max_calls``)."""
     max_streams: int = 10000
     """Streams open at once on all connections together."""
     stream_window: int = 256 * 1024
@@ -141,9 +142,10 @@ class ListenerFactory(Factory, Generic[C]):
         self.draining = False
         self.goaway_message = SHUTTING_DOWN
         self.in_flight = 0
-        """Ordinary calls in flight (see ``calls_in_flight`` for all)."""
+        """Ordinary calls and streams in flight (see ``calls_in_flight`` for all)."""
         self.long_lived_in_flight = 0
         self.streams_in_flight = 0
+        """Streams open (counted in ``in_flight`` too)."""
         self.idle_waiters: list[Deferred[None]] = []
         self.closed_waiters: list[Deferred[None]] = []
         self._observer: ICallObserver | None = None
@@ -176,7 +178,7 @@ class ListenerFactory(Factory, Generic[C]):
     @property
     def calls_in_flight(self) -> int:
         """Calls in flight, long-lived ones included."""
-        return self.in_flight + self.long_lived_in_flight + self.streams_in_flight
+        return self.in_flight + self.long_lived_in_flight
 
     # ----------------------------------------------------------------- connections
 

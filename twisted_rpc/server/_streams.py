@@ -78,6 +78,8 @@ class StreamRunner:
     call_label: ClassVar[str]
     last_call_id: int
     write_blocked: bool
+    pending: dict[int, Any]
+    exempt: int
 
     if TYPE_CHECKING:
 
@@ -168,15 +170,23 @@ class StreamRunner:
             return
         if call_id in self.streams:
             raise ProtocolError(f"stream id {call_id} is already in flight")
-        limits = self.factory.limits
+        factory = self.factory
+        limits = factory.limits
         refusal = None
         if len(self.streams) >= limits.max_streams_per_connection:
             refusal = (
                 f"{limits.max_streams_per_connection} streams open on this connection "
                 "(max_streams_per_connection)"
             )
-        elif self.factory.streams_in_flight >= limits.max_streams:
+        elif factory.streams_in_flight >= limits.max_streams:
             refusal = f"{limits.max_streams} streams open at this provider (max_streams)"
+        elif len(self.pending) - self.exempt >= limits.max_calls_per_connection:
+            refusal = (
+                f"{limits.max_calls_per_connection} calls in flight on this connection "
+                "(max_calls_per_connection; open streams count)"
+            )
+        elif factory.in_flight >= limits.max_calls:
+            refusal = f"{limits.max_calls} calls in flight at this provider (max_calls)"
         if refusal is not None:
             self.fail_call(
                 call_id, ResourceExhaustedError(message=refusal), info.full_name, started
@@ -204,7 +214,9 @@ class StreamRunner:
         context._stream = stream
         stream.context = context
         self.streams[call_id] = stream
-        self.factory.streams_in_flight += 1
+        factory.streams_in_flight += 1
+        factory.in_flight += 1  # a stream counts as a call in flight
+        self.exempt -= 1
         observer = self.factory.observer
         if observer is not None and hasattr(observer, "stream_started"):
             observer.stream_started(info.full_name)
@@ -441,6 +453,8 @@ class StreamRunner:
             del self.streams[call_id]
         factory = self.factory
         factory.streams_in_flight -= 1
+        factory.in_flight -= 1
+        self.exempt += 1
         if stream.idle_timer is not None and stream.idle_timer.active():
             stream.idle_timer.cancel()
         stream.idle_timer = None

@@ -195,10 +195,32 @@ def test_stream_limits_answer_resource_exhausted_naming_the_setting():
     refused = [f for f in conn.frames() if f.kind == FrameKind.RESPONSE]
     assert [(f.call_id, f.status) for f in refused] == [(5, StatusCode.RESOURCE_EXHAUSTED)]
     assert "max_streams_per_connection" in refused[0].message
-    # Unary calls are not counted against streams, nor streams against calls.
+    # A unary call still fits: the two streams are two of its 1,000 calls in flight.
     conn.request(7)
     (answer,) = conn.frames()
     assert (answer.call_id, answer.status) == (7, 0)
+
+
+def test_open_streams_count_as_calls_in_flight():
+    clock, service, factory, conn = _conn(window=1024, max_calls_per_connection=2)
+    for i in (1, 3):
+        conn.request(i, COUNT, echo_pb2.CountRequest(forever=True, payload_size=500))
+    _turns(clock)
+    conn.frames()
+    assert factory.calls_in_flight == 2
+    conn.request(5, b"mprpc.test.EchoService/AsyncEcho", echo_pb2.EchoRequest(delay=1))
+    conn.request(7, COUNT, echo_pb2.CountRequest(count=1))
+    refused = conn.frames()
+    assert [(f.call_id, f.status) for f in refused] == [
+        (5, StatusCode.RESOURCE_EXHAUSTED),
+        (7, StatusCode.RESOURCE_EXHAUSTED),
+    ]
+    assert "max_calls_per_connection" in refused[1].message
+    conn.proto.dataReceived(wire.encode_cancel(1))
+    assert factory.calls_in_flight == 1
+    conn.request(9, b"mprpc.test.EchoService/AsyncEcho", echo_pb2.EchoRequest(delay=1))
+    assert conn.frames() == []  # taken: it waits for its delay
+    assert factory.calls_in_flight == 2
 
 
 def test_window_frames_for_ended_streams_are_ignored_and_overflow_is_an_error():
