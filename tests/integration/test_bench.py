@@ -24,7 +24,9 @@ KEYS = [
 ]
 
 
-def test_bench_server_and_client_report_one_json_line():
+def run_cell(*client_args: str, workload: str = "unary") -> dict:
+    """Start the bench server, run one client against it, stop the server by
+    its PID; the client's one JSON line."""
     server = subprocess.Popen(
         [
             sys.executable,
@@ -34,6 +36,8 @@ def test_bench_server_and_client_report_one_json_line():
             "--stdin-watch",
             "--max-seconds",
             "60",
+            "--workload",
+            workload,
         ],
         cwd=ROOT,
         env=environment(),
@@ -53,17 +57,15 @@ def test_bench_server_and_client_report_one_json_line():
                 "client",
                 "--port",
                 port,
-                "-c",
-                "4",
-                "-n",
-                "100",
                 "--warmup",
                 "0.2",
                 "--duration",
                 "0.5",
                 "--server-pid",
                 str(server.pid),
-                "--metadata",
+                "--workload",
+                workload,
+                *client_args,
             ],
             cwd=ROOT,
             env=environment(),
@@ -76,9 +78,9 @@ def test_bench_server_and_client_report_one_json_line():
         report = json.loads(line)
         assert list(report)[:8] == KEYS
         assert report["system"] == "twisted_rpc"
-        assert (report["concurrency"], report["payload"]) == (4, 100)
-        assert report["calls"] > 0 and report["errors"] == 0
+        assert report["workload"] == workload
         assert report["server_cpu_s"] is not None
+        return report
     finally:
         server.stdin.close()  # --stdin-watch: exits on EOF
         try:
@@ -86,6 +88,25 @@ def test_bench_server_and_client_report_one_json_line():
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(10)
+
+
+def test_bench_server_and_client_report_one_json_line():
+    report = run_cell("-c", "4", "-n", "100", "--metadata")
+    assert (report["concurrency"], report["payload"]) == (4, 100)
+    assert report["calls"] > 0 and report["errors"] == 0
+
+
+@pytest.mark.parametrize("reader", ["async", "callback"])
+def test_bench_stream_workload_counts_messages(reader):
+    """C server streams of bench.UserService.Watch: every message counts, no
+    stream ends before the run does (an early end would be an error)."""
+    report = run_cell("-c", "3", "-n", "1000", "--reader", reader, workload="stream")
+    assert (report["concurrency"], report["payload"]) == (3, 1000)
+    assert report["errors"] == 0
+    # Gaps between messages, not round trips: far more messages than 3 streams
+    # could make round trips in 0.5 s if each message waited for an answer.
+    assert report["calls"] > 1000
+    assert report["p50_us"] is not None
 
 
 def test_ratio_tables_compare_within_one_run():
