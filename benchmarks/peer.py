@@ -5,6 +5,7 @@
     python -m benchmarks.peer client --port P -c C -n N [--warmup W] [--duration D]
                                        [--server-pid PID] [--timeout T] [--metadata]
                                        [--workload unary|stream] [--reader async|callback]
+                                       [--profile FILE]
 
 The server is a ``ProviderService`` exactly as ``twistd mprpc`` builds it
 (dispatcher, interceptor chain, deadlines, graceful stop) serving
@@ -17,12 +18,15 @@ deadline (``--timeout``, default 30 s) and, with ``--metadata``, one metadata
 pair. Stream workload: C streams of ``Watch`` read with ``async for`` (or, with
 ``--reader callback``, ``on_message``), counting every message; latencies are
 the gaps between consecutive messages of one stream. It prints one JSON line
-whose first eight keys are the harness's.
+whose first eight keys are the harness's. ``--profile FILE`` writes cProfile
+statistics (the client's of the measured window; the server's from start to
+SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import math
 import os
@@ -176,6 +180,10 @@ def serve(args: argparse.Namespace) -> None:
     provider.privilegedStartService()
     provider.startService()
     reactor.addSystemEventTrigger("before", "shutdown", provider.stopService)
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        reactor.addSystemEventTrigger("before", "shutdown", profiler.dump_stats, args.profile)
     reactor.run()
 
 
@@ -270,8 +278,14 @@ def run_client(args: argparse.Namespace) -> None:
             for _ in range(args.concurrency):
                 issue()
         await task.deferLater(reactor, args.warmup, lambda: None)
+        profiler = cProfile.Profile() if args.profile else None
         window.begin()
+        if profiler is not None:
+            profiler.enable()
         await task.deferLater(reactor, args.duration, lambda: None)
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
         window.end()
         state["running"] = False
         for stream in streams:
@@ -301,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--max-seconds", type=float, default=900)
         p.add_argument("--stdin-watch", action="store_true")
         p.add_argument("--workload", choices=["unary", "stream"], default="unary")
+        p.add_argument("--profile", help="cProfile the server into this file (stop it by SIGTERM)")
         args = p.parse_args(argv[1:])
         watchdog(args.max_seconds, args.stdin_watch)
         serve(args)
@@ -328,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
             default="async",
             help="stream workload: read with `async for` or with on_message(callback)",
         )
+        p.add_argument("--profile", help="cProfile the measured window into this file")
         args = p.parse_args(argv[1:])
         watchdog(args.warmup + args.duration + 60)
         run_client(args)

@@ -144,3 +144,49 @@ def test_hotpath_bench_runs_both_sides_end_to_end():
     # every call was answered, so a broken path fails here rather than measures.
     assert provider_us_per_call(4, 40) > 0
     assert consumer_us_per_call(4, 40) > 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server/_streams.py turn_over wakes every stream waiting for a turn, and "
+    "the first one woken spends the whole turn (TURN_BYTES = 64 KiB: one 64 KiB "
+    "message), so each message costs a Deferred and a coroutine resumption per other "
+    "stream, and streams take turns in bursts, not round robin",
+)
+def test_streams_on_one_connection_share_turns_round_robin(monkeypatch):
+    """16 server streams of 4 messages of 64 KiB on one connection (in memory):
+    the streams should take turns, and a turn should not wake streams that
+    cannot send in it."""
+    from protos import bench_pb2
+    from twisted_rpc import Service
+    from twisted_rpc.server import _streams
+    from twisted_rpc.testing import MemoryProvider
+
+    class Bench(Service, descriptor=bench_pb2.DESCRIPTOR.services_by_name["UserService"]):
+        async def Watch(self, request, context):
+            for _ in range(4):
+                yield bench_pb2.LoginResponse(errmsg="x" * request.payload_bytes)
+
+    waits = []
+    next_turn = _streams.StreamRunner._next_turn
+
+    def counting(self):
+        waits.append(1)
+        return next_turn(self)
+
+    monkeypatch.setattr(_streams.StreamRunner, "_next_turn", counting)
+    memory = MemoryProvider([Bench()])
+    watch = memory.proxy(Bench).Watch
+    order: list[int] = []
+    ends = []
+    for i in range(16):
+        stream = watch(bench_pb2.WatchRequest(payload_bytes=65536))
+        ends.append(stream.on_message(lambda _, i=i: order.append(i)))
+    for _ in range(100):  # bounded: each round is one reactor turn
+        memory.reactor.advance(0)
+        memory.flush()
+        if all(end.called for end in ends):
+            break
+    assert sorted(order) == sorted(list(range(16)) * 4)  # every message arrived
+    assert len(waits) <= 2 * len(order), f"{len(waits)} waits for {len(order)} messages"
+    assert sorted(order[:16]) == list(range(16)), f"first 16 messages from streams {order[:16]}"
