@@ -184,6 +184,35 @@ class StreamVolumeTests(LiveBase):
         self.assertLess(peak - before, 8 * MIB)
         self.assertLess(after - before, 8 * MIB)
 
+    async def test_paused_push_consumer_stops_the_provider(self) -> None:
+        """``on_message`` with the stream paused as an IPushProducer: nothing
+        is delivered and no credit goes back, so the provider stops at the
+        window; resumed, every message arrives in order."""
+        provider = self.start()
+        streams = self.client(provider, stream_window=64 * 1024).proxy(STREAMS)
+        stream = streams.Count(echo_pb2.CountRequest(count=5000, payload_size=1024, tag="push"))
+        got: list[int] = []
+
+        def take(reply: echo_pb2.EchoReply) -> None:
+            got.append(reply.call_id)
+            if len(got) == 100:
+                stream.pauseProducing()
+
+        done = stream.on_message(take)
+        await sleep(0.5)
+        held = sum(cost for _, cost in stream.inbox.messages)
+        delivered_while_paused = len(got)
+        self.assertIs(await self.end_of(streams, "push", 0), None)  # the handler waits
+        stream.resumeProducing()
+        await done
+        report(
+            "paused push consumer", delivered_paused=delivered_while_paused, held_kib=held // 1024
+        )
+        self.assertEqual(delivered_while_paused, 100)
+        self.assertLessEqual(held, 64 * 1024 + 1024 + 64)  # the window, and one message
+        self.assertEqual(got, list(range(5000)))
+        self.assertEqual(await self.end_of(streams, "push"), "done")
+
     async def _drain(
         self, streams: Any, count: int, size: int, connections: set[int] | None
     ) -> int:
@@ -248,6 +277,22 @@ class StreamEndsTests(LiveBase):
         self.assertLess(took, 3.0)
         self.assertEqual(await self.end_of(streams, "deadline"), "closed")
 
+        def provider_deadline() -> tuple[wire.Frame, int, float]:
+            # A consumer that never cancels: the provider's own deadline ends it.
+            with RawPeer(provider.port) as peer:
+                peer.hello({"streams": "1"})
+                started = time.monotonic()
+                peer.request(1, COUNT_ROUTE, _count(forever=True, delay=0.02, tag="raw"), 300)
+                end = peer.wait_for(lambda f: f.kind == wire.RESPONSE and f.call_id == 1)
+                messages = sum(1 for f in peer.frames if f.kind == wire.MESSAGE)
+                return end, messages, time.monotonic() - started
+
+        end, messages, took = await deferToThread(provider_deadline)
+        report("provider deadline 0.3 s", messages=messages, status=end.status, ended_after_s=took)
+        self.assertEqual(end.status, StatusCode.DEADLINE_EXCEEDED)
+        self.assertGreater(messages, 3)
+        self.assertEqual(await self.end_of(streams, "raw"), "closed")
+
     async def test_client_stream_of_many_messages(self) -> None:
         provider = self.start()
         streams = self.client(provider).proxy(STREAMS)
@@ -287,10 +332,25 @@ class ProviderStopTests(LiveBase):
         streams = client.proxy(STREAMS)
         short = streams.Count(echo_pb2.CountRequest(count=20, delay=0.05))
         endless = streams.Count(echo_pb2.CountRequest(forever=True, delay=0.05))
+        chat = streams.Chat()
+        upload = streams.Sum()
         self.assertIsNotNone(await short.read())
         self.assertIsNotNone(await endless.read())
+        await chat.write(echo_pb2.EchoRequest(payload=b"before"))
+        self.assertEqual((await chat.read()).payload, b"before")
+        await upload.write(echo_pb2.EchoRequest(payload=b"before"))
         provider.signal(15)
         stopped = time.monotonic()
+        # The streams already open go on during the grace period, both ways.
+        for i in range(20):
+            await chat.write(echo_pb2.EchoRequest(payload=b"%d" % i))
+            self.assertEqual((await chat.read()).payload, b"%d" % i)
+            await upload.write(echo_pb2.EchoRequest(payload=b"after"))
+            await sleep(0.02)
+        await chat.done_writing()
+        self.assertIsNone(await chat.read())
+        await upload.done_writing()
+        self.assertEqual((await upload).payload, b"%d" % (6 + 20 * 5))
         short_got = 1 + len([r async for r in short])
         short_s = time.monotonic() - stopped
         late = streams.Count(echo_pb2.CountRequest(count=1))
@@ -312,7 +372,9 @@ class ProviderStopTests(LiveBase):
             exit_code=exit_code,
         )
         self.assertEqual((short_got, short.code), (20, StatusCode.OK))
+        self.assertEqual((chat.code, upload.code), (StatusCode.OK, StatusCode.OK))
         self.assertEqual(refused.exception.code, StatusCode.UNAVAILABLE)
+        self.assertIn("shutting down", refused.exception.message)  # the GOAWAY's text
         self.assertIn(ended.exception.code, (StatusCode.UNAVAILABLE, StatusCode.CANCELLED))
         self.assertLess(endless_s, 2 + 5)
         self.assertIsNotNone(exit_code)
