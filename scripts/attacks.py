@@ -2,7 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python -m scripts.attacks [--only NAME] [--seconds S] [--json out.json]
 
-For each attack: a real ``twistd -n --pidfile= mprpc`` provider (echo service,
+For each attack: a real ``twistd -n --pidfile= mprpc`` provider (echo and stream services,
 Health, Reflection) and a good client (a ``twisted_rpc.Client`` in its own
 process calling ``Echo`` ~200 times a second, open loop, 2 s deadline). The
 attack's target is the provider, or for the consumer attacks the good
@@ -227,7 +227,8 @@ def start_provider(directory: Path, extra: str, nofile: int | None) -> Process:
     config = directory / "provider.ini"
     config.write_text(
         "[provider]\nlisten = tcp:0:interface=127.0.0.1\n"
-        f"services = testbed.echo_service:EchoService\n{extra}\n"
+        "services = testbed.echo_service:EchoService testbed.echo_service:StreamService\n"
+        f"{extra}\n"
     )
     process = Process(
         [TWISTD, "-n", "--pidfile=", "mprpc", "--config", str(config)],
@@ -605,6 +606,76 @@ def watch_starvation(ctx: Context) -> dict:
         "watches_sent": 10 * 1000,
         "answered_while_held_by_status": {str(k): v for k, v in sorted(statuses.items())},
     }
+
+
+COUNT_ROUTE = b"mprpc.test.StreamService/Count"
+CHAT_ROUTE = b"mprpc.test.StreamService/Chat"
+
+
+def _open_streams(ctx: Context, settings: dict[str, str]) -> socket.socket:
+    """A connection that announced ``settings`` (its window) in its first PING."""
+    s = _connect(ctx.port, 30)
+    s.sendall(wire.encode_ping(1, b"", settings))
+    read_frames(s, 1, time.monotonic() + 10)  # the PONG
+    return s
+
+
+def _hold(ctx: Context, sockets: list[socket.socket]) -> None:
+    """Keep ``sockets`` open, unread, while the time lasts."""
+    ctx.held_from = time.monotonic()
+    while ctx.left() > 0:
+        time.sleep(min(0.2, max(0.0, ctx.left())))
+
+
+@attack(
+    "stream-unread",
+    "#15",
+    "4 connections x 300 server streams of 1 KiB messages (256 allowed each) with the "
+    "largest window (2 GiB), never read, held",
+)
+def stream_unread(ctx: Context) -> dict:
+    count = echo_pb2.CountRequest(forever=True, payload_size=1024).SerializeToString()
+    sockets = []
+    try:
+        for _ in range(4):
+            s = _open_streams(ctx, {"streams": "1", "stream_window": str(2**31 - 1)})
+            sockets.append(s)
+            s.sendall(
+                b"".join(b"".join(request_pieces(i, COUNT_ROUTE, count)) for i in range(1, 301))
+            )
+        _hold(ctx, sockets)
+    finally:
+        for s in sockets:
+            s.close()
+    return {"streams_requested": 4 * 300}
+
+
+@attack(
+    "stream-big-messages",
+    "#15",
+    "8 bidi streams whose replies go unread (1 KiB window), then one 16 MiB request on each, held",
+)
+def stream_big_messages(ctx: Context) -> dict:
+    small = echo_payload(b"s" * 100)
+    big = echo_payload(b"B" * (16 * MIB))
+    s = _open_streams(ctx, {"streams": "1", "stream_window": "1024"})
+    try:
+        for call_id in range(1, 9):
+            send_pieces(s, request_pieces(call_id, CHAT_ROUTE, b""))
+            for _ in range(20):  # the replies spend the window: the handler stops taking
+                send_pieces(s, [wire.encode_message(call_id, len(small)), small])
+        for call_id in range(1, 9):
+            send_pieces(s, [wire.encode_message(call_id, len(big)), big])
+        _hold(ctx, [s])
+        closed = _peer_closed_now(s)
+    finally:
+        s.close()
+    return {"sent_mib": 8 * 16, "closed_by_provider": closed}
+
+
+def _peer_closed_now(s: socket.socket) -> bool:
+    s.setblocking(False)
+    return _peer_closed(s)
 
 
 def _peer_closed(s: socket.socket) -> bool:

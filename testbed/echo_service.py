@@ -86,3 +86,7 @@ class StreamService(Service, descriptor=STREAMS):
             if request.fail_code:
                 raise RpcError(request.fail_code, request.fail_message)
             yield echo_pb2.EchoReply(payload=request.payload, metadata=dict(context.metadata))
+
+    def Ends(self, request: echo_pb2.CountRequest, context: CallContext) -> echo_pb2.EchoReply:
+        """The provider's record of ends (:attr:`ends`), for tests in another process."""
+        return echo_pb2.EchoReply(metadata=self.ends, pid=os.getpid())
