@@ -23,6 +23,7 @@ grace running out) closes the handler's generator: its ``finally`` runs.
 from __future__ import annotations
 
 import inspect
+from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -33,7 +34,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_rpc.core._codec import HEADER_SIZE, ProtocolError
+from twisted_rpc.core._codec import ProtocolError
 from twisted_rpc.core._deadlines import DeadlineQueue
 from twisted_rpc.core._flow import DEFAULT_STREAM_WINDOW, Inbox, message_cost
 from twisted_rpc.core._service import MethodInfo
@@ -48,6 +49,7 @@ from twisted_rpc.core._status import (
 )
 from twisted_rpc.server._context import CallContext
 from twisted_rpc.server._dispatcher import ServerMethod
+from twisted_rpc.server._stream_pump import StreamPump
 from twisted_rpc.server._stream_state import RequestStream, _Stream
 
 if TYPE_CHECKING:
@@ -55,12 +57,8 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="twisted_rpc.server")
 
-TURN_BYTES = 64 * 1024
-"""Bytes a connection's streams write before letting the reactor turn (and
-send them): one stream cannot hold the reactor however fast it yields."""
 
-
-class StreamRunner:
+class StreamRunner(StreamPump):
     """The streaming half of the call runner (see :class:`CallRunner`).
 
     The wire mixing it in sets ``supports_streams`` and provides
@@ -80,6 +78,12 @@ class StreamRunner:
     write_blocked: bool
     pending: dict[int, Any]
     exempt: int
+    connected: int
+    _batch: list[bytes] | None
+
+    if TYPE_CHECKING:
+
+        def _write_now(self, pieces: list[bytes]) -> None: ...
 
     if TYPE_CHECKING:
 
@@ -111,7 +115,7 @@ class StreamRunner:
             self.clock, self.streams, self._stream_deadline, by_record=True
         )
         self._turn_bytes = 0
-        self._turn_waiters: list[Deferred[None]] = []
+        self._turn_waiters: deque[Deferred[None]] = deque()
         self._turn_timer = False
 
     # ----------------------------------------------------------------- the wire
@@ -267,94 +271,6 @@ class StreamRunner:
 
     # ----------------------------------------------------------------- sending
 
-    async def _pump(self, stream: _Stream, source: Any) -> None:
-        """Send what ``source`` yields while there is credit; the handler's
-        generator is closed however the stream ends."""
-        response_class = stream.method.response_class
-        call_id = stream.call_id
-        write = self._write_message
-        clock = self.clock if self.factory.limits.stream_idle_timeout else None
-        agen: Any = None
-        try:
-            anext_ = None
-            if hasattr(source, "__aiter__"):
-                agen = source.__aiter__()
-                anext_ = agen.__anext__
-            else:
-                agen = iter(source)
-            credit = stream.credit
-            while not stream.ended:
-                if credit.credit <= 0:
-                    await credit.wait()
-                    continue
-                if self._turn_bytes >= TURN_BYTES or self.write_blocked:
-                    await self._next_turn()
-                    continue
-                if anext_ is not None:
-                    try:
-                        message = await anext_()
-                    except StopAsyncIteration:
-                        return
-                else:
-                    try:
-                        message = next(agen)
-                    except StopIteration:
-                        return
-                if stream.ended:
-                    return
-                if type(message) is not response_class:
-                    log.error(
-                        self.call_label + " {method} from {peer}: handler yielded {kind}, "
-                        "expected {expected}",
-                        call_id=call_id,
-                        method=stream.method.info.full_name,
-                        peer=self.peer,
-                        kind=type(message).__name__,
-                        expected=response_class.DESCRIPTOR.full_name,
-                    )
-                    raise InternalError(message="internal error")
-                payload = message.SerializeToString()
-                cost = len(payload) + HEADER_SIZE  # message_cost(), inline: per message
-                credit.credit -= cost
-                stream.sent += 1
-                self._turn_bytes += cost
-                if clock is not None:
-                    stream.last_active = clock.seconds()
-                write(call_id, payload)
-        finally:
-            close = getattr(agen, "aclose", None) or getattr(agen, "close", None)
-            if close is not None:
-                closing = close()
-                if inspect.isawaitable(closing):
-                    await closing
-
-    def _next_turn(self) -> Deferred[None]:
-        """A Deferred firing on the reactor's next turn, once the write
-        buffer is not full: what the connection's streams wait for after
-        writing :data:`TURN_BYTES`."""
-        waiters = self._turn_waiters
-        d: Deferred[None] = Deferred(self._forget_turn)
-        waiters.append(d)
-        if not self._turn_timer:
-            self._turn_timer = True
-            self.clock.callLater(0, self.turn_over)
-        return d
-
-    def _forget_turn(self, d: Deferred[None]) -> None:
-        if d in self._turn_waiters:
-            self._turn_waiters.remove(d)
-
-    def turn_over(self) -> None:
-        """Let the streams waiting for a turn write again (also called when
-        the write buffer drains)."""
-        self._turn_timer = False
-        if getattr(self, "write_blocked", False):
-            return  # the write buffer's drain calls this again
-        self._turn_bytes = 0
-        waiters, self._turn_waiters = self._turn_waiters, []
-        for d in waiters:
-            d.callback(None)
-
     def send_initial_metadata(self, stream: _Stream, metadata: Mapping[str, str]) -> None:
         if stream.sent or stream.headers_sent:
             raise RuntimeError("initial metadata is sent once, before the first message")
@@ -495,7 +411,7 @@ class StreamRunner:
         self.stream_deadlines.stop()
         for stream in list(self.streams.values()):
             self._end_stream(stream, RpcError(StatusCode.CANCELLED, "connection lost"), send=False)
-        waiters, self._turn_waiters = self._turn_waiters, []
+        waiters, self._turn_waiters = self._turn_waiters, deque()
         for d in waiters:
             d.cancel()
 
