@@ -616,13 +616,6 @@ class HostileConsumerTests(LiveBase):
 class KnownGapTests(LiveBase):
     """What the streaming core does not bound or say yet (see docs/reliability.md)."""
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="a stream's inbox takes a message whenever the sender's credit is above zero, "
-        "so each blocked stream holds one message of up to max_frame_size (64 MiB) beside "
-        "its 256 KiB window, and nothing bounds the sum per connection: "
-        "max_streams_per_connection x max_frame_size = 16 GiB",
-    )
     async def test_large_messages_on_blocked_streams_bound_provider_memory(self) -> None:
         """Eight Chat streams whose handlers wait on the consumer's 1 KiB
         window, then one 16 MiB message on each: the provider should not hold

@@ -90,14 +90,12 @@ class StreamWire:
         self.streams[call_id] = stream
         self.send(header, payload)
         assert self.peer_settings is not None
-        try:
-            window = int(self.peer_settings.get("stream_window", "65536"))
-        except ValueError:
-            window = 65536
+        window = _setting(self.peer_settings, "stream_window", 65536)
+        stream.max_message = _setting(self.peer_settings, "max_message_size", 2**31 - 1)
         stream.attached(
             self,  # type: ignore[arg-type]
             call_id,
-            max(1, min(window, 2**31 - 1)),
+            window,
         )
         return None
 
@@ -124,3 +122,13 @@ class StreamWire:
         stream = self.streams.get(call_id)
         if stream is not None and stream.credit is not None:
             stream.credit.add(increment)
+
+
+def _setting(settings: dict[str, str], key: str, default: int) -> int:
+    """A whole-number setting of the peer, within 1 and 2**31 - 1 (``default``
+    if it sent none, or nonsense)."""
+    try:
+        value = int(settings.get(key, default))
+    except ValueError:
+        return default
+    return max(1, min(value, 2**31 - 1))

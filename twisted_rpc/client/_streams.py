@@ -43,6 +43,7 @@ from twisted_rpc.core._status import (
     DataLossError,
     DeadlineExceededError,
     InvalidArgumentError,
+    ResourceExhaustedError,
     RpcError,
     StatusCode,
 )
@@ -97,6 +98,8 @@ class StreamCall(Generic[RequestT, ResponseT]):
         self.call_id = 0
         self.inbox = Inbox(window, self._grant)
         self.credit: SendCredit | None = None
+        self.max_message = 2**31 - 1
+        """Largest request the provider takes (its settings' max_message_size)."""
         self._writes: deque[tuple[Message, Deferred[None]]] = deque()
         self._half_closing = False
         self._half_closed = False
@@ -278,6 +281,14 @@ class StreamCall(Generic[RequestT, ResponseT]):
                 payload = message.SerializeToString()
             except Exception as e:
                 d.errback(InvalidArgumentError(message=f"cannot serialize request: {e}"))
+                continue
+            if len(payload) > self.max_message:
+                d.errback(
+                    ResourceExhaustedError(
+                        message=f"request of {len(payload)} bytes: the provider takes at most "
+                        f"{self.max_message} (its max_message_size)"
+                    )
+                )
                 continue
             credit.spend(message_cost(len(payload)))
             connection.send(wire.encode_message(self.call_id, len(payload)), payload)

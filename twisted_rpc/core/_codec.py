@@ -16,6 +16,8 @@ import struct
 from collections.abc import Callable, Mapping
 from enum import IntEnum
 
+from twisted_rpc.core._frame import Frame
+
 __all__ = [
     "DEFAULT_MAX_EXT_ENTRIES",
     "DEFAULT_MAX_EXT_SIZE",
@@ -122,51 +124,6 @@ class ExtensionLimitError(ProtocolError):
     """A frame's extension is over the receiver's limits. The frame is whole
     and well delimited, so the connection can live on: see
     :data:`RejectHandler`."""
-
-
-class Frame:
-    """One decoded frame. ``route`` stays bytes: it is a dispatch key."""
-
-    __slots__ = (
-        "kind",
-        "flags",
-        "status",
-        "call_id",
-        "timeout_ms",
-        "route",
-        "metadata",
-        "message",
-        "payload",
-    )
-
-    def __init__(
-        self,
-        kind: int,
-        flags: int,
-        status: int,
-        call_id: int,
-        timeout_ms: int,
-        route: bytes,
-        metadata: dict[str, str] | None,
-        message: str,
-        payload: bytes | memoryview,
-    ) -> None:
-        self.kind = kind
-        self.flags = flags
-        self.status = status
-        self.call_id = call_id
-        self.timeout_ms = timeout_ms
-        self.route = route
-        self.metadata = metadata
-        self.message = message
-        self.payload = payload
-
-    def __repr__(self) -> str:
-        return (
-            f"Frame(kind={self.kind}, flags={self.flags}, status={self.status}, "
-            f"call_id={self.call_id}, timeout_ms={self.timeout_ms}, route={self.route!r}, "
-            f"metadata={self.metadata!r}, message={self.message!r}, payload={self.payload!r})"
-        )
 
 
 # --------------------------------------------------------------------------- encoding
@@ -397,6 +354,7 @@ class FrameDecoder:
         "max_frame_size",
         "max_ext_size",
         "max_ext_entries",
+        "max_message_frame",
         "buffered",
         "_chunks",
         "_needed",
@@ -420,6 +378,9 @@ class FrameDecoder:
         self.max_frame_size = max_frame_size
         self.max_ext_size = max_ext_size
         self.max_ext_entries = max_ext_entries
+        self.max_message_frame = max_frame_size
+        """Largest MESSAGE frame (``length``) taken: a larger one is refused
+        as soon as its header is in, before its body is buffered."""
         self.buffered = 0
         """Bytes held for a frame not complete yet (0: none started)."""
         self._chunks: list[bytes | memoryview] = []
@@ -456,11 +417,18 @@ class FrameDecoder:
         size = len(data)
         pos = 0
         max_frame = self.max_frame_size
+        max_message = self.max_message_frame
         handlers = self.handlers
         while size - pos >= HEADER_SIZE:
             length, kind, flags, status, call_id, timeout_ms, route_len = _unpack_header(data, pos)
-            if length > max_frame:
-                raise ProtocolError(f"frame of {length} bytes exceeds the limit of {max_frame}")
+            if length > max_message:  # (max_message <= max_frame: one test for most frames)
+                if length > max_frame:
+                    raise ProtocolError(f"frame of {length} bytes exceeds the limit of {max_frame}")
+                if kind == MESSAGE:
+                    raise ProtocolError(
+                        f"stream message frame of {length} bytes exceeds the limit of "
+                        f"{max_message} (the receiver's max_message_size)"
+                    )
             if length < _FIXED_AFTER_LENGTH + route_len:
                 raise ProtocolError(f"frame length {length} too short for its header")
             end = pos + 4 + length

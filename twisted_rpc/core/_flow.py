@@ -117,6 +117,8 @@ class Inbox:
         "error",
         "paused",
         "waking",
+        "held",
+        "release",
     )
 
     def __init__(
@@ -141,6 +143,11 @@ class Inbox:
         """Why the stream ended, if not cleanly: raised after the last message."""
         self.paused = False
         self.waking = False
+        self.held = 0
+        """Bytes of the messages held (received, not taken)."""
+        self.release: Callable[[int], object] | None = None
+        """Told the bytes of each message taken or dropped (an owner's count of
+        what its inboxes hold)."""
 
     def put(self, message: Any, cost: int) -> None:
         """A message arrived; ProtocolError if the sender had no credit."""
@@ -151,6 +158,7 @@ class Inbox:
         if self.ended:
             return  # the stream ended here already (cancelled, say): dropped
         self.available -= cost
+        self.held += cost
         self.messages.append((message, cost))
         if self.waiter is not None:
             self._wake()
@@ -168,6 +176,9 @@ class Inbox:
     def abort(self, error: RpcError) -> None:
         """End now: drop what is held, ``error`` is the next thing taken."""
         self.messages.clear()
+        held, self.held = self.held, 0
+        if held and self.release is not None:
+            self.release(held)
         self.ended = True
         self.error = error
         if self.waiter is not None:
@@ -198,6 +209,9 @@ class Inbox:
         messages = self.messages
         if messages:
             message, cost = messages.popleft()
+            self.held -= cost
+            if self.release is not None:
+                self.release(cost)
             consumed = self.consumed + cost
             if consumed >= self.threshold and not self.ended:
                 self.available += consumed

@@ -56,6 +56,10 @@ class ServerConnection(CallRunner, RpcConnection):
         self._handlers[FrameKind.MESSAGE] = self.stream_message_received
         self._handlers[FrameKind.END_STREAM] = self.end_stream_received
         self._handlers[FrameKind.WINDOW] = self.window_received
+        self.decoder.max_message_frame = min(
+            self.decoder.max_frame_size,
+            limits.max_message_size + wire.HEADER_SIZE - 4 + limits.max_metadata_size + 4,
+        )
 
     supports_streams = True
     _told_not_reading = False
@@ -67,6 +71,7 @@ class ServerConnection(CallRunner, RpcConnection):
             "stream_window": str(limits.stream_window),
             "max_streams": str(limits.max_streams_per_connection),
             "max_frame_size": str(self.factory.max_frame_size),
+            "max_message_size": str(limits.max_message_size),
         }
 
     def connectionMade(self) -> None:
@@ -91,9 +96,11 @@ class ServerConnection(CallRunner, RpcConnection):
             factory.shed_partial_frames()
 
     def _release_partial(self) -> None:
-        """Stop counting this connection's partial frame (it is dropped)."""
-        self.factory.partial_bytes -= self.held
+        """Stop counting this connection's partial frame and the request
+        messages its streams hold (they are dropped)."""
+        self.factory.partial_bytes -= self.held + self.stream_held
         self.held = 0
+        self.stream_held = 0
 
     def drop(self, why: str) -> None:
         """Close at once for ``why`` (logged), letting go of a partial frame now."""

@@ -39,17 +39,21 @@ class ServerFactory(ListenerFactory[ServerConnection]):
         self._sweeper: IDelayedCall | None = None
 
     def shed_partial_frames(self) -> None:
-        """Over ``max_buffered_bytes`` of partial frames: close the connections
-        holding the largest ones until the total is back under it."""
+        """Over ``max_buffered_bytes`` of partial frames and unread stream
+        messages: close the connections holding the most until the total is
+        back under it."""
         limit = self.limits.max_buffered_bytes
-        holders = sorted((c for c in self.connections if c.held), key=lambda c: -c.held)
+        holders = sorted(
+            (c for c in self.connections if c.held or c.stream_held),
+            key=lambda c: -(c.held + c.stream_held),
+        )
         for connection in holders:
             if self.partial_bytes <= limit:
                 break
             connection.drop(
-                f"its partial frame of {connection.held} bytes is the largest while "
-                f"partial frames hold {self.partial_bytes} bytes (max_buffered_bytes "
-                f"{limit})"
+                f"it holds the most, {connection.held} bytes of a partial frame and "
+                f"{connection.stream_held} of unread stream messages, while "
+                f"{self.partial_bytes} bytes are held (max_buffered_bytes {limit})"
             )
 
     def startFactory(self) -> None:

@@ -73,6 +73,10 @@ class ServerLimits:
     stream_window: int = 256 * 1024
     """Bytes of request messages each stream may send ahead of its handler
     (its receive window; see docs/protocol.md, "Flow control")."""
+    max_message_size: int = 4 * 1024 * 1024
+    """Largest request message a stream takes, told to consumers in the
+    settings (their ``write()`` refuses a larger one); a consumer that sends
+    one anyway is cut off as soon as its frame's header is in."""
     stream_idle_timeout: float = 0.0
     """End a stream (DEADLINE_EXCEEDED) after this long without a message
     either way (0: never)."""
@@ -90,6 +94,7 @@ class ServerLimits:
             "max_buffered_bytes",
             "max_streams_per_connection",
             "max_streams",
+            "max_message_size",
         ):
             value = getattr(self, name)
             if type(value) is not int or value < 1:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 from collections import deque
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from google.protobuf.message import Message
 from twisted.internet import defer
@@ -53,6 +53,7 @@ from twisted_rpc.server._stream_pump import StreamPump
 from twisted_rpc.server._stream_state import RequestStream, _Stream
 
 if TYPE_CHECKING:
+    from twisted_rpc.server._factory import ServerFactory
     from twisted_rpc.server._listener import ListenerFactory
 
 log = Logger(namespace="twisted_rpc.server")
@@ -235,6 +236,7 @@ class StreamRunner(StreamPump):
                 lambda n: self._grant(stream, n),
                 getattr(self, "wake_later", None),
             )
+            stream.inbox.release = self.release_stream_bytes
             request = RequestStream(stream)
         try:
             result = method.invoke(request, context)
@@ -278,6 +280,23 @@ class StreamRunner(StreamPump):
         if not stream.ended:
             self._write_headers(stream.call_id, dict(metadata))
 
+    stream_held = 0
+    """Bytes of request messages this connection's streams hold, not taken yet;
+    counted with the partial frames in the listener's ``partial_bytes``
+    (bounded by ``max_buffered_bytes``)."""
+
+    def hold_stream_bytes(self, n: int) -> None:
+        self.stream_held += n
+        factory = cast("ServerFactory", self.factory)  # streams run on native listeners
+        factory.partial_bytes += n
+        if factory.partial_bytes > factory.limits.max_buffered_bytes:
+            factory.shed_partial_frames()
+
+    def release_stream_bytes(self, n: int) -> None:
+        if self.stream_held:  # (0 once the connection was dropped: released then)
+            self.stream_held -= n
+            cast("ServerFactory", self.factory).partial_bytes -= n
+
     def _grant(self, stream: _Stream, increment: int) -> None:
         if not stream.ended:
             self._write_window(stream.call_id, increment)
@@ -304,7 +323,9 @@ class StreamRunner(StreamPump):
             )
             return
         stream.last_active = self.clock.seconds()
-        inbox.put(request, message_cost(len(payload)))
+        cost = message_cost(len(payload))
+        inbox.put(request, cost)
+        self.hold_stream_bytes(cost)
 
     def end_stream_received(self, call_id: int, *_: Any) -> None:
         stream = self.streams.get(call_id)

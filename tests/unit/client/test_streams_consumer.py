@@ -302,3 +302,15 @@ def test_bad_stream_arguments_raise_at_the_call():
         proxy.Sum(echo_pb2.EchoRequest())  # one message where an iterable belongs
     with pytest.raises(ValueError):
         proxy.Count(echo_pb2.CountRequest(), timeout=-1)
+
+
+def test_a_request_over_the_providers_max_message_size_fails_locally():
+    conn = _proven(settings={"streams": "1", "stream_window": "100000", "max_message_size": "100"})
+    stream = BidiStream(CHAT, conn.clock)
+    conn.proto.open_stream(stream, None)
+    conn.sent()
+    error = failure_of(stream.write(echo_pb2.EchoRequest(payload=b"x" * 200)))
+    assert error.code == StatusCode.RESOURCE_EXHAUSTED and "max_message_size" in error.message
+    assert conn.sent() == []  # nothing sent
+    assert result(stream.write(echo_pb2.EchoRequest(payload=b"x" * 50))) is None
+    assert [f.kind for f in conn.sent()] == [FrameKind.MESSAGE]

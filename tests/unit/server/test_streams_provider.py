@@ -49,6 +49,7 @@ def test_a_ping_with_settings_is_answered_with_the_providers():
         "stream_window": str(256 * 1024),
         "max_streams": "256",
         "max_frame_size": str(wire.DEFAULT_MAX_FRAME_SIZE),
+        "max_message_size": str(4 * 1024 * 1024),
     }
     assert conn.proto.peer_settings == {"streams": "1", "stream_window": "4096"}
     # A later PING (a keepalive) is answered plainly.
@@ -311,3 +312,63 @@ def test_closing_connections_after_the_grace_period_ends_streams_unavailable():
     assert frames[-1].status == StatusCode.UNAVAILABLE
     assert "grace period over" in frames[-1].message
     assert service.ends == {"t": "closed"}
+
+
+def _deaf_sum(**limits):
+    class Deaf(Service, descriptor=STREAMS):
+        def Sum(self, requests, context):
+            return Deferred()  # never reads its requests
+
+    clock = Clock()
+    factory = ServerFactory(Dispatcher([Deaf()]), clock, limits=ServerLimits(**limits))
+    return factory
+
+
+def _request_message(call_id: int, size: int) -> bytes:
+    m = echo_pb2.EchoRequest(payload=b"x" * size).SerializeToString()
+    return wire.encode_message(call_id, len(m)) + m
+
+
+def test_a_request_message_over_max_message_size_is_refused_by_its_header():
+    factory = _deaf_sum(max_message_size=1000)
+    conn = ServerConn(factory)
+    conn.proto.dataReceived(wire.encode_request(1, SUM, 0))
+    conn.proto.dataReceived(_request_message(1, 1000))  # at the limit: taken
+    assert not conn.transport.disconnecting
+    header = _request_message(1, 100_000)[: wire.HEADER_SIZE]
+    conn.proto.dataReceived(header)  # the header alone: cut off, the body never buffered
+    assert conn.transport.disconnecting or not conn.transport.connected
+    assert conn.proto.decoder.buffered == 0
+
+
+def test_unread_request_messages_count_in_max_buffered_bytes():
+    factory = _deaf_sum(max_buffered_bytes=100_000, stream_window=2**20)
+    greedy, modest = ServerConn(factory, port=1), ServerConn(factory, port=2)
+    for conn in (greedy, modest):
+        conn.proto.dataReceived(wire.encode_request(1, SUM, 0))
+    modest.proto.dataReceived(_request_message(1, 10_000))
+    assert modest.proto.stream_held == factory.partial_bytes > 10_000
+    for _ in range(8):
+        greedy.proto.dataReceived(_request_message(1, 10_000))
+        assert not greedy.transport.disconnecting
+    greedy.proto.dataReceived(_request_message(1, 10_000))  # past 100,000 held in all
+    assert greedy.transport.disconnecting or not greedy.transport.connected
+    assert not modest.transport.disconnecting
+    assert factory.partial_bytes == modest.proto.stream_held
+    greedy.proto.connectionLost(None)
+    assert factory.partial_bytes == modest.proto.stream_held
+
+
+def test_taken_and_dropped_request_messages_are_released():
+    factory = ServerFactory(Dispatcher([StreamService()]), Clock())
+    conn = ServerConn(factory)
+    conn.proto.dataReceived(wire.encode_request(1, SUM, 0))
+    conn.proto.dataReceived(_request_message(1, 1000) * 3)
+    assert conn.proto.stream_held == 0 == factory.partial_bytes  # Sum took them at once
+    deaf = _deaf_sum()
+    conn = ServerConn(deaf)
+    conn.proto.dataReceived(wire.encode_request(1, SUM, 0))
+    conn.proto.dataReceived(_request_message(1, 1000) * 3)
+    assert deaf.partial_bytes == conn.proto.stream_held > 3000
+    conn.proto.dataReceived(wire.encode_cancel(1))
+    assert deaf.partial_bytes == 0 == conn.proto.stream_held
