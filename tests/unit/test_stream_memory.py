@@ -17,6 +17,7 @@ from twisted_rpc import (
     ClientOptions,
     DeadlineExceededError,
     NotFoundError,
+    ResourceExhaustedError,
     RpcError,
     ServerLimits,
     StatusCode,
@@ -506,4 +507,31 @@ def test_settle_is_bounded_for_a_reader_that_never_waits():
     with pytest.raises(AssertionError, match="still moving after 5 rounds"):
         memory.settle(rounds=5)
     stream.cancel()
+    memory.settle()
+
+
+def test_stream_limits_per_connection_and_per_provider():
+    service = StreamService()
+    memory = MemoryProvider([service], limits=ServerLimits(max_streams_per_connection=2))
+    proxy = memory.proxy(STREAMS)
+    first, second = (
+        proxy.Count(echo_pb2.CountRequest(count=1, delay=5, tag=tag)) for tag in ("1", "2")
+    )
+    memory.settle()
+    third = proxy.Count(echo_pb2.CountRequest(count=1, tag="3"))
+    with pytest.raises(ResourceExhaustedError, match="max_streams_per_connection"):
+        memory.run(third.read())
+    memory.advance(5)
+    assert [first.code, second.code] == [StatusCode.OK, StatusCode.OK]
+    fourth = proxy.Count(echo_pb2.CountRequest(count=1, tag="4"))
+    assert len(collect(memory, fourth)[0]) == 1
+    assert service.ends == {"1": "done", "2": "done", "4": "done"}
+
+    memory = MemoryProvider([StreamService()], limits=ServerLimits(max_streams=1))
+    proxy = memory.proxy(STREAMS)
+    running = proxy.Count(echo_pb2.CountRequest(forever=True, tag="r"))
+    memory.settle()
+    with pytest.raises(ResourceExhaustedError, match=r"1 streams open at this provider"):
+        memory.run(proxy.Chat([echo_pb2.EchoRequest()]).read())
+    running.cancel()
     memory.settle()
