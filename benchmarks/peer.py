@@ -1,21 +1,32 @@
 """The framework under the peer benchmark's contract (../shared/bench/peers/README.md).
 
     python -m benchmarks.peer server [--port P] [--stdin-watch] [--max-seconds S]
+                                       [--workload unary|stream]
     python -m benchmarks.peer client --port P -c C -n N [--warmup W] [--duration D]
                                        [--server-pid PID] [--timeout T] [--metadata]
+                                       [--workload unary|stream] [--reader async|callback]
+                                       [--profile FILE]
 
 The server is a ``ProviderService`` exactly as ``twistd mprpc`` builds it
 (dispatcher, interceptor chain, deadlines, graceful stop) serving
-``bench.UserService.Login`` (echo ``pwd`` as ``errmsg``) on 127.0.0.1. The
-client is a ``Client`` with one proxy and so one shared connection, keeping C
-calls outstanding (closed loop), each with a deadline (``--timeout``, default
-30 s) and, with ``--metadata``, one metadata pair. It prints one JSON line
-whose first eight keys are the harness's.
+``bench.UserService.Login`` (echo ``pwd`` as ``errmsg``) and the server stream
+``bench.UserService.Watch`` (an async generator yielding ``LoginResponse``
+messages with ``errmsg`` of ``payload_bytes`` bytes until the stream ends) on
+127.0.0.1. The client is a ``Client`` with one proxy and so one shared
+connection. Unary workload: C calls outstanding (closed loop), each with a
+deadline (``--timeout``, default 30 s) and, with ``--metadata``, one metadata
+pair. Stream workload: C streams of ``Watch`` read with ``async for`` (or, with
+``--reader callback``, ``on_message``), counting every message; latencies are
+the gaps between consecutive messages of one stream. It prints one JSON line
+whose first eight keys are the harness's. ``--profile FILE`` writes cProfile
+statistics (the client's of the measured window; the server's from start to
+SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import math
 import os
@@ -89,7 +100,9 @@ class Window:
         self.active = False
         self.stop = self._snapshot()
 
-    def report(self, system: str, concurrency: int, payload: int) -> dict[str, Any]:
+    def report(
+        self, system: str, concurrency: int, payload: int, workload: str = "unary"
+    ) -> dict[str, Any]:
         lat = sorted(self.lat_ns)
         n = len(lat)
 
@@ -114,6 +127,7 @@ class Window:
             if None in (host, server, client)
             else round(host - client - server, 3),  # type: ignore[operator]
             "steal_s": _delta(st0, st1),
+            "workload": workload,
         }
         print(json.dumps(result), flush=True)
         return result
@@ -150,6 +164,12 @@ def serve(args: argparse.Namespace) -> None:
         def Login(self, request: Any, context: Any) -> Any:
             return pb2.LoginResponse(errcode=0, errmsg=request.pwd, success=True)
 
+        async def Watch(self, request: Any, context: Any) -> Any:
+            # A fresh message per yield, built as the harness's peers build theirs.
+            size = request.payload_bytes
+            while True:
+                yield pb2.LoginResponse(errcode=0, errmsg="x" * size, success=True)
+
     provider = ProviderService(
         reactor,
         f"tcp:{args.port}:interface={HOST}:backlog=1024",
@@ -160,6 +180,10 @@ def serve(args: argparse.Namespace) -> None:
     provider.privilegedStartService()
     provider.startService()
     reactor.addSystemEventTrigger("before", "shutdown", provider.stopService)
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        reactor.addSystemEventTrigger("before", "shutdown", profiler.dump_stats, args.profile)
     reactor.run()
 
 
@@ -174,7 +198,8 @@ def run_client(args: argparse.Namespace) -> None:
     pb2 = _bench_pb2()
     window = Window(args.server_pid)
     client = Client(reactor, providers={"bench.UserService": [f"{HOST}:{args.port}"]})
-    login = client.proxy(pb2.DESCRIPTOR.services_by_name["UserService"]).Login
+    proxy = client.proxy(pb2.DESCRIPTOR.services_by_name["UserService"])
+    login = proxy.Login
     request = pb2.LoginRequest(name="zhang san", pwd="x" * args.payload_bytes)
     timeout = args.timeout or None
     metadata = {"trace-id": "0af7651916cd43dd8448eb211c80319c"} if args.metadata else None
@@ -203,15 +228,68 @@ def run_client(args: argparse.Namespace) -> None:
         if state["running"]:
             reactor.callLater(0.01, issue)
 
+    streams: list[Any] = []
+
+    def stream_ended(failure: Any = None) -> None:
+        """A stream ended before the run did: an error in the report."""
+        if not state["running"]:
+            return
+        window.errors += 1
+        why = "ended early" if failure is None else failure.getErrorMessage()
+        print(f"stream {why}", file=sys.stderr)
+
+    async def read_async(stream: Any) -> None:
+        lat, last = window.lat_ns, clock()
+        async for _ in stream:
+            now = clock()
+            if window.active:
+                lat.append(now - last)
+            last = now
+
+    def read_callback(stream: Any) -> Any:
+        lat, last = window.lat_ns, [clock()]
+
+        def received(_: Any) -> None:
+            now = clock()
+            if window.active:
+                lat.append(now - last[0])
+            last[0] = now
+
+        return stream.on_message(received)
+
+    def open_streams() -> None:
+        from twisted.internet.defer import Deferred
+
+        watch = pb2.WatchRequest(payload_bytes=args.payload_bytes)
+        for _ in range(args.concurrency):
+            stream = proxy.Watch(watch, metadata=metadata)
+            streams.append(stream)
+            if args.reader == "callback":
+                d = read_callback(stream)
+            else:
+                d = Deferred.fromCoroutine(read_async(stream))
+            d.addCallbacks(lambda _: stream_ended(), stream_ended)
+
     async def main() -> None:
         await login(request, timeout=10)  # connect first
-        for _ in range(args.concurrency):
-            issue()
+        if args.workload == "stream":
+            open_streams()
+        else:
+            for _ in range(args.concurrency):
+                issue()
         await task.deferLater(reactor, args.warmup, lambda: None)
+        profiler = cProfile.Profile() if args.profile else None
         window.begin()
+        if profiler is not None:
+            profiler.enable()
         await task.deferLater(reactor, args.duration, lambda: None)
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
         window.end()
         state["running"] = False
+        for stream in streams:
+            stream.cancel()
         await client.close()
 
     def go() -> None:
@@ -225,7 +303,7 @@ def run_client(args: argparse.Namespace) -> None:
     reactor.run()
     if not hasattr(window, "stop"):
         sys.exit(1)
-    window.report(args.system, args.concurrency, args.payload_bytes)
+    window.report(args.system, args.concurrency, args.payload_bytes, args.workload)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--port", type=int, default=0)
         p.add_argument("--max-seconds", type=float, default=900)
         p.add_argument("--stdin-watch", action="store_true")
+        p.add_argument("--workload", choices=["unary", "stream"], default="unary")
+        p.add_argument("--profile", help="cProfile the server into this file (stop it by SIGTERM)")
         args = p.parse_args(argv[1:])
         watchdog(args.max_seconds, args.stdin_watch)
         serve(args)
@@ -250,6 +330,20 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--timeout", type=float, default=30.0, help="per-call deadline (0: none)")
         p.add_argument("--metadata", action="store_true", help="send one metadata pair per call")
         p.add_argument("--system", default="twisted_rpc", help="name in the JSON line")
+        p.add_argument(
+            "--workload",
+            choices=["unary", "stream"],
+            default="unary",
+            help="unary: closed-loop Login calls; stream: C server streams of Watch "
+            "(every message received counts as a call)",
+        )
+        p.add_argument(
+            "--reader",
+            choices=["async", "callback"],
+            default="async",
+            help="stream workload: read with `async for` or with on_message(callback)",
+        )
+        p.add_argument("--profile", help="cProfile the measured window into this file")
         args = p.parse_args(argv[1:])
         watchdog(args.warmup + args.duration + 60)
         run_client(args)

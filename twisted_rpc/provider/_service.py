@@ -183,8 +183,8 @@ class RegistrarService(TwistedService):
         if self.cpp_registry is None:
             return
         for (service, method), served in sorted(routes.items()):
-            if self.dispatcher.services[served.info.service].builtin:
-                continue  # Health and Reflection are for native callers
+            if self.dispatcher.services[served.info.service].builtin or served.streaming:
+                continue  # Health and Reflection are for native callers; C++ has no streams
             d = self.cpp_registry.register_cpp(service, method, advertise)
             d.addErrback(_log_failure, "registering {p} failed", p=f"/{service}/{method}")
 

@@ -26,6 +26,7 @@ from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._connection import RefusedConnection
 from twisted_rpc.core._flow import check_window
 from twisted_rpc.core._interfaces import ICallObserver, IDrainable
+from twisted_rpc.core._status import UnavailableError
 from twisted_rpc.server._dispatcher import Dispatcher
 
 log = Logger(namespace="twisted_rpc.server")
@@ -65,7 +66,8 @@ class ServerLimits:
     connections holding the largest partial frames are closed."""
     max_streams_per_connection: int = 256
     """Streams open at once on one connection (more: RESOURCE_EXHAUSTED);
-    they count neither as ordinary nor as long-lived calls."""
+    open streams also count as calls in flight (``max_calls_per_connection``,
+    ``max_calls``)."""
     max_streams: int = 10000
     """Streams open at once on all connections together."""
     stream_window: int = 256 * 1024
@@ -140,9 +142,10 @@ class ListenerFactory(Factory, Generic[C]):
         self.draining = False
         self.goaway_message = SHUTTING_DOWN
         self.in_flight = 0
-        """Ordinary calls in flight (see ``calls_in_flight`` for all)."""
+        """Ordinary calls and streams in flight (see ``calls_in_flight`` for all)."""
         self.long_lived_in_flight = 0
         self.streams_in_flight = 0
+        """Streams open (counted in ``in_flight`` too)."""
         self.idle_waiters: list[Deferred[None]] = []
         self.closed_waiters: list[Deferred[None]] = []
         self._observer: ICallObserver | None = None
@@ -175,7 +178,7 @@ class ListenerFactory(Factory, Generic[C]):
     @property
     def calls_in_flight(self) -> int:
         """Calls in flight, long-lived ones included."""
-        return self.in_flight + self.long_lived_in_flight + self.streams_in_flight
+        return self.in_flight + self.long_lived_in_flight
 
     # ----------------------------------------------------------------- connections
 
@@ -260,8 +263,12 @@ class ListenerFactory(Factory, Generic[C]):
 
     def closeConnections(self) -> Deferred[None]:
         """Close every connection once what was written to it is sent; the
-        Deferred fires when all are closed (cancel it to stop waiting)."""
+        Deferred fires when all are closed (cancel it to stop waiting).
+        Streams still open end first with UNAVAILABLE (their handlers closed)."""
         for connection in list(self.connections):
+            end_streams = getattr(connection, "end_streams", None)
+            if end_streams is not None and getattr(connection, "streams", None):
+                end_streams(UnavailableError(message=f"{self.goaway_message}: grace period over"))
             connection.close()
         if not self.connections:
             return defer.succeed(None)

@@ -82,6 +82,9 @@ class CallRunner(StreamRunner):
         self.pending: dict[int, _Pending] = {}
         """The calls answered through a Deferred, not answered yet."""
         self.long_lived = 0
+        self.exempt = 0
+        """Calls in ``pending`` not counted against ``max_calls_per_connection``
+        (the long-lived ones), less the open streams (which are counted)."""
         """How many of the calls in ``pending`` are long-lived."""
         self.deadlines = DeadlineQueue(clock, self.pending, self._deadline_expired, by_record=True)
         self.draining = False
@@ -148,7 +151,7 @@ class CallRunner(StreamRunner):
             if refusal is not None:
                 self.fail_call(call_id, refusal, method.info.full_name, started)
                 return
-        elif len(self.pending) - self.long_lived >= limits.max_calls_per_connection:
+        elif len(self.pending) - self.exempt >= limits.max_calls_per_connection:
             self.fail_call(
                 call_id,
                 ResourceExhaustedError(
@@ -211,6 +214,7 @@ class CallRunner(StreamRunner):
             self.pending[call_id] = (result, method.info, started, long_lived)
             if long_lived:
                 self.long_lived += 1
+                self.exempt += 1
                 factory.long_lived_in_flight += 1
             else:
                 factory.in_flight += 1
@@ -358,6 +362,7 @@ class CallRunner(StreamRunner):
             factory = self.factory
             if entry[3]:
                 self.long_lived -= 1
+                self.exempt -= 1
                 factory.long_lived_in_flight -= 1
             else:
                 factory.in_flight -= 1
@@ -384,6 +389,7 @@ class CallRunner(StreamRunner):
         factory.in_flight -= len(pending) - long_lived
         factory.long_lived_in_flight -= long_lived
         self.long_lived = 0
+        self.exempt = 0
         self.pending.clear()
         for d, info, started, _ in pending:
             self._finished(info.full_name, StatusCode.CANCELLED, started)

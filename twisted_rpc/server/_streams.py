@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_rpc.core._codec import ProtocolError
+from twisted_rpc.core._codec import HEADER_SIZE, ProtocolError
 from twisted_rpc.core._deadlines import DeadlineQueue
 from twisted_rpc.core._flow import DEFAULT_STREAM_WINDOW, Inbox, message_cost
 from twisted_rpc.core._service import MethodInfo
@@ -78,6 +78,8 @@ class StreamRunner:
     call_label: ClassVar[str]
     last_call_id: int
     write_blocked: bool
+    pending: dict[int, Any]
+    exempt: int
 
     if TYPE_CHECKING:
 
@@ -168,15 +170,23 @@ class StreamRunner:
             return
         if call_id in self.streams:
             raise ProtocolError(f"stream id {call_id} is already in flight")
-        limits = self.factory.limits
+        factory = self.factory
+        limits = factory.limits
         refusal = None
         if len(self.streams) >= limits.max_streams_per_connection:
             refusal = (
                 f"{limits.max_streams_per_connection} streams open on this connection "
                 "(max_streams_per_connection)"
             )
-        elif self.factory.streams_in_flight >= limits.max_streams:
+        elif factory.streams_in_flight >= limits.max_streams:
             refusal = f"{limits.max_streams} streams open at this provider (max_streams)"
+        elif len(self.pending) - self.exempt >= limits.max_calls_per_connection:
+            refusal = (
+                f"{limits.max_calls_per_connection} calls in flight on this connection "
+                "(max_calls_per_connection; open streams count)"
+            )
+        elif factory.in_flight >= limits.max_calls:
+            refusal = f"{limits.max_calls} calls in flight at this provider (max_calls)"
         if refusal is not None:
             self.fail_call(
                 call_id, ResourceExhaustedError(message=refusal), info.full_name, started
@@ -204,7 +214,9 @@ class StreamRunner:
         context._stream = stream
         stream.context = context
         self.streams[call_id] = stream
-        self.factory.streams_in_flight += 1
+        factory.streams_in_flight += 1
+        factory.in_flight += 1  # a stream counts as a call in flight
+        self.exempt -= 1
         observer = self.factory.observer
         if observer is not None and hasattr(observer, "stream_started"):
             observer.stream_started(info.full_name)
@@ -259,20 +271,17 @@ class StreamRunner:
         """Send what ``source`` yields while there is credit; the handler's
         generator is closed however the stream ends."""
         response_class = stream.method.response_class
+        call_id = stream.call_id
+        write = self._write_message
+        clock = self.clock if self.factory.limits.stream_idle_timeout else None
         agen: Any = None
         try:
+            anext_ = None
             if hasattr(source, "__aiter__"):
                 agen = source.__aiter__()
-                step = agen.__anext__
-                done: type[BaseException] = StopAsyncIteration
+                anext_ = agen.__anext__
             else:
-                it = iter(source)
-                agen = it
-
-                async def step() -> Any:
-                    return next(it)
-
-                done = StopIteration
+                agen = iter(source)
             credit = stream.credit
             while not stream.ended:
                 if credit.credit <= 0:
@@ -281,41 +290,43 @@ class StreamRunner:
                 if self._turn_bytes >= TURN_BYTES or self.write_blocked:
                     await self._next_turn()
                     continue
-                try:
-                    message = await step()
-                except done:
-                    return
+                if anext_ is not None:
+                    try:
+                        message = await anext_()
+                    except StopAsyncIteration:
+                        return
+                else:
+                    try:
+                        message = next(agen)
+                    except StopIteration:
+                        return
                 if stream.ended:
                     return
                 if type(message) is not response_class:
                     log.error(
                         self.call_label + " {method} from {peer}: handler yielded {kind}, "
                         "expected {expected}",
-                        call_id=stream.call_id,
+                        call_id=call_id,
                         method=stream.method.info.full_name,
                         peer=self.peer,
                         kind=type(message).__name__,
                         expected=response_class.DESCRIPTOR.full_name,
                     )
                     raise InternalError(message="internal error")
-                self.send_stream_message(stream, message)
+                payload = message.SerializeToString()
+                cost = len(payload) + HEADER_SIZE  # message_cost(), inline: per message
+                credit.credit -= cost
+                stream.sent += 1
+                self._turn_bytes += cost
+                if clock is not None:
+                    stream.last_active = clock.seconds()
+                write(call_id, payload)
         finally:
             close = getattr(agen, "aclose", None) or getattr(agen, "close", None)
             if close is not None:
                 closing = close()
                 if inspect.isawaitable(closing):
                     await closing
-
-    def send_stream_message(self, stream: _Stream, message: Message) -> None:
-        payload = message.SerializeToString()
-        cost = message_cost(len(payload))
-        if not stream.headers_sent:
-            stream.headers_sent = True
-        stream.credit.spend(cost)
-        stream.sent += 1
-        self._turn_bytes += cost
-        stream.last_active = self.clock.seconds()
-        self._write_message(stream.call_id, payload)
 
     def _next_turn(self) -> Deferred[None]:
         """A Deferred firing on the reactor's next turn, once the write
@@ -345,8 +356,8 @@ class StreamRunner:
             d.callback(None)
 
     def send_initial_metadata(self, stream: _Stream, metadata: Mapping[str, str]) -> None:
-        if stream.headers_sent:
-            raise RuntimeError("initial metadata must be sent before the first message")
+        if stream.sent or stream.headers_sent:
+            raise RuntimeError("initial metadata is sent once, before the first message")
         stream.headers_sent = True
         if not stream.ended:
             self._write_headers(stream.call_id, dict(metadata))
@@ -442,6 +453,8 @@ class StreamRunner:
             del self.streams[call_id]
         factory = self.factory
         factory.streams_in_flight -= 1
+        factory.in_flight -= 1
+        self.exempt += 1
         if stream.idle_timer is not None and stream.idle_timer.active():
             stream.idle_timer.cancel()
         stream.idle_timer = None

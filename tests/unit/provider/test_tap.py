@@ -116,6 +116,7 @@ def test_shipped_configs_load():
     assert set(load_consumer_config("etc/consumer.ini").providers) == {
         "example.UserService",
         "example.FriendService",
+        "example.ChatService",
     }
 
 
