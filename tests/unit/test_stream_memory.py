@@ -452,6 +452,26 @@ def test_goaway_lets_a_running_stream_finish():
     assert memory.result(drained) is None
 
 
+def test_streams_still_open_when_the_grace_period_is_over_end_unavailable():
+    service = StreamService()
+    memory = MemoryProvider([service])
+    proxy = memory.proxy(STREAMS)
+    count = proxy.Count(echo_pb2.CountRequest(forever=True, delay=1, tag="long"))
+    chat = proxy.Chat()
+    memory.settle()
+    memory.factory.goaway()
+    memory.advance(1)
+    assert memory.run(count.read()).call_id == 0
+    closed = memory.factory.closeConnections()  # what the provider's stop does after the grace
+    memory.settle()
+    for stream in (count, chat):
+        with pytest.raises(UnavailableError, match="shutting down: grace period over"):
+            while memory.run(stream.read()) is not None:
+                pass
+    assert service.ends == {"long": "closed"}
+    assert memory.result(closed) is None and memory.factory.streams_in_flight == 0
+
+
 def test_stream_idle_timeout():
     service = Metered()
     memory = MemoryProvider(
