@@ -46,6 +46,7 @@ _CONSUMER_KEYS = {
     "max_write_buffer",
     "max_concurrent_dials",
     "max_dials_per_second",
+    "stream_window",
 }
 
 
@@ -85,6 +86,9 @@ def load_consumer_config(path: str) -> ConsumerConfig:
             ),
             max_dials_per_second=r.number(
                 "consumer", "max_dials_per_second", d.max_dials_per_second, float
+            ),
+            stream_window=r.number(
+                "consumer", "stream_window", d.stream_window, int, minimum=float("-inf")
             ),
             tls=ClientTLS(
                 r.get("tls", "ca", "") or "",

@@ -12,7 +12,9 @@ go wrong ends in a typed :class:`RpcError`:
 - a reply that does not parse: DATA_LOSS; one over ``max_reply_size``:
   RESOURCE_EXHAUSTED; no reply in time: DEADLINE_EXCEEDED. Every call has a
   deadline (:data:`DEFAULT_TIMEOUT` unless told otherwise): a C++ provider
-  that does not know the method logs it and neither answers nor closes.
+  that does not know the method logs it and neither answers nor closes;
+- a streaming method (the protocol has no streams): UNIMPLEMENTED at once,
+  nothing looked up or sent.
 
 An address that refused a connection is not dialled again for
 ``refused_hold`` seconds (or until its node changes): calls to it fail
@@ -55,6 +57,7 @@ from twisted_rpc.core._status import (
     ResourceExhaustedError,
     RpcError,
     UnavailableError,
+    UnimplementedError,
 )
 from twisted_rpc.cpp._wire import encode_request
 from twisted_rpc.discovery._kazoo import (
@@ -283,6 +286,21 @@ class _OneCall(Protocol):
             self.transport.abortConnection()
 
 
+def streams_refused(method: MethodInfo) -> UnimplementedError:
+    """The error of a call of streaming ``method`` over mprpc (which has no streams)."""
+    kind = (
+        "bidirectional streaming"
+        if method.client_streaming and method.server_streaming
+        else "client streaming"
+        if method.client_streaming
+        else "server streaming"
+    )
+    return UnimplementedError(
+        message=f"{method.full_name} is a {kind} method and the C++ mprpc protocol has "
+        "no streams: call it over the native protocol (twisted_rpc.Client)"
+    )
+
+
 def _seconds(name: str, value: Any) -> float:
     """``value`` as a positive, finite number of seconds, or ValueError naming ``name``."""
     if (
@@ -400,7 +418,11 @@ class CppClient:
     ) -> Deferred[Message]:
         """Call ``method`` once; fires with the response or fails with an RpcError.
 
-        ``timeout``: seconds to wait for the reply (None: the client's)."""
+        ``timeout``: seconds to wait for the reply (None: the client's).
+        A streaming method fails at once with :class:`UnimplementedError`,
+        nothing sent: the mprpc protocol has no streams."""
+        if method.client_streaming or method.server_streaming:
+            return fail(streams_refused(method))
         if type(request) is not method.request_class:
             return fail(wrong_request_type(method, request))
         if timeout is None:

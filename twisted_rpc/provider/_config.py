@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._flow import check_window
 from twisted_rpc.core._ini import REGISTRY_KEYS, ConfigError, Reader, RegistryConfig
 from twisted_rpc.core._service import Service
 from twisted_rpc.core._tls import server_options
@@ -119,6 +120,10 @@ _PROVIDER_KEYS = {
     "frame_timeout",
     "max_connections_per_peer",
     "max_buffered_bytes",
+    "max_streams_per_connection",
+    "max_streams",
+    "stream_window",
+    "stream_idle_timeout",
     "health",
     "reflection",
     "slow_call_threshold",
@@ -210,7 +215,22 @@ def _limits(r: Reader) -> ServerLimits:
             p, "max_connections_per_peer", d.max_connections_per_peer, int, 1
         ),
         max_buffered_bytes=r.number(p, "max_buffered_bytes", d.max_buffered_bytes, int, 1),
+        max_streams_per_connection=r.number(
+            p, "max_streams_per_connection", d.max_streams_per_connection, int, 1
+        ),
+        max_streams=r.number(p, "max_streams", d.max_streams, int, 1),
+        stream_window=_window(r, p, "stream_window", d.stream_window),
+        stream_idle_timeout=r.number(p, "stream_idle_timeout", d.stream_idle_timeout),
     )
+
+
+def _window(r: Reader, section: str, key: str, default: int) -> int:
+    """A stream window in bytes (``check_window``'s bounds), or ConfigError."""
+    value = r.number(section, key, default, int, minimum=float("-inf"))
+    try:
+        return check_window(value, f"{r.path}: [{section}] {key}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _log_format(r: Reader) -> str:

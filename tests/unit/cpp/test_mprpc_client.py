@@ -347,3 +347,66 @@ def test_refused_hold_zero_dials_every_call():
         refuse(memory)
         assert result_of(d).check(UnavailableError)
         assert len(memory.tcpClients) == count
+
+
+# ---------------------------------------------------------------- streaming methods are refused
+
+
+class _CountingDirectory(StaticCppDirectory):
+    """A static directory that records each lookup."""
+
+    def __init__(self, providers):
+        super().__init__(providers)
+        self.lookups = []
+
+    def lookup(self, service, method):
+        self.lookups.append((service, method))
+        return super().lookup(service, method)
+
+
+@pytest.mark.parametrize(
+    "method, kind",
+    [("Count", "server streaming"), ("Sum", "client streaming"), ("Chat", "bidirectional")],
+)
+def test_a_streaming_method_is_refused_at_call_time_with_nothing_sent(method, kind):
+    from protos import echo_pb2
+    from testbed.echo_service import STREAMS
+    from twisted_rpc import UnimplementedError
+
+    memory = MemoryReactorClock()
+    directory = _CountingDirectory({"StreamService": "127.0.0.1:8000"})
+    client = CppClient(memory, directory=directory)
+    request = echo_pb2.CountRequest(count=3) if method == "Count" else echo_pb2.EchoRequest()
+    for d in (
+        getattr(client.proxy(STREAMS), method)(request),
+        client.call(_info(STREAMS, method), request),
+        getattr(client.proxy(STREAMS), method)([request, request]),  # an iterable
+    ):
+        failure = result_of(d)
+        assert failure.check(UnimplementedError), failure
+        text = str(failure.value)
+        assert f"mprpc.test.StreamService/{method} is a {kind}" in text
+        assert "the C++ mprpc protocol has no streams" in text
+    assert directory.lookups == [] and memory.tcpClients == []  # nothing looked up or dialled
+    memory.advance(DEFAULT_TIMEOUT * 2)  # and no timer left behind
+    assert memory.getDelayedCalls() == []
+
+
+def _info(descriptor, name):
+    from twisted_rpc.core import describe
+
+    return describe(descriptor).methods[name]
+
+
+def test_unary_methods_of_a_service_with_streams_still_go_over_mprpc():
+    from protos import echo_pb2
+    from testbed.echo_service import ECHO
+
+    memory = MemoryReactorClock()
+    client = CppClient(memory, providers={"EchoService": "127.0.0.1:8000"})
+    d = client.proxy(ECHO).Echo(echo_pb2.EchoRequest(payload=b"x"))
+    assert not d.called
+    transport = silent_provider(memory)
+    assert transport.value().endswith(echo_pb2.EchoRequest(payload=b"x").SerializeToString())
+    d.cancel()
+    result_of(d)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -200,3 +201,47 @@ def test_compat_calls_are_observed_like_native_ones():
         "?/?": {"NOT_FOUND": 1},
         "mprpc.test.EchoService/Echo": {"NOT_FOUND": 1},
     }
+
+
+# ---------------------------------------------------------------- streaming methods are refused
+
+
+@pytest.mark.parametrize(
+    "method, request_bytes",
+    [
+        ("Count", echo_pb2.CountRequest(count=3, tag="cpp").SerializeToString()),
+        ("Sum", echo_pb2.EchoRequest(payload=b"ab").SerializeToString()),
+        ("Chat", b""),
+    ],
+)
+def test_a_streaming_method_is_refused_unimplemented_and_logged(logged, method, request_bytes):
+    from testbed.echo_service import StreamService
+    from twisted_rpc.ops import ProviderMetrics
+
+    service = StreamService()
+    clock = Clock()
+    factory = CppServerFactory(Dispatcher([service, EchoService()]), clock, 1 << 20)
+    factory.observer = metrics = ProviderMetrics()
+    assert ("StreamService", method) in factory.routes
+    proto = factory.buildProtocol(None)
+    transport = HalfClosingTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(encode_request("StreamService", method, request_bytes))
+    # No reply (the protocol has no status), the connection closed, the reason logged.
+    assert transport.value() == b"" and transport.disconnecting
+    text = messages(logged)
+    full = f"mprpc.test.StreamService/{method}"
+    assert "refused mprpc call from" in text
+    assert f"{full} streams, and this listener's protocol has no streams" in text
+    assert f"mprpc call {full} from" in text and "failed: UNIMPLEMENTED" in text
+    assert metrics.totals == {full: {"UNIMPLEMENTED": 1}}
+    # The handler never ran and nothing is left in flight.
+    assert service.ends == {}
+    assert factory.calls_in_flight == 0 and factory.streams_in_flight == 0
+    assert clock.getDelayedCalls() == []  # the read timer went with the connection
+    # The listener keeps serving unary calls on other connections.
+    good = factory.buildProtocol(None)
+    good_transport = HalfClosingTransport()
+    good.makeConnection(good_transport)
+    good.dataReceived(echo_request(payload=b"still here"))
+    assert echo_pb2.EchoReply.FromString(good_transport.value()).payload == b"still here"

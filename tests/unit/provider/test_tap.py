@@ -225,3 +225,116 @@ def test_server_limits_are_validated(field, value):
 
     with pytest.raises(ValueError, match=field):
         ServerLimits(**{field: value})
+
+
+# --------------------------------------------------------------------------- stream settings
+
+
+def test_stream_limits_load_and_reach_both_listeners(tmp_path):
+    path = write(
+        tmp_path,
+        "[provider]\nlisten = tcp:0:interface=127.0.0.1\n"
+        "services = testbed.echo_service:StreamService\n"
+        "max_streams_per_connection = 8\nmax_streams = 80\n"
+        "stream_window = 4096\nstream_idle_timeout = 2.5\n"
+        "[mprpc]\nlisten = tcp:0:interface=127.0.0.1\n",
+    )
+    options = Options()
+    options.parseOptions(["-c", path])
+    service = makeService(options, MemoryReactor())
+    limits = service.factory.limits
+    assert (
+        limits.max_streams_per_connection,
+        limits.max_streams,
+        limits.stream_window,
+        limits.stream_idle_timeout,
+    ) == (8, 80, 4096, 2.5)
+    assert service.cpp_factory.limits is limits
+    # What the provider tells each consumer in its settings.
+    settings = service.factory.buildProtocol(None).local_settings()
+    assert (settings["stream_window"], settings["max_streams"]) == ("4096", "8")
+
+
+def test_stream_limits_default_to_server_limits(tmp_path):
+    from twisted_rpc import ServerLimits
+
+    path = write(tmp_path, "[provider]\nlisten = tcp:0\nservices = a:B\n")
+    limits = load_provider_config(path).limits
+    d = ServerLimits()
+    assert (
+        limits.max_streams_per_connection,
+        limits.max_streams,
+        limits.stream_window,
+        limits.stream_idle_timeout,
+    ) == (d.max_streams_per_connection, d.max_streams, d.stream_window, d.stream_idle_timeout)
+    assert (d.max_streams_per_connection, d.max_streams, d.stream_window) == (256, 10000, 262144)
+    assert d.stream_idle_timeout == 0
+
+
+WINDOW_RANGE = "expected a whole number of bytes from 1024 to 2147483647"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("stream_window = 1023", f"[provider] stream_window: {WINDOW_RANGE}, got 1023"),
+        ("stream_window = 0", f"[provider] stream_window: {WINDOW_RANGE}, got 0"),
+        ("stream_window = -5", f"[provider] stream_window: {WINDOW_RANGE}, got -5"),
+        ("stream_window = 2147483648", f"{WINDOW_RANGE}, got 2147483648"),
+        ("stream_window = 256k", "[provider] stream_window = '256k' is not a number"),
+        ("stream_window = 1.5", "[provider] stream_window = '1.5' is not a number"),
+        ("max_streams = 0", "[provider] max_streams must be at least 1"),
+        ("max_streams_per_connection = -1", "max_streams_per_connection must be at least 1"),
+        ("max_streams_per_connection = some", "max_streams_per_connection = 'some' is not a"),
+        ("stream_idle_timeout = -1", "[provider] stream_idle_timeout must be at least 0"),
+        ("stream_idle_timeout = nan", "stream_idle_timeout = 'nan' is not a finite number"),
+        ("stream_idle_timeout = soon", "stream_idle_timeout = 'soon' is not a number"),
+        ("stream_windows = 4096", "unknown key 'stream_windows' in [provider]"),
+    ],
+)
+def test_stream_limit_errors(tmp_path, extra, message):
+    path = write(tmp_path, f"[provider]\nlisten = tcp:0\nservices = a:B\n{extra}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_provider_config(path)
+    assert message in str(raised.value)
+    assert str(raised.value).startswith(f"{path}: ")
+    assert "\n" not in str(raised.value)
+
+
+def test_consumer_stream_window_loads_and_reaches_streams(tmp_path):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from protos import echo_pb2
+    from twisted_rpc import Client, ClientOptions
+
+    assert load_consumer_config(write(tmp_path, "")).stream_window == (
+        ClientOptions().stream_window
+    )
+    assert ClientOptions().stream_window == 1024 * 1024
+    path = write(
+        tmp_path,
+        "[consumer]\nstream_window = 65536\n[providers]\nmprpc.test.StreamService = 127.0.0.1:1\n",
+    )
+    assert load_consumer_config(path).options.stream_window == 65536
+    client = Client.from_config(path, MemoryReactorClock())
+    stream = client.proxy("mprpc.test.StreamService").Count(echo_pb2.CountRequest(count=1))
+    assert (stream.window, stream.inbox.window) == (65536, 65536)
+    stream.cancel()
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("100", f"[consumer] stream_window: {WINDOW_RANGE}, got 100"),
+        ("-1", f"[consumer] stream_window: {WINDOW_RANGE}, got -1"),
+        ("4294967296", f"{WINDOW_RANGE}, got 4294967296"),
+        ("1MiB", "[consumer] stream_window = '1MiB' is not a number"),
+    ],
+)
+def test_consumer_stream_window_errors(tmp_path, value, message):
+    path = write(tmp_path, f"[consumer]\nstream_window = {value}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_consumer_config(path)
+    assert message in str(raised.value)
+    assert str(raised.value).startswith(f"{path}: ")
+    assert "\n" not in str(raised.value)
