@@ -217,11 +217,6 @@ def test_a_paused_stream_does_not_stall_the_others_on_its_connection():
     assert service.ends["stalled"] == "closed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StreamCall.end(): a stream cancelled while paused never fires on_message's "
-    "Deferred (nor consume()'s, which then never unregisters its producer)",
-)
 def test_cancelling_a_paused_stream_ends_its_on_message_deferred():
     memory = MemoryProvider([Metered()])
     stream = memory.proxy(STREAMS).Count(echo_pb2.CountRequest(forever=True, tag="p"))

@@ -364,6 +364,10 @@ class StreamCall(Generic[RequestT, ResponseT]):
                 d.errback(error)
         if error is not None and isinstance(error, CancelledError):
             self.inbox.abort(error)  # the caller gave up: what is held is dropped
+            if self._callback is not None and self._paused:
+                # Nothing more is delivered: the end is told now, paused or not.
+                self._callback = None
+                self._done.errback(error)
         else:
             self.inbox.finish(error)
 

@@ -124,6 +124,7 @@ _PROVIDER_KEYS = {
     "max_streams",
     "stream_window",
     "stream_idle_timeout",
+    "max_message_size",
     "health",
     "reflection",
     "slow_call_threshold",
@@ -221,6 +222,7 @@ def _limits(r: Reader) -> ServerLimits:
         max_streams=r.number(p, "max_streams", d.max_streams, int, 1),
         stream_window=_window(r, p, "stream_window", d.stream_window),
         stream_idle_timeout=r.number(p, "stream_idle_timeout", d.stream_idle_timeout),
+        max_message_size=r.number(p, "max_message_size", d.max_message_size, int, 1),
     )
 
 

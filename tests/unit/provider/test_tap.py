@@ -236,7 +236,7 @@ def test_stream_limits_load_and_reach_both_listeners(tmp_path):
         "[provider]\nlisten = tcp:0:interface=127.0.0.1\n"
         "services = testbed.echo_service:StreamService\n"
         "max_streams_per_connection = 8\nmax_streams = 80\n"
-        "stream_window = 4096\nstream_idle_timeout = 2.5\n"
+        "stream_window = 4096\nstream_idle_timeout = 2.5\nmax_message_size = 5000\n"
         "[mprpc]\nlisten = tcp:0:interface=127.0.0.1\n",
     )
     options = Options()
@@ -248,11 +248,13 @@ def test_stream_limits_load_and_reach_both_listeners(tmp_path):
         limits.max_streams,
         limits.stream_window,
         limits.stream_idle_timeout,
-    ) == (8, 80, 4096, 2.5)
+        limits.max_message_size,
+    ) == (8, 80, 4096, 2.5, 5000)
     assert service.cpp_factory.limits is limits
     # What the provider tells each consumer in its settings.
     settings = service.factory.buildProtocol(None).local_settings()
     assert (settings["stream_window"], settings["max_streams"]) == ("4096", "8")
+    assert settings["max_message_size"] == "5000"
 
 
 def test_stream_limits_default_to_server_limits(tmp_path):
