@@ -108,10 +108,19 @@ class StreamWire:
             if self.goaway_reason is not None:
                 self._close_if_done()
 
-    def _stream_message(self, call_id: int, *fields: Any) -> None:
+    def _stream_message(
+        self,
+        call_id: int,
+        status: int,
+        timeout_ms: int,
+        route: bytes,
+        metadata: Any,
+        message: str,
+        payload: bytes | memoryview,
+    ) -> None:
         stream = self.streams.get(call_id)
         if stream is not None:
-            stream.message_received(fields[-1])
+            stream.message_received(payload)
 
     def _stream_headers(self, call_id: int, *fields: Any) -> None:
         stream = self.streams.get(call_id)

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._codec import HEADER_SIZE
 from twisted_rpc.core._flow import Inbox, SendCredit, message_cost
 from twisted_rpc.core._service import MethodInfo, wrong_request_type
 from twisted_rpc.core._status import (
@@ -98,6 +99,7 @@ class StreamCall(Generic[RequestT, ResponseT]):
         self.call_id = 0
         self.inbox = Inbox(window, self._grant)
         self.credit: SendCredit | None = None
+        self._first = True
         self.max_message = 2**31 - 1
         """Largest request the provider takes (its settings' max_message_size)."""
         self._writes: deque[tuple[Message, Deferred[None]]] = deque()
@@ -392,9 +394,11 @@ class StreamCall(Generic[RequestT, ResponseT]):
         except Exception as e:
             self._cancel(DataLossError(message=f"cannot parse a stream reply: {e}"))
             return
-        if not self.initial_metadata.called:
-            self.initial_metadata.callback({})
-        self.inbox.put(reply, message_cost(len(payload)))
+        if self._first:
+            self._first = False
+            if not self.initial_metadata.called:
+                self.initial_metadata.callback({})
+        self.inbox.put(reply, len(payload) + HEADER_SIZE)  # message_cost(), inline
 
     def headers_received(self, metadata: Mapping[str, str] | None) -> None:
         if not self.initial_metadata.called:
