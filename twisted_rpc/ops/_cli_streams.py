@@ -80,6 +80,8 @@ def parse_request(
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
+        if not text.lstrip().startswith("{"):  # protobuf's parser takes [] as {}
+            raise json_format.ParseError("expected a JSON object")
         json_format.Parse(text, request)
     except (json_format.ParseError, UnicodeDecodeError) as e:
         raise UserError(
@@ -304,18 +306,23 @@ async def call_stream(
         )
     stream = stub(timeout=timeout)
     lines.on_output_lost = _stopper(stream)
-    if method.server_streaming:
-        result: Deferred[Any] = stream.consume(lines.consumer)
-    else:
-        result = stream.response()
+    outcome: Deferred[Any] = (
+        stream.consume(lines.consumer) if method.server_streaming else stream.response()
+    )
     sending = Deferred.fromCoroutine(_send_requests(lines, stream, request_class))
+    # The outcome is passed on to ``result`` before stdin's reading is given
+    # up (it may never end): cancelling ``sending`` resumes this coroutine,
+    # which must find ``result`` fired, not in the middle of its callbacks.
+    result: Deferred[Any] = Deferred()
 
-    # Once the stream is over, stdin is of no more use (it may never end).
-    def stop_sending(outcome: object) -> object:
+    def ended(value: object) -> None:
+        if isinstance(value, Failure):
+            result.errback(value)
+        else:
+            result.callback(value)
         sending.cancel()
-        return outcome
 
-    result.addBoth(stop_sending)
+    outcome.addBoth(ended)
     try:
         await sending
     except UserError:
