@@ -5,6 +5,9 @@ Providers are found in ZooKeeper (``--zk HOSTS [--root /mprpc]``) or given
 Reflection service, so no ``.proto`` is needed. Exit status: 0 on success,
 64 + the status code when a call fails (``mprpc call`` exits 69 on NOT_FOUND),
 1 when nothing could be reached, 2 on a usage error.
+
+``mprpc call`` on a streaming method speaks JSON lines on stdout and stdin
+(:mod:`twisted_rpc.ops._cli_streams`).
 """
 
 from __future__ import annotations

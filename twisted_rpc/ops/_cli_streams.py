@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IHalfCloseableProtocol, IProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -114,6 +114,7 @@ class StdioLines(Protocol):
         self._waiting: Deferred[bytes | None] | None = None
         self._paused = False
         self._flushed: Deferred[None] | None = None
+        self._write_closed = False
 
     # ------------------------------------------------------------- stdin
 
@@ -147,6 +148,9 @@ class StdioLines(Protocol):
         self._wake()
 
     def writeConnectionLost(self) -> None:
+        if self._write_closed:
+            return
+        self._write_closed = True
         flushed, self._flushed = self._flushed, None
         if flushed is not None:
             flushed.callback(None)
@@ -155,8 +159,9 @@ class StdioLines(Protocol):
         if self.on_output_lost is not None:
             self.on_output_lost()
 
-    def connectionLost(self, reason: Failure = Failure(Exception("closed"))) -> None:
-        self.readConnectionLost()
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.eof:
+            self.readConnectionLost()
         self.writeConnectionLost()
 
     def _fail(self, message: str) -> None:
@@ -218,7 +223,7 @@ class StdioLines(Protocol):
 
     def finish(self) -> Deferred[None]:
         """Close stdout once what was written is out; fires then."""
-        if self.output_lost:
+        if self._write_closed:
             return defer.succeed(None)
         d = self._flushed = Deferred()
         self.transport.loseWriteConnection()  # type: ignore[union-attr]

@@ -281,3 +281,15 @@ def test_core_on_message_deferred_fires_when_a_paused_stream_is_cancelled():
     stream.stopProducing()  # what a consumer that goes away calls
     memory.flush()
     assert done.called
+
+
+def test_finish_fires_once_stdout_is_closed_and_a_later_close_is_not_a_lost_reader():
+    lines, transport = connected()
+    lines.on_output_lost = lambda: pytest.fail("the reader did not go away")
+    lines.write_line(echo_pb2.EchoReply(call_id=1))
+    done = lines.finish()
+    assert done.called
+    lines.connectionLost()  # StandardIO's, once both halves are closed
+    assert not lines.output_lost
+    assert lines.finish().called
+    assert printed(transport) == [{"call_id": 1}]
