@@ -18,8 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from testbed.processes import ROOT, SERVICES, Provider, environment
 from tests.integration.test_zookeeper import ZooKeeperTestCase
-from twisted_rpc import Client, RpcError
-from twisted_rpc.core._status import StatusCode
+from twisted_rpc import Client, RpcError, StatusCode
 from twisted_rpc.ops import NOT_SERVING, SERVING
 from twisted_rpc.ops._protos import HEALTH, HealthCheckRequest, HealthWatchRequest
 
@@ -284,8 +283,7 @@ import sys
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from google.protobuf import json_format
-from twisted_rpc import Client, RpcError
-from twisted_rpc.core._status import StatusCode
+from twisted_rpc import Client, RpcError, StatusCode
 from twisted_rpc.ops import message_class, remote_service
 from twisted_rpc import StaticRegistry
 

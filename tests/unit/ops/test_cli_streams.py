@@ -12,8 +12,7 @@ from twisted.internet.testing import StringTransport
 
 from protos import echo_pb2
 from testbed.echo_service import STREAMS, StreamService
-from twisted_rpc import NotFoundError, RpcError
-from twisted_rpc.core._status import StatusCode
+from twisted_rpc import NotFoundError, RpcError, StatusCode
 from twisted_rpc.ops._cli import build_parser, split_symbol
 from twisted_rpc.ops._cli_streams import (
     StdioLines,

@@ -12,13 +12,24 @@ from twisted.internet.defer import Deferred
 
 from protos import echo_pb2
 from testbed.echo_service import STREAMS, EchoService, StreamService
-from twisted_rpc import Client, NotFoundError, ResourceExhaustedError, RpcError
-from twisted_rpc.core._status import StatusCode
-from twisted_rpc.ops import NOT_SERVING, SERVICE_UNKNOWN, SERVING, ProviderMetrics
+from twisted_rpc import (
+    Client,
+    NotFoundError,
+    ResourceExhaustedError,
+    RpcError,
+    ServerLimits,
+    StatusCode,
+)
+from twisted_rpc.ops import (
+    NOT_SERVING,
+    SERVICE_UNKNOWN,
+    SERVING,
+    ProviderMetrics,
+    RemoteDescriptors,
+    message_class,
+)
 from twisted_rpc.ops._admin import render_status, status_data
 from twisted_rpc.ops._protos import HEALTH, HealthCheckRequest, HealthWatchRequest
-from twisted_rpc.ops._reflection import RemoteDescriptors
-from twisted_rpc.server._factory import ServerLimits
 from twisted_rpc.testing import MemoryProvider
 
 COUNT = echo_pb2.CountRequest
@@ -361,8 +372,6 @@ def test_reflection_describes_stream_kinds_and_a_reflected_proxy_streams():
         "WatchStream": (False, True),
     }
     count = streams.methods_by_name["Count"]
-    from twisted_rpc.ops import message_class
-
     request = message_class(count.input_type)(count=3)
     proxy = memory.client.proxy(streams)
 
@@ -378,8 +387,6 @@ def test_reflected_client_stream_errors_are_typed():
     async def summed() -> None:
         service = await RemoteDescriptors(memory.client).service("mprpc.test.StreamService")
         sum_ = service.methods_by_name["Sum"]
-        from twisted_rpc.ops import message_class
-
         request_class = message_class(sum_.input_type)
         await memory.client.proxy(service).Sum([request_class(fail_code=5, fail_message="no")])
 
