@@ -6,8 +6,9 @@ long poll that answers as soon as the status differs from ``last_status``,
 or when ``max_wait`` (at most :data:`MAX_WATCH_WAIT` seconds) or the call's
 deadline is nearly up; ``WatchStream`` is a server stream, as gRPC's
 ``Health.Watch``: the current status at once, then each change (a consumer
-that reads slowly gets the latest status, not a backlog). :func:`add_builtins`
-adds Health and Reflection to a dispatcher.
+that reads slowly holds at most its window of changes; past that it gets
+the status of the moment its window reopens). :func:`add_builtins` adds
+Health and Reflection to a dispatcher.
 """
 
 from __future__ import annotations
