@@ -24,8 +24,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from protos import echo_pb2, user_pb2
-from testbed.echo_service import ECHO
-from testbed.processes import Provider
+from testbed.echo_service import ECHO, STREAMS
+from testbed.processes import SERVICES, Provider
 from twisted_rpc import Client, NotFoundError
 from twisted_rpc.core._connection import RefusedConnection
 from twisted_rpc.ops import ClientMetrics, ProviderMetrics, admin_site
@@ -206,6 +206,65 @@ class AdminTests(TestCase):
         self.assertEqual(texts["#pid"], str(provider.pid))
         with open(screenshot, "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+
+class StreamAdminTests(TestCase):
+    timeout = 120
+
+    async def test_metrics_and_status_show_open_streams_and_their_ends(self) -> None:
+        provider = Provider(
+            Path(tempfile.mkdtemp()),
+            "[admin]\nlisten = tcp:0:interface=127.0.0.1\n",
+            services=f"{SERVICES} testbed.echo_service:StreamService",
+        )
+        self.addCleanup(provider.stop)
+        match = await deferToThread(
+            provider.wait_for_output, r"admin endpoint on (http://127\.0\.0\.1:\d+)/"
+        )
+        base = match[1]
+        client = Client(reactor, providers={STREAMS.full_name: [provider.address]})
+        self.addCleanup(client.close)
+        proxy = client.proxy(STREAMS)
+        held = proxy.Count(echo_pb2.CountRequest(forever=True))
+        for _ in range(10):
+            await held.read()
+        total = await proxy.Sum([echo_pb2.EchoRequest(payload=b"ab")] * 5)
+        self.assertEqual(total.call_id, 5)
+        text = await deferToThread(fetch, base + "/metrics")
+        count = (("method", "Count"), ("service", STREAMS.full_name))
+        self.assertEqual(samples(text, "mprpc_server_streams_open")[count], 1)
+        self.assertEqual(samples(text, "mprpc_server_streams_in_flight")[()], 1)
+        self.assertEqual(samples(text, "mprpc_server_calls_in_flight")[()], 1)
+        self.assertGreaterEqual(samples(text, "mprpc_server_stream_messages_sent_total")[count], 10)
+        received = samples(text, "mprpc_server_stream_messages_received_total")
+        self.assertEqual(received[(("method", "Sum"), ("service", STREAMS.full_name))], 5)
+        status = json.loads(await deferToThread(fetch, base + "/status.json"))
+        self.assertEqual(status["provider"]["streams_in_flight"], 1)
+        (connection,) = status["connections"]
+        self.assertEqual(connection["streams"], 1)
+        by_method = {
+            f"{s['name']}/{m['name']}": m for s in status["services"] for m in s["methods"]
+        }
+        self.assertEqual(by_method[f"{STREAMS.full_name}/Count"]["open_streams"], 1)
+        self.assertEqual(by_method[f"{STREAMS.full_name}/Count"]["kind"], "server stream")
+        page = await deferToThread(fetch, base + "/status?refresh=0")
+        self.assertIn('<b id="streams-in-flight">1</b>', page)
+        held.cancel()
+        text = await deferToThread(_when, base + "/metrics", "mprpc_server_streams_open", count, 0)
+        finished = samples(text, "mprpc_server_streams_finished_total")
+        self.assertEqual(finished[(("code", "CANCELLED"), *count)], 1)
+        self.assertEqual(finished[(("code", "OK"), ("method", "Sum"), count[1])], 1)
+
+
+def _when(url: str, name: str, labels: tuple, value: float, within: float = 10.0) -> str:
+    """The metrics text once sample ``name{labels}`` is ``value`` (the provider
+    learns of a cancel a moment after the consumer sends it)."""
+    deadline = time.monotonic() + within
+    while True:
+        text = fetch(url)
+        if samples(text, name).get(labels) == value or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
 
 
 class JsonLogTests(TestCase):

@@ -16,11 +16,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from testbed.processes import ROOT, Provider, environment
+from testbed.processes import ROOT, SERVICES, Provider, environment
 from tests.integration.test_zookeeper import ZooKeeperTestCase
-from twisted_rpc import Client
+from twisted_rpc import Client, RpcError, StatusCode
 from twisted_rpc.ops import NOT_SERVING, SERVING
-from twisted_rpc.ops._protos import HEALTH, HealthWatchRequest
+from twisted_rpc.ops._protos import HEALTH, HealthCheckRequest, HealthWatchRequest
 
 pytestmark = pytest.mark.integration
 
@@ -28,9 +28,10 @@ pytestmark = pytest.mark.integration
 # that the entry point names this function), from this checkout rather than
 # from a script installed from another one.
 MPRPC = [sys.executable, "-c", "from twisted_rpc.ops._cli import main; main()"]
+STREAM_SERVICE = "testbed.echo_service:StreamService"
 
 
-def mprpc(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def mprpc(*args: str, timeout: float = 60, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*MPRPC, *args],
         cwd=ROOT,
@@ -38,12 +39,14 @@ def mprpc(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=timeout,
+        input=stdin,
+        stdin=subprocess.DEVNULL if stdin is None else None,
     )
 
 
 @pytest.fixture(scope="module")
 def provider():
-    provider = Provider(Path(tempfile.mkdtemp()))
+    provider = Provider(Path(tempfile.mkdtemp()), services=f"{SERVICES} {STREAM_SERVICE}")
     yield provider
     provider.stop()
 
@@ -57,6 +60,7 @@ def test_list_by_endpoint(provider):
         "mprpc.health.v1.Health",
         "mprpc.reflection.v1.Reflection",
         "mprpc.test.EchoService",
+        "mprpc.test.StreamService",
     ]
 
 
@@ -140,12 +144,146 @@ def test_health_by_endpoint(provider):
     assert unknown.returncode == 1 and "SERVICE_UNKNOWN" in unknown.stdout
 
 
+def test_describe_shows_stream_kinds(provider):
+    done = mprpc("describe", "mprpc.test.StreamService", "--endpoint", provider.address)
+    assert done.returncode == 0, done.stderr
+    for line in (
+        "rpc Count(mprpc.test.CountRequest) returns (stream mprpc.test.EchoReply);",
+        "rpc Sum(stream mprpc.test.EchoRequest) returns (mprpc.test.EchoReply);",
+        "rpc Chat(stream mprpc.test.EchoRequest) returns (stream mprpc.test.EchoReply);",
+    ):
+        assert line in done.stdout
+    health = mprpc("describe", "mprpc.health.v1.Health", "--endpoint", provider.address)
+    assert "rpc Watch(mprpc.health.v1.HealthWatchRequest) returns (mprpc" in health.stdout
+    assert (
+        "rpc WatchStream(mprpc.health.v1.HealthCheckRequest)"
+        " returns (stream mprpc.health.v1.HealthCheckResponse);"
+    ) in health.stdout
+
+
+def test_server_stream_prints_one_json_line_per_message_in_order(provider):
+    done = mprpc(
+        "call", "mprpc.test.StreamService.Count", '{"count": 20000}', "--endpoint", provider.address
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 20000
+    assert [json.loads(line).get("call_id", 0) for line in lines] == list(range(20000))
+
+
+def test_server_stream_error_after_its_messages_keeps_the_exit_convention(provider):
+    done = mprpc(
+        "call",
+        "mprpc.test.StreamService.Count",
+        '{"count": 3, "fail_code": 5, "fail_message": "gone"}',
+        "--endpoint",
+        provider.address,
+    )
+    assert done.returncode == 69
+    assert len(done.stdout.splitlines()) == 3  # printed before the error
+    assert done.stderr == "mprpc: NOT_FOUND: gone\n"
+
+
+def test_client_stream_reads_json_lines_from_stdin(provider):
+    requests = '{"payload": "YWI="}\n\n{"payload": "YWJj"}\n' * 500
+    done = mprpc(
+        "call", "mprpc.test.StreamService.Sum", "--endpoint", provider.address, stdin=requests
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") == 1
+    assert json.loads(done.stdout) == {"payload": "MjUwMA==", "call_id": 1000}  # "2500"
+    empty = mprpc("call", "mprpc.test.StreamService.Sum", "--endpoint", provider.address)
+    assert json.loads(empty.stdout) == {"payload": "MA=="}  # EOF at once: no requests, "0"
+
+
+def test_bidi_reads_stdin_and_prints_the_replies(provider):
+    done = mprpc(
+        "call",
+        "mprpc.test.StreamService.Chat",
+        "--endpoint",
+        provider.address,
+        "-H",
+        "hello=there",
+        stdin="".join(f'{{"payload": "{n:04d}"}}\n' for n in range(1000)),
+    )
+    assert done.returncode == 0, done.stderr
+    replies = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["payload"] for r in replies] == [f"{n:04d}" for n in range(1000)]
+    assert replies[0]["metadata"] == {"hello": "there"}
+
+
+@pytest.mark.parametrize(
+    "args, stdin, status, message",
+    [
+        (
+            ("mprpc.test.StreamService.Chat",),
+            '{"payload": "YWI="}\n{"nope": 1}\n',
+            2,
+            "mprpc: line 2 of stdin is not a mprpc.test.EchoRequest",
+        ),
+        (
+            ("mprpc.test.StreamService.Sum", "{}"),
+            "",
+            2,
+            "mprpc: mprpc.test.StreamService.Sum is a client stream: its requests are read",
+        ),
+        (
+            ("mprpc.test.StreamService.Chat",),
+            '{"fail_code": 9, "fail_message": "stop"}\n',
+            64 + 9,
+            "mprpc: FAILED_PRECONDITION: stop",
+        ),
+        (
+            ("mprpc.health.v1.Health.WatchStream", "{}", "--stream-timeout", "0.5"),
+            None,
+            64 + 4,
+            "mprpc: DEADLINE_EXCEEDED",
+        ),
+    ],
+)
+def test_stream_errors_exit_with_one_line(provider, args, stdin, status, message):
+    done = mprpc("call", *args, "--endpoint", provider.address, stdin=stdin)
+    assert done.returncode == status, done.stderr
+    assert done.stderr.startswith(message), done.stderr
+    assert done.stderr.count("\n") == 1
+    if "WatchStream" in args[0]:
+        assert json.loads(done.stdout) == {"status": "SERVING"}  # at once, before the deadline
+
+
+def test_server_stream_ends_when_its_reader_goes_away(provider):
+    process = subprocess.Popen(
+        [
+            *MPRPC,
+            "call",
+            "mprpc.test.StreamService.Count",
+            '{"forever": true}',
+            "--endpoint",
+            provider.address,
+        ],
+        cwd=ROOT,
+        env=environment(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        assert json.loads(process.stdout.readline()) == {}
+        assert json.loads(process.stdout.readline()) == {"call_id": 1}
+        process.stdout.close()  # as `| head -2` does
+        assert process.wait(20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
 REFLECTION_ONLY = """
 import sys
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from google.protobuf import json_format
-from twisted_rpc import Client
+from twisted_rpc import Client, RpcError, StatusCode
 from twisted_rpc.ops import message_class, remote_service
 from twisted_rpc import StaticRegistry
 
@@ -194,6 +332,23 @@ class DrainTests(TestCase):
         provider.signal(signal.SIGTERM)
         reply = await watch
         self.assertEqual(reply.status, NOT_SERVING)
+
+    async def test_watch_stream_sees_the_drain_then_ends_within_the_grace_period(self) -> None:
+        provider = Provider(Path(tempfile.mkdtemp()), "grace_period = 2\n")
+        self.addCleanup(provider.stop)
+        client = Client(reactor, providers={HEALTH.full_name: [provider.address]})
+        self.addCleanup(client.close)
+        stream = client.proxy(HEALTH).WatchStream(HealthCheckRequest())
+        self.assertEqual((await stream.read()).status, SERVING)
+        provider.signal(signal.SIGTERM)
+        self.assertEqual((await stream.read()).status, NOT_SERVING)
+        started = reactor.seconds()
+        with self.assertRaises(RpcError):
+            await stream.read()
+        self.assertLess(reactor.seconds() - started, 10)
+        self.assertEqual(stream.code, StatusCode.UNAVAILABLE)
+        # twistd ends as the signal that stopped it did (-15), once drained.
+        self.assertEqual(await deferToThread(provider.wait, 20), -signal.SIGTERM)
 
 
 async def _sleep(seconds: float) -> None:

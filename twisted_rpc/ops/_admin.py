@@ -3,8 +3,9 @@
 - ``/metrics``: Prometheus exposition (``prometheus_client``'s own resource);
 - ``/status``: one server-rendered HTML page (reloads itself every few seconds;
   ``?refresh=0`` turns that off, at most :data:`MAX_REFRESH` seconds, anything
-  but a number of seconds is a 400): services, methods, calls/s, p50/p99,
-  errors by code, connections with peers, registry state;
+  but a number of seconds is a 400): services, methods (their kind), calls/s,
+  p50/p99, errors by code, open streams and stream messages per method,
+  connections with peers, calls and streams in flight, registry state;
 - ``/status.json``: the same data as JSON.
 
 At most ``max_connections`` connections are open at once (``[admin]
@@ -32,7 +33,7 @@ from twisted.web.server import Request, Site
 from twisted_rpc._version import __version__
 from twisted_rpc.core._connection import RefusedConnection
 from twisted_rpc.ops._health import status_name
-from twisted_rpc.ops._metrics import ProviderMetrics, quantile
+from twisted_rpc.ops._metrics import ProviderMetrics, open_streams, quantile
 
 __all__ = [
     "DEFAULT_ADMIN_IDLE_TIMEOUT",
@@ -61,6 +62,12 @@ def status_data(provider: Any, metrics: ProviderMetrics) -> dict[str, Any]:
     """What the status page shows, as plain data."""
     now = provider.reactor.seconds()
     latency = metrics.latency_buckets()
+    factories = [f for f in (provider.factory, getattr(provider, "cpp_factory", None)) if f]
+    streams_by_method: dict[str, int] = {}
+    for stream in open_streams(factories):
+        key = stream.method.info.full_name
+        streams_by_method[key] = streams_by_method.get(key, 0) + 1
+    messages = metrics.messages()
     services = []
     for name, service in sorted(provider.dispatcher.services.items()):
         methods = []
@@ -68,14 +75,19 @@ def status_data(provider: Any, metrics: ProviderMetrics) -> dict[str, Any]:
             key = method.full_name
             by_code = dict(sorted(metrics.totals.get(key, {}).items()))
             buckets = latency.get(key, [])
+            received, sent = messages.get(key, (0, 0))
             methods.append(
                 {
                     "name": method.name,
+                    "kind": _kind(method),
                     "calls": sum(by_code.values()),
                     "calls_per_second": round(metrics.rate(key), 2),
                     "p50_ms": _ms(quantile(0.5, buckets)),
                     "p99_ms": _ms(quantile(0.99, buckets)),
                     "errors": {code: n for code, n in by_code.items() if code != "OK"},
+                    "open_streams": streams_by_method.get(key, 0),
+                    "messages_received": received,
+                    "messages_sent": sent,
                 }
             )
         services.append(
@@ -90,6 +102,7 @@ def status_data(provider: Any, metrics: ProviderMetrics) -> dict[str, Any]:
         {
             "peer": connection.peer,
             "calls_in_flight": len(connection.pending),
+            "streams": len(getattr(connection, "streams", ())),
             "idle_seconds": round(now - connection.last_active, 1),
         }
         for connection in sorted(provider.factory.connections, key=lambda c: c.peer)
@@ -105,6 +118,7 @@ def status_data(provider: Any, metrics: ProviderMetrics) -> dict[str, Any]:
             "mprpc_listening": str(provider.cpp_advertise) if provider.cpp_advertise else None,
             "health": status_name(provider.health.check("")),
             "calls_in_flight": provider.calls_in_flight,
+            "streams_in_flight": sum(f.streams_in_flight for f in factories),
         },
         "services": services,
         "unknown_route_calls": sum(metrics.totals.get("?/?", {}).values()),
@@ -120,6 +134,16 @@ def status_data(provider: Any, metrics: ProviderMetrics) -> dict[str, Any]:
     }
 
 
+def _kind(method: Any) -> str:
+    if method.client_streaming and method.server_streaming:
+        return "bidi"
+    if method.client_streaming:
+        return "client stream"
+    if method.server_streaming:
+        return "server stream"
+    return "unary"
+
+
 def _cell(value: Any) -> str:
     return "–" if value is None else escape(str(value))
 
@@ -132,24 +156,31 @@ def render_status(data: dict[str, Any], refresh: float) -> str:
         for m in service["methods"]:
             key = f"{service['name']}/{m['name']}"
             errors = ", ".join(f"{code} {n}" for code, n in m["errors"].items()) or "–"
+            messages = (
+                "–" if m["kind"] == "unary" else f"{m['messages_received']} / {m['messages_sent']}"
+            )
             rows.append(
                 f'<tr data-method="{escape(key)}"'
                 f"{' class=builtin' if service['builtin'] else ''}>"
                 f"<td>{escape(service['name'])}</td><td>{escape(m['name'])}</td>"
+                f'<td class="kind">{escape(m["kind"])}</td>'
                 f'<td class="calls">{m["calls"]}</td>'
                 f'<td class="rate">{m["calls_per_second"]:.2f}</td>'
                 f'<td class="p50">{_cell(m["p50_ms"])}</td>'
                 f'<td class="p99">{_cell(m["p99_ms"])}</td>'
                 f'<td class="errors">{escape(errors)}</td>'
+                f'<td class="streams">{m["open_streams"] if m["kind"] != "unary" else "–"}</td>'
+                f'<td class="messages">{messages}</td>'
                 f'<td class="health">{escape(service["health"])}</td></tr>'
             )
     peers = (
         "".join(
             f'<tr class="connection"><td class="peer">{escape(c["peer"])}</td>'
-            f"<td>{c['calls_in_flight']}</td><td>{c['idle_seconds']}</td></tr>"
+            f'<td class="calls">{c["calls_in_flight"]}</td>'
+            f'<td class="streams">{c["streams"]}</td><td>{c["idle_seconds"]}</td></tr>'
             for c in data["connections"]
         )
-        or '<tr><td colspan="3">none</td></tr>'
+        or '<tr><td colspan="4">none</td></tr>'
     )
     r = data["registry"]
     nodes = "".join(f"<li>{escape(n)}</li>" for n in r["nodes"]) or "<li>none</li>"
@@ -165,7 +196,8 @@ body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }}
 table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
 th {{ background: #f0f0f0; }} tr.builtin {{ color: #777; }}
-td.calls, td.rate, td.p50, td.p99 {{ text-align: right; font-variant-numeric: tabular-nums; }}
+td.calls, td.rate, td.p50, td.p99, td.streams, td.messages {{
+  text-align: right; font-variant-numeric: tabular-nums; }}
 .summary span {{ margin-right: 1.5em; }}
 </style></head>
 <body>
@@ -177,16 +209,19 @@ td.calls, td.rate, td.p50, td.p99 {{ text-align: right; font-variant-numeric: ta
 <span>listening <b id="listening">{_cell(p["listening"])}</b></span>
 <span>health <b id="health">{escape(p["health"])}</b></span>
 <span>calls in flight <b id="in-flight">{p["calls_in_flight"]}</b></span>
+<span>of which streams <b id="streams-in-flight">{p["streams_in_flight"]}</b></span>
 </p>
 <h2>Methods</h2>
 <table id="methods">
-<tr><th>service</th><th>method</th><th>calls</th><th>calls/s (10 s)</th><th>p50 ms</th>
-<th>p99 ms</th><th>errors by code</th><th>health</th></tr>
+<tr><th>service</th><th>method</th><th>kind</th><th>calls</th><th>calls/s (10 s)</th>
+<th>p50 ms</th><th>p99 ms</th><th>errors by code</th><th>open streams</th>
+<th>messages in / out</th><th>health</th></tr>
 {"".join(rows)}
 </table>
 <p>Calls to unknown services or methods: <b id="unknown">{data["unknown_route_calls"]}</b></p>
 <h2>Connections (<span id="connection-count">{len(data["connections"])}</span>)</h2>
-<table id="connections"><tr><th>peer</th><th>calls in flight</th><th>idle s</th></tr>
+<table id="connections">
+<tr><th>peer</th><th>calls in flight</th><th>streams</th><th>idle s</th></tr>
 {peers}</table>
 <h2>Registry</h2>
 <p>kind <b id="registry-kind">{escape(r["kind"])}</b>,

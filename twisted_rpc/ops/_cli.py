@@ -5,11 +5,15 @@ Providers are found in ZooKeeper (``--zk HOSTS [--root /mprpc]``) or given
 Reflection service, so no ``.proto`` is needed. Exit status: 0 on success,
 64 + the status code when a call fails (``mprpc call`` exits 69 on NOT_FOUND),
 1 when nothing could be reached, 2 on a usage error.
+
+``mprpc call`` on a streaming method speaks JSON lines on stdout and stdin
+(:mod:`twisted_rpc.ops._cli_streams`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -18,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
+from twisted.internet import fdesc
 from twisted.internet.defer import Deferred
 
 from twisted_rpc.client._client import Client
@@ -25,6 +30,7 @@ from twisted_rpc.core._status import RpcError, code_name
 from twisted_rpc.discovery._layout import provider_info, provider_path, providers_path
 from twisted_rpc.discovery._static import StaticRegistry
 from twisted_rpc.discovery._types import parse_address
+from twisted_rpc.ops._cli_streams import StdioLines, UserError, call_stream
 from twisted_rpc.ops._health import SERVING, status_name
 from twisted_rpc.ops._protos import HEALTH, HealthCheckRequest
 from twisted_rpc.ops._reflection import RemoteDescriptors, message_class
@@ -42,14 +48,6 @@ __all__ = ["main"]
 
 EXIT_UNREACHABLE = 1
 EXIT_CALL_FAILED = 64  # + the status code
-
-
-class UserError(Exception):
-    """A one-line message for the user, and an exit status."""
-
-    def __init__(self, message: str, status: int = EXIT_UNREACHABLE) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 # ---------------------------------------------------------------- finding providers
@@ -237,8 +235,11 @@ async def cmd_describe(reactor: ICommandReactor, args: argparse.Namespace) -> in
         raise UserError(f"{service} has no method {method}", EXIT_CALL_FAILED + 5)
     lines = [f"service {descriptor.full_name} {{"]
     for m in methods:
+        takes = "stream " if m.client_streaming else ""
+        gives = "stream " if m.server_streaming else ""
         lines.append(
-            f"  rpc {m.name}({m.input_type.full_name}) returns ({m.output_type.full_name});"
+            f"  rpc {m.name}({takes}{m.input_type.full_name})"
+            f" returns ({gives}{m.output_type.full_name});"
         )
     lines.append("}")
     for message in _messages_used(descriptor, method):
@@ -270,9 +271,11 @@ async def cmd_call(reactor: ICommandReactor, args: argparse.Namespace) -> int:
         if stub is None:
             raise UserError(f"{service} has no method {method}", EXIT_CALL_FAILED + 5)
         method_descriptor = descriptor.methods_by_name[method]
+        if method_descriptor.client_streaming or method_descriptor.server_streaming:
+            return await _call_stream(reactor, stub, method_descriptor, args)
         request = message_class(method_descriptor.input_type)()
         try:
-            json_format.Parse(args.request, request)
+            json_format.Parse("{}" if args.request is None else args.request, request)
         except json_format.ParseError as e:
             raise UserError(f"request is not a {request.DESCRIPTOR.full_name}: {e}", 2) from None
         response = await stub(request)
@@ -280,6 +283,24 @@ async def cmd_call(reactor: ICommandReactor, args: argparse.Namespace) -> int:
         return 0
     finally:
         await client.close()
+
+
+async def _call_stream(
+    reactor: ICommandReactor, stub: Any, method: Any, args: argparse.Namespace
+) -> int:
+    """A streaming call with stdin and stdout on the reactor (``_cli_streams``)."""
+    from twisted.internet.stdio import StandardIO
+
+    lines = StdioLines()
+    stdio = StandardIO(lines, reactor=reactor)  # type: ignore[no-untyped-call]
+    try:
+        return await call_stream(stub, method, args.request, lines, args.stream_timeout)
+    finally:
+        await lines.finish()  # what was printed is out, whatever the call's end
+        stdio.loseConnection()  # type: ignore[no-untyped-call]
+        for fd in (0, 1):  # StandardIO made them non-blocking; the shell expects otherwise
+            with contextlib.suppress(OSError):
+                fdesc.setBlocking(fd)  # type: ignore[no-untyped-call]
 
 
 async def cmd_health(reactor: ICommandReactor, args: argparse.Namespace) -> int:
@@ -341,10 +362,25 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[where],
         help="call a method with a JSON request",
         description="Call a method; the request is JSON (protobuf's JSON mapping), the "
-        "response is printed as JSON. Exit status 64 + the code on an RPC error.",
+        "response is printed as JSON. A server stream prints one JSON object a line; a "
+        "client stream or bidi reads its requests from stdin, one JSON object a line "
+        "(EOF ends them), and prints the replies as JSON lines. Exit status 64 + the "
+        "code on an RPC error.",
     )
     call.add_argument("method", help="package.Service.Method")
-    call.add_argument("request", nargs="?", default="{}", help="the request as JSON ({})")
+    call.add_argument(
+        "request",
+        nargs="?",
+        default=None,
+        help="the request as JSON ({}); none for a client stream or bidi (stdin)",
+    )
+    call.add_argument(
+        "--stream-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="deadline of a streaming call (none: until it ends, or Ctrl-C)",
+    )
     call.add_argument(
         "-H",
         "--header",
@@ -374,6 +410,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"{args.command}: give --zk HOSTS or --endpoint HOST:PORT")
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
+    stream_timeout = getattr(args, "stream_timeout", None)
+    if stream_timeout is not None and not stream_timeout > 0:
+        parser.error("--stream-timeout must be positive")
     logging.getLogger("kazoo").setLevel(logging.CRITICAL)  # its retries are not news here
     from twisted.internet import reactor
 

@@ -4,12 +4,16 @@
 SERVICE_UNKNOWN (``""`` asks about the provider as a whole); ``Watch`` is a
 long poll that answers as soon as the status differs from ``last_status``,
 or when ``max_wait`` (at most :data:`MAX_WATCH_WAIT` seconds) or the call's
-deadline is nearly up. :func:`add_builtins` adds it and Reflection to a
-dispatcher.
+deadline is nearly up; ``WatchStream`` is a server stream, as gRPC's
+``Health.Watch``: the current status at once, then each change (a consumer
+that reads slowly holds at most its window of changes; past that it gets
+the status of the moment its window reopens). :func:`add_builtins` adds
+Health and Reflection to a dispatcher.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -114,6 +118,8 @@ class HealthService(Service, descriptor=HEALTH):
     def __init__(self, state: HealthState, clock: IReactorTime) -> None:
         self.state = state
         self.clock = clock
+        self.watch_streams = 0
+        """``WatchStream`` handlers running (their ``finally`` counts them out)."""
 
     def Check(self, request: Any, context: CallContext) -> Any:
         return HealthCheckResponse(status=self.state.check(request.service))
@@ -136,6 +142,21 @@ class HealthService(Service, descriptor=HEALTH):
             if timer is not None and timer.active():
                 timer.cancel()
         return HealthCheckResponse(status=status)
+
+    async def WatchStream(self, request: Any, context: CallContext) -> AsyncIterator[Any]:
+        # A stream, bounded by the stream limits (max_streams_per_connection,
+        # max_streams), not by the long-lived calls' ones. Between two yields
+        # nothing is queued: a change while the consumer's window is closed
+        # is seen when the handler resumes, as the status of that moment.
+        self.watch_streams += 1
+        try:
+            status = self.state.check(request.service)
+            yield HealthCheckResponse(status=status)
+            while True:
+                status = await self.state.changed(request.service, status)
+                yield HealthCheckResponse(status=status)
+        finally:
+            self.watch_streams -= 1
 
 
 def add_builtins(

@@ -5,7 +5,14 @@ factory, plus gauges read when scraped):
 
 - ``mprpc_server_calls_total{service,method,code}``
 - ``mprpc_server_call_duration_seconds{service,method}`` (histogram)
-- ``mprpc_server_calls_in_flight``, ``mprpc_server_connections``
+- ``mprpc_server_streams_started_total{service,method}``,
+  ``mprpc_server_streams_finished_total{service,method,code}``,
+  ``mprpc_server_streams_open{service,method}``
+- ``mprpc_server_stream_messages_received_total{service,method}`` and
+  ``..._sent_total`` (finished streams' counts, plus the open streams' so far
+  once :meth:`ProviderMetrics.watch_streams` names their factory)
+- ``mprpc_server_calls_in_flight``, ``mprpc_server_streams_in_flight``,
+  ``mprpc_server_connections``
 - ``mprpc_registry_zookeeper_connected``, ``mprpc_registry_nodes``,
   ``mprpc_registry_reregistrations``
 
@@ -23,11 +30,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -40,7 +49,7 @@ from twisted_rpc.core._status import RpcError, StatusCode, code_name
 if TYPE_CHECKING:
     from twisted_rpc.client import ClientCall
 
-__all__ = ["ClientMetrics", "ProviderMetrics", "quantile"]
+__all__ = ["ClientMetrics", "ProviderMetrics", "open_streams", "quantile"]
 
 BUCKETS = (
     0.0001,
@@ -113,6 +122,30 @@ class ProviderMetrics:
         self.history: deque[tuple[float, dict[str, int]]] = deque(maxlen=11)
         self._sampler: LoopingCall | None = None
         self._clock: IReactorTime | None = None
+        self.streams_started = Counter(
+            "mprpc_server_streams_started",
+            "Streams started by this provider",
+            ["service", "method"],
+            registry=self.registry,
+        )
+        self.streams_finished = Counter(
+            "mprpc_server_streams_finished",
+            "Streams ended, by final status",
+            ["service", "method", "code"],
+            registry=self.registry,
+        )
+        self.streams_open = Gauge(
+            "mprpc_server_streams_open",
+            "Streams in flight",
+            ["service", "method"],
+            registry=self.registry,
+        )
+        self.stream_messages: dict[str, list[int]] = {}
+        """``{method: [received, sent]}`` of the streams that ended."""
+        self.stream_factories: list[Any] = []
+        """Listener factories whose open streams' messages count too (:meth:`watch_streams`)."""
+        self._last_end: tuple[str, int] | None = None
+        self.registry.register(_StreamMessages(self))
 
     def call_finished(self, method: str, code: int, duration: float) -> None:
         service, name = _split(method)
@@ -121,6 +154,47 @@ class ProviderMetrics:
         self.latency.labels(service, name).observe(duration)
         by_code = self.totals.setdefault(method, {})
         by_code[code_text] = by_code.get(code_text, 0) + 1
+        self._last_end = (method, code)
+
+    # ---------------------------------------------------------------- streams
+
+    def stream_started(self, method: str) -> None:
+        service, name = _split(method)
+        self.streams_started.labels(service, name).inc()
+        self.streams_open.labels(service, name).inc()
+
+    def stream_finished(
+        self, method: str, received: int, sent: int, code: int | None = None
+    ) -> None:
+        """A stream of ``method`` ended; its status is ``code`` or, when the
+        caller gives none, the one of the ``call_finished`` that the provider
+        reports just before (for the same stream, in the same turn)."""
+        if code is None:
+            last = self._last_end
+            code = last[1] if last is not None and last[0] == method else StatusCode.UNKNOWN
+        self._last_end = None
+        service, name = _split(method)
+        self.streams_finished.labels(service, name, code_name(code)).inc()
+        self.streams_open.labels(service, name).dec()
+        counts = self.stream_messages.setdefault(method, [0, 0])
+        counts[0] += received
+        counts[1] += sent
+
+    def watch_streams(self, factory: Any) -> None:
+        """Count the messages of ``factory``'s open streams too (read at each
+        scrape), not only those of the streams that ended."""
+        if factory not in self.stream_factories:
+            self.stream_factories.append(factory)
+
+    def messages(self) -> dict[str, tuple[int, int]]:
+        """``{method: (received, sent)}``: the ended streams' messages plus,
+        for the watched factories, the open ones' so far."""
+        totals = {method: (r, s) for method, (r, s) in self.stream_messages.items()}
+        for stream in open_streams(self.stream_factories):
+            method = stream.method.info.full_name
+            r, s = totals.get(method, (0, 0))
+            totals[method] = (r + stream.received, s + stream.sent)
+        return totals
 
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> Gauge:
         """A gauge whose value is ``read()`` at each scrape."""
@@ -132,8 +206,16 @@ class ProviderMetrics:
         """Gauges of a :class:`~twisted_rpc.provider.ProviderService`'s state."""
         self.gauge(
             "mprpc_server_calls_in_flight",
-            "Calls being handled",
+            "Calls being handled (open streams included)",
             lambda: provider.calls_in_flight,
+        )
+        factories = [f for f in (provider.factory, provider.cpp_factory) if f is not None]
+        for factory in factories:
+            self.watch_streams(factory)
+        self.gauge(
+            "mprpc_server_streams_in_flight",
+            "Streams open (max_streams bounds them)",
+            lambda: sum(f.streams_in_flight for f in factories),
         )
         self.gauge(
             "mprpc_server_connections",
@@ -198,6 +280,40 @@ class ProviderMetrics:
         for buckets in out.values():
             buckets.sort()
         return out
+
+
+def open_streams(factories: Iterable[Any]) -> Iterator[Any]:
+    """The streams in flight on the connections of ``factories`` (listener
+    factories; a connection without streams has none)."""
+    for factory in factories:
+        for connection in factory.connections:
+            yield from getattr(connection, "streams", {}).values()
+
+
+class _StreamMessages(Collector):
+    """``mprpc_server_stream_messages_{received,sent}_total``, made at each
+    scrape from :meth:`ProviderMetrics.messages` (monotonic: a stream's count
+    moves from the open ones to the ended ones unchanged)."""
+
+    def __init__(self, metrics: ProviderMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        received = CounterMetricFamily(
+            "mprpc_server_stream_messages_received",
+            "Request messages stream handlers took",
+            labels=["service", "method"],
+        )
+        sent = CounterMetricFamily(
+            "mprpc_server_stream_messages_sent",
+            "Response messages streams sent",
+            labels=["service", "method"],
+        )
+        for method, (r, s) in sorted(self.metrics.messages().items()):
+            labels = list(_split(method))
+            received.add_metric(labels, r)
+            sent.add_metric(labels, s)
+        return [received, sent]
 
 
 @implementer(IClientInterceptor)

@@ -66,6 +66,8 @@ service {{
            output_type: ".mprpc.health.v1.HealthCheckResponse" }}
   method {{ name: "Watch" input_type: ".mprpc.health.v1.HealthWatchRequest"
            output_type: ".mprpc.health.v1.HealthCheckResponse" }}
+  method {{ name: "WatchStream" input_type: ".mprpc.health.v1.HealthCheckRequest"
+           output_type: ".mprpc.health.v1.HealthCheckResponse" server_streaming: true }}
 }}
 """
 
