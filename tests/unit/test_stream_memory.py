@@ -420,7 +420,7 @@ class Observer:
     def call_finished(self, method, code, duration):
         self.finished.append((method, StatusCode(code)))
 
-    def stream_finished(self, method, received, sent):
+    def stream_finished(self, method, received, sent, code):
         self.streams.append((method, received, sent))
 
 

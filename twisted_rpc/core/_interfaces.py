@@ -89,6 +89,13 @@ class ICallObserver(Interface):
         """``method`` is ``"package.Service/Method"`` (``"?/?"`` for an unknown
         route), ``code`` the status sent, ``duration`` seconds since the request."""
 
+    # Optional (looked up with getattr, so observers written before streams
+    # still work): ``stream_started(method)`` when a stream starts, and
+    # ``stream_finished(method, received, sent, code)`` when it ends, with the
+    # messages it received and sent and its status (CANCELLED when the
+    # consumer cancelled or the connection was lost). ``call_finished`` is
+    # told of a stream's end too.
+
 
 class IDrainable(Interface):
     """A listener that can be stopped gracefully (the native listener and

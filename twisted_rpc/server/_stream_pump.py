@@ -118,7 +118,9 @@ class StreamPump:
                 write(call_id, payload)
         finally:
             close = getattr(agen, "aclose", None) or getattr(agen, "close", None)
-            if close is not None:
+            # (A generator still running is being torn down from inside: the
+            # GeneratorExit thrown through it has closed it already.)
+            if close is not None and not getattr(agen, "ag_running", False):
                 closing = close()
                 if inspect.isawaitable(closing):
                     await closing

@@ -408,7 +408,8 @@ class StreamRunner(StreamPump):
             self._finished(info.full_name, code or StatusCode.CANCELLED, stream.started)
         observer = factory.observer
         if observer is not None and hasattr(observer, "stream_finished"):
-            observer.stream_finished(info.full_name, stream.received, stream.sent)
+            ended = code or (0 if send else StatusCode.CANCELLED)
+            observer.stream_finished(info.full_name, stream.received, stream.sent, ended)
         if stream.inbox is not None:
             stream.inbox.abort(error or RpcError(StatusCode.CANCELLED, "stream ended"))
         task, stream.task = stream.task, None

@@ -264,11 +264,6 @@ def test_stream_timeout_is_the_streams_deadline():
     assert len(printed(transport)) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client/_streams.py StreamCall: a cancel while paused leaves on_message's Deferred"
-    " unfired (_deliver is not waiting, so the aborted inbox wakes nobody)",
-)
 def test_core_on_message_deferred_fires_when_a_paused_stream_is_cancelled():
     memory = MemoryProvider([StreamService()])
     stream = memory.proxy(STREAMS).Count(echo_pb2.CountRequest(forever=True))

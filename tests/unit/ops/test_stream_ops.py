@@ -364,7 +364,12 @@ def test_reflection_describes_stream_kinds_and_a_reflected_proxy_streams():
 
     streams, health = run(memory, reflected())
     kinds = {m.name: (m.client_streaming, m.server_streaming) for m in streams.methods}
-    assert kinds == {"Count": (False, True), "Sum": (True, False), "Chat": (True, True)}
+    assert kinds == {
+        "Count": (False, True),
+        "Sum": (True, False),
+        "Chat": (True, True),
+        "Ends": (False, False),
+    }
     kinds = {m.name: (m.client_streaming, m.server_streaming) for m in health.methods}
     assert kinds == {
         "Check": (False, False),
