@@ -275,11 +275,7 @@ class ClientConnection(StreamWire, RpcConnection):
                 )
             )
             return None
-        call_id = self._next_id
-        if call_id < 0xFFFFFFFF and not self._wrapped:
-            self._next_id = call_id + 1
-        else:
-            call_id = self._next_wrapped_id()
+        call_id = self._new_call_id()
         header = wire.encode_request(call_id, method.route, size, timeout_ms, metadata)
         d.call_id = call_id
         d.holder = self
@@ -333,6 +329,14 @@ class ClientConnection(StreamWire, RpcConnection):
         when asked to close, so a provider with answers for us stops reading
         too once its own buffer is full."""
         self.transport.abortConnection()
+
+    def _new_call_id(self) -> int:
+        """The next call id (``call`` has this inline: the hot path)."""
+        call_id = self._next_id
+        if call_id < 0xFFFFFFFF and not self._wrapped:
+            self._next_id = call_id + 1
+            return call_id
+        return self._next_wrapped_id()
 
     def _next_wrapped_id(self) -> int:
         """After 2**32 - 1 calls the ids wrap: skip the ones still in flight."""

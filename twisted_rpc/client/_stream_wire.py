@@ -39,7 +39,7 @@ class StreamWire:
 
         def send(self, header: bytes, payload: bytes = b"") -> None: ...
         def _not_open(self) -> RpcError: ...
-        def _next_wrapped_id(self) -> int: ...
+        def _new_call_id(self) -> int: ...
         def _close_if_done(self) -> None: ...
 
     def local_settings(self) -> dict[str, str]:
@@ -76,11 +76,7 @@ class StreamWire:
         if stream.timeout:
             left = stream.timeout - (self.clock.seconds() - stream.created)
             timeout_ms = max(1, int(left * 1000))
-        call_id = self._next_id
-        if call_id < 0xFFFFFFFF and not self._wrapped:
-            self._next_id = call_id + 1
-        else:
-            call_id = self._next_wrapped_id()
+        call_id = self._new_call_id()
         try:
             header = wire.encode_request(
                 call_id, stream.method.route, len(payload), timeout_ms, stream.metadata

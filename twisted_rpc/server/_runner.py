@@ -260,18 +260,8 @@ class CallRunner(StreamRunner):
         self, call_id: int, result: object, info: MethodInfo, started: float
     ) -> None:
         if type(result) is not info.response_class:
-            log.error(
-                self.call_label + " {method} from {peer}: handler returned {kind}, "
-                "expected {expected}",
-                call_id=call_id,
-                method=info.full_name,
-                peer=self.peer,
-                kind=type(result).__name__,
-                expected=info.response_class.DESCRIPTOR.full_name,
-            )
-            self.fail_call(
-                call_id, InternalError(message="internal error"), info.full_name, started
-            )
+            error = self.wrong_result(call_id, info, "returned", result)
+            self.fail_call(call_id, error, info.full_name, started)
             return
         try:
             payload: bytes = result.SerializeToString()

@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from twisted_rpc.core._codec import HEADER_SIZE
+from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.core._status import InternalError
 from twisted_rpc.server._stream_state import _Stream
 
@@ -50,6 +51,22 @@ class StreamPump:
 
         def _write_now(self, pieces: list[bytes]) -> None: ...
         def _write_message(self, call_id: int, payload: bytes) -> None: ...
+
+    def wrong_result(
+        self, call_id: int, info: MethodInfo, did: str, result: object, expected: str = ""
+    ) -> InternalError:
+        """Log a handler's result of the wrong type (``did``: "returned" or
+        "yielded"); the error to end its call with (INTERNAL: the provider's bug)."""
+        log.error(
+            self.call_label + " {method} from {peer}: handler " + did + " {kind}, "
+            "expected {expected}",
+            call_id=call_id,
+            method=info.full_name,
+            peer=self.peer,
+            kind=type(result).__name__,
+            expected=expected or info.response_class.DESCRIPTOR.full_name,
+        )
+        return InternalError(message="internal error")
 
     async def _pump(self, stream: _Stream, source: Any) -> None:
         """Send what ``source`` yields while there is credit; the handler's
@@ -97,16 +114,7 @@ class StreamPump:
                 if stream.ended:
                     return
                 if type(message) is not response_class:
-                    log.error(
-                        self.call_label + " {method} from {peer}: handler yielded {kind}, "
-                        "expected {expected}",
-                        call_id=call_id,
-                        method=stream.method.info.full_name,
-                        peer=self.peer,
-                        kind=type(message).__name__,
-                        expected=response_class.DESCRIPTOR.full_name,
-                    )
-                    raise InternalError(message="internal error")
+                    raise self.wrong_result(call_id, stream.method.info, "yielded", message)
                 payload = message.SerializeToString()
                 cost = len(payload) + HEADER_SIZE  # message_cost(), inline: per message
                 credit.credit -= cost

@@ -40,7 +40,6 @@ from twisted_rpc.core._flow import DEFAULT_STREAM_WINDOW, Inbox, message_cost
 from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.core._status import (
     DeadlineExceededError,
-    InternalError,
     InvalidArgumentError,
     ResourceExhaustedError,
     RpcError,
@@ -247,18 +246,14 @@ class StreamRunner(StreamPump):
             if not (hasattr(result, "__aiter__") or hasattr(result, "__iter__")) or isinstance(
                 result, (Message, bytes, str)
             ):
-                log.error(
-                    self.call_label + " {method} from {peer}: handler returned {kind}, "
-                    "expected an async iterable of {expected} (an async def with yield)",
-                    call_id=call_id,
-                    method=info.full_name,
-                    peer=self.peer,
-                    kind=type(result).__name__,
-                    expected=method.response_class.DESCRIPTOR.full_name,
+                expected = (
+                    f"an async iterable of {method.response_class.DESCRIPTOR.full_name} "
+                    "(an async def with yield)"
                 )
+                wrong = self.wrong_result(call_id, info, "returned", result, expected)
                 if inspect.iscoroutine(result):
                     result.close()
-                self._end_stream(stream, InternalError(message="internal error"))
+                self._end_stream(stream, wrong)
                 return
             task = Deferred.fromCoroutine(self._pump(stream, result))
         else:
@@ -347,16 +342,7 @@ class StreamRunner(StreamPump):
             self._end_stream(stream, None)
             return
         if type(result) is not stream.method.response_class:
-            log.error(
-                self.call_label + " {method} from {peer}: handler returned {kind}, "
-                "expected {expected}",
-                call_id=stream.call_id,
-                method=info.full_name,
-                peer=self.peer,
-                kind=type(result).__name__,
-                expected=stream.method.response_class.DESCRIPTOR.full_name,
-            )
-            self._end_stream(stream, InternalError(message="internal error"))
+            self._end_stream(stream, self.wrong_result(stream.call_id, info, "returned", result))
             return
         try:
             payload = result.SerializeToString()
