@@ -271,7 +271,8 @@ def test_server_stream_ends_when_its_reader_goes_away(provider):
         assert json.loads(process.stdout.readline()) == {}
         assert json.loads(process.stdout.readline()) == {"call_id": 1}
         process.stdout.close()  # as `| head -2` does
-        assert process.wait(20) == 0
+        status = process.wait(20)
+        assert status == 0, process.stderr.read() if process.stderr else status
     finally:
         if process.poll() is None:
             process.kill()

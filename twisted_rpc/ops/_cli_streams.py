@@ -22,7 +22,12 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IHalfCloseableProtocol, IProducer
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHalfCloseableProtocol,
+    IProducer,
+    IPushProducer,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -230,6 +235,27 @@ class StdioLines(Protocol):
         return d
 
 
+@implementer(IPushProducer)
+class _OutputWatch:
+    """The stream as stdout's producer: stdout stopping it (its reader went
+    away) is recorded as lost output before the stream is cancelled, so the
+    cancel that follows is not taken for an error of the call."""
+
+    def __init__(self, lines: StdioLines, producer: IProducer) -> None:
+        self.lines = lines
+        self.producer: Any = producer  # the stream: an IPushProducer
+
+    def pauseProducing(self) -> None:
+        self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.lines.output_lost = True
+        self.producer.stopProducing()
+
+
 @implementer(IConsumer)
 class _LineConsumer:
     """Messages in, JSON lines out; the producer (a stream) is paused while
@@ -239,7 +265,8 @@ class _LineConsumer:
         self.lines = lines
 
     def registerProducer(self, producer: IProducer, streaming: bool) -> None:
-        self.lines.transport.registerProducer(producer, streaming)  # type: ignore[union-attr]
+        watched = _OutputWatch(self.lines, producer)
+        self.lines.transport.registerProducer(watched, streaming)  # type: ignore[union-attr]
 
     def unregisterProducer(self) -> None:
         self.lines.transport.unregisterProducer()  # type: ignore[union-attr]
@@ -268,13 +295,11 @@ def _quiet(failure: Failure) -> None:
 
 
 def _stopper(stream: Any) -> Callable[[], None]:
-    """What to do when stdout goes away: cancel ``stream``, and resume it so
-    that its ``consume`` Deferred fires even if stdout had paused it (a
-    paused stream's ``on_message`` Deferred does not learn of a cancel)."""
+    """What to do when stdout goes away: cancel ``stream`` (paused or not,
+    its ``consume`` Deferred then fails CANCELLED at once)."""
 
     def stop() -> None:
         stream.cancel()
-        stream.resumeProducing()
 
     return stop
 

@@ -239,7 +239,7 @@ def test_stdout_closed_while_paused_cancels_the_stream_and_exits_quietly():
     memory = MemoryProvider([service])
     lines, transport = connected(limit=1000)
     d = running(memory, COUNT, '{"forever": true, "tag": "piped"}', lines)
-    stream = transport.producer
+    stream = transport.producer.producer  # (registered behind a watch of stdout)
     for _ in range(3):
         memory.flush()
     before = len(transport.value())
