@@ -70,6 +70,7 @@ from twisted_rpc.discovery import (
     ZooKeeperRegistry,
     parse_address,
 )
+from twisted_rpc.grpc import _client as _grpc_client  # noqa: F401 (the client's grpc wire)
 from twisted_rpc.provider import ProviderOptions, ProviderService, load_provider_config
 from twisted_rpc.server import (
     CallContext,

@@ -183,6 +183,7 @@ EXPORTS = {
         "load_cpp_conf",
     },
     "twisted_rpc.grpc": {
+        "GrpcClientConnection",
         "GrpcWireError",
     },
     "twisted_rpc.provider": {

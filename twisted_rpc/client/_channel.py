@@ -27,7 +27,7 @@ from twisted_rpc.client._connection import (
     NotSentError,
     TakenBack,
 )
-from twisted_rpc.client._dials import ClientReactor, _DialQueue, _endpoint
+from twisted_rpc.client._dials import _WIRES, ClientReactor, ConnectionMaker, _DialQueue, _endpoint
 from twisted_rpc.client._options import ClientOptions, timeout_error
 from twisted_rpc.client._parked import _Parked, _resend_on
 from twisted_rpc.client._states import (
@@ -57,6 +57,8 @@ class _ConnectionFactory(Factory):
 
     def buildProtocol(self, addr: object) -> ClientConnection:
         c = self.channel
+        if c.wire is not None:
+            return c.wire(c)
         return ClientConnection(c.clock, c.options, on_lost=c._connection_lost, on_goaway=c._goaway)
 
 
@@ -113,10 +115,15 @@ class Channel:
         self.backoff = options.backoff
         self._dials = dials
         self._resend = resend or _resend_on
+        self.protocol_name: str = address.data.get("protocol") or "native"  # the wire dialled
+        self.wire: ConnectionMaker | None = _WIRES.get(self.protocol_name)
+        if self.wire is None and self.protocol_name != "native" and not refused:
+            refused = f"no {self.protocol_name} wire (import twisted_rpc.grpc)"
         if endpoint is None and not refused:
             endpoint = _endpoint(reactor, address, options.connect_timeout)
             if options.tls is not None:
-                endpoint = wrap_client_endpoint(endpoint, options.tls, address.host)
+                alpn = (b"h2",) if self.protocol_name == "grpc" else ()
+                endpoint = wrap_client_endpoint(endpoint, options.tls, address.host, alpn)
         self.endpoint = endpoint
         self.state: ChannelState = ChannelState.REFUSED if refused else ChannelState.IDLE
         self.last_error = refused

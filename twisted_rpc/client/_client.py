@@ -50,7 +50,7 @@ from twisted_rpc.core._status import (
 )
 from twisted_rpc.core._tls import ClientTLS
 from twisted_rpc.discovery._static import StaticRegistry
-from twisted_rpc.discovery._types import ProviderAddress, check_address
+from twisted_rpc.discovery._types import ProviderAddress, check_address, dial_address
 
 if TYPE_CHECKING:  # (kazoo is imported only when a ZooKeeper registry is asked for)
     from twisted_rpc.discovery._kazoo import IZooKeeperReactor
@@ -396,10 +396,13 @@ class Client(StreamStarter):
 
     def _channel(self, address: ProviderAddress) -> Channel:
         check_address(address)
+        address = dial_address(address, self.options.protocol)
         channel = self.channels.get(address.key)
         if channel is not None and channel.state == ChannelState.REFUSED:
             if self._refusal(address) != channel.last_error:
                 channel = None  # what the registry says changed: build it again
+        if channel is not None and channel.protocol_name != address.data["protocol"]:
+            channel = None  # the node now says another wire: dial it that way
         if channel is None:
             refused = self._refusal(address)
             if refused:

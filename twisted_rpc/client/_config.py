@@ -47,6 +47,7 @@ _CONSUMER_KEYS = {
     "max_concurrent_dials",
     "max_dials_per_second",
     "stream_window",
+    "protocol",
 }
 
 
@@ -90,6 +91,7 @@ def load_consumer_config(path: str) -> ConsumerConfig:
             stream_window=r.number(
                 "consumer", "stream_window", d.stream_window, int, minimum=float("-inf")
             ),
+            protocol=r.get("consumer", "protocol", d.protocol) or d.protocol,
             tls=ClientTLS(
                 r.get("tls", "ca", "") or "",
                 r.get("tls", "certificate", "") or "",

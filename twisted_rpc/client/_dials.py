@@ -22,7 +22,22 @@ from twisted_rpc.client._states import ChannelState
 
 if TYPE_CHECKING:
     from twisted_rpc.client._channel import Channel
+    from twisted_rpc.client._connection import ClientConnection
     from twisted_rpc.discovery._types import ProviderAddress
+
+
+ConnectionMaker = Callable[["Channel"], "ClientConnection"]
+"""Builds a connection of another wire for a channel (see :func:`register_wire`)."""
+
+_WIRES: dict[str, ConnectionMaker] = {}
+
+
+def register_wire(protocol: str, maker: ConnectionMaker) -> None:
+    """Dial addresses whose ``data["protocol"]`` is ``protocol`` with the
+    connections ``maker(channel)`` builds: they present
+    :class:`ClientConnection`'s surface (``twisted_rpc.grpc`` registers
+    ``grpc``). Native connections need no registration."""
+    _WIRES[protocol] = maker
 
 
 class _Clock(Protocol):

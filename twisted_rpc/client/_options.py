@@ -16,6 +16,7 @@ from twisted_rpc.client._dials import (
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._flow import DEFAULT_STREAM_WINDOW, check_window
 from twisted_rpc.core._tls import ClientTLS
+from twisted_rpc.discovery._types import PROTOCOLS
 
 if TYPE_CHECKING:
     from twisted_rpc.client._balancer import Balancer
@@ -96,6 +97,10 @@ class ClientOptions:
     stream_window: int = DEFAULT_STREAM_WINDOW
     """Bytes of replies each stream may receive ahead of the application
     taking them (its receive window, told to providers in the settings)."""
+    protocol: str = "native"
+    """The wire to dial providers with when their address does not say:
+    ``native`` or ``grpc`` (any gRPC server; see docs/grpc.md). A registry
+    node saying ``"protocol"`` is dialled its way whatever this says."""
 
     def __post_init__(self) -> None:
         error = timeout_error(self.timeout)
@@ -116,6 +121,10 @@ class ClientOptions:
         _number("max_concurrent_dials", self.max_concurrent_dials, int, 1)
         _number("max_dials_per_second", self.max_dials_per_second, float, 0, above=True)
         check_window(self.stream_window)
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(
+                f"protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}"
+            )
         if self.backoff is None:  # what Client(backoff=None) always meant
             object.__setattr__(self, "backoff", _DEFAULT_BACKOFF)
         if not callable(self.backoff):

@@ -95,6 +95,18 @@ class StreamWire:
         )
         return None
 
+    def send_stream_message(self, call_id: int, payload: bytes) -> None:
+        """A stream's request (the window was checked by the stream)."""
+        self.send(wire.encode_message(call_id, len(payload)), payload)
+
+    def send_end_stream(self, call_id: int) -> None:
+        """A stream's requests are over."""
+        self.send(wire.encode_end_stream(call_id))
+
+    def send_window(self, call_id: int, increment: int) -> None:
+        """Credit back to the provider: the application took replies."""
+        self.send(wire.encode_window(call_id, increment))
+
     def stream_cancelled(self, stream: StreamCall[Any, Any]) -> None:
         """The caller ended ``stream`` (cancel, deadline): tell the provider."""
         if self.streams.get(stream.call_id) is stream:

@@ -35,7 +35,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import HEADER_SIZE
 from twisted_rpc.core._flow import Inbox, SendCredit, message_cost
 from twisted_rpc.core._service import MethodInfo, wrong_request_type
@@ -293,7 +292,7 @@ class StreamCall(Generic[RequestT, ResponseT]):
                 )
                 continue
             credit.spend(message_cost(len(payload)))
-            connection.send(wire.encode_message(self.call_id, len(payload)), payload)
+            connection.send_stream_message(self.call_id, payload)
             d.callback(None)
         if writes:
             if not self._waiting_credit:
@@ -302,7 +301,7 @@ class StreamCall(Generic[RequestT, ResponseT]):
             return
         if self._half_closing and not self._half_closed:
             self._half_closed = True
-            connection.send(wire.encode_end_stream(self.call_id))
+            connection.send_end_stream(self.call_id)
             closers, self._closers = self._closers, []
             for d in closers:
                 d.callback(None)
@@ -385,9 +384,11 @@ class StreamCall(Generic[RequestT, ResponseT]):
     def _grant(self, increment: int) -> None:
         connection = self.connection
         if connection is not None:
-            connection.send(wire.encode_window(self.call_id, increment))
+            connection.send_window(self.call_id, increment)
 
-    def message_received(self, payload: bytes | memoryview) -> None:
+    def message_received(self, payload: bytes | memoryview, cost: int = 0) -> None:
+        """A reply arrived; ``cost`` is what it counts against the receive
+        window (0: a MESSAGE frame's size, message_cost())."""
         reply = self.method.response_class()
         try:
             reply.ParseFromString(payload)  # type: ignore[arg-type]
@@ -398,7 +399,7 @@ class StreamCall(Generic[RequestT, ResponseT]):
             self._first = False
             if not self.initial_metadata.called:
                 self.initial_metadata.callback({})
-        self.inbox.put(reply, len(payload) + HEADER_SIZE)  # message_cost(), inline
+        self.inbox.put(reply, cost or len(payload) + HEADER_SIZE)  # message_cost(), inline
 
     def headers_received(self, metadata: Mapping[str, str] | None) -> None:
         if not self.initial_metadata.called:

@@ -9,6 +9,7 @@ against the address dialled (an IP address or a host name in its SANs).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,7 +77,8 @@ class ClientTLS:
     """This consumer's certificate, for providers that require one."""
     private_key: str = ""
 
-    def options_for(self, host: str) -> IOpenSSLClientConnectionCreator:
+    def options_for(self, host: str, alpn: Sequence[bytes] = ()) -> IOpenSSLClientConnectionCreator:
+        """``alpn``: the protocols offered by ALPN (``b"h2"`` for gRPC), if any."""
         from twisted.internet import ssl
 
         trust = ssl.Certificate.loadPEM(_read(self.ca, "CA")) if self.ca else None
@@ -85,13 +87,16 @@ class ClientTLS:
             client = ssl.PrivateCertificate.loadPEM(
                 _read(self.certificate, "certificate") + b"\n" + _read(self.private_key, "key")
             )
-        return ssl.optionsForClientTLS(host, trustRoot=trust, clientCertificate=client)
+        return ssl.optionsForClientTLS(
+            host, trustRoot=trust, clientCertificate=client, acceptableProtocols=alpn or None
+        )
 
 
 def wrap_client_endpoint(
-    endpoint: IStreamClientEndpoint, tls: ClientTLS, host: str
+    endpoint: IStreamClientEndpoint, tls: ClientTLS, host: str, alpn: Sequence[bytes] = ()
 ) -> IStreamClientEndpoint:
-    """``endpoint`` with TLS on top, verifying the provider as ``host``."""
+    """``endpoint`` with TLS on top, verifying the provider as ``host``
+    (offering ``alpn`` protocols, if any)."""
     from twisted.internet.endpoints import wrapClientTLS
 
-    return wrapClientTLS(tls.options_for(host), endpoint)
+    return wrapClientTLS(tls.options_for(host, alpn), endpoint)

@@ -22,7 +22,7 @@ import json
 import re
 from typing import Any
 
-from twisted_rpc.discovery._types import ProviderAddress, Registration, parse_address
+from twisted_rpc.discovery._types import PROTOCOLS, ProviderAddress, Registration, parse_address
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -119,7 +119,26 @@ def _checked(host: object, port: object, weight: object, info: dict[str, Any]) -
         raise BadNode(f"bad port {clip(repr(port))}")
     if type(weight) is not int or not 0 <= weight <= MAX_WEIGHT:
         raise BadNode(f"bad weight {clip(repr(weight))} (an integer 0..{MAX_WEIGHT})")
+    _check_protocols(info)
     return ProviderAddress(host, port, weight, info)
+
+
+def _check_protocols(info: dict[str, Any]) -> None:
+    """BadNode unless the node's ``protocol`` (the wire its port speaks) and
+    ``protocols`` (wire -> port on the same host) are ones a consumer can
+    dial. Wires not known here in ``protocols`` are ignored."""
+    protocol = info.get("protocol")
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise BadNode(f"unknown protocol {clip(repr(protocol))} (known: {', '.join(PROTOCOLS)})")
+    ports = info.get("protocols")
+    if ports is None:
+        return
+    if not isinstance(ports, dict):
+        raise BadNode(f"protocols must map a wire to a port, not {clip(repr(ports))}")
+    for name in PROTOCOLS:
+        port = ports.get(name)
+        if port is not None and (type(port) is not int or not 0 < port < 65536):
+            raise BadNode(f"bad {name} port {clip(repr(port))} in protocols")
 
 
 def _valid_host(host: str) -> bool:

@@ -16,7 +16,17 @@ from typing import Any
 
 from twisted.internet.abstract import isIPv6Address
 
-__all__ = ["ProviderAddress", "Registration", "check_address", "parse_address"]
+__all__ = [
+    "PROTOCOLS",
+    "ProviderAddress",
+    "Registration",
+    "check_address",
+    "dial_address",
+    "parse_address",
+]
+
+PROTOCOLS = ("native", "grpc")
+"""The wires a consumer dials: the native one, and gRPC (HTTP/2)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +44,31 @@ class ProviderAddress:
 
     def __str__(self) -> str:
         return self.key
+
+
+def dial_address(address: ProviderAddress, preferred: str = "native") -> ProviderAddress:
+    """Where and how to dial ``address``: a copy whose ``data["protocol"]``
+    names the wire (one of :data:`PROTOCOLS`) and whose port is that wire's.
+
+    A node saying ``"protocol"`` is dialled so at its port; a node listing
+    ``"protocols"`` (``{"native": port, "grpc": port}``, same host) is
+    dialled with ``preferred`` if it lists it, else natively at its port;
+    an address saying nothing (a static one) with ``preferred``.
+    """
+    data = address.data
+    said = data.get("protocol")
+    if said in PROTOCOLS:
+        return address
+    port = address.port
+    protocol = preferred
+    ports = data.get("protocols")
+    if isinstance(ports, Mapping):
+        chosen = ports.get(preferred)
+        if type(chosen) is int and 0 < chosen < 65536:
+            port = chosen
+        else:
+            protocol = "native"
+    return ProviderAddress(address.host, port, address.weight, {**data, "protocol": protocol})
 
 
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")

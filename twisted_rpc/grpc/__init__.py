@@ -7,6 +7,7 @@ imports :mod:`twisted_rpc.core`, :mod:`twisted_rpc.server` and
 :mod:`twisted_rpc.client`.
 """
 
+from twisted_rpc.grpc._client import GrpcClientConnection
 from twisted_rpc.grpc._wire import GrpcWireError
 
-__all__ = ["GrpcWireError"]
+__all__ = ["GrpcClientConnection", "GrpcWireError"]
