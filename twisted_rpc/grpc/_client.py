@@ -190,8 +190,10 @@ class GrpcClientConnection(GrpcUnaryCalls, GrpcStreamWire, GrpcPings, Protocol):
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.state = _OPEN
         self._flush()
+        self._last_ping = self.made_at
         if self.keepalive_interval > 0:
-            self._keepalive = self.clock.callLater(self._ping_every(), self._keepalive_due)
+            every = max(self.keepalive_interval, MIN_KEEPALIVE)
+            self._keepalive = self.clock.callLater(every, self._keepalive_due)
 
     def dataReceived(self, data: bytes) -> None:
         self._receiving = True

@@ -94,7 +94,8 @@ class GrpcPings:
 
     def _keepalive_answered(self, rtt: float) -> None:
         if self.connected:
-            self._keepalive = self.clock.callLater(self._ping_every(), self._keepalive_due)
+            every = max(self.keepalive_interval, MIN_KEEPALIVE)
+            self._keepalive = self.clock.callLater(every, self._keepalive_due)
 
     def _keepalive_missed(self, failure: Failure) -> None:
         if self.connected:
