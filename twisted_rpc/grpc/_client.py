@@ -369,7 +369,7 @@ class GrpcClientConnection(GrpcUnaryCalls, GrpcStreamWire, GrpcPings, Protocol):
             entry[0].holder = None  # in transit
             taken.append(entry)
         for sid in [s for s in self.streams if s > last]:
-            self._end_stream(sid, NotSentError(message=f"{self.peer}: server sent GOAWAY"), False)
+            self._end_stream(sid, NotSentError(message=f"{self.peer}: server sent GOAWAY"), None)
         self.log.info(
             "{peer} sent GOAWAY (HTTP/2 error {code}, last stream {last}{debug}): "
             "{n} calls it never ran go again",

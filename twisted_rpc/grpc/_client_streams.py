@@ -214,9 +214,15 @@ class GrpcStreamWire:
         if box is not None:
             self._outbox_bytes -= box.size
 
-    def _reset(self, sid: int) -> None:
+    def _reset(self, sid: int, gave_up: bool = True) -> None:
+        """RST_STREAM ``sid`` unless it is closed: CANCEL when this side gives
+        up, NO_ERROR when the server ended the call before the requests did
+        (they stop, and the stream is let go of)."""
+        stream = self.h2.streams.get(sid)
+        if stream is None or stream.closed:
+            return
         try:
-            self.h2.reset_stream(sid, ErrorCodes.CANCEL)
+            self.h2.reset_stream(sid, ErrorCodes.CANCEL if gave_up else ErrorCodes.NO_ERROR)
         except H2Error:
             pass  # closed already
 
@@ -319,13 +325,13 @@ class GrpcStreamWire:
         self,
         sid: int,
         error: RpcError | None,
-        reset: bool = True,
+        reset: bool | None = True,
         trailers: Mapping[str, str] | None = None,
         response: bytes = b"",
     ) -> None:
         stream = self._forget_stream(sid)
-        if reset:
-            self._reset(sid)
+        if reset is not None:  # None: never seen by the server (above its GOAWAY)
+            self._reset(sid, reset)
         if stream is not None:
             if error is None:
                 stream.response_received(0, "", trailers, response)

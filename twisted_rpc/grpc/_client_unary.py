@@ -69,7 +69,7 @@ class GrpcUnaryCalls:
         def _open_h2_stream(self, headers: list[tuple[str, str]]) -> int | RpcError: ...
         def _send_data(self, sid: int, chunks: Iterable[bytes], end: bool) -> None: ...
         def _drop_outbox(self, sid: int) -> None: ...
-        def _reset(self, sid: int) -> None: ...
+        def _reset(self, sid: int, gave_up: bool = True) -> None: ...
 
         _outbox_bytes: int
 
@@ -164,8 +164,7 @@ class GrpcUnaryCalls:
         if unary is not None and unary.timer is not None and unary.timer.active():
             unary.timer.cancel()
         self._drop_outbox(sid)
-        if reset:
-            self._reset(sid)
+        self._reset(sid, reset)
         if entry is not None:
             if error is not None:
                 entry[0].errback(error)

@@ -232,3 +232,13 @@ def test_an_unanswered_keepalive_aborts_the_connection():
     pair.transport.clear()  # the PING is lost
     pair.clock.advance(2)
     assert pair.client.keepalive_failed and pair.transport.disconnecting
+
+
+def test_a_server_ending_a_stream_first_stops_the_requests_with_no_error():
+    pair = GrpcPair()
+    stream, _ = _open(pair, BidiStream, "Chat")
+    pair.server.send_headers(1, OK_HEADERS + [("grpc-status", "9")], end_stream=True)
+    (reset,) = of(pair.pump(), StreamReset)
+    assert reset.error_code == ErrorCodes.NO_ERROR and stream.code == 9
+    assert pair.client.h2.open_outbound_streams == 0
+    assert isinstance(failure_of(stream.write(echo_pb2.EchoRequest())), Exception)
