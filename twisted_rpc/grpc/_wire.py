@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import math
 import re
 import struct
 import urllib.parse
@@ -93,10 +94,10 @@ def format_timeout(seconds: float) -> str:
     """A ``grpc-timeout`` value for ``seconds`` (> 0): at most 8 digits in the
     finest unit that fits, rounded up to a whole unit (never shorter than asked)."""
     for unit, scale in (("n", 1e-9), ("u", 1e-6), ("m", 1e-3), ("S", 1.0), ("M", 60.0)):
-        count = -int(-seconds // scale)  # ceil
+        count = math.ceil(round(seconds / scale, 6))  # (rounded first: 2.5 s is 2500000u)
         if count < 100_000_000:
             return f"{max(count, 1)}{unit}"
-    return f"{min(-int(-seconds // 3600.0), 99_999_999)}H"
+    return f"{min(math.ceil(seconds / 3600.0), 99_999_999)}H"
 
 
 def frame_message(payload: bytes, compressed: bool = False) -> bytes:

@@ -77,3 +77,10 @@ def test_status_trailers_percent_encode_the_message():
         ("k", "v"),
     ]
     assert w.decode_message_text("caf%C3%A9 100%25") == "café 100%"
+
+
+def test_timeouts_format_exactly_when_they_can():
+    assert w.format_timeout(2.5) == "2500000u"
+    assert w.format_timeout(0.1) == "100000u"
+    assert w.format_timeout(30) == "30000000u"
+    assert w.format_timeout(3600 * 24) == "86400000m"
