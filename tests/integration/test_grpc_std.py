@@ -42,8 +42,8 @@ def mprpc(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[s
 
 def has_grpc_listener() -> bool:
     """Whether this build reads ``[grpc] listen`` (the gRPC listener)."""
-    from twisted_rpc.core._ini import ConfigError
-    from twisted_rpc.provider._config import load_provider_config
+    from twisted_rpc.core import ConfigError
+    from twisted_rpc.provider import load_provider_config
 
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "provider.ini"
