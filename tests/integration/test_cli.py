@@ -57,6 +57,9 @@ def test_list_by_endpoint(provider):
     assert done.stdout.split() == [
         "example.FriendService",
         "example.UserService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
         "mprpc.health.v1.Health",
         "mprpc.reflection.v1.Reflection",
         "mprpc.test.EchoService",

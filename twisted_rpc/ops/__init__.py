@@ -1,7 +1,9 @@
 """Operating providers: the built-in services, metrics, the admin site, logs, the command.
 
 Health (``_health``) and Reflection (``_reflection``, with the client helpers
-that call it), their message types (``_protos``), Prometheus metrics
+that call it), their message types (``_protos``), gRPC's standard health and
+reflection services beside them (``_grpc_health``, ``_grpc_reflection``, their
+descriptors in ``_grpc_protos``), Prometheus metrics
 (``_metrics``), the admin HTTP site with its status page (``_admin``), JSON
 log lines (``_logs``) and the ``mprpc`` command (``_cli``).
 

@@ -8,7 +8,9 @@ deadline is nearly up; ``WatchStream`` is a server stream, as gRPC's
 ``Health.Watch``: the current status at once, then each change (a consumer
 that reads slowly holds at most its window of changes; past that it gets
 the status of the moment its window reopens). :func:`add_builtins` adds
-Health and Reflection to a dispatcher.
+Health and Reflection to a dispatcher, with gRPC's standard services
+(``grpc.health.v1.Health``, ``grpc.reflection.v1alpha`` and ``v1``) over the
+same health state and descriptors.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from twisted_rpc.core._service import Service
+from twisted_rpc.ops._grpc_health import GrpcHealthService
+from twisted_rpc.ops._grpc_reflection import ServerReflectionV1, ServerReflectionV1Alpha
 from twisted_rpc.ops._protos import HEALTH, HealthCheckResponse, ServingStatus
 from twisted_rpc.ops._reflection import ReflectionService
 from twisted_rpc.server._context import CallContext
@@ -162,13 +166,18 @@ class HealthService(Service, descriptor=HEALTH):
 def add_builtins(
     dispatcher: Any, clock: IReactorTime, *, health: bool = True, reflection: bool = True
 ) -> HealthState:
-    """Add Health and Reflection (each unless turned off) to ``dispatcher``;
+    """Add Health and Reflection (each unless turned off) to ``dispatcher``,
+    ours and gRPC's (``grpc.health.v1.Health`` over the same state;
+    ``grpc.reflection.v1alpha`` and ``v1`` over the same descriptors);
     every service it serves starts SERVING. Returns the health state."""
     state = HealthState()
     if health:
         dispatcher.add(HealthService(state, clock))
+        dispatcher.add(GrpcHealthService(state))
     if reflection:
         dispatcher.add(ReflectionService(dispatcher))
+        dispatcher.add(ServerReflectionV1Alpha(dispatcher))
+        dispatcher.add(ServerReflectionV1(dispatcher))
     for name in dispatcher.services:
         state.statuses[name] = SERVING
     return state

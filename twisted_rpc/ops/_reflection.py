@@ -42,8 +42,10 @@ __all__ = [
     "ReflectionService",
     "RemoteDescriptors",
     "files_for_symbol",
+    "find_symbol_file",
     "message_class",
     "remote_service",
+    "served_pools",
 ]
 
 MAX_SYMBOL_LENGTH = 1024
@@ -61,6 +63,44 @@ def _quote(text: str, limit: int = ECHO_LIMIT) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
+def served_pools(dispatcher: Any) -> list[descriptor_pool.DescriptorPool]:
+    """The descriptor pools reflection answers from, each once: the private
+    pools of the built-in services first (what they serve is theirs: gRPC's
+    own ``grpc_health`` package, if imported, defines the same symbols in the
+    default pool under another file name), the default pool, then the pools
+    of the other services."""
+    default = descriptor_pool.Default()
+    services = sorted(dispatcher.services.values(), key=lambda s: not s.builtin)
+    builtins = [type(s).descriptor.file.pool for s in services if s.builtin]
+    others = [type(s).descriptor.file.pool for s in services if not s.builtin]
+    pools: list[descriptor_pool.DescriptorPool] = []
+    for pool in [*(p for p in builtins if p is not default), default, *others]:
+        if all(pool is not p for p in pools):
+            pools.append(pool)
+    return pools
+
+
+def find_symbol_file(
+    symbol: str, pools: Sequence[descriptor_pool.DescriptorPool]
+) -> FileDescriptor | None:
+    """The file defining ``symbol`` (a message, enum, service, method,
+    field, enum value or extension), from the first pool that has it."""
+    for pool in pools:
+        try:
+            return pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            pass
+        # A method ("package.Service.Method"): the pools find services only.
+        service, _, method = symbol.rpartition(".")
+        try:
+            found = pool.FindServiceByName(service)
+        except KeyError:
+            continue
+        if method in found.methods_by_name:
+            return found.file
+    return None
+
+
 def files_for_symbol(
     symbol: str, pools: Sequence[descriptor_pool.DescriptorPool] = ()
 ) -> list[FileDescriptor]:
@@ -74,13 +114,10 @@ def files_for_symbol(
             message=f"symbol of {len(symbol)} characters: at most {MAX_SYMBOL_LENGTH}"
             f" ({_quote(symbol)})"
         )
-    for pool in [descriptor_pool.Default(), *pools]:
-        try:
-            file = pool.FindFileContainingSymbol(symbol)
-            break
-        except KeyError:
-            continue
-    else:
+    if all(pool is not descriptor_pool.Default() for pool in pools):
+        pools = [descriptor_pool.Default(), *pools]
+    file = find_symbol_file(symbol, pools)
+    if file is None:
         raise NotFoundError(message=f"no symbol {_quote(symbol)} here")
     ordered: list[FileDescriptor] = []
     seen: set[str] = set()
@@ -109,8 +146,7 @@ class ReflectionService(Service, descriptor=REFLECTION):
         return ListServicesResponse(services=sorted(self.dispatcher.services))
 
     def FileContainingSymbol(self, request: Any, context: CallContext) -> Any:
-        pools = [type(s).descriptor.file.pool for s in self.dispatcher.services.values()]
-        files = files_for_symbol(request.symbol, pools)
+        files = files_for_symbol(request.symbol, served_pools(self.dispatcher))
         return FileDescriptorsResponse(file_descriptor_proto=[f.serialized_pb for f in files])
 
 

@@ -92,6 +92,9 @@ def test_list_services():
     reply = call(memory, memory.proxy(REFLECTION).ListServices(ListServicesRequest()))
     assert list(reply.services) == [
         "example.UserService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
         "mprpc.health.v1.Health",
         "mprpc.reflection.v1.Reflection",
         "mprpc.test.EchoService",

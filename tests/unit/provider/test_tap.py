@@ -31,6 +31,9 @@ def test_options_and_service_tree(tmp_path):
     assert isinstance(service, ProviderService)
     assert sorted(service.dispatcher.services) == [
         "example.UserService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
         "mprpc.health.v1.Health",
         "mprpc.reflection.v1.Reflection",
         "mprpc.test.EchoService",
