@@ -183,10 +183,13 @@ EXPORTS = {
         "load_cpp_conf",
     },
     "twisted_rpc.grpc": {
+        "GrpcServerConnection",
+        "GrpcServerFactory",
         "GrpcWireError",
     },
     "twisted_rpc.provider": {
         "AdminConfig",
+        "GrpcConfig",
         "Options",
         "ProviderConfig",
         "ProviderOptions",

@@ -56,7 +56,18 @@ class GrpcServerFactory(ListenerFactory[GrpcServerConnection]):
         """Bytes of requests held by all connections (partial or not taken yet)."""
         self.header_list_size = max(MIN_HEADER_LIST_SIZE, 2 * limits.max_metadata_size)
         self.connection_window = min(2**31 - 1, limits.stream_window * CONNECTION_WINDOWS)
-        self.h2_config = H2Configuration(client_side=False, header_encoding=None)
+        # h2's checks of every header, sent or received, cost more than the
+        # rest of a call: what is sent is built valid here (metadata checked
+        # on its way out), what is received is checked in one pass by the
+        # connection (see _server.malformed).
+        self.h2_config = H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            validate_inbound_headers=False,
+            normalize_inbound_headers=False,
+        )
         self._sweeper: IDelayedCall | None = None
 
     # ----------------------------------------------------------------- HTTP/2

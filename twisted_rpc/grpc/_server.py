@@ -39,16 +39,13 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import H2Error
 from h2.exceptions import ProtocolError as H2ProtocolError
 from h2.settings import SettingCodes
-from hyperframe.frame import GoAwayFrame
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_rpc.core._connection import CLOSE_TIMEOUT
 from twisted_rpc.core._flow import Inbox
 from twisted_rpc.core._status import (
     DeadlineExceededError,
@@ -58,38 +55,26 @@ from twisted_rpc.core._status import (
     RpcError,
     UnimplementedError,
 )
+from twisted_rpc.grpc._server_ends import ConnectionEnds
+from twisted_rpc.grpc._server_headers import RequestHead, read_request_headers
 from twisted_rpc.grpc._server_wire import GrpcCall, ResponseWriter, WriteWatch
-from twisted_rpc.grpc._wire import (
-    GrpcWireError,
-    MessageReader,
-    metadata_from_headers,
-    parse_timeout,
-)
+from twisted_rpc.grpc._wire import GrpcWireError, MessageReader, parse_timeout
 from twisted_rpc.server._connection import IServerTransport
-from twisted_rpc.server._dispatcher import MAX_ERROR_MESSAGE, clip
-from twisted_rpc.server._listener import SHUTTING_DOWN
+from twisted_rpc.server._dispatcher import clip
 from twisted_rpc.server._runner import CallRunner
 
 if TYPE_CHECKING:
     from twisted_rpc.grpc._listener import GrpcServerFactory
 
-__all__ = ["GrpcServerConnection", "MAX_PING_STRIKES", "MIN_PING_INTERVAL"]
+__all__ = ["GrpcServerConnection"]
 
 log = Logger(namespace="twisted_rpc.grpc")
-
-MIN_PING_INTERVAL = 300.0
-"""Seconds a client should leave between PINGs while calls are open and
-nothing is sent to it (gRPC's ``min_recv_ping_interval_without_data``)."""
-IDLE_PING_INTERVAL = 7200.0
-"""The same with no call open (gRPC allows one PING in two hours then)."""
-MAX_PING_STRIKES = 2
-"""PINGs closer than that tolerated; the next one ends the connection."""
 
 UNBOUNDED = 2**62
 """A client stream's Inbox never refuses a message: h2 enforces the window."""
 
 
-class GrpcServerConnection(ResponseWriter, CallRunner, Protocol):
+class GrpcServerConnection(ConnectionEnds, ResponseWriter, CallRunner, Protocol):
     """One HTTP/2 connection of gRPC calls on a provider."""
 
     call_label = "gRPC call {call_id}"
@@ -235,41 +220,36 @@ class GrpcServerConnection(ResponseWriter, CallRunner, Protocol):
             self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         now = self.clock.seconds()
-        path = http_method = content_type = timeout = encoding = None
-        headers = event.headers or []
-        for key, value in headers:
-            if key == b":path":
-                path = value
-            elif key == b":method":
-                http_method = value
-            elif key == b"content-type":
-                content_type = value
-            elif key == b"grpc-timeout":
-                timeout = value
-            elif key == b"grpc-encoding":
-                encoding = value
+        head = read_request_headers(event.headers or ())
         ended = event.stream_ended is not None
-        if http_method != b"POST":
-            self._http_error(stream_id, b"405", f"method {http_method!r}", ended)
+        if head.malformed is not None:
+            log.info(
+                "gRPC listener: malformed request on stream {stream_id} from {peer}: {why}",
+                stream_id=stream_id,
+                peer=self.peer,
+                why=head.malformed,
+            )
+            self.h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
             return
-        if content_type is None or not _is_grpc(bytes(content_type)):
+        if head.method != b"POST":
+            self._http_error(stream_id, b"405", f"method {head.method!r}", ended)
+            return
+        content_type = head.content_type
+        if content_type is None or not _is_grpc(content_type):
             self._http_error(stream_id, b"415", f"content-type {content_type!r}", ended)
             return
-        route = bytes(path or b"")[1:]
+        route = bytes(head.path or b"")[1:]
         method = self.routes.get(route)
         name = (
             method.info.full_name if method is not None else clip(route.decode("utf-8", "replace"))
         )
         limits = self.factory.limits
-        call = GrpcCall(
-            stream_id,
-            route,
-            name,
-            now,
-            MessageReader(limits.max_message_size, "gzip" if encoding == b"gzip" else "identity"),
-        )
+        gzip = head.encoding == b"gzip"
+        reader = MessageReader(limits.max_message_size, "gzip" if gzip else "identity")
+        call = GrpcCall(stream_id, route, name, now, reader)
         self.calls[stream_id] = call
-        error = self._check_request(call, headers, timeout, encoding)
+        call.metadata = head.metadata
+        error = self._check_request(call, head)
         if error is not None:
             self.fail_call(stream_id, error, name, now, unknown=method is None)
             return
@@ -286,37 +266,34 @@ class GrpcServerConnection(ResponseWriter, CallRunner, Protocol):
             if stream is not None and stream.inbox is not None:
                 stream.inbox.available = UNBOUNDED
 
-    def _check_request(
-        self, call: GrpcCall, headers: Any, timeout: Any, encoding: Any
-    ) -> RpcError | None:
-        """Read the call's timeout and metadata; the error to answer instead, if any."""
+    def _check_request(self, call: GrpcCall, head: RequestHead) -> RpcError | None:
+        """Read the call's timeout; the error to answer instead of running
+        it, if any (an encoding not known, metadata over the limits)."""
+        encoding = head.encoding
         if encoding is not None and encoding not in (b"identity", b"gzip"):
-            what = bytes(encoding).decode("ascii", "replace")
+            what = encoding.decode("ascii", "replace")
             return UnimplementedError(
                 message=f"grpc-encoding {clip(what)!r} is not supported (identity, gzip)"
             )
-        if timeout is not None:
+        if head.timeout is not None:
             try:
-                seconds = parse_timeout(bytes(timeout).decode("ascii"))
+                seconds = parse_timeout(head.timeout.decode("ascii"))
             except (GrpcWireError, UnicodeDecodeError):
-                return InternalError(message=f"bad grpc-timeout {clip(repr(bytes(timeout)))}")
+                return InternalError(message=f"bad grpc-timeout {clip(repr(head.timeout))}")
             if seconds > 0:
                 call.deadline = call.opened + seconds
                 call.timeout_ms = max(1, int(seconds * 1000))
-        metadata = metadata_from_headers(headers)
         limits = self.factory.limits
-        if len(metadata) > limits.max_metadata_entries:
+        if len(head.metadata) > limits.max_metadata_entries:
             return ResourceExhaustedError(
-                message=f"request not read: {len(metadata)} metadata entries "
+                message=f"request not read: {len(head.metadata)} metadata entries "
                 f"(max_metadata_entries {limits.max_metadata_entries})"
             )
-        size = sum(len(k) + len(v) for k, v in metadata.items())
-        if size > limits.max_metadata_size:
+        if head.metadata_size > limits.max_metadata_size:
             return ResourceExhaustedError(
-                message=f"request not read: {size} bytes of metadata "
+                message=f"request not read: {head.metadata_size} bytes of metadata "
                 f"(max_metadata_size {limits.max_metadata_size})"
             )
-        call.metadata = metadata
         return None
 
     def _http_error(self, stream_id: int, status: bytes, why: str, ended: bool) -> None:
@@ -458,20 +435,6 @@ class GrpcServerConnection(ResponseWriter, CallRunner, Protocol):
         if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
             self.window_opened(0)
 
-    def _ping(self, event: PingReceived) -> None:
-        now = self.clock.seconds()
-        busy = self.calls or self.pending or self.streams
-        if now - self.last_ping < (MIN_PING_INTERVAL if busy else IDLE_PING_INTERVAL):
-            self.ping_strikes += 1
-        self.last_ping = now
-        if self.ping_strikes > MAX_PING_STRIKES:
-            self._close_after_error(
-                f"{self.ping_strikes} PINGs within gRPC's ping policy's interval "
-                "while nothing was sent (too_many_pings)",
-                ErrorCodes.ENHANCE_YOUR_CALM,
-                b"too_many_pings",
-            )
-
     def _terminated(self, event: ConnectionTerminated) -> None:
         if event.error_code:
             self._close_after_error(
@@ -484,108 +447,6 @@ class GrpcServerConnection(ResponseWriter, CallRunner, Protocol):
         message = self.factory.dispatcher.not_found(route).message
         text = clip(route.decode("utf-8", "replace"))
         self.fail_call(call_id, UnimplementedError(message=message), text, started, unknown=True)
-
-    # ----------------------------------------------------------------- draining, closing
-
-    def goaway(self, message: str = "") -> None:
-        """Tell the client to open no more calls here (GOAWAY naming the last
-        stream taken); the calls taken still finish."""
-        if self.goaway_id is not None:
-            return
-        self.goaway_id = self.h2.highest_inbound_stream_id
-        self.goaway_message = message or SHUTTING_DOWN
-        if self.connected and not self.closing:
-            # Sent beside h2 (whose own GOAWAY would stop it reading the
-            # frames of the calls still running).
-            self._flush()
-            frame = GoAwayFrame(
-                0,
-                last_stream_id=self.goaway_id,
-                error_code=ErrorCodes.NO_ERROR,
-                additional_data=clip(self.goaway_message).encode("utf-8")[:MAX_ERROR_MESSAGE],
-            )
-            self.transport.write(frame.serialize())
-
-    def close(self) -> None:
-        """Close once what was written is sent (a last GOAWAY first)."""
-        if not self.closing:
-            self.closing = True
-            try:
-                self.h2.close_connection(ErrorCodes.NO_ERROR, last_stream_id=self.goaway_id)
-            except H2Error:
-                pass
-            self._flush()
-        self._lose()
-
-    def drop(self, why: str) -> None:
-        """Close at once for ``why`` (logged)."""
-        log.warn("closing gRPC connection from {peer}: {why}", peer=self.peer, why=why)
-        self.closing = True
-        self.transport.abortConnection()
-
-    def _close_after_error(
-        self, why: str, code: ErrorCodes = ErrorCodes.PROTOCOL_ERROR, data: bytes = b""
-    ) -> None:
-        """Stop reading and close: a GOAWAY with ``code`` (h2 queued it if it
-        found the error), then what was written is flushed, or the
-        connection aborted after CLOSE_TIMEOUT."""
-        if why:
-            log.warn(
-                "closing gRPC connection from {peer}: {why}", peer=self.peer, why=clip(why, 300)
-            )
-        self.closing = True
-        self._batch = None
-        try:
-            self.h2.close_connection(code, data or None)
-        except H2Error:
-            pass  # (h2 sent its own GOAWAY)
-        self._flush()
-        self._lose()
-        if self._close_timer is None and self.connected:
-            self._close_timer = self.clock.callLater(CLOSE_TIMEOUT, self._close_timed_out)
-
-    def _lose(self) -> None:
-        if self._watch is not None and self._watch.connection is not None:
-            self._watch.connection = None
-            self.transport.unregisterProducer()
-        self.transport.loseConnection()
-
-    def _close_timed_out(self) -> None:
-        self._close_timer = None
-        if self.connected:
-            log.warn("aborting gRPC connection from {peer}: not reading", peer=self.peer)
-            self.transport.abortConnection()
-
-    def sweep(self, now: float) -> None:
-        """Called now and then by the listener: end the requests still not
-        whole after ``frame_timeout`` or past their deadline; close the
-        connection after ``idle_timeout`` without a call."""
-        limits = self.factory.limits
-        for call in list(self.calls.values()):
-            if call.dispatched or call.trailers is not None:
-                continue
-            if call.deadline is not None and now >= call.deadline:
-                error = DeadlineExceededError(message="deadline exceeded at the provider")
-            elif limits.frame_timeout and now - call.opened >= limits.frame_timeout:
-                error = DeadlineExceededError(
-                    message=f"request not whole within {limits.frame_timeout:g}s (frame_timeout)"
-                )
-            else:
-                continue
-            self._request_failed(call, error)
-        if (
-            limits.idle_timeout
-            and not self.closing
-            and not self.calls
-            and not self.pending
-            and not self.streams
-            and now - self.last_active >= limits.idle_timeout
-        ):
-            log.info("closing idle gRPC connection from {peer}", peer=self.peer)
-            self.goaway("connection closed as idle")
-            self.close()
-        elif self.connected and not self.closing:
-            self._flush()
 
 
 def _is_grpc(content_type: bytes) -> bool:
