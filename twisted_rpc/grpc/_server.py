@@ -39,6 +39,7 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
+from h2.exceptions import H2Error
 from h2.exceptions import ProtocolError as H2ProtocolError
 from h2.settings import SettingCodes
 from twisted.internet.interfaces import IDelayedCall
@@ -165,6 +166,8 @@ class GrpcServerConnection(ConnectionEnds, ResponseWriter, CallRunner, Protocol)
             except H2ProtocolError as e:
                 self._close_after_error(f"HTTP/2 error: {e}")
                 return
+            if self._overlong():
+                return
             handlers = self._handlers
             for event in events:
                 handler = handlers.get(type(event))
@@ -183,6 +186,20 @@ class GrpcServerConnection(ConnectionEnds, ResponseWriter, CallRunner, Protocol)
         if events:
             self.last_active = self.clock.seconds()
         self._flush()
+
+    def _overlong(self) -> bool:
+        """h2 (4.4) checks a frame's length only once the whole frame is in:
+        a frame announced longer than SETTINGS_MAX_FRAME_SIZE is refused
+        here as soon as more than that is held (FRAME_SIZE_ERROR)."""
+        incoming = getattr(self.h2.incoming_buffer, "_data", b"")
+        limit = self.h2.max_inbound_frame_size + 9
+        if len(incoming) <= limit:
+            return False
+        self._close_after_error(
+            f"a frame longer than {limit - 9} bytes (SETTINGS_MAX_FRAME_SIZE)",
+            ErrorCodes.FRAME_SIZE_ERROR,
+        )
+        return True
 
     def wake_later(self, inbox: Inbox) -> None:
         """Fire ``inbox``'s reader once the read being handled is (at once
@@ -307,7 +324,10 @@ class GrpcServerConnection(ConnectionEnds, ResponseWriter, CallRunner, Protocol)
         )
         self.h2.send_headers(stream_id, [(b":status", status)], end_stream=True)
         if not ended:
-            self.h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+            try:
+                self.h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+            except H2Error:
+                pass  # (its END_STREAM came in the same read)
 
     def _data(self, event: DataReceived) -> None:
         stream_id = event.stream_id

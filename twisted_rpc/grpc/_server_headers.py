@@ -14,13 +14,19 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from twisted_rpc.grpc._wire import RESERVED_HEADERS
+from twisted.logger import Logger
 
-__all__ = ["RequestHead", "read_request_headers"]
+from twisted_rpc.grpc._wire import RESERVED_HEADERS, metadata_to_headers
+
+log = Logger(namespace="twisted_rpc.grpc")
+
+__all__ = ["RequestHead", "read_request_headers", "response_metadata"]
 
 _NAME = re.compile(rb"[a-z0-9!#$%&'*+\-.^_`|~]+\Z")
+_METADATA_NAME = re.compile(r"[a-z0-9_.\-]+\Z")
+_METADATA_VALUE = re.compile(r"[\x20-\x7e]*\Z")
 _BAD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 _CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
@@ -113,3 +119,22 @@ def read_request_headers(headers: Iterable[tuple[bytes, bytes]]) -> RequestHead:
 
 def _show(key: bytes) -> str:
     return repr(bytes(key[:32]))
+
+
+def response_metadata(metadata: Mapping[str, str] | None) -> list[tuple[str, str]]:
+    """Headers for a handler's initial or trailing metadata; a pair gRPC
+    cannot carry (a name not of ``[a-z0-9_.-]``, a text value not printable
+    ASCII: use a ``-bin`` key for other bytes) is left out, logged."""
+    headers = []
+    for name, value in metadata_to_headers(metadata):
+        if _METADATA_NAME.match(name) is None or (
+            not name.endswith("-bin") and _METADATA_VALUE.match(value) is None
+        ):
+            log.warn(
+                "gRPC listener: metadata {name!r} not sent (a name of [a-z0-9_.-], a "
+                "printable ASCII value; binary values under a -bin key)",
+                name=name[:64],
+            )
+            continue
+        headers.append((name, value))
+    return headers

@@ -31,7 +31,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_rpc.grpc._wire import MessageReader, metadata_to_headers, prefix, status_headers
+from twisted_rpc.grpc._server_headers import response_metadata
+from twisted_rpc.grpc._wire import MessageReader, prefix, status_headers
 from twisted_rpc.server._connection import IServerTransport
 
 if TYPE_CHECKING:
@@ -188,7 +189,7 @@ class ResponseWriter:
         call.headers_sent = True
         headers = RESPONSE_HEADERS
         if metadata:
-            headers = [*RESPONSE_HEADERS, *metadata_to_headers(metadata)]
+            headers = [*RESPONSE_HEADERS, *response_metadata(metadata)]
         self.h2.send_headers(call.stream_id, headers)
         self.ping_strikes = 0
         self.last_ping = float("-inf")
@@ -245,7 +246,7 @@ class ResponseWriter:
             if not call.headers_sent:
                 self._start_response(call)
             self._queue(call, prefix(len(payload)) + payload)
-        self._finish(call, status_headers(code, message, trailers))
+        self._finish(call, [*status_headers(code, message), *response_metadata(trailers)])
 
     # ----------------------------------------------------------------- sending
 
