@@ -92,6 +92,8 @@ class GrpcServerConnection(ConnectionEnds, ResponseWriter, CallRunner, Protocol)
         self.connected = False
         self.closing = False
         """No more is read: the connection is being closed (after an error, say)."""
+        self.started = False
+        """The client spoke, the server's SETTINGS went out."""
         self.write_blocked = False
         self._batch = None
         self._woken: list[Inbox] = []
@@ -134,8 +136,6 @@ class GrpcServerConnection(ConnectionEnds, ResponseWriter, CallRunner, Protocol)
                 set_no_delay(True)
             except OSError:
                 pass
-        self.factory.start_h2(self.h2)
-        self._flush()
         self.factory.connection_made(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -159,6 +159,14 @@ class GrpcServerConnection(ConnectionEnds, ResponseWriter, CallRunner, Protocol)
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
             return
+        if not self.started:
+            # The server's preface (SETTINGS) once the client speaks: under
+            # TLS, after the handshake (a write before it would pause the
+            # transport, reads included, until the handshake is done).
+            self.started = True
+            self.factory.start_h2(self.h2)
+            self._flush()
+            self.send_goaway()
         self._batch = []
         try:
             try:

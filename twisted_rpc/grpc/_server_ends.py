@@ -56,6 +56,7 @@ class ConnectionEnds:
     clock: IReactorTime
     peer: str
     connected: int
+    started: bool
     closing: bool
     goaway_id: int | None
     goaway_message: str
@@ -95,17 +96,22 @@ class ConnectionEnds:
             return
         self.goaway_id = self.h2.highest_inbound_stream_id
         self.goaway_message = message or SHUTTING_DOWN
-        if self.connected and not self.closing:
-            # Sent beside h2 (whose own GOAWAY would stop it reading the
-            # frames of the calls still running).
-            self._flush()
-            frame = GoAwayFrame(
-                0,
-                last_stream_id=self.goaway_id,
-                error_code=ErrorCodes.NO_ERROR,
-                additional_data=clip(self.goaway_message).encode("utf-8")[:MAX_ERROR_MESSAGE],
-            )
-            self.transport.write(frame.serialize())
+        self.send_goaway()
+
+    def send_goaway(self) -> None:
+        """Write the graceful GOAWAY, once the connection has started (after
+        the server's SETTINGS). It is sent beside h2, whose own GOAWAY would
+        stop it reading the frames of the calls still running."""
+        if self.goaway_id is None or not self.started or not self.connected or self.closing:
+            return
+        self._flush()
+        frame = GoAwayFrame(
+            0,
+            last_stream_id=self.goaway_id,
+            error_code=ErrorCodes.NO_ERROR,
+            additional_data=clip(self.goaway_message).encode("utf-8")[:MAX_ERROR_MESSAGE],
+        )
+        self.transport.write(frame.serialize())
 
     def close(self) -> None:
         """Close once what was written is sent (a last GOAWAY first)."""
