@@ -190,7 +190,12 @@ class ResponseWriter:
         headers = RESPONSE_HEADERS
         if metadata:
             headers = [*RESPONSE_HEADERS, *response_metadata(metadata)]
-        self.h2.send_headers(call.stream_id, headers)
+        try:
+            self.h2.send_headers(call.stream_id, headers)
+        except H2Error:
+            # Reset by the client later in the read being handled (h2 took
+            # the whole read in before its events): its StreamReset follows.
+            call.trailers = []
         self.ping_strikes = 0
         self.last_ping = float("-inf")
 

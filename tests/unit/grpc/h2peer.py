@@ -89,12 +89,24 @@ class GrpcPeer:
         client_settings: dict[int, int] | None = None,
         auto_ack: bool = True,
     ) -> None:
-        self.clock = Clock()
+        clock = Clock()
         self.streams = StreamService()
         dispatcher = Dispatcher(services or [EchoService(), self.streams])
-        self.factory = GrpcServerFactory(dispatcher, self.clock, limits)
-        self.factory.doStart()
-        self.server = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        factory = GrpcServerFactory(dispatcher, clock, limits)
+        factory.doStart()
+        self.attach(factory, clock, client_settings, auto_ack)
+
+    def attach(
+        self,
+        factory: GrpcServerFactory,
+        clock: Any,
+        client_settings: dict[int, int] | None = None,
+        auto_ack: bool = True,
+    ) -> None:
+        """Connect a new h2 client to ``factory`` (whose clock is ``clock``)."""
+        self.clock = clock
+        self.factory = factory
+        self.server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         self.server.makeConnection(self.transport)
         # The client sends headers as given (bad ones too): the server checks them.

@@ -292,3 +292,13 @@ def test_http2_settings_follow_the_limits():
     assert remote.initial_window_size == 4096
     assert remote.max_header_list_size == 16 * 1024
     assert peer.client.outbound_flow_control_window == 4096 * 16
+
+
+def test_a_reset_in_the_same_read_as_the_request_is_a_cancel():
+    peer = GrpcPeer()
+    stream_id = peer.open(ECHO)
+    peer.send(stream_id, echo_pb2.EchoRequest().SerializeToString(), end=True)
+    peer.client.reset_stream(stream_id, ErrorCodes.CANCEL)  # (h2 reads both before its events)
+    peer.pump()
+    assert not peer.closed and not peer.server.calls
+    assert peer.unary(ECHO, echo_pb2.EchoRequest(payload=b"next")).status == 0
