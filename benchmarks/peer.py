@@ -1,7 +1,7 @@
 """The framework under the peer benchmark's contract (../shared/bench/peers/README.md).
 
     python -m benchmarks.peer server [--port P] [--stdin-watch] [--max-seconds S]
-                                       [--workload unary|stream]
+                                       [--workload unary|stream] [--grpc]
     python -m benchmarks.peer client --port P -c C -n N [--warmup W] [--duration D]
                                        [--server-pid PID] [--timeout T] [--metadata]
                                        [--workload unary|stream] [--reader async|callback]
@@ -12,7 +12,8 @@ The server is a ``ProviderService`` exactly as ``twistd mprpc`` builds it
 ``bench.UserService.Login`` (echo ``pwd`` as ``errmsg``) and the server stream
 ``bench.UserService.Watch`` (an async generator yielding ``LoginResponse``
 messages with ``errmsg`` of ``payload_bytes`` bytes until the stream ends) on
-127.0.0.1. The client is a ``Client`` with one proxy and so one shared
+127.0.0.1 (with ``--grpc``, on a gRPC listener instead of the native one, for
+the harness's own grpcio client). The client is a ``Client`` with one proxy and so one shared
 connection. Unary workload: C calls outstanding (closed loop), each with a
 deadline (``--timeout``, default 30 s) and, with ``--metadata``, one metadata
 pair. Stream workload: C streams of ``Watch`` read with ``async for`` (or, with
@@ -170,12 +171,9 @@ def serve(args: argparse.Namespace) -> None:
             while True:
                 yield pb2.LoginResponse(errcode=0, errmsg="x" * size, success=True)
 
-    provider = ProviderService(
-        reactor,
-        f"tcp:{args.port}:interface={HOST}:backlog=1024",
-        [BenchUserService()],
-        grace_period=1,
-    )
+    endpoint = f"tcp:{args.port}:interface={HOST}:backlog=1024"
+    listeners: dict[str, Any] = {"grpc_listen": (endpoint,)} if args.grpc else {"listen": endpoint}
+    provider = ProviderService(reactor, [BenchUserService()], grace_period=1, **listeners)
     provider.listening.addCallback(lambda address: print(f"READY {address.port}", flush=True))
     provider.privilegedStartService()
     provider.startService()
@@ -316,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--stdin-watch", action="store_true")
         p.add_argument("--workload", choices=["unary", "stream"], default="unary")
         p.add_argument("--profile", help="cProfile the server into this file (stop it by SIGTERM)")
+        p.add_argument("--grpc", action="store_true", help="serve on a gRPC (HTTP/2) listener")
         args = p.parse_args(argv[1:])
         watchdog(args.max_seconds, args.stdin_watch)
         serve(args)

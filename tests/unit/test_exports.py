@@ -184,10 +184,13 @@ EXPORTS = {
     },
     "twisted_rpc.grpc": {
         "GrpcClientConnection",
+        "GrpcServerConnection",
+        "GrpcServerFactory",
         "GrpcWireError",
     },
     "twisted_rpc.provider": {
         "AdminConfig",
+        "GrpcConfig",
         "Options",
         "ProviderConfig",
         "ProviderOptions",

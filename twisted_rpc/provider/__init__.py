@@ -4,7 +4,8 @@ The provider ini loader (``_config``), the ``twistd mprpc`` options and
 ``makeService`` (``_tap``, which the plugin ``twisted/plugins/mprpc_plugin.py``
 names), and :class:`ProviderService` (``_service``): the dispatcher with the
 built-in services, the native listener, the C++ listener when configured, the
-admin site, the registrations and the graceful stop.
+gRPC listener when configured, the admin site, the registrations and the
+graceful stop.
 
 Layering: ``provider`` may import every other subpackage; nothing imports it
 but the plugin and the top-level facade.
@@ -12,6 +13,7 @@ but the plugin and the top-level facade.
 
 from twisted_rpc.provider._config import (
     AdminConfig,
+    GrpcConfig,
     ProviderConfig,
     load_provider_config,
     load_services,
@@ -22,6 +24,7 @@ from twisted_rpc.provider._tap import Options, makeService
 
 __all__ = [
     "AdminConfig",
+    "GrpcConfig",
     "Options",
     "ProviderConfig",
     "ProviderOptions",

@@ -1,5 +1,5 @@
 """The provider ini file (``[provider]``, ``[registry]``, ``[tls]``, ``[cpp]``,
-``[admin]``), read and checked up front (see ``docs/config.md``), and the
+``[grpc]``, ``[admin]``), read and checked up front (see ``docs/config.md``), and the
 ``module:Class`` service specs it names.
 """
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # (pyOpenSSL is imported only when TLS is used)
 
 __all__ = [
     "AdminConfig",
+    "GrpcConfig",
     "ProviderConfig",
     "check_service_specs",
     "load_provider_config",
@@ -44,6 +45,16 @@ class AdminConfig:
     listen: str
     max_connections: int = DEFAULT_ADMIN_MAX_CONNECTIONS
     """Admin connections open at once; more are closed at once (logged)."""
+
+
+@dataclass
+class GrpcConfig:
+    """The gRPC listener (``[grpc]``): HTTP/2, the same services and limits."""
+
+    listen: tuple[str, ...]
+    """One or more server endpoint strings (whitespace-separated in the file)."""
+    advertise: ProviderAddress | None = None
+    """The address registered for it (default: the first bound one)."""
 
 
 @dataclass
@@ -66,6 +77,8 @@ class ProviderConfig:
     slow_call_threshold: float = 0.0
     admin: AdminConfig | None = None
     log_format: str = "text"
+    grpc: GrpcConfig | None = None
+    """The gRPC listener (``[grpc]``), if any."""
 
     def options(self, **settings: Any) -> ProviderOptions:
         """The :class:`ProviderOptions` this file says (``settings`` override)."""
@@ -87,6 +100,8 @@ class ProviderConfig:
                 self.admin.max_connections if self.admin else DEFAULT_ADMIN_MAX_CONNECTIONS
             ),
             "slow_call_threshold": self.slow_call_threshold,
+            "grpc_listen": self.grpc.listen if self.grpc else (),
+            "grpc_advertise": self.grpc.advertise if self.grpc else None,
         }
         built.update(settings)
         try:
@@ -145,12 +160,15 @@ def load_provider_config(path: str) -> ProviderConfig:
             "tls": _PROVIDER_TLS_KEYS,
             **dict.fromkeys(CPP_SECTIONS, CPP_KEYS),
             "admin": {"listen", "max_connections"},
+            "grpc": {"listen", "advertise"},
         },
     )
     if not r.parser.has_section("provider"):
         raise ConfigError(f"{path}: missing section [provider]")
-    listen = r.require("provider", "listen")
-    check_endpoint(f"{path}: [provider] listen", listen)
+    grpc = _grpc(r)
+    listen = r.require("provider", "listen") if grpc is None else r.get("provider", "listen")
+    if listen is not None:
+        check_endpoint(f"{path}: [provider] listen", listen)
     raw_advertise = r.get("provider", "advertise")
     advertise = None
     if raw_advertise:
@@ -186,6 +204,7 @@ def load_provider_config(path: str) -> ProviderConfig:
         ),
         admin=_admin(r),
         log_format=_log_format(r),
+        grpc=grpc,
     )
 
 
@@ -240,6 +259,17 @@ def _log_format(r: Reader) -> str:
     if value not in ("text", "json"):
         raise ConfigError(f"{r.path}: [provider] log_format = {value!r} (expected text or json)")
     return value
+
+
+def _grpc(r: Reader) -> GrpcConfig | None:
+    if not r.parser.has_section("grpc"):
+        return None
+    listen = tuple(r.require("grpc", "listen").split())
+    for each in listen:
+        check_endpoint(f"{r.path}: [grpc] listen", each)
+    raw = r.get("grpc", "advertise")
+    advertise = r.parsed("grpc", "advertise", raw, parse_address) if raw else None
+    return GrpcConfig(listen, advertise)
 
 
 def _admin(r: Reader) -> AdminConfig | None:

@@ -52,8 +52,8 @@ def _seconds(name: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class ProviderOptions:
-    """What a provider serves on and how (``[provider]``, ``[cpp]``, ``[admin]``
-    of ``docs/config.md``); the collaborators (services, registries,
+    """What a provider serves on and how (``[provider]``, ``[cpp]``, ``[grpc]``,
+    ``[admin]`` of ``docs/config.md``); the collaborators (services, registries,
     interceptors) are given to :class:`ProviderService` beside it."""
 
     listen: str | None = None
@@ -78,18 +78,33 @@ class ProviderOptions:
     admin_max_connections: int = DEFAULT_ADMIN_MAX_CONNECTIONS
     slow_call_threshold: float = 0.0
     """Log calls slower than this many seconds (0: none)."""
+    grpc_listen: tuple[str, ...] = ()
+    """Endpoints of the gRPC listener (HTTP/2; TLS with ALPN ``h2`` when
+    ``tls_options`` is set); a string is taken as one endpoint. Empty: none."""
+    grpc_advertise: ProviderAddress | None = None
+    """Address registered for the gRPC listener (default: the first bound one)."""
 
     def __post_init__(self) -> None:
-        if self.listen is None and self.cpp_listen is None:
-            raise ValueError("a provider needs listen, cpp_listen or both")
-        for name in ("listen", "cpp_listen", "admin_listen"):
-            value = getattr(self, name)
+        grpc_listen = self.grpc_listen
+        if isinstance(grpc_listen, str):
+            grpc_listen = (grpc_listen,)
+        if not isinstance(grpc_listen, (tuple, list)):
+            raise ValueError(
+                f"ProviderOptions.grpc_listen must be endpoint strings, not {grpc_listen!r}"
+            )
+        object.__setattr__(self, "grpc_listen", tuple(grpc_listen))
+        if self.listen is None and self.cpp_listen is None and not self.grpc_listen:
+            raise ValueError("a provider needs listen, cpp_listen or both, or grpc_listen")
+        endpoints = [("listen", self.listen), ("cpp_listen", self.cpp_listen)]
+        endpoints += [("admin_listen", self.admin_listen)]
+        endpoints += [("grpc_listen", each) for each in self.grpc_listen]
+        for name, value in endpoints:
             if value is not None:
                 try:
                     check_server_endpoint(value)
                 except ValueError as e:
                     raise ValueError(f"ProviderOptions.{name} = {e}") from None
-        for name in ("advertise", "cpp_advertise"):
+        for name in ("advertise", "cpp_advertise", "grpc_advertise"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, ProviderAddress):
                 raise ValueError(f"ProviderOptions.{name} must be a ProviderAddress, not {value!r}")

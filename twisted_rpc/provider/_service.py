@@ -1,9 +1,9 @@
 """The provider as a Twisted service, composed of child services.
 
 :class:`ProviderService` is a MultiService whose children are the
-:class:`ListenerService` s (the native one, the C++ one when configured), the
-:class:`RegistrarService` (registers when a listener is bound, withdraws first
-on stop), the admin site (only when configured; its module is imported only
+:class:`ListenerService` s (the native one, the C++ one and the gRPC ones when
+configured), the :class:`RegistrarService` (registers once the listeners are
+bound, withdraws first on stop), the admin site (only when configured; its module is imported only
 then) and whatever the caller adds (``makeService`` adds the ZooKeeper
 registries). It runs the graceful stop across them.
 """
@@ -39,6 +39,7 @@ from twisted_rpc.core._tls import wrap_server_factory
 from twisted_rpc.cpp._listener import CppServerFactory
 from twisted_rpc.discovery._static import StaticRegistry
 from twisted_rpc.discovery._types import ProviderAddress, Registration
+from twisted_rpc.grpc._listener import GrpcServerFactory
 from twisted_rpc.ops._health import NOT_SERVING, add_builtins
 from twisted_rpc.provider._options import ProviderOptions
 from twisted_rpc.server._dispatcher import Dispatcher, ServerMethod
@@ -166,13 +167,14 @@ class RegistrarService(TwistedService):
         self.registration_data = registration_data
         self.cpp_registry = cpp_registry
 
-    def register(self, advertise: ProviderAddress) -> None:
-        """Register every application service at ``advertise``."""
+    def register(self, advertise: ProviderAddress, protocols: dict[str, Any] | None = None) -> None:
+        """Register every application service at ``advertise``; ``protocols``
+        (``{"protocols": {...}}``, ``{"protocol": "grpc"}``) joins the data."""
         for name, service in sorted(self.dispatcher.services.items()):
             if service.builtin:
                 continue
             info = type(service).service_info()
-            data = {**self.registration_data, "methods": sorted(info.methods)}
+            data = {**self.registration_data, **(protocols or {}), "methods": sorted(info.methods)}
             d = self.registry.register(Registration(name, advertise, data))
             d.addErrback(_log_failure, "registering {service} failed", service=name)
 
@@ -215,6 +217,8 @@ def _admin_service(provider: ProviderService, options: ProviderOptions) -> IServ
     provider.factory.observer = metrics
     if provider.cpp_factory is not None:
         provider.cpp_factory.observer = metrics
+    if provider.grpc_factory is not None:
+        provider.grpc_factory.observer = metrics
     site = admin_site(provider, metrics, max_connections=options.admin_max_connections)
     endpoint = _ReportingEndpoint(
         serverFromString(provider.reactor, options.admin_listen), provider._admin_listening
@@ -242,6 +246,13 @@ class ProviderService(MultiService):
     callers on a second endpoint (``docs/mprpc-compat.md``); with
     ``cpp_registry`` (a ``ZooKeeperRegistry``) each method is announced at
     ``/<Service>/<Method>`` as they expect. ``listen`` may then be None.
+
+    With ``grpc_listen`` the same services are served to gRPC clients
+    (HTTP/2, ``docs/grpc.md``) on those endpoints, over TLS (ALPN ``h2``)
+    with ``tls_options``. The registrations then say on which port each
+    protocol is (``"protocols": {"native": P, "grpc": G}``); a provider
+    with only a gRPC listener registers its gRPC address with
+    ``"protocol": "grpc"``.
 
     Children: the :class:`RegistrarService` (``"registrar"``), one
     :class:`ListenerService` per listener (``listeners``), the admin site
@@ -304,7 +315,13 @@ class ProviderService(MultiService):
         }
         self.port: IListeningPort | None = None
         self.listening: Deferred[ProviderAddress] = Deferred()
+        """Fires with the native listener's bound address (else the gRPC one's)."""
         self.cpp_listening: Deferred[ProviderAddress] = Deferred()
+        self.grpc_listening: Deferred[ProviderAddress] = Deferred()
+        """Fires with the first gRPC listener's bound address."""
+        self.grpc_advertise = options.grpc_advertise
+        self._native_bound: ProviderAddress | None = None
+        self._grpc_bound: ProviderAddress | None = None
         self.metrics: ProviderMetrics | None = None
         self.registrar = RegistrarService(
             self.dispatcher, self.registry, self.registration_data, cpp_registry
@@ -329,6 +346,24 @@ class ProviderService(MultiService):
             self._add_listener(
                 ListenerService(reactor, options.cpp_listen, self.cpp_factory, self._cpp_listening)
             )
+        self.grpc_factory: GrpcServerFactory | None = None
+        if options.grpc_listen:
+            self.grpc_factory = GrpcServerFactory(self.dispatcher, clock, options.limits)
+            self.grpc_factory.slow_call_threshold = options.slow_call_threshold
+            grpc_factory: IProtocolFactory = self.grpc_factory
+            if options.tls_options is not None:
+                # TLS offers ALPN h2: the factory says so (IProtocolNegotiationFactory).
+                grpc_factory = wrap_server_factory(self.grpc_factory, options.tls_options)
+            for listen in options.grpc_listen:
+                self._add_listener(
+                    ListenerService(
+                        reactor,
+                        listen,
+                        grpc_factory,
+                        self._grpc_listening,
+                        served=self.grpc_factory,
+                    )
+                )
         if options.admin_listen is not None:
             admin = _admin_service(self, options)
             admin.setServiceParent(self)  # type: ignore[no-untyped-call]  # (not annotated)
@@ -358,10 +393,11 @@ class ProviderService(MultiService):
 
     @property
     def calls_in_flight(self) -> int:
-        """Calls being served, over both protocols."""
+        """Calls being served, over every protocol."""
         n = self.factory.calls_in_flight
-        if self.cpp_factory is not None:
-            n += self.cpp_factory.calls_in_flight
+        for other in (self.cpp_factory, self.grpc_factory):
+            if other is not None:
+                n += other.calls_in_flight
         return n
 
     def _cpp_listening(self, port: IListeningPort) -> None:
@@ -388,8 +424,48 @@ class ProviderService(MultiService):
             advertise=self.advertise,
             services=" ".join(sorted(self.dispatcher.services)),
         )
+        self._native_bound = bound
         self.listening.callback(bound)
-        self.registrar.register(self.advertise)
+        self._register()
+
+    def _grpc_listening(self, port: IListeningPort) -> None:
+        bound = _bound(port)
+        log.info("gRPC listener on {bound}", bound=bound)
+        if self._grpc_bound is not None:
+            return  # (more than one endpoint: the first one is registered)
+        self._grpc_bound = bound
+        if self.grpc_advertise is None:
+            self.grpc_advertise = bound
+        self.grpc_listening.callback(bound)
+        if self.options.listen is None:
+            log.info(
+                "mprpc provider (gRPC only) advertised as {advertise}, serving {services}",
+                advertise=self.grpc_advertise,
+                services=" ".join(sorted(self.dispatcher.services)),
+            )
+            self.listening.callback(bound)
+        self._register()
+
+    def _register(self) -> None:
+        """Register once the listeners are bound: at the native address (with
+        both ports if gRPC too), or at the gRPC one with ``"protocol": "grpc"``."""
+        native = self.options.listen is not None
+        grpc = bool(self.options.grpc_listen)
+        if (native and self._native_bound is None) or (grpc and self._grpc_bound is None):
+            return
+        if not grpc:
+            assert self.advertise is not None
+            self.registrar.register(self.advertise)
+            return
+        assert self.grpc_advertise is not None
+        grpc_port = self.grpc_advertise.port
+        if native:
+            assert self.advertise is not None
+            ports = {"native": self.advertise.port, "grpc": grpc_port}
+            self.registrar.register(self.advertise, {"protocols": ports})
+        else:
+            ports = {"grpc": grpc_port}
+            self.registrar.register(self.grpc_advertise, {"protocol": "grpc", "protocols": ports})
 
     async def _calls_finished(self, drainables: list[IDrainable]) -> None:
         """Wait until no call is in flight, for at most the grace period."""
@@ -436,7 +512,8 @@ class ProviderService(MultiService):
         await self.registrar.stopService()
         for listener in self.listeners:
             await listener.stopService()  # type: ignore[no-untyped-call]  # (not annotated)
-        drainables = [listener.drainable for listener in self.listeners]
+        # (The gRPC listener's endpoints share one factory: drained once.)
+        drainables = list({id(each.drainable): each.drainable for each in self.listeners}.values())
         for drainable in drainables:
             drainable.goaway()
         await self._calls_finished(drainables)
