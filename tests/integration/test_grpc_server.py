@@ -224,7 +224,7 @@ def tls() -> Iterator[tuple[Provider, bytes]]:
 
 def test_tls_with_alpn_h2_and_metadata_both_ways(tls):
     provider, ca_pem = tls
-    value = b"\x00\x01\x7f" + "\u00e9".encode()  # binary, and UTF-8 (see docs/grpc-server.md)
+    value = b"\x00\x01\x7f" + "\u00e9".encode()  # binary, and UTF-8 (see docs/grpc.md)
 
     async def run() -> None:
         credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
