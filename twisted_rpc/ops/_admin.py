@@ -33,7 +33,7 @@ from twisted.web.server import Request, Site
 from twisted_rpc._version import __version__
 from twisted_rpc.core._connection import RefusedConnection
 from twisted_rpc.ops._health import status_name
-from twisted_rpc.ops._metrics import ProviderMetrics, open_streams, quantile
+from twisted_rpc.ops._metrics import ProviderMetrics, listener_factories, open_streams, quantile
 
 __all__ = [
     "DEFAULT_ADMIN_IDLE_TIMEOUT",
@@ -62,7 +62,7 @@ def status_data(provider: Any, metrics: ProviderMetrics) -> dict[str, Any]:
     """What the status page shows, as plain data."""
     now = provider.reactor.seconds()
     latency = metrics.latency_buckets()
-    factories = [f for f in (provider.factory, getattr(provider, "cpp_factory", None)) if f]
+    factories = listener_factories(provider)
     streams_by_method: dict[str, int] = {}
     for stream in open_streams(factories):
         key = stream.method.info.full_name
@@ -101,11 +101,13 @@ def status_data(provider: Any, metrics: ProviderMetrics) -> dict[str, Any]:
     connections = [
         {
             "peer": connection.peer,
+            "protocol": factory.name,
             "calls_in_flight": len(connection.pending),
             "streams": len(getattr(connection, "streams", ())),
-            "idle_seconds": round(now - connection.last_active, 1),
+            "idle_seconds": round(now - getattr(connection, "last_active", now), 1),
         }
-        for connection in sorted(provider.factory.connections, key=lambda c: c.peer)
+        for factory in factories
+        for connection in sorted(factory.connections, key=lambda c: c.peer)
     ]
     registry = provider.registry
     zk = getattr(registry, "zk", None)

@@ -209,7 +209,7 @@ class ProviderMetrics:
             "Calls being handled (open streams included)",
             lambda: provider.calls_in_flight,
         )
-        factories = [f for f in (provider.factory, provider.cpp_factory) if f is not None]
+        factories = listener_factories(provider)
         for factory in factories:
             self.watch_streams(factory)
         self.gauge(
@@ -219,8 +219,8 @@ class ProviderMetrics:
         )
         self.gauge(
             "mprpc_server_connections",
-            "Open connections (native protocol)",
-            lambda: len(provider.factory.connections),
+            "Open connections (every protocol: native, C++, gRPC)",
+            lambda: sum(len(f.connections) for f in factories),
         )
         registry = provider.registry
         zk = getattr(registry, "zk", None)
@@ -280,6 +280,16 @@ class ProviderMetrics:
         for buckets in out.values():
             buckets.sort()
         return out
+
+
+def listener_factories(provider: Any) -> list[Any]:
+    """A provider's listener factories: native, C++ and gRPC (those it has)."""
+    candidates = (
+        provider.factory,
+        getattr(provider, "cpp_factory", None),
+        getattr(provider, "grpc_factory", None),
+    )
+    return [f for f in candidates if f is not None]
 
 
 def open_streams(factories: Iterable[Any]) -> Iterator[Any]:

@@ -398,3 +398,23 @@ def test_reflected_client_stream_errors_are_typed():
     with pytest.raises(RpcError) as raised:
         run(memory, summed())
     assert (raised.value.code, raised.value.message) == (StatusCode.NOT_FOUND, "no")
+
+
+def test_status_and_metrics_count_the_grpc_listeners_connections_too():
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from twisted_rpc.grpc import GrpcServerFactory
+
+    memory = MemoryProvider([StreamService()])
+    provider = _Provider(memory)
+    provider.grpc_factory = GrpcServerFactory(memory.dispatcher, memory.reactor, None)
+    peer = IPv4Address("TCP", "10.0.0.9", 4000)
+    connection = provider.grpc_factory.buildProtocol(peer)
+    connection.makeConnection(StringTransport(peerAddress=peer))
+    metrics = ProviderMetrics()
+    metrics.watch_provider(provider)
+    data = status_data(provider, metrics)
+    grpc_rows = [c for c in data["connections"] if c["protocol"] == "gRPC"]
+    assert [c["peer"] for c in grpc_rows] == ["10.0.0.9:4000"]
+    assert metrics.registry.get_sample_value("mprpc_server_connections") == 1
