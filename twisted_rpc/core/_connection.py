@@ -26,7 +26,7 @@ from zope.interface import implementer
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FieldHandler, FrameDecoder, FrameKind, ProtocolError
 from twisted_rpc.core._direct_write import DirectWriter
-from twisted_rpc.core._flow import Inbox
+from twisted_rpc.core._flow import Inbox, fire_woken
 from twisted_rpc.core._status import StatusCode, UnavailableError
 
 LARGE_PAYLOAD = 64 * 1024
@@ -198,12 +198,7 @@ class RpcConnection(Protocol):
             self._woken.append(inbox)
 
     def _fire_woken(self) -> None:
-        woken = self._woken
-        while woken:
-            self._woken = []
-            for inbox in woken:
-                inbox.fire()
-            woken = self._woken
+        fire_woken(self)
 
     def partial_frame(self, completed: bool) -> None:
         """Called after a read that leaves a frame partly received, or ends

@@ -34,6 +34,7 @@ __all__ = [
     "Inbox",
     "SendCredit",
     "check_window",
+    "fire_woken",
     "message_cost",
 ]
 
@@ -236,3 +237,15 @@ class Inbox:
     def _forget(self, d: Deferred[None]) -> None:
         if self.waiter is d:
             self.waiter = None
+
+
+def fire_woken(owner: Any) -> None:
+    """Fire the readers a connection put in its ``_woken`` list while it
+    handled a received chunk (see :meth:`Inbox.wake`), and those they wake in
+    turn."""
+    woken = owner._woken
+    while woken:
+        owner._woken = []
+        for inbox in woken:
+            inbox.fire()
+        woken = owner._woken

@@ -26,7 +26,7 @@ from twisted_rpc.client._options import ClientOptions
 from twisted_rpc.client._states import ConnectionState
 from twisted_rpc.client._streams import StreamCall
 from twisted_rpc.core._codec import GoawayReason
-from twisted_rpc.core._flow import Inbox
+from twisted_rpc.core._flow import Inbox, fire_woken
 from twisted_rpc.core._status import (
     DeadlineExceededError,
     InternalError,
@@ -242,12 +242,7 @@ class GrpcStreamWire:
             inbox.fire()
 
     def _fire_woken(self) -> None:
-        woken = self._woken
-        while woken:
-            self._woken = []
-            for inbox in woken:
-                inbox.fire()
-            woken = self._woken
+        fire_woken(self)
 
     # ----------------------------------------------------------------- streams
 

@@ -47,7 +47,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_rpc.core._flow import Inbox
+from twisted_rpc.core._flow import Inbox, fire_woken
 from twisted_rpc.core._status import (
     DeadlineExceededError,
     InternalError,
@@ -218,12 +218,7 @@ class GrpcServerConnection(ConnectionEnds, ResponseWriter, CallRunner, Protocol)
             self._woken.append(inbox)
 
     def _fire_woken(self) -> None:
-        woken = self._woken
-        while woken:
-            self._woken = []
-            for inbox in woken:
-                inbox.fire()
-            woken = self._woken
+        fire_woken(self)
 
     def turn_over(self) -> None:
         super().turn_over()
