@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from twisted_rpc.client._balancer import Balancer, RoundRobin, balancer_named
 from twisted_rpc.client._channel import Channel
-from twisted_rpc.client._config import load_consumer_config
+from twisted_rpc.client._config import load_consumer_config, snapshot_health_check
 from twisted_rpc.client._connection import (
     NotSentError,
     TakenBack,
@@ -186,6 +186,8 @@ class Client(StreamStarter):
                 root=reg.root,
                 session_timeout=reg.session_timeout,
                 auth=reg.auth,
+                snapshot=options.snapshot,
+                health_check=snapshot_health_check(reactor, options) if options.snapshot else None,
             )
         else:
             kw["providers"] = {

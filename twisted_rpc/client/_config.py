@@ -4,15 +4,25 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf.wrappers_pb2 import Int32Value, StringValue
+from twisted.internet.defer import Deferred
 
 from twisted_rpc.client._options import ClientOptions
 from twisted_rpc.core._ini import REGISTRY_KEYS, ConfigError, Reader, RegistryConfig
+from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.core._tls import ClientTLS
+from twisted_rpc.discovery._static import StaticRegistry
 from twisted_rpc.discovery._types import ProviderAddress, parse_address
 
-__all__ = ["ConsumerConfig", "load_consumer_config"]
+if TYPE_CHECKING:
+    from twisted_rpc.client._dials import ClientReactor
+
+__all__ = ["ConsumerConfig", "load_consumer_config", "snapshot_health_check"]
 
 
 @dataclass
@@ -48,6 +58,7 @@ _CONSUMER_KEYS = {
     "max_dials_per_second",
     "stream_window",
     "protocol",
+    "snapshot",
 }
 
 
@@ -92,6 +103,7 @@ def load_consumer_config(path: str) -> ConsumerConfig:
                 "consumer", "stream_window", d.stream_window, int, minimum=float("-inf")
             ),
             protocol=r.get("consumer", "protocol", d.protocol) or d.protocol,
+            snapshot=_relative(path, r.get("consumer", "snapshot", "") or ""),
             tls=ClientTLS(
                 r.get("tls", "ca", "") or "",
                 r.get("tls", "certificate", "") or "",
@@ -103,3 +115,43 @@ def load_consumer_config(path: str) -> ConsumerConfig:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: [consumer] {e}") from None
     return ConsumerConfig(path=path, options=options, providers=providers, registry=r.registry())
+
+
+def _relative(ini: str, path: str) -> str:
+    """``path`` as given if absolute (or empty), else relative to the ini file."""
+    if not path or os.path.isabs(path):
+        return path
+    return os.path.join(os.path.dirname(os.path.abspath(ini)), path)
+
+
+# Health/Check's messages have the wire form of these wrappers: HealthCheckRequest
+# is ``string service = 1``, HealthCheckResponse ``ServingStatus status = 1`` (an
+# enum: a varint); the client layer does not import ops, where the Health
+# descriptors live.
+_HEALTH = "mprpc.health.v1.Health"
+_CHECK = MethodInfo(_HEALTH, "Check", f"{_HEALTH}/Check".encode(), StringValue, Int32Value)
+_SERVING = 1
+
+
+def snapshot_health_check(
+    reactor: ClientReactor, options: ClientOptions
+) -> Callable[[str, ProviderAddress, float], Deferred[bool]]:
+    """The check a ZooKeeper registry's snapshot runs on each provider it
+    lists: ``mprpc.health.v1.Health/Check(service)`` on a connection of its
+    own (dialled with ``options``), True if it answers SERVING."""
+    from twisted_rpc.client._client import Client
+
+    own = options.replace(snapshot="", max_concurrent_dials=1)
+
+    async def check(service: str, address: ProviderAddress, timeout: float) -> bool:
+        client = Client(reactor, own, discovery=StaticRegistry({_HEALTH: [address]}))
+        try:
+            reply = await client.call(_CHECK, StringValue(value=service), timeout=timeout)
+        finally:
+            await client.close()
+        return isinstance(reply, Int32Value) and reply.value == _SERVING
+
+    def start(service: str, address: ProviderAddress, timeout: float) -> Deferred[bool]:
+        return Deferred.fromCoroutine(check(service, address, timeout))
+
+    return start

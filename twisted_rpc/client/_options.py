@@ -101,6 +101,10 @@ class ClientOptions:
     """The wire to dial providers with when their address does not say:
     ``native`` or ``grpc`` (any gRPC server; see docs/grpc.md). A registry
     node saying ``"protocol"`` is dialled its way whatever this says."""
+    snapshot: str = ""
+    """A file where a consumer following ZooKeeper keeps its provider lists
+    ("": none); started while ZooKeeper is unreachable, it calls the file's
+    providers that answer a Health check (docs/registry.md)."""
 
     def __post_init__(self) -> None:
         error = timeout_error(self.timeout)
@@ -125,6 +129,8 @@ class ClientOptions:
             raise ValueError(
                 f"protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}"
             )
+        if not isinstance(self.snapshot, str):
+            raise TypeError(f"snapshot must be a file path, not {self.snapshot!r}")
         if self.backoff is None:  # what Client(backoff=None) always meant
             object.__setattr__(self, "backoff", _DEFAULT_BACKOFF)
         if not callable(self.backoff):

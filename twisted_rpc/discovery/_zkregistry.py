@@ -19,6 +19,7 @@ from zope.interface import implementer
 from twisted_rpc.core._interfaces import IServiceDiscovery, IServiceRegistry
 from twisted_rpc.discovery._kazoo import CONNECTED, IZooKeeperReactor, ZooKeeperClient
 from twisted_rpc.discovery._layout import DEFAULT_ROOT
+from twisted_rpc.discovery._snapshot import DEFAULT_CHECK_TIMEOUT, HealthCheck, Snapshot
 from twisted_rpc.discovery._types import ProviderAddress, Registration
 from twisted_rpc.discovery._zkannounce import Announcer, UnsafeParentError
 from twisted_rpc.discovery._zkfollow import Follower, Listener
@@ -45,6 +46,11 @@ class ZooKeeperRegistry(Service):
 
     A consumer reads at most ``max_providers`` nodes of a service and skips a
     node whose data is longer than ``max_node_data`` bytes.
+
+    With ``snapshot`` (a file path) a consumer keeps its provider lists in
+    that file; with ``health_check`` too, started while ZooKeeper is
+    unreachable it routes to the file's providers that pass their check
+    until ZooKeeper answers (``_snapshot``; docs/registry.md).
     """
 
     name = "zookeeper-registry"
@@ -61,6 +67,9 @@ class ZooKeeperRegistry(Service):
         zk: ZooKeeperClient | None = None,
         max_providers: int = DEFAULT_MAX_PROVIDERS,
         max_node_data: int = DEFAULT_MAX_NODE_DATA,
+        snapshot: str = "",
+        health_check: HealthCheck | None = None,
+        check_timeout: float = DEFAULT_CHECK_TIMEOUT,
     ) -> None:
         if max_providers < 1 or max_node_data < 1:
             raise ValueError(
@@ -86,6 +95,11 @@ class ZooKeeperRegistry(Service):
             max_providers=max_providers,
             max_node_data=max_node_data,
             later=self._later,
+        )
+        self.snapshot = (
+            Snapshot(reactor, snapshot, health_check=health_check, check_timeout=check_timeout)
+            if snapshot
+            else None
         )
 
     # ----------------------------------------------------------------- lifecycle
@@ -119,6 +133,8 @@ class ZooKeeperRegistry(Service):
                 call.cancel()
         self._retries.clear()
         self._follower.close()
+        if self.snapshot is not None:
+            self.snapshot.close()
         return self.zk.close()
 
     def _state_changed(self, state: str, new_session: bool) -> None:
@@ -161,8 +177,15 @@ class ZooKeeperRegistry(Service):
 
     def subscribe(self, service: str, listener: Listener) -> Callable[[], None]:
         """Follow ``service``'s providers; ``listener`` gets every new list."""
+        if self.snapshot is not None:
+            return self.snapshot.subscribe(service, listener, self._follower.subscribe)
         return self._follower.subscribe(service, listener)
 
     def providers(self, service: str) -> tuple[ProviderAddress, ...]:
-        """The last provider list read for a followed service (empty if none yet)."""
+        """The last provider list read for a followed service (empty if none
+        yet; the checked snapshot providers until ZooKeeper answers)."""
+        if self.snapshot is not None:
+            checked = self.snapshot.providers(service)
+            if checked is not None:
+                return checked
         return self._follower.providers(service)
