@@ -104,7 +104,8 @@ class ClientOptions:
     snapshot: str = ""
     """A file where a consumer following ZooKeeper keeps its provider lists
     ("": none); started while ZooKeeper is unreachable, it calls the file's
-    providers that answer a Health check (docs/registry.md)."""
+    providers that answer a Health check (docs/registry.md). Used by
+    ``Client.from_config``; in code, give ``ZooKeeperRegistry(snapshot=...)``."""
 
     def __post_init__(self) -> None:
         error = timeout_error(self.timeout)

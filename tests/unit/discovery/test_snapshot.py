@@ -10,8 +10,10 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from examples.user.callee import UserService
 from tests.fake_zookeeper import FakeZooKeeper
-from twisted_rpc import ProviderAddress, ZooKeeperRegistry, load_consumer_config
+from twisted_rpc import ClientOptions, ProviderAddress, ZooKeeperRegistry, load_consumer_config
+from twisted_rpc.client._config import snapshot_health_check
 from twisted_rpc.discovery._kazoo import SUSPENDED
 from twisted_rpc.discovery._snapshot import (
     Snapshot,
@@ -20,6 +22,8 @@ from twisted_rpc.discovery._snapshot import (
     read_snapshot,
     write_snapshot,
 )
+from twisted_rpc.ops import NOT_SERVING
+from twisted_rpc.testing import MemoryProvider
 
 SERVICE = "example.UserService"
 PROVIDERS = f"/mprpc/{SERVICE}/providers"
@@ -243,3 +247,17 @@ def test_close_cancels_checks_and_writes_what_is_pending(tmp_path):
     clock.advance(0)
     registry.close()
     assert read_snapshot(path) == {SERVICE: (), "other.Service": ()}
+
+
+# ------------------------------------------------------------------ the client's check
+
+
+def test_the_clients_check_asks_health_about_the_service():
+
+    memory = MemoryProvider([UserService()], builtins=True)
+    check = snapshot_health_check(memory.reactor, ClientOptions())
+    address = ProviderAddress("127.0.0.1", memory.port)
+    assert memory.run(check("example.UserService", address, 2)) is True
+    assert memory.run(check("example.Unknown", address, 2)) is False  # SERVICE_UNKNOWN
+    memory.health.set("example.UserService", NOT_SERVING)
+    assert memory.run(check("example.UserService", address, 2)) is False
