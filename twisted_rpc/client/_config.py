@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from twisted_rpc.client._options import ClientOptions
+from twisted_rpc.client._service_config import MAX_TEXT, ServiceConfig, ServiceConfigError
 from twisted_rpc.core._ini import REGISTRY_KEYS, ConfigError, Reader, RegistryConfig
 from twisted_rpc.core._tls import ClientTLS
 from twisted_rpc.discovery._types import ProviderAddress, parse_address
@@ -48,6 +50,7 @@ _CONSUMER_KEYS = {
     "max_dials_per_second",
     "stream_window",
     "protocol",
+    "service_config",
 }
 
 
@@ -72,6 +75,7 @@ def load_consumer_config(path: str) -> ConsumerConfig:
                 r.parsed("providers", service, a, parse_address)
                 for a in raw.replace(",", " ").split()
             ]
+    service_config = _service_config(path, r.get("consumer", "service_config"))
     d = _DEFAULTS  # every default in one place: ClientOptions, which checks the values too
     try:
         options = ClientOptions(
@@ -92,6 +96,7 @@ def load_consumer_config(path: str) -> ConsumerConfig:
                 "consumer", "stream_window", d.stream_window, int, minimum=float("-inf")
             ),
             protocol=r.get("consumer", "protocol", d.protocol) or d.protocol,
+            service_config=service_config,
             tls=ClientTLS(
                 r.get("tls", "ca", "") or "",
                 r.get("tls", "certificate", "") or "",
@@ -103,3 +108,21 @@ def load_consumer_config(path: str) -> ConsumerConfig:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: [consumer] {e}") from None
     return ConsumerConfig(path=path, options=options, providers=providers, registry=r.registry())
+
+
+def _service_config(path: str, name: str | None) -> ServiceConfig | None:
+    """The JSON file ``[consumer] service_config`` names (relative to the
+    ini file), read and checked."""
+    if name is None:
+        return None
+    where = f"{path}: [consumer] service_config = {name}"
+    json_path = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(name))
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            text = f.read(MAX_TEXT + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: cannot read it: {e}") from None
+    try:
+        return ServiceConfig.parse(text)
+    except ServiceConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +13,7 @@ from twisted_rpc.client._dials import (
     DEFAULT_MAX_DIALS_PER_SECOND,
     backoff_policy,
 )
+from twisted_rpc.client._service_config import ServiceConfig
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._flow import DEFAULT_STREAM_WINDOW, check_window
 from twisted_rpc.core._tls import ClientTLS
@@ -101,6 +102,11 @@ class ClientOptions:
     """The wire to dial providers with when their address does not say:
     ``native`` or ``grpc`` (any gRPC server; see docs/grpc.md). A registry
     node saying ``"protocol"`` is dialled its way whatever this says."""
+    service_config: ServiceConfig | Mapping[str, Any] | str | None = None
+    """A service config in gRPC's JSON shape (a dict or JSON text), checked
+    and made a :class:`ServiceConfig` when the options are built: its
+    methods' ``timeout`` applies when a call gives none (over ``timeout``);
+    see docs/resilience-config.md."""
 
     def __post_init__(self) -> None:
         error = timeout_error(self.timeout)
@@ -125,6 +131,9 @@ class ClientOptions:
             raise ValueError(
                 f"protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}"
             )
+        if self.service_config is not None:
+            parsed = ServiceConfig.parse(self.service_config)  # ServiceConfigError (ValueError)
+            object.__setattr__(self, "service_config", parsed)
         if self.backoff is None:  # what Client(backoff=None) always meant
             object.__setattr__(self, "backoff", _DEFAULT_BACKOFF)
         if not callable(self.backoff):
