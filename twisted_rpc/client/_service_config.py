@@ -179,9 +179,11 @@ def parse_duration(text: object, where: str = "duration") -> float:
 
 
 def _bad(where: str, expected: str, got: object) -> NoReturn:
-    shown = json.dumps(got) if isinstance(got, (str, int, float, bool, type(None))) else got
-    if isinstance(got, (dict, list)):
-        shown = "an object" if isinstance(got, dict) else "a list"
+    shown = json.dumps(got) if isinstance(got, (str, int, float, bool, type(None))) else repr(got)
+    if isinstance(got, (Mapping, list, tuple)):
+        shown = "an object" if isinstance(got, Mapping) else "a list"
+    if len(shown) > 60:  # one short line, whatever the input
+        shown = shown[:57] + "..."
     at = f" {where}:" if where else ""
     raise ServiceConfigError(f"service_config:{at} expected {expected}, got {shown}")
 

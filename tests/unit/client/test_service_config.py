@@ -196,6 +196,12 @@ def test_every_bad_value_is_one_line_naming_its_json_path(config: object, error:
     assert error in _error(config)
 
 
+def test_a_long_bad_value_is_cut_short_in_the_error_line() -> None:
+    message = _error(_method(timeout="9" * 500))
+    assert message.endswith("...")
+    assert len(message) < 200
+
+
 def test_good_values_at_the_edges() -> None:
     codes = ["unavailable", 1, 16, "DATA_LOSS"]
     config = ServiceConfig.parse(
