@@ -7,7 +7,9 @@ through the client's dial queue and redialling with backoff (``_dials``); its
 states (:class:`ChannelState`) change only through the one transition table
 of ``_states``, which also holds :class:`ConnectionState`. Every client
 setting and its default is a field of :class:`ClientOptions` (``_options``);
-a consumer ini file, read by ``_config``, builds one.
+a consumer ini file, read by ``_config``, builds one. A service config in
+gRPC's JSON shape (``_service_config``) becomes a frozen :class:`ServiceConfig`
+(per-method timeouts, retry and hedging policies, retry throttling).
 :class:`Client` (``_client``) picks a channel per call with a balancer
 (``_balancer``) from the provider lists its discovery gives, and builds
 :class:`ServiceProxy` objects (``_proxy``) whose methods return Deferreds,
@@ -38,6 +40,15 @@ from twisted_rpc.client._connection import ClientConnection, NotSentError
 from twisted_rpc.client._dials import backoff_policy
 from twisted_rpc.client._options import MAX_TIMEOUT, ClientOptions
 from twisted_rpc.client._proxy import ServiceProxy
+from twisted_rpc.client._service_config import (
+    HedgingPolicy,
+    MethodConfig,
+    MethodName,
+    RetryPolicy,
+    RetryThrottling,
+    ServiceConfig,
+    ServiceConfigError,
+)
 from twisted_rpc.client._states import (
     ChannelEvent,
     ChannelState,
@@ -47,7 +58,6 @@ from twisted_rpc.client._states import (
 from twisted_rpc.client._streams import BidiStream, ClientStream, ServerStream, StreamCall
 
 __all__ = [
-    "MAX_TIMEOUT",
     "Balancer",
     "BidiStream",
     "Channel",
@@ -60,11 +70,19 @@ __all__ = [
     "ClientStream",
     "ConnectionState",
     "ConsumerConfig",
+    "HedgingPolicy",
     "InvalidTransition",
     "LeastOutstanding",
+    "MAX_TIMEOUT",
+    "MethodConfig",
+    "MethodName",
     "NotSentError",
+    "RetryPolicy",
+    "RetryThrottling",
     "RoundRobin",
     "ServerStream",
+    "ServiceConfig",
+    "ServiceConfigError",
     "ServiceProxy",
     "StreamCall",
     "WeightedRandom",

@@ -26,6 +26,7 @@ from twisted_rpc.client._dials import ClientReactor, _DialQueue
 from twisted_rpc.client._options import ClientOptions, timeout_error
 from twisted_rpc.client._parked import _not_sent
 from twisted_rpc.client._proxy import ServiceProxy
+from twisted_rpc.client._service_config import ServiceConfig
 from twisted_rpc.client._states import ChannelState
 from twisted_rpc.client._stream_start import StreamStarter, _stream_intercepted
 from twisted_rpc.client._streams import StreamCall
@@ -140,6 +141,7 @@ class Client(StreamStarter):
         self.discovery = discovery
         self.interceptors = list(interceptors)
         self.timeout = options.timeout
+        self.service_config = cast("ServiceConfig | None", options.service_config)
         self.balancer = options.balancer
         self.connect_timeout = options.connect_timeout
         self.retire_grace = options.retire_grace
@@ -237,8 +239,9 @@ class Client(StreamStarter):
         """Call ``method`` on one of its providers (what proxy methods do)."""
         if type(request) is not method.request_class:
             return fail(wrong_request_type(method, request))
-        if timeout is None:
-            timeout = self.timeout
+        if timeout is None:  # the method's config timeout, else the client's
+            config = self.service_config
+            timeout = self.timeout if config is None else config.timeout_for(method, self.timeout)
         if self.interceptors:
             call = ClientCall(method, timeout, dict(metadata or {}), idempotent, balancer)
             return self._invoke(call, request)
@@ -250,6 +253,20 @@ class Client(StreamStarter):
             if d is not None:
                 return d
         return self._send_to(method, request, timeout, metadata, idempotent, balancer, channel)
+
+    def stream(
+        self,
+        method: MethodInfo,
+        request: Any = None,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        balancer: Balancer | None = None,
+    ) -> StreamCall[Any, Any]:
+        """The method's service config ``timeout`` is the deadline of a
+        stream not given one, as in gRPC (the client's ``timeout`` is not)."""
+        if timeout is None and self.service_config is not None:
+            timeout = self.service_config.timeout_for(method, None)
+        return super().stream(method, request, timeout, metadata, balancer)
 
     def _send(self, call: ClientCall, request: Message) -> Deferred[Message]:
         return self._send_to(

@@ -13,6 +13,7 @@ from google.protobuf.wrappers_pb2 import Int32Value, StringValue
 from twisted.internet.defer import Deferred
 
 from twisted_rpc.client._options import ClientOptions
+from twisted_rpc.client._service_config import MAX_TEXT, ServiceConfig, ServiceConfigError
 from twisted_rpc.core._ini import REGISTRY_KEYS, ConfigError, Reader, RegistryConfig
 from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.core._tls import ClientTLS
@@ -59,6 +60,7 @@ _CONSUMER_KEYS = {
     "stream_window",
     "protocol",
     "snapshot",
+    "service_config",
 }
 
 
@@ -83,6 +85,7 @@ def load_consumer_config(path: str) -> ConsumerConfig:
                 r.parsed("providers", service, a, parse_address)
                 for a in raw.replace(",", " ").split()
             ]
+    service_config = _service_config(path, r.get("consumer", "service_config"))
     d = _DEFAULTS  # every default in one place: ClientOptions, which checks the values too
     try:
         options = ClientOptions(
@@ -104,6 +107,7 @@ def load_consumer_config(path: str) -> ConsumerConfig:
             ),
             protocol=r.get("consumer", "protocol", d.protocol) or d.protocol,
             snapshot=_relative(path, r.get("consumer", "snapshot", "") or ""),
+            service_config=service_config,
             tls=ClientTLS(
                 r.get("tls", "ca", "") or "",
                 r.get("tls", "certificate", "") or "",
@@ -155,3 +159,21 @@ def snapshot_health_check(
         return Deferred.fromCoroutine(check(service, address, timeout))
 
     return start
+
+
+def _service_config(path: str, name: str | None) -> ServiceConfig | None:
+    """The JSON file ``[consumer] service_config`` names (relative to the
+    ini file), read and checked."""
+    if name is None:
+        return None
+    where = f"{path}: [consumer] service_config = {name}"
+    json_path = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(name))
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            text = f.read(MAX_TEXT + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: cannot read it: {e}") from None
+    try:
+        return ServiceConfig.parse(text)
+    except ServiceConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +13,7 @@ from twisted_rpc.client._dials import (
     DEFAULT_MAX_DIALS_PER_SECOND,
     backoff_policy,
 )
+from twisted_rpc.client._service_config import ServiceConfig
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._flow import DEFAULT_STREAM_WINDOW, check_window
 from twisted_rpc.core._tls import ClientTLS
@@ -106,6 +107,11 @@ class ClientOptions:
     ("": none); started while ZooKeeper is unreachable, it calls the file's
     providers that answer a Health check (docs/registry.md). Used by
     ``Client.from_config``; in code, give ``ZooKeeperRegistry(snapshot=...)``."""
+    service_config: ServiceConfig | Mapping[str, Any] | str | None = None
+    """A service config in gRPC's JSON shape (a dict or JSON text), checked
+    and made a :class:`ServiceConfig` when the options are built: its
+    methods' ``timeout`` applies when a call gives none (over ``timeout``);
+    see docs/resilience-config.md."""
 
     def __post_init__(self) -> None:
         error = timeout_error(self.timeout)
@@ -132,6 +138,9 @@ class ClientOptions:
             )
         if not isinstance(self.snapshot, str):
             raise TypeError(f"snapshot must be a file path, not {self.snapshot!r}")
+        if self.service_config is not None:
+            parsed = ServiceConfig.parse(self.service_config)  # ServiceConfigError (ValueError)
+            object.__setattr__(self, "service_config", parsed)
         if self.backoff is None:  # what Client(backoff=None) always meant
             object.__setattr__(self, "backoff", _DEFAULT_BACKOFF)
         if not callable(self.backoff):

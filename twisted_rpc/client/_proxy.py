@@ -96,7 +96,7 @@ def _stream_stub(
     """A streaming method: it returns the stream at once (a
     :class:`ServerStream`, :class:`ClientStream` or :class:`BidiStream`).
     A proxy's default timeout is for unary calls; a stream has a deadline
-    only if given ``timeout``."""
+    only if given ``timeout`` or if its method's service config has one."""
     start = client.stream
 
     def stub(

@@ -55,8 +55,9 @@ class StreamStarter:
         methods do): ``request`` is the request of a server-streaming
         method, or for the others the requests (an iterable or async
         iterable, sent as the window allows, then END_STREAM) or None (write
-        them by hand). A stream has no deadline unless given ``timeout``:
-        the client's default timeout is for unary calls."""
+        them by hand). A stream has no deadline unless given ``timeout``
+        (or its method's service config gives one): the client's default
+        timeout is for unary calls."""
         if not (method.client_streaming or method.server_streaming):
             raise TypeError(f"{method.full_name} is not a streaming method: use call()")
         error = timeout_error(timeout)
