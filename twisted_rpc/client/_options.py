@@ -14,6 +14,7 @@ from twisted_rpc.client._dials import (
     backoff_policy,
 )
 from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._compress import DEFAULT_COMPRESS_THRESHOLD, check_encoding
 from twisted_rpc.core._flow import DEFAULT_STREAM_WINDOW, check_window
 from twisted_rpc.core._tls import ClientTLS
 from twisted_rpc.discovery._types import PROTOCOLS
@@ -101,6 +102,12 @@ class ClientOptions:
     """The wire to dial providers with when their address does not say:
     ``native`` or ``grpc`` (any gRPC server; see docs/grpc.md). A registry
     node saying ``"protocol"`` is dialled its way whatever this says."""
+    compression: str | None = None
+    """Compress requests and stream messages with this encoding (``zlib``,
+    or ``zstd`` with the zstandard package) for providers that read it; they
+    then answer compressed too. None: never compress (answers still read)."""
+    compression_threshold: int = DEFAULT_COMPRESS_THRESHOLD
+    """Smallest payload compressed, in bytes (when ``compression`` is set)."""
 
     def __post_init__(self) -> None:
         error = timeout_error(self.timeout)
@@ -125,6 +132,8 @@ class ClientOptions:
             raise ValueError(
                 f"protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}"
             )
+        check_encoding(self.compression)
+        _number("compression_threshold", self.compression_threshold, int, 0)
         if self.backoff is None:  # what Client(backoff=None) always meant
             object.__setattr__(self, "backoff", _DEFAULT_BACKOFF)
         if not callable(self.backoff):
