@@ -12,7 +12,7 @@ from twisted.internet.testing import StringTransport
 
 from protos import echo_pb2
 from testbed.echo_service import ECHO, EchoService, StreamService
-from tests.helpers import ServerConn, frames_of, result
+from tests.helpers import ServerConn, TwoProviders, frames_of, result
 from twisted_rpc import Dispatcher
 from twisted_rpc.client import ClientConnection, ClientOptions
 from twisted_rpc.core import _codec as wire
@@ -292,3 +292,18 @@ def test_a_bomb_closes_its_connection_with_a_reason_and_the_provider_serves_othe
     (answer,) = good.frames()
     assert answer.status == 0
     assert echo_pb2.EchoReply.FromString(answer.payload).payload == b"ok"
+
+
+def test_a_client_built_with_compression_compresses_through_its_channels():
+    memory = TwoProviders(compression="zlib")
+    proxy = memory.client.proxy(ECHO)
+    memory.connect_all()
+    payload = b"c" * 200_000
+    d = proxy.Echo(echo_pb2.EchoRequest(payload=payload))
+    memory.flush()
+    assert result(d).payload == payload
+    connections = [channel.protocol for channel in memory.client.channels.values()]
+    assert sum(c.bytes_uncompressed for c in connections) == len(
+        echo_pb2.EchoRequest(payload=payload).SerializeToString()
+    )
+    assert 0 < sum(c.bytes_compressed for c in connections) < 1000
