@@ -118,6 +118,9 @@ class ClientConnection(StreamWire, RpcConnection):
             options = options.replace(**settings)
         super().__init__(clock, options.max_frame_size)
         self.options = options
+        if options.compression is not None:
+            self.want_encoding = options.compression
+            self.compress_threshold = options.compression_threshold
         self.keepalive_interval = options.keepalive_interval
         self.keepalive_timeout = options.keepalive_timeout
         self.max_write_buffer = options.max_write_buffer
@@ -239,6 +242,8 @@ class ClientConnection(StreamWire, RpcConnection):
         self.outstanding[call_id] = (d, method, payload, metadata, deadline)
         if deadline:
             self.deadlines.add(deadline, call_id)
+        if size >= self.compress_min:  # (NEVER while compression is off)
+            header, payload, size = self.squeeze(header, payload)
         batch = self._batch
         if batch is None or size >= LARGE_PAYLOAD:
             self.send(header, payload)
@@ -282,6 +287,8 @@ class ClientConnection(StreamWire, RpcConnection):
         self.outstanding[call_id] = call
         if deadline:
             self.deadlines.add(deadline, call_id)
+        if size >= self.compress_min:
+            header, payload, size = self.squeeze(header, payload)
         self.send(header, payload)
         return None
 

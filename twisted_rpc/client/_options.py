@@ -15,6 +15,7 @@ from twisted_rpc.client._dials import (
 )
 from twisted_rpc.client._service_config import ServiceConfig
 from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._compress import DEFAULT_COMPRESS_THRESHOLD, check_encoding
 from twisted_rpc.core._flow import DEFAULT_STREAM_WINDOW, check_window
 from twisted_rpc.core._tls import ClientTLS
 from twisted_rpc.discovery._types import PROTOCOLS
@@ -112,6 +113,12 @@ class ClientOptions:
     and made a :class:`ServiceConfig` when the options are built: its
     methods' ``timeout`` applies when a call gives none (over ``timeout``);
     see docs/resilience-config.md."""
+    compression: str | None = None
+    """Compress requests and stream messages with this encoding (``zlib``,
+    or ``zstd`` with the zstandard package) for providers that read it; they
+    then answer compressed too. None: never compress (answers still read)."""
+    compression_threshold: int = DEFAULT_COMPRESS_THRESHOLD
+    """Smallest payload compressed, in bytes (when ``compression`` is set)."""
 
     def __post_init__(self) -> None:
         error = timeout_error(self.timeout)
@@ -141,6 +148,8 @@ class ClientOptions:
         if self.service_config is not None:
             parsed = ServiceConfig.parse(self.service_config)  # ServiceConfigError (ValueError)
             object.__setattr__(self, "service_config", parsed)
+        check_encoding(self.compression)
+        _number("compression_threshold", self.compression_threshold, int, 0)
         if self.backoff is None:  # what Client(backoff=None) always meant
             object.__setattr__(self, "backoff", _DEFAULT_BACKOFF)
         if not callable(self.backoff):

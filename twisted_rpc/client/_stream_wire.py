@@ -38,12 +38,21 @@ class StreamWire:
     if TYPE_CHECKING:
 
         def send(self, header: bytes, payload: bytes = b"") -> None: ...
+        def squeeze(self, header: bytes, payload: bytes) -> tuple[bytes, bytes, int]: ...
+        def encodings_setting(self) -> dict[str, str]: ...
+
+        compress_min: int
+
         def _not_open(self) -> RpcError: ...
         def _new_call_id(self) -> int: ...
         def _close_if_done(self) -> None: ...
 
     def local_settings(self) -> dict[str, str]:
-        return {"streams": "1", "stream_window": str(self.options.stream_window)}
+        return {
+            "streams": "1",
+            "stream_window": str(self.options.stream_window),
+            **self.encodings_setting(),
+        }
 
     # ----------------------------------------------------------------- streams
 
@@ -84,6 +93,8 @@ class StreamWire:
         except Exception as e:
             return InvalidArgumentError(message=f"cannot encode the call: {e}")
         self.streams[call_id] = stream
+        if len(payload) >= self.compress_min:
+            header, payload, _ = self.squeeze(header, payload)
         self.send(header, payload)
         assert self.peer_settings is not None
         window = _setting(self.peer_settings, "stream_window", 65536)
@@ -97,7 +108,10 @@ class StreamWire:
 
     def send_stream_message(self, call_id: int, payload: bytes) -> None:
         """A stream's request (the window was checked by the stream)."""
-        self.send(wire.encode_message(call_id, len(payload)), payload)
+        header = wire.encode_message(call_id, len(payload))
+        if len(payload) >= self.compress_min:
+            header, payload, _ = self.squeeze(header, payload)
+        self.send(header, payload)
 
     def send_end_stream(self, call_id: int) -> None:
         """A stream's requests are over."""

@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_MAX_EXT_SIZE",
     "DEFAULT_MAX_FRAME_SIZE",
     "ExtensionLimitError",
+    "FLAG_COMPRESSED",
     "FLAG_EXT",
     "FieldHandler",
     "Frame",
@@ -62,6 +63,9 @@ FLAG_EXT = 0x01
 """An extension block follows the route."""
 FLAG_END_STREAM = 0x02
 """Unused: END_STREAM is a frame kind, so frame handlers need no flags."""
+FLAG_COMPRESSED = 0x04
+"""The payload (of a REQUEST, RESPONSE or MESSAGE) is compressed: an
+encoding byte, then the compressed bytes (see ``_compress``)."""
 
 EXT_ERROR_MESSAGE = 1
 EXT_METADATA = 2
@@ -114,6 +118,7 @@ _EXT_KINDS = frozenset({REQUEST, RESPONSE, GOAWAY, HEADERS})
 for settings); in the others it means nothing and is skipped unread."""
 
 _SETTINGS_KINDS = frozenset({PING, PONG})
+_COMPRESSIBLE_KINDS = frozenset({REQUEST, RESPONSE, MESSAGE})
 
 
 class ProtocolError(Exception):
@@ -355,6 +360,7 @@ class FrameDecoder:
         "max_ext_size",
         "max_ext_entries",
         "max_message_frame",
+        "inflate",
         "buffered",
         "_chunks",
         "_needed",
@@ -381,6 +387,10 @@ class FrameDecoder:
         self.max_message_frame = max_frame_size
         """Largest MESSAGE frame (``length``) taken: a larger one is refused
         as soon as its header is in, before its body is buffered."""
+        self.inflate: Callable[[bytes | memoryview, int], bytes] | None = None
+        """Given a compressed payload and the most bytes it may inflate to,
+        returns the message or raises ProtocolError (None: a compressed
+        frame is a protocol error)."""
         self.buffered = 0
         """Bytes held for a frame not complete yet (0: none started)."""
         self._chunks: list[bytes | memoryview] = []
@@ -395,6 +405,7 @@ class FrameDecoder:
         self.handlers = {}
         self.on_frame = None
         self.reject = None
+        self.inflate = None
 
     def feed(self, data: bytes) -> int:
         """Decode what ``data`` completes; raise ProtocolError on a bad frame.
@@ -474,6 +485,10 @@ class FrameDecoder:
                 body += ext_len
             pos = end
             payload = data[body:end] if end - body < _LARGE else memoryview(data)[body:end]
+            if flags & FLAG_COMPRESSED:
+                if self.inflate is None or kind not in _COMPRESSIBLE_KINDS:
+                    raise ProtocolError(f"compressed frame of kind {kind} not expected here")
+                payload = self.inflate(payload, max_message if kind == MESSAGE else max_frame)
             if handlers is None:
                 frame = Frame(
                     kind, flags, status, call_id, timeout_ms, route, metadata, message, payload

@@ -25,6 +25,14 @@ from zope.interface import implementer
 
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FieldHandler, FrameDecoder, FrameKind, ProtocolError
+from twisted_rpc.core._compress import (
+    DEFAULT_COMPRESS_THRESHOLD,
+    NEVER,
+    available_encodings,
+    compress_frame,
+    inflate,
+    parse_encodings,
+)
 from twisted_rpc.core._direct_write import DirectWriter
 from twisted_rpc.core._flow import Inbox, fire_woken
 from twisted_rpc.core._status import StatusCode, UnavailableError
@@ -127,6 +135,7 @@ class RpcConnection(Protocol):
         self.decoder = FrameDecoder(
             self._handlers, max_frame_size, max_ext_size, max_ext_entries, self._ext_rejected
         )
+        self.decoder.inflate = self._inflate
         self._batch: list[bytes] | None = None
         self._close_timer: IDelayedCall | None = None
         self._writer: DirectWriter | None = None
@@ -241,7 +250,7 @@ class RpcConnection(Protocol):
         # Let go of the partial frame now, and break the cycles through the
         # handlers (bound methods of this connection) held by the decoder and
         # the transport's producer: refcounting alone frees a dead connection.
-        self.decoder.clear()
+        self.decoder.clear()  # (its inflate too)
         self._handlers.clear()
         self.partial_since = None
         if self._write_watch is not None:
@@ -355,6 +364,60 @@ class RpcConnection(Protocol):
             pieces = [header, payload]
         self._write_now(pieces)
 
+    # ----------------------------------------------------------------- compression
+
+    accept_encodings: tuple[str, ...] = available_encodings()
+    """Encodings this side reads, told to the peer as the ``encodings`` setting."""
+    want_encoding: str | None = None
+    """The encoding this side compresses its frames with when the peer reads
+    it (a consumer's ``compression`` option); None: a provider, which answers
+    in the peer's first encoding once the peer has sent a compressed frame."""
+    compress_threshold = DEFAULT_COMPRESS_THRESHOLD
+    """Smallest payload compressed once compression is on."""
+    compress_min = NEVER
+    """Smallest payload compressed now: :data:`NEVER` until the peer's
+    settings list an encoding this side means to send (one compare on the
+    send paths)."""
+    send_encoding: str | None = None
+    peer_encodings: tuple[str, ...] = ()
+    bytes_uncompressed = 0
+    """Bytes of payloads sent compressed, before and after (the ratio's parts)."""
+    bytes_compressed = 0
+
+    def encodings_setting(self) -> dict[str, str]:
+        """The ``encodings`` entry of this side's settings. A consumer lists
+        its encodings only when it means to compress, a provider only to a
+        consumer that listed some: ends that do not compress are told nothing."""
+        if not self.accept_encodings:
+            return {}
+        if self.want_encoding is None and not self.peer_encodings:
+            return {}
+        return {"encodings": ",".join(self.accept_encodings)}
+
+    def _start_compressing(self, encoding: str) -> None:
+        self.send_encoding = encoding
+        self.compress_min = self.compress_threshold
+
+    def _inflate(self, payload: bytes | memoryview, limit: int) -> bytes:
+        """The decoder's: a compressed payload's message, within ``limit``
+        bytes. A provider starts answering compressed once it has had one."""
+        out = inflate(payload, limit, self.accept_encodings)
+        if self.send_encoding is None and self.peer_encodings:
+            self._start_compressing(self.peer_encodings[0])
+        return out
+
+    def squeeze(self, header: bytes, payload: bytes) -> tuple[bytes, bytes, int]:
+        """A frame compressed with :attr:`send_encoding` if that makes it
+        smaller (callers check ``len(payload) >= compress_min`` first), and
+        its payload's size."""
+        assert self.send_encoding is not None
+        size = len(payload)
+        header, payload, new = compress_frame(header, payload, self.send_encoding)
+        if new < size:
+            self.bytes_uncompressed += size
+            self.bytes_compressed += new
+        return header, payload, new
+
     # ----------------------------------------------------------------- ping
 
     pongs_dropped = 0
@@ -371,6 +434,10 @@ class RpcConnection(Protocol):
         """The peer's settings arrived (in a PING or a PONG)."""
         if self.peer_settings is None:
             self.peer_settings = settings
+            self.peer_encodings = parse_encodings(settings.get("encodings"))
+            want = self.want_encoding
+            if want is not None and want in self.peer_encodings:
+                self._start_compressing(want)
 
     _settings_sent = False
 

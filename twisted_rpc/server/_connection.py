@@ -72,6 +72,7 @@ class ServerConnection(CallRunner, RpcConnection):
             "max_streams": str(limits.max_streams_per_connection),
             "max_frame_size": str(self.factory.max_frame_size),
             "max_message_size": str(limits.max_message_size),
+            **self.encodings_setting(),
         }
 
     def connectionMade(self) -> None:
@@ -159,13 +160,19 @@ class ServerConnection(CallRunner, RpcConnection):
         self.fail_call(call_id, error, method.info.full_name, started)
 
     def _write_response(self, call_id: int, payload: bytes) -> None:
-        self.send(wire.encode_response(call_id, len(payload)), payload)
+        header = wire.encode_response(call_id, len(payload))
+        if len(payload) >= self.compress_min:  # (NEVER until the consumer compresses)
+            header, payload, _ = self.squeeze(header, payload)
+        self.send(header, payload)
 
     def _write_status(self, call_id: int, code: int, message: str) -> None:
         self.send(wire.encode_status(call_id, code, message))
 
     def _write_message(self, call_id: int, payload: bytes) -> None:
-        self.send(wire.encode_message(call_id, len(payload)), payload)
+        header = wire.encode_message(call_id, len(payload))
+        if len(payload) >= self.compress_min:
+            header, payload, _ = self.squeeze(header, payload)
+        self.send(header, payload)
 
     def _write_headers(self, call_id: int, metadata: Mapping[str, str]) -> None:
         self.send(wire.encode_headers(call_id, metadata))
@@ -189,6 +196,8 @@ class ServerConnection(CallRunner, RpcConnection):
             message=message,
             metadata=trailers,
         )
+        if len(payload) >= self.compress_min:
+            header, payload, _ = self.squeeze(header, payload)
         self.send(header, payload)
 
     def _cancel_received(self, call_id: int, *_: object) -> None:
