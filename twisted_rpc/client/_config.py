@@ -59,6 +59,8 @@ _CONSUMER_KEYS = {
     "max_dials_per_second",
     "stream_window",
     "protocol",
+    "compression",
+    "compression_threshold",
     "snapshot",
     "service_config",
 }
@@ -108,6 +110,10 @@ def load_consumer_config(path: str) -> ConsumerConfig:
             protocol=r.get("consumer", "protocol", d.protocol) or d.protocol,
             snapshot=_relative(path, r.get("consumer", "snapshot", "") or ""),
             service_config=service_config,
+            compression=r.get("consumer", "compression", "") or None,
+            compression_threshold=r.number(
+                "consumer", "compression_threshold", d.compression_threshold, int
+            ),
             tls=ClientTLS(
                 r.get("tls", "ca", "") or "",
                 r.get("tls", "certificate", "") or "",

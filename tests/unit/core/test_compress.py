@@ -307,3 +307,19 @@ def test_a_client_built_with_compression_compresses_through_its_channels():
         echo_pb2.EchoRequest(payload=payload).SerializeToString()
     )
     assert 0 < sum(c.bytes_compressed for c in connections) < 1000
+
+
+def test_the_consumer_ini_takes_compression(tmp_path):
+    import pytest
+
+    from twisted_rpc import ConfigError, load_consumer_config
+
+    path = tmp_path / "consumer.ini"
+    path.write_text("[consumer]\ncompression = zlib\ncompression_threshold = 64\n")
+    options = load_consumer_config(str(path)).options
+    assert (options.compression, options.compression_threshold) == ("zlib", 64)
+    (tmp_path / "plain.ini").write_text("[consumer]\n")
+    assert load_consumer_config(str(tmp_path / "plain.ini")).options.compression is None
+    path.write_text("[consumer]\ncompression = brotli\n")
+    with pytest.raises(ConfigError, match="compression"):
+        load_consumer_config(str(path))
