@@ -34,12 +34,13 @@ from twisted_rpc.client._balancer import (
     balancer_named,
 )
 from twisted_rpc.client._channel import Channel
-from twisted_rpc.client._client import Client, ClientCall
+from twisted_rpc.client._client import Client
 from twisted_rpc.client._config import ConsumerConfig, load_consumer_config
 from twisted_rpc.client._connection import ClientConnection, NotSentError
 from twisted_rpc.client._dials import backoff_policy
 from twisted_rpc.client._options import MAX_TIMEOUT, ClientOptions
 from twisted_rpc.client._proxy import ServiceProxy
+from twisted_rpc.client._routes import ClientCall
 from twisted_rpc.client._service_config import (
     HedgingPolicy,
     MethodConfig,

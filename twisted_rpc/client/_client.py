@@ -5,7 +5,7 @@ discovery gives, fails over, runs the client interceptors and builds proxies.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -26,6 +26,7 @@ from twisted_rpc.client._dials import ClientReactor, _DialQueue
 from twisted_rpc.client._options import ClientOptions, timeout_error
 from twisted_rpc.client._parked import _not_sent
 from twisted_rpc.client._proxy import ServiceProxy
+from twisted_rpc.client._routes import ClientCall, _ServiceRoute
 from twisted_rpc.client._service_config import ServiceConfig
 from twisted_rpc.client._states import ChannelState
 from twisted_rpc.client._stream_start import StreamStarter, _stream_intercepted
@@ -36,6 +37,7 @@ from twisted_rpc.core._interfaces import (
     IClientStreamInterceptor,
     IServiceDiscovery,
 )
+from twisted_rpc.core._propagation import CURRENT_CALL, inherit
 from twisted_rpc.core._service import (
     MethodInfo,
     Service,
@@ -58,28 +60,8 @@ if TYPE_CHECKING:  # (kazoo is imported only when a ZooKeeper registry is asked 
 
 log = Logger(namespace="twisted_rpc.client")
 
-
-@dataclass(slots=True)
-class ClientCall:
-    """An outgoing call as client interceptors see it (fields may be changed)."""
-
-    method: MethodInfo
-    timeout: float | None
-    metadata: dict[str, str] = field(default_factory=dict)
-    idempotent: bool = False
-    balancer: Balancer | None = None
-
-
-class _ServiceRoute:
-    """The channels serving one service and the client's balancer for them."""
-
-    __slots__ = ("channels", "balancer", "known", "waiters")
-
-    def __init__(self, balancer: Balancer) -> None:
-        self.channels: tuple[Channel, ...] = ()
-        self.balancer = balancer
-        self.known = False  # has discovery given a list yet?
-        self.waiters: list[Deferred[None]] = []
+_serving = CURRENT_CALL.get
+"""The inbound call whose handler is running, if any (see core/_propagation.py)."""
 
 
 BalancerChoice = str | type[Balancer] | None
@@ -140,6 +122,7 @@ class Client(StreamStarter):
         self.reactor = reactor
         self.discovery = discovery
         self.interceptors = list(interceptors)
+        self._propagation = (options.propagate_metadata, options.deadline_margin)
         self.timeout = options.timeout
         self.service_config = cast("ServiceConfig | None", options.service_config)
         self.balancer = options.balancer
@@ -242,6 +225,12 @@ class Client(StreamStarter):
         if timeout is None:  # the method's config timeout, else the client's
             config = self.service_config
             timeout = self.timeout if config is None else config.timeout_for(method, self.timeout)
+        parent = _serving()
+        if parent is not None:  # called from a handler: its deadline and metadata carry over
+            try:
+                timeout, metadata = inherit(parent, timeout, metadata, *self._propagation)
+            except RpcError as e:
+                return fail(e)
         if self.interceptors:
             call = ClientCall(method, timeout, dict(metadata or {}), idempotent, balancer)
             return self._invoke(call, request)
@@ -266,6 +255,9 @@ class Client(StreamStarter):
         stream not given one, as in gRPC (the client's ``timeout`` is not)."""
         if timeout is None and self.service_config is not None:
             timeout = self.service_config.timeout_for(method, None)
+        parent = _serving()
+        if parent is not None:
+            timeout, metadata = inherit(parent, timeout, metadata, *self._propagation)
         return super().stream(method, request, timeout, metadata, balancer)
 
     def _send(self, call: ClientCall, request: Message) -> Deferred[Message]:

@@ -17,6 +17,7 @@ from twisted_rpc.client._service_config import ServiceConfig
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._compress import DEFAULT_COMPRESS_THRESHOLD, check_encoding
 from twisted_rpc.core._flow import DEFAULT_STREAM_WINDOW, check_window
+from twisted_rpc.core._propagation import DEFAULT_DEADLINE_MARGIN
 from twisted_rpc.core._tls import ClientTLS
 from twisted_rpc.discovery._types import PROTOCOLS
 
@@ -120,6 +121,12 @@ class ClientOptions:
     compression_threshold: int = DEFAULT_COMPRESS_THRESHOLD
     """Smallest payload compressed, in bytes (when ``compression`` is set)."""
 
+    propagate_metadata: tuple[str, ...] = ()
+    """Prefixes of metadata keys (``("x-trace-",)``) carried from the call a
+    handler serves to the calls it makes (see docs/resilience.md)."""
+    deadline_margin: float = DEFAULT_DEADLINE_MARGIN
+    """Seconds a call made from a handler keeps back from the inherited deadline."""
+
     def __post_init__(self) -> None:
         error = timeout_error(self.timeout)
         if error is not None:
@@ -150,6 +157,13 @@ class ClientOptions:
             object.__setattr__(self, "service_config", parsed)
         check_encoding(self.compression)
         _number("compression_threshold", self.compression_threshold, int, 0)
+        if isinstance(self.propagate_metadata, str) or not all(
+            isinstance(p, str) and p for p in self.propagate_metadata
+        ):
+            prefixes = self.propagate_metadata
+            raise TypeError(f"propagate_metadata must be a tuple of key prefixes, not {prefixes!r}")
+        object.__setattr__(self, "propagate_metadata", tuple(self.propagate_metadata))
+        _number("deadline_margin", self.deadline_margin, float, 0)
         if self.backoff is None:  # what Client(backoff=None) always meant
             object.__setattr__(self, "backoff", _DEFAULT_BACKOFF)
         if not callable(self.backoff):

@@ -23,7 +23,7 @@ from twisted_rpc.core._service import MethodInfo, wrong_request_type
 from twisted_rpc.core._status import RpcError, UnavailableError
 
 if TYPE_CHECKING:
-    from twisted_rpc.client._client import ClientCall, _ServiceRoute
+    from twisted_rpc.client._routes import ClientCall, _ServiceRoute
 
 log = Logger(namespace="twisted_rpc.client")
 
@@ -76,7 +76,7 @@ class StreamStarter:
                 f"{method.full_name} takes an iterable of "
                 f"{method.request_class.DESCRIPTOR.full_name} (or none), not {request!r}"
             )
-        from twisted_rpc.client._client import ClientCall
+        from twisted_rpc.client._routes import ClientCall
 
         call = ClientCall(method, timeout, dict(metadata or {}), False, balancer)
         return self._invoke_stream(call, request)

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from twisted_rpc.core._interfaces import IServerInterceptor, IServerStreamInterceptor
+from twisted_rpc.core._propagation import CURRENT_CALL
 from twisted_rpc.core._service import MethodInfo, Service
 from twisted_rpc.core._status import NotFoundError, RpcError, UnimplementedError
 from twisted_rpc.server._context import CallContext
@@ -68,7 +69,13 @@ def _unimplemented(info: MethodInfo) -> Handler:
 
 def _from_coroutine_function(fn: Callable[..., Any]) -> Handler:
     def handler(request: Message, context: CallContext) -> Deferred[Message]:
-        return Deferred.fromCoroutine(fn(request, context))
+        # The coroutine runs in a copy of this context: the calls it makes
+        # see the call it serves (deadline, cancellation, metadata).
+        token = CURRENT_CALL.set(context)
+        try:
+            return Deferred.fromCoroutine(fn(request, context))
+        finally:
+            CURRENT_CALL.reset(token)
 
     return handler
 

@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from twisted_rpc.core._codec import ProtocolError
 from twisted_rpc.core._deadlines import DeadlineQueue
 from twisted_rpc.core._flow import DEFAULT_STREAM_WINDOW, Inbox, message_cost
+from twisted_rpc.core._propagation import CURRENT_CALL
 from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.core._status import (
     DeadlineExceededError,
@@ -237,11 +238,33 @@ class StreamRunner(StreamPump):
             )
             stream.inbox.release = self.release_stream_bytes
             request = RequestStream(stream)
+        # The handler runs in a copy of this context (Deferred.fromCoroutine):
+        # the calls it makes see the call it serves (deadline, cancellation).
+        token = CURRENT_CALL.set(context)
+        try:
+            task = self._run_handler(stream, method, request, context)
+        finally:
+            CURRENT_CALL.reset(token)
+        if task is None:
+            return
+        if not stream.ended:
+            stream.task = task
+        task.addCallbacks(
+            self._stream_done, self._stream_failed, callbackArgs=(stream,), errbackArgs=(stream,)
+        )
+
+    def _run_handler(
+        self, stream: _Stream, method: ServerMethod, request: Any, context: CallContext
+    ) -> Deferred[Any] | None:
+        """Start the handler of ``stream``: the Deferred of its end (None if
+        it ended the stream already)."""
+        call_id = stream.call_id
+        info = method.info
         try:
             result = method.invoke(request, context)
         except Exception as e:
             self._end_stream(stream, self._status_of(e, call_id, info))
-            return
+            return None
         if info.server_streaming:
             if not (hasattr(result, "__aiter__") or hasattr(result, "__iter__")) or isinstance(
                 result, (Message, bytes, str)
@@ -254,17 +277,13 @@ class StreamRunner(StreamPump):
                 if inspect.iscoroutine(result):
                     result.close()
                 self._end_stream(stream, wrong)
-                return
+                return None
             task = Deferred.fromCoroutine(self._pump(stream, result))
         else:
             if inspect.iscoroutine(result):
                 result = Deferred.fromCoroutine(result)
             task = result if isinstance(result, Deferred) else defer.succeed(result)
-        if not stream.ended:
-            stream.task = task
-        task.addCallbacks(
-            self._stream_done, self._stream_failed, callbackArgs=(stream,), errbackArgs=(stream,)
-        )
+        return task
 
     # ----------------------------------------------------------------- sending
 

@@ -1,0 +1,36 @@
+"""What the :class:`~twisted_rpc.client.Client` keeps per call and per
+service: :class:`ClientCall` (a call as interceptors see it) and the channels
+serving a service with its balancer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twisted.internet.defer import Deferred
+
+from twisted_rpc.client._balancer import Balancer
+from twisted_rpc.client._channel import Channel
+from twisted_rpc.core._service import MethodInfo
+
+
+@dataclass(slots=True)
+class ClientCall:
+    """An outgoing call as client interceptors see it (fields may be changed)."""
+
+    method: MethodInfo
+    timeout: float | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    idempotent: bool = False
+    balancer: Balancer | None = None
+
+
+class _ServiceRoute:
+    """The channels serving one service and the client's balancer for them."""
+
+    __slots__ = ("channels", "balancer", "known", "waiters")
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.channels: tuple[Channel, ...] = ()
+        self.balancer = balancer
+        self.known = False  # has discovery given a list yet?
+        self.waiters: list[Deferred[None]] = []
