@@ -269,7 +269,7 @@ class _Calls:
         first = await stream.read()
         assert first is not None
         stream.cancel()
-        for _ in range(100):
+        for _ in range(400):  # bounded: 20 s at most (a busy host is slow to tell)
             if "cancelled Count t1" in self.server.output:
                 break
             await deferLater(reactor, 0.05, lambda: None)
