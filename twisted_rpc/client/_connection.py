@@ -373,6 +373,10 @@ class ClientConnection(StreamWire, RpcConnection):
             return
         d = entry[0]
         if status:
+            if metadata is not None and wire.NOT_RUN_KEY in metadata:
+                # refused unrun (shed): as if never sent, so it may go elsewhere
+                d.errback(NotSentError(message=f"{self.peer}: {message} (not run)"))
+                return
             d.errback(RpcError.from_status(status, message))
             return
         response = entry[1].response_class()

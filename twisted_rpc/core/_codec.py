@@ -71,6 +71,9 @@ EXT_ERROR_MESSAGE = 1
 EXT_METADATA = 2
 EXT_SETTING = 3
 """A setting, in a PING or PONG only: laid out as a metadata pair."""
+NOT_RUN_KEY = "rpc-not-run"
+"""A trailer (metadata pair) of a failed unary RESPONSE: the provider answered
+without running the call (shed), so it may be sent elsewhere."""
 
 _pack_header = _HEADER.pack
 _unpack_header = _HEADER.unpack_from

@@ -140,6 +140,9 @@ _PROVIDER_KEYS = {
     "stream_window",
     "stream_idle_timeout",
     "max_message_size",
+    "adaptive_limit",
+    "adaptive_min_limit",
+    "adaptive_max_limit",
     "health",
     "reflection",
     "slow_call_threshold",
@@ -215,6 +218,13 @@ def _default(name: str) -> Any:
 
 def _limits(r: Reader) -> ServerLimits:
     """The ``[provider]`` limits (docs/config.md), defaults from ServerLimits."""
+    try:
+        return _read_limits(r)
+    except ValueError as e:  # a relation between keys (each alone was checked)
+        raise ConfigError(f"{r.path}: [provider] {e}") from None
+
+
+def _read_limits(r: Reader) -> ServerLimits:
     d = ServerLimits()
     p = "provider"
     return ServerLimits(
@@ -242,6 +252,9 @@ def _limits(r: Reader) -> ServerLimits:
         stream_window=_window(r, p, "stream_window", d.stream_window),
         stream_idle_timeout=r.number(p, "stream_idle_timeout", d.stream_idle_timeout),
         max_message_size=r.number(p, "max_message_size", d.max_message_size, int, 1),
+        adaptive_limit=r.flag(p, "adaptive_limit", d.adaptive_limit),
+        adaptive_min_limit=r.number(p, "adaptive_min_limit", d.adaptive_min_limit, int, 1),
+        adaptive_max_limit=r.number(p, "adaptive_max_limit", d.adaptive_max_limit, int, 1),
     )
 
 

@@ -28,6 +28,7 @@ from twisted_rpc.core._flow import check_window
 from twisted_rpc.core._interfaces import ICallObserver, IDrainable
 from twisted_rpc.core._status import UnavailableError
 from twisted_rpc.server._dispatcher import Dispatcher
+from twisted_rpc.server._limiter import AdaptiveLimiter
 
 log = Logger(namespace="twisted_rpc.server")
 
@@ -80,6 +81,13 @@ class ServerLimits:
     stream_idle_timeout: float = 0.0
     """End a stream (DEADLINE_EXCEEDED) after this long without a message
     either way (0: never)."""
+    adaptive_limit: bool = False
+    """Shed ordinary calls over an adaptive concurrency limit that falls as
+    their latency rises (:class:`AdaptiveLimiter`; docs/resilience.md)."""
+    adaptive_min_limit: int = 4
+    """The adaptive limit never falls below this many calls in flight."""
+    adaptive_max_limit: int = 1000
+    """Nor rises above this many (``max_calls`` still applies too)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -95,10 +103,21 @@ class ServerLimits:
             "max_streams_per_connection",
             "max_streams",
             "max_message_size",
+            "adaptive_min_limit",
+            "adaptive_max_limit",
         ):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"ServerLimits.{name} must be a positive int, not {value!r}")
+        if type(self.adaptive_limit) is not bool:
+            raise ValueError(
+                f"ServerLimits.adaptive_limit must be a bool, not {self.adaptive_limit!r}"
+            )
+        if self.adaptive_min_limit > self.adaptive_max_limit:
+            raise ValueError(
+                f"ServerLimits.adaptive_min_limit ({self.adaptive_min_limit}) exceeds "
+                f"adaptive_max_limit ({self.adaptive_max_limit})"
+            )
         check_window(self.stream_window, "ServerLimits.stream_window")
         for name in ("idle_timeout", "frame_timeout", "stream_idle_timeout"):
             value = getattr(self, name)
@@ -157,6 +176,21 @@ class ListenerFactory(Factory, Generic[C]):
         self._slow_call_threshold = 0.0
         self.timing = False
         """Whether successful calls are timed (for the observer or the slow-call log)."""
+        limits = self.limits
+        self.limiter: AdaptiveLimiter | None = None
+        """The adaptive concurrency limit, when ``limits.adaptive_limit``."""
+        self.admit_limit = limits.max_calls
+        """Ordinary calls in flight from which one more is refused: ``max_calls``,
+        or less while the adaptive limit is lower (see :meth:`limit_changed`)."""
+        if limits.adaptive_limit:
+            self.limiter = AdaptiveLimiter(limits.adaptive_min_limit, limits.adaptive_max_limit)
+            self.limit_changed()
+
+    def limit_changed(self) -> None:
+        """The limiter moved its limit: admit calls up to it (and ``max_calls``)."""
+        limiter = self.limiter
+        cap = self.limits.max_calls
+        self.admit_limit = cap if limiter is None else min(cap, limiter.limit)
 
     # ----------------------------------------------------------------- observing calls
 

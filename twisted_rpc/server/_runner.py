@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_rpc.core._codec import ProtocolError
+from twisted_rpc.core._codec import NOT_RUN_KEY, ProtocolError
 from twisted_rpc.core._deadlines import DeadlineQueue
 from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.core._status import (
@@ -48,6 +48,9 @@ if TYPE_CHECKING:
     from twisted_rpc.server._listener import ListenerFactory
 
 log = Logger(namespace="twisted_rpc.server")
+
+_NOT_RUN = {NOT_RUN_KEY: "shed"}
+"""The trailer that marks an answer as given before the call ran."""
 
 _Pending = tuple[Deferred[object], MethodInfo, float, bool]
 """A call in flight: its handler's Deferred, method, start time, long-lived."""
@@ -161,7 +164,11 @@ class CallRunner(StreamRunner):
                 started,
             )
             return
-        elif factory.in_flight >= limits.max_calls:
+        elif factory.in_flight >= factory.admit_limit:
+            # admit_limit is max_calls, or the adaptive limit when lower
+            if factory.in_flight < limits.max_calls:
+                self._shed(call_id, method.info.full_name, started)
+                return
             self.fail_call(
                 call_id,
                 ResourceExhaustedError(
@@ -244,15 +251,44 @@ class CallRunner(StreamRunner):
             )
         return None
 
+    def _shed(self, call_id: int, method: str, started: float) -> None:
+        """Refuse ``call_id`` unrun, over the adaptive limit: RESOURCE_EXHAUSTED
+        marked not run (docs/protocol.md), so the consumer may send it elsewhere."""
+        factory = self.factory
+        limiter = factory.limiter
+        assert limiter is not None
+        limiter.shed += 1
+        error = ResourceExhaustedError(
+            message=f"shed: {factory.in_flight} calls in flight at this provider "
+            f"(adaptive limit {limiter.limit})"
+        )
+        try:
+            self.fail_call(call_id, error, method, started, trailers=_NOT_RUN)
+        except NotImplementedError:  # a wire without trailers (the C++ one): the code alone
+            self._write_status(call_id, int(error.code), error.message)
+
+    def _sample(self, started: float) -> None:
+        """Feed the adaptive limiter a finished call's latency."""
+        factory = self.factory
+        limiter = factory.limiter
+        if limiter is not None and limiter.sample(
+            self.clock.seconds() - started, factory.in_flight + 1
+        ):
+            factory.limit_changed()
+
     def _async_answer(self, result: object, call_id: int, info: MethodInfo) -> None:
         entry = self._take(call_id)
         if entry is not None:
+            if self.factory.limiter is not None and not entry[3]:
+                self._sample(entry[2])
             self._send_response(call_id, result, info, entry[2])
 
     def _async_failure(self, failure: Failure, call_id: int, info: MethodInfo) -> None:
         entry = self._take(call_id)
         if entry is None:
             return  # cancelled, expired or disconnected: already answered or nobody waits
+        if self.factory.limiter is not None and not entry[3]:
+            self._sample(entry[2])
         error = self._status_of(failure.value or Exception(), call_id, info, failure)
         self.fail_call(call_id, error, info.full_name, entry[2])
 
