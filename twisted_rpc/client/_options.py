@@ -113,7 +113,7 @@ class ClientOptions:
     """A service config in gRPC's JSON shape (a dict or JSON text), checked
     and made a :class:`ServiceConfig` when the options are built: its
     methods' ``timeout`` applies when a call gives none (over ``timeout``);
-    see docs/resilience-config.md."""
+    see docs/resilience.md."""
     compression: str | None = None
     """Compress requests and stream messages with this encoding (``zlib``,
     or ``zstd`` with the zstandard package) for providers that read it; they

@@ -1,6 +1,6 @@
 """A service config in gRPC's own JSON shape (``methodConfig``,
 ``retryThrottling``), parsed and checked up front into frozen dataclasses:
-:class:`ServiceConfig` (see ``docs/resilience-config.md``).
+:class:`ServiceConfig` (see ``docs/resilience.md``).
 
 Every problem is a :class:`ServiceConfigError` (a ValueError) whose message
 is one line naming the JSON path of the first bad value::

@@ -19,7 +19,7 @@ limit stays within ``[min_limit, max_limit]``.
 
 It knows no clock and no wire: the runner feeds it each finished call's
 latency and the calls in flight, and sheds calls over :attr:`limit`
-(docs/resilience-shedding.md).
+(docs/resilience.md).
 """
 
 from __future__ import annotations
