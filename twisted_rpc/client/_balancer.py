@@ -8,15 +8,47 @@ one, redialled by the call that picks it), then channels dialling (a call
 waits for the connection to be proven), then any other ``usable`` one. Channels whose
 provider cannot be reached are not ``usable``: they are picked only when no
 other is left (passive health checking), and then fail the call at once.
+Providers a failure accrual ejected are left out, up to the service's
+``max_ejection_percent`` (:func:`held_out`).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-__all__ = ["Balancer", "LeastOutstanding", "RoundRobin", "WeightedRandom", "balancer_named"]
+if TYPE_CHECKING:
+    from twisted_rpc.client._outliers import FailureAccrual
+
+__all__ = [
+    "EJECTED",
+    "Balancer",
+    "LeastOutstanding",
+    "RoundRobin",
+    "WeightedRandom",
+    "balancer_named",
+    "held_out",
+    "weighs_latency",
+]
+
+
+EJECTED: dict[object, FailureAccrual] = {}
+"""Channels out of rotation now (in any client of the process), and their
+accruals. Empty (the usual case), balancers skip :func:`held_out` at once."""
+
+
+def held_out(channels: Sequence[object], exclude: Sequence[object]) -> Sequence[object]:
+    """``exclude`` plus the ejected ``channels`` that stay out: at most
+    ``max_ejection_percent`` of ``channels`` (rounded down), ejected first."""
+    out = [c for c in channels if c in EJECTED]
+    if not out:
+        return exclude
+    accruals = [EJECTED[c] for c in out]
+    cap = len(channels) * accruals[0].max_percent // 100
+    if len(out) > cap:
+        out = [a.channel for a in sorted(accruals, key=lambda a: a.ejected_at)[:cap]]
+    return (*exclude, *out) if out else exclude
 
 
 class _Weighted(Protocol):
@@ -58,6 +90,8 @@ class Balancer:
     @staticmethod
     def _candidates(channels: Sequence[_C], exclude: Sequence[object]) -> list[_C]:
         """The channels of the best tier: ready, else dialling, else usable, else any."""
+        if EJECTED:
+            exclude = held_out(channels, exclude)
         rest = [c for c in channels if c not in exclude] if exclude else list(channels)
         ready = [c for c in rest if c.ready]
         if ready:
@@ -75,6 +109,8 @@ class RoundRobin(Balancer):
         self._next = 0
 
     def pick(self, channels: Sequence[_C], exclude: Sequence[object] = ()) -> _C | None:
+        if EJECTED:
+            exclude = held_out(channels, exclude)
         count = len(channels)
         if count <= 1 and not exclude:
             return channels[0] if count else None  # usable or not, it is the only one
@@ -121,8 +157,16 @@ class WeightedRandom(Balancer):
         return self._random.choices(candidates, weights)[0]
 
 
+def _cost(channel: Any) -> float:
+    """Peak-EWMA latency times (calls in flight + 1); the load alone if unmeasured."""
+    latency = getattr(channel, "latency", None)
+    return float(channel.load) if latency is None else float(latency.cost(channel.load))
+
+
 class LeastOutstanding(Balancer):
-    """Power of two choices: of two random providers, the one with fewer calls in flight."""
+    """Power of two choices: of two random providers, the cheaper, by peak-EWMA
+    latency times calls in flight (Finagle's), or calls in flight alone when
+    latency is not measured (a proxy's balancer when the client's is another)."""
 
     name = "least_outstanding"
 
@@ -134,10 +178,17 @@ class LeastOutstanding(Balancer):
         if len(candidates) < 2:
             return candidates[0] if candidates else None
         a, b = self._random.sample(candidates, 2)
-        return a if a.load <= b.load else b
+        return a if _cost(a) <= _cost(b) else b
 
 
 _BALANCERS = {cls.name: cls for cls in (RoundRobin, WeightedRandom, LeastOutstanding)}
+
+
+def weighs_latency(choice: object) -> bool:
+    """Whether a ClientOptions.balancer choice needs the providers' latency."""
+    if isinstance(choice, str):
+        return choice == LeastOutstanding.name
+    return isinstance(choice, type) and issubclass(choice, LeastOutstanding)
 
 
 def balancer_named(name: str) -> type[Balancer]:

@@ -21,14 +21,10 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_rpc.client._connection import (
-    MAX_RESENDS,
-    ClientConnection,
-    NotSentError,
-    TakenBack,
-)
+from twisted_rpc.client._connection import MAX_RESENDS, ClientConnection, NotSentError, TakenBack
 from twisted_rpc.client._dials import _WIRES, ClientReactor, ConnectionMaker, _DialQueue, _endpoint
 from twisted_rpc.client._options import ClientOptions, timeout_error
+from twisted_rpc.client._outliers import AccruingConnection, observers
 from twisted_rpc.client._parked import _Parked, _resend_on
 from twisted_rpc.client._states import (
     _READY,
@@ -59,6 +55,8 @@ class _ConnectionFactory(Factory):
         c = self.channel
         if c.wire is not None:
             return c.wire(c)
+        if c.accrual is not None:  # told of failed calls only
+            return AccruingConnection(c.accrual, c.clock, c.options, c._connection_lost, c._goaway)
         return ClientConnection(c.clock, c.options, on_lost=c._connection_lost, on_goaway=c._goaway)
 
 
@@ -139,6 +137,7 @@ class Channel:
         self._retry: IDelayedCall | None = None
         self._attempt: Deferred[IProtocol] | None = None
         self._on_closed: list[Deferred[None]] = []
+        self.accrual, self.latency, self._watch = observers(self)  # ejection; peak-EWMA
 
     def __repr__(self) -> str:
         return f"<Channel {self.address} {self.state}>"
@@ -235,7 +234,11 @@ class Channel:
         chooses with failover)."""
         protocol = self.protocol
         if protocol is not None and protocol.state is _OPEN:
-            return protocol.call(method, request, timeout, metadata)
+            d = protocol.call(method, request, timeout, metadata)
+            watch = self._watch
+            if watch is not None:
+                watch(d)
+            return d
         if not wait:
             return None
         error = timeout_error(timeout)
@@ -307,6 +310,8 @@ class Channel:
         self._to(ChannelEvent.CLOSE)
         self.last_error = "channel closed"
         self._cancel_retry()
+        if self.accrual is not None:
+            self.accrual.stop()
         self._release_slot()
         if self._attempt is not None:
             self._attempt.cancel()

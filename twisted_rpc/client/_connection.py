@@ -373,11 +373,7 @@ class ClientConnection(StreamWire, RpcConnection):
             return
         d = entry[0]
         if status:
-            if metadata is not None and wire.NOT_RUN_KEY in metadata:
-                # refused unrun (shed): as if never sent, so it may go elsewhere
-                d.errback(NotSentError(message=f"{self.peer}: {message} (not run)"))
-                return
-            d.errback(RpcError.from_status(status, message))
+            self._call_failed(d, status, message, metadata)
             return
         response = entry[1].response_class()
         try:
@@ -387,6 +383,17 @@ class ClientConnection(StreamWire, RpcConnection):
             d.errback(DataLossError(message=f"cannot parse the response: {e}"))
             return
         d.callback(response)
+
+    def _call_failed(
+        self, d: _Call, status: int, message: str, metadata: dict[str, str] | None
+    ) -> None:
+        """The provider answered a call with an error status (a subclass that
+        counts failures, such as outlier ejection's, hooks in here)."""
+        if metadata is not None and wire.NOT_RUN_KEY in metadata:
+            # refused unrun (shed): as if never sent, so it may go elsewhere
+            d.errback(NotSentError(message=f"{self.peer}: {message} (not run)"))
+            return
+        d.errback(RpcError.from_status(status, message))
 
     def _goaway_received(self, last_call_id: int, status: int, *_: object) -> None:
         """No new calls here; the calls above ``last_call_id`` were never run.

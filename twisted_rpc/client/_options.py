@@ -126,6 +126,21 @@ class ClientOptions:
     handler serves to the calls it makes (see docs/resilience.md)."""
     deadline_margin: float = DEFAULT_DEADLINE_MARGIN
     """Seconds a call made from a handler keeps back from the inherited deadline."""
+    consecutive_failures: int = 5
+    """Calls to one provider in a row failing UNAVAILABLE, INTERNAL or
+    DEADLINE_EXCEEDED that eject it from rotation (0: never eject);
+    docs/resilience.md."""
+    base_ejection_time: float = 30.0
+    """Seconds a provider is first ejected for, doubled at each ejection in a
+    row (+- 10 %); it returns only once it answers a Health check."""
+    max_ejection_time: float = 300.0
+    """The longest ejection, in seconds (at least base_ejection_time)."""
+    max_ejection_percent: int = 50
+    """Most providers of a service out at once, in percent (rounded down:
+    a service's only provider is never ejected at 50 %)."""
+    latency_decay: float = 10.0
+    """Time constant in seconds of the peak-EWMA latency the
+    ``least_outstanding`` balancer weighs providers by."""
 
     def __post_init__(self) -> None:
         error = timeout_error(self.timeout)
@@ -146,6 +161,15 @@ class ClientOptions:
         _number("max_concurrent_dials", self.max_concurrent_dials, int, 1)
         _number("max_dials_per_second", self.max_dials_per_second, float, 0, above=True)
         check_window(self.stream_window)
+        _number("consecutive_failures", self.consecutive_failures, int, 0)
+        _number("base_ejection_time", self.base_ejection_time, float, 0, above=True)
+        _number("max_ejection_time", self.max_ejection_time, float, self.base_ejection_time)
+        _number("max_ejection_percent", self.max_ejection_percent, int, 0)
+        if self.max_ejection_percent > 100:
+            raise ValueError(
+                f"max_ejection_percent must be 0 to 100, not {self.max_ejection_percent}"
+            )
+        _number("latency_decay", self.latency_decay, float, 0, above=True)
         if self.protocol not in PROTOCOLS:
             raise ValueError(
                 f"protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}"
