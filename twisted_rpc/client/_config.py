@@ -63,6 +63,11 @@ _CONSUMER_KEYS = {
     "compression_threshold",
     "snapshot",
     "service_config",
+    "consecutive_failures",
+    "base_ejection_time",
+    "max_ejection_time",
+    "max_ejection_percent",
+    "latency_decay",
 }
 
 
@@ -114,6 +119,15 @@ def load_consumer_config(path: str) -> ConsumerConfig:
             compression_threshold=r.number(
                 "consumer", "compression_threshold", d.compression_threshold, int
             ),
+            consecutive_failures=r.number(
+                "consumer", "consecutive_failures", d.consecutive_failures, int
+            ),
+            base_ejection_time=r.number("consumer", "base_ejection_time", d.base_ejection_time),
+            max_ejection_time=r.number("consumer", "max_ejection_time", d.max_ejection_time),
+            max_ejection_percent=r.number(
+                "consumer", "max_ejection_percent", d.max_ejection_percent, int
+            ),
+            latency_decay=r.number("consumer", "latency_decay", d.latency_decay),
             tls=ClientTLS(
                 r.get("tls", "ca", "") or "",
                 r.get("tls", "certificate", "") or "",
