@@ -22,6 +22,10 @@ Consumer side, :class:`ClientMetrics` (an ``IClientInterceptor``):
 ``mprpc_client_calls_in_flight`` and, after ``watch_client(client)``,
 ``mprpc_client_connections``.
 
+Shedding, compression and ejections (read at each scrape, nothing counted per
+call; names in docs/resilience.md, "Metrics") come with ``watch_provider`` (or
+``watch_resilience``) and ``watch_client``.
+
 Each object has its own ``CollectorRegistry`` unless given one, so several
 providers or clients can live in one process (and in one test).
 """
@@ -35,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -222,6 +226,7 @@ class ProviderMetrics:
             "Open connections (every protocol: native, C++, gRPC)",
             lambda: sum(len(f.connections) for f in factories),
         )
+        self.watch_resilience(provider)
         registry = provider.registry
         zk = getattr(registry, "zk", None)
         self.gauge(
@@ -239,6 +244,11 @@ class ProviderMetrics:
             "Nodes re-created after a new session or a deletion, since start",
             lambda: getattr(registry, "reregistrations", 0),
         )
+
+    def watch_resilience(self, provider: Any) -> None:
+        """Adaptive shedding and compression of ``provider``'s listeners
+        (anything with a ``factory``; ``cpp_factory``, ``grpc_factory`` if set)."""
+        self.registry.register(_ProviderResilience(named_listeners(provider)))
 
     # ---------------------------------------------------------------- rates
 
@@ -284,12 +294,17 @@ class ProviderMetrics:
 
 def listener_factories(provider: Any) -> list[Any]:
     """A provider's listener factories: native, C++ and gRPC (those it has)."""
+    return [f for _, f in named_listeners(provider)]
+
+
+def named_listeners(provider: Any) -> list[tuple[str, Any]]:
+    """:func:`listener_factories` with the ``listener`` label of each."""
     candidates = (
-        provider.factory,
-        getattr(provider, "cpp_factory", None),
-        getattr(provider, "grpc_factory", None),
+        ("native", provider.factory),
+        ("cpp", getattr(provider, "cpp_factory", None)),
+        ("grpc", getattr(provider, "grpc_factory", None)),
     )
-    return [f for f in candidates if f is not None]
+    return [(name, f) for name, f in candidates if f is not None]
 
 
 def open_streams(factories: Iterable[Any]) -> Iterator[Any]:
@@ -356,6 +371,7 @@ class ClientMetrics:
             "mprpc_client_connections", "Connections to providers", registry=self.registry
         )
         gauge.set_function(lambda: sum(1 for c in client.channels.values() if c.protocol))
+        self.registry.register(_ClientResilience(client))
 
     def intercept(
         self,
@@ -379,3 +395,136 @@ class ClientMetrics:
             return result
 
         return proceed(call, request).addBoth(done)
+
+
+class _CompressedBytes:
+    """Payload bytes sent compressed, before and after, of some connections:
+    those open now plus those read at an earlier scrape and closed since
+    (read a last time, then let go). Connections opened and closed between
+    two scrapes are not seen."""
+
+    def __init__(self) -> None:
+        self.seen: dict[Any, None] = {}
+        self.closed = [0, 0]
+
+    def read(self, connections: Iterable[Any]) -> tuple[int, int]:
+        live = dict.fromkeys(connections)
+        for gone in self.seen.keys() - live.keys():
+            self.closed[0] += getattr(gone, "bytes_uncompressed", 0)
+            self.closed[1] += getattr(gone, "bytes_compressed", 0)
+        self.seen = live
+        before, after = self.closed
+        for c in live:
+            before += getattr(c, "bytes_uncompressed", 0)
+            after += getattr(c, "bytes_compressed", 0)
+        return before, after
+
+
+def _compression(side: str) -> tuple[CounterMetricFamily, CounterMetricFamily]:
+    labels = ["listener"] if side == "server" else []
+    what = "Bytes of the payloads this side sent compressed"
+    return (
+        CounterMetricFamily(
+            f"mprpc_{side}_compression_input_bytes", f"{what}, before compression", labels=labels
+        ),
+        CounterMetricFamily(
+            f"mprpc_{side}_compression_output_bytes", f"{what}, after compression", labels=labels
+        ),
+    )
+
+
+class _ProviderResilience(Collector):
+    """The adaptive limiter's figures and the compression bytes, per listener."""
+
+    def __init__(self, listeners: list[tuple[str, Any]]) -> None:
+        self.listeners = listeners
+        self.compressed = {name: _CompressedBytes() for name, _ in listeners}
+
+    def collect(self) -> Iterable[Metric]:
+        def gauge(name: str, documentation: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, documentation, labels=["listener"])
+
+        shed = CounterMetricFamily(
+            "mprpc_server_calls_shed",
+            "Calls answered RESOURCE_EXHAUSTED unrun, over the adaptive limit",
+            labels=["listener"],
+        )
+        limit = gauge("mprpc_server_adaptive_limit", "Calls the adaptive limiter admits at once")
+        no_load = gauge(
+            "mprpc_server_adaptive_no_load_latency_seconds",
+            "The adaptive limiter's no-load latency (least of recent windows)",
+        )
+        current = gauge(
+            "mprpc_server_adaptive_current_latency_seconds",
+            "The adaptive limiter's current latency (mean of the last window)",
+        )
+        before, after = _compression("server")
+        for name, factory in self.listeners:
+            limiter = getattr(factory, "limiter", None)
+            if limiter is not None:
+                shed.add_metric([name], limiter.shed)
+                limit.add_metric([name], limiter.limit)
+                no_load.add_metric([name], limiter.no_load)
+                current.add_metric([name], limiter.current)
+            u, c = self.compressed[name].read(factory.connections)
+            before.add_metric([name], u)
+            after.add_metric([name], c)
+        return [shed, limit, no_load, current, before, after]
+
+
+class _ClientResilience(Collector):
+    """A client's ejections (from its channels' failure accruals) and the
+    compression bytes of its connections."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.compressed = _CompressedBytes()
+        self.accruals: dict[Any, tuple[float, int]] = {}
+        """Accruals read at the last scrape: their ejection time and count then."""
+        self.ejections = 0
+
+    def _channels(self) -> list[Any]:
+        return [*self.client.channels.values(), *getattr(self.client, "_retiring", ())]
+
+    def _count_ejections(self, accruals: list[Any]) -> int:
+        """Ejections since the last scrape. An accrual's count of ejections
+        in a row only grows, but restarts at 1 on an ejection long after the
+        last one (its ejection time then moved); a closed channel's accrual
+        is read a last time, then let go."""
+        live = {a: (a.ejected_at, a.ejections) for a in accruals}
+        for accrual in self.accruals.keys() - live.keys():
+            live[accrual] = (accrual.ejected_at, accrual.ejections)
+        for accrual, (at, count) in live.items():
+            last_at, last_count = self.accruals.get(accrual, (0.0, 0))
+            if count > last_count:
+                self.ejections += count - last_count
+            elif at != last_at:
+                self.ejections += count
+        self.accruals = {a: live[a] for a in accruals}
+        return self.ejections
+
+    def collect(self) -> Iterable[Metric]:
+        channels = self._channels()
+        accruals = [a for a in (getattr(c, "accrual", None) for c in channels) if a is not None]
+        ejections = CounterMetricFamily(
+            "mprpc_client_ejections",
+            "Times a provider was taken out of rotation (failed calls, or its Health check)",
+            value=self._count_ejections(accruals),
+        )
+        ejected = GaugeMetricFamily(
+            "mprpc_client_providers_ejected",
+            "Providers ejected now (the balancers keep max_ejection_percent out at most)",
+            value=sum(1 for a in accruals if a.ejected),
+        )
+        connections = [
+            c
+            for channel in channels
+            for c in (channel.protocol, getattr(channel, "_proving", None))
+            + tuple(getattr(channel, "_old", ()))
+            if c is not None
+        ]
+        before, after = _compression("client")
+        u, c = self.compressed.read(connections)
+        before.add_metric([], u)
+        after.add_metric([], c)
+        return [ejections, ejected, before, after]
