@@ -33,7 +33,13 @@ from twisted.web.server import Request, Site
 from twisted_rpc._version import __version__
 from twisted_rpc.core._connection import RefusedConnection
 from twisted_rpc.ops._health import status_name
-from twisted_rpc.ops._metrics import ProviderMetrics, listener_factories, open_streams, quantile
+from twisted_rpc.ops._metrics import (
+    ProviderMetrics,
+    listener_factories,
+    named_listeners,
+    open_streams,
+    quantile,
+)
 
 __all__ = [
     "DEFAULT_ADMIN_IDLE_TIMEOUT",
@@ -109,6 +115,16 @@ def status_data(provider: Any, metrics: ProviderMetrics) -> dict[str, Any]:
         for factory in factories
         for connection in sorted(factory.connections, key=lambda c: c.peer)
     ]
+    adaptive = {
+        name: {
+            "limit": limiter.limit,
+            "shed": limiter.shed,
+            "no_load_ms": _ms(limiter.no_load),
+            "current_ms": _ms(limiter.current),
+        }
+        for name, factory in named_listeners(provider)
+        if (limiter := getattr(factory, "limiter", None)) is not None
+    }
     registry = provider.registry
     zk = getattr(registry, "zk", None)
     return {
@@ -125,6 +141,7 @@ def status_data(provider: Any, metrics: ProviderMetrics) -> dict[str, Any]:
         "services": services,
         "unknown_route_calls": sum(metrics.totals.get("?/?", {}).values()),
         "connections": connections,
+        "adaptive_limit": adaptive,
         "registry": {
             "kind": "zookeeper" if zk is not None else "static",
             "hosts": getattr(zk, "hosts", None),
@@ -184,6 +201,12 @@ def render_status(data: dict[str, Any], refresh: float) -> str:
         )
         or '<tr><td colspan="4">none</td></tr>'
     )
+    adaptive = "".join(
+        f'<p class="adaptive">{escape(name)}: adaptive limit <b>{a["limit"]}</b>, '
+        f"calls shed <b>{a['shed']}</b>, latency now <b>{a['current_ms']}</b> ms "
+        f"(no load <b>{a['no_load_ms']}</b> ms)</p>"
+        for name, a in data.get("adaptive_limit", {}).items()
+    )
     r = data["registry"]
     nodes = "".join(f"<li>{escape(n)}</li>" for n in r["nodes"]) or "<li>none</li>"
     script = (
@@ -221,6 +244,7 @@ td.calls, td.rate, td.p50, td.p99, td.streams, td.messages {{
 {"".join(rows)}
 </table>
 <p>Calls to unknown services or methods: <b id="unknown">{data["unknown_route_calls"]}</b></p>
+{adaptive}
 <h2>Connections (<span id="connection-count">{len(data["connections"])}</span>)</h2>
 <table id="connections">
 <tr><th>peer</th><th>calls in flight</th><th>streams</th><th>idle s</th></tr>

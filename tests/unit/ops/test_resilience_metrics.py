@@ -10,8 +10,10 @@ from twisted.internet.defer import Deferred
 from protos import echo_pb2
 from testbed.echo_service import ECHO, EchoService
 from tests.helpers import failure_of
+from tests.unit.ops.test_stream_ops import _Provider
 from twisted_rpc import ClientOptions, RpcError, ServerLimits, StatusCode
 from twisted_rpc.ops import ClientMetrics, ProviderMetrics
+from twisted_rpc.ops._admin import render_status, status_data
 from twisted_rpc.testing import MemoryProvider
 
 NATIVE = (("listener", "native"),)
@@ -167,3 +169,24 @@ def test_ejections_seen_only_between_scrapes_are_counted() -> None:
     samples = scraped(metrics.registry)
     assert samples[("mprpc_client_ejections_total", ())] == 3
     assert samples[("mprpc_client_providers_ejected", ())] == 1
+
+
+def test_status_page_shows_the_adaptive_limit_only_when_on() -> None:
+    limits = ServerLimits(adaptive_limit=True, adaptive_min_limit=1, adaptive_max_limit=1)
+    memory = MemoryProvider([EchoService()], limits=limits)
+    metrics = ProviderMetrics()
+    memory.factory.observer = metrics
+    slow = echo(memory, "AsyncEcho", delay=1.0)
+    assert failure_of(echo(memory, "AsyncEcho", delay=1.0)).code == StatusCode.UNAVAILABLE
+    data = status_data(_Provider(memory), metrics)
+    assert data["adaptive_limit"] == {
+        "native": {"limit": 1, "shed": 1, "no_load_ms": 0.0, "current_ms": 0.0}
+    }
+    assert "adaptive limit <b>1</b>, calls shed <b>1</b>" in render_status(data, 0)
+    memory.advance(1.0)
+    memory.result(slow)
+
+    plain = MemoryProvider([EchoService()])
+    data = status_data(_Provider(plain), ProviderMetrics())
+    assert data["adaptive_limit"] == {}
+    assert "adaptive limit" not in render_status(data, 0)
