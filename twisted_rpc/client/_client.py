@@ -26,6 +26,7 @@ from twisted_rpc.client._dials import ClientReactor, _DialQueue
 from twisted_rpc.client._options import ClientOptions, timeout_error
 from twisted_rpc.client._parked import _not_sent
 from twisted_rpc.client._proxy import ServiceProxy
+from twisted_rpc.client._retry import Retries, send_with_retries
 from twisted_rpc.client._routes import ClientCall, _ServiceRoute
 from twisted_rpc.client._service_config import ServiceConfig
 from twisted_rpc.client._states import ChannelState
@@ -45,12 +46,7 @@ from twisted_rpc.core._service import (
     resolve_descriptor,
     wrong_request_type,
 )
-from twisted_rpc.core._status import (
-    CancelledError,
-    DeadlineExceededError,
-    RpcError,
-    UnavailableError,
-)
+from twisted_rpc.core._status import CancelledError, RpcError
 from twisted_rpc.core._tls import ClientTLS
 from twisted_rpc.discovery._static import StaticRegistry
 from twisted_rpc.discovery._types import ProviderAddress, check_address, dial_address
@@ -86,9 +82,9 @@ class Client(StreamStarter):
     (``{"package.Service": ["host:port", ...]}``) for the embedded static
     registry. ``balancer`` is ``round_robin`` (default), ``weighted_random`` or
     ``least_outstanding``. A call that could not be written to its provider
-    goes to another one; a call lost in flight fails with UNAVAILABLE unless
-    its method is idempotent, in which case it is retried once elsewhere
-    within its deadline.
+    goes to another one; a call that failed is retried only if its method
+    is idempotent or the service config gives it a retryPolicy, within its
+    deadline and the client's retry budget (docs/resilience.md).
     """
 
     def __init__(
@@ -136,15 +132,24 @@ class Client(StreamStarter):
         self._routes: dict[str, _ServiceRoute] = {}
         self._unsubscribe: list[Callable[[], object]] = []
         self._retiring: set[Channel] = set()
-        self._invoke: Callable[[ClientCall, Message], Deferred[Message]] = self._send
+        self._retries = Retries.from_options(reactor, options)
+        self._plain = self._retries.plain  # routes sent once unless marked idempotent
+        self._invoke = self._intercepted(self._send)
+        self._invoke_once = self._intercepted(partial(self._send, retry=False))
         self._invoke_stream: Callable[[ClientCall, Any], StreamCall[Any, Any]] = self._start_stream
         for interceptor in reversed(self.interceptors):
             if IClientStreamInterceptor.providedBy(interceptor):
                 self._invoke_stream = _stream_intercepted(interceptor, self._invoke_stream)
+
+    def _intercepted(
+        self, send: Callable[[ClientCall, Message], Deferred[Message]]
+    ) -> Callable[[ClientCall, Message], Deferred[Message]]:
+        for interceptor in reversed(self.interceptors):
             if IClientInterceptor.providedBy(interceptor) or not (
                 IClientStreamInterceptor.providedBy(interceptor)
             ):
-                self._invoke = _client_intercepted(interceptor, self._invoke)
+                send = _client_intercepted(interceptor, send)
+        return send
 
     @classmethod
     def from_config(cls, path: str, reactor: ClientReactor | None = None, **kw: Any) -> Client:
@@ -188,11 +193,14 @@ class Client(StreamStarter):
         metadata: Mapping[str, str] | None = None,
         balancer: BalancerChoice = None,
         idempotent: bool | Iterable[str] = False,
+        retry: bool = True,
     ) -> ServiceProxy:
         """A proxy whose methods call ``service`` (descriptor, Service class or name).
 
         ``idempotent`` is True (every method) or the names of the methods that
-        may be retried once on another provider after a connection loss.
+        may be retried (once, after UNAVAILABLE, unless the service config
+        gives them a retryPolicy). ``retry=False``: this proxy's calls are
+        never retried (only a call never written goes elsewhere).
         ``balancer`` overrides the client's for this proxy.
         """
         error = timeout_error(timeout)
@@ -201,14 +209,17 @@ class Client(StreamStarter):
         info = describe(resolve_descriptor(service))
         self._route(info.name)
         if isinstance(idempotent, bool):
-            retry = set(info.methods) if idempotent else set()
+            idempotent_set = set(info.methods) if idempotent else set()
         else:
-            retry = set(idempotent)
-            unknown = retry - set(info.methods)
+            idempotent_set = set(idempotent)
+            unknown = idempotent_set - set(info.methods)
             if unknown:
                 raise ValueError(f"{info.name} has no method {', '.join(sorted(unknown))}")
         chosen = _make_balancer(balancer) if balancer is not None else None
-        return ServiceProxy(self, info.methods.values(), timeout, metadata, chosen, retry)
+        caller = self if retry else cast("Client", _Once(self))
+        return ServiceProxy(
+            caller, info.methods.values(), timeout, metadata, chosen, idempotent_set
+        )
 
     def call(
         self,
@@ -218,8 +229,10 @@ class Client(StreamStarter):
         metadata: Mapping[str, str] | None = None,
         idempotent: bool = False,
         balancer: Balancer | None = None,
+        retry: bool = True,
     ) -> Deferred[Message]:
-        """Call ``method`` on one of its providers (what proxy methods do)."""
+        """Call ``method`` on one of its providers (what proxy methods do);
+        ``retry=False``: never retried, whatever its policy."""
         if type(request) is not method.request_class:
             return fail(wrong_request_type(method, request))
         if timeout is None:  # the method's config timeout, else the client's
@@ -233,15 +246,18 @@ class Client(StreamStarter):
                 return fail(e)
         if self.interceptors:
             call = ClientCall(method, timeout, dict(metadata or {}), idempotent, balancer)
-            return self._invoke(call, request)
-        # The hot path, kept flat: the provider picked, if its channel is ready.
+            return (self._invoke if retry else self._invoke_once)(call, request)
+        # The hot path, kept flat: the provider picked, if its channel is ready
+        # and the call is not one to retry.
         route = self._routes.get(method.service) or self._route(method.service)
         channel = (balancer or route.balancer).pick(route.channels)
-        if channel is not None and not idempotent:
+        if channel is not None and ((not idempotent and method.route in self._plain) or not retry):
             d = channel.call(method, request, timeout, metadata, False)
             if d is not None:
                 return d
-        return self._send_to(method, request, timeout, metadata, idempotent, balancer, channel)
+        return self._send_to(
+            method, request, timeout, metadata, idempotent, balancer, channel, retry
+        )
 
     def stream(
         self,
@@ -260,9 +276,15 @@ class Client(StreamStarter):
             timeout, metadata = inherit(parent, timeout, metadata, *self._propagation)
         return super().stream(method, request, timeout, metadata, balancer)
 
-    def _send(self, call: ClientCall, request: Message) -> Deferred[Message]:
+    def _send(self, call: ClientCall, request: Message, retry: bool = True) -> Deferred[Message]:
         return self._send_to(
-            call.method, request, call.timeout, call.metadata, call.idempotent, call.balancer
+            call.method,
+            request,
+            call.timeout,
+            call.metadata,
+            call.idempotent,
+            call.balancer,
+            retry=retry,
         )
 
     def _send_to(
@@ -274,8 +296,10 @@ class Client(StreamStarter):
         idempotent: bool,
         balancer: Balancer | None,
         channel: Channel | None = None,
+        retry: bool = True,
     ) -> Deferred[Message]:
-        """Send to ``channel`` (else the one the balancer picks), with failover."""
+        """Send to ``channel`` (else the one the balancer picks), with
+        failover, and retries if the method has a policy (_retry.py)."""
         error = timeout_error(timeout)
         if error is not None:
             return fail(error)
@@ -287,16 +311,27 @@ class Client(StreamStarter):
             if not route.known:
                 return Deferred.fromCoroutine(
                     self._first_list(
-                        route, method, request, timeout, metadata, idempotent, balancer
+                        route, method, request, timeout, metadata, idempotent, balancer, retry
                     )
                 )
             return fail(NotSentError(message=f"no provider of {method.service}"))
-        if not idempotent:
+        policy = self._retries.policy_for(method, idempotent) if retry else None
+        if policy is None:
             d = channel.call(method, request, timeout, metadata, False)
             if d is not None:
                 return d
         return Deferred.fromCoroutine(
-            self._failover(route, balancer, channel, method, request, timeout, metadata, idempotent)
+            send_with_retries(
+                self._retries,
+                partial(getattr, route, "channels"),
+                balancer,
+                channel,
+                method,
+                request,
+                timeout,
+                metadata,
+                policy,
+            )
         )
 
     async def _first_list(
@@ -308,6 +343,7 @@ class Client(StreamStarter):
         metadata: Mapping[str, str] | None,
         idempotent: bool,
         balancer: Balancer,
+        retry: bool,
     ) -> Message:
         """Wait (up to the timeout, or connect_timeout) for discovery's first list."""
         started = self.reactor.seconds()
@@ -328,47 +364,9 @@ class Client(StreamStarter):
                 timer.cancel()
         if timeout:
             timeout = max(0.001, timeout - (self.reactor.seconds() - started))
-        return await self._send_to(method, request, timeout, metadata, idempotent, balancer)
-
-    async def _failover(
-        self,
-        route: _ServiceRoute,
-        balancer: Balancer,
-        channel: Channel,
-        method: MethodInfo,
-        request: Message,
-        timeout: float | None,
-        metadata: Mapping[str, str] | None,
-        idempotent: bool,
-    ) -> Message:
-        started = self.reactor.seconds()
-        tried: list[Channel] = []
-        retried = False
-        while True:
-            tried.append(channel)
-            remaining = None
-            if timeout:
-                remaining = timeout - (self.reactor.seconds() - started)
-                if remaining <= 0:
-                    raise DeadlineExceededError(message=f"deadline of {timeout:g}s exceeded")
-            try:
-                return await channel.call(method, request, remaining, metadata)
-            except NotSentError as e:
-                error: RpcError = e
-            except UnavailableError as e:
-                if not idempotent or retried:
-                    raise
-                retried = True
-                error = e
-                log.info(
-                    "retrying idempotent {method} elsewhere: {error}",
-                    method=method.full_name,
-                    error=e.message,
-                )
-            next_channel = balancer.pick(route.channels, tried)
-            if next_channel is None:
-                raise error
-            channel = next_channel
+        return await self._send_to(
+            method, request, timeout, metadata, idempotent, balancer, retry=retry
+        )
 
     def _route(self, service: str) -> _ServiceRoute:
         route = self._routes.get(service)
@@ -511,6 +509,14 @@ class Client(StreamStarter):
         self._retiring.clear()
         self._routes.clear()
         return gatherResults(closing).addCallback(lambda _: None)
+
+
+class _Once:
+    """What a ``proxy(..., retry=False)`` calls: the client, never retrying."""
+
+    def __init__(self, client: Client) -> None:
+        self.call = partial(client.call, retry=False)
+        self.stream = client.stream
 
 
 def _client_intercepted(

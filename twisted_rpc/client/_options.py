@@ -141,6 +141,15 @@ class ClientOptions:
     latency_decay: float = 10.0
     """Time constant in seconds of the peak-EWMA latency the
     ``least_outstanding`` balancer weighs providers by."""
+    retry_budget_ratio: float = 0.2
+    """Retries at most this share of the retryable calls started over the
+    last ``retry_budget_window`` seconds (when the service config has no
+    ``retryThrottling``); docs/resilience.md."""
+    retry_budget_min_per_second: float = 1.0
+    """Retries allowed per second of the window whatever the share (so a
+    trickle of calls can still be retried)."""
+    retry_budget_window: float = 10.0
+    """Seconds the retry budget looks back over (at least 1; whole seconds)."""
 
     def __post_init__(self) -> None:
         error = timeout_error(self.timeout)
@@ -170,6 +179,9 @@ class ClientOptions:
                 f"max_ejection_percent must be 0 to 100, not {self.max_ejection_percent}"
             )
         _number("latency_decay", self.latency_decay, float, 0, above=True)
+        _number("retry_budget_ratio", self.retry_budget_ratio, float, 0)
+        _number("retry_budget_min_per_second", self.retry_budget_min_per_second, float, 0)
+        _number("retry_budget_window", self.retry_budget_window, float, 1)
         if self.protocol not in PROTOCOLS:
             raise ValueError(
                 f"protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}"
