@@ -20,7 +20,14 @@ from twisted.logger import Logger
 
 from twisted_rpc.client._connection import NotSentError
 from twisted_rpc.client._dials import _Clock
-from twisted_rpc.client._service_config import RetryPolicy, RetryThrottling, ServiceConfig
+from twisted_rpc.client._hedge import attempts_error as _final
+from twisted_rpc.client._hedge import send_hedged
+from twisted_rpc.client._service_config import (
+    HedgingPolicy,
+    RetryPolicy,
+    RetryThrottling,
+    ServiceConfig,
+)
 from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.core._status import (
     CancelledError,
@@ -174,7 +181,7 @@ class Retries:
         self.plain: set[bytes] = set()
         """Routes with no policy (neither configured nor idempotent by
         descriptor): a call to one not marked idempotent is sent once."""
-        self._policies: dict[bytes, RetryPolicy | None] = {}
+        self._policies: dict[bytes, RetryPolicy | HedgingPolicy | None] = {}
         self._find = find
         self.random = random.random
 
@@ -195,15 +202,20 @@ class Retries:
             )
         return cls(clock, config, budget)
 
-    def policy_for(self, method: MethodInfo, idempotent: bool) -> RetryPolicy | None:
-        """The service config's retryPolicy for ``method``, else the default
-        one if it is idempotent (by its descriptor or ``idempotent``)."""
+    def policy_for(
+        self, method: MethodInfo, idempotent: bool
+    ) -> RetryPolicy | HedgingPolicy | None:
+        """The service config's retryPolicy or hedgingPolicy for ``method``,
+        else the default retry one if it is idempotent (by its descriptor or
+        ``idempotent``)."""
         try:
             policy = self._policies[method.route]
         except KeyError:
             policy = None
             entry = self.config and self.config.policy_for(method.service, method.name)
-            if entry and entry.retry_policy is not None:
+            if entry and entry.hedging_policy is not None:
+                policy = entry.hedging_policy
+            elif entry and entry.retry_policy is not None:
                 policy = entry.retry_policy
             elif descriptor_idempotent(self._find(method)):
                 policy = IDEMPOTENT_POLICY
@@ -222,14 +234,6 @@ class Retries:
         return self.random() * min(policy.max_backoff, ceiling)
 
 
-def _final(error: RpcError, attempts: int, why: str = "") -> RpcError:
-    """``error`` with the attempts made (and why no more) in its message."""
-    made = f"{attempts} attempt{'s' if attempts != 1 else ''}"
-    note = f"{made}; {why}" if why else made
-    error.message = f"{error.message} ({note})" if error.message else note
-    return error
-
-
 async def send_with_retries(
     retries: Retries,
     channels: Callable[[], Sequence[Channel]],
@@ -239,14 +243,28 @@ async def send_with_retries(
     request: Message,
     timeout: float | None,
     metadata: Mapping[str, str] | None,
-    policy: RetryPolicy | None,
+    policy: RetryPolicy | HedgingPolicy | None,
 ) -> Message:
     """Send until an answer, a final error, or no attempt, budget or time
     left. A call never written anywhere (NotSentError) goes to each provider
     not tried yet (as before, not counted); with ``policy``, a call failing
     with one of its retryable codes is sent again after a jittered backoff,
     to a provider not tried yet when there is one, if the budget allows and
-    the retry can start before the deadline."""
+    the retry can start before the deadline. A hedging policy hedges the
+    call instead (_hedge.py)."""
+    if isinstance(policy, HedgingPolicy):
+        return await send_hedged(
+            retries.clock,
+            retries.budget,
+            channels,
+            balancer,
+            channel,
+            method,
+            request,
+            timeout,
+            metadata,
+            policy,
+        )
     clock = retries.clock
     budget = retries.budget
     started = clock.seconds()
