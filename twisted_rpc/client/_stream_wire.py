@@ -16,6 +16,7 @@ from twisted_rpc.client._states import ConnectionState
 from twisted_rpc.client._streams import StreamCall
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import GoawayReason
+from twisted_rpc.core._flow import UNANNOUNCED_WINDOW, peer_setting
 from twisted_rpc.core._status import InvalidArgumentError, RpcError, UnimplementedError
 
 
@@ -97,8 +98,8 @@ class StreamWire:
             header, payload, _ = self.squeeze(header, payload)
         self.send(header, payload)
         assert self.peer_settings is not None
-        window = _setting(self.peer_settings, "stream_window", 65536)
-        stream.max_message = _setting(self.peer_settings, "max_message_size", 2**31 - 1)
+        window = peer_setting(self.peer_settings, "stream_window", UNANNOUNCED_WINDOW)
+        stream.max_message = peer_setting(self.peer_settings, "max_message_size", 2**31 - 1)
         stream.attached(
             self,  # type: ignore[arg-type]
             call_id,
@@ -153,13 +154,3 @@ class StreamWire:
         stream = self.streams.get(call_id)
         if stream is not None and stream.credit is not None:
             stream.credit.add(increment)
-
-
-def _setting(settings: dict[str, str], key: str, default: int) -> int:
-    """A whole-number setting of the peer, within 1 and 2**31 - 1 (``default``
-    if it sent none, or nonsense)."""
-    try:
-        value = int(settings.get(key, default))
-    except ValueError:
-        return default
-    return max(1, min(value, 2**31 - 1))

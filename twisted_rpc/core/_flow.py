@@ -19,7 +19,7 @@ send the WINDOW frames (``grant``) and wake readers (``wake``).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -33,13 +33,17 @@ __all__ = [
     "MIN_STREAM_WINDOW",
     "Inbox",
     "SendCredit",
+    "UNANNOUNCED_WINDOW",
     "check_window",
     "fire_woken",
     "message_cost",
+    "peer_setting",
 ]
 
 DEFAULT_STREAM_WINDOW = 1024 * 1024
 """A consumer's default receive window per stream (bytes)."""
+UNANNOUNCED_WINDOW = 64 * 1024
+"""The window of a peer whose settings name none (docs/protocol.md)."""
 MIN_STREAM_WINDOW = 1024
 MAX_STREAM_WINDOW = 2**31 - 1
 """Credit never exceeds this (a WINDOW taking it past is a protocol error)."""
@@ -48,6 +52,16 @@ MAX_STREAM_WINDOW = 2**31 - 1
 def message_cost(payload_size: int) -> int:
     """Credit a MESSAGE frame of ``payload_size`` bytes of payload spends."""
     return payload_size + HEADER_SIZE
+
+
+def peer_setting(settings: Mapping[str, str] | None, key: str, default: int) -> int:
+    """A whole-number setting a peer sent, within 1 and :data:`MAX_STREAM_WINDOW`
+    (``default`` if it sent none, or something that is not a number)."""
+    try:
+        value = int((settings or {}).get(key, default))
+    except ValueError:
+        return default
+    return max(1, min(value, MAX_STREAM_WINDOW))
 
 
 def check_window(value: Any, name: str = "stream_window") -> int:

@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 
 from twisted_rpc.core._codec import ProtocolError
 from twisted_rpc.core._deadlines import DeadlineQueue
-from twisted_rpc.core._flow import DEFAULT_STREAM_WINDOW, Inbox, message_cost
+from twisted_rpc.core._flow import UNANNOUNCED_WINDOW, Inbox, message_cost, peer_setting
 from twisted_rpc.core._propagation import CURRENT_CALL
 from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.core._status import (
@@ -143,13 +143,10 @@ class StreamRunner(StreamPump):
         raise NotImplementedError
 
     def stream_window(self) -> int:
-        """The credit the consumer gave each stream (its settings), or the default."""
-        settings = getattr(self, "peer_settings", None) or {}
-        try:
-            window = int(settings.get("stream_window", DEFAULT_STREAM_WINDOW))
-        except ValueError:
-            window = DEFAULT_STREAM_WINDOW
-        return max(1, min(window, 2**31 - 1))
+        """The credit the consumer gave each stream (its settings: 64 KiB if
+        they name none, as docs/protocol.md says)."""
+        settings = getattr(self, "peer_settings", None)
+        return peer_setting(settings, "stream_window", UNANNOUNCED_WINDOW)
 
     # ----------------------------------------------------------------- start
 

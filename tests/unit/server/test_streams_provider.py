@@ -372,3 +372,15 @@ def test_taken_and_dropped_request_messages_are_released():
     assert deaf.partial_bytes == conn.proto.stream_held > 3000
     conn.proto.dataReceived(wire.encode_cancel(1))
     assert deaf.partial_bytes == 0 == conn.proto.stream_held
+
+
+def test_a_consumer_whose_settings_name_no_window_gets_64_kib():
+    """docs/protocol.md: a missing stream_window means 64 KiB (the provider
+    must not send more than the consumer said it can hold)."""
+    clock, service, factory, conn = _conn(window=None)
+    conn.proto.dataReceived(wire.encode_ping(1, b"", {"streams": "1"}))
+    conn.frames()
+    conn.request(3, COUNT, echo_pb2.CountRequest(forever=True, payload_size=1000, tag="t"))
+    _turns(clock)
+    sent = sum(message_cost(len(f.payload)) for f in conn.frames())
+    assert 64 * 1024 <= sent < 64 * 1024 + message_cost(1100)
