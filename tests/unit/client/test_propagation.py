@@ -11,7 +11,6 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from protos import echo_pb2, user_pb2
 from testbed.echo_service import ECHO, EchoService
 from twisted_rpc import ClientOptions, DeadlineExceededError, Service, StatusCode
-from twisted_rpc.core import describe
 from twisted_rpc.testing import MemoryProvider
 
 USERS = user_pb2.DESCRIPTOR.services_by_name["UserService"]
@@ -157,4 +156,3 @@ def test_client_options_check_the_propagation_settings():
     with pytest.raises(ValueError):
         ClientOptions(deadline_margin=-1)
     assert ClientOptions(propagate_metadata=["x-"]).propagate_metadata == ("x-",)
-    assert describe(ECHO).methods["AsyncEcho"]
