@@ -25,7 +25,7 @@ from twisted_rpc.client._connection import MAX_RESENDS, ClientConnection, NotSen
 from twisted_rpc.client._dials import _WIRES, ClientReactor, ConnectionMaker, _DialQueue, _endpoint
 from twisted_rpc.client._options import ClientOptions, timeout_error
 from twisted_rpc.client._outliers import AccruingConnection, observers
-from twisted_rpc.client._parked import _Parked, _resend_on
+from twisted_rpc.client._parked import _deadline_exceeded, _Parked, _resend_on
 from twisted_rpc.client._states import (
     _READY,
     _USABLE,
@@ -37,7 +37,7 @@ from twisted_rpc.client._states import (
 )
 from twisted_rpc.core._codec import GoawayReason
 from twisted_rpc.core._service import MethodInfo
-from twisted_rpc.core._status import CancelledError, DeadlineExceededError, RpcError
+from twisted_rpc.core._status import CancelledError, RpcError
 from twisted_rpc.core._tls import wrap_client_endpoint
 from twisted_rpc.discovery._types import ProviderAddress
 
@@ -138,6 +138,8 @@ class Channel:
         self._attempt: Deferred[IProtocol] | None = None
         self._on_closed: list[Deferred[None]] = []
         self.accrual, self.latency, self._watch = observers(self)  # ejection; peak-EWMA
+        self.on_ready: Callable[[Channel, ClientConnection], object] | None = None
+        """Told of each connection proven, before the calls waiting go (client/_pool.py)."""
 
     def __repr__(self) -> str:
         return f"<Channel {self.address} {self.state}>"
@@ -356,6 +358,8 @@ class Channel:
         self._release_slot()
         self.protocol = protocol
         self._to(ChannelEvent.PROVEN)
+        if self.on_ready is not None:
+            self.on_ready(self, protocol)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(protocol)
@@ -523,7 +527,3 @@ class Channel:
             self._to(ChannelEvent.PAUSE_OVER)
             if self._waiters:
                 self.connect()
-
-
-def _deadline_exceeded(result: object, timeout: float) -> Failure:
-    return Failure(DeadlineExceededError(message=f"deadline of {timeout:g}s exceeded"))

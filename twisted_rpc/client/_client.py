@@ -25,11 +25,11 @@ from twisted_rpc.client._connection import (
 from twisted_rpc.client._dials import ClientReactor, _DialQueue
 from twisted_rpc.client._options import ClientOptions, timeout_error
 from twisted_rpc.client._parked import _not_sent
+from twisted_rpc.client._pool import ChannelBuilder, Pool, Provider
 from twisted_rpc.client._proxy import ServiceProxy
 from twisted_rpc.client._retry import Retries, send_with_retries
 from twisted_rpc.client._routes import ClientCall, _ServiceRoute
 from twisted_rpc.client._service_config import ServiceConfig
-from twisted_rpc.client._states import ChannelState
 from twisted_rpc.client._stream_start import StreamStarter, _stream_intercepted
 from twisted_rpc.client._streams import StreamCall
 from twisted_rpc.core._codec import GoawayReason
@@ -47,9 +47,8 @@ from twisted_rpc.core._service import (
     wrong_request_type,
 )
 from twisted_rpc.core._status import CancelledError, RpcError
-from twisted_rpc.core._tls import ClientTLS
 from twisted_rpc.discovery._static import StaticRegistry
-from twisted_rpc.discovery._types import ProviderAddress, check_address, dial_address
+from twisted_rpc.discovery._types import ProviderAddress
 
 if TYPE_CHECKING:  # (kazoo is imported only when a ZooKeeper registry is asked for)
     from twisted_rpc.discovery._kazoo import IZooKeeperReactor
@@ -74,7 +73,7 @@ def _make_balancer(choice: BalancerChoice) -> Balancer:
     return choice()
 
 
-class Client(StreamStarter):
+class Client(StreamStarter, ChannelBuilder):
     """Calls services on providers; owns the connections, shared by all proxies.
 
     Provider lists come from ``discovery`` (an ``IServiceDiscovery``, e.g. a
@@ -129,6 +128,8 @@ class Client(StreamStarter):
             reactor, options.max_concurrent_dials, options.max_dials_per_second
         )
         self.channels: dict[str, Channel] = {}
+        """Every connection's channel, by address ("host:port", then "host:port#2"...)."""
+        self._pools: dict[str, Pool] = {}
         self._routes: dict[str, _ServiceRoute] = {}
         self._unsubscribe: list[Callable[[], object]] = []
         self._retiring: set[Channel] = set()
@@ -295,7 +296,7 @@ class Client(StreamStarter):
         metadata: Mapping[str, str] | None,
         idempotent: bool,
         balancer: Balancer | None,
-        channel: Channel | None = None,
+        channel: Provider | None = None,
         retry: bool = True,
     ) -> Deferred[Message]:
         """Send to ``channel`` (else the one the balancer picks), with
@@ -382,78 +383,29 @@ class Client(StreamStarter):
     ) -> None:
         """Discovery's new list for a service. A bad entry is skipped with a
         warning: it never breaks the others, nor raises into discovery."""
-        channels = []
+        pools = []
         for address in addresses:
             try:
-                channels.append(self._channel(address))
+                pools.append(self._pool(address))
             except Exception as e:
                 log.warn(
                     "skipping provider {address!r} from discovery: {error}",
                     address=address,
                     error=e,
                 )
-        route.channels = tuple(channels)
+        route.pools = tuple(pools)
+        route.channels = tuple(p.face for p in pools)
         route.known = True
         waiters, route.waiters = route.waiters, []
         for waiter in waiters:
             waiter.callback(None)
-        used = {c for r in self._routes.values() for c in r.channels}
+        used = self._used()
+        for key in [k for k, p in self._pools.items() if p.members[0] not in used]:
+            del self._pools[key]
         for key, channel in list(self.channels.items()):
             if channel not in used:
                 del self.channels[key]
                 self._retire(channel, self.reactor.seconds() + self.retire_grace)
-
-    def _channel(self, address: ProviderAddress) -> Channel:
-        check_address(address)
-        address = dial_address(address, self.options.protocol)
-        channel = self.channels.get(address.key)
-        if channel is not None and channel.state == ChannelState.REFUSED:
-            if self._refusal(address) != channel.last_error:
-                channel = None  # what the registry says changed: build it again
-        if channel is not None and channel.protocol_name != address.data["protocol"]:
-            channel = None  # the node now says another wire: dial it that way
-        if channel is None:
-            refused = self._refusal(address)
-            if refused:
-                log.error("not dialling {address}: {why}", address=address, why=refused)
-            options = self.options
-            tls = None if refused else self._tls_for(address)
-            if tls is not options.tls:
-                options = options.replace(tls=tls)
-            channel = Channel(
-                self.reactor,
-                address,
-                options,
-                dials=self._dials,
-                resend=self._resend,
-                refused=refused,
-            )
-            old = self.channels.get(address.key)
-            self.channels[address.key] = channel
-            if old is not None:
-                old.close()
-            channel.connect()
-        else:
-            channel.address = address  # the weight may have changed
-        return channel
-
-    def _refusal(self, address: ProviderAddress) -> str:
-        """Why ``address`` must not be dialled, or "" if it may."""
-        if address.data.get("tls") is False and self.tls is not None:
-            return (
-                "its registration says tls=false, and this client requires TLS: "
-                "refused (never sent in cleartext)"
-            )
-        return ""
-
-    def _tls_for(self, address: ProviderAddress) -> ClientTLS | None:
-        """TLS settings to dial ``address`` with: the client's, or the
-        platform's trust roots if its registration asks for TLS and the client
-        has none (an upgrade). A registration never turns TLS off (see
-        _refusal)."""
-        if address.data.get("tls") and self.tls is None:
-            return ClientTLS()  # the platform's trust roots
-        return self.tls
 
     def _resend(self, channel: Channel, reason: GoawayReason, calls: list[TakenBack]) -> None:
         """Send calls a GOAWAY showed were never run again: after an idle
@@ -466,7 +418,7 @@ class Client(StreamStarter):
             if route is None:  # the client is closing
                 _not_sent(call, NotSentError(message=f"no provider of {method.service}"))
                 continue
-            tried = [channel]
+            tried: list[Provider] = [channel]
             fallback = partial(self._resend_elsewhere, route, tried)
             if reason == GoawayReason.IDLE:
                 channel.resume(call, fallback)
@@ -475,7 +427,7 @@ class Client(StreamStarter):
                 fallback(call, why)
 
     def _resend_elsewhere(
-        self, route: _ServiceRoute, tried: list[Channel], call: TakenBack, error: RpcError
+        self, route: _ServiceRoute, tried: list[Provider], call: TakenBack, error: RpcError
     ) -> None:
         """Send ``call`` to a provider not ``tried`` yet, else fail it with ``error``."""
         if not isinstance(error, NotSentError):
@@ -506,6 +458,7 @@ class Client(StreamStarter):
         closing = [channel.close() for channel in [*self.channels.values(), *self._retiring]]
         closing.append(self.discovery.close())
         self.channels.clear()
+        self._pools.clear()
         self._retiring.clear()
         self._routes.clear()
         return gatherResults(closing).addCallback(lambda _: None)

@@ -68,6 +68,7 @@ _CONSUMER_KEYS = {
     "max_ejection_time",
     "max_ejection_percent",
     "latency_decay",
+    "connections_per_provider",
 }
 
 
@@ -128,6 +129,7 @@ def load_consumer_config(path: str) -> ConsumerConfig:
                 "consumer", "max_ejection_percent", d.max_ejection_percent, int
             ),
             latency_decay=r.number("consumer", "latency_decay", d.latency_decay),
+            connections_per_provider=_connections(r.get("consumer", "connections_per_provider")),
             tls=ClientTLS(
                 r.get("tls", "ca", "") or "",
                 r.get("tls", "certificate", "") or "",
@@ -139,6 +141,19 @@ def load_consumer_config(path: str) -> ConsumerConfig:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: [consumer] {e}") from None
     return ConsumerConfig(path=path, options=options, providers=providers, registry=r.registry())
+
+
+def _connections(raw: str | None) -> int | str:
+    """``connections_per_provider`` as written: ``auto`` (or empty), else a count."""
+    raw = (raw or "auto").strip()
+    if raw == "auto":
+        return raw
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(
+            f"connections_per_provider must be 'auto' or a number, not {raw!r}"
+        ) from None
 
 
 def _relative(ini: str, path: str) -> str:

@@ -23,7 +23,7 @@ from twisted_rpc.core._status import CancelledError, DeadlineExceededError, RpcE
 
 if TYPE_CHECKING:
     from twisted_rpc.client._balancer import Balancer
-    from twisted_rpc.client._channel import Channel
+    from twisted_rpc.client._pool import Provider
 
 log = Logger(namespace="twisted_rpc.client")
 
@@ -55,7 +55,7 @@ class _Hedged:
         self,
         clock: _Clock,
         budget: _Budget,
-        channels: Callable[[], Sequence[Channel]],
+        channels: Callable[[], Sequence[Provider]],
         balancer: Balancer,
         method: MethodInfo,
         request: Message,
@@ -75,7 +75,7 @@ class _Hedged:
         self.deadline = None if not timeout else clock.seconds() + timeout
         self.result: Deferred[Message] = Deferred(self._cancelled)
         self.pending: list[Deferred[Message]] = []
-        self.tried: list[Channel] = []
+        self.tried: list[Provider] = []
         self.attempts = 0  # attempts written (a call never written is not one)
         self.timer: IDelayedCall | None = None
         self.why = ""  # why no more hedges, for the final error
@@ -84,7 +84,7 @@ class _Hedged:
 
     # Sending
 
-    def _send(self, channel: Channel) -> None:
+    def _send(self, channel: Provider) -> None:
         """Send an attempt to ``channel`` with what is left of the deadline."""
         remaining = None
         if self.deadline is not None:
@@ -149,7 +149,7 @@ class _Hedged:
         self._stop()
         self.result.callback(answer)
 
-    def _failed(self, failure: Failure, d: Deferred[Message], channel: Channel) -> None:
+    def _failed(self, failure: Failure, d: Deferred[Message], channel: Provider) -> None:
         self.pending.remove(d)
         if self.done:
             return None  # a loser cancelled, or after the outcome
@@ -208,9 +208,9 @@ class _Hedged:
 def send_hedged(
     clock: _Clock,
     budget: _Budget,
-    channels: Callable[[], Sequence[Channel]],
+    channels: Callable[[], Sequence[Provider]],
     balancer: Balancer,
-    channel: Channel,
+    channel: Provider,
     method: MethodInfo,
     request: Message,
     timeout: float | None,

@@ -150,6 +150,11 @@ class ClientOptions:
     trickle of calls can still be retried)."""
     retry_budget_window: float = 10.0
     """Seconds the retry budget looks back over (at least 1; whole seconds)."""
+    connections_per_provider: int | str = "auto"
+    """Connections to each provider (1 to MAX_CONNECTIONS_PER_PROVIDER), or
+    ``auto``: as many as it reports workers (its registry node's
+    ``workers``, else its connection's settings), 1 if it reports none;
+    docs/cluster.md. gRPC providers get one."""
 
     def __post_init__(self) -> None:
         error = timeout_error(self.timeout)
@@ -182,6 +187,7 @@ class ClientOptions:
         _number("retry_budget_ratio", self.retry_budget_ratio, float, 0)
         _number("retry_budget_min_per_second", self.retry_budget_min_per_second, float, 0)
         _number("retry_budget_window", self.retry_budget_window, float, 1)
+        check_connections(self.connections_per_provider)
         if self.protocol not in PROTOCOLS:
             raise ValueError(
                 f"protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}"
@@ -211,6 +217,23 @@ class ClientOptions:
         if unknown:
             raise TypeError(f"unknown client option(s): {', '.join(sorted(unknown))}")
         return replace(self, **changes)
+
+
+MAX_CONNECTIONS_PER_PROVIDER = 64
+"""The most connections a client keeps to one provider (its workers beyond are shared)."""
+
+
+def check_connections(value: object) -> None:
+    """Check a ``connections_per_provider`` value: ``auto`` or 1 to 64."""
+    if value == "auto":
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"connections_per_provider must be 'auto' or a number, not {value!r}")
+    if not 1 <= value <= MAX_CONNECTIONS_PER_PROVIDER:
+        raise ValueError(
+            f"connections_per_provider must be 'auto' or 1 to "
+            f"{MAX_CONNECTIONS_PER_PROVIDER}, not {value}"
+        )
 
 
 _NAMES = frozenset(f.name for f in fields(ClientOptions))

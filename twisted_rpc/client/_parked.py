@@ -93,3 +93,7 @@ def _resend_on(channel: Channel, reason: GoawayReason, calls: list[TakenBack]) -
     channel's way; a Client sends them to another provider when it can)."""
     for call in calls:
         channel.resume(call, _not_sent)
+
+
+def _deadline_exceeded(result: object, timeout: float) -> Failure:
+    return Failure(DeadlineExceededError(message=f"deadline of {timeout:g}s exceeded"))

@@ -38,8 +38,8 @@ from twisted_rpc.core._status import (
 
 if TYPE_CHECKING:
     from twisted_rpc.client._balancer import Balancer
-    from twisted_rpc.client._channel import Channel
     from twisted_rpc.client._options import ClientOptions
+    from twisted_rpc.client._pool import Provider
 
 log = Logger(namespace="twisted_rpc.client")
 
@@ -236,9 +236,9 @@ class Retries:
 
 async def send_with_retries(
     retries: Retries,
-    channels: Callable[[], Sequence[Channel]],
+    channels: Callable[[], Sequence[Provider]],
     balancer: Balancer,
-    channel: Channel,
+    channel: Provider,
     method: MethodInfo,
     request: Message,
     timeout: float | None,
@@ -269,7 +269,7 @@ async def send_with_retries(
     budget = retries.budget
     started = clock.seconds()
     deadline = None if not timeout else started + timeout
-    tried: list[Channel] = []
+    tried: list[Provider] = []
     attempts = 0
     if policy is not None:
         budget.deposit()

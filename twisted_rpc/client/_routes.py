@@ -5,12 +5,15 @@ serving a service with its balancer."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 
 from twisted_rpc.client._balancer import Balancer
-from twisted_rpc.client._channel import Channel
 from twisted_rpc.core._service import MethodInfo
+
+if TYPE_CHECKING:
+    from twisted_rpc.client._pool import Pool, Provider
 
 
 @dataclass(slots=True)
@@ -27,10 +30,12 @@ class ClientCall:
 class _ServiceRoute:
     """The channels serving one service and the client's balancer for them."""
 
-    __slots__ = ("channels", "balancer", "known", "waiters")
+    __slots__ = ("channels", "pools", "balancer", "known", "waiters")
 
     def __init__(self, balancer: Balancer) -> None:
-        self.channels: tuple[Channel, ...] = ()
+        self.channels: tuple[Provider, ...] = ()
+        """What the balancer picks from: each provider's channel, or its pool."""
+        self.pools: tuple[Pool, ...] = ()
         self.balancer = balancer
         self.known = False  # has discovery given a list yet?
         self.waiters: list[Deferred[None]] = []

@@ -13,7 +13,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_rpc.client._balancer import Balancer
-from twisted_rpc.client._channel import Channel
 from twisted_rpc.client._connection import NotSentError
 from twisted_rpc.client._dials import ClientReactor
 from twisted_rpc.client._options import ClientOptions, timeout_error
@@ -23,6 +22,7 @@ from twisted_rpc.core._service import MethodInfo, wrong_request_type
 from twisted_rpc.core._status import RpcError, UnavailableError
 
 if TYPE_CHECKING:
+    from twisted_rpc.client._pool import Provider
     from twisted_rpc.client._routes import ClientCall, _ServiceRoute
 
 log = Logger(namespace="twisted_rpc.client")
@@ -128,7 +128,7 @@ class StreamStarter:
             finally:
                 if timer.active():
                     timer.cancel()
-        tried: list[Channel] = []
+        tried: list[Provider] = []
         error: RpcError = NotSentError(message=f"no provider of {method.service}")
         while True:
             channel = balancer.pick(route.channels, tried)
