@@ -16,7 +16,10 @@ from twisted_rpc.client._balancer import Balancer
 from twisted_rpc.client._channel import Channel
 from twisted_rpc.client._connection import NotSentError
 from twisted_rpc.client._dials import ClientReactor
+from twisted_rpc.client._hedge import attempts_error
 from twisted_rpc.client._options import ClientOptions, timeout_error
+from twisted_rpc.client._retry import Retries, _sleep
+from twisted_rpc.client._service_config import HedgingPolicy, RetryPolicy
 from twisted_rpc.client._streams import BidiStream, ClientStream, ServerStream, StreamCall
 from twisted_rpc.core._interfaces import IClientStreamInterceptor
 from twisted_rpc.core._service import MethodInfo, wrong_request_type
@@ -38,6 +41,8 @@ class StreamStarter:
     connect_timeout: float
     _invoke_stream: Callable[[ClientCall, Any], StreamCall[Any, Any]]
     _routes: dict[str, _ServiceRoute]
+    _retries: Retries
+    _stream_retry = True  # False while a stream(retry=False) starts
 
     if TYPE_CHECKING:
 
@@ -50,6 +55,7 @@ class StreamStarter:
         timeout: float | None = None,
         metadata: Mapping[str, str] | None = None,
         balancer: Balancer | None = None,
+        retry: bool = True,
     ) -> StreamCall[Any, Any]:
         """Start a streaming call of ``method`` (what proxies' streaming
         methods do): ``request`` is the request of a server-streaming
@@ -57,7 +63,9 @@ class StreamStarter:
         iterable, sent as the window allows, then END_STREAM) or None (write
         them by hand). A stream has no deadline unless given ``timeout``
         (or its method's service config gives one): the client's default
-        timeout is for unary calls."""
+        timeout is for unary calls. A stream whose method has a retry
+        policy is retried until its first reply (StreamRetry), unless
+        ``retry`` is False."""
         if not (method.client_streaming or method.server_streaming):
             raise TypeError(f"{method.full_name} is not a streaming method: use call()")
         error = timeout_error(timeout)
@@ -79,7 +87,12 @@ class StreamStarter:
         from twisted_rpc.client._routes import ClientCall
 
         call = ClientCall(method, timeout, dict(metadata or {}), False, balancer)
-        return self._invoke_stream(call, request)
+        # Interceptors return the stream at once: _start_stream runs within.
+        self._stream_retry = retry
+        try:
+            return self._invoke_stream(call, request)
+        finally:
+            self._stream_retry = True
 
     def _start_stream(self, call: ClientCall, request: Any) -> StreamCall[Any, Any]:
         method = call.method
@@ -92,15 +105,35 @@ class StreamStarter:
         stream = kind(method, self.reactor, call.timeout, call.metadata, self.options.stream_window)
         route = self._routes.get(method.service) or self._route(method.service)
         balancer = call.balancer or route.balancer
+        tried: list[Channel] = []
+        policy = self._retries.policy_for(method, False) if self._stream_retry else None
+        if policy is not None:
+            stream.retry = StreamRetry(self, stream, request, route, balancer, policy, tried)
         channel = balancer.pick(route.channels)
         protocol = channel.protocol if channel is not None else None
         if protocol is None or protocol.open_stream(stream, request) is not None:
-            opening = Deferred.fromCoroutine(self._open_stream(stream, request, route, balancer))
-            stream.opening = opening
-            opening.addErrback(_stream_not_opened, stream)
+            self._opening(stream, request, route, balancer, tried)
+        elif channel is not None:
+            tried.append(channel)
         if requests is not None:
             stream.send_all(requests)
         return stream
+
+    def _opening(
+        self,
+        stream: StreamCall[Any, Any],
+        request: Message | None,
+        route: _ServiceRoute,
+        balancer: Balancer,
+        tried: list[Channel],
+        delay: float = 0.0,
+    ) -> None:
+        """Open ``stream`` in the background (after ``delay``: a retry)."""
+        opening = Deferred.fromCoroutine(
+            self._open_stream(stream, request, route, balancer, tried, delay)
+        )
+        stream.opening = opening
+        opening.addErrback(_stream_not_opened, stream)
 
     async def _open_stream(
         self,
@@ -108,9 +141,14 @@ class StreamStarter:
         request: Message | None,
         route: _ServiceRoute,
         balancer: Balancer,
+        attempted: list[Channel] | None = None,
+        delay: float = 0.0,
     ) -> None:
         """Find a provider for ``stream`` (waiting for discovery's first list
-        and a connection), trying the next while one cannot take it."""
+        and a connection), trying the next while one cannot take it; one
+        not in ``attempted`` (to which the one taken is added) first."""
+        if delay > 0:
+            await _sleep(self.reactor, delay)
         method = stream.method
         if not route.known:
             waiter: Deferred[None] = Deferred(route.waiters.remove)
@@ -128,10 +166,14 @@ class StreamStarter:
             finally:
                 if timer.active():
                     timer.cancel()
-        tried: list[Channel] = []
+        tried: list[Channel] = list(attempted or ())
+        avoid = len(tried)
         error: RpcError = NotSentError(message=f"no provider of {method.service}")
         while True:
             channel = balancer.pick(route.channels, tried)
+            if channel is None and avoid:  # each attempted already: any of them again
+                del tried[:avoid]
+                avoid, channel = 0, balancer.pick(route.channels, tried)
             if channel is None:
                 raise error
             tried.append(channel)
@@ -145,10 +187,76 @@ class StreamStarter:
             failed = protocol.open_stream(stream, request)
             if failed is None:
                 stream.opening = None
+                if attempted is not None:
+                    attempted.append(channel)
                 return
             if not isinstance(failed, NotSentError):
                 raise failed
             error = failed
+
+
+class StreamRetry:
+    """A stream's retries before its first reply: as a unary call's
+    (_retry.send_with_retries), on the policy's retryable codes (a hedging
+    policy's non-fatal ones: streams are not hedged), within ``max_attempts``,
+    the retry budget and the deadline, after a jittered backoff, to a
+    provider not attempted yet when there is one."""
+
+    def __init__(
+        self,
+        starter: StreamStarter,
+        stream: StreamCall[Any, Any],
+        request: Message | None,
+        route: _ServiceRoute,
+        balancer: Balancer,
+        policy: RetryPolicy | HedgingPolicy,
+        tried: list[Channel],
+    ) -> None:
+        self.starter = starter
+        self.request = request
+        self.route = route
+        self.balancer = balancer
+        self.policy = policy
+        self.tried = tried  # the channels attempted, in order
+        self.attempts = 1
+        self.budget = starter._retries.budget
+        self.budget.deposit()
+        self.last: RpcError | None = None
+
+    def succeeded(self) -> None:
+        self.budget.succeeded()
+
+    def failed(self, stream: StreamCall[Any, Any], error: RpcError) -> RpcError | None:
+        policy = self.policy
+        if isinstance(error, NotSentError):  # no provider could take a retry
+            last = self.last or error
+            return attempts_error(last, self.attempts, "no provider left") if self.last else last
+        if isinstance(policy, HedgingPolicy):
+            codes, backoff = policy.non_fatal_status_codes, 0.0
+        else:
+            codes = policy.retryable_status_codes
+            backoff = self.starter._retries.backoff(policy, self.attempts)
+        if error.code not in codes:
+            return attempts_error(error, self.attempts) if self.attempts > 1 else error
+        self.budget.failed()
+        if self.attempts >= policy.max_attempts:
+            return attempts_error(error, self.attempts)
+        if not self.budget.withdraw():
+            return attempts_error(error, self.attempts, "retry budget exhausted")
+        clock = self.starter.reactor
+        if stream.timeout and clock.seconds() + backoff >= stream.created + stream.timeout:
+            return attempts_error(error, self.attempts, "no time left to retry")
+        log.debug(
+            "retrying stream {method} in {delay:.3f}s: {error}",
+            method=stream.method.full_name,
+            delay=backoff,
+            error=error.message,
+        )
+        self.attempts += 1
+        self.last = error
+        stream.detach()
+        self.starter._opening(stream, self.request, self.route, self.balancer, self.tried, backoff)
+        return None
 
 
 def _stream_not_opened(failure: Failure, stream: StreamCall[Any, Any]) -> None:
