@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from google.protobuf.message import Message
 from twisted.internet import defer
@@ -107,6 +107,9 @@ class StreamStarter:
         balancer = call.balancer or route.balancer
         tried: list[Channel] = []
         policy = self._retries.policy_for(method, False) if self._stream_retry else None
+        if isinstance(policy, HedgingPolicy) and not method.client_streaming:
+            StreamHedge(self, stream, request, route, balancer, policy).start()
+            return stream
         if policy is not None:
             stream.retry = StreamRetry(self, stream, request, route, balancer, policy, tried)
         channel = balancer.pick(route.channels)
@@ -257,6 +260,185 @@ class StreamRetry:
         stream.detach()
         self.starter._opening(stream, self.request, self.route, self.balancer, self.tried, backoff)
         return None
+
+
+class _Attempt:
+    """One attempt of a hedged server stream, in its connection's streams
+    until it wins (the caller's stream takes its place) or loses (CANCEL)."""
+
+    def __init__(self, hedge: StreamHedge) -> None:
+        stream = hedge.stream
+        self.hedge = hedge
+        self.method = stream.method
+        self.timeout = stream.timeout
+        self.created = stream.created
+        self.metadata = stream.metadata
+        self.max_message = 2**31 - 1
+        self.connection: Any = None
+        self.call_id = 0
+        self.window = 0
+        self.credit = None
+        self.opening: Deferred[Any] | None = None
+        self.over = False
+
+    def attached(self, connection: Any, call_id: int, send_window: int) -> None:
+        self.connection, self.call_id, self.window = connection, call_id, send_window
+
+    def message_received(self, payload: bytes | memoryview, cost: int = 0) -> None:
+        self.hedge.won(self).message_received(payload, cost)
+
+    def headers_received(self, metadata: Mapping[str, str] | None) -> None:
+        self.hedge.won(self).headers_received(metadata)
+
+    def response_received(
+        self, status: int, message: str, trailers: Mapping[str, str] | None, payload: Any
+    ) -> None:
+        if status:
+            self.end(RpcError.from_status(status, message))
+        else:
+            self.hedge.won(self).response_received(status, message, trailers, payload)
+
+    def end(self, error: RpcError | None, trailers: Mapping[str, str] | None = None) -> None:
+        if not self.over:
+            self.over = True
+            self.hedge.failed(self, error or UnavailableError(message="no reply"))
+
+    def cancel(self) -> None:
+        """A loser: CANCEL to its provider, or its opening given up."""
+        self.over = True
+        if self.connection is not None:
+            self.connection.stream_cancelled(self)
+        opening, self.opening = self.opening, None
+        if opening is not None:
+            opening.cancel()
+
+
+class StreamHedge:
+    """A hedged server stream (``hedgingPolicy``): after ``hedging_delay``
+    with no reply, another attempt to a provider not tried yet, up to
+    ``max_attempts`` in flight in all, within the budget and the deadline;
+    the first attempt to bring a reply, initial metadata or an OK end wins
+    and becomes the caller's stream; the others are cancelled (CANCEL). A
+    non-fatal status hedges at once; any other ends the stream with it."""
+
+    def __init__(
+        self,
+        starter: StreamStarter,
+        stream: StreamCall[Any, Any],
+        request: Message | None,
+        route: _ServiceRoute,
+        balancer: Balancer,
+        policy: HedgingPolicy,
+    ) -> None:
+        self.starter = starter
+        self.stream = stream
+        self.request = request
+        self.route = route
+        self.balancer = balancer
+        self.policy = policy
+        self.budget = starter._retries.budget
+        self.clock = starter.reactor
+        self.tried: list[Channel] = []
+        self.pending: list[_Attempt] = []
+        self.attempts = 0
+        self.timer: Any = None
+        self.why = ""
+        self.last: RpcError | None = None
+        self.done = False
+
+    def start(self) -> None:
+        self.budget.deposit()
+        opening: Deferred[None] = Deferred(lambda _: self._stop())
+        opening.addErrback(lambda f: f.trap(defer.CancelledError) and None)
+        self.stream.opening = opening
+        self._send()
+
+    def _send(self) -> None:
+        attempt = _Attempt(self)
+        self.pending.append(attempt)
+        self.attempts += 1
+        stream = cast("StreamCall[Any, Any]", attempt)
+        self.starter._opening(stream, self.request, self.route, self.balancer, self.tried)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.done or self.attempts >= self.policy.max_attempts:
+            return
+        delay = self.policy.hedging_delay
+        deadline = self.stream.timeout and self.stream.created + self.stream.timeout
+        if deadline and self.clock.seconds() + delay >= deadline:
+            self.why = "no time left to hedge"
+            return
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = self.clock.callLater(delay, self._hedge)
+
+    def _hedge(self) -> None:
+        self.timer = None
+        if self.done or self.attempts >= self.policy.max_attempts:
+            return
+        if not self.budget.withdraw():
+            self.why = "retry budget exhausted"
+            return
+        log.debug(
+            "hedging stream {method}: attempt {n}",
+            method=self.stream.method.full_name,
+            n=self.attempts + 1,
+        )
+        self._send()
+
+    def won(self, attempt: _Attempt) -> StreamCall[Any, Any]:
+        """``attempt`` brought the first reply: the caller's stream takes its place."""
+        stream = self.stream
+        if not self.done:
+            self.pending.remove(attempt)
+            self.budget.succeeded()
+            self._stop()
+            stream.opening = None
+            connection = attempt.connection
+            if connection.streams.get(attempt.call_id) is attempt:
+                connection.streams[attempt.call_id] = stream
+            stream.max_message = attempt.max_message
+            stream.attached(connection, attempt.call_id, attempt.window)
+        return stream
+
+    def failed(self, attempt: _Attempt, error: RpcError) -> None:
+        if attempt in self.pending:
+            self.pending.remove(attempt)
+        if self.done:
+            return
+        if isinstance(error, NotSentError):  # never written: not an attempt
+            self.attempts -= 1
+            if not self.pending:
+                self._finish(self.last or error)
+            return
+        if error.code not in self.policy.non_fatal_status_codes:
+            self._finish(error)
+            return
+        self.budget.failed()
+        self.last = error
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self._hedge()  # at once
+        if not self.pending and not self.done:
+            self._finish(error)
+
+    def _finish(self, error: RpcError) -> None:
+        self._stop()
+        self.stream.opening = None
+        if self.attempts > 1:
+            attempts_error(error, self.attempts, self.why)
+        self.stream.end(error)
+
+    def _stop(self) -> None:
+        """The outcome is decided (or the caller gave up): no more attempts."""
+        self.done = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        pending, self.pending = self.pending, []
+        for attempt in pending:
+            attempt.cancel()
 
 
 def _stream_not_opened(failure: Failure, stream: StreamCall[Any, Any]) -> None:
