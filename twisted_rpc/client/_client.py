@@ -267,15 +267,15 @@ class Client(StreamStarter, ChannelBuilder):
         timeout: float | None = None,
         metadata: Mapping[str, str] | None = None,
         balancer: Balancer | None = None,
+        retry: bool = True,
     ) -> StreamCall[Any, Any]:
-        """The method's service config ``timeout`` is the deadline of a
-        stream not given one, as in gRPC (the client's ``timeout`` is not)."""
+        """The method's config ``timeout`` is a stream's if none is given (as in gRPC)."""
         if timeout is None and self.service_config is not None:
             timeout = self.service_config.timeout_for(method, None)
         parent = _serving()
         if parent is not None:
             timeout, metadata = inherit(parent, timeout, metadata, *self._propagation)
-        return super().stream(method, request, timeout, metadata, balancer)
+        return super().stream(method, request, timeout, metadata, balancer, retry)
 
     def _send(self, call: ClientCall, request: Message, retry: bool = True) -> Deferred[Message]:
         return self._send_to(
@@ -469,7 +469,7 @@ class _Once:
 
     def __init__(self, client: Client) -> None:
         self.call = partial(client.call, retry=False)
-        self.stream = client.stream
+        self.stream = partial(client.stream, retry=False)
 
 
 def _client_intercepted(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import AsyncIterable, Callable, Generator, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from google.protobuf.message import Message
 from twisted.internet.defer import Deferred, fail, succeed
@@ -50,6 +50,20 @@ from twisted_rpc.core._status import (
 
 if TYPE_CHECKING:
     from twisted_rpc.client._connection import ClientConnection
+
+RETRY_BUFFER = 256 * 1024
+"""Bytes of requests a retryable stream keeps to send again on a retry (gRPC's
+per-RPC retry buffer): past it the stream is committed, no longer retried."""
+
+
+class StreamRetrier(Protocol):
+    """What retries a stream before its first reply (_stream_start.StreamRetry):
+    ``failed`` gives None if the stream is sent again (it was detached), else
+    the error it ends with; ``succeeded``: a reply, HEADERS or an OK end came."""
+
+    def failed(self, stream: StreamCall[Any, Any], error: RpcError) -> RpcError | None: ...
+    def succeeded(self) -> None: ...
+
 
 __all__ = ["BidiStream", "ClientStream", "ServerStream", "StreamCall"]
 
@@ -113,6 +127,12 @@ class StreamCall(Generic[RequestT, ResponseT]):
         self._delivering = False
         self.opening: Deferred[Any] | None = None
         """While the stream waits for a connection: what it waits on."""
+        self.retry: StreamRetrier | None = None
+        """Until the stream is committed (a reply, initial metadata, the
+        retry buffer full), what may send it again after a failed attempt."""
+        self._sent: list[bytes] = []  # requests written, kept while retryable
+        self._sent_bytes = 0
+        self._resend: deque[bytes] = deque()  # requests to send again on this attempt
         if timeout:
             self._timer = clock.callLater(timeout, self._expired)
 
@@ -275,8 +295,13 @@ class StreamCall(Generic[RequestT, ResponseT]):
         credit = self.credit
         if connection is None or credit is None or self.code is not None:
             return
+        resend = self._resend
+        while resend and credit.credit > 0:
+            payload = resend.popleft()
+            credit.spend(message_cost(len(payload)))
+            connection.send_stream_message(self.call_id, payload)
         writes = self._writes
-        while writes and credit.credit > 0:
+        while writes and credit.credit > 0 and not resend:
             message, d = writes.popleft()
             try:
                 payload = message.SerializeToString()
@@ -293,8 +318,10 @@ class StreamCall(Generic[RequestT, ResponseT]):
                 continue
             credit.spend(message_cost(len(payload)))
             connection.send_stream_message(self.call_id, payload)
+            if self.retry is not None:
+                self._keep(payload)
             d.callback(None)
-        if writes:
+        if writes or resend:
             if not self._waiting_credit:
                 self._waiting_credit = True
                 credit.wait().addCallbacks(self._credit_back, _ignore)
@@ -305,6 +332,29 @@ class StreamCall(Generic[RequestT, ResponseT]):
             closers, self._closers = self._closers, []
             for d in closers:
                 d.callback(None)
+
+    def _keep(self, payload: bytes) -> None:
+        """Keep a request written for a retry, or commit past RETRY_BUFFER."""
+        self._sent_bytes += len(payload)
+        if self._sent_bytes > RETRY_BUFFER:
+            self.commit()
+        else:
+            self._sent.append(payload)
+
+    def commit(self) -> None:
+        """No retry from now on: the requests kept are dropped."""
+        self.retry = None
+        self._sent = []
+
+    def detach(self) -> None:
+        """The attempt failed and another will be made: what was written is
+        sent again on it, END_STREAM too if it was sent."""
+        self.connection = None
+        self.credit = None
+        self.call_id = 0
+        self._waiting_credit = False
+        self._half_closed = False
+        self._resend = deque(self._sent)
 
     def _credit_back(self, _: object) -> None:
         self._waiting_credit = False
@@ -319,13 +369,14 @@ class StreamCall(Generic[RequestT, ResponseT]):
     def _cancel(self, error: RpcError) -> None:
         if self.code is not None:
             return
+        self.commit()
         connection = self.connection
         if connection is not None:
             connection.stream_cancelled(self)
         opening, self.opening = self.opening, None
+        self.end(error)
         if opening is not None:
             opening.cancel()
-        self.end(error)
 
     def _expired(self) -> None:
         self._timer = None
@@ -345,6 +396,16 @@ class StreamCall(Generic[RequestT, ResponseT]):
         received before stay readable; the error comes after them."""
         if self.code is not None:
             return
+        retry = self.retry
+        if retry is not None:
+            if error is None:
+                retry.succeeded()
+            else:
+                final = retry.failed(self, error)
+                if final is None:
+                    return  # sent again
+                error = final
+            self.commit()
         self.code = StatusCode(error.code) if error is not None else StatusCode.OK
         self.details = error.message if error is not None else ""
         self.trailing_metadata = dict(trailers or {})
@@ -397,11 +458,17 @@ class StreamCall(Generic[RequestT, ResponseT]):
             return
         if self._first:
             self._first = False
+            if self.retry is not None:
+                self.retry.succeeded()
+                self.commit()
             if not self.initial_metadata.called:
                 self.initial_metadata.callback({})
         self.inbox.put(reply, cost or len(payload) + HEADER_SIZE)  # message_cost(), inline
 
     def headers_received(self, metadata: Mapping[str, str] | None) -> None:
+        if self.retry is not None:
+            self.retry.succeeded()
+            self.commit()
         if not self.initial_metadata.called:
             self.initial_metadata.callback(dict(metadata or {}))
 
