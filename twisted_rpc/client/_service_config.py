@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 from twisted.logger import Logger
 
+from twisted_rpc.core._compress import ENCODING_IDS, check_encoding
 from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.core._status import StatusCode
 from twisted_rpc.discovery._layout import PUBLISHED_KEY
@@ -47,14 +48,11 @@ _MAX_MEMO = 10_000  # methods whose timeout is remembered
 _IGNORED = frozenset({"loadBalancingConfig", "loadBalancingPolicy", "healthCheckConfig"})
 """Top-level gRPC keys accepted (so a gRPC config loads) but not applied."""
 
-MIN_PUBLISHED_TIMEOUT = 0.05
-"""A published ``timeout`` shorter than this (seconds) is raised to it."""
-MIN_PUBLISHED_BACKOFF = 0.05
-"""A published ``initialBackoff`` and ``hedgingDelay`` are at least this."""
-MAX_PUBLISHED_BACKOFF = 30.0
-"""A published ``initialBackoff`` and ``maxBackoff`` are at most this."""
-MAX_PUBLISHED_MULTIPLIER = 10.0
-"""A published ``backoffMultiplier`` is clamped to 1 .. this."""
+# The bounds a config providers publish is clamped to (published_entries):
+MIN_PUBLISHED_TIMEOUT = 0.05  # seconds of timeout at least
+MIN_PUBLISHED_BACKOFF = 0.05  # initialBackoff and hedgingDelay from this...
+MAX_PUBLISHED_BACKOFF = 30.0  # ... to this, as maxBackoff
+MAX_PUBLISHED_MULTIPLIER = 10.0  # backoffMultiplier from 1 to this
 _MAX_PUBLISHED_TEXTS = 64  # distinct published configs remembered (parsed or refused)
 
 log = Logger(namespace="twisted_rpc.client")
@@ -110,6 +108,10 @@ class MethodConfig:
     wait_for_ready: bool | None = None
     retry_policy: RetryPolicy | None = None
     hedging_policy: HedgingPolicy | None = None
+    compression: str | None = None
+    """Our extension (gRPC's service config has no such key): ``"zlib"``,
+    ``"zstd"`` or ``"identity"`` (none) for this entry's calls, over the
+    client's ``compression`` option."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,13 @@ class ServiceConfig:
             if len(self._timeouts) < _MAX_MEMO:
                 self._timeouts[method.route] = timeout
         return default if timeout is None else timeout
+
+    def compression_for(self, method: MethodInfo, default: str | None) -> str | None:
+        """The encoding ``method``'s entry names (None for ``identity``),
+        else ``default`` (the client's ``compression``)."""
+        config = self.policy_for(method.service, method.name)
+        chosen = default if config is None or config.compression is None else config.compression
+        return None if chosen == "identity" else chosen
 
 
 def parse_duration(text: object, where: str = "duration") -> float:
@@ -312,6 +321,7 @@ _METHOD_KEYS = {
     "hedgingPolicy",
     "maxRequestMessageBytes",
     "maxResponseMessageBytes",
+    "compression",
 }
 
 
@@ -339,13 +349,31 @@ def _method_config(value: object, where: str) -> MethodConfig:
         retry = _retry(obj["retryPolicy"], f"{where}.retryPolicy")
     if "hedgingPolicy" in obj:
         hedging = _hedging(obj["hedgingPolicy"], f"{where}.hedgingPolicy")
+    compression = None
+    if "compression" in obj:
+        compression = _compression(obj["compression"], f"{where}.compression")
     return MethodConfig(
         tuple(_name(n, f"{where}.name[{i}]") for i, n in enumerate(names)),
         timeout,
         ready,
         retry,
         hedging,
+        compression,
     )
+
+
+def _compression(value: object, where: str) -> str:
+    """An encoding this process has, or ``identity`` (none)."""
+    if value == "identity":
+        return "identity"
+    if not isinstance(value, str) or value not in ENCODING_IDS:
+        choices = ", ".join(f'"{name}"' for name in (*ENCODING_IDS, "identity"))
+        _bad(where, f"one of {choices}", value)
+    try:
+        check_encoding(value)
+    except ValueError as e:
+        raise ServiceConfigError(f"service_config: {where}: {e}") from None
+    return value
 
 
 _RETRY_KEYS = {
