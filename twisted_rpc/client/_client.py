@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import fields
 from functools import partial
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from twisted_rpc.client._balancer import Balancer, RoundRobin, balancer_named
 from twisted_rpc.client._channel import Channel
-from twisted_rpc.client._config import load_consumer_config, snapshot_health_check
+from twisted_rpc.client._config import config_discovery, load_consumer_config
 from twisted_rpc.client._connection import (
     NotSentError,
     TakenBack,
@@ -49,9 +49,6 @@ from twisted_rpc.core._service import (
 from twisted_rpc.core._status import CancelledError, RpcError
 from twisted_rpc.discovery._static import StaticRegistry
 from twisted_rpc.discovery._types import ProviderAddress
-
-if TYPE_CHECKING:  # (kazoo is imported only when a ZooKeeper registry is asked for)
-    from twisted_rpc.discovery._kazoo import IZooKeeperReactor
 
 log = Logger(namespace="twisted_rpc.client")
 
@@ -164,26 +161,7 @@ class Client(StreamStarter, ChannelBuilder):
             reactor = global_reactor
         names = {f.name for f in fields(ClientOptions)}
         options = config.options.replace(**{k: kw.pop(k) for k in list(kw) if k in names})
-        if config.registry.kind == "zookeeper":
-            from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
-
-            reg = config.registry
-            # Every real reactor provides IReactorFromThreads too (what
-            # ZooKeeper needs besides the clock); ClientReactor leaves it out
-            # since only this registry uses it.
-            kw["discovery"] = ZooKeeperRegistry(
-                cast("IZooKeeperReactor", reactor),
-                reg.hosts,
-                root=reg.root,
-                session_timeout=reg.session_timeout,
-                auth=reg.auth,
-                snapshot=options.snapshot,
-                health_check=snapshot_health_check(reactor, options) if options.snapshot else None,
-            )
-        else:
-            kw["providers"] = {
-                name: [str(a) for a in addrs] for name, addrs in config.providers.items()
-            }
+        kw.update(config_discovery(config, options, reactor))
         return cls(reactor, options, **kw)
 
     def proxy(
@@ -374,15 +352,17 @@ class Client(StreamStarter, ChannelBuilder):
         if route is None:
             route = self._routes[service] = _ServiceRoute(_make_balancer(self.balancer))
             self._unsubscribe.append(
-                self.discovery.subscribe(service, partial(self._providers_changed, route))
+                self.discovery.subscribe(service, partial(self._providers_changed, route, service))
             )
         return route
 
     def _providers_changed(
-        self, route: _ServiceRoute, addresses: Sequence[ProviderAddress]
+        self, route: _ServiceRoute, service: str, addresses: Sequence[ProviderAddress]
     ) -> None:
         """Discovery's new list for a service. A bad entry is skipped with a
-        warning: it never breaks the others, nor raises into discovery."""
+        warning: it never breaks the others, nor raises into discovery. The
+        config its providers publish, if any, becomes its default (_retry.py)."""
+        self.service_config = self._retries.published(service, addresses)
         pools = []
         for address in addresses:
             try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from google.protobuf.wrappers_pb2 import Int32Value, StringValue
 from twisted.internet.defer import Deferred
@@ -22,8 +22,14 @@ from twisted_rpc.discovery._types import ProviderAddress, parse_address
 
 if TYPE_CHECKING:
     from twisted_rpc.client._dials import ClientReactor
+    from twisted_rpc.discovery._kazoo import IZooKeeperReactor
 
-__all__ = ["ConsumerConfig", "load_consumer_config", "snapshot_health_check"]
+__all__ = [
+    "ConsumerConfig",
+    "config_discovery",
+    "load_consumer_config",
+    "snapshot_health_check",
+]
 
 
 @dataclass
@@ -154,6 +160,34 @@ def _connections(raw: str | None) -> int | str:
         raise ValueError(
             f"connections_per_provider must be 'auto' or a number, not {raw!r}"
         ) from None
+
+
+def config_discovery(
+    config: ConsumerConfig, options: ClientOptions, reactor: ClientReactor
+) -> dict[str, Any]:
+    """``Client``'s keywords for the registry ``config`` names: a
+    ZooKeeperRegistry (``discovery``, kazoo imported only then), else the
+    file's ``providers``."""
+    if config.registry.kind == "zookeeper":
+        from twisted_rpc.discovery._zkregistry import ZooKeeperRegistry
+
+        reg = config.registry
+        # Every real reactor provides IReactorFromThreads too (what
+        # ZooKeeper needs besides the clock); ClientReactor leaves it out
+        # since only this registry uses it.
+        registry = ZooKeeperRegistry(
+            cast("IZooKeeperReactor", reactor),
+            reg.hosts,
+            root=reg.root,
+            session_timeout=reg.session_timeout,
+            auth=reg.auth,
+            snapshot=options.snapshot,
+            health_check=snapshot_health_check(reactor, options) if options.snapshot else None,
+        )
+        return {"discovery": registry}
+    return {
+        "providers": {name: [str(a) for a in addrs] for name, addrs in config.providers.items()}
+    }
 
 
 def _relative(ini: str, path: str) -> str:

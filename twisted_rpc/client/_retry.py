@@ -24,6 +24,7 @@ from twisted_rpc.client._hedge import attempts_error as _final
 from twisted_rpc.client._hedge import send_hedged
 from twisted_rpc.client._service_config import (
     HedgingPolicy,
+    PublishedConfigs,
     RetryPolicy,
     RetryThrottling,
     ServiceConfig,
@@ -35,6 +36,8 @@ from twisted_rpc.core._status import (
     RpcError,
     StatusCode,
 )
+from twisted_rpc.discovery._layout import PUBLISHED_KEY
+from twisted_rpc.discovery._types import ProviderAddress
 
 if TYPE_CHECKING:
     from twisted_rpc.client._balancer import Balancer
@@ -184,6 +187,9 @@ class Retries:
         self._policies: dict[bytes, RetryPolicy | HedgingPolicy | None] = {}
         self._find = find
         self.random = random.random
+        self._published: PublishedConfigs | None = None
+        """Set once a provider list carried a published config (the config
+        is then this client's own copy)."""
 
     @classmethod
     def from_options(cls, clock: _Clock, options: ClientOptions) -> Retries:
@@ -201,6 +207,29 @@ class Retries:
                 options.retry_budget_window,
             )
         return cls(clock, config, budget)
+
+    def published(self, service: str, addresses: Sequence[ProviderAddress]) -> ServiceConfig | None:
+        """The service config once ``service``'s new provider list is taken
+        into account: the config its providers publish in their nodes
+        becomes the service's default under this client's own entries
+        (:meth:`ServiceConfig.policy_for`). Nothing changes (and nothing is
+        copied) while no provider publishes one."""
+        config = self.config
+        chooser = self._published
+        if chooser is None:
+            if not any(PUBLISHED_KEY in a.data for a in addresses):
+                return config
+            chooser = self._published = PublishedConfigs()
+            if config is None:
+                config = ServiceConfig()
+            else:  # a copy: the caller's object may serve other clients
+                config = ServiceConfig(config.method_configs, config.retry_throttling)
+            self.config = config
+        assert config is not None
+        if config.publish(service, chooser.choose(service, addresses)):
+            self._policies.clear()
+            self.plain.clear()  # (the client's own set: emptied in place)
+        return config
 
     def policy_for(
         self, method: MethodInfo, idempotent: bool

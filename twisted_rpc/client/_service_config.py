@@ -13,12 +13,17 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
+from twisted.logger import Logger
+
+from twisted_rpc.core._compress import ENCODING_IDS, check_encoding
 from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.core._status import StatusCode
+from twisted_rpc.discovery._layout import PUBLISHED_KEY
+from twisted_rpc.discovery._types import ProviderAddress
 
 __all__ = [
     "HedgingPolicy",
@@ -42,6 +47,15 @@ _DURATION = re.compile(r"([0-9]{1,12})(?:\.([0-9]{1,9}))?s\Z")
 _MAX_MEMO = 10_000  # methods whose timeout is remembered
 _IGNORED = frozenset({"loadBalancingConfig", "loadBalancingPolicy", "healthCheckConfig"})
 """Top-level gRPC keys accepted (so a gRPC config loads) but not applied."""
+
+# The bounds a config providers publish is clamped to (published_entries):
+MIN_PUBLISHED_TIMEOUT = 0.05  # seconds of timeout at least
+MIN_PUBLISHED_BACKOFF = 0.05  # initialBackoff and hedgingDelay from this...
+MAX_PUBLISHED_BACKOFF = 30.0  # ... to this, as maxBackoff
+MAX_PUBLISHED_MULTIPLIER = 10.0  # backoffMultiplier from 1 to this
+_MAX_PUBLISHED_TEXTS = 64  # distinct published configs remembered (parsed or refused)
+
+log = Logger(namespace="twisted_rpc.client")
 
 
 class ServiceConfigError(ValueError):
@@ -94,6 +108,10 @@ class MethodConfig:
     wait_for_ready: bool | None = None
     retry_policy: RetryPolicy | None = None
     hedging_policy: HedgingPolicy | None = None
+    compression: str | None = None
+    """Our extension (gRPC's service config has no such key): ``"zlib"``,
+    ``"zstd"`` or ``"identity"`` (none) for this entry's calls, over the
+    client's ``compression`` option."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +126,9 @@ class ServiceConfig:
         default_factory=dict, init=False, repr=False, compare=False
     )
     _timeouts: dict[bytes, float | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _published: dict[tuple[str, str], MethodConfig] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -153,9 +174,30 @@ class ServiceConfig:
     def policy_for(self, service: str, method: str) -> MethodConfig | None:
         """The entry for ``service``/``method`` as gRPC picks it: the one
         naming the method, else the one naming its service, else the
-        default (an empty name), else None."""
+        default (an empty name), else None. Entries its providers published
+        (:meth:`publish`) come after this config's own for the method and
+        its service, and before its default."""
         index = self._index
-        return index.get((service, method)) or index.get((service, "")) or index.get(("", ""))
+        found = index.get((service, method)) or index.get((service, ""))
+        if found is None and self._published:
+            published = self._published
+            found = published.get((service, method)) or published.get((service, ""))
+        return found or index.get(("", ""))
+
+    def publish(self, service: str, entries: Sequence[MethodConfig]) -> bool:
+        """Make ``entries`` (from :func:`published_entries`) the published
+        defaults of ``service``, replacing the ones it had; whether that
+        changed anything (the memoized timeouts are then forgotten)."""
+        published = self._published
+        old = {k: v for k, v in published.items() if k[0] == service}
+        new = {(n.service, n.method): e for e in entries for n in e.names if n.service == service}
+        if old == new:
+            return False
+        for key in old:
+            del published[key]
+        published.update(new)
+        self._timeouts.clear()
+        return True
 
     def timeout_for(self, method: MethodInfo, default: float | None) -> float | None:
         """``method``'s config ``timeout``, else ``default`` (memoized by
@@ -168,6 +210,13 @@ class ServiceConfig:
             if len(self._timeouts) < _MAX_MEMO:
                 self._timeouts[method.route] = timeout
         return default if timeout is None else timeout
+
+    def compression_for(self, method: MethodInfo, default: str | None) -> str | None:
+        """The encoding ``method``'s entry names (None for ``identity``),
+        else ``default`` (the client's ``compression``)."""
+        config = self.policy_for(method.service, method.name)
+        chosen = default if config is None or config.compression is None else config.compression
+        return None if chosen == "identity" else chosen
 
 
 def parse_duration(text: object, where: str = "duration") -> float:
@@ -272,6 +321,7 @@ _METHOD_KEYS = {
     "hedgingPolicy",
     "maxRequestMessageBytes",
     "maxResponseMessageBytes",
+    "compression",
 }
 
 
@@ -299,13 +349,31 @@ def _method_config(value: object, where: str) -> MethodConfig:
         retry = _retry(obj["retryPolicy"], f"{where}.retryPolicy")
     if "hedgingPolicy" in obj:
         hedging = _hedging(obj["hedgingPolicy"], f"{where}.hedgingPolicy")
+    compression = None
+    if "compression" in obj:
+        compression = _compression(obj["compression"], f"{where}.compression")
     return MethodConfig(
         tuple(_name(n, f"{where}.name[{i}]") for i, n in enumerate(names)),
         timeout,
         ready,
         retry,
         hedging,
+        compression,
     )
+
+
+def _compression(value: object, where: str) -> str:
+    """An encoding this process has, or ``identity`` (none)."""
+    if value == "identity":
+        return "identity"
+    if not isinstance(value, str) or value not in ENCODING_IDS:
+        choices = ", ".join(f'"{name}"' for name in (*ENCODING_IDS, "identity"))
+        _bad(where, f"one of {choices}", value)
+    try:
+        check_encoding(value)
+    except ValueError as e:
+        raise ServiceConfigError(f"service_config: {where}: {e}") from None
+    return value
 
 
 _RETRY_KEYS = {
@@ -357,3 +425,105 @@ def _throttling(value: object, where: str) -> RetryThrottling:
         tokens,
         _positive(obj["tokenRatio"], f"{where}.tokenRatio"),
     )
+
+
+# ------------------------------------------------ configs providers publish
+
+
+def published_entries(service: str, value: object) -> tuple[MethodConfig, ...]:
+    """The ``methodConfig`` entries a provider of ``service`` published (its
+    node's ``serviceConfig``: a JSON object, or its text), checked as a
+    consumer's own config is (:class:`ServiceConfigError` if bad), kept only
+    for names of ``service`` (no default ``{}``, no other service), and
+    clamped: timeouts >= MIN_PUBLISHED_TIMEOUT, backoffs and hedging delays
+    from MIN_PUBLISHED_BACKOFF to MAX_PUBLISHED_BACKOFF, multipliers 1 to
+    MAX_PUBLISHED_MULTIPLIER (attempts are capped at 5 by the parser).
+    ``retryThrottling`` is never taken: the consumer's budget stays."""
+    if not isinstance(value, (str, bytes, Mapping)):
+        _bad("", "an object", value)
+    config = ServiceConfig.parse(value)
+    kept = []
+    for entry in config.method_configs:
+        names = tuple(n for n in entry.names if n.service == service)
+        if names:
+            kept.append(_clamped(replace(entry, names=names)))
+    return tuple(kept)
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return min(max(value, low), high)
+
+
+def _clamped(entry: MethodConfig) -> MethodConfig:
+    timeout = entry.timeout
+    if timeout is not None:
+        timeout = max(timeout, MIN_PUBLISHED_TIMEOUT)
+    retry = entry.retry_policy
+    if retry is not None:
+        initial = _clamp(retry.initial_backoff, MIN_PUBLISHED_BACKOFF, MAX_PUBLISHED_BACKOFF)
+        retry = replace(
+            retry,
+            initial_backoff=initial,
+            max_backoff=_clamp(retry.max_backoff, initial, MAX_PUBLISHED_BACKOFF),
+            backoff_multiplier=_clamp(retry.backoff_multiplier, 1.0, MAX_PUBLISHED_MULTIPLIER),
+        )
+    hedging = entry.hedging_policy
+    if hedging is not None:
+        delay = _clamp(hedging.hedging_delay, MIN_PUBLISHED_BACKOFF, MAX_PUBLISHED_BACKOFF)
+        hedging = replace(hedging, hedging_delay=delay)
+    return replace(entry, timeout=timeout, retry_policy=retry, hedging_policy=hedging)
+
+
+class PublishedConfigs:
+    """Picks, per service, the config its providers publish in their
+    registry nodes (see docs/resilience.md): each distinct one is checked
+    once (a bad one is logged once and never used); when providers
+    disagree, the one most of them publish wins, a tie going to the one
+    the smallest address (host, then port) publishes."""
+
+    def __init__(self) -> None:
+        self._parsed: dict[tuple[str, str], tuple[MethodConfig, ...] | None] = {}
+
+    def choose(
+        self, service: str, addresses: Sequence[ProviderAddress]
+    ) -> tuple[MethodConfig, ...]:
+        votes: dict[str, list[tuple[str, int]]] = {}
+        found: dict[str, tuple[MethodConfig, ...]] = {}
+        for address in addresses:
+            value = address.data.get(PUBLISHED_KEY)
+            if value is None:
+                continue
+            try:
+                text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            except (TypeError, ValueError, RecursionError):
+                text = repr(value)[:200]
+            entries = self._entries(service, text, value, address)
+            if entries is not None:
+                found[text] = entries
+                votes.setdefault(text, []).append((address.host, address.port))
+        if not votes:
+            return ()
+        best = min(votes, key=lambda t: (-len(votes[t]), min(votes[t])))
+        return found[best]
+
+    def _entries(
+        self, service: str, text: str, value: object, address: ProviderAddress
+    ) -> tuple[MethodConfig, ...] | None:
+        key = (service, text)
+        if key in self._parsed:
+            return self._parsed[key]
+        if len(self._parsed) >= _MAX_PUBLISHED_TEXTS:
+            self._parsed.clear()
+        entries: tuple[MethodConfig, ...] | None
+        try:
+            entries = published_entries(service, value)
+        except (ServiceConfigError, RecursionError) as e:
+            entries = None
+            log.warn(
+                "ignoring the service config {address} publishes for {service}: {error}",
+                address=str(address),
+                service=service,
+                error=str(e)[:200],
+            )
+        self._parsed[key] = entries
+        return entries

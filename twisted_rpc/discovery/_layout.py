@@ -26,6 +26,7 @@ from twisted_rpc.discovery._types import PROTOCOLS, ProviderAddress, Registratio
 
 __all__ = [
     "DEFAULT_ROOT",
+    "PUBLISHED_KEY",
     "BadNode",
     "cpp_path",
     "decode_cpp",
@@ -40,6 +41,9 @@ __all__ = [
 DEFAULT_ROOT = "/mprpc"
 """The native layout's root unless configured otherwise (``[registry] root``)."""
 MAX_WEIGHT = 1_000_000
+PUBLISHED_KEY = "serviceConfig"
+"""A provider node's key for the service config its provider publishes (a
+gRPC-shaped ``{"methodConfig": [...]}`` holding only that node's service)."""
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?")
 
 
@@ -65,7 +69,24 @@ def encode_provider(registration: Registration) -> bytes:
         "weight": address.weight,
         **registration.data,
     }
+    if PUBLISHED_KEY in data:
+        published = _published_for(data.pop(PUBLISHED_KEY), registration.service)
+        if published is not None:
+            data[PUBLISHED_KEY] = published
     return json.dumps(data, sort_keys=True).encode()
+
+
+def _published_for(config: Any, service: str) -> dict[str, Any] | None:
+    """The ``methodConfig`` entries of a (checked) service config that name
+    ``service``, each with only those names; None if there are none."""
+    entries = []
+    for entry in config.get("methodConfig", ()) if isinstance(config, dict) else ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), list):
+            continue
+        names = [n for n in entry["name"] if isinstance(n, dict) and n.get("service") == service]
+        if names:
+            entries.append({**entry, "name": names})
+    return {"methodConfig": entries} if entries else None
 
 
 class BadNode(ValueError):

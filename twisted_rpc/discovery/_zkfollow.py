@@ -24,7 +24,13 @@ from twisted_rpc.discovery._kazoo import (
     acl_text,
     others_may_write,
 )
-from twisted_rpc.discovery._layout import BadNode, clip, decode_provider, providers_path
+from twisted_rpc.discovery._layout import (
+    PUBLISHED_KEY,
+    BadNode,
+    clip,
+    decode_provider,
+    providers_path,
+)
 from twisted_rpc.discovery._types import ProviderAddress
 
 log = Logger(namespace="twisted_rpc.discovery")
@@ -256,7 +262,10 @@ class Follower:
 
         try:
             data, stat = await self.zk.get(f"{path}/{name}", watch=node_changed)
-            return self._parse_node(name, data, stat)
+            address = self._parse_node(name, data, stat)
+            if self.zk.identity is not None and PUBLISHED_KEY in address.data:
+                address = await self._published_by_us(f"{path}/{name}", address)
+            return address
         except NoNodeError:
             return False  # gone meanwhile
         except NoAuthError:
@@ -271,6 +280,26 @@ class Follower:
         )
         return True
 
+    async def _published_by_us(self, path: str, address: ProviderAddress) -> ProviderAddress:
+        """With auth: ``address`` as it is if its node's ACL lets only this
+        consumer's identity write it (so the service config it publishes was
+        written under that identity), else without that config (logged)."""
+        identity = self.zk.identity
+        assert identity is not None
+        acls, _ = await self.zk.get_acls(path)
+        if any((a.id.scheme, a.id.id) == (identity.scheme, identity.id) for a in acls) and not (
+            others_may_write(acls, identity)
+        ):
+            return address
+        log.warn(
+            "ignoring the service config published in {path}: its ACL {acl} is not"
+            " this identity's alone",
+            path=clip(path),
+            acl=acl_text(acls),
+        )
+        data = {k: v for k, v in address.data.items() if k != PUBLISHED_KEY}
+        return ProviderAddress(address.host, address.port, address.weight, data)
+
     def _parse_node(self, name: str, data: bytes, stat: Any) -> ProviderAddress:
         if len(data) > self.max_node_data:
             raise BadNode(f"{len(data)} bytes of data (at most {self.max_node_data})")
@@ -279,8 +308,10 @@ class Follower:
         return decode_provider(name, data)
 
     def _apply(self, watched: _Watched, addresses: tuple[ProviderAddress, ...]) -> None:
-        if addresses == watched.addresses:
-            return
+        if addresses == watched.addresses and _published(addresses) == _published(
+            watched.addresses or ()
+        ):
+            return  # (a changed published config is news though the addresses are not)
         if not addresses and watched.addresses:
             # An empty list read right after (re)connecting may be an outage's
             # artefact (providers not re-registered yet): keep the good list
@@ -306,3 +337,7 @@ class Follower:
                 listener(addresses)
             except Exception:
                 log.failure("{service}: a provider list listener failed", service=watched.service)
+
+
+def _published(addresses: tuple[ProviderAddress, ...]) -> list[object]:
+    return [a.data.get(PUBLISHED_KEY) for a in addresses]

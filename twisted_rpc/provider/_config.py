@@ -11,16 +11,19 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from twisted_rpc.client._service_config import MAX_TEXT
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._flow import check_window
 from twisted_rpc.core._ini import REGISTRY_KEYS, ConfigError, Reader, RegistryConfig
 from twisted_rpc.core._service import Service
 from twisted_rpc.core._tls import server_options
 from twisted_rpc.cpp._conf import CPP_KEYS, CPP_SECTIONS, CppListenerConfig, read_cpp_section
+from twisted_rpc.discovery._layout import PUBLISHED_KEY
 from twisted_rpc.discovery._types import ProviderAddress, parse_address
 from twisted_rpc.provider._options import (
     DEFAULT_ADMIN_MAX_CONNECTIONS,
     ProviderOptions,
+    check_published_config,
     check_server_endpoint,
 )
 from twisted_rpc.server._factory import ServerLimits
@@ -79,6 +82,8 @@ class ProviderConfig:
     log_format: str = "text"
     grpc: GrpcConfig | None = None
     """The gRPC listener (``[grpc]``), if any."""
+    service_config: dict[str, Any] | None = None
+    """The ``methodConfig`` its registry nodes publish (``[provider] service_config``)."""
 
     def options(self, **settings: Any) -> ProviderOptions:
         """The :class:`ProviderOptions` this file says (``settings`` override)."""
@@ -104,6 +109,9 @@ class ProviderConfig:
             "grpc_advertise": self.grpc.advertise if self.grpc else None,
         }
         built.update(settings)
+        data = built["registration_data"]
+        if self.service_config and PUBLISHED_KEY not in data:  # (also under twistd's data)
+            built["registration_data"] = {**data, PUBLISHED_KEY: self.service_config}
         try:
             return ProviderOptions(**built)
         except ValueError as e:
@@ -147,6 +155,7 @@ _PROVIDER_KEYS = {
     "reflection",
     "slow_call_threshold",
     "log_format",
+    "service_config",
 }
 
 
@@ -208,7 +217,29 @@ def load_provider_config(path: str) -> ProviderConfig:
         admin=_admin(r),
         log_format=_log_format(r),
         grpc=grpc,
+        service_config=_published_config(r),
     )
+
+
+def _published_config(r: Reader) -> dict[str, Any] | None:
+    """The JSON file ``[provider] service_config`` names (relative to the ini
+    file), checked as a consumer's is, for the registry nodes to publish."""
+    name = r.get("provider", "service_config")
+    if not name:
+        return None
+    where = f"{r.path}: [provider] service_config = {name}"
+    path = os.path.join(os.path.dirname(os.path.abspath(r.path)), os.path.expanduser(name))
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_TEXT + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: cannot read it: {e}") from None
+    if len(text) > MAX_TEXT:
+        raise ConfigError(f"{where}: longer than {MAX_TEXT} characters")
+    try:
+        return check_published_config(text)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _default(name: str) -> Any:

@@ -9,20 +9,33 @@ endpoint types Twisted knows (its built-ins and the installed
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.endpoints import _parseServer
 
+from twisted_rpc.client._service_config import ServiceConfig
 from twisted_rpc.core import _codec as wire
+from twisted_rpc.discovery._layout import PUBLISHED_KEY
 from twisted_rpc.discovery._types import ProviderAddress
 from twisted_rpc.server._factory import ServerLimits
 
 if TYPE_CHECKING:  # (pyOpenSSL is imported only when TLS is used)
     from twisted.internet.ssl import CertificateOptions
 
-__all__ = ["DEFAULT_ADMIN_MAX_CONNECTIONS", "ProviderOptions", "check_server_endpoint"]
+__all__ = [
+    "DEFAULT_ADMIN_MAX_CONNECTIONS",
+    "MAX_PUBLISHED_CONFIG",
+    "ProviderOptions",
+    "check_published_config",
+    "check_server_endpoint",
+]
+
+MAX_PUBLISHED_CONFIG = 8 * 1024
+"""Bytes of JSON at most in the ``methodConfig`` a provider publishes (its
+node's data must stay under consumers' ``max_node_data``, 16 KiB)."""
 
 DEFAULT_ADMIN_MAX_CONNECTIONS = 64
 """The same default as ``twisted_rpc.ops``' admin site (not imported from it:
@@ -43,6 +56,31 @@ def check_server_endpoint(description: str) -> None:
         _parseServer(description, None)
     except Exception as e:
         raise ValueError(f"{description!r} is not a valid endpoint: {e}") from None
+
+
+def check_published_config(value: object) -> dict[str, Any]:
+    """The service config a provider publishes in its registry nodes
+    (``registration_data["serviceConfig"]``, ``[provider] service_config``):
+    a gRPC-shaped JSON object (or its text) checked by the consumer's own
+    parser, at most MAX_PUBLISHED_CONFIG bytes of ``methodConfig``; only
+    ``methodConfig`` is kept (consumers never take ``retryThrottling``).
+    ValueError (a ServiceConfigError) if it is not that."""
+    if isinstance(value, (str, bytes)):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"service_config: not JSON: {e}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"service_config: expected a JSON object, got {type(value).__name__}")
+    ServiceConfig.parse(value)
+    published = {"methodConfig": list(value.get("methodConfig", []))}
+    size = len(json.dumps(published, sort_keys=True))
+    if size > MAX_PUBLISHED_CONFIG:
+        raise ValueError(
+            f"service_config: {size} bytes of methodConfig to publish (at most"
+            f" {MAX_PUBLISHED_CONFIG})"
+        )
+    return published
 
 
 def _seconds(name: str, value: float) -> None:
@@ -67,7 +105,9 @@ class ProviderOptions:
     tls_options: CertificateOptions | None = None
     """``twisted_rpc.server_options(...)``: the native listener speaks TLS."""
     registration_data: Mapping[str, Any] = field(default_factory=dict)
-    """Extra data in each registration (weight, pid, version...)."""
+    """Extra data in each registration (weight, pid, version...);
+    ``"serviceConfig"``: a gRPC-shaped service config whose ``methodConfig``
+    entries each node publishes for its service (checked; docs/resilience.md)."""
     cpp_listen: str | None = None
     """Endpoint of the listener for C++ mprpc callers; None: none."""
     cpp_advertise: ProviderAddress | None = None
@@ -124,6 +164,15 @@ class ProviderOptions:
         if not isinstance(self.registration_data, Mapping):
             data = self.registration_data
             raise ValueError(f"ProviderOptions.registration_data must be a mapping, not {data!r}")
+        if PUBLISHED_KEY in self.registration_data:
+            try:
+                published = check_published_config(self.registration_data[PUBLISHED_KEY])
+            except ValueError as e:
+                raise ValueError(
+                    f"ProviderOptions.registration_data[{PUBLISHED_KEY!r}]: {e}"
+                ) from None
+            data = {**self.registration_data, PUBLISHED_KEY: published}
+            object.__setattr__(self, "registration_data", data)
         for name in ("health", "reflection"):
             if type(getattr(self, name)) is not bool:
                 raise ValueError(f"ProviderOptions.{name} must be a bool")

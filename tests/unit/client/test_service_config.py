@@ -340,3 +340,56 @@ def test_a_bad_or_missing_json_file_is_one_config_error_line(tmp_path: Path) -> 
         'methodConfig[0].timeout: expected a duration like "0.5s" (seconds, up to 9 decimals), '
         'got "1"'
     )
+
+
+# ---------------------------------------------------------------- compression (our extension)
+
+
+def test_an_entry_may_name_its_calls_compression() -> None:
+    config = ServiceConfig.parse(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": "mprpc.test.EchoService", "method": "Echo"}],
+                    "compression": "zlib",
+                },
+                {"name": [{"service": "mprpc.test.EchoService"}], "compression": "identity"},
+                {"name": [{}], "timeout": "1s"},
+            ]
+        }
+    )
+    methods = describe(ECHO).methods
+    assert config.compression_for(methods["Echo"], None) == "zlib"
+    assert config.compression_for(methods["AsyncEcho"], "zlib") is None  # identity: none
+    other = describe(STREAMS).methods["Count"]
+    assert config.compression_for(other, "zlib") == "zlib"  # unnamed: the client's
+    assert config.compression_for(other, None) is None
+
+
+@pytest.mark.parametrize("value", ["gzip", 1, None, ""])
+def test_an_unknown_compression_is_one_line(value: object) -> None:
+    error = _error({"methodConfig": [{"name": [{}], "compression": value}]})
+    assert error.startswith(
+        'methodConfig[0].compression: expected one of "zlib", "zstd", "identity"'
+    )
+
+
+def test_zstd_without_its_package_is_refused_up_front() -> None:
+    from twisted_rpc.core._compress import available_encodings
+
+    config = {"methodConfig": [{"name": [{}], "compression": "zstd"}]}
+    if "zstd" in available_encodings():
+        assert ServiceConfig.parse(config).method_configs[0].compression == "zstd"
+    else:
+        assert "needs the zstandard package" in _error(config)
+
+
+def test_the_consumer_ini_sets_compression_and_its_threshold(tmp_path: Path) -> None:
+    ini = tmp_path / "c.ini"
+    ini.write_text("[consumer]\ncompression = zlib\ncompression_threshold = 64\n")
+    options = load_consumer_config(str(ini)).options
+    assert (options.compression, options.compression_threshold) == ("zlib", 64)
+    with pytest.raises(ConfigError, match=r"\[consumer\] compression must be one of zlib, zstd"):
+        load_consumer_config(str(_ini(tmp_path, "compression = gzip")))
+    with pytest.raises(ConfigError, match=r"compression_threshold"):
+        load_consumer_config(str(_ini(tmp_path, "compression_threshold = -1")))

@@ -101,7 +101,9 @@ def test_discovery_mixes_both_wires_and_a_node_changing_wire_is_redialled():
     assert wires == {50051: "grpc", 8000: "native"}  # native preferred when both
     old = client.channels["127.0.0.1:8000"]
     client._providers_changed(
-        client._routes[SERVICE], [ProviderAddress("127.0.0.1", 8000, data={"protocol": "grpc"})]
+        client._routes[SERVICE],
+        SERVICE,
+        [ProviderAddress("127.0.0.1", 8000, data={"protocol": "grpc"})],
     )
     assert client.channels["127.0.0.1:8000"].protocol_name == "grpc"
     assert old.state == "closed"

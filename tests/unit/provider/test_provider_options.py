@@ -359,3 +359,57 @@ def test_the_admin_site_is_imported_only_when_configured():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "[] True"
+
+
+PUBLISH = {
+    "methodConfig": [{"name": [{"service": "pkg.Svc"}], "timeout": "2s"}],
+    "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+}
+
+
+def _publishing_ini(tmp_path, text):
+    (tmp_path / "conf").mkdir(exist_ok=True)
+    (tmp_path / "conf" / "published.json").write_text(text)
+    ini = tmp_path / "provider.ini"
+    ini.write_text(
+        "[provider]\nlisten = tcp:0:interface=127.0.0.1\nservices = pkg.mod:Svc\n"
+        "service_config = conf/published.json\n"
+    )
+    return str(ini)
+
+
+def test_the_ini_names_a_service_config_to_publish_relative_to_it(tmp_path):
+    import json
+
+    config = load_provider_config(_publishing_ini(tmp_path, json.dumps(PUBLISH)))
+    published = {"methodConfig": PUBLISH["methodConfig"]}  # retryThrottling is not published
+    assert config.options().registration_data == {"weight": 100, "serviceConfig": published}
+    # twistd gives its own registration data: the config is still published.
+    data = config.options(registration_data={"pid": 1}).registration_data
+    assert data == {"pid": 1, "serviceConfig": published}
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("{not json", "not JSON"),
+        ('{"methodConfig": [{"name": [{}], "timeout": "1ms"}]}', "methodConfig\\[0\\].timeout"),
+        ('{"methodConfig": [{"name": [{}], "timeout": "1s"}]}' + " " * (1 << 20), "longer than"),
+        (
+            '{"methodConfig": [{"name": [{"service": "%s"}]}]}' % ("s" * 9000),
+            "bytes of methodConfig to publish",
+        ),
+    ],
+)
+def test_a_bad_service_config_to_publish_is_one_config_error(tmp_path, text, why):
+    with pytest.raises(ConfigError, match=f"provider.ini: \\[provider\\] service_config = .*{why}"):
+        load_provider_config(_publishing_ini(tmp_path, text))
+
+
+def test_options_check_a_published_config_given_in_code():
+    listen = "tcp:0:interface=127.0.0.1"
+    options = ProviderOptions(listen=listen, registration_data={"serviceConfig": PUBLISH})
+    assert options.registration_data["serviceConfig"] == {"methodConfig": PUBLISH["methodConfig"]}
+    bad = {"serviceConfig": {"methodConfig": [{"name": [{}], "timeout": 3}]}}
+    with pytest.raises(ValueError, match="registration_data\\['serviceConfig'\\]: service_config"):
+        ProviderOptions(listen=listen, registration_data=bad)
