@@ -23,6 +23,7 @@ from twisted_rpc.provider._options import (
     ProviderOptions,
     check_server_endpoint,
 )
+from twisted_rpc.provider._systemd import inherited_descriptor
 from twisted_rpc.server._factory import ServerLimits
 
 if TYPE_CHECKING:  # (pyOpenSSL is imported only when TLS is used)
@@ -111,9 +112,11 @@ class ProviderConfig:
 
 
 def check_endpoint(where: str, listen: str) -> None:
-    """Raise ConfigError unless ``listen`` is a server endpoint Twisted knows."""
+    """Raise ConfigError unless ``listen`` is a server endpoint Twisted knows
+    (and, for ``systemd:``, names a listening socket this process inherited)."""
     try:
         check_server_endpoint(listen)
+        inherited_descriptor(listen)
     except ValueError as e:
         raise ConfigError(f"{where} = {e}") from None
 
@@ -189,6 +192,9 @@ def load_provider_config(path: str) -> ProviderConfig:
         except ValueError as e:
             raise ConfigError(f"{path}: [tls] {e}") from None
     registry = r.registry()
+    cpp = read_cpp_section(r, registry)
+    if cpp is not None:
+        check_endpoint(f"{path}: [cpp] listen", cpp.listen)
     return ProviderConfig(
         tls_options=tls_options,
         path=path,
@@ -199,7 +205,7 @@ def load_provider_config(path: str) -> ProviderConfig:
         max_frame_size=r.number("provider", "max_frame_size", _default("max_frame_size"), int, 64),
         limits=_limits(r),
         registry=registry,
-        cpp=read_cpp_section(r, registry),
+        cpp=cpp,
         health=r.flag("provider", "health", True),
         reflection=r.flag("provider", "reflection", True),
         slow_call_threshold=r.number(
