@@ -12,7 +12,8 @@ names), then execs twistd, keeping that pid::
 
 ``systemd-socket-activate`` (Debian's systemd package) also speaks the
 protocol, but it execs its child in place on the first connection, so the
-socket does not outlive the child: it cannot show a restart.
+socket does not outlive the child: it cannot show a restart. Given the held
+socket (``launcher``), it passes it on as systemd does (``--fdname``).
 """
 
 from __future__ import annotations
@@ -54,9 +55,12 @@ class ActivatedProvider:
         config: Path,
         name: str = "mprpc-provider.socket",
         ready: str = "provider listening on",
+        launcher: tuple[str, ...] = (),
     ) -> None:
+        """``launcher``: a program (and its arguments) run with the socket,
+        that runs twistd in turn (``systemd-socket-activate --fdname=rpc``)."""
         fd = held.sock.fileno()
-        argv = [sys.executable, "-m", "testbed.handover", str(fd), name, "--"]
+        argv = [sys.executable, "-m", "testbed.handover", str(fd), name, "--", *launcher]
         argv += [TWISTD, "-n", "--pidfile=", "mprpc", "--config", str(config)]
         self.lines: list[str] = []
         self.ready_text = ready
@@ -121,7 +125,7 @@ def main(argv: list[str]) -> None:
     os.environ["LISTEN_FDS"] = "1"
     os.environ["LISTEN_PID"] = str(os.getpid())
     os.environ["LISTEN_FDNAMES"] = name
-    os.execv(program[0], program)
+    os.execvp(program[0], program)
 
 
 if __name__ == "__main__":

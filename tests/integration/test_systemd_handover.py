@@ -11,6 +11,7 @@ Meanwhile connection attempts wait in the socket's backlog.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import tempfile
 import threading
@@ -187,6 +188,32 @@ class SystemdHandoverTests(TestCase):
             f"answered by it), {retried} sent again after NotSentError, 0 failed; "
             f"{dialler.attempts} connection attempts, 0 failed"
         )
+
+    @pytest.mark.skipif(
+        shutil.which("systemd-socket-activate") is None, reason="no systemd-socket-activate"
+    )
+    async def test_systemd_socket_activate_hands_over_a_named_socket(self) -> None:
+        """systemd's own launcher names the socket (``--fdname=rpc``,
+        LISTEN_FDNAMES) and starts twistd on the first connection attempt:
+        ``listen = systemd:domain=INET:name=rpc`` serves that call."""
+        held = self.held()
+        config = write_config(held, "systemd:domain=INET:name=rpc")
+        launcher = ("systemd-socket-activate", "--fdname=rpc")
+        provider = ActivatedProvider(held, config, name="outer", launcher=launcher)
+        self.addCleanup(provider.stop)
+        client = Client(reactor, providers={SERVICE: [held.address]})
+        self.addCleanup(client.close)
+        echo = client.proxy(ECHO)
+        reply = None
+        for _ in range(5):  # twistd starting cold may outlast the client's 5 s PING
+            try:
+                reply = await echo.Echo(echo_pb2.EchoRequest(payload=b"x"), timeout=CALL_TIMEOUT)
+                break
+            except NotSentError:
+                continue
+        assert reply is not None, provider.output
+        self.assertEqual(reply.pid, provider.pid)  # (both launchers exec in place)
+        self.assertIn("Execing", provider.output)
 
 
 def test_a_missing_descriptor_is_one_line_at_start() -> None:

@@ -3,17 +3,19 @@ are built, the inherited descriptor when the provider starts."""
 
 from __future__ import annotations
 
+import configparser
 import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from twisted.internet.endpoints import _SystemdParser
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.systemd import ListenFDs
 
 from testbed.echo_service import EchoService
-from twisted_rpc import ConfigError, ProviderOptions, ProviderService
+from twisted_rpc import ConfigError, ProviderAddress, ProviderOptions, ProviderService
 from twisted_rpc.provider import load_provider_config
 from twisted_rpc.provider._options import check_server_endpoint
 from twisted_rpc.provider._systemd import inherited_descriptor
@@ -134,3 +136,53 @@ def test_the_config_file_names_the_missing_descriptor(tmp_path: Path, text):
         load_provider_config(str(path))
     assert "no descriptor" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.fixture
+def handed_over(listening, monkeypatch) -> Iterator[int]:
+    """This process seen as started by mprpc-provider.socket (FileDescriptorName=mprpc),
+    given a copy of ``listening``, closed at the end unless adopted (the
+    endpoint closes the descriptor it adopts, the port holding a copy)."""
+    fd = os.dup(listening.fileno())
+    monkeypatch.setattr(_SystemdParser, "_sddaemon", ListenFDs([fd], ("mprpc",)))
+    yield fd
+    if _SystemdParser._sddaemon._descriptors:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("advertise", "registered"),
+    [
+        (ProviderAddress("192.0.2.10", 8000), ProviderAddress("192.0.2.10", 8000)),
+        # Else the socket's bound address (MemoryReactor's adopted port: 0.0.0.0:1234).
+        (None, ProviderAddress("0.0.0.0", 1234)),
+    ],
+)
+def test_the_provider_adopts_the_socket_and_advertises(handed_over, advertise, registered):
+    reactor = MemoryReactorClock()
+    provider = ProviderService(
+        reactor, [EchoService()], listen="systemd:domain=INET:name=mprpc", advertise=advertise
+    )
+    provider.startService()
+    [(fd, family, _)] = reactor.adoptedPorts
+    assert (fd, family) == (handed_over, socket.AF_INET)
+    assert reactor.tcpServers == []
+    assert provider.advertise == registered
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the endpoint closed the inherited descriptor
+    _SystemdParser._sddaemon = ListenFDs([], ())  # (restored by monkeypatch)
+
+
+def test_the_etc_units_and_config_agree(handed_over):
+    """etc/provider-systemd.ini loads with the socket etc/mprpc-provider.socket
+    makes (its name, an AF_INET address), and the service runs twistd -n on it."""
+    units = configparser.ConfigParser(strict=False, interpolation=None)
+    units.read(["etc/mprpc-provider.socket", "etc/mprpc-provider.service"])
+    name = units["Socket"]["FileDescriptorName"]
+    assert units["Socket"]["ListenStream"].startswith("0.0.0.0:")  # AF_INET
+    exec_start = units["Service"]["ExecStart"]
+    assert " -n --pidfile= mprpc --config " in exec_start
+    assert exec_start.endswith("etc/provider-systemd.ini")
+    config = load_provider_config("etc/provider-systemd.ini")
+    assert config.listen == f"systemd:domain=INET:name={name}"
+    assert config.advertise is not None
