@@ -23,7 +23,7 @@ from twisted_rpc.provider._options import (
     ProviderOptions,
     check_server_endpoint,
 )
-from twisted_rpc.provider._systemd import inherited_descriptor
+from twisted_rpc.provider._systemd import check_distinct_descriptors, inherited_descriptor
 from twisted_rpc.server._factory import ServerLimits
 
 if TYPE_CHECKING:  # (pyOpenSSL is imported only when TLS is used)
@@ -195,6 +195,8 @@ def load_provider_config(path: str) -> ProviderConfig:
     cpp = read_cpp_section(r, registry)
     if cpp is not None:
         check_endpoint(f"{path}: [cpp] listen", cpp.listen)
+    admin = _admin(r)
+    _check_adopted(path, listen, cpp, admin, grpc)
     return ProviderConfig(
         tls_options=tls_options,
         path=path,
@@ -211,10 +213,27 @@ def load_provider_config(path: str) -> ProviderConfig:
         slow_call_threshold=r.number(
             "provider", "slow_call_threshold", _default("slow_call_threshold")
         ),
-        admin=_admin(r),
+        admin=admin,
         log_format=_log_format(r),
         grpc=grpc,
     )
+
+
+def _check_adopted(
+    path: str,
+    listen: str | None,
+    cpp: CppListenerConfig | None,
+    admin: AdminConfig | None,
+    grpc: GrpcConfig | None,
+) -> None:
+    """ConfigError if two listeners name the same inherited (systemd) descriptor."""
+    listeners = {"[provider] listen": listen, "[cpp] listen": cpp.listen if cpp else None}
+    listeners["[admin] listen"] = admin.listen if admin else None
+    listeners.update({f"[grpc] listen {each}": each for each in (grpc.listen if grpc else ())})
+    try:
+        check_distinct_descriptors(listeners)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _default(name: str) -> Any:

@@ -23,7 +23,12 @@ from twisted.internet.endpoints import _parse, _SystemdParser, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python.systemd import ListenFDs
 
-__all__ = ["check_systemd_arguments", "inherited_descriptor", "server_endpoint"]
+__all__ = [
+    "check_distinct_descriptors",
+    "check_systemd_arguments",
+    "inherited_descriptor",
+    "server_endpoint",
+]
 
 DOMAINS = ("INET", "INET6", "UNIX")
 """The address families a ``systemd:`` endpoint may name (``AF_`` left off)."""
@@ -87,6 +92,21 @@ def inherited_descriptor(description: str, fds: ListenFDs | None = None) -> int 
         fd = named[kwargs["name"]]
     _check_socket(description, fd, getattr(socket, "AF_" + kwargs["domain"]))
     return fd
+
+
+def check_distinct_descriptors(
+    listeners: dict[str, str | None], fds: ListenFDs | None = None
+) -> None:
+    """ValueError if two of ``listeners`` (``{where: endpoint}``) adopt the same
+    inherited descriptor (each is adopted, then closed, once)."""
+    seen: dict[int, str] = {}
+    for where, description in listeners.items():
+        fd = None if description is None else inherited_descriptor(description, fds)
+        if fd is None:
+            continue
+        if fd in seen:
+            raise ValueError(f"{where} and {seen[fd]} both name inherited descriptor {fd}")
+        seen[fd] = where
 
 
 def _check_socket(description: str, fd: int, family: socket.AddressFamily) -> None:

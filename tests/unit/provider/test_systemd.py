@@ -186,3 +186,67 @@ def test_the_etc_units_and_config_agree(handed_over):
     config = load_provider_config("etc/provider-systemd.ini")
     assert config.listen == f"systemd:domain=INET:name={name}"
     assert config.advertise is not None
+
+
+@pytest.fixture
+def three_sockets(monkeypatch) -> Iterator[list[int]]:
+    """Three listening sockets handed over as native, cpp and grpc."""
+    socks = []
+    for _ in range(3):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        socks.append(sock)
+    fds = [os.dup(s.fileno()) for s in socks]
+    monkeypatch.setattr(_SystemdParser, "_sddaemon", ListenFDs(fds, ("native", "cpp", "grpc")))
+    yield fds
+    for fd in fds:
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue  # (adopted and closed by the endpoint)
+        os.close(fd)
+    for sock in socks:
+        sock.close()
+
+
+def test_every_listener_can_adopt_a_socket(three_sockets):
+    """The native, C++ and gRPC listeners each adopt the descriptor they name."""
+    native, cpp, grpc = three_sockets
+    reactor = MemoryReactorClock()
+    provider = ProviderService(
+        reactor,
+        [EchoService()],
+        listen="systemd:domain=INET:name=native",
+        cpp_listen="systemd:domain=INET:name=cpp",
+        grpc_listen="systemd:domain=INET:index=2",
+    )
+    provider.startService()
+    adopted = {fd: factory for fd, _, factory in reactor.adoptedPorts}
+    assert adopted == {
+        native: provider.factory,
+        cpp: provider.cpp_factory,
+        grpc: provider.grpc_factory,
+    }
+    assert reactor.tcpServers == []
+
+
+def test_the_config_file_may_not_adopt_one_descriptor_twice(three_sockets, tmp_path):
+    path = tmp_path / "provider.ini"
+    path.write_text(
+        f"[provider]\nlisten = systemd:domain=INET:index=1\n{SERVICES}"
+        "[cpp]\nlisten = systemd:domain=INET:name=cpp\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_provider_config(str(path))
+    assert str(e.value) == (
+        f"{path}: [cpp] listen and [provider] listen both name inherited descriptor "
+        f"{three_sockets[1]}"
+    )
+    path.write_text(
+        f"[provider]\nlisten = systemd:domain=INET:index=0\n{SERVICES}"
+        "[cpp]\nlisten = systemd:domain=INET:name=cpp\n"
+        "[grpc]\nlisten = systemd:domain=INET:name=grpc\n"
+    )
+    config = load_provider_config(str(path))
+    assert config.grpc is not None and config.grpc.listen == ("systemd:domain=INET:name=grpc",)
