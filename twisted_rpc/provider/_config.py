@@ -26,6 +26,7 @@ from twisted_rpc.provider._options import (
     check_published_config,
     check_server_endpoint,
 )
+from twisted_rpc.provider._systemd import check_distinct_descriptors, inherited_descriptor
 from twisted_rpc.server._factory import ServerLimits
 
 if TYPE_CHECKING:  # (pyOpenSSL is imported only when TLS is used)
@@ -119,9 +120,11 @@ class ProviderConfig:
 
 
 def check_endpoint(where: str, listen: str) -> None:
-    """Raise ConfigError unless ``listen`` is a server endpoint Twisted knows."""
+    """Raise ConfigError unless ``listen`` is a server endpoint Twisted knows
+    (and, for ``systemd:``, names a listening socket this process inherited)."""
     try:
         check_server_endpoint(listen)
+        inherited_descriptor(listen)
     except ValueError as e:
         raise ConfigError(f"{where} = {e}") from None
 
@@ -198,6 +201,11 @@ def load_provider_config(path: str) -> ProviderConfig:
         except ValueError as e:
             raise ConfigError(f"{path}: [tls] {e}") from None
     registry = r.registry()
+    cpp = read_cpp_section(r, registry)
+    if cpp is not None:
+        check_endpoint(f"{path}: [cpp] listen", cpp.listen)
+    admin = _admin(r)
+    _check_adopted(path, listen, cpp, admin, grpc)
     return ProviderConfig(
         tls_options=tls_options,
         path=path,
@@ -208,13 +216,13 @@ def load_provider_config(path: str) -> ProviderConfig:
         max_frame_size=r.number("provider", "max_frame_size", _default("max_frame_size"), int, 64),
         limits=_limits(r),
         registry=registry,
-        cpp=read_cpp_section(r, registry),
+        cpp=cpp,
         health=r.flag("provider", "health", True),
         reflection=r.flag("provider", "reflection", True),
         slow_call_threshold=r.number(
             "provider", "slow_call_threshold", _default("slow_call_threshold")
         ),
-        admin=_admin(r),
+        admin=admin,
         log_format=_log_format(r),
         grpc=grpc,
         service_config=_published_config(r),
@@ -240,6 +248,23 @@ def _published_config(r: Reader) -> dict[str, Any] | None:
         return check_published_config(text)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _check_adopted(
+    path: str,
+    listen: str | None,
+    cpp: CppListenerConfig | None,
+    admin: AdminConfig | None,
+    grpc: GrpcConfig | None,
+) -> None:
+    """ConfigError if two listeners name the same inherited (systemd) descriptor."""
+    listeners = {"[provider] listen": listen, "[cpp] listen": cpp.listen if cpp else None}
+    listeners["[admin] listen"] = admin.listen if admin else None
+    listeners.update({f"[grpc] listen {each}": each for each in (grpc.listen if grpc else ())})
+    try:
+        check_distinct_descriptors(listeners)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _default(name: str) -> Any:

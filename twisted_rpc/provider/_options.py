@@ -20,6 +20,7 @@ from twisted_rpc.client._service_config import ServiceConfig
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.discovery._layout import PUBLISHED_KEY
 from twisted_rpc.discovery._types import ProviderAddress
+from twisted_rpc.provider._systemd import check_systemd_arguments
 from twisted_rpc.server._factory import ServerLimits
 
 if TYPE_CHECKING:  # (pyOpenSSL is imported only when TLS is used)
@@ -48,12 +49,16 @@ def check_server_endpoint(description: str) -> None:
     ``ssl:...``, ``tcp6:...``, ``systemd:...`` or an installed plugin's).
 
     The built-in types' arguments are checked too (a port must be a number,
-    no unknown keyword); a plugin's arguments are left to the plugin.
+    no unknown keyword), and ``systemd``'s (``domain=`` and one of ``index=``
+    or ``name=``; whether the descriptor was inherited is checked at start);
+    another plugin's arguments are left to the plugin.
     """
     if not isinstance(description, str) or not description.strip():
         raise ValueError(f"an endpoint must be a non-empty string, not {description!r}")
     try:
-        _parseServer(description, None)
+        kind, args, kwargs = _parseServer(description, None)
+        if getattr(kind, "prefix", None) == "systemd":
+            check_systemd_arguments(list(args), kwargs)
     except Exception as e:
         raise ValueError(f"{description!r} is not a valid endpoint: {e}") from None
 

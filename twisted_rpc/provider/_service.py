@@ -18,7 +18,6 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, IServiceCollection, MultiService
 from twisted.application.service import Service as TwistedService
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
@@ -42,6 +41,7 @@ from twisted_rpc.discovery._types import ProviderAddress, Registration
 from twisted_rpc.grpc._listener import GrpcServerFactory
 from twisted_rpc.ops._health import NOT_SERVING, add_builtins
 from twisted_rpc.provider._options import ProviderOptions
+from twisted_rpc.provider._systemd import server_endpoint
 from twisted_rpc.server._dispatcher import Dispatcher, ServerMethod
 from twisted_rpc.server._factory import ServerFactory
 
@@ -143,7 +143,7 @@ class ListenerService(StreamServerEndpointService):
         *,
         served: IDrainable | None = None,
     ) -> None:
-        endpoint = _ReportingEndpoint(serverFromString(reactor, listen), on_listening)
+        endpoint = _ReportingEndpoint(server_endpoint(reactor, listen), on_listening)
         super().__init__(endpoint, factory)  # type: ignore[no-untyped-call]  # (not annotated)
         self._raiseSynchronously = True
         self.drainable: IDrainable = served if served is not None else IDrainable(factory)
@@ -221,7 +221,7 @@ def _admin_service(provider: ProviderService, options: ProviderOptions) -> IServ
         provider.grpc_factory.observer = metrics
     site = admin_site(provider, metrics, max_connections=options.admin_max_connections)
     endpoint = _ReportingEndpoint(
-        serverFromString(provider.reactor, options.admin_listen), provider._admin_listening
+        server_endpoint(provider.reactor, options.admin_listen), provider._admin_listening
     )
     # Twisted's application services are not annotated.
     admin = StreamServerEndpointService(endpoint, site)  # type: ignore[no-untyped-call]
