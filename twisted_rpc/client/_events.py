@@ -2,7 +2,9 @@
 
 :class:`Events` is a list of observers; each event is a method an observer
 may have (looked up with ``getattr``, so an observer implements only those it
-counts), called with the arguments below. Events happen only when a policy
+counts), called with the arguments below. Observers are held weakly (a
+client's outlier peers outlive nothing through them: the metrics object is
+kept by whoever scrapes it). Events happen only when a policy
 acts (a retry, a hedge, an ejection, a shed answer), never for a plain call
 that succeeds. An observer that raises is logged and the call goes on.
 
@@ -20,6 +22,7 @@ that succeeds. An observer that raises is logged and the call goes on.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from twisted.logger import Logger
@@ -35,15 +38,16 @@ class Events:
     __slots__ = ("observers",)
 
     def __init__(self) -> None:
-        self.observers: list[Any] = []
+        self.observers: list[weakref.ref[Any]] = []
 
     def add(self, observer: Any) -> None:
-        if observer not in self.observers:
-            self.observers.append(observer)
+        self.observers = [r for r in self.observers if r() is not None and r() is not observer]
+        self.observers.append(weakref.ref(observer))
 
     def __call__(self, event: str, *args: Any) -> None:
-        for observer in self.observers:
-            handler = getattr(observer, event, None)
+        for ref in self.observers:
+            observer = ref()
+            handler = getattr(observer, event, None) if observer is not None else None
             if handler is None:
                 continue
             try:

@@ -313,7 +313,8 @@ def test_a_shed_answer_is_not_counted_as_a_failure():
         def call_shed(self, provider):
             shed.append(provider)
 
-    Accrual.peers.events.add(Observer())
+    observer = Observer()  # held weakly by the events: kept here
+    Accrual.peers.events.add(observer)
 
     conn = AccruingConnection(Accrual(), Clock(), ClientOptions(), lambda *a: None, lambda *a: None)
     d1, d2 = Deferred(), Deferred()

@@ -3,6 +3,7 @@ and figures, compression bytes on both sides, a consumer's ejections."""
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
@@ -12,11 +13,20 @@ from testbed.echo_service import ECHO, EchoService
 from tests.helpers import failure_of
 from tests.unit.ops.test_stream_ops import _Provider
 from twisted_rpc import ClientOptions, RpcError, ServerLimits, StatusCode
+from twisted_rpc.client._balancer import EJECTED
 from twisted_rpc.ops import ClientMetrics, ProviderMetrics
 from twisted_rpc.ops._admin import render_status, status_data
 from twisted_rpc.testing import MemoryProvider
 
 NATIVE = (("listener", "native"),)
+
+
+@pytest.fixture(autouse=True)
+def _no_ejections_left():
+    yield
+    EJECTED.clear()  # the process-wide set: ejections here never leak into other tests
+
+
 BIG = b"abcdefgh" * 1024  # 8 KiB that compress well
 
 
