@@ -75,6 +75,10 @@ _CONSUMER_KEYS = {
     "max_ejection_percent",
     "latency_decay",
     "connections_per_provider",
+    "success_rate_min_calls",
+    "success_rate_min_providers",
+    "success_rate_ratio",
+    "success_rate_window",
 }
 
 
@@ -136,6 +140,14 @@ def load_consumer_config(path: str) -> ConsumerConfig:
             ),
             latency_decay=r.number("consumer", "latency_decay", d.latency_decay),
             connections_per_provider=_connections(r.get("consumer", "connections_per_provider")),
+            success_rate_min_calls=r.number(
+                "consumer", "success_rate_min_calls", d.success_rate_min_calls, int
+            ),
+            success_rate_min_providers=r.number(
+                "consumer", "success_rate_min_providers", d.success_rate_min_providers, int
+            ),
+            success_rate_ratio=r.number("consumer", "success_rate_ratio", d.success_rate_ratio),
+            success_rate_window=r.number("consumer", "success_rate_window", d.success_rate_window),
             tls=ClientTLS(
                 r.get("tls", "ca", "") or "",
                 r.get("tls", "certificate", "") or "",

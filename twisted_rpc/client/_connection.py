@@ -56,6 +56,11 @@ class NotSentError(UnavailableError):
     """UNAVAILABLE before the call was written to any connection: safe to send elsewhere."""
 
 
+class ShedError(NotSentError):
+    """A provider answered the call "not run" (shed): safe to send elsewhere,
+    but a retry all the same (it draws from the retry budget)."""
+
+
 class _Holder(Protocol):
     """What holds a call in flight (a connection, or a parked call)."""
 
@@ -391,7 +396,7 @@ class ClientConnection(StreamWire, RpcConnection):
         counts failures, such as outlier ejection's, hooks in here)."""
         if metadata is not None and wire.NOT_RUN_KEY in metadata:
             # refused unrun (shed): as if never sent, so it may go elsewhere
-            d.errback(NotSentError(message=f"{self.peer}: {message} (not run)"))
+            d.errback(ShedError(message=f"{self.peer}: {message} (not run)"))
             return
         d.errback(RpcError.from_status(status, message))
 

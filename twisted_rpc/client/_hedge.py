@@ -15,11 +15,12 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_rpc.client._connection import NotSentError
+from twisted_rpc.client._connection import NotSentError, ShedError
 from twisted_rpc.client._dials import _Clock
+from twisted_rpc.client._events import Events
 from twisted_rpc.client._service_config import HedgingPolicy
 from twisted_rpc.core._service import MethodInfo
-from twisted_rpc.core._status import CancelledError, DeadlineExceededError, RpcError
+from twisted_rpc.core._status import CancelledError, DeadlineExceededError, RpcError, StatusCode
 
 if TYPE_CHECKING:
     from twisted_rpc.client._balancer import Balancer
@@ -62,7 +63,9 @@ class _Hedged:
         timeout: float | None,
         metadata: Mapping[str, str] | None,
         policy: HedgingPolicy,
+        events: Events | None = None,
     ) -> None:
+        self.events = events if events is not None else Events()
         self.clock = clock
         self.budget = budget
         self.channels = channels
@@ -81,6 +84,7 @@ class _Hedged:
         self.why = ""  # why no more hedges, for the final error
         self.last_error: RpcError | None = None
         self.done = False  # the outcome is decided: answers now are ignored
+        self.first: Deferred[Message] | None = None  # the first attempt written
 
     # Sending
 
@@ -96,6 +100,8 @@ class _Hedged:
         self.attempts += 1
         d = channel.call(self.method, self.request, remaining, self.metadata)
         self.pending.append(d)
+        if self.first is None:
+            self.first = d
         d.addCallbacks(self._answered, self._failed, callbackArgs=(d,), errbackArgs=(d, channel))
 
     def _hedge(self) -> None:
@@ -112,6 +118,7 @@ class _Hedged:
             return
         if not self.budget.withdraw():
             self.why = "retry budget exhausted"
+            self.events("retry_refused", self.method.full_name)
             log.debug("not hedging {method}: retry budget exhausted", method=self.method.full_name)
             return
         listed = self.channels()
@@ -125,6 +132,7 @@ class _Hedged:
             n=self.attempts + 1,
             channel=getattr(channel, "address", channel),
         )
+        self.events("hedged", self.method.full_name)
         self._send(channel)
         self._arm()
 
@@ -146,7 +154,9 @@ class _Hedged:
         if self.done:
             return
         self.budget.succeeded()
-        self._stop()
+        if d is not self.first:
+            self.events("hedge_won", self.method.full_name)
+        self._stop(count=True)
         self.result.callback(answer)
 
     def _failed(self, failure: Failure, d: Deferred[Message], channel: Provider) -> None:
@@ -161,6 +171,8 @@ class _Hedged:
             # Never written: not an attempt; another provider not tried yet.
             self.attempts -= 1
             other = self.balancer.pick(self.channels(), self.tried)
+            if other is not None and isinstance(error, ShedError) and not self._may_resend():
+                other = None  # shed: resent only as the budget allows
             if other is not None:
                 self._send(other)
             elif not self.pending:
@@ -178,6 +190,15 @@ class _Hedged:
             self._finish(error)
         return None
 
+    def _may_resend(self) -> bool:
+        """May an attempt a provider shed go elsewhere? As a retry would."""
+        if self.budget.withdraw():
+            self.events("retried", self.method.full_name, StatusCode.RESOURCE_EXHAUSTED)
+            return True
+        self.why = "retry budget exhausted"
+        self.events("retry_refused", self.method.full_name)
+        return False
+
     def _no_time(self) -> None:
         if not self.pending:
             error = self.last_error or DeadlineExceededError(
@@ -186,14 +207,17 @@ class _Hedged:
             self._finish(error)
 
     def _finish(self, outcome: RpcError | Failure) -> None:
-        self._stop()
+        self._stop(count=True)
         if isinstance(outcome, RpcError) and self.attempts > 1:
             attempts_error(outcome, self.attempts, self.why)
         self.result.errback(outcome)
 
-    def _stop(self) -> None:
-        """Decide the outcome: cancel the timer and every attempt in flight."""
+    def _stop(self, count: bool = False) -> None:
+        """Decide the outcome: cancel the timer and every attempt in flight
+        (``count``: tell the observers of the losers cancelled)."""
         self.done = True
+        if count and self.pending:
+            self.events("hedges_cancelled", self.method.full_name, len(self.pending))
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
@@ -216,6 +240,7 @@ def send_hedged(
     timeout: float | None,
     metadata: Mapping[str, str] | None,
     policy: HedgingPolicy,
+    events: Events | None = None,
 ) -> Deferred[Message]:
     """Send to ``channel``, then hedge per ``policy``: after each
     ``hedging_delay`` without an answer, to a provider not tried yet (else
@@ -224,7 +249,9 @@ def send_hedged(
     others are cancelled; a status in ``non_fatal_status_codes`` lets the
     others go on and sends the next hedge at once; any other status ends the
     call with it. Cancelling the result cancels every attempt."""
-    hedged = _Hedged(clock, budget, channels, balancer, method, request, timeout, metadata, policy)
+    hedged = _Hedged(
+        clock, budget, channels, balancer, method, request, timeout, metadata, policy, events
+    )
     budget.deposit()
     hedged._send(channel)
     hedged._arm()

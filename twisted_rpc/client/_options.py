@@ -138,6 +138,16 @@ class ClientOptions:
     max_ejection_percent: int = 50
     """Most providers of a service out at once, in percent (rounded down:
     a service's only provider is never ejected at 50 %)."""
+    success_rate_min_calls: int = 100
+    """Calls a provider must finish in a window for its success rate to be
+    compared with its peers' (0: no success-rate ejection); docs/resilience.md."""
+    success_rate_min_providers: int = 3
+    """Providers with that many calls needed to compare them (at least 2)."""
+    success_rate_ratio: float = 0.85
+    """A provider whose success rate is under this times the mean of the
+    others' is ejected (0 to 1)."""
+    success_rate_window: float = 10.0
+    """Seconds at least between two comparisons (each over the calls since the last)."""
     latency_decay: float = 10.0
     """Time constant in seconds of the peak-EWMA latency the
     ``least_outstanding`` balancer weighs providers by."""
@@ -183,6 +193,12 @@ class ClientOptions:
             raise ValueError(
                 f"max_ejection_percent must be 0 to 100, not {self.max_ejection_percent}"
             )
+        _number("success_rate_min_calls", self.success_rate_min_calls, int, 0)
+        _number("success_rate_min_providers", self.success_rate_min_providers, int, 2)
+        _number("success_rate_ratio", self.success_rate_ratio, float, 0, above=True)
+        if self.success_rate_ratio > 1:
+            raise ValueError(f"success_rate_ratio must be at most 1, not {self.success_rate_ratio}")
+        _number("success_rate_window", self.success_rate_window, float, 0, above=True)
         _number("latency_decay", self.latency_decay, float, 0, above=True)
         _number("retry_budget_ratio", self.retry_budget_ratio, float, 0)
         _number("retry_budget_min_per_second", self.retry_budget_min_per_second, float, 0)

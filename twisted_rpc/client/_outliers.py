@@ -9,6 +9,16 @@ Health check (``mprpc.health.v1.Health/Check("")`` through the channel
 itself): it returns only once the check answers SERVING; a failed check keeps
 it out for the next, longer, period.
 
+A provider is also ejected, the same way, when its *success rate* is well
+below its peers' (:class:`SuccessRates`, Envoy's success-rate detection made
+simpler): when one of its calls fails and ``success_rate_window`` seconds have
+passed since the last look, every provider of the client with at least
+``success_rate_min_calls`` calls finished since then is compared, if there
+are ``success_rate_min_providers`` of them: one whose share of calls not
+failed (as counted above) is under ``success_rate_ratio`` times the mean
+share of the others is ejected. Successes still cost nothing: a provider's
+finished calls are read off its connections' counters.
+
 Balancers honour ejections through :func:`held_out`, which keeps at most
 ``max_ejection_percent`` of the providers they are given out (those ejected
 first), so the cap holds per service even when providers are shared.
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import math
 import random
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +45,7 @@ from twisted.python.failure import Failure
 
 from twisted_rpc.client._balancer import EJECTED, weighs_latency
 from twisted_rpc.client._connection import ClientConnection, TakenBack, _Call
+from twisted_rpc.client._events import Events
 from twisted_rpc.client._states import ChannelState
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._service import MethodInfo
@@ -44,7 +56,14 @@ if TYPE_CHECKING:
     from twisted_rpc.client._options import ClientOptions
     from twisted_rpc.core._codec import GoawayReason
 
-__all__ = ["AccruingConnection", "FailureAccrual", "PeakEwma", "observers"]
+__all__ = [
+    "AccruingConnection",
+    "FailureAccrual",
+    "PeakEwma",
+    "SuccessRates",
+    "observers",
+    "peers_of",
+]
 
 log = Logger(namespace="twisted_rpc.client")
 
@@ -102,6 +121,64 @@ class PeakEwma:
         return result
 
 
+def _finished(connection: Any) -> int:
+    """Calls (and streams) ``connection`` finished: sent, less those in flight."""
+    sent = getattr(connection, "_next_id", 1) - 1
+    return int(sent - len(connection.outstanding) - len(getattr(connection, "streams", ())))
+
+
+class SuccessRates:
+    """The providers of one client compared by success rate: see the module
+    docstring. Looked at when a call fails (:meth:`check`), so a client whose
+    calls succeed pays nothing."""
+
+    def __init__(self) -> None:
+        self.members: dict[FailureAccrual, None] = {}
+        self.events = Events()
+        """The client's resilience observers (ejections, returns, shed calls)."""
+        self.started: float | None = None
+
+    def join(self, accrual: FailureAccrual) -> None:
+        self.members[accrual] = None
+        if self.started is None:
+            self.started = accrual.clock.seconds()
+
+    def check(self, accrual: FailureAccrual) -> None:
+        """One of ``accrual``'s calls failed: compare the providers if a window passed."""
+        options = accrual.channel.options
+        now = accrual.clock.seconds()
+        if self.started is None or now - self.started < options.success_rate_window:
+            return
+        self.started = now
+        rates: dict[FailureAccrual, tuple[float, int]] = {}
+        for member in self.members:
+            calls = 0 if member.ejected else member.window_calls()
+            if calls >= options.success_rate_min_calls:
+                rates[member] = (1.0 - min(member.window_failures, calls) / calls, calls)
+        if len(rates) >= max(2, options.success_rate_min_providers):
+            total = sum(rate for rate, _ in rates.values())
+            for member, (rate, calls) in rates.items():
+                others = (total - rate) / (len(rates) - 1)
+                if rate < options.success_rate_ratio * others:
+                    member.eject(
+                        f"{rate:.0%} of its last {calls} calls succeeded, "
+                        f"its peers' {others:.0%} on average"
+                    )
+        for member in self.members:
+            member.new_window()
+
+
+_PEERS: weakref.WeakKeyDictionary[object, SuccessRates] = weakref.WeakKeyDictionary()
+
+
+def peers_of(key: object) -> SuccessRates:
+    """The success-rate peers of a client, by its dial queue (``Client._dials``)."""
+    peers = _PEERS.get(key)
+    if peers is None:
+        peers = _PEERS[key] = SuccessRates()
+    return peers
+
+
 class FailureAccrual:
     """One channel's run of failures and its ejections: see the module docstring."""
 
@@ -125,6 +202,17 @@ class FailureAccrual:
         self._timer: IDelayedCall | None = None
         self._connection: object = None  # the run of failures counted is on it
         self._start = 0  # its finished calls before the run
+        dials = getattr(channel, "_dials", None)
+        self.peers = SuccessRates() if dials is None else peers_of(dials)
+        """Its client's providers, compared by success rate."""
+        self.window_failures = 0
+        """Counted failures since the success-rate window started."""
+        self._seen: Any = None  # the connection the window's calls are read on
+        self._base = 0  # its finished calls when the window started
+        self._carried = 0  # calls finished on earlier connections in the window
+        self.new_window()
+        if options.success_rate_min_calls:
+            self.peers.join(self)
 
     def record(self, connection: Any, code: int, popped: int = 0) -> None:
         """``connection`` failed a call with ``code`` (it tells only failures).
@@ -138,6 +226,8 @@ class FailureAccrual:
         if code not in COUNTED:
             self.failures = 0  # the provider answered
             return
+        self.window_failures += 1
+        self._look(connection)
         in_flight = len(connection.outstanding) + popped + len(connection.streams)
         done = connection._next_id - in_flight
         if connection is not self._connection or done != self._start + self.failures + 1:
@@ -148,6 +238,30 @@ class FailureAccrual:
         if self.failures >= self.threshold:
             self._connection = None
             self.eject(f"{self.failures} calls in a row failed, the last with {code_name(code)}")
+        elif self.peers.members:
+            self.peers.check(self)
+
+    def window_calls(self) -> int:
+        """Calls finished since the success-rate window started (on this
+        connection and the ones before it; a connection seen first at the end
+        of the window counts whole)."""
+        self._look(self.channel.protocol)
+        now = _finished(self._seen) - self._base if self._seen is not None else 0
+        return self._carried + now
+
+    def _look(self, connection: object) -> None:
+        """Read the window's calls on ``connection`` from now on (its calls
+        so far count; the previous connection's are carried)."""
+        if connection is not None and connection is not self._seen:
+            if self._seen is not None:
+                self._carried += _finished(self._seen) - self._base
+            self._seen, self._base = connection, 0
+
+    def new_window(self) -> None:
+        self._seen = self.channel.protocol
+        self._base = _finished(self._seen) if self._seen is not None else 0
+        self._carried = 0
+        self.window_failures = 0
 
     def period(self) -> float:
         """Seconds out for the current ejection: doubling, capped, +- 10 %."""
@@ -164,6 +278,7 @@ class FailureAccrual:
             self.ejected_at = now  # the cap keeps out those ejected first
         self.ejected = True
         EJECTED[self.channel] = self
+        self.peers.events("ejected", str(self.channel.address))
         seconds = self.period()
         log.warn(
             "ejecting provider {address} for {seconds:.1f}s: {why}",
@@ -207,6 +322,8 @@ class FailureAccrual:
         self.failures = 0
         self.returned_at = self.clock.seconds()
         EJECTED.pop(self.channel, None)
+        self.new_window()
+        self.peers.events("returned", str(self.channel.address))
         log.info("provider {address} is back in rotation", address=self.channel.address)
 
     def stop(self) -> None:
@@ -216,6 +333,7 @@ class FailureAccrual:
         self._timer = None
         self.ejected = False
         EJECTED.pop(self.channel, None)
+        self.peers.members.pop(self, None)
 
 
 class AccruingConnection(ClientConnection):
@@ -238,6 +356,8 @@ class AccruingConnection(ClientConnection):
     ) -> None:
         if metadata is None or wire.NOT_RUN_KEY not in metadata:  # a shed call did not run
             self.accrual.record(self, status, 1)
+        else:
+            self.accrual.peers.events("call_shed", str(self.accrual.channel.address))
         super()._call_failed(d, status, message, metadata)
 
     def _deadline_expired(self, call_id: int) -> None:

@@ -18,8 +18,9 @@ from google.protobuf.message import Message
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twisted_rpc.client._connection import NotSentError
+from twisted_rpc.client._connection import NotSentError, ShedError
 from twisted_rpc.client._dials import _Clock
+from twisted_rpc.client._events import Events
 from twisted_rpc.client._hedge import attempts_error as _final
 from twisted_rpc.client._hedge import send_hedged
 from twisted_rpc.client._service_config import (
@@ -191,6 +192,9 @@ class Retries:
         """Set once a provider list carried a published config (the config
         is then this client's own copy)."""
 
+        self.events = Events()
+        """Observers of retries and hedges (metrics; _events.py)."""
+
     @classmethod
     def from_options(cls, clock: _Clock, options: ClientOptions) -> Retries:
         """The retries of a client with ``options``: the service config's
@@ -293,6 +297,7 @@ async def send_with_retries(
             timeout,
             metadata,
             policy,
+            retries.events,
         )
     clock = retries.clock
     budget = retries.budget
@@ -320,6 +325,8 @@ async def send_with_retries(
                 if attempts:
                     _final(e, attempts)
                 raise
+            if isinstance(e, ShedError) and not _shed_retry(retries, method):
+                raise _final(e, attempts + 1, "retry budget exhausted") from None
             channel = next_channel
             continue
         except RpcError as e:
@@ -332,6 +339,7 @@ async def send_with_retries(
             if attempts >= policy.max_attempts:
                 raise _final(e, attempts) from None
             if not budget.withdraw():
+                retries.events("retry_refused", method.full_name)
                 raise _final(e, attempts, "retry budget exhausted") from None
             delay = retries.backoff(policy, attempts)
             if deadline is not None and clock.seconds() + delay >= deadline:
@@ -351,11 +359,23 @@ async def send_with_retries(
             next_channel = balancer.pick(listed, tried) or balancer.pick(listed)
             if next_channel is None:
                 raise _final(e, attempts, "no provider left") from None
+            retries.events("retried", method.full_name, e.code)
             channel = next_channel
             continue
         if policy is not None:
             budget.succeeded()
         return answer
+
+
+def _shed_retry(retries: Retries, method: MethodInfo) -> bool:
+    """May a call a provider shed (answered "not run") go elsewhere? Only
+    if the retry budget allows it, as any retry, so that a fleet-wide
+    overload is not multiplied by consumers resending what was shed."""
+    if not retries.budget.withdraw():
+        retries.events("retry_refused", method.full_name)
+        return False
+    retries.events("retried", method.full_name, StatusCode.RESOURCE_EXHAUSTED)
+    return True
 
 
 def _sleep(clock: _Clock, delay: float) -> defer.Deferred[None]:

@@ -3,9 +3,9 @@
 Health (``_health``) and Reflection (``_reflection``, with the client helpers
 that call it), their message types (``_protos``), gRPC's standard health and
 reflection services beside them (``_grpc_health``, ``_grpc_reflection``, their
-descriptors in ``_grpc_protos``), Prometheus metrics
-(``_metrics``), the admin HTTP site with its status page (``_admin``), JSON
-log lines (``_logs``) and the ``mprpc`` command (``_cli``).
+descriptors in ``_grpc_protos``), Prometheus metrics (``_metrics``; the
+consumer's in ``_client_metrics``), the admin HTTP site with its status page
+(``_admin``), JSON log lines (``_logs``) and the ``mprpc`` command (``_cli``).
 
 Layering: ``ops`` imports :mod:`twisted_rpc.core`, :mod:`twisted_rpc.server`
 (the built-in services are served like any other), :mod:`twisted_rpc.client`
@@ -15,6 +15,7 @@ providers and read the registry).
 
 from typing import Any
 
+from twisted_rpc.ops._client_metrics import ClientMetrics
 from twisted_rpc.ops._health import (
     NOT_SERVING,
     SERVICE_UNKNOWN,
@@ -24,7 +25,7 @@ from twisted_rpc.ops._health import (
     add_builtins,
 )
 from twisted_rpc.ops._logs import json_lines_observer, json_observer
-from twisted_rpc.ops._metrics import ClientMetrics, ProviderMetrics
+from twisted_rpc.ops._metrics import ProviderMetrics
 from twisted_rpc.ops._reflection import (
     ReflectionService,
     RemoteDescriptors,

@@ -16,11 +16,9 @@ factory, plus gauges read when scraped):
 - ``mprpc_registry_zookeeper_connected``, ``mprpc_registry_nodes``,
   ``mprpc_registry_reregistrations``
 
-Consumer side, :class:`ClientMetrics` (an ``IClientInterceptor``):
-``mprpc_client_calls_total{service,method,code}``,
-``mprpc_client_call_duration_seconds{service,method}``,
-``mprpc_client_calls_in_flight`` and, after ``watch_client(client)``,
-``mprpc_client_connections``.
+Consumer side: :class:`~twisted_rpc.ops._client_metrics.ClientMetrics`
+(``_client_metrics``), which shares this module's buckets and compression
+byte counting.
 
 Shedding, compression and ejections (read at each scrape, nothing counted per
 call; names in docs/resilience.md, "Metrics") come with ``watch_provider`` (or
@@ -35,25 +33,19 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_rpc.core._interfaces import ICallObserver, IClientInterceptor
-from twisted_rpc.core._status import RpcError, StatusCode, code_name
+from twisted_rpc.core._interfaces import ICallObserver
+from twisted_rpc.core._status import StatusCode, code_name
 
-if TYPE_CHECKING:
-    from twisted_rpc.client import ClientCall
-
-__all__ = ["ClientMetrics", "ProviderMetrics", "open_streams", "quantile"]
+__all__ = ["ProviderMetrics", "open_streams", "quantile"]
 
 BUCKETS = (
     0.0001,
@@ -341,62 +333,6 @@ class _StreamMessages(Collector):
         return [received, sent]
 
 
-@implementer(IClientInterceptor)
-class ClientMetrics:
-    """Counts a client's calls by service, method and status (an interceptor)."""
-
-    def __init__(self, clock: IReactorTime, registry: CollectorRegistry | None = None) -> None:
-        self.clock = clock
-        self.registry = registry if registry is not None else CollectorRegistry()
-        self.calls = Counter(
-            "mprpc_client_calls",
-            "Calls made by this client",
-            ["service", "method", "code"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "mprpc_client_call_duration_seconds",
-            "Time from call to answer, as the caller saw it",
-            ["service", "method"],
-            buckets=BUCKETS,
-            registry=self.registry,
-        )
-        self.in_flight = Gauge(
-            "mprpc_client_calls_in_flight", "Calls sent and not answered", registry=self.registry
-        )
-
-    def watch_client(self, client: Any) -> None:
-        """A gauge of ``client``'s open connections (ready channels)."""
-        gauge = Gauge(
-            "mprpc_client_connections", "Connections to providers", registry=self.registry
-        )
-        gauge.set_function(lambda: sum(1 for c in client.channels.values() if c.protocol))
-        self.registry.register(_ClientResilience(client))
-
-    def intercept(
-        self,
-        call: ClientCall,
-        request: Message,
-        proceed: Callable[[ClientCall, Message], Deferred[Message]],
-    ) -> Deferred[Message]:
-        started = self.clock.seconds()
-        service, method = call.method.service, call.method.name
-        self.in_flight.inc()
-
-        def done(result: Message | Failure) -> Message | Failure:
-            if isinstance(result, Failure):
-                error = result.value
-                code = error.code if isinstance(error, RpcError) else StatusCode.UNKNOWN
-            else:
-                code = StatusCode.OK
-            self.in_flight.dec()
-            self.calls.labels(service, method, code_name(code)).inc()
-            self.latency.labels(service, method).observe(self.clock.seconds() - started)
-            return result
-
-        return proceed(call, request).addBoth(done)
-
-
 class _CompressedBytes:
     """Payload bytes sent compressed, before and after, of some connections:
     those open now plus those read at an earlier scrape and closed since
@@ -470,61 +406,3 @@ class _ProviderResilience(Collector):
             before.add_metric([name], u)
             after.add_metric([name], c)
         return [shed, limit, no_load, current, before, after]
-
-
-class _ClientResilience(Collector):
-    """A client's ejections (from its channels' failure accruals) and the
-    compression bytes of its connections."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self.compressed = _CompressedBytes()
-        self.accruals: dict[Any, tuple[float, int]] = {}
-        """Accruals read at the last scrape: their ejection time and count then."""
-        self.ejections = 0
-
-    def _channels(self) -> list[Any]:
-        return [*self.client.channels.values(), *getattr(self.client, "_retiring", ())]
-
-    def _count_ejections(self, accruals: list[Any]) -> int:
-        """Ejections since the last scrape. An accrual's count of ejections
-        in a row only grows, but restarts at 1 on an ejection long after the
-        last one (its ejection time then moved); a closed channel's accrual
-        is read a last time, then let go."""
-        live = {a: (a.ejected_at, a.ejections) for a in accruals}
-        for accrual in self.accruals.keys() - live.keys():
-            live[accrual] = (accrual.ejected_at, accrual.ejections)
-        for accrual, (at, count) in live.items():
-            last_at, last_count = self.accruals.get(accrual, (0.0, 0))
-            if count > last_count:
-                self.ejections += count - last_count
-            elif at != last_at:
-                self.ejections += count
-        self.accruals = {a: live[a] for a in accruals}
-        return self.ejections
-
-    def collect(self) -> Iterable[Metric]:
-        channels = self._channels()
-        accruals = [a for a in (getattr(c, "accrual", None) for c in channels) if a is not None]
-        ejections = CounterMetricFamily(
-            "mprpc_client_ejections",
-            "Times a provider was taken out of rotation (failed calls, or its Health check)",
-            value=self._count_ejections(accruals),
-        )
-        ejected = GaugeMetricFamily(
-            "mprpc_client_providers_ejected",
-            "Providers ejected now (the balancers keep max_ejection_percent out at most)",
-            value=sum(1 for a in accruals if a.ejected),
-        )
-        connections = [
-            c
-            for channel in channels
-            for c in (channel.protocol, getattr(channel, "_proving", None))
-            + tuple(getattr(channel, "_old", ()))
-            if c is not None
-        ]
-        before, after = _compression("client")
-        u, c = self.compressed.read(connections)
-        before.add_metric([], u)
-        after.add_metric([], c)
-        return [ejections, ejected, before, after]

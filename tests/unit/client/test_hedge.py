@@ -23,6 +23,7 @@ from twisted_rpc import (
     UnavailableError,
 )
 from twisted_rpc.client import HedgingPolicy, NotSentError
+from twisted_rpc.client._connection import ShedError
 from twisted_rpc.client._retry import Retries, WindowBudget, send_with_retries
 from twisted_rpc.core import MethodInfo
 from twisted_rpc.server import Dispatcher, ServerFactory
@@ -85,8 +86,10 @@ class Budget:
         return True
 
 
-def hedge(clock, channels, budget=None, policy=POLICY, timeout=None):
+def hedge(clock, channels, budget=None, policy=POLICY, timeout=None, observer=None):
     retries = Retries(clock, None, budget or Budget(), find=lambda m: None)
+    if observer is not None:
+        retries.events.add(observer)
     return Deferred.fromCoroutine(
         send_with_retries(
             retries,
@@ -341,3 +344,52 @@ def test_a_method_with_no_policy_stays_on_the_hot_path(monkeypatch):
     monkeypatch.setattr(_client, "send_with_retries", reached)
     for _ in range(4):
         assert result(_settled(p, p.client.proxy(ECHO).Echo(echo_pb2.EchoRequest()))) is not None
+
+
+class Seen:
+    """Records what hedging tells its observers."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __getattr__(self, event):
+        return lambda *args: self.seen.append((event, *args))
+
+
+def test_hedges_wins_and_losers_are_told_to_the_observers():
+    clock, channels = Clock(), three()
+    seen = Seen()
+    d = hedge(clock, channels, observer=seen)
+    clock.advance(1)
+    clock.advance(1)
+    channels[1].calls[0][1].callback(REPLY)  # the first hedge wins
+    assert result(d) == REPLY
+    name = METHOD.full_name
+    assert seen.seen == [
+        ("hedged", name),
+        ("hedged", name),
+        ("hedge_won", name),
+        ("hedges_cancelled", name, 2),  # the first attempt and the second hedge
+    ]
+    seen.seen.clear()
+    d = hedge(clock, channels, observer=seen)
+    channels[0].calls[-1][1].callback(REPLY)  # the first attempt answers: nothing to tell
+    assert result(d) == REPLY and seen.seen == []
+    d = hedge(clock, channels, Budget(allowed=0), observer=seen)
+    clock.advance(1)
+    assert seen.seen == [("retry_refused", name)]
+    channels[0].calls[-1][1].callback(REPLY)
+    assert result(d) == REPLY
+
+
+def test_a_shed_attempt_is_resent_only_as_the_budget_allows():
+    clock = Clock()
+    shedding, up = HeldChannel("shedding"), HeldChannel("up")
+    shedding.call = lambda *a: fail(ShedError(message="shed (not run)"))
+    budget = Budget(allowed=1)
+    d = hedge(clock, [shedding, up], budget)
+    up.calls[0][1].callback(REPLY)
+    assert result(d) == REPLY and budget.counts["withdraw"] == 1
+    d = hedge(clock, [shedding, up], budget)  # the budget is spent: not resent
+    assert isinstance(failure_of(d), ShedError)
+    assert len(up.calls) == 1

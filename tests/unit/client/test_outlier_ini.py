@@ -50,6 +50,24 @@ def test_unset_keys_keep_the_defaults(tmp_path: Path) -> None:
     )
 
 
+def test_the_success_rate_keys_load(tmp_path: Path) -> None:
+    options = load_consumer_config(
+        _ini(
+            tmp_path,
+            "success_rate_min_calls = 50\nsuccess_rate_min_providers = 2\n"
+            "success_rate_ratio = 0.5\nsuccess_rate_window = 30",
+        )
+    ).options
+    assert (
+        options.success_rate_min_calls,
+        options.success_rate_min_providers,
+        options.success_rate_ratio,
+        options.success_rate_window,
+    ) == (50, 2, 0.5, 30.0)
+    assert (DEFAULTS.success_rate_min_calls, DEFAULTS.success_rate_min_providers) == (100, 3)
+    assert (DEFAULTS.success_rate_ratio, DEFAULTS.success_rate_window) == (0.85, 10.0)
+
+
 def test_zero_failures_turns_ejection_off(tmp_path: Path) -> None:
     options = load_consumer_config(_ini(tmp_path, "consecutive_failures = 0")).options
     assert options.consecutive_failures == 0
@@ -67,6 +85,9 @@ def test_zero_failures_turns_ejection_off(tmp_path: Path) -> None:
         ("max_ejection_percent = lots", "max_ejection_percent = 'lots' is not a number"),
         ("latency_decay = 0", "latency_decay must be finite and more than 0"),
         ("latency_decay = -3", "latency_decay must be at least 0"),
+        ("success_rate_min_providers = 1", "success_rate_min_providers must be finite and at"),
+        ("success_rate_ratio = 1.2", "success_rate_ratio must be at most 1, not 1.2"),
+        ("success_rate_window = 0", "success_rate_window must be finite and more than 0"),
     ],
 )
 def test_a_bad_value_is_one_line(tmp_path: Path, line: str, says: str) -> None:

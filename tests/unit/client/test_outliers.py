@@ -21,7 +21,12 @@ from twisted_rpc import (
 )
 from twisted_rpc.client import ChannelState, ClientConnection
 from twisted_rpc.client._balancer import EJECTED, held_out
-from twisted_rpc.client._outliers import AccruingConnection, FailureAccrual, PeakEwma
+from twisted_rpc.client._outliers import (
+    AccruingConnection,
+    FailureAccrual,
+    PeakEwma,
+    SuccessRates,
+)
 from twisted_rpc.core import StatusCode, UnimplementedError
 
 
@@ -38,7 +43,10 @@ class _Address:
 class FakeChannel:
     """What a FailureAccrual and a balancer see of a channel; probes are kept."""
 
-    def __init__(self, clock: Clock, name: str = "a", **options: object) -> None:
+    def __init__(
+        self, clock: Clock, name: str = "a", dials: object = None, **options: object
+    ) -> None:
+        self._dials = dials  # the client's dial queue: its channels are peers
         self.name = name
         self.clock = clock
         self.options = ClientOptions(**options)  # type: ignore[arg-type]
@@ -47,6 +55,7 @@ class FakeChannel:
         self.ready = self.usable = True
         self.dialling = False
         self.load = 0
+        self.protocol: object = None
         self.latency: PeakEwma | None = None
         self.probes: list[tuple[object, object, Deferred[object]]] = []
         self.accrual = FailureAccrual(self, random.Random(17))  # type: ignore[arg-type]
@@ -291,10 +300,21 @@ def test_a_shed_answer_is_not_counted_as_a_failure():
     from twisted_rpc.core import _codec as wire
 
     recorded: list[int] = []
+    shed: list[str] = []
 
     class Accrual:
+        peers = SuccessRates()
+        channel = FakeChannel(Clock(), "p")
+
         def record(self, connection, status, n=1):
             recorded.append(status)
+
+    class Observer:
+        def call_shed(self, provider):
+            shed.append(provider)
+
+    observer = Observer()  # held weakly by the events: kept here
+    Accrual.peers.events.add(observer)
 
     conn = AccruingConnection(Accrual(), Clock(), ClientOptions(), lambda *a: None, lambda *a: None)
     d1, d2 = Deferred(), Deferred()
@@ -303,6 +323,7 @@ def test_a_shed_answer_is_not_counted_as_a_failure():
     conn._call_failed(d1, StatusCode.RESOURCE_EXHAUSTED, "shed", {wire.NOT_RUN_KEY: "shed"})
     conn._call_failed(d2, StatusCode.UNAVAILABLE, "down", None)
     assert recorded == [StatusCode.UNAVAILABLE]
+    assert shed == [str(Accrual.channel.address)]  # told to the metrics, as shed
 
 
 @pytest.mark.parametrize(
@@ -315,6 +336,11 @@ def test_a_shed_answer_is_not_counted_as_a_failure():
         ({"max_ejection_percent": 101}, ValueError),
         ({"max_ejection_percent": True}, TypeError),
         ({"latency_decay": float("nan")}, ValueError),
+        ({"success_rate_min_calls": -1}, ValueError),
+        ({"success_rate_min_providers": 1}, ValueError),
+        ({"success_rate_ratio": 0}, ValueError),
+        ({"success_rate_ratio": 1.5}, ValueError),
+        ({"success_rate_window": 0}, ValueError),
     ],
 )
 def test_ejection_settings_are_checked(changes, error):
@@ -323,3 +349,131 @@ def test_ejection_settings_are_checked(changes, error):
     assert (
         ClientOptions(consecutive_failures=0, max_ejection_percent=100).max_ejection_percent == 100
     )
+
+
+# ---------------------------------------------------------------- success rate
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def ejected(self, provider):
+        self.seen.append(("ejected", provider))
+
+    def returned(self, provider):
+        self.seen.append(("returned", provider))
+
+
+def _peers(clock: Clock, n: int = 3, **options: object) -> list[FakeChannel]:
+    """``n`` channels of one client, each with its connection."""
+    dials = object.__new__(type("Dials", (), {}))  # any weak-referenceable key
+    channels = [FakeChannel(clock, name, dials, **options) for name in "abcdef"[:n]]
+    for channel in channels:
+        channel.protocol = channel.accrual._fake = FakeConnection()  # type: ignore[attr-defined]
+        channel.address = f"{channel.name}:1"  # type: ignore[assignment]
+    channels[0]._keep = dials  # type: ignore[attr-defined]
+    return channels
+
+
+def _calls(channel: FakeChannel, calls: int, failing: int) -> None:
+    """``calls`` calls, ``failing`` of them UNAVAILABLE, never 3 in a row."""
+    failures = {round(i * calls / failing) for i in range(failing)} if failing else set()
+    for i in range(calls):
+        if i in failures:
+            _fail(channel.accrual, UNAVAILABLE)
+        else:
+            _succeed(channel.accrual)
+
+
+def test_a_provider_well_below_its_peers_success_rate_is_ejected_then_probed():
+    clock = Clock()
+    a, b, c = _peers(clock)
+    seen = _Recorder()
+    a.accrual.peers.events.add(seen)
+    for _ in range(10):  # 100 calls each over 10 s: a succeeds 70 %
+        _calls(a, 10, 3)
+        _calls(b, 10, 0)
+        _calls(c, 10, 0)
+        clock.advance(1)
+    assert not a.accrual.ejected  # no run of 5 failures in a row
+    _fail(a.accrual, UNAVAILABLE)  # a failure after the window: the rates are compared
+    assert a.accrual.ejected and not b.accrual.ejected and not c.accrual.ejected
+    assert set(EJECTED) == {a}
+    assert seen.seen == [("ejected", "a:1")]
+    assert (a.accrual.window_failures, b.accrual.window_calls()) == (0, 0)  # a new window
+    clock.advance(35)  # the same growing period, then the same Health probe
+    ((_, _, probe),) = a.probes
+    probe.callback(_serving())
+    assert not a.accrual.ejected and not EJECTED
+    assert seen.seen == [("ejected", "a:1"), ("returned", "a:1")]
+
+
+def test_none_is_ejected_when_all_fail_alike():
+    clock = Clock()
+    channels = _peers(clock)
+    for _ in range(3):
+        for channel in channels:
+            _calls(channel, 200, 60)  # 70 % each
+        clock.advance(10)
+    for channel in channels:
+        _fail(channel.accrual, UNAVAILABLE)
+    assert not EJECTED
+    assert channels[0].accrual.peers.started == clock.seconds()  # they were compared
+
+
+def test_too_little_volume_or_too_few_providers_ejects_none():
+    clock = Clock()
+    a, b, c = _peers(clock)
+    _calls(a, 90, 45)  # under success_rate_min_calls (100)
+    _calls(b, 200, 0)
+    _calls(c, 200, 0)
+    clock.advance(10)
+    _fail(a.accrual, UNAVAILABLE)
+    assert not EJECTED
+    two = _peers(clock, 2)  # enough calls, but two providers (min 3)
+    _calls(two[0], 200, 100)
+    _calls(two[1], 200, 0)
+    clock.advance(10)
+    _fail(two[0].accrual, UNAVAILABLE)
+    assert not EJECTED
+    off = _peers(clock, 3, success_rate_min_calls=0)  # turned off
+    _calls(off[0], 200, 100)
+    _calls(off[1], 200, 0)
+    _calls(off[2], 200, 0)
+    clock.advance(10)
+    _fail(off[0].accrual, UNAVAILABLE)
+    assert not EJECTED
+    lower = _peers(clock, 2, success_rate_min_providers=2, success_rate_min_calls=50)
+    _calls(lower[0], 60, 30)
+    _calls(lower[1], 60, 0)
+    clock.advance(10)
+    _fail(lower[0].accrual, UNAVAILABLE)
+    assert set(EJECTED) == {lower[0]}  # with the thresholds lowered, the same rule ejects
+
+
+def test_success_rate_ejection_respects_the_cap():
+    clock = Clock()
+    channels = _peers(clock, 4, max_ejection_percent=25)
+    for channel in channels[:2]:
+        _calls(channel, 100, 50)
+    for channel in channels[2:]:
+        _calls(channel, 100, 0)
+    clock.advance(10)
+    _fail(channels[0].accrual, UNAVAILABLE)
+    assert channels[0].accrual.ejected and channels[1].accrual.ejected  # both well below
+    assert held_out(channels, ()) == (channels[0],)  # 25 % of 4: one kept out, the first
+
+
+def test_calls_on_a_new_connection_count_in_the_window():
+    clock = Clock()
+    a, b, c = _peers(clock)
+    _calls(a, 60, 18)  # read off the connection its failures came on
+    a.protocol = a.accrual._fake = FakeConnection()  # type: ignore[attr-defined]
+    _calls(a, 60, 18)
+    _calls(b, 120, 0)
+    _calls(c, 120, 0)
+    assert a.accrual.window_calls() == 120 and a.accrual.window_failures == 36
+    clock.advance(10)
+    _fail(a.accrual, UNAVAILABLE)
+    assert set(EJECTED) == {a}

@@ -19,6 +19,7 @@ from twisted_rpc import (
     UnavailableError,
 )
 from twisted_rpc.client import RetryPolicy, RetryThrottling
+from twisted_rpc.client._connection import ShedError
 from twisted_rpc.client._retry import (
     IDEMPOTENT_POLICY,
     Retries,
@@ -319,3 +320,61 @@ def test_client_without_policy_sends_once():
 def test_budget_settings_are_checked(changes, error):
     with pytest.raises(error, match=next(iter(changes))):
         ClientOptions(**changes)
+
+
+# ---------------------------------------------------------------- shed calls and events
+
+
+class Events:
+    """Records what the retries tell their observers."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __getattr__(self, event):
+        return lambda *args: self.seen.append((event, *args))
+
+
+def test_a_shed_call_goes_elsewhere_only_as_the_budget_allows():
+    clock = Clock()
+    shedding, up = FakeChannel("shedding", ShedError), FakeChannel("up", echo_pb2.EchoReply())
+    retries = retries_with(clock, WindowBudget(clock, ratio=0.2, min_per_second=0.1, window=10))
+    seen = Events()
+    retries.events.add(seen)
+    assert result(send(retries, [shedding, up], policy=None)) == echo_pb2.EchoReply()
+    assert seen.seen == [("retried", METHOD.full_name, StatusCode.RESOURCE_EXHAUSTED)]
+    # The floor (0.1/s over 10 s: one retry) is spent, and a call without a
+    # policy is not counted: the next shed call is not resent.
+    error = failure_of(send(retries, [shedding, up], policy=None))
+    assert isinstance(error, ShedError)
+    assert error.message.endswith("(1 attempt; retry budget exhausted)")
+    assert (len(shedding.calls), len(up.calls)) == (2, 1)
+    assert seen.seen[-1] == ("retry_refused", METHOD.full_name)
+
+
+def test_a_fleet_wide_overload_is_not_multiplied_by_resending_shed_calls():
+    clock = Clock()
+    channels = [FakeChannel(name, ShedError) for name in "abc"]
+    retries = retries_with(clock, jitter=0.0)  # the default window budget: 20 %
+    ds = [send(retries, channels) for _ in range(1000)]
+    errors = [failure_of(d) for d in ds]
+    assert all(isinstance(e, ShedError) for e in errors)
+    attempts = sum(len(c.calls) for c in channels)
+    assert 1000 < attempts <= 1200  # without the budget: 3,000 (each provider once)
+
+
+def test_retries_and_refusals_are_told_to_the_observers():
+    clock = Clock()
+    channels = [FakeChannel("a"), FakeChannel("b"), FakeChannel("c")]
+    retries = retries_with(clock, TokenBucket(RetryThrottling(max_tokens=4, token_ratio=0.1)))
+    seen = Events()
+    retries.events.add(seen)
+    d = send(retries, channels, timeout=10)
+    clock.advance(1)  # the backoff (at most 0.1 s)
+    error = failure_of(d)
+    assert "retry budget exhausted" in error.message
+    unavailable = StatusCode.UNAVAILABLE
+    assert seen.seen == [
+        ("retried", METHOD.full_name, unavailable),  # 4 tokens, 3 after the first failure
+        ("retry_refused", METHOD.full_name),  # 2 left: not more than half
+    ]

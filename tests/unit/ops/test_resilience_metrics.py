@@ -3,6 +3,7 @@ and figures, compression bytes on both sides, a consumer's ejections."""
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
@@ -12,11 +13,20 @@ from testbed.echo_service import ECHO, EchoService
 from tests.helpers import failure_of
 from tests.unit.ops.test_stream_ops import _Provider
 from twisted_rpc import ClientOptions, RpcError, ServerLimits, StatusCode
+from twisted_rpc.client._balancer import EJECTED
 from twisted_rpc.ops import ClientMetrics, ProviderMetrics
 from twisted_rpc.ops._admin import render_status, status_data
 from twisted_rpc.testing import MemoryProvider
 
 NATIVE = (("listener", "native"),)
+
+
+@pytest.fixture(autouse=True)
+def _no_ejections_left():
+    yield
+    EJECTED.clear()  # the process-wide set: ejections here never leak into other tests
+
+
 BIG = b"abcdefgh" * 1024  # 8 KiB that compress well
 
 
@@ -190,3 +200,31 @@ def test_status_page_shows_the_adaptive_limit_only_when_on() -> None:
     data = status_data(_Provider(plain), ProviderMetrics())
     assert data["adaptive_limit"] == {}
     assert "adaptive limit" not in render_status(data, 0)
+
+
+def test_retries_and_ejections_by_provider_and_shed_calls_counted_as_they_happen() -> None:
+    options = ClientOptions(consecutive_failures=2, base_ejection_time=1.0, max_ejection_time=10.0)
+    limits = ServerLimits(adaptive_limit=True, adaptive_min_limit=1, adaptive_max_limit=1)
+    memory = MemoryProvider([EchoService()], builtins=True, client_options=options, limits=limits)
+    metrics = client_metrics(memory)
+    idempotent = memory.proxy(ECHO, idempotent=True)  # retried once after UNAVAILABLE
+    d = idempotent.Echo(echo_pb2.EchoRequest(fail_code=StatusCode.UNAVAILABLE))
+    memory.flush()
+    error = failure_of(d)
+    assert isinstance(error, RpcError) and "2 attempts" in error.message
+    (channel,) = memory.client.channels.values()
+    provider = (("provider", str(channel.address)),)
+    samples = scraped(metrics.registry)
+    method = (("method", "Echo"), ("service", "mprpc.test.EchoService"))
+    assert samples[("mprpc_client_retries_total", (("code", "UNAVAILABLE"), *method))] == 1
+    assert samples[("mprpc_client_provider_ejections_total", provider)] == 1  # 2 in a row
+    memory.advance(1.2)  # the Health probe: back
+    assert scraped(metrics.registry)[("mprpc_client_provider_returns_total", provider)] == 1
+
+    slow = echo(memory, "AsyncEcho", delay=1.0)  # the limit's one slot
+    shed = echo(memory, "AsyncEcho", delay=1.0)
+    assert failure_of(shed).code == StatusCode.UNAVAILABLE
+    samples = scraped(metrics.registry)
+    assert samples[("mprpc_client_calls_shed_total", provider)] == 1
+    memory.advance(1.0)
+    assert memory.result(slow).payload == b""
