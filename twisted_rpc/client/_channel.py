@@ -1,6 +1,5 @@
 """One persistent connection to one provider: :class:`Channel` dials (through
-the client's dial queue), proves, redials with backoff and drains on GOAWAY.
-"""
+the client's dial queue), proves, redials with backoff and drains on GOAWAY."""
 
 from __future__ import annotations
 
@@ -55,9 +54,15 @@ class _ConnectionFactory(Factory):
         c = self.channel
         if c.wire is not None:
             return c.wire(c)
+        p: ClientConnection
         if c.accrual is not None:  # told of failed calls only
-            return AccruingConnection(c.accrual, c.clock, c.options, c._connection_lost, c._goaway)
-        return ClientConnection(c.clock, c.options, on_lost=c._connection_lost, on_goaway=c._goaway)
+            p = AccruingConnection(c.accrual, c.clock, c.options, c._connection_lost, c._goaway)
+        else:
+            p = ClientConnection(
+                c.clock, c.options, on_lost=c._connection_lost, on_goaway=c._goaway
+            )
+        p.on_shed = c.on_shed
+        return p
 
 
 class Channel:
@@ -71,15 +76,13 @@ class Channel:
     (lost, or GOAWAY for any reason) ``stable_after`` seconds or more after
     it was made. A proven connection lost sooner, or closed as idle sooner,
     counts as a failed attempt. A proven connection that is lost is
-    redialled at once, but not again at once if that one is lost quickly
-    too. After a GOAWAY the old connection is closed once its calls are done.
+    redialled at once, but not again at once if that one is lost quickly too.
     """
 
     stable_after = 1.0
-    """Seconds a proven connection must live for its end to reset the backoff
-    (a provider's ``idle_timeout`` shorter than this counts as failures)."""
+    """Seconds a proven connection must live for its end to reset the backoff."""
     overload_pause = 1.0
-    """Seconds (+- 20 %) at least out of rotation after a GOAWAY saying overload."""
+    """Seconds (+-20 %) out of rotation at least after a GOAWAY for overload."""
 
     def __init__(
         self,
@@ -93,12 +96,10 @@ class Channel:
         refused: str = "",
         **settings: Any,
     ) -> None:
-        """``options`` (or ClientOptions' keywords as ``settings``) give
-        max_frame_size, connect_timeout, keepalive_interval,
-        keepalive_timeout, tls, max_write_buffer and backoff. ``dials`` is
-        the client's dial queue (None: dial at once); ``resend`` sends calls
-        a GOAWAY took back (default: again on this channel); ``refused``
-        says why this provider must never be dialled."""
+        """``options`` (or ClientOptions' keywords as ``settings``) give the
+        connection settings and backoff. ``dials`` is the client's dial
+        queue (None: dial at once); ``resend`` sends calls a GOAWAY took back
+        (default: again on this channel); ``refused``: why never to dial."""
         if options is None:
             options = ClientOptions()
         if settings:
@@ -140,6 +141,8 @@ class Channel:
         self.accrual, self.latency, self._watch = observers(self)  # ejection; peak-EWMA
         self.on_ready: Callable[[Channel, ClientConnection], object] | None = None
         """Told of each connection proven, before the calls waiting go (client/_pool.py)."""
+        self.on_shed: Callable[[TakenBack, RpcError], object] | None = None
+        """Given the calls its connections' provider sheds (ClientConnection.on_shed)."""
 
     def __repr__(self) -> str:
         return f"<Channel {self.address} {self.state}>"
@@ -305,10 +308,8 @@ class Channel:
         _Parked(self, call, fallback)
 
     def close(self) -> Deferred[None]:
-        """Stop re-dialling and close the connections (their calls fail UNAVAILABLE).
-
-        The Deferred fires once they are closed.
-        """
+        """Stop re-dialling, close the connections (their calls fail
+        UNAVAILABLE); fires once they are closed."""
         self._to(ChannelEvent.CLOSE)
         self.last_error = "channel closed"
         self._cancel_retry()

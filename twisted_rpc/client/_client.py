@@ -27,7 +27,7 @@ from twisted_rpc.client._options import ClientOptions, timeout_error
 from twisted_rpc.client._parked import _not_sent
 from twisted_rpc.client._pool import ChannelBuilder, Pool, Provider
 from twisted_rpc.client._proxy import ServiceProxy
-from twisted_rpc.client._retry import Retries, send_with_retries
+from twisted_rpc.client._retry import Retries, may_resend_shed, send_with_retries
 from twisted_rpc.client._routes import ClientCall, _ServiceRoute
 from twisted_rpc.client._service_config import ServiceConfig
 from twisted_rpc.client._stream_start import StreamStarter, _stream_intercepted
@@ -405,6 +405,17 @@ class Client(StreamStarter, ChannelBuilder):
             else:
                 why = NotSentError(message=f"provider {channel.address}: {channel.last_error}")
                 fallback(call, why)
+
+    def _resend_shed(self, channel: Channel, call: TakenBack, error: RpcError) -> None:
+        """A call ``channel``'s provider shed (answered "not run"): sent to
+        another provider if the retry budget allows (as any retry, so that a
+        fleet-wide overload is not multiplied), else failed with ``error``."""
+        method = call[1]
+        route = self._routes.get(method.service)
+        if route is None or not may_resend_shed(self._retries, method):
+            _not_sent(call, error)
+            return
+        self._resend_elsewhere(route, [channel], call, error)
 
     def _resend_elsewhere(
         self, route: _ServiceRoute, tried: list[Provider], call: TakenBack, error: RpcError

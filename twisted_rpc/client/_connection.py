@@ -104,6 +104,10 @@ class ClientConnection(StreamWire, RpcConnection):
     provider never ran it.
     """
 
+    on_shed: Callable[[TakenBack, RpcError], object] | None = None
+    """Given a call the provider answered "not run" (shed) and its ShedError,
+    to send it elsewhere (the channel sets it; unset, the call fails with it)."""
+
     def __init__(
         self,
         clock: IReactorTime,
@@ -378,7 +382,7 @@ class ClientConnection(StreamWire, RpcConnection):
             return
         d = entry[0]
         if status:
-            self._call_failed(d, status, message, metadata)
+            self._call_failed(entry, status, message, metadata)
             return
         response = entry[1].response_class()
         try:
@@ -390,13 +394,19 @@ class ClientConnection(StreamWire, RpcConnection):
         d.callback(response)
 
     def _call_failed(
-        self, d: _Call, status: int, message: str, metadata: dict[str, str] | None
+        self, entry: TakenBack, status: int, message: str, metadata: dict[str, str] | None
     ) -> None:
         """The provider answered a call with an error status (a subclass that
         counts failures, such as outlier ejection's, hooks in here)."""
+        d = entry[0]
         if metadata is not None and wire.NOT_RUN_KEY in metadata:
             # refused unrun (shed): as if never sent, so it may go elsewhere
-            d.errback(ShedError(message=f"{self.peer}: {message} (not run)"))
+            error = ShedError(message=f"{self.peer}: {message} (not run)")
+            if self.on_shed is not None and d.resends < MAX_RESENDS:
+                d.resends += 1
+                self.on_shed(entry, error)
+            else:
+                d.errback(error)
             return
         d.errback(RpcError.from_status(status, message))
 

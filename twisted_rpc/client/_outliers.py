@@ -44,7 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_rpc.client._balancer import EJECTED, weighs_latency
-from twisted_rpc.client._connection import ClientConnection, TakenBack, _Call
+from twisted_rpc.client._connection import ClientConnection, TakenBack
 from twisted_rpc.client._events import Events
 from twisted_rpc.client._states import ChannelState
 from twisted_rpc.core import _codec as wire
@@ -352,13 +352,13 @@ class AccruingConnection(ClientConnection):
         self.accrual = accrual
 
     def _call_failed(
-        self, d: _Call, status: int, message: str, metadata: dict[str, str] | None
+        self, entry: TakenBack, status: int, message: str, metadata: dict[str, str] | None
     ) -> None:
         if metadata is None or wire.NOT_RUN_KEY not in metadata:  # a shed call did not run
             self.accrual.record(self, status, 1)
         else:
             self.accrual.peers.events("call_shed", str(self.accrual.channel.address))
-        super()._call_failed(d, status, message, metadata)
+        super()._call_failed(entry, status, message, metadata)
 
     def _deadline_expired(self, call_id: int) -> None:
         if call_id in self.outstanding:

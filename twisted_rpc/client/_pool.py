@@ -276,6 +276,9 @@ class ChannelBuilder:
     def _retire(self, channel: Channel, deadline: float) -> None:
         raise NotImplementedError
 
+    def _resend_shed(self, channel: Channel, call: TakenBack, error: RpcError) -> None:
+        raise NotImplementedError
+
     def _pool(self, address: ProviderAddress) -> Pool:
         """The pool of connections to ``address`` (its channel first)."""
         channel = self._channel(address)
@@ -349,9 +352,11 @@ class ChannelBuilder:
         tls = None if refused else self._tls_for(address)
         if tls is not options.tls:
             options = options.replace(tls=tls)
-        return Channel(
+        channel = Channel(
             self.reactor, address, options, dials=self._dials, resend=self._resend, refused=refused
         )
+        channel.on_shed = partial(self._resend_shed, channel)
+        return channel
 
     def _refusal(self, address: ProviderAddress) -> str:
         """Why ``address`` must not be dialled, or "" if it may."""

@@ -325,7 +325,7 @@ async def send_with_retries(
                 if attempts:
                     _final(e, attempts)
                 raise
-            if isinstance(e, ShedError) and not _shed_retry(retries, method):
+            if isinstance(e, ShedError) and not may_resend_shed(retries, method):
                 raise _final(e, attempts + 1, "retry budget exhausted") from None
             channel = next_channel
             continue
@@ -367,7 +367,7 @@ async def send_with_retries(
         return answer
 
 
-def _shed_retry(retries: Retries, method: MethodInfo) -> bool:
+def may_resend_shed(retries: Retries, method: MethodInfo) -> bool:
     """May a call a provider shed (answered "not run") go elsewhere? Only
     if the retry budget allows it, as any retry, so that a fleet-wide
     overload is not multiplied by consumers resending what was shed."""

@@ -320,8 +320,8 @@ def test_a_shed_answer_is_not_counted_as_a_failure():
     d1, d2 = Deferred(), Deferred()
     d1.addErrback(lambda f: None)
     d2.addErrback(lambda f: None)
-    conn._call_failed(d1, StatusCode.RESOURCE_EXHAUSTED, "shed", {wire.NOT_RUN_KEY: "shed"})
-    conn._call_failed(d2, StatusCode.UNAVAILABLE, "down", None)
+    conn._call_failed((d1,), StatusCode.RESOURCE_EXHAUSTED, "shed", {wire.NOT_RUN_KEY: "shed"})
+    conn._call_failed((d2,), StatusCode.UNAVAILABLE, "down", None)
     assert recorded == [StatusCode.UNAVAILABLE]
     assert shed == [str(Accrual.channel.address)]  # told to the metrics, as shed
 

@@ -183,6 +183,50 @@ def test_a_shed_call_fails_over_to_another_provider():
     assert two.served[1002] == 5
 
 
+def test_a_shed_call_on_a_ready_connection_goes_elsewhere_within_the_budget():
+    # Calls made once connected take the client's direct path (no retry
+    # policy, not idempotent): a shed answer still sends them elsewhere.
+    two = TwoProviders()
+    shedding = two.factories[1001]
+    shedding.limiter = AdaptiveLimiter(min_limit=1, max_limit=1)
+    shedding.limit_changed()
+    echo = two.client.proxy(ECHO)
+    two.connect_all()
+    two.flush()
+    calls = [echo.AsyncEcho(echo_pb2.EchoRequest(delay=1, payload=b"%d" % i)) for i in range(6)]
+    two.flush()
+    shed = shedding.limiter.shed
+    assert shed >= 1
+    two.reactor.advance(1)
+    two.flush()
+    assert all(result(d).payload == b"%d" % i for i, d in enumerate(calls))
+    assert two.served[1001] + two.served[1002] == 6
+    assert two.served[1002] >= shed  # each call it shed ran at the other
+
+
+def test_a_shed_call_fails_typed_when_the_budget_is_spent():
+    two = TwoProviders()
+    for factory in two.factories.values():
+        factory.limiter = AdaptiveLimiter(min_limit=1, max_limit=1)
+        factory.limit_changed()
+    echo = two.client.proxy(ECHO)
+    two.connect_all()
+    two.flush()
+    calls = [echo.AsyncEcho(echo_pb2.EchoRequest(delay=1)) for i in range(40)]
+    two.flush()
+    two.reactor.advance(1)
+    two.flush()
+    errors = []
+    for d in calls:
+        outcome: list[object] = []
+        d.addBoth(outcome.append)
+        errors.extend(o.value for o in outcome if hasattr(o, "value"))
+    assert errors, "both providers admit one call at a time: most of 40 are shed"
+    assert all(isinstance(e, NotSentError) and "(not run)" in e.message for e in errors)
+    served = two.served[1001] + two.served[1002]
+    assert served + len(errors) == 40  # every call ended: answered or failed typed
+
+
 def test_the_ini_keys(tmp_path):
     ini = tmp_path / "provider.ini"
     body = """\
