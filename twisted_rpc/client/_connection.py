@@ -20,6 +20,7 @@ from twisted_rpc.client._options import (  # noqa: F401 (also imported from here
     ClientOptions,
     timeout_error,
 )
+from twisted_rpc.client._routes import MethodEncodings
 from twisted_rpc.client._states import ConnectionState
 from twisted_rpc.client._stream_wire import StreamWire
 from twisted_rpc.core import _codec as wire
@@ -118,8 +119,9 @@ class ClientConnection(StreamWire, RpcConnection):
             options = options.replace(**settings)
         super().__init__(clock, options.max_frame_size)
         self.options = options
-        if options.compression is not None:
-            self.want_encoding = options.compression
+        self.encodings = MethodEncodings.of(options)
+        if self.encodings is not None:  # (else nothing is compressed: compress_min stays NEVER)
+            self.want_encoding = self.encodings.wanted[0]
             self.compress_threshold = options.compression_threshold
         self.keepalive_interval = options.keepalive_interval
         self.keepalive_timeout = options.keepalive_timeout
@@ -243,7 +245,7 @@ class ClientConnection(StreamWire, RpcConnection):
         if deadline:
             self.deadlines.add(deadline, call_id)
         if size >= self.compress_min:  # (NEVER while compression is off)
-            header, payload, size = self.squeeze(header, payload)
+            header, payload, size = self.squeeze_for(method, header, payload)
         batch = self._batch
         if batch is None or size >= LARGE_PAYLOAD:
             self.send(header, payload)
@@ -288,9 +290,31 @@ class ClientConnection(StreamWire, RpcConnection):
         if deadline:
             self.deadlines.add(deadline, call_id)
         if size >= self.compress_min:
-            header, payload, size = self.squeeze(header, payload)
+            header, payload, size = self.squeeze_for(method, header, payload)
         self.send(header, payload)
         return None
+
+    def settings_received(self, settings: dict[str, str]) -> None:
+        """Compression starts once the provider lists an encoding some call may use."""
+        super().settings_received(settings)
+        if self.send_encoding is None and self.encodings is not None:
+            for name in self.encodings.wanted:
+                if name in self.peer_encodings:
+                    self._start_compressing(name)
+                    break
+
+    def squeeze_for(
+        self, method: MethodInfo | None, header: bytes, payload: bytes
+    ) -> tuple[bytes, bytes, int]:
+        """A frame of ``method`` compressed with its encoding (see
+        :class:`MethodEncodings`, set when past ``compress_min``) if the
+        provider reads it, and its payload's size."""
+        encodings = self.encodings
+        assert encodings is not None
+        encoding = encodings(method) if method is not None else encodings.default
+        if encoding is None or encoding not in self.peer_encodings:
+            return header, payload, len(payload)
+        return self.squeeze(header, payload, encoding)
 
     @property
     def available(self) -> bool:

@@ -56,6 +56,7 @@ class ServerConnection(CallRunner, RpcConnection):
         self._handlers[FrameKind.MESSAGE] = self.stream_message_received
         self._handlers[FrameKind.END_STREAM] = self.end_stream_received
         self._handlers[FrameKind.WINDOW] = self.window_received
+        self.compress_threshold = limits.compression_threshold
         self.decoder.max_message_frame = min(
             self.decoder.max_frame_size,
             limits.max_message_size + wire.HEADER_SIZE - 4 + limits.max_metadata_size + 4,
@@ -74,6 +75,18 @@ class ServerConnection(CallRunner, RpcConnection):
             "max_message_size": str(limits.max_message_size),
             **self.encodings_setting(),
         }
+
+    def _start_compressing(self, encoding: str) -> None:
+        """Called on the first compressed frame from the consumer: from then
+        on answers of ``compression_threshold`` bytes or more are compressed,
+        in ``ServerLimits.compression`` if the consumer lists it, else in the
+        consumer's first encoding; never under ``"identity"``."""
+        choice = self.factory.limits.compression
+        if choice == "identity":
+            return
+        if choice is not None and choice in self.peer_encodings:
+            encoding = choice
+        super()._start_compressing(encoding)
 
     def connectionMade(self) -> None:
         super().connectionMade()
