@@ -87,6 +87,7 @@ def _cancel_call(d: Deferred[Message]) -> None:
         holder._cancel(call)
 
 
+_Frame = tuple[bytes, bytes, int]
 TakenBack = tuple[_Call, MethodInfo, bytes, "Mapping[str, str] | None", float]
 """A call a GOAWAY showed was never run: its Deferred, method, serialized
 request, metadata and absolute deadline (0: none)."""
@@ -99,6 +100,8 @@ class ClientConnection(StreamWire, RpcConnection):
     deadline)``: what it takes to send the call again if a GOAWAY shows the
     provider never ran it.
     """
+
+    encodings: MethodEncodings | None = None  # (set per connection only when used)
 
     def __init__(
         self,
@@ -119,9 +122,10 @@ class ClientConnection(StreamWire, RpcConnection):
             options = options.replace(**settings)
         super().__init__(clock, options.max_frame_size)
         self.options = options
-        self.encodings = MethodEncodings.of(options)
-        if self.encodings is not None:  # (else nothing is compressed: compress_min stays NEVER)
-            self.want_encoding = self.encodings.wanted[0]
+        encodings = MethodEncodings.of(options)
+        if encodings is not None:  # (else nothing is compressed: compress_min stays NEVER)
+            self.encodings = encodings
+            self.want_encoding = encodings.wanted[0]
             self.compress_threshold = options.compression_threshold
         self.keepalive_interval = options.keepalive_interval
         self.keepalive_timeout = options.keepalive_timeout
@@ -303,14 +307,10 @@ class ClientConnection(StreamWire, RpcConnection):
                     self._start_compressing(name)
                     break
 
-    def squeeze_for(
-        self, method: MethodInfo | None, header: bytes, payload: bytes
-    ) -> tuple[bytes, bytes, int]:
-        """A frame of ``method`` compressed with its encoding (see
-        :class:`MethodEncodings`, set when past ``compress_min``) if the
-        provider reads it, and its payload's size."""
-        encodings = self.encodings
-        assert encodings is not None
+    def squeeze_for(self, method: MethodInfo | None, header: bytes, payload: bytes) -> _Frame:
+        """``method``'s frame compressed in its encoding (:class:`MethodEncodings`,
+        set once past ``compress_min``) if the provider reads it; its payload's size."""
+        encodings = cast(MethodEncodings, self.encodings)
         encoding = encodings(method) if method is not None else encodings.default
         if encoding is None or encoding not in self.peer_encodings:
             return header, payload, len(payload)

@@ -56,7 +56,6 @@ class ServerConnection(CallRunner, RpcConnection):
         self._handlers[FrameKind.MESSAGE] = self.stream_message_received
         self._handlers[FrameKind.END_STREAM] = self.end_stream_received
         self._handlers[FrameKind.WINDOW] = self.window_received
-        self.compress_threshold = limits.compression_threshold
         self.decoder.max_message_frame = min(
             self.decoder.max_frame_size,
             limits.max_message_size + wire.HEADER_SIZE - 4 + limits.max_metadata_size + 4,
@@ -81,12 +80,14 @@ class ServerConnection(CallRunner, RpcConnection):
         on answers of ``compression_threshold`` bytes or more are compressed,
         in ``ServerLimits.compression`` if the consumer lists it, else in the
         consumer's first encoding; never under ``"identity"``."""
-        choice = self.factory.limits.compression
+        limits = self.factory.limits  # (read here, not kept: nothing added per connection)
+        choice = limits.compression
         if choice == "identity":
             return
         if choice is not None and choice in self.peer_encodings:
             encoding = choice
         super()._start_compressing(encoding)
+        self.compress_min = limits.compression_threshold
 
     def connectionMade(self) -> None:
         super().connectionMade()

@@ -171,8 +171,8 @@ def _compressed_request(pair: _Pair, call_id: int, size: int) -> None:
 
 def test_the_provider_threshold_reaches_its_connections():
     pair = _Pair(limits=ServerLimits(compression_threshold=10_000), compression="zlib")
-    assert pair.server.proto.compress_threshold == 10_000
     _compressed_request(pair, 1001, 5000)
+    assert pair.server.proto.compress_min == 10_000
     _compressed_request(pair, 1003, 20_000)
     answers = frames_of_any(pair.server.transport.value())
     assert [(a.call_id, bool(a.flags & FLAG_COMPRESSED)) for a in answers] == [
