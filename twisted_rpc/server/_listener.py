@@ -133,7 +133,10 @@ class ServerLimits:
                 f"ServerLimits.compression_threshold must be an int >= 0, not {threshold!r}"
             )
         if self.compression != "identity":
-            check_encoding(self.compression, "ServerLimits.compression")
+            try:
+                check_encoding(self.compression, "ServerLimits.compression")
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{e} (identity: answers never compressed)") from None
         for name in ("idle_timeout", "frame_timeout", "stream_idle_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):

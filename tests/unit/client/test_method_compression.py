@@ -195,8 +195,10 @@ def test_server_limits_check_the_compression_settings():
         ServerLimits(compression_threshold=-1)
     with pytest.raises(ValueError, match="compression_threshold"):
         ServerLimits(compression_threshold=1.5)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="ServerLimits.compression must be one of"):
+    with pytest.raises(ValueError, match="ServerLimits.compression must be one of.*identity"):
         ServerLimits(compression="gzip")
+    with pytest.raises(ValueError, match="ServerLimits.compression must be an encoding"):
+        ServerLimits(compression=1)  # type: ignore[arg-type]
 
 
 def test_the_provider_ini_takes_the_compression_settings(tmp_path):
