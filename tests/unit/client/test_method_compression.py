@@ -10,7 +10,7 @@ from twisted.internet.testing import StringTransport
 
 from protos import echo_pb2
 from testbed.echo_service import ECHO, STREAMS, EchoService, StreamService
-from tests.helpers import ServerConn, result
+from tests.helpers import ServerConn, TwoProviders, result
 from tests.unit.core.test_compress import _flags, frames_of_any
 from twisted_rpc import ConfigError, Dispatcher
 from twisted_rpc.client import ClientConnection, ClientOptions
@@ -142,6 +142,20 @@ def test_stream_messages_follow_their_method():
         (13, True),
     ]
     assert all(f.payload == b"m" * 8000 for f in frames)
+
+
+def test_a_client_s_proxies_compress_the_methods_its_config_names():
+    memory = TwoProviders(service_config=_config(**{"EchoService.Echo": "zlib"}))
+    proxy = memory.client.proxy(ECHO)
+    memory.connect_all()
+    request = echo_pb2.EchoRequest(payload=b"c" * 200_000)
+    for stub in (proxy.AsyncEcho, proxy.Echo, proxy.AsyncEcho):
+        d = stub(request)
+        memory.flush()
+        assert result(d).payload == request.payload
+    connections = [channel.protocol for channel in memory.client.channels.values()]
+    assert sum(c.bytes_uncompressed for c in connections) == request.ByteSize()  # Echo's only
+    assert 0 < sum(c.bytes_compressed for c in connections) < 1000
 
 
 def test_method_encodings_are_looked_up_once_per_route():
