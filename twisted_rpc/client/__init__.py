@@ -33,10 +33,11 @@ from twisted_rpc.client._balancer import (
     WeightedRandom,
     balancer_named,
 )
+from twisted_rpc.client._calls import NotSentError
 from twisted_rpc.client._channel import Channel
 from twisted_rpc.client._client import Client
 from twisted_rpc.client._config import ConsumerConfig, load_consumer_config
-from twisted_rpc.client._connection import ClientConnection, NotSentError
+from twisted_rpc.client._connection import ClientConnection
 from twisted_rpc.client._dials import backoff_policy
 from twisted_rpc.client._options import MAX_TIMEOUT, ClientOptions
 from twisted_rpc.client._proxy import ServiceProxy

@@ -20,7 +20,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_rpc.client._connection import MAX_RESENDS, ClientConnection, NotSentError, TakenBack
+from twisted_rpc.client._calls import MAX_RESENDS, NotSentError, TakenBack
+from twisted_rpc.client._connection import ClientConnection
 from twisted_rpc.client._dials import _WIRES, ClientReactor, ConnectionMaker, _DialQueue, _endpoint
 from twisted_rpc.client._options import ClientOptions, timeout_error
 from twisted_rpc.client._outliers import AccruingConnection, observers
@@ -158,8 +159,7 @@ class Channel:
 
     @property
     def ready(self) -> bool:
-        """Takes calls now: a proven connection, or idle (a provider closed an
-        idle connection: the call that picks it redials, transparently)."""
+        """Takes calls now: proven, or idle (the call that picks it redials)."""
         return self.state in _READY
 
     @property

@@ -16,12 +16,9 @@ from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.logger import Logger
 
 from twisted_rpc.client._balancer import Balancer, RoundRobin, balancer_named
+from twisted_rpc.client._calls import NotSentError, TakenBack
 from twisted_rpc.client._channel import Channel
 from twisted_rpc.client._config import config_discovery, load_consumer_config
-from twisted_rpc.client._connection import (
-    NotSentError,
-    TakenBack,
-)
 from twisted_rpc.client._dials import ClientReactor, _DialQueue
 from twisted_rpc.client._options import ClientOptions, timeout_error
 from twisted_rpc.client._parked import _not_sent

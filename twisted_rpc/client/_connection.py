@@ -6,7 +6,7 @@ GOAWAY shows were never run back to be sent again.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from google.protobuf.message import Message
 from twisted.internet.defer import Deferred, fail
@@ -14,12 +14,21 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
+from twisted_rpc.client._calls import (
+    MAX_RESENDS,
+    NotSentError,
+    ShedError,
+    TakenBack,
+    _Call,
+    _cancel_call,
+)
 from twisted_rpc.client._options import (  # noqa: F401 (also imported from here)
     DEFAULT_MAX_WRITE_BUFFER,
     MAX_TIMEOUT,
     ClientOptions,
     timeout_error,
 )
+from twisted_rpc.client._routes import MethodEncodings
 from twisted_rpc.client._states import ConnectionState
 from twisted_rpc.client._stream_wire import StreamWire
 from twisted_rpc.core import _codec as wire
@@ -37,12 +46,6 @@ from twisted_rpc.core._status import (
     UnavailableError,
 )
 
-MAX_RESENDS = 1
-"""Times a call is sent again after a GOAWAY showed it was never run. Past
-it the call fails with NotSentError: a provider that says GOAWAY to every
-call cannot keep one going round."""
-
-
 GOAWAY_CLOSE_GRACE = 10.0
 """Seconds a connection closed after its GOAWAY (its calls done) may take to
 flush; then it is aborted (a peer that does not read)."""
@@ -52,48 +55,7 @@ _DEFAULT_OPTIONS = ClientOptions()
 _OPEN = ConnectionState.OPEN
 
 
-class NotSentError(UnavailableError):
-    """UNAVAILABLE before the call was written to any connection: safe to send elsewhere."""
-
-
-class ShedError(NotSentError):
-    """A provider answered the call "not run" (shed): safe to send elsewhere,
-    but a retry all the same (it draws from the retry budget)."""
-
-
-class _Holder(Protocol):
-    """What holds a call in flight (a connection, or a parked call)."""
-
-    def _cancel(self, d: _Call, /) -> None: ...
-
-
-class _Call(Deferred[Message]):
-    """A call's Deferred, which knows its call id and who holds it, so
-    cancelling it is one lookup.
-
-    ``holder`` is the connection whose outstanding map holds it, or, when a
-    GOAWAY took the call back and its channel is dialling, the
-    :class:`_Parked` entry that waits for the connection; None in between.
-    A call sent again keeps its Deferred: it moves, nothing is chained to it.
-    ``resends`` counts the times it was sent again (see MAX_RESENDS).
-    """
-
-    __slots__ = ("call_id", "holder")
-    call_id: int
-    holder: _Holder | None
-    resends = 0
-
-
-def _cancel_call(d: Deferred[Message]) -> None:
-    call = cast(_Call, d)  # the canceller of a _Call, given only that _Call
-    holder = call.holder
-    if holder is not None:
-        holder._cancel(call)
-
-
-TakenBack = tuple[_Call, MethodInfo, bytes, "Mapping[str, str] | None", float]
-"""A call a GOAWAY showed was never run: its Deferred, method, serialized
-request, metadata and absolute deadline (0: none)."""
+_Frame = tuple[bytes, bytes, int]
 
 
 class ClientConnection(StreamWire, RpcConnection):
@@ -107,6 +69,8 @@ class ClientConnection(StreamWire, RpcConnection):
     on_shed: Callable[[TakenBack, RpcError], object] | None = None
     """Given a call the provider answered "not run" (shed) and its ShedError,
     to send it elsewhere (the channel sets it; unset, the call fails with it)."""
+
+    encodings: MethodEncodings | None = None  # (set per connection only when used)
 
     def __init__(
         self,
@@ -127,8 +91,10 @@ class ClientConnection(StreamWire, RpcConnection):
             options = options.replace(**settings)
         super().__init__(clock, options.max_frame_size)
         self.options = options
-        if options.compression is not None:
-            self.want_encoding = options.compression
+        encodings = MethodEncodings.of(options)
+        if encodings is not None:  # (else nothing is compressed: compress_min stays NEVER)
+            self.encodings = encodings
+            self.want_encoding = encodings.wanted[0]
             self.compress_threshold = options.compression_threshold
         self.keepalive_interval = options.keepalive_interval
         self.keepalive_timeout = options.keepalive_timeout
@@ -252,7 +218,7 @@ class ClientConnection(StreamWire, RpcConnection):
         if deadline:
             self.deadlines.add(deadline, call_id)
         if size >= self.compress_min:  # (NEVER while compression is off)
-            header, payload, size = self.squeeze(header, payload)
+            header, payload, size = self.squeeze_for(method, header, payload)
         batch = self._batch
         if batch is None or size >= LARGE_PAYLOAD:
             self.send(header, payload)
@@ -297,9 +263,27 @@ class ClientConnection(StreamWire, RpcConnection):
         if deadline:
             self.deadlines.add(deadline, call_id)
         if size >= self.compress_min:
-            header, payload, size = self.squeeze(header, payload)
+            header, payload, size = self.squeeze_for(method, header, payload)
         self.send(header, payload)
         return None
+
+    def settings_received(self, settings: dict[str, str]) -> None:
+        """Compression starts once the provider lists an encoding some call may use."""
+        super().settings_received(settings)
+        if self.send_encoding is None and self.encodings is not None:
+            for name in self.encodings.wanted:
+                if name in self.peer_encodings:
+                    self._start_compressing(name)
+                    break
+
+    def squeeze_for(self, method: MethodInfo | None, header: bytes, payload: bytes) -> _Frame:
+        """``method``'s frame compressed in its encoding (:class:`MethodEncodings`,
+        set once past ``compress_min``) if the provider reads it; its payload's size."""
+        encodings = cast(MethodEncodings, self.encodings)
+        encoding = encodings(method) if method is not None else encodings.default
+        if encoding is None or encoding not in self.peer_encodings:
+            return header, payload, len(payload)
+        return self.squeeze(header, payload, encoding)
 
     @property
     def available(self) -> bool:

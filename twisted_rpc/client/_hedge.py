@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_rpc.client._connection import NotSentError, ShedError
+from twisted_rpc.client._calls import NotSentError, ShedError
 from twisted_rpc.client._dials import _Clock
 from twisted_rpc.client._events import Events
 from twisted_rpc.client._service_config import HedgingPolicy

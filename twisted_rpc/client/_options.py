@@ -117,9 +117,10 @@ class ClientOptions:
     compression: str | None = None
     """Compress requests and stream messages with this encoding (``zlib``,
     or ``zstd`` with the zstandard package) for providers that read it; they
-    then answer compressed too. None: never compress (answers still read)."""
+    then answer compressed too. None: only methods whose service-config
+    entry names an encoding are compressed (answers are always read)."""
     compression_threshold: int = DEFAULT_COMPRESS_THRESHOLD
-    """Smallest payload compressed, in bytes (when ``compression`` is set)."""
+    """Smallest payload compressed, in bytes (when anything is)."""
 
     propagate_metadata: tuple[str, ...] = ()
     """Prefixes of metadata keys (``("x-trace-",)``) carried from the call a

@@ -44,7 +44,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_rpc.client._balancer import EJECTED, weighs_latency
-from twisted_rpc.client._connection import ClientConnection, TakenBack
+from twisted_rpc.client._calls import TakenBack
+from twisted_rpc.client._connection import ClientConnection
 from twisted_rpc.client._events import Events
 from twisted_rpc.client._states import ChannelState
 from twisted_rpc.core import _codec as wire

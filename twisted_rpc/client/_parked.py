@@ -12,7 +12,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
-from twisted_rpc.client._connection import ClientConnection, NotSentError, TakenBack, _Call
+from twisted_rpc.client._calls import NotSentError, TakenBack, _Call
+from twisted_rpc.client._connection import ClientConnection
 from twisted_rpc.core._codec import GoawayReason
 from twisted_rpc.core._status import CancelledError, DeadlineExceededError, RpcError
 

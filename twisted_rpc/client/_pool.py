@@ -22,8 +22,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from twisted_rpc.client._balancer import EJECTED
+from twisted_rpc.client._calls import TakenBack
 from twisted_rpc.client._channel import Channel
-from twisted_rpc.client._connection import ClientConnection, TakenBack
+from twisted_rpc.client._connection import ClientConnection
 from twisted_rpc.client._options import MAX_CONNECTIONS_PER_PROVIDER, ClientOptions
 from twisted_rpc.client._states import ChannelState
 from twisted_rpc.core._codec import GoawayReason

@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twisted_rpc.client._connection import NotSentError, ShedError
+from twisted_rpc.client._calls import NotSentError, ShedError
 from twisted_rpc.client._dials import _Clock
 from twisted_rpc.client._events import Events
 from twisted_rpc.client._hedge import attempts_error as _final

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_rpc.client._balancer import Balancer
-from twisted_rpc.client._connection import NotSentError
+from twisted_rpc.client._calls import NotSentError
 from twisted_rpc.client._dials import ClientReactor
 from twisted_rpc.client._hedge import attempts_error
 from twisted_rpc.client._options import ClientOptions, timeout_error

@@ -17,6 +17,7 @@ from twisted_rpc.client._streams import StreamCall
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import GoawayReason
 from twisted_rpc.core._flow import UNANNOUNCED_WINDOW, peer_setting
+from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.core._status import InvalidArgumentError, RpcError, UnimplementedError
 
 
@@ -39,7 +40,9 @@ class StreamWire:
     if TYPE_CHECKING:
 
         def send(self, header: bytes, payload: bytes = b"") -> None: ...
-        def squeeze(self, header: bytes, payload: bytes) -> tuple[bytes, bytes, int]: ...
+        def squeeze_for(
+            self, method: MethodInfo | None, header: bytes, payload: bytes
+        ) -> tuple[bytes, bytes, int]: ...
         def encodings_setting(self) -> dict[str, str]: ...
 
         compress_min: int
@@ -95,7 +98,7 @@ class StreamWire:
             return InvalidArgumentError(message=f"cannot encode the call: {e}")
         self.streams[call_id] = stream
         if len(payload) >= self.compress_min:
-            header, payload, _ = self.squeeze(header, payload)
+            header, payload, _ = self.squeeze_for(stream.method, header, payload)
         self.send(header, payload)
         assert self.peer_settings is not None
         window = peer_setting(self.peer_settings, "stream_window", UNANNOUNCED_WINDOW)
@@ -111,7 +114,9 @@ class StreamWire:
         """A stream's request (the window was checked by the stream)."""
         header = wire.encode_message(call_id, len(payload))
         if len(payload) >= self.compress_min:
-            header, payload, _ = self.squeeze(header, payload)
+            stream = self.streams.get(call_id)
+            method = None if stream is None else stream.method
+            header, payload, _ = self.squeeze_for(method, header, payload)
         self.send(header, payload)
 
     def send_end_stream(self, call_id: int) -> None:

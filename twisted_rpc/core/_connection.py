@@ -406,13 +406,16 @@ class RpcConnection(Protocol):
             self._start_compressing(self.peer_encodings[0])
         return out
 
-    def squeeze(self, header: bytes, payload: bytes) -> tuple[bytes, bytes, int]:
-        """A frame compressed with :attr:`send_encoding` if that makes it
-        smaller (callers check ``len(payload) >= compress_min`` first), and
-        its payload's size."""
-        assert self.send_encoding is not None
+    def squeeze(
+        self, header: bytes, payload: bytes, encoding: str | None = None
+    ) -> tuple[bytes, bytes, int]:
+        """A frame compressed with ``encoding`` (else :attr:`send_encoding`)
+        if that makes it smaller (callers check ``len(payload) >=
+        compress_min`` first), and its payload's size."""
+        encoding = encoding or self.send_encoding
+        assert encoding is not None
         size = len(payload)
-        header, payload, new = compress_frame(header, payload, self.send_encoding)
+        header, payload, new = compress_frame(header, payload, encoding)
         if new < size:
             self.bytes_uncompressed += size
             self.bytes_compressed += new

@@ -42,13 +42,9 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twisted_rpc.client._calls import NotSentError, TakenBack
 from twisted_rpc.client._channel import Channel
-from twisted_rpc.client._connection import (
-    GOAWAY_CLOSE_GRACE,
-    ClientConnection,
-    NotSentError,
-    TakenBack,
-)
+from twisted_rpc.client._connection import GOAWAY_CLOSE_GRACE, ClientConnection
 from twisted_rpc.client._dials import register_wire
 from twisted_rpc.client._options import ClientOptions
 from twisted_rpc.client._states import ConnectionState

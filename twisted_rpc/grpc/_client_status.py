@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from twisted_rpc._version import __version__
-from twisted_rpc.client._connection import NotSentError
+from twisted_rpc.client._calls import NotSentError
 from twisted_rpc.core._status import RpcError, StatusCode
 from twisted_rpc.grpc._wire import (
     CONTENT_TYPE,

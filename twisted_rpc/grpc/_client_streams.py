@@ -21,7 +21,8 @@ from h2.errors import ErrorCodes
 from h2.exceptions import H2Error, NoAvailableStreamIDError, TooManyStreamsError
 from twisted.internet.interfaces import IReactorTime
 
-from twisted_rpc.client._connection import ClientConnection, NotSentError
+from twisted_rpc.client._calls import NotSentError
+from twisted_rpc.client._connection import ClientConnection
 from twisted_rpc.client._options import ClientOptions
 from twisted_rpc.client._states import ConnectionState
 from twisted_rpc.client._streams import StreamCall

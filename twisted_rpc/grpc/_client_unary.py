@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from twisted_rpc.client._connection import NotSentError, TakenBack, _Call, _cancel_call
+from twisted_rpc.client._calls import NotSentError, TakenBack, _Call, _cancel_call
 from twisted_rpc.client._options import ClientOptions, timeout_error
 from twisted_rpc.client._states import ConnectionState
 from twisted_rpc.core._codec import GoawayReason

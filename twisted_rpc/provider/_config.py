@@ -154,6 +154,8 @@ _PROVIDER_KEYS = {
     "adaptive_limit",
     "adaptive_min_limit",
     "adaptive_max_limit",
+    "compression",
+    "compression_threshold",
     "health",
     "reflection",
     "slow_call_threshold",
@@ -311,6 +313,8 @@ def _read_limits(r: Reader) -> ServerLimits:
         adaptive_limit=r.flag(p, "adaptive_limit", d.adaptive_limit),
         adaptive_min_limit=r.number(p, "adaptive_min_limit", d.adaptive_min_limit, int, 1),
         adaptive_max_limit=r.number(p, "adaptive_max_limit", d.adaptive_max_limit, int, 1),
+        compression_threshold=r.number(p, "compression_threshold", d.compression_threshold, int, 0),
+        compression=r.get(p, "compression", "") or None,
     )
 
 

@@ -75,6 +75,20 @@ class ServerConnection(CallRunner, RpcConnection):
             **self.encodings_setting(),
         }
 
+    def _start_compressing(self, encoding: str) -> None:
+        """Called on the first compressed frame from the consumer: from then
+        on answers of ``compression_threshold`` bytes or more are compressed,
+        in ``ServerLimits.compression`` if the consumer lists it, else in the
+        consumer's first encoding; never under ``"identity"``."""
+        limits = self.factory.limits  # (read here, not kept: nothing added per connection)
+        choice = limits.compression
+        if choice == "identity":
+            return
+        if choice is not None and choice in self.peer_encodings:
+            encoding = choice
+        super()._start_compressing(encoding)
+        self.compress_min = limits.compression_threshold
+
     def connectionMade(self) -> None:
         super().connectionMade()
         self.factory.connection_made(self)

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_rpc.core import _codec as wire
+from twisted_rpc.core._compress import DEFAULT_COMPRESS_THRESHOLD, check_encoding
 from twisted_rpc.core._connection import RefusedConnection
 from twisted_rpc.core._flow import check_window
 from twisted_rpc.core._interfaces import ICallObserver, IDrainable
@@ -88,6 +89,13 @@ class ServerLimits:
     """The adaptive limit never falls below this many calls in flight."""
     adaptive_max_limit: int = 1000
     """Nor rises above this many (``max_calls`` still applies too)."""
+    compression_threshold: int = DEFAULT_COMPRESS_THRESHOLD
+    """Smallest answer (or stream message) compressed, in bytes, on a
+    connection whose consumer compresses (0: every one)."""
+    compression: str | None = None
+    """The encoding answers are compressed with: None follows the consumer
+    (its first listed encoding), ``"zlib"``/``"zstd"`` is preferred when the
+    consumer lists it, ``"identity"`` never compresses (requests still read)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -119,6 +127,16 @@ class ServerLimits:
                 f"adaptive_max_limit ({self.adaptive_max_limit})"
             )
         check_window(self.stream_window, "ServerLimits.stream_window")
+        threshold = self.compression_threshold
+        if type(threshold) is not int or threshold < 0:
+            raise ValueError(
+                f"ServerLimits.compression_threshold must be an int >= 0, not {threshold!r}"
+            )
+        if self.compression != "identity":
+            try:
+                check_encoding(self.compression, "ServerLimits.compression")
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{e} (identity: answers never compressed)") from None
         for name in ("idle_timeout", "frame_timeout", "stream_idle_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):

@@ -23,7 +23,7 @@ from twisted_rpc import (
     UnavailableError,
 )
 from twisted_rpc.client import HedgingPolicy, NotSentError
-from twisted_rpc.client._connection import ShedError
+from twisted_rpc.client._calls import ShedError
 from twisted_rpc.client._retry import Retries, WindowBudget, send_with_retries
 from twisted_rpc.core import MethodInfo
 from twisted_rpc.server import Dispatcher, ServerFactory

@@ -19,7 +19,7 @@ from twisted_rpc import (
     UnavailableError,
 )
 from twisted_rpc.client import RetryPolicy, RetryThrottling
-from twisted_rpc.client._connection import ShedError
+from twisted_rpc.client._calls import ShedError
 from twisted_rpc.client._retry import (
     IDEMPOTENT_POLICY,
     Retries,
