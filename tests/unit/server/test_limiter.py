@@ -65,8 +65,85 @@ def test_the_no_load_latency_follows_recent_windows():
     assert limiter.no_load == pytest.approx(0.020)
 
 
+class OneThread:
+    """A provider whose calls' work runs one at a time on one thread (``work``
+    seconds each), admitting up to the limiter's limit: each round, the calls
+    admitted finish one after the other, the i-th after ``i * work``, with
+    ``limit - i + 1`` in flight as it does; ``wait`` is added to every call
+    (e.g. a share of a read it waited behind)."""
+
+    def __init__(self, limiter: AdaptiveLimiter, work: float = 0.002, wait: float = 0.0) -> None:
+        self.limiter = limiter
+        self.work = work
+        self.wait = wait
+        self.calls = 0
+        self.limits: list[int] = []
+
+    def run(self, calls: int) -> list[int]:
+        """Run ``calls`` calls; the limit after each round."""
+        end = self.calls + calls
+        while self.calls < end:
+            admitted = self.limiter.limit
+            for i in range(1, admitted + 1):
+                self.limiter.sample(self.wait + i * self.work, admitted - i + 1)
+            self.calls += admitted
+            self.limits.append(self.limiter.limit)
+        return self.limits
+
+
+def test_one_thread_cpu_bound_calls_serialise_and_the_limit_falls_fast_to_them():
+    limiter = AdaptiveLimiter(min_limit=1, max_limit=1000)  # starts at 50
+    provider = OneThread(limiter)
+    provider.run(150)  # a sudden overload: 50 calls queued at once
+    assert limiter.limit <= 4  # from 50 within 150 calls (the old shape: 36, below)
+    provider.run(5000)
+    assert limiter.serial  # latency grows with the calls in flight: no sqrt headroom
+    settled = provider.limits[-200:]
+    assert max(settled) <= 2 and min(settled) >= 1  # ~tolerance x the no-load latency
+    assert limiter.no_load == pytest.approx(0.002)
+
+
+def test_the_old_shape_kept_a_queue_on_one_thread():
+    """Gradient2's sqrt(limit) headroom with its old fall (a tenth a window):
+    what the run measured before serialised windows lost their headroom."""
+    limiter = AdaptiveLimiter(min_limit=1, max_limit=1000, floor=0.9)
+    limiter.short_window = limiter.window
+    provider = OneThread(limiter)
+    provider.run(150)
+    assert limiter.limit >= 30  # barely moved after 150 calls
+
+
+def test_a_parallel_provider_keeps_its_headroom():
+    """Latency flat as the calls in flight grow (work off the thread, e.g.
+    awaiting a backend): not serial, and the limit climbs by sqrt(limit)."""
+    limiter = AdaptiveLimiter(min_limit=4, max_limit=1000, initial_limit=50, window=10)
+    climbed = _windows(limiter, 0.010, 5, in_flight=50)
+    assert not limiter.serial
+    assert climbed[-1] >= 55  # a fifth of sqrt(50) ~ 1.4 a window
+
+
+def test_an_overloaded_window_ends_early():
+    limiter = AdaptiveLimiter(min_limit=1, initial_limit=50)  # window 50, short 10
+    for _ in range(9):
+        assert not limiter.sample(0.001, 1)
+    assert limiter.sample(0.001, 1) is False and limiter.limit == 50  # fine: the window goes on
+    limiter = AdaptiveLimiter(min_limit=1, initial_limit=50)
+    changed = [limiter.sample(0.001 * i, 50) for i in range(1, 11)]
+    assert changed == [False] * 9 + [True]  # 10 calls at 5.5x no-load: a window already
+    # gradient 0.001 * 1.5 / 0.0055 = 0.27 (over the floor of 0.25): 50 * 0.27 + sqrt(50)
+    assert limiter.limit == 20
+
+
 @pytest.mark.parametrize(
-    "kw", [{"min_limit": 0}, {"min_limit": 5, "max_limit": 4}, {"window": 0}, {"tolerance": 0.5}]
+    "kw",
+    [
+        {"min_limit": 0},
+        {"min_limit": 5, "max_limit": 4},
+        {"window": 0},
+        {"tolerance": 0.5},
+        {"floor": 0.0},
+        {"short_window": 0},
+    ],
 )
 def test_bad_limiter_settings_are_refused(kw):
     with pytest.raises(ValueError):
