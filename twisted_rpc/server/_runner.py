@@ -152,8 +152,9 @@ class CallRunner(StreamRunner):
             refused = UnavailableError(message=self.goaway_message)
             self.fail_call(call_id, refused, method.info.full_name, started)
             return
-        if timeout_ms and started + timeout_ms / 1000.0 <= self.clock.seconds():
-            self._drop_late(call_id, method.info.full_name, started)
+        deadline = started + timeout_ms / 1000.0 if timeout_ms else None
+        if deadline is not None and deadline <= self.clock.seconds():
+            self._drop_late(call_id, method.info.full_name, started)  # it waited too long
             return
         factory = self.factory
         limits = factory.limits
@@ -205,7 +206,6 @@ class CallRunner(StreamRunner):
                 started,
             )
             return
-        deadline = started + timeout_ms / 1000.0 if timeout_ms else None
         context = CallContext(call_id, method.info, metadata, deadline, self)
         try:
             result = method.invoke(request, context)
