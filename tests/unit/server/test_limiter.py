@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 
 from protos import echo_pb2
 from testbed.echo_service import ECHO, EchoService
@@ -280,3 +280,57 @@ def test_the_ini_keys(tmp_path):
     ini.write_text(textwrap.dedent(body % "2"))
     with pytest.raises(ConfigError, match=r"\[provider\] ServerLimits.adaptive_min_limit"):
         load_provider_config(str(ini))
+
+
+class OneThreadEcho(EchoService):
+    """AsyncEcho's work takes ``work`` seconds of the Clock, one call at a
+    time, as handlers burning one thread do: a call admitted behind others
+    finishes after theirs."""
+
+    def __init__(self, clock: Clock, work: float) -> None:
+        self.clock = clock
+        self.work = work
+        self.free_at = 0.0
+        self.served = 0
+
+    def AsyncEcho(self, request, context):  # type: ignore[no-untyped-def]
+        now = self.clock.seconds()
+        self.free_at = max(now, self.free_at) + self.work
+
+        def done() -> echo_pb2.EchoReply:
+            self.served += 1
+            return echo_pb2.EchoReply(payload=request.payload)
+
+        return deferLater(self.clock, self.free_at - now, done)
+
+
+def test_a_one_thread_provider_under_3x_load_settles_at_one_or_two_calls():
+    clock = Clock()
+    service = OneThreadEcho(clock, work=0.002)  # 500 calls/s at most
+    limits = ServerLimits(adaptive_limit=True, adaptive_min_limit=1, adaptive_max_limit=100)
+    factory = ServerFactory(Dispatcher([service]), clock, limits=limits)
+    limiter = factory.limiter
+    assert limiter is not None and limiter.limit == 50
+    conn = ServerConn(factory)
+    call_id = 0
+    latencies: list[float] = []
+    sent_at: dict[int, float] = {}
+    limits_seen: list[int] = []
+    serial = False
+    for tick in range(1000):  # 2 s of 3 calls every 2 ms: 1,500 calls/s offered
+        for _ in range(3):
+            call_id += 1
+            sent_at[call_id] = clock.seconds()
+            conn.request(call_id, ASYNC.route, echo_pb2.EchoRequest(), timeout_ms=1000)
+        clock.advance(0.002)
+        for frame in conn.frames():
+            if frame.status == 0 and tick >= 500:
+                latencies.append(clock.seconds() - sent_at[frame.call_id])
+        limits_seen.append(limiter.limit)
+        serial |= limiter.serial
+    assert max(limits_seen[100:]) <= 2  # down from 50 within 0.2 s, and it stays there
+    assert serial  # at 2 calls in flight the windows serialise (at 1 there is nothing to tell)
+    # the second second: the thread kept busy (>= 90 % of 500 calls)...
+    assert len(latencies) >= 450
+    # ...and an admitted call waits at most about one other call's work
+    assert max(latencies) <= 0.0041
