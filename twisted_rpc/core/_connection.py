@@ -124,6 +124,9 @@ class RpcConnection(Protocol):
         self.connected = False
         self.last_active = 0.0
         """When the last whole frame arrived (or the connection was made)."""
+        self.received_at: float | None = None
+        """When the read being handled started (reactor time; None before the
+        first): the receive time of every frame in it, once per read."""
         self.partial_since: float | None = None
         """When the frame being received started to arrive (None: none is)."""
         self.peer = "?"
@@ -172,6 +175,7 @@ class RpcConnection(Protocol):
         # callbacks make) go out in one write at the end.
         batch: list[bytes]  # (an annotation only: no cost here)
         self._batch = batch = []
+        self.received_at = now = self.clock.seconds()  # the frames' receive time
         decoder = self.decoder
         try:
             done = decoder.feed(data)
@@ -194,7 +198,7 @@ class RpcConnection(Protocol):
             # was sent on its own already, see send()).
             self._write_now([batch[0] if len(batch) == 1 else b"".join(batch)])
         if done:  # only whole frames count as activity
-            self.last_active = self.clock.seconds()
+            self.last_active = now
         if decoder.buffered or self.partial_since is not None:
             self.partial_frame(bool(done))
 

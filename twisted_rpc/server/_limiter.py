@@ -8,17 +8,32 @@ and brpc's auto limiter. It learns two latencies from the calls that finish:
   windows fall out);
 - the **current** latency, the mean of the last window of ``window`` calls.
 
-At the end of each window the limit moves towards
-``limit * gradient + headroom``, where ``gradient = no_load * tolerance /
-current`` (kept within [0.5, 1]) and ``headroom`` is ``sqrt(limit)``: when
-calls take longer than at no load, the limit falls (at most by half a
-window); when they take about as long, it climbs by a fraction of the
-headroom per window, and only while the limit is in use (at least half of it
-in flight), as an idle provider proves nothing about a higher one. The
-limit stays within ``[min_limit, max_limit]``.
+At the end of each window the limit moves towards ``limit * gradient +
+headroom``, where ``gradient = no_load * tolerance / current`` (kept within
+[``floor``, 1]):
+
+- when calls take longer than at no load, the limit falls to ``limit *
+  gradient`` at once (by at most three quarters per window: a sudden overload
+  is met within a few windows, not a few seconds);
+- when they take about as long, it climbs by a fifth of the headroom per
+  window, and only while the limit is in use (at least half of it in flight),
+  as an idle provider proves nothing about a higher one.
+
+The headroom is ``sqrt(limit)`` (Gradient2's), except when the window's calls
+*serialise*: their mean latency grew with the calls in flight, as when the
+handlers' work is CPU-bound on the provider's one thread (``current >= no_load
+* mean_in_flight / 2`` with more than one call in flight). Then a higher
+limit only adds queue: the headroom is 1 and the limit falls to ``limit *
+gradient`` with nothing added, so it settles where the calls in flight wait
+about ``tolerance`` times the no-load latency.
+
+A window is ``window`` calls, or ``short_window`` when its mean latency is
+already over twice the tolerance above the no-load figure (overload ends the
+window early). The limit stays within ``[min_limit, max_limit]``.
 
 It knows no clock and no wire: the runner feeds it each finished call's
-latency and the calls in flight, and sheds calls over :attr:`limit`
+latency (from the request's arrival) and the calls in flight, sheds calls
+over :attr:`limit`, and counts the calls it sheds and those it drops late
 (docs/resilience.md).
 """
 
@@ -44,11 +59,16 @@ class AdaptiveLimiter:
         "no_load",
         "current",
         "shed",
+        "dropped_late",
+        "serial",
+        "floor",
+        "short_window",
         "_mins",
         "_count",
         "_total",
         "_low",
         "_peak",
+        "_flight",
     )
 
     def __init__(
@@ -60,18 +80,25 @@ class AdaptiveLimiter:
         history: int = 100,
         tolerance: float = 1.5,
         smoothing: float = 0.2,
+        floor: float = 0.25,
+        short_window: int = 10,
     ) -> None:
         if not 1 <= min_limit <= max_limit:
             raise ValueError(f"need 1 <= min_limit <= max_limit, not {min_limit}, {max_limit}")
         if window < 1 or history < 1:
             raise ValueError("window and history must be >= 1")
-        if not tolerance >= 1.0 or not 0.0 < smoothing <= 1.0:
-            raise ValueError("need tolerance >= 1 and 0 < smoothing <= 1")
+        if not tolerance >= 1.0 or not 0.0 < smoothing <= 1.0 or not 0.0 < floor <= 1.0:
+            raise ValueError("need tolerance >= 1, 0 < smoothing <= 1 and 0 < floor <= 1")
+        if short_window < 1:
+            raise ValueError("short_window must be >= 1")
         self.min_limit = min_limit
         self.max_limit = max_limit
         self.window = window
         self.tolerance = tolerance
         self.smoothing = smoothing
+        self.floor = floor
+        """The least gradient: the limit falls by at most ``1 - floor`` per window."""
+        self.short_window = min(short_window, window)
         start = initial_limit if initial_limit is not None else min(max_limit, max(min_limit, 50))
         self.estimate = float(min(max_limit, max(min_limit, start)))
         """The limit before rounding down."""
@@ -82,12 +109,19 @@ class AdaptiveLimiter:
         self.current = 0.0
         """Seconds: the mean latency of the last window."""
         self.shed = 0
-        """Calls shed (told by the runner), for metrics."""
+        """Calls shed (told by the runner), for metrics: over the limit, or
+        dropped late (counted in :attr:`dropped_late` too)."""
+        self.dropped_late = 0
+        """Calls dropped unrun because their deadline passed before they could run."""
+        self.serial = False
+        """Whether the last window's calls serialised (latency grew with the
+        calls in flight): then the limit has no ``sqrt(limit)`` headroom."""
         self._mins: deque[float] = deque(maxlen=history)
         self._count = 0
         self._total = 0.0
         self._low = math.inf
         self._peak = 0
+        self._flight = 0
 
     def sample(self, latency: float, in_flight: int) -> bool:
         """A call took ``latency`` seconds, with ``in_flight`` calls running
@@ -96,31 +130,49 @@ class AdaptiveLimiter:
         self._total += latency
         if latency < self._low:
             self._low = latency
+        self._flight += in_flight
         if in_flight > self._peak:
             self._peak = in_flight
-        if self._count < self.window:
+        count = self._count
+        if count < self.window and (count < self.short_window or not self._overloaded()):
             return False
         return self._end_window()
 
+    def _overloaded(self) -> bool:
+        """Whether the window so far is already well over the no-load latency."""
+        no_load = min(self._low, self.no_load) if self.no_load else self._low
+        return self._total > self._count * no_load * self.tolerance * 2.0
+
     def _end_window(self) -> bool:
-        current = self._total / self._count
+        count = self._count
+        current = self._total / count
+        flight = self._flight / count
         self._mins.append(self._low)
         used = self._peak * 2 >= self.limit
         self._count = 0
         self._total = 0.0
         self._low = math.inf
         self._peak = 0
+        self._flight = 0
         self.current = current
         self.no_load = no_load = min(self._mins)
         if current <= 0.0:
             gradient = 1.0
         else:
-            gradient = max(0.5, min(1.0, no_load * self.tolerance / current))
+            gradient = max(self.floor, min(1.0, no_load * self.tolerance / current))
+        # Serialised calls: latency grew with the calls in flight (one thread's work).
+        self.serial = serial = flight > 1.0 and current * 2.0 >= no_load * flight
         estimate = self.estimate
-        target = estimate * gradient + math.sqrt(estimate)
-        if target > estimate and not used:
-            return False  # not using the limit it has: no evidence for more
-        estimate = estimate * (1.0 - self.smoothing) + target * self.smoothing
+        if gradient < 1.0:
+            target = estimate * gradient if serial else estimate * gradient + math.sqrt(estimate)
+        else:
+            target = estimate + (1.0 if serial else math.sqrt(estimate))
+        if target > estimate:
+            if not used:
+                return False  # not using the limit it has: no evidence for more
+            estimate = estimate * (1.0 - self.smoothing) + target * self.smoothing
+        else:
+            estimate = target  # falling: at once (by at most 1 - floor)
         self.estimate = estimate = min(float(self.max_limit), max(float(self.min_limit), estimate))
         old, self.limit = self.limit, int(estimate)
         return self.limit != old

@@ -51,6 +51,8 @@ log = Logger(namespace="twisted_rpc.server")
 
 _NOT_RUN = {NOT_RUN_KEY: "shed"}
 """The trailer that marks an answer as given before the call ran."""
+_LATE = {NOT_RUN_KEY: "late"}
+"""The same marking, for a call dropped unrun because its deadline had passed."""
 
 _Pending = tuple[Deferred[object], MethodInfo, float, bool]
 """A call in flight: its handler's Deferred, method, start time, long-lived."""
@@ -80,6 +82,10 @@ class CallRunner(StreamRunner):
     routes: Mapping[Any, ServerMethod]
     call_label: ClassVar[str] = "call {call_id}"
     """How this wire's log lines name a call (a format over the event's keys)."""
+    received_at: float | None = None
+    """When the read that brought the request being handled started (set by
+    a wire that stamps its reads, as the native connection does): calls are
+    timed from it. None: the runner takes the time itself."""
 
     def init_calls(self, clock: IReactorTime) -> None:
         self.pending: dict[int, _Pending] = {}
@@ -133,7 +139,9 @@ class CallRunner(StreamRunner):
         hot path); ``status`` and ``message`` are not used, and a wire
         without them (the C++ one) passes 0 and "".
         """
-        started = self.clock.seconds()
+        started = self.received_at  # the call's arrival: when its read started
+        if started is None:
+            started = self.clock.seconds()
         method = self.routes.get(route)
         if method is None:
             self._unknown_route(call_id, route, started)
@@ -143,6 +151,10 @@ class CallRunner(StreamRunner):
         if self.draining:
             refused = UnavailableError(message=self.goaway_message)
             self.fail_call(call_id, refused, method.info.full_name, started)
+            return
+        deadline = started + timeout_ms / 1000.0 if timeout_ms else None
+        if deadline is not None and deadline <= self.clock.seconds():
+            self._drop_late(call_id, method.info.full_name, started)  # it waited too long
             return
         factory = self.factory
         limits = factory.limits
@@ -194,7 +206,6 @@ class CallRunner(StreamRunner):
                 started,
             )
             return
-        deadline = started + timeout_ms / 1000.0 if timeout_ms else None
         context = CallContext(call_id, method.info, metadata, deadline, self)
         try:
             result = method.invoke(request, context)
@@ -264,6 +275,20 @@ class CallRunner(StreamRunner):
         )
         try:
             self.fail_call(call_id, error, method, started, trailers=_NOT_RUN)
+        except NotImplementedError:  # a wire without trailers (the C++ one): the code alone
+            self._write_status(call_id, int(error.code), error.message)
+
+    def _drop_late(self, call_id: int, method: str, started: float) -> None:
+        """Refuse ``call_id`` unrun: its deadline passed between its arrival and
+        now. DEADLINE_EXCEEDED, marked not run as a shed call is; counted by
+        the adaptive limiter (when on) as shed and dropped late."""
+        limiter = self.factory.limiter
+        if limiter is not None:
+            limiter.shed += 1
+            limiter.dropped_late += 1
+        error = RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call ran")
+        try:
+            self.fail_call(call_id, error, method, started, trailers=_LATE)
         except NotImplementedError:  # a wire without trailers (the C++ one): the code alone
             self._write_status(call_id, int(error.code), error.message)
 

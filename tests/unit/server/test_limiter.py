@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 
 from protos import echo_pb2
 from testbed.echo_service import ECHO, EchoService
@@ -65,8 +65,85 @@ def test_the_no_load_latency_follows_recent_windows():
     assert limiter.no_load == pytest.approx(0.020)
 
 
+class OneThread:
+    """A provider whose calls' work runs one at a time on one thread (``work``
+    seconds each), admitting up to the limiter's limit: each round, the calls
+    admitted finish one after the other, the i-th after ``i * work``, with
+    ``limit - i + 1`` in flight as it does; ``wait`` is added to every call
+    (e.g. a share of a read it waited behind)."""
+
+    def __init__(self, limiter: AdaptiveLimiter, work: float = 0.002, wait: float = 0.0) -> None:
+        self.limiter = limiter
+        self.work = work
+        self.wait = wait
+        self.calls = 0
+        self.limits: list[int] = []
+
+    def run(self, calls: int) -> list[int]:
+        """Run ``calls`` calls; the limit after each round."""
+        end = self.calls + calls
+        while self.calls < end:
+            admitted = self.limiter.limit
+            for i in range(1, admitted + 1):
+                self.limiter.sample(self.wait + i * self.work, admitted - i + 1)
+            self.calls += admitted
+            self.limits.append(self.limiter.limit)
+        return self.limits
+
+
+def test_one_thread_cpu_bound_calls_serialise_and_the_limit_falls_fast_to_them():
+    limiter = AdaptiveLimiter(min_limit=1, max_limit=1000)  # starts at 50
+    provider = OneThread(limiter)
+    provider.run(150)  # a sudden overload: 50 calls queued at once
+    assert limiter.limit <= 4  # from 50 within 150 calls (the old shape: 36, below)
+    provider.run(5000)
+    assert limiter.serial  # latency grows with the calls in flight: no sqrt headroom
+    settled = provider.limits[-200:]
+    assert max(settled) <= 2 and min(settled) >= 1  # ~tolerance x the no-load latency
+    assert limiter.no_load == pytest.approx(0.002)
+
+
+def test_the_old_shape_kept_a_queue_on_one_thread():
+    """Gradient2's sqrt(limit) headroom with its old fall (a tenth a window):
+    what the run measured before serialised windows lost their headroom."""
+    limiter = AdaptiveLimiter(min_limit=1, max_limit=1000, floor=0.9)
+    limiter.short_window = limiter.window
+    provider = OneThread(limiter)
+    provider.run(150)
+    assert limiter.limit >= 30  # barely moved after 150 calls
+
+
+def test_a_parallel_provider_keeps_its_headroom():
+    """Latency flat as the calls in flight grow (work off the thread, e.g.
+    awaiting a backend): not serial, and the limit climbs by sqrt(limit)."""
+    limiter = AdaptiveLimiter(min_limit=4, max_limit=1000, initial_limit=50, window=10)
+    climbed = _windows(limiter, 0.010, 5, in_flight=50)
+    assert not limiter.serial
+    assert climbed[-1] >= 55  # a fifth of sqrt(50) ~ 1.4 a window
+
+
+def test_an_overloaded_window_ends_early():
+    limiter = AdaptiveLimiter(min_limit=1, initial_limit=50)  # window 50, short 10
+    for _ in range(9):
+        assert not limiter.sample(0.001, 1)
+    assert limiter.sample(0.001, 1) is False and limiter.limit == 50  # fine: the window goes on
+    limiter = AdaptiveLimiter(min_limit=1, initial_limit=50)
+    changed = [limiter.sample(0.001 * i, 50) for i in range(1, 11)]
+    assert changed == [False] * 9 + [True]  # 10 calls at 5.5x no-load: a window already
+    # gradient 0.001 * 1.5 / 0.0055 = 0.27 (over the floor of 0.25): 50 * 0.27 + sqrt(50)
+    assert limiter.limit == 20
+
+
 @pytest.mark.parametrize(
-    "kw", [{"min_limit": 0}, {"min_limit": 5, "max_limit": 4}, {"window": 0}, {"tolerance": 0.5}]
+    "kw",
+    [
+        {"min_limit": 0},
+        {"min_limit": 5, "max_limit": 4},
+        {"window": 0},
+        {"tolerance": 0.5},
+        {"floor": 0.0},
+        {"short_window": 0},
+    ],
 )
 def test_bad_limiter_settings_are_refused(kw):
     with pytest.raises(ValueError):
@@ -247,3 +324,57 @@ def test_the_ini_keys(tmp_path):
     ini.write_text(textwrap.dedent(body % "2"))
     with pytest.raises(ConfigError, match=r"\[provider\] ServerLimits.adaptive_min_limit"):
         load_provider_config(str(ini))
+
+
+class OneThreadEcho(EchoService):
+    """AsyncEcho's work takes ``work`` seconds of the Clock, one call at a
+    time, as handlers burning one thread do: a call admitted behind others
+    finishes after theirs."""
+
+    def __init__(self, clock: Clock, work: float) -> None:
+        self.clock = clock
+        self.work = work
+        self.free_at = 0.0
+        self.served = 0
+
+    def AsyncEcho(self, request, context):  # type: ignore[no-untyped-def]
+        now = self.clock.seconds()
+        self.free_at = max(now, self.free_at) + self.work
+
+        def done() -> echo_pb2.EchoReply:
+            self.served += 1
+            return echo_pb2.EchoReply(payload=request.payload)
+
+        return deferLater(self.clock, self.free_at - now, done)
+
+
+def test_a_one_thread_provider_under_3x_load_settles_at_one_or_two_calls():
+    clock = Clock()
+    service = OneThreadEcho(clock, work=0.002)  # 500 calls/s at most
+    limits = ServerLimits(adaptive_limit=True, adaptive_min_limit=1, adaptive_max_limit=100)
+    factory = ServerFactory(Dispatcher([service]), clock, limits=limits)
+    limiter = factory.limiter
+    assert limiter is not None and limiter.limit == 50
+    conn = ServerConn(factory)
+    call_id = 0
+    latencies: list[float] = []
+    sent_at: dict[int, float] = {}
+    limits_seen: list[int] = []
+    serial = False
+    for tick in range(1000):  # 2 s of 3 calls every 2 ms: 1,500 calls/s offered
+        for _ in range(3):
+            call_id += 1
+            sent_at[call_id] = clock.seconds()
+            conn.request(call_id, ASYNC.route, echo_pb2.EchoRequest(), timeout_ms=1000)
+        clock.advance(0.002)
+        for frame in conn.frames():
+            if frame.status == 0 and tick >= 500:
+                latencies.append(clock.seconds() - sent_at[frame.call_id])
+        limits_seen.append(limiter.limit)
+        serial |= limiter.serial
+    assert max(limits_seen[100:]) <= 2  # down from 50 within 0.2 s, and it stays there
+    assert serial  # at 2 calls in flight the windows serialise (at 1 there is nothing to tell)
+    # the second second: the thread kept busy (>= 90 % of 500 calls)...
+    assert len(latencies) >= 450
+    # ...and an admitted call waits at most about one other call's work
+    assert max(latencies) <= 0.0041
