@@ -20,8 +20,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet ".[dev]"
 	touch $@
 
+# protoc's message modules and stubs, and (for a file with services) our typed
+# stubs, x_rpc.py (docs/stubs.md).
 %_pb2.py: %.proto $(STAMP)
-	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. $<
+	$(PY) -m twisted_rpc.protoc -I. --python_out=. --pyi_out=. --twisted_rpc_out=. $<
 
 protos: $(GENERATED)
 
@@ -46,4 +48,4 @@ test: protos lint zookeeper browser
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) $(GENERATED) $(GENERATED:.py=.pyi) twisted/plugins/dropin.cache
+	rm -rf $(VENV) $(GENERATED) $(GENERATED:.py=.pyi) $(GENERATED:_pb2.py=_rpc.py) twisted/plugins/dropin.cache

@@ -1,0 +1,65 @@
+"""A typed client and typed services over the generated stubs: mypy --strict
+passes (test_stubs.py runs it beside the generated modules)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from twisted.internet.defer import Deferred
+
+from examples.chat import chat_pb2
+from examples.chat.chat_rpc import ChatServiceBase, ChatServiceStub
+from protos import friend_pb2, user_pb2
+from protos.friend_rpc import FriendServiceBase, FriendServiceStub
+from protos.user_rpc import UserServiceBase, UserServiceStub
+from twisted_rpc import CallContext, Client
+
+
+class Users(UserServiceBase):
+    def Login(self, request: user_pb2.LoginRequest, context: CallContext) -> user_pb2.LoginResponse:
+        return user_pb2.LoginResponse(success=request.name == "zhang san")
+
+    async def Register(
+        self, request: user_pb2.RegisterRequest, context: CallContext
+    ) -> user_pb2.RegisterResponse:
+        return user_pb2.RegisterResponse(success=bool(request.name))
+
+
+class Friends(FriendServiceBase):
+    def GetFriendsList(
+        self, request: friend_pb2.GetFriendsListRequest, context: CallContext
+    ) -> Deferred[friend_pb2.GetFriendsListResponse]:
+        return Deferred.fromCoroutine(self._friends())
+
+    async def _friends(self) -> friend_pb2.GetFriendsListResponse:
+        return friend_pb2.GetFriendsListResponse(friends=["li si"])
+
+    async def WatchFriends(
+        self, request: friend_pb2.WatchFriendsRequest, context: CallContext
+    ) -> AsyncIterator[friend_pb2.FriendEvent]:
+        yield friend_pb2.FriendEvent(name=f"friend of {request.userid}")
+
+
+class Chat(ChatServiceBase):
+    async def Chat(
+        self, requests: AsyncIterator[chat_pb2.ChatMessage], context: CallContext
+    ) -> AsyncIterator[chat_pb2.ChatMessage]:
+        async for message in requests:
+            yield chat_pb2.ChatMessage(user="room", text=message.text)
+
+
+def login(client: Client) -> Deferred[bool]:
+    users = UserServiceStub(client, timeout=2.0)
+    d = users.Login(user_pb2.LoginRequest(name="zhang san"), metadata={"trace": "1"})
+    return d.addCallback(lambda reply: reply.success)
+
+
+async def watch(client: Client) -> list[str]:
+    stream = FriendServiceStub(client).WatchFriends(friend_pb2.WatchFriendsRequest(userid=1))
+    return [event.name async for event in stream]
+
+
+async def chat(client: Client) -> str:
+    stream = ChatServiceStub(client).Chat([chat_pb2.ChatMessage(text="hi")])
+    reply = await stream.read()
+    return reply.text if reply is not None else ""
