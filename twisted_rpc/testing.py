@@ -65,11 +65,17 @@ class MemoryProvider:
         limits: ServerLimits | None = None,
         builtins: bool = False,
         client_options: ClientOptions | None = None,
+        tracing: bool = False,
     ) -> None:
         """``builtins``: also serve Health and Reflection, as a real provider does
         (``self.health`` is their :class:`~twisted_rpc.ops.HealthState`).
         ``client_options``: the client's settings (``stream_window``...);
-        ``timeout``, if given, overrides its timeout."""
+        ``timeout``, if given, overrides its timeout. ``tracing``: OpenTelemetry
+        spans on both sides, as ``tracing = opentelemetry`` gives (docs/tracing.md)."""
+        if tracing:
+            from twisted_rpc.core._tracing import ServerTracing
+
+            interceptors = [ServerTracing(), *interceptors]
         self.reactor = reactor if reactor is not None else MemoryReactorClock()
         self.dispatcher = Dispatcher(services, interceptors)  # type: ignore[arg-type]
         self.health = add_builtins(
@@ -81,6 +87,8 @@ class MemoryProvider:
         options = client_options if client_options is not None else ClientOptions()
         if timeout is not None:
             options = options.replace(timeout=timeout)
+        if tracing:
+            options = options.replace(tracing=True)
         self.client = Client(
             self.reactor,
             options,

@@ -75,6 +75,7 @@ _CONSUMER_KEYS = {
     "max_ejection_percent",
     "latency_decay",
     "connections_per_provider",
+    "tracing",
 }
 
 
@@ -136,6 +137,7 @@ def load_consumer_config(path: str) -> ConsumerConfig:
             ),
             latency_decay=r.number("consumer", "latency_decay", d.latency_decay),
             connections_per_provider=_connections(r.get("consumer", "connections_per_provider")),
+            tracing=tracing_setting(r.get("consumer", "tracing"), f"{path}: [consumer] tracing"),
             tls=ClientTLS(
                 r.get("tls", "ca", "") or "",
                 r.get("tls", "certificate", "") or "",
@@ -147,6 +149,25 @@ def load_consumer_config(path: str) -> ConsumerConfig:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: [consumer] {e}") from None
     return ConsumerConfig(path=path, options=options, providers=providers, registry=r.registry())
+
+
+TRACERS = ("opentelemetry",)
+"""What ``tracing =`` may name (``none``, ``no`` or nothing: no tracing)."""
+
+
+def tracing_setting(raw: str | None, where: str) -> bool:
+    """``tracing = opentelemetry`` (True) or ``none`` (False); ConfigError for
+    anything else, or when OpenTelemetry is not installed."""
+    value = (raw or "none").strip().lower()
+    if value in ("none", "no", "off"):
+        return False
+    if value not in TRACERS:
+        raise ConfigError(f"{where} = {raw!r} (expected opentelemetry or none)")
+    try:
+        import twisted_rpc.core._tracing  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"{where} = {raw}: {e}") from None
+    return True
 
 
 def _connections(raw: str | None) -> int | str:
