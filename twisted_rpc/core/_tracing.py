@@ -55,10 +55,14 @@ __all__ = ["ClientTracing", "ServerTracing", "rpc_system"]
 TRACER_NAME = "twisted_rpc"
 
 
+_SYSTEMS = {"grpc": "grpc", "cpp": "mprpc"}
+
+
 def rpc_system(protocol: str) -> str:
-    """``rpc.system`` for a wire: ``grpc`` for gRPC's, ``twisted_rpc`` for
-    the native one (a protocol of its own, which no gRPC peer speaks)."""
-    return "grpc" if protocol == "grpc" else "twisted_rpc"
+    """``rpc.system`` for a wire: ``grpc`` for gRPC's, ``mprpc`` for the C++
+    mprpc protocol, ``twisted_rpc`` for the native one (a protocol of its
+    own, which no gRPC peer speaks)."""
+    return _SYSTEMS.get(protocol, "twisted_rpc")
 
 
 def _code_of(error: BaseException | None) -> tuple[int, str]:
@@ -178,8 +182,8 @@ class ServerTracing:
 
     def _start(self, context: Any) -> tuple[Span, str, otel_context.Context]:
         connection = context.connection
-        grpc = type(connection).__module__.startswith("twisted_rpc.grpc")
-        system = rpc_system("grpc" if grpc else "native")
+        layer = type(connection).__module__.split(".")[1:2]  # the listener's: grpc, cpp, server
+        system = rpc_system(layer[0] if layer else "native")
         parent = propagate.extract(context.metadata)
         span = self.tracer.start_span(
             context.method.full_name,

@@ -157,6 +157,29 @@ def test_a_server_span_names_both_ends_of_a_tcp_connection(spans):
     }
 
 
+@pytest.mark.parametrize(
+    ("module", "system"),
+    [
+        ("twisted_rpc.grpc._server", "grpc"),
+        ("twisted_rpc.cpp._listener", "mprpc"),
+        ("twisted_rpc.server._connection", "twisted_rpc"),
+    ],
+)
+def test_the_listener_s_wire_names_the_rpc_system(spans, module, system):
+    connection = type("Connection", (), {"__module__": module})()
+
+    class Context:
+        method = MethodInfo("a.B", "C", b"a.B/C", echo_pb2.EchoRequest, echo_pb2.EchoReply)
+        metadata: dict[str, str] = {}
+
+    context = Context()
+    context.connection = connection  # type: ignore[attr-defined]
+    ServerTracing().intercept(echo_pb2.EchoRequest(), context, lambda r, c: None)
+    (span,) = spans.get_finished_spans()
+    assert (span.attributes or {})["rpc.system"] == system
+    assert f"rpc.{system}.status_code" in (span.attributes or {})
+
+
 def test_the_traceparent_travels_in_the_metadata_only_when_tracing_is_on(spans):
     for tracing in (True, False):
         memory = _served(tracing)
