@@ -111,6 +111,10 @@ class Client(StreamStarter, ChannelBuilder):
         self.reactor = reactor
         self.discovery = discovery
         self.interceptors = list(interceptors)
+        if options.tracing:  # outermost: its span covers the other interceptors and retries
+            from twisted_rpc.core._tracing import ClientTracing
+
+            self.interceptors.insert(0, ClientTracing(options.protocol))
         self._propagation = (options.propagate_metadata, options.deadline_margin)
         self.timeout = options.timeout
         self.service_config = cast("ServiceConfig | None", options.service_config)

@@ -79,6 +79,7 @@ _CONSUMER_KEYS = {
     "success_rate_min_providers",
     "success_rate_ratio",
     "success_rate_window",
+    "tracing",
 }
 
 
@@ -148,6 +149,7 @@ def load_consumer_config(path: str) -> ConsumerConfig:
             ),
             success_rate_ratio=r.number("consumer", "success_rate_ratio", d.success_rate_ratio),
             success_rate_window=r.number("consumer", "success_rate_window", d.success_rate_window),
+            tracing=tracing_setting(r.get("consumer", "tracing"), f"{path}: [consumer] tracing"),
             tls=ClientTLS(
                 r.get("tls", "ca", "") or "",
                 r.get("tls", "certificate", "") or "",
@@ -159,6 +161,25 @@ def load_consumer_config(path: str) -> ConsumerConfig:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: [consumer] {e}") from None
     return ConsumerConfig(path=path, options=options, providers=providers, registry=r.registry())
+
+
+TRACERS = ("opentelemetry",)
+"""What ``tracing =`` may name (``none``, ``no`` or nothing: no tracing)."""
+
+
+def tracing_setting(raw: str | None, where: str) -> bool:
+    """``tracing = opentelemetry`` (True) or ``none`` (False); ConfigError for
+    anything else, or when OpenTelemetry is not installed."""
+    value = (raw or "none").strip().lower()
+    if value in ("none", "no", "off"):
+        return False
+    if value not in TRACERS:
+        raise ConfigError(f"{where} = {raw!r} (expected opentelemetry or none)")
+    try:
+        import twisted_rpc.core._tracing  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"{where} = {raw}: {e}") from None
+    return True
 
 
 def _connections(raw: str | None) -> int | str:

@@ -166,6 +166,9 @@ class ClientOptions:
     ``auto``: as many as it reports workers (its registry node's
     ``workers``, else its connection's settings), 1 if it reports none;
     docs/cluster.md. gRPC providers get one."""
+    tracing: bool = False
+    """OpenTelemetry spans for every call and stream, their context sent in
+    the metadata (needs ``twisted_rpc[otel]``; docs/tracing.md)."""
 
     def __post_init__(self) -> None:
         error = timeout_error(self.timeout)
@@ -205,6 +208,8 @@ class ClientOptions:
         _number("retry_budget_min_per_second", self.retry_budget_min_per_second, float, 0)
         _number("retry_budget_window", self.retry_budget_window, float, 1)
         check_connections(self.connections_per_provider)
+        if type(self.tracing) is not bool:
+            raise TypeError(f"tracing must be True or False, not {self.tracing!r}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(
                 f"protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}"

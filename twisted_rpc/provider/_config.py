@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from twisted_rpc.client._config import tracing_setting
 from twisted_rpc.client._service_config import MAX_TEXT
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._flow import check_window
@@ -85,6 +86,8 @@ class ProviderConfig:
     """The gRPC listener (``[grpc]``), if any."""
     service_config: dict[str, Any] | None = None
     """The ``methodConfig`` its registry nodes publish (``[provider] service_config``)."""
+    tracing: bool = False
+    """``[provider] tracing = opentelemetry``: spans for the calls served."""
 
     def options(self, **settings: Any) -> ProviderOptions:
         """The :class:`ProviderOptions` this file says (``settings`` override)."""
@@ -108,6 +111,7 @@ class ProviderConfig:
             "slow_call_threshold": self.slow_call_threshold,
             "grpc_listen": self.grpc.listen if self.grpc else (),
             "grpc_advertise": self.grpc.advertise if self.grpc else None,
+            "tracing": self.tracing,
         }
         built.update(settings)
         data = built["registration_data"]
@@ -161,6 +165,7 @@ _PROVIDER_KEYS = {
     "slow_call_threshold",
     "log_format",
     "service_config",
+    "tracing",
 }
 
 
@@ -228,6 +233,7 @@ def load_provider_config(path: str) -> ProviderConfig:
         log_format=_log_format(r),
         grpc=grpc,
         service_config=_published_config(r),
+        tracing=tracing_setting(r.get("provider", "tracing"), f"{path}: [provider] tracing"),
     )
 
 

@@ -10,7 +10,7 @@ endpoint types Twisted knows (its built-ins and the installed
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -128,6 +128,9 @@ class ProviderOptions:
     ``tls_options`` is set); a string is taken as one endpoint. Empty: none."""
     grpc_advertise: ProviderAddress | None = None
     """Address registered for the gRPC listener (default: the first bound one)."""
+    tracing: bool = False
+    """OpenTelemetry spans for every call and stream served, children of the
+    callers' (needs ``twisted_rpc[otel]``; docs/tracing.md)."""
 
     def __post_init__(self) -> None:
         grpc_listen = self.grpc_listen
@@ -178,9 +181,18 @@ class ProviderOptions:
                 ) from None
             data = {**self.registration_data, PUBLISHED_KEY: published}
             object.__setattr__(self, "registration_data", data)
-        for name in ("health", "reflection"):
+        for name in ("health", "reflection", "tracing"):
             if type(getattr(self, name)) is not bool:
                 raise ValueError(f"ProviderOptions.{name} must be a bool")
+
+    def dispatcher_interceptors(self, given: Sequence[Any]) -> list[Any]:
+        """The dispatcher's interceptors: ``given``, after the tracing one
+        (outermost: its span covers theirs) when ``tracing`` is on."""
+        if not self.tracing:
+            return list(given)
+        from twisted_rpc.core._tracing import ServerTracing
+
+        return [ServerTracing(), *given]
 
     @classmethod
     def field_names(cls) -> frozenset[str]:

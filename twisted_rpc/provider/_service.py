@@ -298,7 +298,7 @@ class ProviderService(MultiService):
         # ProviderReactor is structural; what takes a clock names IReactorTime.
         clock = cast(IReactorTime, reactor)
         self.started_at: float | None = None
-        self.dispatcher = Dispatcher(services, interceptors)
+        self.dispatcher = Dispatcher(services, options.dispatcher_interceptors(interceptors))
         self.health = add_builtins(
             self.dispatcher, clock, health=options.health, reflection=options.reflection
         )
