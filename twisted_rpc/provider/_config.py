@@ -11,11 +11,13 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from twisted.logger import Logger
+
 from twisted_rpc.client._service_config import MAX_TEXT
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._flow import check_window
 from twisted_rpc.core._ini import REGISTRY_KEYS, ConfigError, Reader, RegistryConfig
-from twisted_rpc.core._service import Service
+from twisted_rpc.core._service import Service, check_handlers
 from twisted_rpc.core._tls import server_options
 from twisted_rpc.cpp._conf import CPP_KEYS, CPP_SECTIONS, CppListenerConfig, read_cpp_section
 from twisted_rpc.discovery._layout import PUBLISHED_KEY
@@ -27,6 +29,8 @@ from twisted_rpc.provider._options import (
     check_server_endpoint,
 )
 from twisted_rpc.server._factory import ServerLimits
+
+log = Logger(namespace="twisted_rpc.provider")
 
 if TYPE_CHECKING:  # (pyOpenSSL is imported only when TLS is used)
     from twisted.internet.ssl import CertificateOptions
@@ -84,6 +88,9 @@ class ProviderConfig:
     """The gRPC listener (``[grpc]``), if any."""
     service_config: dict[str, Any] | None = None
     """The ``methodConfig`` its registry nodes publish (``[provider] service_config``)."""
+    strict_handlers: bool = True
+    """A public method that looks like a misspelt handler is a startup error
+    (``[provider] strict_handlers``; no: a warning)."""
 
     def options(self, **settings: Any) -> ProviderOptions:
         """The :class:`ProviderOptions` this file says (``settings`` override)."""
@@ -156,6 +163,7 @@ _PROVIDER_KEYS = {
     "slow_call_threshold",
     "log_format",
     "service_config",
+    "strict_handlers",
 }
 
 
@@ -218,6 +226,7 @@ def load_provider_config(path: str) -> ProviderConfig:
         log_format=_log_format(r),
         grpc=grpc,
         service_config=_published_config(r),
+        strict_handlers=r.flag("provider", "strict_handlers", True),
     )
 
 
@@ -335,10 +344,16 @@ def check_service_specs(specs: list[str], where: str) -> None:
             raise ConfigError(f"{where}: {spec!r} is not module:Class")
 
 
-def load_services(specs: list[str], where: str = "services") -> list[Service]:
+def load_services(
+    specs: list[str], where: str = "services", strict_handlers: bool = True
+) -> list[Service]:
     """Import ``module:Class`` specs and instantiate each Service class.
 
     The working directory is on the import path, as for ``python -m``.
+    Each RPC with no handler is logged (a warning); a public method that
+    looks like a misspelt handler of one (``stock`` for ``Stock``) is a
+    ConfigError, or with ``strict_handlers`` false a warning too
+    (:func:`~twisted_rpc.core._service.check_handlers`).
     """
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
@@ -365,4 +380,9 @@ def load_services(specs: list[str], where: str = "services") -> list[Service]:
             instances.append(cls())
         except Exception as e:
             raise ConfigError(f"{where}: {spec}() failed: {type(e).__name__}: {e}") from None
+        warnings, errors = check_handlers(instances[-1])
+        if errors and strict_handlers:
+            raise ConfigError(f"{where}: {errors[0]} ([provider] strict_handlers = no: a warning)")
+        for text in warnings + errors:
+            log.warn("{text}", text=text)
     return instances
