@@ -75,12 +75,13 @@ class Client(StreamStarter, ChannelBuilder):
 
     Provider lists come from ``discovery`` (an ``IServiceDiscovery``, e.g. a
     ``ZooKeeperRegistry``), or from ``providers``
-    (``{"package.Service": ["host:port", ...]}``) for the embedded static
-    registry. ``balancer`` is ``round_robin`` (default), ``weighted_random`` or
-    ``least_outstanding``. A call that could not be written to its provider
-    goes to another one; a call that failed is retried only if its method
-    is idempotent or the service config gives it a retryPolicy, within its
-    deadline and the client's retry budget (docs/resilience.md).
+    (``{"package.Service": ["host:port", ...]}``; one address may be given
+    as its string) for the embedded static registry. ``balancer`` is
+    ``round_robin`` (default), ``weighted_random`` or ``least_outstanding``.
+    A call that could not be written to its provider goes to another one;
+    a call that failed is retried only if its method is idempotent or the
+    service config gives it a retryPolicy, within its deadline and the
+    client's retry budget (docs/resilience.md).
     """
 
     def __init__(
@@ -106,8 +107,10 @@ class Client(StreamStarter, ChannelBuilder):
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
-        if discovery is None:
-            discovery = StaticRegistry(providers or {})
+        if discovery is None:  # one address given as a string is a list of one
+            discovery = StaticRegistry(
+                {k: [v] if isinstance(v, str) else v for k, v in (providers or {}).items()}
+            )
         elif providers is not None:
             raise TypeError("give providers or discovery, not both")
         self.options = options

@@ -193,7 +193,7 @@ def load_provider_config(path: str) -> ProviderConfig:
     advertise = None
     if raw_advertise:
         advertise = r.parsed("provider", "advertise", raw_advertise, parse_address)
-    services = r.require("provider", "services").split()
+    services = r.require("provider", "services").replace(",", " ").split()
     check_service_specs(services, f"{path}: [provider] services")
     tls_options = None
     if r.parser.has_section("tls"):
@@ -337,11 +337,16 @@ def _admin(r: Reader) -> AdminConfig | None:
 
 
 def check_service_specs(specs: list[str], where: str) -> None:
-    """Each spec must look like ``module:Class`` (nothing is imported here)."""
+    """Each spec must look like ``module:Class``, once (nothing is imported here)."""
+    seen: set[str] = set()
     for spec in specs:
         module, sep, name = spec.partition(":")
-        if not sep or not module or not name:
+        dotted = [*module.split("."), *name.split(".")]
+        if not sep or not all(part.isidentifier() for part in dotted):
             raise ConfigError(f"{where}: {spec!r} is not module:Class")
+        if spec in seen:
+            raise ConfigError(f"{where}: {spec} is listed twice")
+        seen.add(spec)
 
 
 def load_services(
@@ -358,7 +363,9 @@ def load_services(
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.append(cwd)
+    check_service_specs(specs, where)
     instances: list[Service] = []
+    served: dict[str, str] = {}
     for spec in specs:
         module_name, _, attr = spec.partition(":")
         try:
@@ -380,6 +387,10 @@ def load_services(
             instances.append(cls())
         except Exception as e:
             raise ConfigError(f"{where}: {spec}() failed: {type(e).__name__}: {e}") from None
+        name = cls.service_info().name
+        if name in served:
+            raise ConfigError(f"{where}: {served[name]} and {spec} both serve {name}")
+        served[name] = spec
         warnings, errors = check_handlers(instances[-1])
         if errors and strict_handlers:
             raise ConfigError(f"{where}: {errors[0]} ([provider] strict_handlers = no: a warning)")
