@@ -77,6 +77,8 @@ def test_describe_a_service_and_a_method(provider):
     one = mprpc("describe", "mprpc.test.EchoService.Echo", "--endpoint", provider.address)
     assert "rpc AsyncEcho" not in one.stdout
     assert "map<string, string> metadata = 2;" in one.stdout
+    watch = mprpc("describe", "example.FriendService.WatchFriends", "--endpoint", provider.address)
+    assert "enum example.FriendEvent.Kind {\n  ADDED = 0;\n  SYNCED = 1;\n}" in watch.stdout
 
 
 def test_call_with_a_json_body_and_headers(provider):
@@ -108,10 +110,11 @@ def test_call_with_a_json_body_and_headers(provider):
         (("mprpc.test.EchoService.NotImplemented", "{}"), 76, "mprpc: UNIMPLEMENTED"),
         (("mprpc.test.EchoService.Echo", '{"crash": true}'), 77, "mprpc: INTERNAL"),
         (("mprpc.test.EchoService.Echo", '{"nope": 1}'), 2, "mprpc: request is not a mprpc"),
+        (("mprpc.test.EchoService.Echo", "[]"), 2, "mprpc: request is not a mprpc"),
         (
             ("mprpc.test.EchoService.Nope", "{}"),
             69,
-            "mprpc: mprpc.test.EchoService has no method Nope",
+            "mprpc: NOT_FOUND: mprpc.test.EchoService has no method Nope",
         ),
         (("no.Such.Method", "{}"), 69, "mprpc: NOT_FOUND: no symbol 'no.Such'"),
     ],
@@ -127,6 +130,8 @@ def test_usage_errors_are_clear():
     done = mprpc("call", "x.Y.Z")
     assert done.returncode == 2 and "give --zk HOSTS or --endpoint HOST:PORT" in done.stderr
     assert "Traceback" not in done.stderr
+    version = mprpc("--version")
+    assert version.returncode == 0 and version.stdout.startswith("mprpc ")
     for command in ("list", "describe", "call", "health"):
         helped = mprpc(command, "--help")
         assert helped.returncode == 0 and "--endpoint" in helped.stdout
@@ -194,9 +199,10 @@ def test_client_stream_reads_json_lines_from_stdin(provider):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") == 1
-    assert json.loads(done.stdout) == {"payload": "MjUwMA==", "call_id": 1000}  # "2500"
+    zero = {"metadata": {}, "pid": 0}  # fields at their zero value are printed too
+    assert json.loads(done.stdout) == {"payload": "MjUwMA==", "call_id": 1000, **zero}  # "2500"
     empty = mprpc("call", "mprpc.test.StreamService.Sum", "--endpoint", provider.address)
-    assert json.loads(empty.stdout) == {"payload": "MA=="}  # EOF at once: no requests, "0"
+    assert json.loads(empty.stdout) == {"payload": "MA==", "call_id": 0, **zero}  # no requests
 
 
 def test_bidi_reads_stdin_and_prints_the_replies(provider):
@@ -271,8 +277,9 @@ def test_server_stream_ends_when_its_reader_goes_away(provider):
     )
     try:
         assert process.stdout is not None
-        assert json.loads(process.stdout.readline()) == {}
-        assert json.loads(process.stdout.readline()) == {"call_id": 1}
+        zero = {"payload": "", "metadata": {}, "pid": 0}  # zero values printed too
+        assert json.loads(process.stdout.readline()) == {"call_id": 0, **zero}
+        assert json.loads(process.stdout.readline()) == {"call_id": 1, **zero}
         process.stdout.close()  # as `| head -2` does
         status = process.wait(20)
         assert status == 0, process.stderr.read() if process.stderr else status

@@ -25,7 +25,7 @@ from twisted_rpc.client._parked import _not_sent
 from twisted_rpc.client._pool import ChannelBuilder, Pool, Provider
 from twisted_rpc.client._proxy import ServiceProxy
 from twisted_rpc.client._retry import Retries, may_resend_shed, send_with_retries
-from twisted_rpc.client._routes import ClientCall, _ServiceRoute
+from twisted_rpc.client._routes import CLIENT_CLOSED, ClientCall, _ServiceRoute
 from twisted_rpc.client._service_config import ServiceConfig
 from twisted_rpc.client._stream_start import StreamStarter, _stream_intercepted
 from twisted_rpc.client._streams import StreamCall
@@ -43,7 +43,7 @@ from twisted_rpc.core._service import (
     resolve_descriptor,
     wrong_request_type,
 )
-from twisted_rpc.core._status import CancelledError, RpcError
+from twisted_rpc.core._status import CancelledError, RpcError, UnavailableError
 from twisted_rpc.discovery._static import StaticRegistry
 from twisted_rpc.discovery._types import ProviderAddress
 
@@ -72,12 +72,13 @@ class Client(StreamStarter, ChannelBuilder):
 
     Provider lists come from ``discovery`` (an ``IServiceDiscovery``, e.g. a
     ``ZooKeeperRegistry``), or from ``providers``
-    (``{"package.Service": ["host:port", ...]}``) for the embedded static
-    registry. ``balancer`` is ``round_robin`` (default), ``weighted_random`` or
-    ``least_outstanding``. A call that could not be written to its provider
-    goes to another one; a call that failed is retried only if its method
-    is idempotent or the service config gives it a retryPolicy, within its
-    deadline and the client's retry budget (docs/resilience.md).
+    (``{"package.Service": ["host:port", ...]}``; one address may be given
+    as its string) for the embedded static registry. ``balancer`` is
+    ``round_robin`` (default), ``weighted_random`` or ``least_outstanding``.
+    A call that could not be written to its provider goes to another one;
+    a call that failed is retried only if its method is idempotent or the
+    service config gives it a retryPolicy, within its deadline and the
+    client's retry budget (docs/resilience.md).
     """
 
     def __init__(
@@ -103,8 +104,10 @@ class Client(StreamStarter, ChannelBuilder):
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
-        if discovery is None:
-            discovery = StaticRegistry(providers or {})
+        if discovery is None:  # one address given as a string is a list of one
+            discovery = StaticRegistry(
+                {k: [v] if isinstance(v, str) else v for k, v in (providers or {}).items()}
+            )
         elif providers is not None:
             raise TypeError("give providers or discovery, not both")
         self.options = options
@@ -131,6 +134,7 @@ class Client(StreamStarter, ChannelBuilder):
         self._routes: dict[str, _ServiceRoute] = {}
         self._unsubscribe: list[Callable[[], object]] = []
         self._retiring: set[Channel] = set()
+        self._closed: _ServiceRoute | None = None  # after close(): every service's route
         self._retries = Retries.from_options(reactor, options)
         self._plain = self._retries.plain  # routes sent once unless marked idempotent
         self._invoke = self._intercepted(self._send)
@@ -187,6 +191,8 @@ class Client(StreamStarter, ChannelBuilder):
         if error is not None:
             raise error
         info = describe(resolve_descriptor(service))
+        if self._closed is not None:
+            raise UnavailableError(message=f"{CLIENT_CLOSED}: no new proxy of {info.name}")
         self._route(info.name)
         if isinstance(idempotent, bool):
             idempotent_set = set(info.methods) if idempotent else set()
@@ -294,7 +300,7 @@ class Client(StreamStarter, ChannelBuilder):
                         route, method, request, timeout, metadata, idempotent, balancer, retry
                     )
                 )
-            return fail(NotSentError(message=f"no provider of {method.service}"))
+            return fail(NotSentError(message=route.none_left(method.service)))
         policy = self._retries.policy_for(method, idempotent) if retry else None
         if policy is None:
             d = channel.call(method, request, timeout, metadata, False)
@@ -349,7 +355,7 @@ class Client(StreamStarter, ChannelBuilder):
         )
 
     def _route(self, service: str) -> _ServiceRoute:
-        route = self._routes.get(service)
+        route = self._routes.get(service) or self._closed
         if route is None:
             route = self._routes[service] = _ServiceRoute(_make_balancer(self.balancer))
             self._unsubscribe.append(
@@ -397,7 +403,7 @@ class Client(StreamStarter, ChannelBuilder):
             method = call[1]
             route = self._routes.get(method.service)
             if route is None:  # the client is closing
-                _not_sent(call, NotSentError(message=f"no provider of {method.service}"))
+                _not_sent(call, NotSentError(message=CLIENT_CLOSED))
                 continue
             tried: list[Provider] = [channel]
             fallback = partial(self._resend_elsewhere, route, tried)
@@ -442,7 +448,19 @@ class Client(StreamStarter, ChannelBuilder):
         channel.close().addErrback(lambda f: log.failure("closing {c}", f, c=channel))
 
     def close(self) -> Deferred[None]:
-        """Close every connection; calls still in flight fail with UNAVAILABLE."""
+        """Close every connection; calls still in flight fail with UNAVAILABLE.
+
+        Closed for good: calls after it, through any proxy, fail at once
+        with UNAVAILABLE "client closed" (nothing is dialled again) and
+        :meth:`proxy` raises."""
+        if self._closed is None:
+            self._closed = _ServiceRoute(RoundRobin())
+            self._closed.close()
+        for route in self._routes.values():
+            route.close()  # retries and streams holding it find no channel
+        for pool in self._pools.values():
+            for member in pool.members:
+                member.on_ready = None  # no pool grows again
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()

@@ -33,10 +33,14 @@ class ClientCall:
     balancer: Balancer | None = None
 
 
+CLIENT_CLOSED = "client closed"
+"""The UNAVAILABLE message of a call through a closed client."""
+
+
 class _ServiceRoute:
     """The channels serving one service and the client's balancer for them."""
 
-    __slots__ = ("channels", "pools", "balancer", "known", "waiters")
+    __slots__ = ("channels", "pools", "balancer", "known", "waiters", "closed")
 
     def __init__(self, balancer: Balancer) -> None:
         self.channels: tuple[Provider, ...] = ()
@@ -45,6 +49,20 @@ class _ServiceRoute:
         self.balancer = balancer
         self.known = False  # has discovery given a list yet?
         self.waiters: list[Deferred[None]] = []
+        self.closed = False  # the client is closed: no channel, ever again
+
+    def close(self) -> None:
+        """No channels from now on; callers waiting for a first list go on
+        (to fail with :data:`CLIENT_CLOSED`)."""
+        self.channels, self.pools = (), ()
+        self.known = self.closed = True
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def none_left(self, service: str) -> str:
+        """Why no provider can take a call of ``service``."""
+        return CLIENT_CLOSED if self.closed else f"no provider of {service}"
 
 
 class MethodEncodings:

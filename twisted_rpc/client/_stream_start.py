@@ -171,7 +171,7 @@ class StreamStarter:
                     timer.cancel()
         tried: list[Provider] = list(attempted or ())
         avoid = len(tried)
-        error: RpcError = NotSentError(message=f"no provider of {method.service}")
+        error: RpcError = NotSentError(message=route.none_left(method.service))
         while True:
             channel = balancer.pick(route.channels, tried)
             if channel is None and avoid:  # each attempted already: any of them again

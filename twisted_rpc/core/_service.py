@@ -25,6 +25,7 @@ from google.protobuf.message_factory import GetMessageClass
 
 __all__ = [
     "MethodInfo",
+    "check_handlers",
     "Service",
     "ServiceInfo",
     "describe",
@@ -131,3 +132,47 @@ class Service:
     @classmethod
     def service_info(cls) -> ServiceInfo:
         return describe(resolve_descriptor(cls))
+
+
+def check_handlers(service: Service) -> tuple[list[str], list[str]]:
+    """What a provider says at start about ``service``'s handlers: the RPCs
+    it has no handler for (warnings: their callers get UNIMPLEMENTED), and
+    its public methods that look like a misspelt handler of one of those
+    (errors, each naming the RPC): equal to its name but for case, or one
+    edit (insertion, deletion, substitution) away from it, case aside."""
+    cls = type(service)
+    info = cls.service_info()
+    where = f"{cls.__module__}.{cls.__qualname__}"
+    missing = [name for name in info.methods if not callable(getattr(service, name, None))]
+    if not missing or cls.builtin:
+        return [], []
+    base = set(dir(Service))
+    public = [
+        name
+        for name in sorted(set(dir(service)) - base - set(info.methods))
+        if not name.startswith("_") and callable(getattr(service, name, None))
+    ]
+    warnings, errors = [], []
+    for rpc in missing:
+        warnings.append(f"{where} has no handler for {info.name}/{rpc}: it answers UNIMPLEMENTED")
+        for name in public:
+            if _one_edit(name.lower(), rpc.lower()) or name.lower() == rpc.lower():
+                errors.append(
+                    f"{where}.{name} is not the handler of {info.name}/{rpc} "
+                    f"(no method is named {rpc}): rename it {rpc}"
+                )
+    return warnings, errors
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` are exactly one edit apart (Levenshtein 1)."""
+    if abs(len(a) - len(b)) > 1 or a == b:
+        return False
+    if len(a) == len(b):
+        return sum(x != y for x, y in zip(a, b, strict=True)) == 1
+    if len(a) > len(b):
+        a, b = b, a
+    i = 0
+    while i < len(a) and a[i] == b[i]:
+        i += 1
+    return a[i:] == b[i + 1 :]

@@ -15,6 +15,7 @@ Nothing outside this module imports kazoo.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +41,7 @@ from kazoo.security import (
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 __all__ = [
     "ACL",
@@ -72,6 +73,58 @@ STOPPED = "stopped"
 class IZooKeeperReactor(IReactorTime, IReactorFromThreads):
     """What the ZooKeeper client and registry use of a reactor: its clock
     and ``callFromThread`` (for typing; any reactor provides both)."""
+
+
+_LEVELS = [
+    (logging.CRITICAL, LogLevel.critical),
+    (logging.ERROR, LogLevel.error),
+    (logging.WARNING, LogLevel.warn),
+    (logging.INFO, LogLevel.info),
+]
+
+
+class _KazooLogs(logging.Handler):
+    """kazoo's stdlib ``logging`` records, handed to ``twisted.logger`` on
+    the reactor thread (namespace ``twisted_rpc.zookeeper`` for a client's
+    own, the logger's name, ``kazoo.*``, for kazoo's modules), instead of
+    Python's last-resort handler printing them on stderr. Records come
+    while a client is open (``reactors`` not empty) and are dropped after
+    (nothing printed after ``close()``)."""
+
+    def __init__(self, namespace: str | None = None) -> None:
+        super().__init__()
+        self.namespace = namespace
+        self.reactors: dict[int, IReactorFromThreads] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        reactor = next(iter(self.reactors.values()), None)
+        if reactor is None:
+            return
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        level = next((ours for at, ours in _LEVELS if record.levelno >= at), LogLevel.debug)
+        logger = Logger(namespace=self.namespace or record.name)
+        reactor.callFromThread(logger.emit, level, "{text}", text=text)
+
+
+_KAZOO_MODULES = _KazooLogs()
+"""The handler of the ``kazoo`` stdlib logger (kazoo's module-level logs),
+installed by the first client unless the process configured ``logging``."""
+
+
+def _route_kazoo_logs(client: object, reactor: IReactorFromThreads, *, on: bool) -> None:
+    """Route kazoo's module-level records into twisted.logger while
+    ``client`` is open (``on``), unless ``logging`` is configured already."""
+    kazoo_logger = logging.getLogger("kazoo")
+    if on:
+        if _KAZOO_MODULES not in kazoo_logger.handlers:
+            if kazoo_logger.handlers or logging.getLogger().handlers:
+                return  # the process routes its logging itself
+            kazoo_logger.addHandler(_KAZOO_MODULES)
+        _KAZOO_MODULES.reactors[id(client)] = reactor
+    else:
+        _KAZOO_MODULES.reactors.pop(id(client), None)
 
 
 StateListener = Callable[[str, bool], object]
@@ -154,7 +207,11 @@ class ZooKeeperClient:
             self.identity = Id("digest", make_digest_acl_credential(user, password))
         else:
             self.acl, auth_list = open_acl(), None
+        self._logs = _KazooLogs("twisted_rpc.zookeeper")  # on from start() to close()
+        own = logging.Logger("twisted_rpc.zookeeper", logging.INFO)  # not the global tree
+        own.addHandler(self._logs)
         self.kazoo = KazooClient(
+            logger=own,
             hosts=hosts,
             timeout=session_timeout,
             auth_data=auth_list,
@@ -178,10 +235,15 @@ class ZooKeeperClient:
         """Begin connecting in the background; returns at once."""
         if not self._started:
             self._started = True
+            self._logs.reactors[0] = self.reactor
+            _route_kazoo_logs(self, self.reactor, on=True)
             self.kazoo.start_async()
 
     def close(self) -> Deferred[None]:
-        """End the session (its ephemeral nodes go at once) and stop kazoo's threads."""
+        """End the session (its ephemeral nodes go at once) and stop kazoo's
+        threads; kazoo logs nothing after this is called."""
+        self._logs.reactors.clear()
+        _route_kazoo_logs(self, self.reactor, on=False)
         if not self._started:
             return succeed(None)
         self._started = False

@@ -20,17 +20,28 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from google.protobuf import json_format
-from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
+from google.protobuf.descriptor import (
+    Descriptor,
+    EnumDescriptor,
+    FieldDescriptor,
+    ServiceDescriptor,
+)
 from twisted.internet import fdesc
 from twisted.internet.defer import Deferred
 
+from twisted_rpc._version import __version__
 from twisted_rpc.client._client import Client
 from twisted_rpc.core._status import RpcError, code_name
 from twisted_rpc.discovery._layout import provider_info, provider_path, providers_path
 from twisted_rpc.discovery._static import StaticRegistry
 from twisted_rpc.discovery._types import parse_address
-from twisted_rpc.ops._cli_streams import StdioLines, UserError, call_stream
+from twisted_rpc.ops._cli_streams import (
+    StdioLines,
+    UserError,
+    call_stream,
+    parse_request,
+    to_json,
+)
 from twisted_rpc.ops._health import SERVING, status_name
 from twisted_rpc.ops._protos import HEALTH, HealthCheckRequest
 from twisted_rpc.ops._reflection import RemoteDescriptors, message_class
@@ -208,22 +219,36 @@ def describe_message(message: Descriptor) -> list[str]:
     return lines
 
 
-def _messages_used(descriptor: ServiceDescriptor, method: str | None) -> list[Descriptor]:
+def describe_enum(enum: EnumDescriptor) -> list[str]:
+    lines = [f"enum {enum.full_name} {{"]
+    lines += [f"  {value.name} = {value.number};" for value in enum.values]
+    lines.append("}")
+    return lines
+
+
+def _messages_used(
+    descriptor: ServiceDescriptor, method: str | None
+) -> tuple[list[Descriptor], list[EnumDescriptor]]:
+    """The messages and enums the methods' requests and responses use."""
     seen: dict[str, Descriptor] = {}
+    enums: dict[str, EnumDescriptor] = {}
 
     def visit(message: Descriptor) -> None:
-        if message.full_name in seen or message.GetOptions().map_entry:
+        if message.full_name in seen:
             return
-        seen[message.full_name] = message
+        if not message.GetOptions().map_entry:
+            seen[message.full_name] = message
         for field in message.fields:
             if field.message_type is not None:
                 visit(field.message_type)
+            elif field.enum_type is not None:
+                enums.setdefault(field.enum_type.full_name, field.enum_type)
 
     for m in descriptor.methods:
         if method is None or m.name == method:
             visit(m.input_type)
             visit(m.output_type)
-    return list(seen.values())
+    return list(seen.values()), list(enums.values())
 
 
 async def cmd_describe(reactor: ICommandReactor, args: argparse.Namespace) -> int:
@@ -232,7 +257,7 @@ async def cmd_describe(reactor: ICommandReactor, args: argparse.Namespace) -> in
     await client.close()
     methods = [m for m in descriptor.methods if method is None or m.name == method]
     if not methods:
-        raise UserError(f"{service} has no method {method}", EXIT_CALL_FAILED + 5)
+        raise _no_method(service, method)
     lines = [f"service {descriptor.full_name} {{"]
     for m in methods:
         takes = "stream " if m.client_streaming else ""
@@ -242,11 +267,20 @@ async def cmd_describe(reactor: ICommandReactor, args: argparse.Namespace) -> in
             f" returns ({gives}{m.output_type.full_name});"
         )
     lines.append("}")
-    for message in _messages_used(descriptor, method):
+    messages, enums = _messages_used(descriptor, method)
+    for message in messages:
         lines.append("")
         lines.extend(describe_message(message))
+    for enum in enums:
+        lines.append("")
+        lines.extend(describe_enum(enum))
     print("\n".join(lines))
     return 0
+
+
+def _no_method(service: str, method: str | None) -> UserError:
+    """NOT_FOUND, as a provider would answer it (and its exit status)."""
+    return UserError(f"NOT_FOUND: {service} has no method {method}", EXIT_CALL_FAILED + 5)
 
 
 def parse_headers(headers: Sequence[str]) -> dict[str, str]:
@@ -269,17 +303,14 @@ async def cmd_call(reactor: ICommandReactor, args: argparse.Namespace) -> int:
         proxy = client.proxy(descriptor, metadata=metadata)
         stub = getattr(proxy, method, None)
         if stub is None:
-            raise UserError(f"{service} has no method {method}", EXIT_CALL_FAILED + 5)
+            raise _no_method(service, method)
         method_descriptor = descriptor.methods_by_name[method]
         if method_descriptor.client_streaming or method_descriptor.server_streaming:
             return await _call_stream(reactor, stub, method_descriptor, args)
-        request = message_class(method_descriptor.input_type)()
-        try:
-            json_format.Parse("{}" if args.request is None else args.request, request)
-        except json_format.ParseError as e:
-            raise UserError(f"request is not a {request.DESCRIPTOR.full_name}: {e}", 2) from None
+        text = "{}" if args.request is None else args.request
+        request = parse_request(text, message_class(method_descriptor.input_type))
         response = await stub(request)
-        print(json_format.MessageToJson(response, preserving_proto_field_name=True, indent=2))
+        print(to_json(response, indent=2))
         return 0
     finally:
         await client.close()
@@ -342,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mprpc", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1]
     )
+    parser.add_argument("--version", action="version", version=f"mprpc {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser(
         "list",

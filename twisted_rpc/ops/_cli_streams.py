@@ -13,12 +13,13 @@ blocks on a pipe.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import json_format
-from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.descriptor import Descriptor, MethodDescriptor
 from google.protobuf.message import Message
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -71,10 +72,45 @@ def stream_kind(method: MethodDescriptor) -> str:
     return "unary"
 
 
+def to_json(message: Message, indent: int | None = None) -> str:
+    """``message`` in protobuf's JSON mapping, fields by their ``.proto``
+    names (snake_case), those at their zero value included."""
+    return json_format.MessageToJson(
+        message,
+        preserving_proto_field_name=True,
+        indent=indent,
+        always_print_fields_with_no_presence=True,
+    )
+
+
 def json_line(message: Message) -> bytes:
     """``message`` in protobuf's JSON mapping on one line (newline included)."""
-    text = json_format.MessageToJson(message, preserving_proto_field_name=True, indent=None)
-    return text.encode() + b"\n"
+    return to_json(message).encode() + b"\n"
+
+
+def _proto_names(text: str, message: Descriptor | Any) -> str:
+    """``text`` (a parse error) with the JSON names of ``message``'s fields
+    (``failCode``, and those of the messages within) as the ``.proto``
+    names output uses (``fail_code``)."""
+    names: dict[str, str] = {}
+    seen: set[str] = set()
+    todo = [message]
+    while todo:
+        each = todo.pop()
+        if each.full_name in seen:
+            continue
+        seen.add(each.full_name)
+        for field in each.fields:
+            if field.json_name != field.name:
+                names.setdefault(field.json_name, field.name)
+            if field.message_type is not None:
+                todo.append(field.message_type)
+    if not names:
+        return text
+    return _QUOTED.sub(lambda m: m[1] + names.get(m[2], m[2]) + m[1], text)
+
+
+_QUOTED = re.compile(r"""(['"])(\w+)\1""")
 
 
 def parse_request(
@@ -89,8 +125,10 @@ def parse_request(
             raise json_format.ParseError("expected a JSON object")
         json_format.Parse(text, request)
     except (json_format.ParseError, UnicodeDecodeError) as e:
+        why = _proto_names(" ".join(str(e).split()), request.DESCRIPTOR)
         raise UserError(
-            f"{where} is not a {request.DESCRIPTOR.full_name}: {' '.join(str(e).split())}",
+            f"{where} is not a {request.DESCRIPTOR.full_name}: {why} "
+            "(fields: as named in the .proto, or in lowerCamelCase)",
             EXIT_USAGE,
         ) from None
     return request

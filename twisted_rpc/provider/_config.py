@@ -11,12 +11,14 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from twisted.logger import Logger
+
 from twisted_rpc.client._config import tracing_setting
 from twisted_rpc.client._service_config import MAX_TEXT
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._flow import check_window
 from twisted_rpc.core._ini import REGISTRY_KEYS, ConfigError, Reader, RegistryConfig
-from twisted_rpc.core._service import Service
+from twisted_rpc.core._service import Service, check_handlers
 from twisted_rpc.core._tls import server_options
 from twisted_rpc.cpp._conf import CPP_KEYS, CPP_SECTIONS, CppListenerConfig, read_cpp_section
 from twisted_rpc.discovery._layout import PUBLISHED_KEY
@@ -29,6 +31,8 @@ from twisted_rpc.provider._options import (
 )
 from twisted_rpc.provider._systemd import check_distinct_descriptors, inherited_descriptor
 from twisted_rpc.server._factory import ServerLimits
+
+log = Logger(namespace="twisted_rpc.provider")
 
 if TYPE_CHECKING:  # (pyOpenSSL is imported only when TLS is used)
     from twisted.internet.ssl import CertificateOptions
@@ -88,6 +92,10 @@ class ProviderConfig:
     """The ``methodConfig`` its registry nodes publish (``[provider] service_config``)."""
     tracing: bool = False
     """``[provider] tracing = opentelemetry``: spans for the calls served."""
+
+    strict_handlers: bool = True
+    """A public method that looks like a misspelt handler is a startup error
+    (``[provider] strict_handlers``; no: a warning)."""
 
     def options(self, **settings: Any) -> ProviderOptions:
         """The :class:`ProviderOptions` this file says (``settings`` override)."""
@@ -166,6 +174,7 @@ _PROVIDER_KEYS = {
     "log_format",
     "service_config",
     "tracing",
+    "strict_handlers",
 }
 
 
@@ -195,7 +204,7 @@ def load_provider_config(path: str) -> ProviderConfig:
     advertise = None
     if raw_advertise:
         advertise = r.parsed("provider", "advertise", raw_advertise, parse_address)
-    services = r.require("provider", "services").split()
+    services = r.require("provider", "services").replace(",", " ").split()
     check_service_specs(services, f"{path}: [provider] services")
     tls_options = None
     if r.parser.has_section("tls"):
@@ -234,6 +243,7 @@ def load_provider_config(path: str) -> ProviderConfig:
         grpc=grpc,
         service_config=_published_config(r),
         tracing=tracing_setting(r.get("provider", "tracing"), f"{path}: [provider] tracing"),
+        strict_handlers=r.flag("provider", "strict_handlers", True),
     )
 
 
@@ -363,22 +373,35 @@ def _admin(r: Reader) -> AdminConfig | None:
 
 
 def check_service_specs(specs: list[str], where: str) -> None:
-    """Each spec must look like ``module:Class`` (nothing is imported here)."""
+    """Each spec must look like ``module:Class``, once (nothing is imported here)."""
+    seen: set[str] = set()
     for spec in specs:
         module, sep, name = spec.partition(":")
-        if not sep or not module or not name:
+        dotted = [*module.split("."), *name.split(".")]
+        if not sep or not all(part.isidentifier() for part in dotted):
             raise ConfigError(f"{where}: {spec!r} is not module:Class")
+        if spec in seen:
+            raise ConfigError(f"{where}: {spec} is listed twice")
+        seen.add(spec)
 
 
-def load_services(specs: list[str], where: str = "services") -> list[Service]:
+def load_services(
+    specs: list[str], where: str = "services", strict_handlers: bool = True
+) -> list[Service]:
     """Import ``module:Class`` specs and instantiate each Service class.
 
     The working directory is on the import path, as for ``python -m``.
+    Each RPC with no handler is logged (a warning); a public method that
+    looks like a misspelt handler of one (``stock`` for ``Stock``) is a
+    ConfigError, or with ``strict_handlers`` false a warning too
+    (:func:`~twisted_rpc.core._service.check_handlers`).
     """
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.append(cwd)
+    check_service_specs(specs, where)
     instances: list[Service] = []
+    served: dict[str, str] = {}
     for spec in specs:
         module_name, _, attr = spec.partition(":")
         try:
@@ -400,4 +423,13 @@ def load_services(specs: list[str], where: str = "services") -> list[Service]:
             instances.append(cls())
         except Exception as e:
             raise ConfigError(f"{where}: {spec}() failed: {type(e).__name__}: {e}") from None
+        name = cls.service_info().name
+        if name in served:
+            raise ConfigError(f"{where}: {served[name]} and {spec} both serve {name}")
+        served[name] = spec
+        warnings, errors = check_handlers(instances[-1])
+        if errors and strict_handlers:
+            raise ConfigError(f"{where}: {errors[0]} ([provider] strict_handlers = no: a warning)")
+        for text in warnings + errors:
+            log.warn("{text}", text=text)
     return instances

@@ -64,7 +64,9 @@ class Options(usage.Options):
             raise usage.UsageError("--config or --cpp-config is required")
         try:
             config = self._load()
-            services = load_services(config.services, f"{config.path}: services")
+            services = load_services(
+                config.services, f"{config.path}: services", config.strict_handlers
+            )
         except ConfigError as e:
             # One clear line and a non-zero exit, not a usage text or a traceback.
             raise SystemExit(f"twistd mprpc: config error: {e}") from None

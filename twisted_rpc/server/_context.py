@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 from twisted_rpc.core._service import MethodInfo
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
     from twisted_rpc.server._runner import CallRunner
 
 
@@ -17,6 +19,8 @@ class CallContext:
     ``connection`` is the connection the call came on, of whichever listener
     (the native :class:`ServerConnection` or the C++ listener's); ``call_id``
     is 0 and ``metadata`` empty for a C++ caller, whose protocol has neither.
+    ``clock`` is the provider's clock (its reactor; the test's clock under
+    ``MemoryProvider``): ``deferLater(context.clock, 1.0, ...)``.
     """
 
     __slots__ = (
@@ -57,6 +61,16 @@ class CallContext:
     def set_trailing_metadata(self, metadata: Mapping[str, str]) -> None:
         """Metadata to send with the stream's final status."""
         self.trailing_metadata = dict(metadata)
+
+    @property
+    def clock(self) -> IReactorTime:
+        """The provider's clock, what handlers wait on (``callLater``,
+        ``deferLater``, ``seconds``): the one the connection was given."""
+        if self.connection is None:  # a context built by hand: the global reactor
+            from twisted.internet import reactor
+
+            return reactor
+        return self.connection.clock
 
     @property
     def peer(self) -> str:

@@ -52,6 +52,11 @@ def connected(max_line: int = 1 << 20, limit: int = 1 << 20) -> tuple[StdioLines
     return lines, transport
 
 
+def reply(**fields: Any) -> dict[str, Any]:
+    """An EchoReply as printed: every field, those at their zero value too."""
+    return {"payload": "", "metadata": {}, "call_id": 0, "pid": 0, **fields}
+
+
 def printed(transport: Stdio) -> list[dict[str, Any]]:
     return [json.loads(line) for line in transport.value().splitlines()]
 
@@ -80,10 +85,10 @@ def test_stream_kinds_and_json_lines():
         "client stream",
         "bidi",
     ]
-    reply = echo_pb2.EchoReply(payload=b"a\nb", call_id=3, metadata={"k": "v\n"})
-    line = json_line(reply)
+    message = echo_pb2.EchoReply(payload=b"a\nb", call_id=3, metadata={"k": "v\n"})
+    line = json_line(message)
     assert line.count(b"\n") == 1 and line.endswith(b"\n")  # one line, whatever the content
-    assert json.loads(line) == {"payload": "YQpi", "call_id": 3, "metadata": {"k": "v\n"}}
+    assert json.loads(line) == reply(payload="YQpi", call_id=3, metadata={"k": "v\n"})
 
 
 def test_parse_request_errors_are_usage_errors_naming_the_line():
@@ -161,9 +166,9 @@ def test_server_stream_prints_one_line_per_message():
     d = running(memory, COUNT, '{"count": 3, "payload_size": 1}', lines)
     assert finish(memory, d) == 0
     assert printed(transport) == [
-        {"payload": "eA=="},
-        {"payload": "eA==", "call_id": 1},
-        {"payload": "eA==", "call_id": 2},
+        reply(payload="eA=="),
+        reply(payload="eA==", call_id=1),
+        reply(payload="eA==", call_id=2),
     ]
     assert transport.producerState == "paused"  # stdin is not read for a server stream
     assert transport.producer is None  # the stream was unregistered at its end
@@ -186,7 +191,7 @@ def test_client_stream_reads_json_lines_and_prints_its_response_as_one_line():
     lines.readConnectionLost()
     assert finish(memory, d) == 0
     assert transport.value().count(b"\n") == 1
-    assert printed(transport) == [{"payload": "NQ==", "call_id": 2}]  # "5": 2 + 3 bytes
+    assert printed(transport) == [reply(payload="NQ==", call_id=2)]  # "5": 2 + 3 bytes
 
 
 def test_bidi_replies_are_printed_as_they_come():
@@ -195,11 +200,11 @@ def test_bidi_replies_are_printed_as_they_come():
     d = running(memory, CHAT, None, lines)
     lines.dataReceived(b'{"payload": "MQ=="}\n')
     memory.flush()
-    assert printed(transport) == [{"payload": "MQ=="}]  # before stdin ends
+    assert printed(transport) == [reply(payload="MQ==")]  # before stdin ends
     lines.dataReceived(b'{"payload": "Mg=="}\n')
     lines.readConnectionLost()
     assert finish(memory, d) == 0
-    assert printed(transport) == [{"payload": "MQ=="}, {"payload": "Mg=="}]
+    assert printed(transport) == [reply(payload="MQ=="), reply(payload="Mg==")]
 
 
 def test_a_bad_line_cancels_the_stream_with_a_usage_error():
@@ -286,4 +291,4 @@ def test_finish_fires_once_stdout_is_closed_and_a_later_close_is_not_a_lost_read
     lines.connectionLost()  # StandardIO's, once both halves are closed
     assert not lines.output_lost
     assert lines.finish().called
-    assert printed(transport) == [{"call_id": 1}]
+    assert printed(transport) == [reply(call_id=1)]
