@@ -6,6 +6,7 @@ a network namespace on this machine (root needed; testbed/netns.py does the work
     scripts/netns-cluster exec HOST CMD...       # run CMD in HOST's namespace (c1, p2...)
     scripts/netns-cluster cut|join HOST          # HOST's link to the bridge down / up
     scripts/netns-cluster netem HOST SPEC...     # e.g. netem c1 delay 50ms; netem c1 clear
+    scripts/netns-cluster delayed-host [MS]      # add c2: every frame to/from it MS (50) late
     scripts/netns-cluster down [--prefix P]      # stop every process by PID, delete it all
 """
 
@@ -16,7 +17,14 @@ import os
 import subprocess
 import sys
 
-from testbed.netns import PROVIDER_HOSTS, ZK_HOSTS, Cluster, state_file, unavailable_reason
+from testbed.netns import (
+    HOST_NUMBERS,
+    PROVIDER_HOSTS,
+    ZK_HOSTS,
+    Cluster,
+    state_file,
+    unavailable_reason,
+)
 
 DEFAULT_PREFIX = "mprpcnet"
 
@@ -32,7 +40,13 @@ def _status(cluster: Cluster) -> int:
             alive = "running"
         except ProcessLookupError:
             alive = "GONE"
-        where = cluster.provider_address(name) if name in PROVIDER_HOSTS else cluster.ip(name)
+        where = (
+            cluster.provider_address(name)
+            if name in PROVIDER_HOSTS
+            else cluster.ip(name)
+            if name in HOST_NUMBERS
+            else "(user-space delayed link)"
+        )
         mode = f" {cluster.zk_mode(name) or 'not serving'}" if name in ZK_HOSTS else ""
         print(f"{name:4} pid {pid:7} {alive:8} {where}{mode}")
     links = subprocess.run(
@@ -62,7 +76,10 @@ def _usage(cluster: Cluster) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/netns-cluster", description=__doc__)
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="namespace name prefix")
-    parser.add_argument("command", choices=["up", "down", "status", "exec", "cut", "join", "netem"])
+    parser.add_argument(
+        "command",
+        choices=["up", "down", "status", "exec", "cut", "join", "netem", "delayed-host"],
+    )
     parser.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     reason = unavailable_reason()
@@ -84,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "status":
         return _status(cluster)
+    if args.command == "delayed-host":
+        cluster.add_delayed_host("c2", float(args.rest[0] if args.rest else 50) / 1000)
+        cluster.save()
+        print(f"c2 ({cluster.ip('c2')}) is up behind a delayed link: exec c2 CMD...")
+        return 0
     if not args.rest or args.rest[0] not in cluster.hosts:
         parser.error(f"name a host: {' '.join(cluster.hosts)}")
     host, rest = args.rest[0], args.rest[1:]

@@ -8,7 +8,9 @@ run at the same time (their addresses live in their own namespaces).
 
 Hosts: ``zk1..zk3`` (a 3-server ZooKeeper ensemble, data under a temp dir),
 ``p1..p3`` (``twistd mprpc`` providers of the example UserService and the test
-suite's EchoService, registered in that ensemble) and ``c1`` (for consumers).
+suite's EchoService, registered in that ensemble) and ``c1`` (for consumers);
+on demand ``c2``, a consumer host behind a link that delays every frame (a
+user-space link: testbed/delay_link.py, for kernels without ``tc netem``).
 Every process is started with ``ip netns exec`` and stopped by its PID.
 ``scripts/netns-cluster`` is the command line; the integration tests
 (tests/integration/test_cluster.py) use :class:`Cluster` directly.
@@ -39,7 +41,7 @@ TWISTD = str(Path(PYTHON).with_name("twistd"))
 ZK_HOSTS = ("zk1", "zk2", "zk3")
 PROVIDER_HOSTS = ("p1", "p2", "p3")
 CONSUMER_HOSTS = ("c1",)
-HOST_NUMBERS = {"zk1": 11, "zk2": 12, "zk3": 13, "p1": 21, "p2": 22, "p3": 23, "c1": 31}
+HOST_NUMBERS = {"zk1": 11, "zk2": 12, "zk3": 13, "p1": 21, "p2": 22, "p3": 23, "c1": 31, "c2": 32}
 ZK_PORT = 2181
 PROVIDER_PORT = 8000
 SERVICES = "examples.user.callee:UserService testbed.echo_service:EchoService"
@@ -197,10 +199,38 @@ class Cluster:
             run("ip", "-n", ns, "link", "set", "eth0", "up")
             run("ip", "-n", ns, "link", "set", "lo", "up")
 
+    def add_delayed_host(self, host: str = "c2", delay: float = 0.05) -> None:
+        """One more host whose link to the bridge delays every frame ``delay`` s each
+        way: two TAP devices joined by testbed/delay_link.py (for kernels without
+        netem; a user-space link costs CPU, so it is a host of its own)."""
+        ns, br = self.ns(host), self.bridge_ns
+        run("ip", "netns", "add", ns)
+        self.hosts.append(host)
+        run("ip", "-n", ns, "tuntap", "add", "dev", "eth0", "mode", "tap")
+        run("ip", "-n", br, "tuntap", "add", "dev", f"v-{host}", "mode", "tap")
+        name = f"link-{host}"
+        with open(self.log(name), "ab") as out:
+            process = subprocess.Popen(
+                [PYTHON, "-m", "testbed.delay_link", "--ns-a", ns, "--dev-a", "eth0",
+                 "--ns-b", br, "--dev-b", f"v-{host}", "--delay", str(delay)],
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+        self._processes[name], self.pids[name] = process, process.pid
+        deadline = time.monotonic() + 15
+        while "delay link up" not in self.tail(name):
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"delay link for {host} did not start: {self.tail(name)}")
+            time.sleep(0.05)
+        run("ip", "-n", br, "link", "set", f"v-{host}", "master", "br0", "up")
+        run("ip", "-n", ns, "addr", "add", f"{self.ip(host)}/24", "dev", "eth0")
+        run("ip", "-n", ns, "link", "set", "eth0", "up")
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+
     def namespaces(self) -> list[str]:
         """This cluster's namespaces that exist now."""
         listed = run("ip", "netns", "list", check=False).stdout.split()
-        mine = {self.bridge_ns, *(self.ns(h) for h in self.hosts)}
+        mine = {self.bridge_ns, *(self.ns(h) for h in {*self.hosts, *HOST_NUMBERS})}
         return [name for name in listed if name in mine]
 
     def set_link(self, host: str, up: bool) -> None:
@@ -407,7 +437,8 @@ class Cluster:
 
     def save(self) -> None:
         state = {"prefix": self.prefix, "dir": str(self.dir), "subnet": self.subnet,
-                 "session_timeout": self.session_timeout, "pids": self.pids}  # fmt: skip
+                 "session_timeout": self.session_timeout, "pids": self.pids,
+                 "hosts": self.hosts}  # fmt: skip
         state_file(self.prefix).write_text(json.dumps(state, indent=1) + "\n")
 
     @classmethod
@@ -420,6 +451,7 @@ class Cluster:
         state = json.loads(path.read_text())
         cluster = cls(prefix, state["dir"], state["subnet"], state["session_timeout"])
         cluster.pids = {k: int(v) for k, v in state["pids"].items()}
+        cluster.hosts = list(state.get("hosts", cluster.hosts))
         return cluster
 
 
