@@ -426,12 +426,14 @@ class Cluster:
         return self
 
     def down(self) -> None:
-        """Stop every process by PID, delete every namespace (and so its links), the temp dir."""
+        """Stop every process by PID, delete every namespace (and so its links), the temp
+        dir and the state file."""
         for name in [n for n in self.pids if n not in ZK_HOSTS] + [*ZK_HOSTS]:
             self.stop(name)
         for ns in self.namespaces():
             run("ip", "netns", "del", ns, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
+        state_file(self.prefix).unlink(missing_ok=True)
 
     # ---------------------------------------------------- state (for the script)
 

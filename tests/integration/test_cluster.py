@@ -23,6 +23,7 @@ from testbed.netns import (
     ZK_HOSTS,
     Cluster,
     netem_available,
+    state_file,
     unavailable_reason,
 )
 
@@ -40,6 +41,7 @@ def cluster() -> Iterator[Cluster]:
     finally:
         made.down()
         assert made.namespaces() == []
+        assert not made.dir.exists() and not state_file(made.prefix).exists()
 
 
 @pytest.fixture
