@@ -29,6 +29,7 @@ from kazoo.exceptions import (
     NoNodeError,
     SessionExpiredError,
 )
+from kazoo.handlers.threading import SequentialThreadingHandler
 from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
 from kazoo.security import (
     ACL,
@@ -177,6 +178,26 @@ def acl_text(acls: list[ACL]) -> str:
     )
 
 
+class _BoundedConnectHandler(SequentialThreadingHandler):  # type: ignore[misc]
+    """kazoo's threading handler, its TCP connect timeout capped at ``connect_timeout``.
+
+    kazoo gives a server's TCP connect the whole session timeout, so a server
+    that is cut off (packets dropped, no refusal) can use up a session while
+    the others serve; ZooKeeper's own client gives each server session
+    timeout / servers, and so does this.
+    """
+
+    def __init__(self, connect_timeout: float) -> None:
+        super().__init__()
+        self.connect_timeout = connect_timeout
+
+    def create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        timeout = kwargs.get("timeout")
+        if timeout is not None:
+            kwargs["timeout"] = min(timeout, self.connect_timeout)
+        return super().create_connection(*args, **kwargs)
+
+
 class ZooKeeperClient:
     """A kazoo client whose API is Deferreds on the reactor thread.
 
@@ -214,6 +235,7 @@ class ZooKeeperClient:
             logger=own,
             hosts=hosts,
             timeout=session_timeout,
+            handler=_BoundedConnectHandler(session_timeout / max(1, len(hosts.split(",")))),
             auth_data=auth_list,
             connection_retry={
                 "max_tries": -1,
