@@ -35,7 +35,10 @@ __all__ = [
     "check_service_specs",
     "load_provider_config",
     "load_services",
+    "parse_workers",
 ]
+
+MAX_WORKERS = 256
 
 
 @dataclass
@@ -79,6 +82,8 @@ class ProviderConfig:
     log_format: str = "text"
     grpc: GrpcConfig | None = None
     """The gRPC listener (``[grpc]``), if any."""
+    workers: int = 1
+    """Worker processes (``[provider] workers``; 1: one process, no supervisor)."""
 
     def options(self, **settings: Any) -> ProviderOptions:
         """The :class:`ProviderOptions` this file says (``settings`` override)."""
@@ -147,6 +152,7 @@ _PROVIDER_KEYS = {
     "reflection",
     "slow_call_threshold",
     "log_format",
+    "workers",
 }
 
 
@@ -208,7 +214,22 @@ def load_provider_config(path: str) -> ProviderConfig:
         admin=_admin(r),
         log_format=_log_format(r),
         grpc=grpc,
+        workers=parse_workers(r.get("provider", "workers", "1") or "1", f"{path}: [provider]"),
     )
+
+
+def parse_workers(value: str, where: str) -> int:
+    """``workers``: a positive int, or ``auto`` (one per core), else ConfigError."""
+    value = value.strip()
+    if value == "auto":
+        return os.cpu_count() or 1
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_WORKERS:
+        raise ConfigError(f"{where} workers = {value!r} (expected 1..{MAX_WORKERS} or auto)")
+    return n
 
 
 def _default(name: str) -> Any:

@@ -37,6 +37,9 @@ class ServerFactory(ListenerFactory[ServerConnection]):
         self.partial_bytes = 0
         """Bytes of partial frames held by all connections."""
         self._sweeper: IDelayedCall | None = None
+        self.extra_settings: dict[str, str] = {}
+        """More connection settings for every connection (a worker's
+        ``workers`` and ``worker``, docs/protocol.md)."""
 
     def shed_partial_frames(self) -> None:
         """Over ``max_buffered_bytes`` of partial frames and unread stream

@@ -1,0 +1,167 @@
+"""A worker process of a provider with ``workers = N`` (``python -m
+twisted_rpc.provider._worker SPEC``, spawned by the supervisor).
+
+It serves the same services as the supervisor's ini says on the listening
+sockets it inherits (descriptors 3, 4, ... in the order the provider's
+listeners are made: native, C++, gRPC), adopting each
+(:class:`AdoptingReactor`) instead of binding. Its stdin and stdout are the
+control pipe (line-delimited JSON: it says ``{"ready": pid}`` once serving
+and takes ``{"health": {service: status}}``); its stderr is its log, every
+line prefixed with ``[worker <pid>]``. SIGTERM drains it as a provider
+drains; the end of its stdin (the supervisor is gone) does too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO, cast
+
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+from twisted_rpc.provider._service import ProviderReactor, ProviderService
+
+__all__ = ["AdoptingReactor", "ControlProtocol", "main", "worker_observer", "worker_settings"]
+
+log = Logger(namespace="twisted_rpc.provider.worker")
+
+MAX_CONTROL_LINE = 65536
+
+
+class AdoptingReactor:
+    """A reactor whose ``listenTCP`` and ``listenSSL`` adopt the next
+    inherited listening descriptor (``fds``, in order) instead of binding;
+    the rest is the wrapped reactor's."""
+
+    def __init__(self, reactor: Any, fds: Sequence[int]) -> None:
+        self._reactor = reactor
+        self.fds = list(fds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def listenTCP(
+        self, port: int, factory: Any, backlog: int = 50, interface: str = ""
+    ) -> IListeningPort:
+        if not self.fds:
+            raise RuntimeError("no inherited socket left for a listener")
+        fd = self.fds.pop(0)
+        sock = socket.socket(fileno=fd)
+        family = sock.family
+        bound = sock.getsockname()[1]
+        sock.detach()
+        if port and port != bound:
+            raise RuntimeError(f"the inherited socket is on port {bound}, not {port}")
+        adopted: IListeningPort = self._reactor.adoptStreamPort(fd, family, factory)
+        os.close(fd)  # (adoptStreamPort keeps a duplicate)
+        return adopted
+
+    def listenSSL(
+        self, port: int, factory: Any, contextFactory: Any, backlog: int = 50, interface: str = ""
+    ) -> IListeningPort:
+        return self.listenTCP(port, TLSMemoryBIOFactory(contextFactory, False, factory))
+
+
+def worker_settings(workers: int, pid: int) -> dict[str, str]:
+    """The connection settings that say which worker a connection reached."""
+    return {"workers": str(workers), "worker": str(pid)}
+
+
+def worker_observer(stream: TextIO, pid: int) -> FileLogObserver:
+    """Log lines with the worker's id first (the supervisor adds the time)."""
+
+    def format(event: Any) -> str | None:
+        text = eventAsText(event, includeTimestamp=False)
+        return f"[worker {pid}] {text}\n" if text else None
+
+    return FileLogObserver(stream, format)
+
+
+class ControlProtocol(Protocol):
+    """The control pipe on stdin/stdout (see the module's docstring)."""
+
+    def __init__(self, provider: ProviderService, stop: Any) -> None:
+        self.provider = provider
+        self.stop = stop
+        self.stopping = False
+        """Set when the worker stops: the pipe's end then says nothing."""
+        self._buffer = b""
+
+    def send(self, message: dict[str, Any]) -> None:
+        assert self.transport is not None
+        self.transport.write(json.dumps(message).encode() + b"\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        if len(self._buffer) > MAX_CONTROL_LINE:
+            log.warn("a control line over {n} bytes: dropped", n=MAX_CONTROL_LINE)
+            self._buffer = b""
+        for line in lines:
+            self.line_received(line)
+
+    def line_received(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+            statuses = message["health"]
+            for service, status in statuses.items():
+                if not isinstance(service, str) or type(status) is not int:
+                    raise ValueError(service)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warn("unknown control line {line!r}", line=line[:200])
+            return
+        for service, status in statuses.items():
+            self.provider.health.set(service, status)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.stopping:
+            self.stopping = True
+            log.info("the supervisor is gone: stopping")
+            self.stop()
+
+
+def main(argv: list[str]) -> None:
+    """Run a worker (``argv[1]``: the supervisor's JSON spec)."""
+    from twisted.internet import reactor, stdio
+
+    from twisted_rpc.provider._tap import Options
+
+    spec = json.loads(argv[1])
+    pid = os.getpid()
+    globalLogBeginner.beginLoggingTo([worker_observer(sys.stderr, pid)], redirectStandardIO=False)
+    options = Options()
+    options.parseOptions(spec["args"])  # type: ignore[no-untyped-call]  # (not annotated)
+    config = options["provider_config"]
+    adopting = AdoptingReactor(reactor, range(3, 3 + int(spec["listeners"])))
+    provider = ProviderService(
+        cast(ProviderReactor, adopting),
+        options["service_instances"],
+        config.options(admin_listen=None),
+    )
+    provider.factory.extra_settings = worker_settings(int(spec["workers"]), pid)
+    control = ControlProtocol(provider, reactor.stop)
+
+    def start() -> None:
+        try:
+            provider.startService()
+        except Exception:
+            log.failure("the worker could not start")
+            reactor.stop()
+            return
+        control.send({"ready": pid})
+
+    stdio.StandardIO(control)  # type: ignore[no-untyped-call]  # (not annotated)
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", setattr, control, "stopping", True)
+    reactor.addSystemEventTrigger("before", "shutdown", provider.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
