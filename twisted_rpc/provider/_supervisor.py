@@ -11,7 +11,7 @@ line-delimited JSON). Workers' stderr is their log: each line, which names
 the worker, is logged here.
 
 :class:`WorkerSet` respawns a worker that dies (backoff), restarts them all
-one by one on SIGHUP (a new worker first; the old one is sent SIGTERM once
+one by one on SIGHUP (a new worker first; the old one is told to drain once
 the new one says it is ready) and, when stopped, sends SIGTERM to every
 worker and waits for them (SIGKILL after the grace period and a margin).
 """
@@ -260,11 +260,21 @@ class WorkerSet(TwistedService):
         worker.send({"health": dict(self.health.statuses)})
         old, worker.replaces = worker.replaces, None
         if old is not None:
-            self._retire(old)
+            self._retire(old, restart=True)
 
-    def _retire(self, worker: WorkerProcess) -> None:
+    def _retire(self, worker: WorkerProcess, restart: bool = False) -> None:
+        """Stop ``worker`` on purpose (it is not respawned): SIGTERM, or with
+        ``restart`` (another worker serves its slot) ``{"restart": true}`` on
+        its pipe, on which it drains with a GOAWAY that tells consumers to
+        redial (a message, not a signal, so that it cannot overtake it).
+        Killed if it has not exited after the grace period and a margin."""
         worker.retiring = True
-        worker.kill("TERM")
+        if restart:
+            worker.send({"restart": True})
+            timer = self.clock.callLater(self.grace_period + KILL_MARGIN, self._kill, [worker])
+            worker.ended.addCallback(lambda _: timer.cancel() if timer.active() else None)
+        else:
+            worker.kill("TERM")
 
     def worker_ended(self, worker: WorkerProcess, reason: Failure) -> None:
         if worker in self.live:

@@ -6,7 +6,9 @@ sockets it inherits (descriptors 3, 4, ... in the order the provider's
 listeners are made: native, C++, gRPC), adopting each
 (:class:`AdoptingReactor`) instead of binding. Its stdin and stdout are the
 control pipe (line-delimited JSON: it says ``{"ready": pid}`` once serving
-and takes ``{"health": {service: status}}``); its stderr is its log, every
+and takes ``{"health": {service: status}}`` and ``{"restart": true}``, sent
+when a new worker replaces it: it then drains as on SIGTERM, but its GOAWAY
+says IDLE, not SHUTDOWN, so that consumers redial the same address); its stderr is its log, every
 line prefixed with ``[worker <pid>]``. SIGTERM drains it as a provider
 drains; the end of its stdin (the supervisor is gone) does too.
 """
@@ -20,19 +22,46 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO, cast
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from twisted_rpc.core._codec import GoawayReason
 from twisted_rpc.provider._service import ProviderReactor, ProviderService
 
-__all__ = ["AdoptingReactor", "ControlProtocol", "main", "worker_observer", "worker_settings"]
+__all__ = [
+    "AdoptingReactor",
+    "ControlProtocol",
+    "OneAcceptPort",
+    "main",
+    "worker_observer",
+    "worker_settings",
+]
 
 log = Logger(namespace="twisted_rpc.provider.worker")
 
 MAX_CONTROL_LINE = 65536
+
+
+class OneAcceptPort(tcp.Port):
+    """A listening port that accepts one connection each time it is readable.
+
+    Every worker waits on the same socket; Twisted's port accepts up to 100
+    connections per wake-up, so the first worker awake would take a whole
+    burst (a consumer opening one connection per worker at once). One at a
+    time, every waiting worker gets its turn, and a busy worker (slower to
+    wake) takes fewer."""
+
+    @property
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass
 
 
 class AdoptingReactor:
@@ -61,6 +90,8 @@ class AdoptingReactor:
             raise RuntimeError(f"the inherited socket is on port {bound}, not {port}")
         adopted: IListeningPort = self._reactor.adoptStreamPort(fd, family, factory)
         os.close(fd)  # (adoptStreamPort keeps a duplicate)
+        if type(adopted) is tcp.Port:
+            adopted.__class__ = OneAcceptPort
         return adopted
 
     def listenSSL(
@@ -109,6 +140,13 @@ class ControlProtocol(Protocol):
     def line_received(self, line: bytes) -> None:
         try:
             message = json.loads(line)
+            if message == {"restart": True}:
+                # Replaced: the address still serves, consumers redial it.
+                log.info("replaced by a new worker: draining")
+                self.provider.factory.goaway_reason = GoawayReason.IDLE
+                self.stopping = True
+                self.stop()
+                return
             statuses = message["health"]
             for service, status in statuses.items():
                 if not isinstance(service, str) or type(status) is not int:

@@ -15,6 +15,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from twisted_rpc import ConfigError, ProviderService, load_provider_config
+from twisted_rpc.core._codec import GoawayReason
 from twisted_rpc.ops._health import NOT_SERVING, SERVING, HealthState
 from twisted_rpc.provider import Options, makeService
 from twisted_rpc.provider._supervisor import KILL_MARGIN, BindingReactor, WorkerSet
@@ -121,26 +122,35 @@ def test_a_dead_worker_is_respawned_with_backoff_reset_once_ready():
     assert [w.pid for w in workers.live] == [102, 105]
 
 
+def told_to_restart(spawner, pid) -> bool:
+    return {"restart": True} in spawner.process(pid).written
+
+
 def test_rolling_restart_retires_each_old_worker_once_its_replacement_is_ready():
-    workers, spawner, clock, _ = make()
+    workers, spawner, clock, _ = make(grace=5.0)
     for pid in (101, 102):
         ready(spawner.worker(pid))
     workers.restart()
     assert [w.pid for w in workers.current.values()] == [103, 104]
-    assert spawner.process(101).signals == [] and spawner.process(102).signals == []
+    assert not told_to_restart(spawner, 101) and not told_to_restart(spawner, 102)
     ready(spawner.worker(104))
-    assert spawner.process(102).signals == ["TERM"] and spawner.process(101).signals == []
+    assert told_to_restart(spawner, 102) and not told_to_restart(spawner, 101)
     end(spawner.worker(102))
     # A replacement that dies before it is ready: its successor takes over the restart.
     end(spawner.worker(103), ProcessTerminated(exitCode=1))
     clock.advance(0.5)
-    assert spawner.process(101).signals == []
+    assert not told_to_restart(spawner, 101)
     ready(spawner.worker(105))
-    assert spawner.process(101).signals == ["TERM"]
-    end(spawner.worker(101))
+    assert told_to_restart(spawner, 101)
+    # One that does not exit within the grace period and the margin is killed.
+    assert spawner.process(101).signals == []
+    clock.advance(5.0 + KILL_MARGIN)
+    assert spawner.process(101).signals == ["KILL"]
+    end(spawner.worker(101), ProcessTerminated(signal=9))
     clock.advance(60)
     assert len(spawner.spawned) == 5  # retired workers are not respawned
     assert sorted(w.pid for w in workers.live) == [104, 105]
+    assert spawner.process(102).signals == []  # (it exited in time: no kill)
 
 
 def test_stop_sends_sigterm_waits_and_kills_after_the_grace_period():
@@ -200,6 +210,12 @@ def test_control_protocol_applies_health_and_ignores_bad_lines():
     assert control._buffer == b""
     control.connectionLost(Failure(Exception()))
     assert stops == [1]
+    replaced = ControlProtocol(provider, lambda: stops.append(2))
+    replaced.makeConnection(StringTransport())
+    replaced.dataReceived(b'{"restart": true}\n')
+    assert stops == [1, 2] and provider.factory.goaway_reason == GoawayReason.IDLE
+    replaced.connectionLost(Failure(Exception()))
+    assert stops == [1, 2]  # (stopping already)
 
 
 def test_adopting_reactor_adopts_the_inherited_sockets_in_order():
@@ -275,3 +291,18 @@ def test_worker_settings_reach_the_connection_settings():
     provider.factory.extra_settings = worker_settings(2, 4242)
     settings = provider.factory.buildProtocol(None).local_settings()
     assert settings["workers"] == "2" and settings["worker"] == "4242"
+
+
+def test_goaway_says_the_factory_reason():
+    provider = ProviderService(Clock(), [], listen="tcp:0")
+    said: list[tuple] = []
+    connection = provider.factory.buildProtocol(None)
+    connection.goaway = lambda message, reason: said.append((message, reason))
+    provider.factory.connections.add(connection)
+    provider.factory.goaway()
+    provider.factory.goaway_reason = GoawayReason.IDLE
+    provider.factory.goaway("replaced")
+    assert said == [
+        ("provider is shutting down", GoawayReason.SHUTDOWN),
+        ("replaced", GoawayReason.IDLE),
+    ]

@@ -1,0 +1,179 @@
+"""Integration: ``twistd -n mprpc`` with ``workers = 2`` (a supervisor and two
+worker processes on one socket), called by clients of this process; every
+process is stopped by PID, workers included."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from protos import echo_pb2
+from testbed.echo_service import ECHO
+from testbed.processes import Provider
+from twisted_rpc import Client, UnavailableError
+
+pytestmark = pytest.mark.integration
+
+_READY = re.compile(r"worker (\d+) ready")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child of the supervisor counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+class WorkersTests(TestCase):
+    timeout = 90
+
+    def start(self) -> Provider:
+        provider = Provider(
+            Path(tempfile.mkdtemp()), "workers = 2\ngrace_period = 3", ready=" ready"
+        )
+        self.addCleanup(self._stop_all, provider)
+        self.wait_ready(provider, 2)
+        return provider
+
+    def workers(self, provider: Provider) -> list[int]:
+        return [int(pid) for pid in _READY.findall(provider.output)]
+
+    def wait_ready(self, provider: Provider, count: int, timeout: float = 20) -> float:
+        """Seconds until ``count`` workers have said they are ready in all."""
+        started = time.monotonic()
+        while len(self.workers(provider)) < count:
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"{count} workers not ready:\n{provider.output}")
+            time.sleep(0.01)
+        return time.monotonic() - started
+
+    def _stop_all(self, provider: Provider) -> None:
+        provider.stop()
+        for pid in self.workers(provider):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    def client(self, provider: Provider) -> Client:
+        client = Client(reactor, providers={"mprpc.test.EchoService": [provider.address]})
+        self.addCleanup(client.close)
+        return client
+
+    async def pids_seen(self, provider: Provider, clients: int = 16) -> set[int]:
+        """The workers that answered, one new connection per client."""
+        seen: set[int] = set()
+        for _ in range(clients):
+            reply = await self.client(provider).proxy(ECHO).Echo(echo_pb2.EchoRequest())
+            seen.add(reply.pid)
+            if len(seen) == 2:
+                break
+        return seen
+
+    async def test_calls_reach_both_workers_and_not_the_supervisor(self) -> None:
+        provider = self.start()
+        seen = await self.pids_seen(provider)
+        self.assertEqual(seen, set(self.workers(provider)))
+        self.assertNotIn(provider.pid, seen)
+        self.assertRegex(provider.output, r"\[worker \d+\] .*provider listening on")
+
+    async def test_a_killed_worker_fails_only_its_calls_and_is_back_within_2s(self) -> None:
+        provider = self.start()
+        by_worker: dict[int, list] = {}
+        for _ in range(64):  # a connection each, until each worker has two
+            echo = self.client(provider).proxy(ECHO)
+            pid = (await echo.Echo(echo_pb2.EchoRequest())).pid
+            by_worker.setdefault(pid, []).append(echo)
+            if len(by_worker) == 2 and min(len(v) for v in by_worker.values()) >= 2:
+                break
+        victim, survivor = sorted(by_worker)
+        calls = {
+            pid: [e.AsyncEcho(echo_pb2.EchoRequest(delay=2)) for e in echoes]
+            for pid, echoes in by_worker.items()
+        }
+        await sleep(0.5)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        while len(self.workers(provider)) < 3 and time.monotonic() - killed < 10:
+            await sleep(0.02)
+        back = time.monotonic() - killed
+        for call in calls[victim]:
+            with self.assertRaises(UnavailableError):
+                await call
+        for call in calls[survivor]:
+            self.assertEqual((await call).pid, survivor)
+        self.assertLess(back, 2.0, provider.output)
+        self.assertFalse(_alive(victim))
+        self.assertIn(f"worker {victim} died", provider.output)
+        self.assertEqual(len(await self.pids_seen(provider, 64)), 2)
+
+    async def test_sighup_restarts_the_workers_with_no_failed_call(self) -> None:
+        provider = self.start()
+        old = set(self.workers(provider))
+        clients = [self.client(provider).proxy(ECHO) for _ in range(4)]
+        failures: list[Exception] = []
+        done = 0
+        stop = False
+
+        async def loop(echo) -> None:
+            nonlocal done
+            for _ in range(5000):  # bounded
+                if stop:
+                    return
+                try:
+                    await echo.AsyncEcho(echo_pb2.EchoRequest(delay=0.01), timeout=5)
+                    done += 1
+                except Exception as e:
+                    failures.append(e)
+
+        loops = [Deferred.fromCoroutine(loop(c)) for c in clients]
+        await sleep(0.5)
+        provider.signal(signal.SIGHUP)
+        started = time.monotonic()
+        while any(_alive(pid) for pid in old) and time.monotonic() - started < 30:
+            await sleep(0.05)
+        await sleep(0.5)
+        stop = True
+        for each in loops:
+            await each
+        self.assertEqual(failures, [])
+        self.assertFalse(any(_alive(pid) for pid in old), provider.output)
+        new = set(self.workers(provider)) - old
+        self.assertEqual(len(new), 2)
+        self.assertGreater(done, 20)
+        self.assertTrue(await self.pids_seen(provider) <= new)
+
+    async def test_sigterm_stops_every_worker_then_the_supervisor(self) -> None:
+        provider = self.start()
+        workers = self.workers(provider)
+        echo = self.client(provider).proxy(ECHO)
+        call = echo.AsyncEcho(echo_pb2.EchoRequest(delay=1))
+        await sleep(0.3)
+        provider.signal(signal.SIGTERM)
+        self.assertEqual((await call).payload, b"")
+        code = None
+        for _ in range(150):
+            code = provider.process.poll()
+            if code is not None:
+                break
+            await sleep(0.1)
+        self.assertIn(code, (0, -signal.SIGTERM))
+        self.assertFalse(any(_alive(pid) for pid in workers))
+        self.assertIn("stopping 2 workers", provider.output)
