@@ -44,12 +44,14 @@ def sleep(seconds: float) -> Deferred[None]:
 
 
 class WorkersTests(TestCase):
+    """``worker_sockets = reuseport`` (the default)."""
+
     timeout = 90
+    sockets = "reuseport"
 
     def start(self) -> Provider:
-        provider = Provider(
-            Path(tempfile.mkdtemp()), "workers = 2\ngrace_period = 3", ready=" ready"
-        )
+        extra = f"workers = 2\ngrace_period = 3\nworker_sockets = {self.sockets}"
+        provider = Provider(Path(tempfile.mkdtemp()), extra, ready=" ready")
         self.addCleanup(self._stop_all, provider)
         self.wait_ready(provider, 2)
         return provider
@@ -177,3 +179,9 @@ class WorkersTests(TestCase):
         self.assertIn(code, (0, -signal.SIGTERM))
         self.assertFalse(any(_alive(pid) for pid in workers))
         self.assertIn("stopping 2 workers", provider.output)
+
+
+class SharedSocketWorkersTests(WorkersTests):
+    """The same with ``worker_sockets = shared`` (every worker on the supervisor's socket)."""
+
+    sockets = "shared"

@@ -84,6 +84,10 @@ class ProviderConfig:
     """The gRPC listener (``[grpc]``), if any."""
     workers: int = 1
     """Worker processes (``[provider] workers``; 1: one process, no supervisor)."""
+    worker_sockets: str = "reuseport"
+    """How workers listen: ``reuseport`` (each its own socket, SO_REUSEPORT:
+    the kernel spreads connections) or ``shared`` (the supervisor's socket,
+    inherited: the first worker awake takes a connection)."""
 
     def options(self, **settings: Any) -> ProviderOptions:
         """The :class:`ProviderOptions` this file says (``settings`` override)."""
@@ -153,6 +157,7 @@ _PROVIDER_KEYS = {
     "slow_call_threshold",
     "log_format",
     "workers",
+    "worker_sockets",
 }
 
 
@@ -215,7 +220,17 @@ def load_provider_config(path: str) -> ProviderConfig:
         log_format=_log_format(r),
         grpc=grpc,
         workers=parse_workers(r.get("provider", "workers", "1") or "1", f"{path}: [provider]"),
+        worker_sockets=_worker_sockets(r),
     )
+
+
+def _worker_sockets(r: Reader) -> str:
+    value = r.get("provider", "worker_sockets", "reuseport") or "reuseport"
+    if value not in ("shared", "reuseport"):
+        raise ConfigError(
+            f"{r.path}: [provider] worker_sockets = {value!r} (expected shared or reuseport)"
+        )
+    return value
 
 
 def parse_workers(value: str, where: str) -> int:

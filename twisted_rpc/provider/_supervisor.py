@@ -89,8 +89,11 @@ class BindingReactor:
     socket (kept in :attr:`sockets`, in the order asked); the rest is the
     wrapped reactor's."""
 
-    def __init__(self, reactor: object) -> None:
+    def __init__(self, reactor: object, reuseport: bool = False) -> None:
         self._reactor = reactor
+        self.reuseport = reuseport
+        """Bind with SO_REUSEPORT and do not listen: each worker binds its own
+        socket to the same address (``worker_sockets = reuseport``)."""
         self.sockets: list[socket.socket] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -103,8 +106,11 @@ class BindingReactor:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuseport:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((interface or ("::" if family == socket.AF_INET6 else ""), port))
-            sock.listen(backlog)
+            if not self.reuseport:
+                sock.listen(backlog)
             sock.setblocking(False)
         except OSError:
             sock.close()
@@ -355,7 +361,12 @@ def worker_args(options: Mapping[str, Any], config: ProviderConfig, listeners: i
         args += ["--cpp-config", options["cpp-config"]]
     for spec in options.get("service", []):
         args += ["--service", spec]
-    spec = {"args": args, "workers": config.workers, "listeners": listeners}
+    spec = {
+        "args": args,
+        "workers": config.workers,
+        "listeners": listeners,
+        "reuseport": config.worker_sockets == "reuseport",
+    }
     return [sys.executable, "-m", "twisted_rpc.provider._worker", json.dumps(spec)]
 
 
@@ -371,7 +382,7 @@ def supervisor_service(
     from twisted_rpc.provider._tap import registration_data, with_registries
 
     registry, cpp_registry = registries
-    binding = BindingReactor(reactor)
+    binding = BindingReactor(reactor, reuseport=config.worker_sockets == "reuseport")
     data = {**registration_data(config), "workers": config.workers}
     provider_options = config.options(registration_data=data, admin_listen=None)
     provider = ProviderService(

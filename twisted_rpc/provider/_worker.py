@@ -69,9 +69,12 @@ class AdoptingReactor:
     inherited listening descriptor (``fds``, in order) instead of binding;
     the rest is the wrapped reactor's."""
 
-    def __init__(self, reactor: Any, fds: Sequence[int]) -> None:
+    def __init__(self, reactor: Any, fds: Sequence[int], reuseport: bool = False) -> None:
         self._reactor = reactor
         self.fds = list(fds)
+        self.reuseport = reuseport
+        """Bind a socket of our own with SO_REUSEPORT to the inherited
+        socket's address instead of adopting it (``worker_sockets = reuseport``)."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reactor, name)
@@ -88,6 +91,8 @@ class AdoptingReactor:
         sock.detach()
         if port and port != bound:
             raise RuntimeError(f"the inherited socket is on port {bound}, not {port}")
+        if self.reuseport:
+            fd = _reuseport_socket(fd, family, backlog)
         adopted: IListeningPort = self._reactor.adoptStreamPort(fd, family, factory)
         os.close(fd)  # (adoptStreamPort keeps a duplicate)
         if type(adopted) is tcp.Port:
@@ -98,6 +103,21 @@ class AdoptingReactor:
         self, port: int, factory: Any, contextFactory: Any, backlog: int = 50, interface: str = ""
     ) -> IListeningPort:
         return self.listenTCP(port, TLSMemoryBIOFactory(contextFactory, False, factory))
+
+
+def _reuseport_socket(inherited: int, family: int, backlog: int) -> int:
+    """A new listening socket with SO_REUSEPORT on ``inherited``'s address
+    (which is closed); its descriptor."""
+    held = socket.socket(fileno=inherited)
+    address = held.getsockname()
+    held.close()
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock.detach()
 
 
 def worker_settings(workers: int, pid: int) -> dict[str, str]:
@@ -176,7 +196,8 @@ def main(argv: list[str]) -> None:
     options = Options()
     options.parseOptions(spec["args"])  # type: ignore[no-untyped-call]  # (not annotated)
     config = options["provider_config"]
-    adopting = AdoptingReactor(reactor, range(3, 3 + int(spec["listeners"])))
+    fds = range(3, 3 + int(spec["listeners"]))
+    adopting = AdoptingReactor(reactor, fds, reuseport=bool(spec.get("reuseport")))
     provider = ProviderService(
         cast(ProviderReactor, adopting),
         options["service_instances"],

@@ -4,6 +4,7 @@ the worker's control pipe and socket adoption, and the settings."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 
 import pytest
@@ -239,6 +240,29 @@ def test_adopting_reactor_adopts_the_inherited_sockets_in_order():
         s.detach()  # (closed by listenTCP)
 
 
+def test_reuseport_the_supervisor_binds_and_each_worker_listens_on_its_own():
+    binding = BindingReactor(MemoryReactor(), reuseport=True)
+    held = binding.listenTCP(0, object(), interface="127.0.0.1")
+    port = held.getHost().port
+    reactor = MemoryReactor()
+    adopt = reactor.adoptStreamPort
+    # As a real reactor's, which keeps a duplicate.
+    reactor.adoptStreamPort = lambda fd, family, factory: adopt(os.dup(fd), family, factory)
+    adopting = AdoptingReactor(reactor, [os.dup(binding.sockets[0].fileno())], reuseport=True)
+    adopting.listenTCP(port, ServerFactory.__new__(ServerFactory), interface="127.0.0.1")
+    ((fd, family, _),) = reactor.adoptedPorts
+    own = socket.socket(fileno=fd)
+    try:
+        assert own.getsockname()[1] == port
+        assert own.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        assert binding.sockets[0].getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # (the worker's socket takes it: the supervisor's does not listen)
+    finally:
+        own.close()
+        held.stopListening()
+
+
 def test_binding_reactor_binds_without_accepting():
     binding = BindingReactor(MemoryReactor())
     port = binding.listenTCP(0, object(), interface="127.0.0.1")
@@ -259,7 +283,11 @@ def test_workers_setting_and_option(tmp_path):
         ini.write_text(base + f"workers = {bad}\n")
         with pytest.raises(ConfigError, match="workers"):
             load_provider_config(str(ini))
-    ini.write_text(base + "workers = 3\n")
+    ini.write_text(base + "worker_sockets = fork\n")
+    with pytest.raises(ConfigError, match="worker_sockets"):
+        load_provider_config(str(ini))
+    ini.write_text(base + "workers = 3\nworker_sockets = shared\n")
+    assert load_provider_config(str(ini)).worker_sockets == "shared"
     options = Options()
     options.parseOptions(["-c", str(ini), "--workers", "2"])
     assert options["provider_config"].workers == 2
@@ -281,7 +309,12 @@ def test_a_supervisor_tree_registers_once_with_the_worker_count(tmp_path):
     assert service.registration_data["workers"] == 2
     assert service.options.admin_listen is None
     spec = json.loads(workers.args[-1])
-    assert spec == {"args": ["--config", str(ini)], "workers": 2, "listeners": 1}
+    assert spec == {
+        "args": ["--config", str(ini)],
+        "workers": 2,
+        "listeners": 1,
+        "reuseport": True,
+    }
     plain = makeService({**options, "provider_config": load_provider_config(str(ini))})
     assert isinstance(plain, ProviderService)
 
