@@ -39,12 +39,20 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_rpc.core._connection import CLOSE_TIMEOUT
+from twisted_rpc.core._ini import ConfigError
 from twisted_rpc.core._interfaces import IServiceRegistry
 from twisted_rpc.ops._health import HealthState
 from twisted_rpc.provider._config import ProviderConfig
 from twisted_rpc.provider._service import ProviderReactor, ProviderService
 
-__all__ = ["BindingReactor", "WorkerProcess", "WorkerSet", "supervisor_service", "worker_args"]
+__all__ = [
+    "BindingReactor",
+    "WorkerProcess",
+    "WorkerSet",
+    "check_worker_endpoints",
+    "supervisor_service",
+    "worker_args",
+]
 
 log = Logger(namespace="twisted_rpc.provider.supervisor")
 worker_log = Logger(namespace="twisted_rpc.provider.worker")
@@ -350,6 +358,30 @@ class WorkerSet(TwistedService):
             if not worker.ended.called:
                 log.warn("worker {pid} did not exit: SIGKILL", pid=worker.pid)
                 worker.kill("KILL")
+
+
+WORKER_ENDPOINTS = ("tcp", "tcp6", "ssl")
+"""The endpoint types workers can share (``[provider] workers`` > 1)."""
+
+
+def check_worker_endpoints(config: ProviderConfig) -> None:
+    """Raise ConfigError unless every listener is one workers can share."""
+    listens = [("[provider] listen", config.listen)]
+    if config.cpp is not None:
+        listens.append(("[cpp] listen", config.cpp.listen))
+    if config.grpc is not None:
+        listens += [("[grpc] listen", each) for each in config.grpc.listen]
+    for where, listen in listens:
+        if listen is None:
+            continue
+        kind = listen.split(":", 1)[0].strip().lower()
+        if kind not in WORKER_ENDPOINTS and not kind.isdigit():
+            raise ConfigError(
+                f"{config.path}: {where} = {listen!r}: with workers > 1 a listener must be "
+                f"one of {', '.join(WORKER_ENDPOINTS)}"
+            )
+    if config.admin is not None:
+        log.warn("[admin] is not served with workers > 1 (not yet: one /metrics of all workers)")
 
 
 def worker_args(options: Mapping[str, Any], config: ProviderConfig, listeners: int) -> list[str]:

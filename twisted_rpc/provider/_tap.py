@@ -73,6 +73,10 @@ class Options(usage.Options):
             config = self._load()
             if self["workers"] is not None:
                 config.workers = parse_workers(self["workers"], "--workers")
+            if config.workers > 1:
+                from twisted_rpc.provider._supervisor import check_worker_endpoints
+
+                check_worker_endpoints(config)
             services = load_services(config.services, f"{config.path}: services")
         except ConfigError as e:
             # One clear line and a non-zero exit, not a usage text or a traceback.

@@ -339,3 +339,14 @@ def test_goaway_says_the_factory_reason():
         ("provider is shutting down", GoawayReason.SHUTDOWN),
         ("replaced", GoawayReason.IDLE),
     ]
+
+
+def test_workers_need_endpoints_they_can_share(tmp_path):
+    ini = tmp_path / "p.ini"
+    ini.write_text(
+        "[provider]\nlisten = unix:/tmp/p.sock\n"
+        "services = testbed.echo_service:EchoService\nworkers = 2\n"
+    )
+    with pytest.raises(SystemExit, match="with workers > 1 a listener must be one of tcp"):
+        Options().parseOptions(["-c", str(ini)])
+    Options().parseOptions(["-c", str(ini), "--workers", "1"])  # one process: any endpoint
