@@ -17,11 +17,11 @@ from twisted.python.failure import Failure
 
 from twisted_rpc import ConfigError, ProviderService, load_provider_config
 from twisted_rpc.core._codec import GoawayReason
-from twisted_rpc.ops._health import NOT_SERVING, SERVING, HealthState
+from twisted_rpc.ops import NOT_SERVING, SERVING, HealthState
 from twisted_rpc.provider import Options, makeService
 from twisted_rpc.provider._supervisor import KILL_MARGIN, BindingReactor, WorkerSet
 from twisted_rpc.provider._worker import AdoptingReactor, ControlProtocol, worker_settings
-from twisted_rpc.server._factory import ServerFactory
+from twisted_rpc.server import ServerFactory
 
 
 class FakeProcess:
