@@ -20,7 +20,8 @@ from twisted.trial.unittest import TestCase
 from protos import echo_pb2
 from testbed.echo_service import ECHO
 from testbed.processes import Provider
-from twisted_rpc import Client, UnavailableError
+from tests.integration.test_tls import issue, make_ca
+from twisted_rpc import Client, ClientTLS, UnavailableError
 
 pytestmark = pytest.mark.integration
 
@@ -49,9 +50,10 @@ class WorkersTests(TestCase):
     timeout = 90
     sockets = "reuseport"
 
-    def start(self) -> Provider:
-        extra = f"workers = 2\ngrace_period = 3\nworker_sockets = {self.sockets}"
-        provider = Provider(Path(tempfile.mkdtemp()), extra, ready=" ready")
+    def start(self, sections: str = "", directory: Path | None = None) -> Provider:
+        extra = f"workers = 2\ngrace_period = 3\nworker_sockets = {self.sockets}\n{sections}"
+        directory = directory or Path(tempfile.mkdtemp())
+        provider = Provider(directory, extra, ready=" ready")
         self.addCleanup(self._stop_all, provider)
         self.wait_ready(provider, 2)
         return provider
@@ -95,6 +97,37 @@ class WorkersTests(TestCase):
         self.assertEqual(seen, set(self.workers(provider)))
         self.assertNotIn(provider.pid, seen)
         self.assertRegex(provider.output, r"\[worker \d+\] .*provider listening on")
+
+    async def test_tls_and_the_cpp_listener_are_served_by_every_worker(self) -> None:
+        directory = Path(tempfile.mkdtemp(prefix="tls-"))
+        ca = make_ca(directory, "test-ca")
+        cert, key = issue(directory, ca, "provider", ip="127.0.0.1")
+        provider = self.start(
+            f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n"
+            "[cpp]\nlisten = tcp:0:interface=127.0.0.1\n",
+            directory,
+        )
+        seen = set()
+        for _ in range(64):
+            client = Client(
+                reactor,
+                providers={"mprpc.test.EchoService": [provider.address]},
+                tls=ClientTLS(ca=ca[2]),
+                timeout=5,
+            )
+            self.addCleanup(client.close)
+            seen.add((await client.proxy(ECHO).Echo(echo_pb2.EchoRequest())).pid)
+            if len(seen) == 2:
+                break
+        self.assertEqual(seen, set(self.workers(provider)))
+        pattern = r"mprpc-compatible listener on 127\.0\.0\.1:(\d+)"
+        for _ in range(100):  # (a worker's log and its ready line come by two pipes)
+            cpp = re.findall(pattern, provider.output)
+            if len(cpp) >= 3:
+                break
+            await sleep(0.05)
+        self.assertEqual(len(cpp), 3, provider.output)  # the supervisor's and each worker's
+        self.assertEqual(len(set(cpp)), 1)
 
     async def test_a_killed_worker_fails_only_its_calls_and_is_back_within_2s(self) -> None:
         provider = self.start()
