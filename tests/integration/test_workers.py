@@ -26,6 +26,7 @@ from twisted_rpc import Client, ClientTLS, UnavailableError
 pytestmark = pytest.mark.integration
 
 _READY = re.compile(r"worker (\d+) ready")
+_STARTED = re.compile(r"worker (\d+) started")
 
 
 def _alive(pid: int) -> bool:
@@ -56,10 +57,17 @@ class WorkersTests(TestCase):
         provider = Provider(directory, extra, ready=" ready")
         self.addCleanup(self._stop_all, provider)
         self.wait_ready(provider, 2)
+        deadline = time.monotonic() + 20
+        while "loaded as the spare" not in provider.output and time.monotonic() < deadline:
+            time.sleep(0.01)
         return provider
 
     def workers(self, provider: Provider) -> list[int]:
         return [int(pid) for pid in _READY.findall(provider.output)]
+
+    def started(self, provider: Provider) -> list[int]:
+        """Every worker spawned, the spare included."""
+        return [int(pid) for pid in _STARTED.findall(provider.output)]
 
     def wait_ready(self, provider: Provider, count: int, timeout: float = 20) -> float:
         """Seconds until ``count`` workers have said they are ready in all."""
@@ -72,7 +80,7 @@ class WorkersTests(TestCase):
 
     def _stop_all(self, provider: Provider) -> None:
         provider.stop()
-        for pid in self.workers(provider):
+        for pid in self.started(provider):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
@@ -96,7 +104,26 @@ class WorkersTests(TestCase):
         seen = await self.pids_seen(provider)
         self.assertEqual(seen, set(self.workers(provider)))
         self.assertNotIn(provider.pid, seen)
-        self.assertRegex(provider.output, r"\[worker \d+\] .*provider listening on")
+        await self.output_has(provider, r"\[worker \d+\] .*provider listening on")
+
+    async def output_has(self, provider: Provider, pattern: str) -> None:
+        """``pattern`` in the output within 5 s (a worker's log and its
+        ready line come by two pipes, in either order)."""
+        for _ in range(100):
+            if re.search(pattern, provider.output):
+                return
+            await sleep(0.05)
+        self.fail(f"no {pattern!r} in:\n{provider.output}")
+
+    async def test_workers_stop_when_the_supervisor_is_killed(self) -> None:
+        provider = self.start()
+        workers = self.started(provider)
+        provider.signal(signal.SIGKILL)
+        for _ in range(100):  # (they drain: no call in flight, at once)
+            if not any(_alive(pid) for pid in workers):
+                break
+            await sleep(0.1)
+        self.assertFalse(any(_alive(pid) for pid in workers))
 
     async def test_tls_and_the_cpp_listener_are_served_by_every_worker(self) -> None:
         directory = Path(tempfile.mkdtemp(prefix="tls-"))
@@ -197,7 +224,6 @@ class WorkersTests(TestCase):
 
     async def test_sigterm_stops_every_worker_then_the_supervisor(self) -> None:
         provider = self.start()
-        workers = self.workers(provider)
         echo = self.client(provider).proxy(ECHO)
         call = echo.AsyncEcho(echo_pb2.EchoRequest(delay=1))
         await sleep(0.3)
@@ -210,8 +236,9 @@ class WorkersTests(TestCase):
                 break
             await sleep(0.1)
         self.assertIn(code, (0, -signal.SIGTERM))
-        self.assertFalse(any(_alive(pid) for pid in workers))
-        self.assertIn("stopping 2 workers", provider.output)
+        self.assertEqual(len(self.started(provider)), 3)  # (two and the spare)
+        self.assertFalse(any(_alive(pid) for pid in self.started(provider)))
+        self.assertIn("stopping 3 workers", provider.output)
 
 
 class SharedSocketWorkersTests(WorkersTests):

@@ -10,7 +10,8 @@ descriptor (3, 4, ...) and a control pipe (the worker's stdin and stdout,
 line-delimited JSON). Workers' stderr is their log: each line, which names
 the worker, is logged here.
 
-:class:`WorkerSet` respawns a worker that dies (backoff), restarts them all
+:class:`WorkerSet` keeps a spare worker loaded, which takes over at once from a
+worker that dies, and respawns (backoff), restarts them all
 one by one on SIGHUP (a new worker first; the old one is told to drain once
 the new one says it is ready) and, when stopped, sends SIGTERM to every
 worker and waits for them (SIGKILL after the grace period and a margin).
@@ -46,6 +47,7 @@ from twisted_rpc.provider._config import ProviderConfig
 from twisted_rpc.provider._service import ProviderReactor, ProviderService
 
 __all__ = [
+    "SPARE",
     "BindingReactor",
     "WorkerProcess",
     "WorkerSet",
@@ -61,6 +63,9 @@ MAX_LINE = 65536
 """A control or log line longer than this from a worker is cut."""
 KILL_MARGIN = CLOSE_TIMEOUT + 2.0
 """Seconds past the grace period before a worker that has not exited is killed."""
+
+SPARE = -1
+"""The slot of the spare worker."""
 
 RESPAWN_BACKOFF = backoffPolicy(
     initialDelay=0.1, maxDelay=30.0, factor=2.0, jitter=lambda: random.random() * 0.1
@@ -145,6 +150,8 @@ class WorkerProcess(ProcessProtocol):
         self.workers = workers
         self.slot = slot
         self.pid: int | None = None
+        self.loaded = False
+        """Said it has built its services (and waits for ``serve``)."""
         self.ready = False
         self.retiring = False
         """Sent SIGTERM on purpose (a restart or the stop): not respawned."""
@@ -187,6 +194,9 @@ class WorkerProcess(ProcessProtocol):
         if isinstance(message, dict) and "ready" in message:
             self.ready = True
             self.workers.worker_ready(self)
+        elif isinstance(message, dict) and "loaded" in message:
+            self.loaded = True
+            self.workers.worker_loaded(self)
         else:
             worker_log.info("[worker {pid}] {line}", pid=self.pid, line=text[:200])
 
@@ -214,6 +224,7 @@ class WorkerSet(TwistedService):
         health: HealthState,
         grace_period: float,
         backoff: Callable[[int], float] | None = None,
+        spare: bool = True,
     ) -> None:
         self.spawner = spawner
         self.clock = clock
@@ -223,8 +234,13 @@ class WorkerSet(TwistedService):
         self.health = health
         self.grace_period = grace_period
         self.backoff = backoff if backoff is not None else RESPAWN_BACKOFF
+        self.spare = spare
+        """Keep a spare worker loaded, not serving (slot ``SPARE``): it takes
+        over at once from one that dies, a fresh interpreter taking seconds
+        to import everything on a busy machine."""
         self.current: dict[int, WorkerProcess] = {}
-        """The worker serving each slot (0..count-1), or starting to."""
+        """The worker serving each slot (0..count-1), or starting to; the
+        spare's slot is ``SPARE``."""
         self.live: list[WorkerProcess] = []
         self.failures: dict[int, int] = {}
         self._respawns: dict[int, IDelayedCall] = {}
@@ -236,6 +252,8 @@ class WorkerSet(TwistedService):
         super().startService()  # type: ignore[no-untyped-call]  # (Twisted's is not annotated)
         for slot in range(self.count):
             self._spawn(slot)
+        if self.spare:
+            self._spawn(SPARE)
         self._watch_health(self.health.check(""))
         if self.install_signals:
             signal.signal(signal.SIGHUP, self._sighup)
@@ -267,6 +285,17 @@ class WorkerSet(TwistedService):
             old = self.current.get(slot)
             new = self._spawn(slot)
             new.replaces = old
+        spare = self.current.get(SPARE)
+        if spare is not None:  # (of the old code too)
+            self._retire(spare)
+            self._spawn(SPARE)
+
+    def worker_loaded(self, worker: WorkerProcess) -> None:
+        """A worker has built its services: serve, unless it is the spare."""
+        if worker.slot == SPARE:
+            log.info("worker {pid} loaded as the spare", pid=worker.pid)
+        else:
+            worker.send({"serve": True})
 
     def worker_ready(self, worker: WorkerProcess) -> None:
         log.info("worker {pid} ready", pid=worker.pid)
@@ -301,6 +330,23 @@ class WorkerSet(TwistedService):
         failures = self.failures.get(worker.slot, 0)
         self.failures[worker.slot] = failures + 1
         delay = self.backoff(failures)
+        spare = self.current.get(SPARE)
+        if worker.slot != SPARE and spare is not None and spare.loaded:
+            log.warn(
+                "worker {pid} died (status {status}, signal {sig}): spare {spare} serves, "
+                "a new spare in {delay:.2f} s",
+                pid=worker.pid,
+                status=status,
+                sig=sig,
+                spare=spare.pid,
+                delay=delay,
+            )
+            del self.current[SPARE]
+            spare.slot, spare.replaces = worker.slot, worker.replaces
+            self.current[worker.slot] = spare
+            spare.send({"serve": True})
+            self._respawns[SPARE] = self.clock.callLater(delay, self._respawn, SPARE, None)
+            return
         log.warn(
             "worker {pid} died (status {status}, signal {sig}): respawned in {delay:.2f} s",
             pid=worker.pid,

@@ -5,12 +5,14 @@ It serves the same services as the supervisor's ini says on the listening
 sockets it inherits (descriptors 3, 4, ... in the order the provider's
 listeners are made: native, C++, gRPC), adopting each
 (:class:`AdoptingReactor`) instead of binding. Its stdin and stdout are the
-control pipe (line-delimited JSON: it says ``{"ready": pid}`` once serving
-and takes ``{"health": {service: status}}`` and ``{"restart": true}``, sent
-when a new worker replaces it: it then drains as on SIGTERM, but its GOAWAY
-says IDLE, not SHUTDOWN, so that consumers redial the same address); its stderr is its log, every
-line prefixed with ``[worker <pid>]``. SIGTERM drains it as a provider
-drains; the end of its stdin (the supervisor is gone) does too.
+control pipe, line-delimited JSON: it says ``{"loaded": pid}`` once its
+services are built, serves on ``{"serve": true}`` (at once, or later for the
+supervisor's spare) and then says ``{"ready": pid}``; it takes
+``{"health": {service: status}}`` and ``{"restart": true}``, sent when a new
+worker replaces it: it then drains as on SIGTERM, but its GOAWAY says IDLE,
+not SHUTDOWN, so that consumers redial the same address. Its stderr is its
+log, every line prefixed with ``[worker <pid>]``. SIGTERM drains it as a
+provider drains; the end of its stdin (the supervisor is gone) does too.
 """
 
 from __future__ import annotations
@@ -138,9 +140,11 @@ def worker_observer(stream: TextIO, pid: int) -> FileLogObserver:
 class ControlProtocol(Protocol):
     """The control pipe on stdin/stdout (see the module's docstring)."""
 
-    def __init__(self, provider: ProviderService, stop: Any) -> None:
+    def __init__(self, provider: ProviderService, stop: Any, serve: Any = None) -> None:
         self.provider = provider
         self.stop = stop
+        self.serve = serve
+        """Called on ``{"serve": true}`` (once)."""
         self.stopping = False
         """Set when the worker stops: the pipe's end then says nothing."""
         self._buffer = b""
@@ -160,6 +164,11 @@ class ControlProtocol(Protocol):
     def line_received(self, line: bytes) -> None:
         try:
             message = json.loads(line)
+            if message == {"serve": True}:
+                serve, self.serve = self.serve, None
+                if serve is not None:
+                    serve()
+                return
             if message == {"restart": True}:
                 # Replaced: the address still serves, consumers redial it.
                 log.info("replaced by a new worker: draining")
@@ -204,7 +213,6 @@ def main(argv: list[str]) -> None:
         config.options(admin_listen=None),
     )
     provider.factory.extra_settings = worker_settings(int(spec["workers"]), pid)
-    control = ControlProtocol(provider, reactor.stop)
 
     def start() -> None:
         try:
@@ -215,8 +223,9 @@ def main(argv: list[str]) -> None:
             return
         control.send({"ready": pid})
 
+    control = ControlProtocol(provider, reactor.stop, start)
     stdio.StandardIO(control)  # type: ignore[no-untyped-call]  # (not annotated)
-    reactor.callWhenRunning(start)
+    reactor.callWhenRunning(control.send, {"loaded": pid})
     reactor.addSystemEventTrigger("before", "shutdown", setattr, control, "stopping", True)
     reactor.addSystemEventTrigger("before", "shutdown", provider.stopService)
     reactor.run()

@@ -19,7 +19,7 @@ from twisted_rpc import ConfigError, ProviderService, load_provider_config
 from twisted_rpc.core._codec import GoawayReason
 from twisted_rpc.ops import NOT_SERVING, SERVING, HealthState
 from twisted_rpc.provider import Options, makeService
-from twisted_rpc.provider._supervisor import KILL_MARGIN, BindingReactor, WorkerSet
+from twisted_rpc.provider._supervisor import KILL_MARGIN, SPARE, BindingReactor, WorkerSet
 from twisted_rpc.provider._worker import AdoptingReactor, ControlProtocol, worker_settings
 from twisted_rpc.server import ServerFactory
 
@@ -71,7 +71,11 @@ def end(worker, reason=None) -> None:
     worker.processEnded(Failure(reason or ProcessDone(0)))
 
 
-def make(count=2, grace=5.0):
+def loaded(worker) -> None:
+    worker.childDataReceived(1, json.dumps({"loaded": worker.pid}).encode() + b"\n")
+
+
+def make(count=2, grace=5.0, spare=False):
     spawner, clock, health = Spawner(), Clock(), HealthState()
     workers = WorkerSet(
         spawner,
@@ -82,6 +86,7 @@ def make(count=2, grace=5.0):
         health,
         grace,
         backoff=lambda n: 0.5 * 2**n,
+        spare=spare,
     )
     workers.startService()
     return workers, spawner, clock, health
@@ -121,6 +126,44 @@ def test_a_dead_worker_is_respawned_with_backoff_reset_once_ready():
     clock.advance(0.5)  # the backoff starts over
     assert workers.current[0].pid == 105
     assert [w.pid for w in workers.live] == [102, 105]
+
+
+def test_a_loaded_worker_is_told_to_serve_but_not_the_spare():
+    workers, spawner, _, _ = make(spare=True)
+    assert [p.pid for p, _, _ in spawner.spawned] == [101, 102, 103]
+    assert workers.current[SPARE].pid == 103
+    for pid in (101, 102, 103):
+        loaded(spawner.worker(pid))
+    assert spawner.process(101).written == [{"serve": True}]
+    assert spawner.process(103).written == []
+
+
+def test_the_spare_takes_over_at_once_and_a_new_spare_follows_with_backoff():
+    workers, spawner, clock, _ = make(spare=True)
+    for pid in (101, 102, 103):
+        loaded(spawner.worker(pid))
+        if pid != 103:
+            ready(spawner.worker(pid))
+    end(spawner.worker(101), ProcessTerminated(signal=9))
+    assert workers.current[0].pid == 103 and spawner.process(103).written == [{"serve": True}]
+    assert SPARE not in workers.current
+    clock.advance(0.5)
+    assert workers.current[SPARE].pid == 104
+    # A death while the new spare is still loading: respawned in place.
+    end(spawner.worker(102), ProcessTerminated(signal=9))
+    clock.advance(0.5)
+    assert workers.current[1].pid == 105
+    assert workers.current[SPARE].pid == 104
+
+
+def test_a_restart_replaces_the_spare_too():
+    workers, spawner, _, _ = make(spare=True)
+    loaded(spawner.worker(103))
+    workers.restart()
+    assert spawner.process(103).signals == ["TERM"]
+    assert workers.current[SPARE].pid == 106
+    end(spawner.worker(103))
+    assert workers.current[SPARE].pid == 106
 
 
 def told_to_restart(spawner, pid) -> bool:
@@ -211,6 +254,11 @@ def test_control_protocol_applies_health_and_ignores_bad_lines():
     assert control._buffer == b""
     control.connectionLost(Failure(Exception()))
     assert stops == [1]
+    served: list[int] = []
+    spare = ControlProtocol(provider, lambda: None, lambda: served.append(1))
+    spare.makeConnection(StringTransport())
+    spare.dataReceived(b'{"serve": true}\n{"serve": true}\n')
+    assert served == [1]  # (once)
     replaced = ControlProtocol(provider, lambda: stops.append(2))
     replaced.makeConnection(StringTransport())
     replaced.dataReceived(b'{"restart": true}\n')
