@@ -398,3 +398,42 @@ def test_workers_need_endpoints_they_can_share(tmp_path):
     with pytest.raises(SystemExit, match="with workers > 1 a listener must be one of tcp"):
         Options().parseOptions(["-c", str(ini)])
     Options().parseOptions(["-c", str(ini), "--workers", "1"])  # one process: any endpoint
+
+
+def test_the_supervisor_binds_registers_once_and_spawns_with_the_sockets(tmp_path):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twisted_rpc import StaticRegistry
+    from twisted_rpc.provider._supervisor import supervisor_service
+
+    ini = tmp_path / "p.ini"
+    ini.write_text(
+        "[provider]\nlisten = tcp:0:interface=127.0.0.1\n"
+        "services = testbed.echo_service:EchoService\nworkers = 2\ngrace_period = 1\n"
+    )
+    options = Options()
+    options.parseOptions(["-c", str(ini)])
+    reactor = MemoryReactorClock()
+    spawner = Spawner()
+    reactor.spawnProcess = spawner
+    registry = StaticRegistry()
+    service = supervisor_service(options, options["provider_config"], reactor, (registry, None))
+    service.startService()
+    try:
+        port = service.advertise.port
+        (registration,) = registry.registrations  # once, by the supervisor
+        assert registration.data["workers"] == 2 and registration.address.port == port
+        assert len(spawner.spawned) == 3  # two workers and the spare
+        (held,) = [s for s in service.reactor.sockets]
+        for _, _, fds in spawner.spawned:
+            assert fds[3] == held.fileno()
+        stopping = service.stopService()
+        for pid in (101, 102, 103):  # SIGTERM to each, after the withdrawal
+            assert spawner.process(pid).signals == ["TERM"]
+        assert registry.registrations == []
+        for pid in (101, 102, 103):
+            end(spawner.worker(pid))
+        assert stopping.called
+    finally:
+        for sock in service.reactor.sockets:
+            sock.close()
