@@ -2,7 +2,8 @@
 
 The native layout (``docs/registry.md``), one ephemeral node per provider of a
 service, its data JSON (``host``, ``port``, ``weight`` and what the provider
-publishes)::
+publishes: ``workers``, how many worker processes serve the address, when
+more than one does)::
 
     <root>/<package.Service>/providers/<host:port>
 

@@ -44,7 +44,10 @@ __all__ = [
     "check_service_specs",
     "load_provider_config",
     "load_services",
+    "parse_workers",
 ]
+
+MAX_WORKERS = 256
 
 
 @dataclass
@@ -96,6 +99,12 @@ class ProviderConfig:
     strict_handlers: bool = True
     """A public method that looks like a misspelt handler is a startup error
     (``[provider] strict_handlers``; no: a warning)."""
+    workers: int = 1
+    """Worker processes (``[provider] workers``; 1: one process, no supervisor)."""
+    worker_sockets: str = "reuseport"
+    """How workers listen: ``reuseport`` (each its own socket, SO_REUSEPORT:
+    the kernel spreads connections) or ``shared`` (the supervisor's socket,
+    inherited: the first worker awake takes a connection)."""
 
     def options(self, **settings: Any) -> ProviderOptions:
         """The :class:`ProviderOptions` this file says (``settings`` override)."""
@@ -175,6 +184,8 @@ _PROVIDER_KEYS = {
     "service_config",
     "tracing",
     "strict_handlers",
+    "workers",
+    "worker_sockets",
 }
 
 
@@ -244,6 +255,8 @@ def load_provider_config(path: str) -> ProviderConfig:
         service_config=_published_config(r),
         tracing=tracing_setting(r.get("provider", "tracing"), f"{path}: [provider] tracing"),
         strict_handlers=r.flag("provider", "strict_handlers", True),
+        workers=parse_workers(r.get("provider", "workers", "1") or "1", f"{path}: [provider]"),
+        worker_sockets=_worker_sockets(r),
     )
 
 
@@ -283,6 +296,29 @@ def _check_adopted(
         check_distinct_descriptors(listeners)
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def _worker_sockets(r: Reader) -> str:
+    value = r.get("provider", "worker_sockets", "reuseport") or "reuseport"
+    if value not in ("shared", "reuseport"):
+        raise ConfigError(
+            f"{r.path}: [provider] worker_sockets = {value!r} (expected shared or reuseport)"
+        )
+    return value
+
+
+def parse_workers(value: str, where: str) -> int:
+    """``workers``: a positive int, or ``auto`` (one per core), else ConfigError."""
+    value = value.strip()
+    if value == "auto":
+        return os.cpu_count() or 1
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_WORKERS:
+        raise ConfigError(f"{where} workers = {value!r} (expected 1..{MAX_WORKERS} or auto)")
+    return n
 
 
 def _default(name: str) -> Any:

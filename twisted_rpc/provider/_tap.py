@@ -22,6 +22,7 @@ from twisted_rpc.provider._config import (
     check_service_specs,
     load_provider_config,
     load_services,
+    parse_workers,
 )
 from twisted_rpc.provider._service import ProviderReactor, ProviderService
 
@@ -45,6 +46,12 @@ class Options(usage.Options):
             "zookeeperport): serve the C++ mprpc protocol there and register in its ZooKeeper.",
         ],
         ["mprpc-config", None, None, "The old name of --cpp-config."],
+        [
+            "workers",
+            None,
+            None,
+            "Worker processes serving the same sockets (N or auto; overrides [provider] workers).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -64,6 +71,12 @@ class Options(usage.Options):
             raise usage.UsageError("--config or --cpp-config is required")
         try:
             config = self._load()
+            if self["workers"] is not None:
+                config.workers = parse_workers(self["workers"], "--workers")
+            if config.workers > 1:
+                from twisted_rpc.provider._supervisor import check_worker_endpoints
+
+                check_worker_endpoints(config)
             services = load_services(
                 config.services, f"{config.path}: services", config.strict_handlers
             )
@@ -97,11 +110,56 @@ def makeService(
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    config: ProviderConfig = options["provider_config"]
+    if config.workers > 1:
+        from twisted_rpc.provider._supervisor import supervisor_service
+
+        return supervisor_service(options, config, reactor, _registries(config, reactor))
+    registry, cpp_registry = _registries(config, reactor)
+    provider_options = config.options(registration_data=registration_data(config))
+    provider = ProviderService(
+        reactor,
+        options["service_instances"],
+        provider_options,
+        registry=registry,
+        cpp_registry=cpp_registry,
+    )
+    return with_registries(provider, config, registry, cpp_registry)
+
+
+def registration_data(config: ProviderConfig) -> dict[str, Any]:
+    """What each registration says besides the address (weight, pid, ...)."""
+    return {
+        "weight": config.registry.weight,
+        "pid": os.getpid(),
+        "version": __version__,
+        "started_at": time.time(),
+    }
+
+
+def with_registries(
+    provider: ProviderService,
+    config: ProviderConfig,
+    registry: IServiceRegistry,
+    cpp_registry: ZooKeeperRegistry | None,
+) -> ProviderService:
+    """``provider`` with its log observer and its ZooKeeper registries as children."""
+    if config.log_format == "json":
+        provider.log_observer = json_observer()
+    for each in {id(r): r for r in (registry, cpp_registry)}.values():
+        if isinstance(each, ZooKeeperRegistry):
+            each.setServiceParent(provider)  # type: ignore[no-untyped-call]  # (not annotated)
+    return provider
+
+
+def _registries(
+    config: ProviderConfig, reactor: ProviderReactor
+) -> tuple[IServiceRegistry, ZooKeeperRegistry | None]:
+    """The registry ``[registry]`` names and the C++ layout's, if any."""
     # Every real reactor provides IReactorFromThreads too (what ZooKeeper needs
     # besides the clock); ProviderReactor leaves it out since only the
     # ZooKeeper registries use it.
     zk_reactor = cast(IZooKeeperReactor, reactor)
-    config: ProviderConfig = options["provider_config"]
     reg = config.registry
     if reg.kind == "zookeeper":
         registry: IServiceRegistry = ZooKeeperRegistry(
@@ -118,24 +176,4 @@ def makeService(
             cpp_registry = ZooKeeperRegistry(
                 zk_reactor, cpp.zookeeper, session_timeout=reg.session_timeout
             )
-    provider_options = config.options(
-        registration_data={
-            "weight": config.registry.weight,
-            "pid": os.getpid(),
-            "version": __version__,
-            "started_at": time.time(),
-        },
-    )
-    provider = ProviderService(
-        reactor,
-        options["service_instances"],
-        provider_options,
-        registry=registry,
-        cpp_registry=cpp_registry,
-    )
-    if config.log_format == "json":
-        provider.log_observer = json_observer()
-    for each in {id(r): r for r in (registry, cpp_registry)}.values():
-        if isinstance(each, ZooKeeperRegistry):
-            each.setServiceParent(provider)  # type: ignore[no-untyped-call]  # (not annotated)
-    return provider
+    return registry, cpp_registry

@@ -73,6 +73,7 @@ class ServerConnection(CallRunner, RpcConnection):
             "max_frame_size": str(self.factory.max_frame_size),
             "max_message_size": str(limits.max_message_size),
             **self.encodings_setting(),
+            **self.factory.extra_settings,
         }
 
     def _start_compressing(self, encoding: str) -> None:

@@ -13,7 +13,7 @@ from twisted_rpc.core._codec import GoawayReason
 from twisted_rpc.core._connection import CLOSE_TIMEOUT
 from twisted_rpc.server._connection import ServerConnection
 from twisted_rpc.server._dispatcher import Dispatcher
-from twisted_rpc.server._listener import ListenerFactory, ServerLimits
+from twisted_rpc.server._listener import SHUTTING_DOWN, ListenerFactory, ServerLimits
 
 __all__ = ["ServerFactory", "ServerLimits"]
 
@@ -37,6 +37,20 @@ class ServerFactory(ListenerFactory[ServerConnection]):
         self.partial_bytes = 0
         """Bytes of partial frames held by all connections."""
         self._sweeper: IDelayedCall | None = None
+        self.goaway_reason = GoawayReason.SHUTDOWN
+        """The reason :meth:`goaway` gives: IDLE when a worker is replaced
+        in a rolling restart (the address still serves: consumers redial)."""
+        self.extra_settings: dict[str, str] = {}
+        """More connection settings for every connection (a worker's
+        ``workers`` and ``worker``, docs/protocol.md)."""
+
+    def goaway(self, message: str = SHUTTING_DOWN) -> None:
+        """Refuse new calls on every connection, present and future, with
+        :attr:`goaway_reason`."""
+        self.draining = True
+        self.goaway_message = message
+        for connection in list(self.connections):
+            connection.goaway(message, self.goaway_reason)
 
     def shed_partial_frames(self) -> None:
         """Over ``max_buffered_bytes`` of partial frames and unread stream
