@@ -33,7 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from testbed.zkserver import CLASSPATH_JARS, JAVA_DIR, LOG4J, MAIN, install
+from testbed.zkserver import install
+from twisted_rpc.testing import CLASSPATH_JARS, JAVA_DIR, LOG4J, MAIN
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
