@@ -165,6 +165,10 @@ class ClientOptions:
     ``auto``: as many as it reports workers (its registry node's
     ``workers``, else its connection's settings), 1 if it reports none;
     docs/cluster.md. gRPC providers get one."""
+    awaitables: str = "twisted"
+    """What proxies hand out: ``twisted`` (Deferreds and the Twisted
+    streams) or ``asyncio`` (asyncio Futures and asyncio stream adapters,
+    for asyncio tasks under Twisted's asyncio reactor; docs/asyncio.md)."""
 
     def __post_init__(self) -> None:
         error = timeout_error(self.timeout)
@@ -204,6 +208,10 @@ class ClientOptions:
         _number("retry_budget_min_per_second", self.retry_budget_min_per_second, float, 0)
         _number("retry_budget_window", self.retry_budget_window, float, 1)
         check_connections(self.connections_per_provider)
+        if self.awaitables not in AWAITABLES:
+            raise ValueError(
+                f"awaitables must be one of {', '.join(AWAITABLES)}, not {self.awaitables!r}"
+            )
         if self.protocol not in PROTOCOLS:
             raise ValueError(
                 f"protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}"
@@ -233,6 +241,10 @@ class ClientOptions:
         if unknown:
             raise TypeError(f"unknown client option(s): {', '.join(sorted(unknown))}")
         return replace(self, **changes)
+
+
+AWAITABLES = ("twisted", "asyncio")
+"""The values of ``awaitables``."""
 
 
 MAX_CONNECTIONS_PER_PROVIDER = 64
