@@ -11,6 +11,10 @@ Everything a user needs imports from here; importing it starts no reactor.
 
 from twisted_rpc._version import __version__
 from twisted_rpc.client import (
+    AsyncioBidiStream,
+    AsyncioClientStream,
+    AsyncioServerStream,
+    AsyncioServiceProxy,
     Balancer,
     BidiStream,
     Channel,
@@ -91,6 +95,10 @@ __all__ = [
     "BidiStream",
     "AbortedError",
     "AlreadyExistsError",
+    "AsyncioBidiStream",
+    "AsyncioClientStream",
+    "AsyncioServerStream",
+    "AsyncioServiceProxy",
     "Balancer",
     "CallContext",
     "CancelledError",

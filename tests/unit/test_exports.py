@@ -54,6 +54,10 @@ EXPORTS = {
     "twisted_rpc": ERRORS
     | INTERFACES
     | {
+        "AsyncioBidiStream",
+        "AsyncioClientStream",
+        "AsyncioServerStream",
+        "AsyncioServiceProxy",
         "Balancer",
         "BidiStream",
         "CallContext",
@@ -119,6 +123,10 @@ EXPORTS = {
         "RequestStream",
     },
     "twisted_rpc.client": {
+        "AsyncioBidiStream",
+        "AsyncioClientStream",
+        "AsyncioServerStream",
+        "AsyncioServiceProxy",
         "Balancer",
         "BidiStream",
         "Channel",

@@ -15,7 +15,9 @@ gRPC's JSON shape (``_service_config``) becomes a frozen :class:`ServiceConfig`
 :class:`ServiceProxy` objects (``_proxy``) whose methods return Deferreds,
 or for streaming methods a :class:`ServerStream`, :class:`ClientStream` or
 :class:`BidiStream` (``_streams``; started by ``_stream_start``, carried on
-the connection by ``_stream_wire``)::
+the connection by ``_stream_wire``); with ``awaitables="asyncio"`` an
+:class:`AsyncioServiceProxy` (``_asyncio``) whose methods return asyncio
+Futures and stream adapters instead::
 
     client = Client(reactor, providers={"example.UserService": ["127.0.0.1:8000"]})
     users = client.proxy(user_pb2.DESCRIPTOR.services_by_name["UserService"])
@@ -26,6 +28,12 @@ Layering: ``client`` imports :mod:`twisted_rpc.core` and
 uses by default, and the ZooKeeper registry a consumer ini file may ask for).
 """
 
+from twisted_rpc.client._asyncio import (
+    AsyncioBidiStream,
+    AsyncioClientStream,
+    AsyncioServerStream,
+    AsyncioServiceProxy,
+)
 from twisted_rpc.client._balancer import (
     Balancer,
     LeastOutstanding,
@@ -60,6 +68,10 @@ from twisted_rpc.client._states import (
 from twisted_rpc.client._streams import BidiStream, ClientStream, ServerStream, StreamCall
 
 __all__ = [
+    "AsyncioBidiStream",
+    "AsyncioClientStream",
+    "AsyncioServerStream",
+    "AsyncioServiceProxy",
     "Balancer",
     "BidiStream",
     "Channel",

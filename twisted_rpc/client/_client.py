@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.logger import Logger
 
+from twisted_rpc.client._asyncio import AsyncioServiceProxy, asyncio_loop
 from twisted_rpc.client._balancer import Balancer, RoundRobin, balancer_named
 from twisted_rpc.client._calls import NotSentError, TakenBack
 from twisted_rpc.client._channel import Channel
@@ -110,6 +111,7 @@ class Client(StreamStarter, ChannelBuilder):
             )
         elif providers is not None:
             raise TypeError("give providers or discovery, not both")
+        self._loop = asyncio_loop(reactor) if options.awaitables == "asyncio" else None
         self.options = options
         self.reactor = reactor
         self.discovery = discovery
@@ -203,6 +205,16 @@ class Client(StreamStarter, ChannelBuilder):
                 raise ValueError(f"{info.name} has no method {', '.join(sorted(unknown))}")
         chosen = _make_balancer(balancer) if balancer is not None else None
         caller = self if retry else cast("Client", _Once(self))
+        if self._loop is not None:  # awaitables="asyncio"
+            return AsyncioServiceProxy(
+                caller,
+                info.methods.values(),
+                timeout,
+                metadata,
+                chosen,
+                idempotent_set,
+                loop=self._loop,
+            )
         return ServiceProxy(
             caller, info.methods.values(), timeout, metadata, chosen, idempotent_set
         )

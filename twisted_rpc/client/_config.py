@@ -80,6 +80,7 @@ _CONSUMER_KEYS = {
     "success_rate_ratio",
     "success_rate_window",
     "tracing",
+    "awaitables",
 }
 
 
@@ -150,6 +151,7 @@ def load_consumer_config(path: str) -> ConsumerConfig:
             success_rate_ratio=r.number("consumer", "success_rate_ratio", d.success_rate_ratio),
             success_rate_window=r.number("consumer", "success_rate_window", d.success_rate_window),
             tracing=tracing_setting(r.get("consumer", "tracing"), f"{path}: [consumer] tracing"),
+            awaitables=r.get("consumer", "awaitables", d.awaitables) or d.awaitables,
             tls=ClientTLS(
                 r.get("tls", "ca", "") or "",
                 r.get("tls", "certificate", "") or "",

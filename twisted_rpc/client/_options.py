@@ -170,6 +170,11 @@ class ClientOptions:
     """OpenTelemetry spans for every call and stream, their context sent in
     the metadata (needs ``twisted_rpc[otel]``; docs/tracing.md)."""
 
+    awaitables: str = "twisted"
+    """What proxies hand out: ``twisted`` (Deferreds and the Twisted
+    streams) or ``asyncio`` (asyncio Futures and asyncio stream adapters,
+    for asyncio tasks under Twisted's asyncio reactor; docs/asyncio.md)."""
+
     def __post_init__(self) -> None:
         error = timeout_error(self.timeout)
         if error is not None:
@@ -210,6 +215,11 @@ class ClientOptions:
         check_connections(self.connections_per_provider)
         if type(self.tracing) is not bool:
             raise TypeError(f"tracing must be True or False, not {self.tracing!r}")
+
+        if self.awaitables not in AWAITABLES:
+            raise ValueError(
+                f"awaitables must be one of {', '.join(AWAITABLES)}, not {self.awaitables!r}"
+            )
         if self.protocol not in PROTOCOLS:
             raise ValueError(
                 f"protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}"
@@ -239,6 +249,10 @@ class ClientOptions:
         if unknown:
             raise TypeError(f"unknown client option(s): {', '.join(sorted(unknown))}")
         return replace(self, **changes)
+
+
+AWAITABLES = ("twisted", "asyncio")
+"""The values of ``awaitables``."""
 
 
 MAX_CONNECTIONS_PER_PROVIDER = 64
