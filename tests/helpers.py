@@ -32,6 +32,12 @@ result = MemoryProvider.result
 """The result a Deferred already has; its failure raised (and consumed)."""
 
 
+def timers(clock: Any) -> list[Any]:
+    """``clock``'s delayed calls but the connections' keepalive timers
+    (armed on every consumer connection by default)."""
+    return [c for c in clock.getDelayedCalls() if c.func.__name__ != "_send_keepalive"]
+
+
 def failure_of(d: Deferred) -> BaseException:
     """The exception ``d`` already failed with (consumed); the test fails
     if ``d`` has no result yet or succeeded."""

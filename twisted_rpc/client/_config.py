@@ -60,6 +60,7 @@ _CONSUMER_KEYS = {
     "balancer",
     "keepalive_interval",
     "keepalive_timeout",
+    "keepalive_without_calls",
     "max_write_buffer",
     "max_concurrent_dials",
     "max_dials_per_second",
@@ -115,6 +116,9 @@ def load_consumer_config(path: str) -> ConsumerConfig:
             max_frame_size=r.number("consumer", "max_frame_size", d.max_frame_size, int),
             keepalive_interval=r.number("consumer", "keepalive_interval", d.keepalive_interval),
             keepalive_timeout=r.number("consumer", "keepalive_timeout", d.keepalive_timeout),
+            keepalive_without_calls=r.flag(
+                "consumer", "keepalive_without_calls", d.keepalive_without_calls
+            ),
             max_write_buffer=r.number("consumer", "max_write_buffer", d.max_write_buffer, int),
             max_concurrent_dials=r.number(
                 "consumer", "max_concurrent_dials", d.max_concurrent_dials, int

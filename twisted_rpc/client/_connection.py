@@ -135,6 +135,11 @@ class ClientConnection(StreamWire, RpcConnection):
         self._keepalive = None
         if not self.connected:
             return
+        if not (self.outstanding or self.streams or self.options.keepalive_without_calls):
+            # Idle: no PING (gRPC's default), so that the provider's
+            # idle_timeout can close the connection; looked at again later.
+            self._keepalive = self.clock.callLater(self.keepalive_interval, self._send_keepalive)
+            return
         d = self.ping()
         d.addTimeout(self.keepalive_timeout, self.clock)
         d.addCallbacks(self._keepalive_answered, self._keepalive_missed)

@@ -80,10 +80,14 @@ class ClientOptions:
     """Seconds to connect, and for a new connection to answer its first PING."""
     retire_grace: float = 60.0
     """Seconds a provider discovery no longer lists keeps its connection for calls in flight."""
-    keepalive_interval: float = 0.0
-    """Seconds between keepalive PINGs on a connection (0: none)."""
-    keepalive_timeout: float = 10.0
+    keepalive_interval: float = 10.0
+    """Seconds between keepalive PINGs on a connection while calls are in
+    flight on it (0: none), so a provider cut off is noticed."""
+    keepalive_timeout: float = 20.0
     """Seconds a keepalive PING has to be answered before the connection is aborted."""
+    keepalive_without_calls: bool = False
+    """PING idle connections too (gRPC's keepalive_permit_without_calls); by
+    default an idle connection is left idle, so a provider's idle_timeout holds."""
     tls: ClientTLS | None = None
     """Dial providers over TLS with these settings (None: cleartext unless a
     registration asks for TLS)."""
@@ -188,6 +192,11 @@ class ClientOptions:
         _number("retire_grace", self.retire_grace, float, 0)
         _number("keepalive_interval", self.keepalive_interval, float, 0)
         _number("keepalive_timeout", self.keepalive_timeout, float, 0, above=True)
+        if type(self.keepalive_without_calls) is not bool:
+            raise TypeError(
+                "keepalive_without_calls must be True or False, "
+                f"not {self.keepalive_without_calls!r}"
+            )
         if self.tls is not None and not isinstance(self.tls, ClientTLS):
             raise TypeError(f"tls must be a ClientTLS or None, not {self.tls!r}")
         _number("max_write_buffer", self.max_write_buffer, int, 0)

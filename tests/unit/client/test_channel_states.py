@@ -116,7 +116,9 @@ def test_connection_open_goaway_closed() -> None:
 
 
 def test_connection_unresponsive_stays_so_once_lost() -> None:
-    clock, connection = _open_connection(keepalive_interval=1, keepalive_timeout=1)
+    clock, connection = _open_connection(
+        keepalive_interval=1, keepalive_timeout=1, keepalive_without_calls=True
+    )
     clock.advance(1)  # PING sent
     clock.advance(1)  # unanswered: aborted
     assert connection.state is ConnectionState.UNRESPONSIVE and connection.keepalive_failed
@@ -154,3 +156,25 @@ def test_client_call_goes_through_channel_call(monkeypatch) -> None:
     # Not ready: wait=False answers None at once, and the client fails over.
     connection.connectionLost(Failure(ConnectionDone()))
     assert channel.call(method, echo_pb2.EchoRequest(), 1, None, False) is None
+
+
+def test_by_default_only_a_connection_with_calls_in_flight_is_pinged() -> None:
+    from protos import echo_pb2
+    from testbed.echo_service import ECHO
+    from tests.helpers import frames_of
+    from twisted_rpc.core import _codec as wire
+    from twisted_rpc.core import describe
+
+    clock, connection = _open_connection(keepalive_interval=10, keepalive_timeout=20)
+    transport = connection.transport
+    transport.clear()
+    clock.advance(10)  # idle: no PING, so a provider's idle_timeout can close it
+    assert transport.value() == b""
+    connection.call(describe(ECHO).methods["Echo"], echo_pb2.EchoRequest())
+    transport.clear()
+    clock.advance(10)  # a call in flight: PING
+    (ping,) = frames_of(transport.value())
+    assert ping.kind == wire.PING
+    clock.advance(20)  # unanswered: the connection (and the call) is given up
+    assert connection.state is ConnectionState.UNRESPONSIVE
+    assert transport.disconnecting

@@ -13,7 +13,7 @@ from zope.interface.verify import verifyObject
 
 from protos import echo_pb2, user_pb2
 from testbed.echo_service import ECHO, EchoService
-from tests.helpers import ClientConn, failure_of, result
+from tests.helpers import ClientConn, failure_of, result, timers
 from twisted_rpc import (
     CancelledError,
     Client,
@@ -103,12 +103,12 @@ def test_deadline_fires_on_the_injected_clock_and_is_cleared_on_answer():
     r = echo_pb2.EchoReply().SerializeToString()
     c.proto.dataReceived(wire.encode_response(2, len(r)) + r)
     assert result(quick) == echo_pb2.EchoReply()
-    assert len(c.clock.getDelayedCalls()) == 1  # one timer per connection, not per call
+    assert len(timers(c.clock)) == 1  # one timer per connection, not per call
     c.clock.advance(0.999)
     assert not slow.called
     c.clock.advance(0.001)
     assert isinstance(failure_of(slow), DeadlineExceededError)
-    assert c.clock.getDelayedCalls() == []
+    assert timers(c.clock) == []
 
 
 def test_connection_lost_fails_outstanding_calls_and_later_calls():
@@ -118,7 +118,7 @@ def test_connection_lost_fails_outstanding_calls_and_later_calls():
     for d in ds:
         assert isinstance(failure_of(d), UnavailableError)
     assert isinstance(failure_of(c.proto.call(METHOD, echo_pb2.EchoRequest())), UnavailableError)
-    assert c.clock.getDelayedCalls() == []
+    assert timers(c.clock) == []
 
 
 def test_goaway_refuses_new_calls_but_keeps_calls_in_flight():
@@ -262,7 +262,7 @@ def test_closing_the_client_from_a_failed_call_leaves_no_redial_pending():
     waiting.addErrback(lambda f: closed.append(client.close()))
     ConnectionCompleter(reactor).failOnce(Failure(ConnectionRefusedError()))
     assert closed and result(closed[0]) is None
-    assert reactor.getDelayedCalls() == []
+    assert timers(reactor) == []
 
 
 def test_calls_waiting_for_a_connection_honour_timeout_and_cancel():
@@ -338,7 +338,7 @@ def test_deadline_queue_in_and_out_of_order():
     assert expired == [3, 1, 4]
     clock.advance(3.0)
     assert expired == [3, 1, 4, 5]
-    assert clock.getDelayedCalls() == []
+    assert timers(clock) == []
 
 
 def test_deadline_queue_stays_small_when_calls_are_answered():

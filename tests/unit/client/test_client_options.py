@@ -18,7 +18,8 @@ from twisted_rpc.discovery import ProviderAddress
 def test_defaults_in_one_place() -> None:
     options = ClientOptions()
     assert (options.timeout, options.connect_timeout, options.retire_grace) == (None, 5.0, 60.0)
-    assert (options.keepalive_interval, options.keepalive_timeout) == (0.0, 10.0)
+    assert (options.keepalive_interval, options.keepalive_timeout) == (10.0, 20.0)
+    assert options.keepalive_without_calls is False
     assert (options.max_concurrent_dials, options.max_dials_per_second) == (32, 500.0)
     assert options.max_write_buffer == 256 * 1024 * 1024 and options.tls is None
     assert ClientOptions() == ClientOptions()  # one default backoff policy

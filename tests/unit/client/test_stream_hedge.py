@@ -11,7 +11,7 @@ from twisted.test.iosim import ConnectionCompleter
 
 from protos import echo_pb2
 from testbed.echo_service import STREAMS
-from tests.helpers import failure_of, result
+from tests.helpers import failure_of, result, timers
 from twisted_rpc import Client, Service, StatusCode, UnavailableError
 from twisted_rpc.server import Dispatcher, ServerFactory
 
@@ -121,7 +121,7 @@ def test_a_hedge_after_the_delay_the_first_reply_wins_the_loser_is_cancelled():
     assert (first.cancelled, second.cancelled) == (1, 0)  # CANCEL reached the loser
     assert _all(stream) == [0, 1]
     assert stream.code == StatusCode.OK
-    assert not p.reactor.getDelayedCalls()  # no hedge timer left
+    assert not timers(p.reactor)  # no hedge timer left
 
 
 def test_a_reply_before_the_delay_sends_no_hedge():
@@ -163,7 +163,7 @@ def test_cancelling_a_hedged_stream_cancels_every_attempt():
     p.flush()
     assert [s.cancelled for s in p.services] == [1, 1]
     assert stream.code == StatusCode.CANCELLED
-    assert not p.reactor.getDelayedCalls()
+    assert not timers(p.reactor)
 
 
 def test_retry_false_turns_stream_hedging_off():

@@ -10,7 +10,7 @@ from twisted.test.iosim import ConnectionCompleter
 
 from protos import echo_pb2
 from testbed.echo_service import STREAMS
-from tests.helpers import failure_of, result
+from tests.helpers import failure_of, result, timers
 from twisted_rpc import Client, Service, StatusCode, UnavailableError
 from twisted_rpc.client import _streams
 from twisted_rpc.server import Dispatcher, ServerFactory
@@ -256,4 +256,4 @@ def test_cancelled_during_the_backoff_no_attempt_follows():
     p.flush()
     assert sum(p.calls()) == 1
     assert stream.code == StatusCode.CANCELLED
-    assert not p.reactor.getDelayedCalls()
+    assert not timers(p.reactor)
