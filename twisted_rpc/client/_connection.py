@@ -389,6 +389,9 @@ class ClientConnection(StreamWire, RpcConnection):
         counts failures, such as outlier ejection's, hooks in here)."""
         d = entry[0]
         if metadata is not None and wire.NOT_RUN_KEY in metadata:
+            if metadata[wire.NOT_RUN_KEY] == "late":  # its deadline passed as it waited
+                d.errback(DeadlineExceededError(message=f"{self.peer}: {message} (not run)"))
+                return
             # refused unrun (shed): as if never sent, so it may go elsewhere
             error = ShedError(message=f"{self.peer}: {message} (not run)")
             if self.on_shed is not None and d.resends < MAX_RESENDS:

@@ -378,3 +378,24 @@ def test_a_one_thread_provider_under_3x_load_settles_at_one_or_two_calls():
     assert len(latencies) >= 450
     # ...and an admitted call waits at most about one other call's work
     assert max(latencies) <= 0.0041
+
+
+def test_a_call_dropped_late_ends_deadline_exceeded_and_is_not_resent():
+    conn = ClientConn()
+    resent = []
+    conn.proto.on_shed = lambda entry, error: resent.append(entry)
+    d = conn.proto.call(ASYNC, echo_pb2.EchoRequest(), timeout=5)
+    (request,) = conn.sent()
+    conn.proto.dataReceived(
+        wire.encode_header(
+            wire.RESPONSE,
+            request.call_id,
+            0,
+            status=StatusCode.DEADLINE_EXCEEDED,
+            message="deadline passed before it ran",
+            metadata={wire.NOT_RUN_KEY: "late"},
+        )
+    )
+    error = failure_of(d)
+    assert error.code == StatusCode.DEADLINE_EXCEEDED and error.message.endswith("(not run)")
+    assert not isinstance(error, NotSentError) and resent == []
