@@ -5,7 +5,7 @@ runner's streaming half is in :mod:`twisted_rpc.server._streams`."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
 from twisted.internet.defer import Deferred
@@ -15,12 +15,18 @@ from twisted_rpc.core._flow import Inbox, SendCredit
 from twisted_rpc.server._context import CallContext
 from twisted_rpc.server._dispatcher import ServerMethod
 
+RequestT = TypeVar("RequestT", bound=Message)
 
-class RequestStream:
+
+class RequestStream(Generic[RequestT]):
     """The requests of a client-streaming or bidi call, as its handler sees
     them: ``async for request in requests``, or ``await requests.read()``
     (None after the last one). Credit goes back to the consumer as they are
-    taken, so a handler that reads slowly slows its consumer down."""
+    taken, so a handler that reads slowly slows its consumer down.
+
+    Generic in the request type for type checkers only
+    (``RequestStream[ChatMessage]``, as the generated ``<Service>Base``
+    types a handler's ``requests``); every instance is the same at run time."""
 
     __slots__ = ("_inbox", "_stream")
 
@@ -29,10 +35,10 @@ class RequestStream:
         assert stream.inbox is not None
         self._inbox = stream.inbox
 
-    def __aiter__(self) -> RequestStream:
+    def __aiter__(self) -> RequestStream[RequestT]:
         return self
 
-    async def __anext__(self) -> Message:
+    async def __anext__(self) -> RequestT:
         inbox = self._inbox
         if not inbox.messages and not inbox.ended:
             await inbox.wait()
@@ -42,10 +48,10 @@ class RequestStream:
         self._stream.received += 1
         return message  # type: ignore[no-any-return]
 
-    def read(self) -> Deferred[Message | None]:
+    def read(self) -> Deferred[RequestT | None]:
         """A Deferred of the next request, None after the last one."""
 
-        async def read() -> Message | None:
+        async def read() -> RequestT | None:
             try:
                 return await self.__anext__()
             except StopAsyncIteration:

@@ -1,11 +1,15 @@
 """The protoc plugin: ``x_rpc.py`` generated for protos/user.proto,
 friend.proto (a server stream) and examples/chat/chat.proto (bidi), ruff-clean,
 used against a MemoryProvider, and ``mypy --strict`` over a typed client and
-services (typed_ok.py passes; each mistake in typed_bad.py is reported)."""
+services (typed_ok.py passes; each mistake in typed_bad.py is reported). The
+asyncio stubs run in asyncio_stub_app.py, under the asyncio reactor in a
+subprocess."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -57,6 +61,10 @@ def test_one_rpc_module_per_file_with_services(generated):
     text = (generated / "protos/friend_rpc.py").read_text()
     assert "import protos.friend_pb2 as protos_dot_friend__pb2" in text
     assert "def WatchFriends(" in text and "ServerStream[_FriendEvent]" in text
+    assert "AsyncioServerStream[_FriendEvent]" in text and "import asyncio\n" in text
+    chat = (generated / "examples/chat/chat_rpc.py").read_text()
+    assert "requests: RequestStream[_ChatMessage]" in chat
+    assert "import asyncio" not in chat  # no unary RPC: no asyncio.Future to name
 
 
 def test_generated_code_is_ruff_clean(generated):
@@ -175,6 +183,58 @@ def test_a_bidi_stream_through_the_stub(generated):
         return [(m.user, m.text) async for m in stream]
 
     assert memory.run(texts()) == [("room", "HI"), ("room", "BYE")]
+
+
+def test_the_asyncio_stub_refuses_a_client_that_hands_out_deferreds(generated):
+    users = load(generated, "protos/user_rpc.py")
+    memory = MemoryProvider([])
+    with pytest.raises(ValueError) as raised:
+        users.UserServiceAsyncioStub(memory.client)
+    assert str(raised.value) == (
+        'UserServiceAsyncioStub needs a Client(..., awaitables="asyncio") (under '
+        "Twisted's asyncio reactor); this one hands out Deferreds: use UserServiceStub"
+    )
+    assert not memory.client._routes  # refused before any proxy (or discovery watch)
+
+
+def test_asyncio_stubs_under_the_asyncio_reactor(generated):
+    """Services on the generated bases and asyncio tasks calling them through
+    the asyncio stubs, in a process of their own (the asyncio reactor)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(generated)])}
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "asyncio_stub_app.py")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert seen == {
+        "unary_is_future": True,
+        "unary": ["hi", "stub"],
+        "error": ["NotFoundError", "nope"],
+        "stub_timeout": "DEADLINE_EXCEEDED",
+        "server_stream": ["AsyncioServerStream", 0, 1, 2],
+        "client_stream_type": "AsyncioClientStream",
+        "handler_requests": "RequestStream",
+        "client_stream": ["012", 3],
+        "bidi_type": "AsyncioBidiStream",
+        "bidi": ["ONE", "TWO"],
+        "adapters": [True, True, True],
+        "refused": (
+            'EchoServiceAsyncioStub needs a Client(..., awaitables="asyncio") (under '
+            "Twisted's asyncio reactor); this one hands out Deferreds: use EchoServiceStub"
+        ),
+        "plain_stub": "EchoServiceStub",
+    }
 
 
 MYPY_INI = """\

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from protos import friend_pb2, user_pb2
+from twisted.internet.defer import Deferred
+
+from protos import echo_pb2, friend_pb2, user_pb2
+from protos.echo_rpc import EchoServiceAsyncioStub, StreamServiceAsyncioStub, StreamServiceBase
 from protos.friend_rpc import FriendServiceStub
 from protos.user_rpc import UserServiceBase, UserServiceStub
-from twisted_rpc import CallContext, Client
+from twisted_rpc import CallContext, Client, RequestStream
 
 
 def calls(client: Client) -> None:
@@ -28,3 +31,25 @@ class Users(UserServiceBase):
         context: CallContext,
     ) -> user_pb2.LoginResponse:
         return user_pb2.LoginResponse()
+
+
+async def from_asyncio(client: Client) -> None:
+    echo = EchoServiceAsyncioStub(client)
+    echo.Echo(echo_pb2.CountRequest())  # E: arg-type
+    reply = await echo.Echo(echo_pb2.EchoRequest())
+    print(reply.no_such_field)  # E: attr-defined
+    chat = StreamServiceAsyncioStub(client).Chat()
+    await chat.write(echo_pb2.CountRequest())  # E: arg-type
+
+
+def as_deferred(client: Client) -> Deferred[echo_pb2.EchoReply]:
+    return EchoServiceAsyncioStub(client).Echo(echo_pb2.EchoRequest())  # E: return-value
+
+
+class Streams(StreamServiceBase):
+    async def Sum(
+        self,
+        requests: RequestStream[echo_pb2.CountRequest],  # E: override
+        context: CallContext,
+    ) -> echo_pb2.EchoReply:
+        return echo_pb2.EchoReply()
