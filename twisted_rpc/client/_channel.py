@@ -173,7 +173,7 @@ class Channel:
         protocol = self.protocol
         load = len(self._waiters)
         if protocol is not None:
-            load += len(protocol.outstanding) + len(protocol.streams)
+            load += len(protocol.outstanding) + len(protocol.streams) + len(protocol.held)
         for old in self._old:
             load += len(old.outstanding) + len(old.streams)
         return load

@@ -76,6 +76,7 @@ _CONSUMER_KEYS = {
     "max_ejection_percent",
     "latency_decay",
     "connections_per_provider",
+    "max_queued_calls",
     "success_rate_min_calls",
     "success_rate_min_providers",
     "success_rate_ratio",
@@ -146,6 +147,7 @@ def load_consumer_config(path: str) -> ConsumerConfig:
             ),
             latency_decay=r.number("consumer", "latency_decay", d.latency_decay),
             connections_per_provider=_connections(r.get("consumer", "connections_per_provider")),
+            max_queued_calls=r.number("consumer", "max_queued_calls", d.max_queued_calls, int),
             success_rate_min_calls=r.number(
                 "consumer", "success_rate_min_calls", d.success_rate_min_calls, int
             ),

@@ -5,6 +5,7 @@ GOAWAY shows were never run back to be sent again.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -22,6 +23,7 @@ from twisted_rpc.client._calls import (
     _Call,
     _cancel_call,
 )
+from twisted_rpc.client._held import HeldCalls
 from twisted_rpc.client._options import (  # noqa: F401 (also imported from here)
     DEFAULT_MAX_WRITE_BUFFER,
     MAX_TIMEOUT,
@@ -58,12 +60,13 @@ _OPEN = ConnectionState.OPEN
 _Frame = tuple[bytes, bytes, int]
 
 
-class ClientConnection(StreamWire, RpcConnection):
+class ClientConnection(HeldCalls, StreamWire, RpcConnection):
     """One consumer-side connection: numbered calls, answered in any order.
 
     ``outstanding`` maps a call id to ``(deferred, method, payload, metadata,
     deadline)``: what it takes to send the call again if a GOAWAY shows the
-    provider never ran it.
+    provider never ran it. ``held`` keeps the calls past the provider's
+    announced limit, in order (:class:`HeldCalls`).
     """
 
     on_shed: Callable[[TakenBack, RpcError], object] | None = None
@@ -103,6 +106,7 @@ class ClientConnection(StreamWire, RpcConnection):
         self._written_while_blocked = 0
         self._keepalive: IDelayedCall | None = None
         self.outstanding: dict[int, TakenBack] = {}
+        self.held: OrderedDict[int, TakenBack] = OrderedDict()
         self.deadlines = DeadlineQueue(clock, self.outstanding, self._deadline_expired)
         self.goaway_reason: GoawayReason | None = None
         self.state = ConnectionState.NEW
@@ -200,6 +204,8 @@ class ClientConnection(StreamWire, RpcConnection):
                     f"{self.max_write_buffer} bytes of calls wait to be sent"
                 )
             )
+        if len(self.outstanding) + len(self.streams) >= self.room_limit:
+            return self.hold_call(method, payload, metadata, timeout)
         call_id = self._next_id
         if call_id < 0xFFFFFFFF and not self._wrapped:
             self._next_id = call_id + 1
@@ -239,6 +245,14 @@ class ClientConnection(StreamWire, RpcConnection):
         Returns why it could not be sent (NotSentError: it may go elsewhere),
         or None: sent, or ended (its deadline passed, the buffer is full).
         """
+        if self.state is not _OPEN:
+            return self._not_open()
+        if len(self.outstanding) + len(self.streams) >= self.room_limit:
+            return self.hold_taken(call)
+        return self._resume(call)
+
+    def _resume(self, call: TakenBack) -> RpcError | None:
+        """:meth:`resume` past the limit's check (releasing a held call)."""
         d, method, payload, metadata, deadline = call
         if self.state is not _OPEN:
             return self._not_open()
@@ -273,7 +287,10 @@ class ClientConnection(StreamWire, RpcConnection):
         return None
 
     def settings_received(self, settings: dict[str, str]) -> None:
-        """Compression starts once the provider lists an encoding some call may use."""
+        """Compression starts once the provider lists an encoding some call may
+        use; its ``max_calls`` bounds the calls in flight (:class:`HeldCalls`)."""
+        if self.peer_settings is None:
+            self.learn_limit(settings)
         super().settings_received(settings)
         if self.send_encoding is None and self.encodings is not None:
             for name in self.encodings.wanted:
@@ -417,7 +434,7 @@ class ClientConnection(StreamWire, RpcConnection):
         self.goaway_reason = reason
         # From now on, the connection closes once its last call is done.
         self._handlers[FrameKind.RESPONSE] = self._response_after_goaway
-        taken = self._take_back(last_call_id)
+        taken = self._take_back(last_call_id) + self.take_held()
         if not self._wrapped:
             for call_id in [i for i in self.streams if i > last_call_id]:
                 stream = self.streams.pop(call_id)
@@ -476,6 +493,9 @@ class ClientConnection(StreamWire, RpcConnection):
 
     def _cancel(self, d: _Call) -> None:
         call_id = d.call_id
+        if call_id < 0:
+            self.drop_held(d, CancelledError(message="cancelled by the caller"))
+            return
         entry = self.outstanding.get(call_id)
         if entry is None or entry[0] is not d:
             return
@@ -483,6 +503,8 @@ class ClientConnection(StreamWire, RpcConnection):
         if self.connected:
             self.send(wire.encode_cancel(call_id))
         d.errback(CancelledError(message="cancelled by the caller"))
+        if self.held:
+            self.release()
         if self.goaway_reason is not None:
             self._close_if_done()
 
@@ -490,6 +512,8 @@ class ClientConnection(StreamWire, RpcConnection):
         entry = self.outstanding.pop(call_id, None)
         if entry is not None:
             entry[0].errback(DeadlineExceededError(message="deadline exceeded"))
+            if self.held:
+                self.release()
             if self.goaway_reason is not None:
                 self._close_if_done()
 
@@ -501,6 +525,7 @@ class ClientConnection(StreamWire, RpcConnection):
             self._keepalive.cancel()
         self._keepalive = None
         self.deadlines.stop()
+        self.fail_held()
         outstanding = list(self.outstanding.values())
         self.outstanding.clear()
         for d, *_ in outstanding:

@@ -30,6 +30,9 @@ __all__ = ["DEFAULT_MAX_WRITE_BUFFER", "MAX_TIMEOUT", "ClientOptions", "timeout_
 DEFAULT_MAX_WRITE_BUFFER = 256 * 1024 * 1024
 """Bytes of calls a connection holds unsent before new calls fail RESOURCE_EXHAUSTED."""
 
+DEFAULT_MAX_QUEUED_CALLS = 10000
+"""Calls a connection holds back at its provider's limit of calls in flight."""
+
 
 MAX_TIMEOUT = 0xFFFFFFFF / 1000
 """The longest call timeout in seconds: the wire carries it as u32 milliseconds."""
@@ -170,6 +173,10 @@ class ClientOptions:
     ``auto``: as many as it reports workers (its registry node's
     ``workers``, else its connection's settings), 1 if it reports none;
     docs/cluster.md. gRPC providers get one."""
+    max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS
+    """Calls each connection holds back while the provider's announced
+    ``max_calls_per_connection`` are in flight (sent as calls finish, within
+    their deadlines); one more fails RESOURCE_EXHAUSTED. 0: none held back."""
     tracing: bool = False
     """OpenTelemetry spans for every call and stream, their context sent in
     the metadata (needs ``twisted_rpc[otel]``; docs/tracing.md)."""
@@ -222,6 +229,7 @@ class ClientOptions:
         _number("retry_budget_min_per_second", self.retry_budget_min_per_second, float, 0)
         _number("retry_budget_window", self.retry_budget_window, float, 1)
         check_connections(self.connections_per_provider)
+        _number("max_queued_calls", self.max_queued_calls, int, 0)
         if type(self.tracing) is not bool:
             raise TypeError(f"tracing must be True or False, not {self.tracing!r}")
 

@@ -70,6 +70,7 @@ class ServerConnection(CallRunner, RpcConnection):
             "streams": "1",
             "stream_window": str(limits.stream_window),
             "max_streams": str(limits.max_streams_per_connection),
+            "max_calls": str(limits.max_calls_per_connection),
             "max_frame_size": str(self.factory.max_frame_size),
             "max_message_size": str(limits.max_message_size),
             **self.encodings_setting(),

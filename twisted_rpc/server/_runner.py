@@ -170,7 +170,8 @@ class CallRunner(StreamRunner):
             self.fail_call(
                 call_id,
                 ResourceExhaustedError(
-                    message=f"{limits.max_calls_per_connection} calls in flight on this connection"
+                    message=f"{limits.max_calls_per_connection} calls in flight on this "
+                    "connection (the provider's max_calls_per_connection)"
                 ),
                 method.info.full_name,
                 started,
@@ -184,7 +185,8 @@ class CallRunner(StreamRunner):
             self.fail_call(
                 call_id,
                 ResourceExhaustedError(
-                    message=f"{limits.max_calls} calls in flight at this provider"
+                    message=f"{limits.max_calls} calls in flight at this provider "
+                    "(the provider's max_calls)"
                 ),
                 method.info.full_name,
                 started,

@@ -20,22 +20,39 @@ ASYNC = describe(ECHO).methods["AsyncEcho"]
 
 
 def test_calls_per_connection_over_the_limit_are_resource_exhausted():
+    clock, factory = _server(ServerLimits(max_calls_per_connection=3))
+    conn = ServerConn(factory)
+    for call_id in range(1, 6):
+        _request(conn, call_id)
+    refused = conn.frames()
+    assert [(f.call_id, f.status) for f in refused] == [
+        (4, StatusCode.RESOURCE_EXHAUSTED),
+        (5, StatusCode.RESOURCE_EXHAUSTED),
+    ]
+    assert refused[1].message == (
+        "3 calls in flight on this connection (the provider's max_calls_per_connection)"
+    )
+    clock.advance(1)
+    assert sorted(f.call_id for f in conn.frames()) == [1, 2, 3]
+    assert factory.calls_in_flight == 0
+    _request(conn, 6)  # room again
+    clock.advance(1)
+    assert [(f.call_id, f.status) for f in conn.frames()] == [(6, StatusCode.OK)]
+
+
+def test_a_consumer_holds_calls_past_the_announced_limit_instead():
     memory = MemoryProvider([EchoService()], limits=ServerLimits(max_calls_per_connection=3))
     echo = memory.proxy(ECHO)
     slow = [echo.AsyncEcho(echo_pb2.EchoRequest(delay=1)) for _ in range(5)]
-    quick = echo.Echo(echo_pb2.EchoRequest(payload=b"sync"))  # refused too: the limit is full
+    quick = echo.Echo(echo_pb2.EchoRequest(payload=b"sync"))  # waits its turn too
     memory.flush()
-    assert [d.called for d in slow] == [False, False, False, True, True]
-    assert failure_of(slow[3]).code == StatusCode.RESOURCE_EXHAUSTED
-    assert "3 calls in flight on this connection" in failure_of(slow[4]).message
-    assert failure_of(quick).code == StatusCode.RESOURCE_EXHAUSTED
+    assert memory.factory.calls_in_flight == 3
+    assert not any(d.called for d in slow) and not quick.called
     memory.advance(1)
-    assert all(result(d) for d in slow[:3])
+    assert result(quick).payload == b"sync"
+    memory.advance(1)
+    assert all(result(d) for d in slow)
     assert memory.factory.calls_in_flight == 0
-    again = echo.AsyncEcho(echo_pb2.EchoRequest(delay=1))  # room again
-    memory.flush()
-    memory.advance(1)
-    assert result(again)
 
 
 def _server(limits: ServerLimits):

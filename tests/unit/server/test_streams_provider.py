@@ -48,6 +48,7 @@ def test_a_ping_with_settings_is_answered_with_the_providers():
         "streams": "1",
         "stream_window": str(256 * 1024),
         "max_streams": "256",
+        "max_calls": "1000",
         "max_frame_size": str(wire.DEFAULT_MAX_FRAME_SIZE),
         "max_message_size": str(4 * 1024 * 1024),
     }
