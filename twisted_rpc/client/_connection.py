@@ -24,6 +24,7 @@ from twisted_rpc.client._calls import (
     _cancel_call,
 )
 from twisted_rpc.client._held import HeldCalls
+from twisted_rpc.client._keepalive import Keepalive
 from twisted_rpc.client._options import (  # noqa: F401 (also imported from here)
     DEFAULT_MAX_WRITE_BUFFER,
     MAX_TIMEOUT,
@@ -60,7 +61,7 @@ _OPEN = ConnectionState.OPEN
 _Frame = tuple[bytes, bytes, int]
 
 
-class ClientConnection(HeldCalls, StreamWire, RpcConnection):
+class ClientConnection(HeldCalls, StreamWire, RpcConnection, Keepalive):
     """One consumer-side connection: numbered calls, answered in any order.
 
     ``outstanding`` maps a call id to ``(deferred, method, payload, metadata,
@@ -133,34 +134,6 @@ class ClientConnection(HeldCalls, StreamWire, RpcConnection):
         self.state = ConnectionState.OPEN
         if self.keepalive_interval > 0:
             self._keepalive = self.clock.callLater(self.keepalive_interval, self._send_keepalive)
-
-    def _send_keepalive(self) -> None:
-        """PING; a peer that does not answer within keepalive_timeout is dead."""
-        self._keepalive = None
-        if not self.connected:
-            return
-        if not (self.outstanding or self.streams or self.options.keepalive_without_calls):
-            # Idle: no PING (gRPC's default), so that the provider's
-            # idle_timeout can close the connection; looked at again later.
-            self._keepalive = self.clock.callLater(self.keepalive_interval, self._send_keepalive)
-            return
-        d = self.ping()
-        d.addTimeout(self.keepalive_timeout, self.clock)
-        d.addCallbacks(self._keepalive_answered, self._keepalive_missed)
-
-    def _keepalive_answered(self, rtt: float) -> None:
-        if self.connected:
-            self._keepalive = self.clock.callLater(self.keepalive_interval, self._send_keepalive)
-
-    def _keepalive_missed(self, failure: Failure) -> None:
-        if self.connected:
-            self.state = ConnectionState.UNRESPONSIVE
-            self.log.warn(
-                "no answer to a keepalive ping from {peer} in {t:g}s: closing the connection",
-                peer=self.peer,
-                t=self.keepalive_timeout,
-            )
-            self.transport.abortConnection()
 
     def call(
         self,
@@ -316,11 +289,6 @@ class ClientConnection(HeldCalls, StreamWire, RpcConnection):
     def goaway_received(self) -> bool:
         """Whether the provider said GOAWAY on this connection."""
         return self.goaway_reason is not None
-
-    @property
-    def keepalive_failed(self) -> bool:
-        """Whether the connection was aborted for an unanswered keepalive PING."""
-        return self.state is ConnectionState.UNRESPONSIVE
 
     def _not_open(self) -> NotSentError:
         why = "provider is shutting down" if self.goaway_reason is not None else "not connected"
