@@ -9,7 +9,7 @@ and histograms summed over every worker, those that died too), plus a few
 figures of its own (:class:`_SupervisorCollector`).
 
 A worker's live state (calls and streams in flight, connections, calls served,
-the adaptive limit) is read by collectors at scrape time in a single process;
+the adaptive limit and calls shed) is read by collectors at scrape time in a single process;
 a collector cannot cross processes, so a worker sets gauges from it
 (:class:`WorkerGauges`, every :data:`GAUGE_INTERVAL` seconds, never per call)
 with ``multiprocess_mode = "liveall"``: one series per live worker, labelled
@@ -82,6 +82,13 @@ class WorkerGauges:
             registry=registry,
             multiprocess_mode="liveall",
         )
+        self.shed = Gauge(
+            "mprpc_worker_calls_shed",
+            "Calls this worker's adaptive limiter shed since it started",
+            ["listener"],
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
         self.loop = LoopingCall(self.update)
         self.loop.clock = clock
 
@@ -109,6 +116,7 @@ class WorkerGauges:
             limiter = getattr(factory, "limiter", None)
             if limiter is not None:
                 self.limit.labels(name).set(limiter.limit)
+                self.shed.labels(name).set(limiter.shed)
 
 
 _HELP = {

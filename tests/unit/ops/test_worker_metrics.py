@@ -16,7 +16,9 @@ from twisted.internet.task import Clock
 
 from protos import echo_pb2
 from testbed.echo_service import EchoService
+from tests.helpers import failure_of
 from tests.unit.ops.test_stream_ops import _Provider
+from twisted_rpc import ServerLimits, StatusCode
 from twisted_rpc.ops._admin import render_status, status_data
 from twisted_rpc.ops._worker_metrics import MULTIPROC_ENV, WorkersMetrics, watch_worker
 from twisted_rpc.testing import MemoryProvider
@@ -35,9 +37,9 @@ def directory(tmp_path, monkeypatch):
 class FakeWorker:
     """A worker's provider and gauges, its values in ``pid``'s files."""
 
-    def __init__(self, pid: int, clock: Clock) -> None:
+    def __init__(self, pid: int, clock: Clock, limits: ServerLimits | None = None) -> None:
         values.ValueClass = MultiProcessValue(lambda: pid)
-        self.memory = MemoryProvider([EchoService()])
+        self.memory = MemoryProvider([EchoService()], limits=limits)
         self.gauges = watch_worker(_Provider(self.memory), clock)
 
     def calls(self, n: int) -> None:
@@ -158,3 +160,26 @@ def test_the_directory_is_made_when_started_given_to_the_workers_and_removed_on_
     metrics.mark_dead(1001)  # (no files: nothing to remove)
     metrics.stopService()
     assert not os.path.exists(metrics.path)
+
+
+def test_the_adaptive_limit_and_calls_shed_are_kept_per_worker(directory):
+    clock = Clock()
+    limits = ServerLimits(adaptive_limit=True, adaptive_min_limit=1, adaptive_max_limit=1)
+    worker = FakeWorker(1001, clock, limits)
+    echo = worker.memory.proxy(EchoService)
+    slow = echo.AsyncEcho(echo_pb2.EchoRequest(delay=1.0))
+    worker.memory.flush()
+    shed = echo.AsyncEcho(echo_pb2.EchoRequest(delay=1.0))
+    worker.memory.flush()
+    assert failure_of(shed).code == StatusCode.UNAVAILABLE
+    worker.gauges.start()
+    metrics = WorkersMetrics(clock, worker_set(), _Provider(worker.memory), str(directory))
+    metrics.startService()
+    samples = scraped(metrics)
+    labels = (("listener", "native"), ("pid", "1001"))
+    assert samples[("mprpc_server_adaptive_limit", labels)] == 1
+    assert samples[("mprpc_worker_calls_shed", labels)] == 1
+    assert samples[("mprpc_server_calls_in_flight", labels[1:])] == 1
+    worker.memory.advance(1.0)
+    worker.memory.result(slow)
+    metrics.stopService()
