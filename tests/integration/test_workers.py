@@ -322,6 +322,19 @@ class WorkersAdminTests(TestCase):
             self.assertIn(f'<td class="pid">{pid}</td>', page)
         directory = status["supervisor"]["metrics_dir"]
         self.assertTrue(os.path.isdir(directory))
+
+        victim = min(by_pid)  # killed: its gauges go, its calls stay in the sums
+        os.kill(victim, signal.SIGKILL)
+        for _ in range(100):
+            summed, served, status = await deferToThread(figures)
+            if victim not in served:
+                break
+            await sleep(0.1)
+        self.assertNotIn(victim, served)
+        self.assertEqual(summed, total)
+        slot = serving[victim]["slot"]
+        rows = [w for w in status["workers"] if w["slot"] == slot]
+        self.assertEqual([w["restarts"] for w in rows], [1], status["workers"])
         self._stop_all(provider)
         self.assertFalse(os.path.exists(directory), provider.output)
 
