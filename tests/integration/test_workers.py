@@ -4,17 +4,20 @@ process is stopped by PID, workers included."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from protos import echo_pb2
@@ -245,3 +248,97 @@ class SharedSocketWorkersTests(WorkersTests):
     """The same with ``worker_sockets = shared`` (every worker on the supervisor's socket)."""
 
     sockets = "shared"
+
+
+class WorkersAdminTests(TestCase):
+    """``[admin]`` with ``workers = 2``: the supervisor's /metrics sums every
+    worker's (prometheus_client's multiprocess mode), /status.json has a row each."""
+
+    timeout = 90
+    sockets = "reuseport"
+    start = WorkersTests.start
+    workers = WorkersTests.workers
+    started = WorkersTests.started
+    wait_ready = WorkersTests.wait_ready
+    _stop_all = WorkersTests._stop_all
+    client = WorkersTests.client
+
+    async def test_metrics_sum_the_workers_and_status_lists_each(self) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        provider = self.start("[admin]\nlisten = tcp:0:interface=127.0.0.1\n")
+        base = provider.wait_for_output(r"admin endpoint on (http://127\.0\.0\.1:\d+)/")[1]
+        by_pid: dict[int, int] = {}
+        for _ in range(64):  # a connection each, until each worker has had calls
+            echo = self.client(provider).proxy(ECHO)
+            for _ in range(3):
+                pid = (await echo.Echo(echo_pb2.EchoRequest())).pid
+                by_pid[pid] = by_pid.get(pid, 0) + 1
+            if len(by_pid) == 2:
+                break
+        self.assertEqual(set(by_pid), set(self.workers(provider)))
+        total = sum(by_pid.values())
+
+        def figures() -> tuple[float, dict[int, float], dict]:
+            text = fetch(base + "/metrics")
+            summed, served = 0.0, {}
+            for family in text_string_to_metric_families(text):
+                for s in family.samples:
+                    if s.name == "mprpc_server_calls_total" and s.labels["method"] == "Echo":
+                        summed += s.value
+                    elif s.name == "mprpc_worker_calls_served":
+                        served[int(s.labels["pid"])] = s.value
+            return summed, served, json.loads(fetch(base + "/status.json"))
+
+        for _ in range(100):  # (the workers' gauges are set every second)
+            summed, served, status = await deferToThread(figures)
+            if {pid: n for pid, n in served.items() if pid in by_pid} == by_pid:
+                break
+            await sleep(0.1)
+        self.assertEqual(summed, total)
+        spare = set(served) - set(by_pid)  # (loaded, never served: 0)
+        self.assertEqual(served, {**by_pid, **dict.fromkeys(spare, 0)})
+        self.assertLessEqual(len(spare), 1)
+        rows = {w["pid"]: w for w in status["workers"]}
+        serving = {pid: w for pid, w in rows.items() if w["slot"] != "spare"}
+        self.assertEqual(set(serving), set(by_pid))
+        self.assertEqual(sorted(w["slot"] for w in serving.values()), [0, 1])
+        for pid, row in serving.items():
+            self.assertTrue(row["ready"])
+            self.assertEqual(row["calls_served"], by_pid[pid])
+            self.assertEqual(row["restarts"], 0)
+        self.assertEqual(status["supervisor"]["pid"], provider.pid)
+        self.assertEqual(status["supervisor"]["ready"], 2)
+        self.assertEqual(status["provider"]["health"], "SERVING")
+        echo_calls = [
+            m["calls"]
+            for s in status["services"]
+            for m in s["methods"]
+            if s["name"] == "mprpc.test.EchoService" and m["name"] == "Echo"
+        ]
+        self.assertEqual(echo_calls, [total])
+        page = await deferToThread(fetch, base + "/status?refresh=0")
+        for pid in by_pid:
+            self.assertIn(f'<td class="pid">{pid}</td>', page)
+        directory = status["supervisor"]["metrics_dir"]
+        self.assertTrue(os.path.isdir(directory))
+
+        victim = min(by_pid)  # killed: its gauges go, its calls stay in the sums
+        os.kill(victim, signal.SIGKILL)
+        for _ in range(100):
+            summed, served, status = await deferToThread(figures)
+            if victim not in served:
+                break
+            await sleep(0.1)
+        self.assertNotIn(victim, served)
+        self.assertEqual(summed, total)
+        slot = serving[victim]["slot"]
+        rows = [w for w in status["workers"] if w["slot"] == slot]
+        self.assertEqual([w["restarts"] for w in rows], [1], status["workers"])
+        self._stop_all(provider)
+        self.assertFalse(os.path.exists(directory), provider.output)
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()

@@ -5,7 +5,8 @@
   ``?refresh=0`` turns that off, at most :data:`MAX_REFRESH` seconds, anything
   but a number of seconds is a 400): services, methods (their kind), calls/s,
   p50/p99, errors by code, open streams and stream messages per method,
-  connections with peers, calls and streams in flight, registry state;
+  connections with peers, calls and streams in flight, registry state, and
+  with ``[provider] workers`` > 1 a row per worker;
 - ``/status.json``: the same data as JSON.
 
 At most ``max_connections`` connections are open at once (``[admin]
@@ -64,8 +65,10 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-def status_data(provider: Any, metrics: ProviderMetrics) -> dict[str, Any]:
-    """What the status page shows, as plain data."""
+def status_data(provider: Any, metrics: ProviderMetrics, workers: Any = None) -> dict[str, Any]:
+    """What the status page shows, as plain data; with ``workers`` (a
+    supervisor's ``WorkersMetrics``), its ``supervisor`` and ``workers`` too,
+    the calls and streams in flight being the workers'."""
     now = provider.reactor.seconds()
     latency = metrics.latency_buckets()
     factories = listener_factories(provider)
@@ -127,7 +130,7 @@ def status_data(provider: Any, metrics: ProviderMetrics) -> dict[str, Any]:
     }
     registry = provider.registry
     zk = getattr(registry, "zk", None)
-    return {
+    data: dict[str, Any] = {
         "provider": {
             "pid": os.getpid(),
             "version": __version__,
@@ -151,6 +154,11 @@ def status_data(provider: Any, metrics: ProviderMetrics) -> dict[str, Any]:
             "reregistrations": getattr(registry, "reregistrations", 0),
         },
     }
+    if workers is not None:
+        data.update(workers.status())
+        data["provider"]["calls_in_flight"] = sum(w["calls_in_flight"] for w in data["workers"])
+        data["provider"]["streams_in_flight"] = sum(w["streams_in_flight"] for w in data["workers"])
+    return data
 
 
 def _kind(method: Any) -> str:
@@ -207,6 +215,24 @@ def render_status(data: dict[str, Any], refresh: float) -> str:
         f"(no load <b>{a['no_load_ms']}</b> ms)</p>"
         for name, a in data.get("adaptive_limit", {}).items()
     )
+    workers = "".join(
+        f'<tr class="worker"><td class="pid">{w["pid"]}</td><td class="slot">{w["slot"]}</td>'
+        f'<td>{w["uptime_seconds"]:.0f}</td><td class="ready">{"yes" if w["ready"] else "no"}'
+        f"{' (retiring)' if w['retiring'] else ''}</td>"
+        f'<td class="restarts">{w["restarts"]}</td><td class="calls">{w["calls_in_flight"]}</td>'
+        f'<td class="served">{w["calls_served"]}</td>'
+        f'<td class="connections">{w["connections"]}</td></tr>'
+        for w in data.get("workers", [])
+    )
+    if workers:
+        workers = (
+            f'<h2>Workers (<span id="workers-ready">{data["supervisor"]["ready"]}</span> of '
+            f"{data['supervisor']['workers']} ready; supervisor pid "
+            f"{data['supervisor']['pid']})</h2>\n"
+            '<table id="workers"><tr><th>pid</th><th>slot</th><th>up s</th><th>ready</th>'
+            "<th>restarts</th><th>calls in flight</th><th>calls served</th>"
+            f"<th>connections</th></tr>\n{workers}</table>"
+        )
     r = data["registry"]
     nodes = "".join(f"<li>{escape(n)}</li>" for n in r["nodes"]) or "<li>none</li>"
     script = (
@@ -245,6 +271,7 @@ td.calls, td.rate, td.p50, td.p99, td.streams, td.messages {{
 </table>
 <p>Calls to unknown services or methods: <b id="unknown">{data["unknown_route_calls"]}</b></p>
 {adaptive}
+{workers}
 <h2>Connections (<span id="connection-count">{len(data["connections"])}</span>)</h2>
 <table id="connections">
 <tr><th>peer</th><th>calls in flight</th><th>streams</th><th>idle s</th></tr>
@@ -263,14 +290,17 @@ session <b>{_cell(r["session"])}</b>, re-registrations <b>{r["reregistrations"]}
 class StatusPage(Resource):
     isLeaf = True
 
-    def __init__(self, provider: Any, metrics: ProviderMetrics, as_json: bool) -> None:
+    def __init__(
+        self, provider: Any, metrics: ProviderMetrics, as_json: bool, workers: Any = None
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # (twisted.web: not annotated)
         self.provider = provider
         self.metrics = metrics
         self.as_json = as_json
+        self.workers = workers
 
     def render_GET(self, request: Request) -> bytes:
-        data = status_data(self.provider, self.metrics)
+        data = status_data(self.provider, self.metrics, self.workers)
         if self.as_json:
             request.setHeader(b"content-type", b"application/json")
             return json.dumps(data, indent=2).encode()
@@ -306,10 +336,12 @@ def admin_site(
     *,
     max_connections: int = DEFAULT_ADMIN_MAX_CONNECTIONS,
     idle_timeout: float = DEFAULT_ADMIN_IDLE_TIMEOUT,
+    workers: Any = None,
 ) -> AdminFactory:
     """The admin endpoint's factory for ``provider`` and its ``metrics``: a
     twisted.web site, at most ``max_connections`` connections at once, each
-    closed after ``idle_timeout`` silent seconds."""
+    closed after ``idle_timeout`` silent seconds. ``workers``: a supervisor's
+    ``WorkersMetrics`` (the status page's rows per worker)."""
     # Imported here: prometheus_client.twisted imports the global reactor.
     from prometheus_client.twisted import MetricsResource
 
@@ -317,8 +349,8 @@ def admin_site(
     root = _Root()  # type: ignore[no-untyped-call]
     root.putChild(b"", root)
     root.putChild(b"metrics", MetricsResource(registry=metrics.registry))  # type: ignore[no-untyped-call]
-    root.putChild(b"status", StatusPage(provider, metrics, as_json=False))
-    root.putChild(b"status.json", StatusPage(provider, metrics, as_json=True))
+    root.putChild(b"status", StatusPage(provider, metrics, False, workers))
+    root.putChild(b"status.json", StatusPage(provider, metrics, True, workers))
     site = _QuietSite(root, timeout=idle_timeout, reactor=provider.reactor)  # type: ignore[no-untyped-call]
     site.noisy = False
     return AdminFactory(site, provider.reactor, max_connections)

@@ -135,6 +135,7 @@ class ProviderMetrics:
             "Streams in flight",
             ["service", "method"],
             registry=self.registry,
+            multiprocess_mode="livesum",  # (workers: summed over the live ones)
         )
         self.stream_messages: dict[str, list[int]] = {}
         """``{method: [received, sent]}`` of the streams that ended."""

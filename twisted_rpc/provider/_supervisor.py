@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
-from twisted.application.internet import backoffPolicy
+from twisted.application.internet import StreamServerEndpointService, backoffPolicy
 from twisted.application.service import Service as TwistedService
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -44,7 +44,8 @@ from twisted_rpc.core._ini import ConfigError
 from twisted_rpc.core._interfaces import IServiceRegistry
 from twisted_rpc.ops._health import HealthState
 from twisted_rpc.provider._config import ProviderConfig
-from twisted_rpc.provider._service import ProviderReactor, ProviderService
+from twisted_rpc.provider._service import ProviderReactor, ProviderService, _ReportingEndpoint
+from twisted_rpc.provider._systemd import server_endpoint
 
 __all__ = [
     "SPARE",
@@ -150,6 +151,7 @@ class WorkerProcess(ProcessProtocol):
         self.workers = workers
         self.slot = slot
         self.pid: int | None = None
+        self.started_at = workers.clock.seconds()
         self.loaded = False
         """Said it has built its services (and waits for ``serve``)."""
         self.ready = False
@@ -243,6 +245,12 @@ class WorkerSet(TwistedService):
         spare's slot is ``SPARE``."""
         self.live: list[WorkerProcess] = []
         self.failures: dict[int, int] = {}
+        self.respawns: dict[int, int] = {}
+        """Workers of each slot that died and were replaced, since start."""
+        self.env: dict[str, str] = {}
+        """Added to the workers' environment (``PROMETHEUS_MULTIPROC_DIR``)."""
+        self.ended_hooks: list[Callable[[int], None]] = []
+        """Called with the pid of every worker that exits."""
         self._respawns: dict[int, IDelayedCall] = {}
         self._health_watch: Deferred[int] | None = None
         self.install_signals = False
@@ -267,7 +275,12 @@ class WorkerSet(TwistedService):
         child_fds: dict[int, str | int] = {0: "w", 1: "r", 2: "r"}
         child_fds.update({3 + i: fd for i, fd in enumerate(fds)})
         transport = self.spawner(
-            worker, sys.executable, self.args, env=dict(os.environ), path=None, childFDs=child_fds
+            worker,
+            sys.executable,
+            self.args,
+            env={**os.environ, **self.env},
+            path=None,
+            childFDs=child_fds,
         )
         worker.pid = transport.pid
         self.current[slot] = worker
@@ -322,12 +335,15 @@ class WorkerSet(TwistedService):
     def worker_ended(self, worker: WorkerProcess, reason: Failure) -> None:
         if worker in self.live:
             self.live.remove(worker)
+        for hook in self.ended_hooks:
+            hook(worker.pid or 0)
         status = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         if worker.retiring or not self.running or self.current.get(worker.slot) is not worker:
             log.info("worker {pid} exited (status {status})", pid=worker.pid, status=status)
             return
         failures = self.failures.get(worker.slot, 0)
+        self.respawns[worker.slot] = self.respawns.get(worker.slot, 0) + 1
         self.failures[worker.slot] = failures + 1
         delay = self.backoff(failures)
         spare = self.current.get(SPARE)
@@ -426,8 +442,6 @@ def check_worker_endpoints(config: ProviderConfig) -> None:
                 f"{config.path}: {where} = {listen!r}: with workers > 1 a listener must be "
                 f"one of {', '.join(WORKER_ENDPOINTS)}"
             )
-    if config.admin is not None:
-        log.warn("[admin] is not served with workers > 1 (not yet: one /metrics of all workers)")
 
 
 def worker_args(options: Mapping[str, Any], config: ProviderConfig, listeners: int) -> list[str]:
@@ -455,8 +469,8 @@ def supervisor_service(
     registries: tuple[IServiceRegistry, Any],
 ) -> ProviderService:
     """The supervisor: a provider that only binds, registers once (with
-    ``"workers": N``) and runs a :class:`WorkerSet`. The admin site is left
-    to a later version (metrics of many processes)."""
+    ``"workers": N``) and runs a :class:`WorkerSet`; with ``[admin]``, it
+    serves the admin site over every worker's metrics (:func:`_admin`)."""
     from twisted_rpc.provider._tap import registration_data, with_registries
 
     registry, cpp_registry = registries
@@ -482,5 +496,32 @@ def supervisor_service(
     )
     workers.install_signals = True
     with_registries(provider, config, registry, cpp_registry)
+    if config.admin is not None:
+        _admin(provider, workers, config, reactor)
     workers.setServiceParent(provider)  # type: ignore[no-untyped-call]  # (not annotated)
     return provider
+
+
+def _admin(
+    provider: ProviderService, workers: WorkerSet, config: ProviderConfig, reactor: ProviderReactor
+) -> None:
+    """The supervisor's admin site (on the real reactor): ``/metrics`` over
+    every worker's (``twisted_rpc.ops._worker_metrics``), a row per worker."""
+    from twisted_rpc.ops._admin import admin_site
+    from twisted_rpc.ops._worker_metrics import WorkersMetrics
+
+    assert config.admin is not None
+    metrics = WorkersMetrics(cast(Any, reactor), workers, provider)  # (sets MULTIPROC_ENV)
+    workers.ended_hooks.append(metrics.mark_dead)
+    site = admin_site(
+        provider, cast(Any, metrics), max_connections=config.admin.max_connections, workers=metrics
+    )
+    endpoint = _ReportingEndpoint(
+        server_endpoint(reactor, config.admin.listen), provider._admin_listening
+    )
+    admin = StreamServerEndpointService(endpoint, site)  # type: ignore[no-untyped-call]
+    admin._raiseSynchronously = True
+    admin.setName("admin")  # type: ignore[no-untyped-call]  # (not annotated)
+    # Stopped after the workers (children stop in reverse): the directory goes last.
+    metrics.setServiceParent(provider)  # type: ignore[no-untyped-call]  # (not annotated)
+    admin.setServiceParent(provider)  # type: ignore[no-untyped-call]  # (not annotated)

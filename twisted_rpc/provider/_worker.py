@@ -11,7 +11,9 @@ supervisor's spare) and then says ``{"ready": pid}``; it takes
 ``{"health": {service: status}}`` and ``{"restart": true}``, sent when a new
 worker replaces it: it then drains as on SIGTERM, but its GOAWAY says IDLE,
 not SHUTDOWN, so that consumers redial the same address. Its stderr is its
-log, every line prefixed with ``[worker <pid>]``. SIGTERM drains it as a
+log, every line prefixed with ``[worker <pid>]``. With ``PROMETHEUS_MULTIPROC_DIR``
+set (the supervisor serves ``[admin]``), it counts its calls in that directory
+(``twisted_rpc.ops._worker_metrics``). SIGTERM drains it as a
 provider drains; the end of its stdin (the supervisor is gone) does too.
 """
 
@@ -213,6 +215,12 @@ def main(argv: list[str]) -> None:
         config.options(admin_listen=None),
     )
     provider.factory.extra_settings = worker_settings(int(spec["workers"]), pid)
+    gauges = None
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # (the supervisor serves [admin])
+        from twisted_rpc.ops._worker_metrics import watch_worker
+
+        gauges = watch_worker(provider, reactor)
+        reactor.addSystemEventTrigger("before", "shutdown", gauges.stop)
 
     def start() -> None:
         try:
@@ -221,6 +229,8 @@ def main(argv: list[str]) -> None:
             log.failure("the worker could not start")
             reactor.stop()
             return
+        if gauges is not None:
+            gauges.start()
         control.send({"ready": pid})
 
     control = ControlProtocol(provider, reactor.stop, start)

@@ -46,11 +46,13 @@ class FakeProcess:
 class Spawner:
     def __init__(self) -> None:
         self.spawned: list[tuple] = []
+        self.envs: list[dict] = []
         self.next_pid = 100
 
     def __call__(self, protocol, executable, args, env, path, childFDs):
         self.next_pid += 1
         process = FakeProcess(self.next_pid)
+        self.envs.append(env)
         protocol.makeConnection(process)
         self.spawned.append((protocol, process, childFDs))
         return process
@@ -126,6 +128,28 @@ def test_a_dead_worker_is_respawned_with_backoff_reset_once_ready():
     clock.advance(0.5)  # the backoff starts over
     assert workers.current[0].pid == 105
     assert [w.pid for w in workers.live] == [102, 105]
+
+
+def test_workers_get_the_extra_environment_and_exits_are_told_and_counted():
+    spawner, clock, health = Spawner(), Clock(), HealthState()
+    workers = WorkerSet(spawner, clock, 2, ["w"], lambda: [7], health, 5.0, lambda n: 0.5, False)
+    workers.env["PROMETHEUS_MULTIPROC_DIR"] = "/tmp/x"
+    ended: list[int] = []
+    workers.ended_hooks.append(ended.append)
+    clock.advance(3.0)
+    workers.startService()
+    assert [env["PROMETHEUS_MULTIPROC_DIR"] for env in spawner.envs] == ["/tmp/x"] * 2
+    assert "PATH" in spawner.envs[0] and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    assert workers.current[0].started_at == 3.0
+    ready(spawner.worker(101))
+    end(spawner.worker(101), ProcessTerminated(signal=9))
+    clock.advance(0.5)
+    assert ended == [101] and workers.respawns == {0: 1}
+    assert spawner.envs[-1]["PROMETHEUS_MULTIPROC_DIR"] == "/tmp/x"
+    workers.stopService()
+    for pid in (102, 103):
+        end(spawner.worker(pid))
+    assert ended == [101, 102, 103] and workers.respawns == {0: 1}  # (stopped: not respawns)
 
 
 def test_a_loaded_worker_is_told_to_serve_but_not_the_spare():
