@@ -129,7 +129,7 @@ def test_connection_unresponsive_stays_so_once_lost() -> None:
 
 
 def test_client_call_goes_through_channel_call(monkeypatch) -> None:
-    from protos import echo_pb2
+    from testbed.protos import echo_pb2
     from twisted_rpc import Client
     from twisted_rpc.core import describe
 

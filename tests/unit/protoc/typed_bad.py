@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from protos import friend_pb2, user_pb2
-from protos.friend_rpc import FriendServiceStub
-from protos.user_rpc import UserServiceBase, UserServiceStub
+from examples.protos import friend_pb2, user_pb2
+from examples.protos.friend_rpc import FriendServiceStub
+from examples.protos.user_rpc import UserServiceBase, UserServiceStub
 from twisted_rpc import CallContext, Client
 
 

@@ -9,9 +9,9 @@ from twisted.internet.defer import Deferred
 
 from examples.chat import chat_pb2
 from examples.chat.chat_rpc import ChatServiceBase, ChatServiceStub
-from protos import friend_pb2, user_pb2
-from protos.friend_rpc import FriendServiceBase, FriendServiceStub
-from protos.user_rpc import UserServiceBase, UserServiceStub
+from examples.protos import friend_pb2, user_pb2
+from examples.protos.friend_rpc import FriendServiceBase, FriendServiceStub
+from examples.protos.user_rpc import UserServiceBase, UserServiceStub
 from twisted_rpc import CallContext, Client
 
 
