@@ -3,7 +3,8 @@ built wheel into a fresh virtualenv, the tutorial's files (its code blocks,
 taken from the page, so the page cannot rot) written into a temporary
 directory outside this checkout, protoc run, the provider started with
 twistd and stopped by PID, the client run, the user's MemoryProvider test run
-with pytest, and mypy --strict over the user's code.
+with pytest, and mypy --strict over the user's code; then the same client
+finding the provider through the page's ZooKeeper (``local_zookeeper()``).
 
 The wheel is built once per state of the sources and the dependencies' wheels
 once per state of the project's venv, both kept under
@@ -27,6 +28,8 @@ import threading
 from pathlib import Path
 
 import pytest
+
+from twisted_rpc.testing import free_ports, zookeeper_missing
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,3 +258,52 @@ def test_the_tutorial_from_a_built_wheel(venv: Path, tmp_path: Path) -> None:
         timeout=300,
     )
     assert "Success: no issues found" in checked, checked
+
+
+def test_the_tutorial_with_zookeeper(venv: Path, tmp_path: Path) -> None:
+    """Step 7: the page's zookeeper.py (local_zookeeper() until Ctrl-C), a
+    provider that registers in it, the client finding it there."""
+    missing = zookeeper_missing()
+    if missing is not None:
+        pytest.skip(missing)
+    bin_ = venv / "bin"
+    project = tmp_path / "shop"
+    project.mkdir()
+    _write_project(project)
+    _run([str(bin_ / "python"), *_command("python -m twisted_rpc.protoc")[1:]], project)
+    zookeeper = subprocess.Popen(
+        [str(bin_ / "python"), *_command("python zookeeper.py")[1:]],
+        cwd=project,
+        env=_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    provider = None
+    try:
+        assert zookeeper.stdout is not None
+        first = zookeeper.stdout.readline()  # blocks until the server serves (or the script ends)
+        hosts = re.search(r"ZooKeeper serving on (127\.0\.0\.1:\d+)", first)
+        assert hosts, first + zookeeper.stdout.read()
+        (port,) = free_ports(1)
+        for name in ("provider-zk.ini", "consumer-zk.ini"):
+            ini = project / name
+            text = ini.read_text().replace("127.0.0.1:2181", hosts[1])
+            ini.write_text(text.replace("7100", str(port)))
+        twistd = _command("twistd -n --pidfile= mprpc --config provider-zk.ini")
+        provider = _Provider([str(bin_ / "twistd"), *twistd[1:]], project)
+        provider.wait_listening(60)
+        client = _command("python -m myshop.client consumer-zk.ini")
+        printed = _run([str(bin_ / "python"), *client[1:]], project, timeout=60)
+        assert printed == _expected_client_output()
+    finally:
+        if provider is not None:
+            provider.stop()
+        if zookeeper.poll() is None:
+            os.kill(zookeeper.pid, signal.SIGINT)  # Ctrl-C: the JVM is stopped by its PID
+            try:
+                zookeeper.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(zookeeper.pid, signal.SIGKILL)
+                zookeeper.wait(10)
+    assert zookeeper.returncode == 0
