@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PROTOS := $(wildcard protos/*.proto examples/*/*.proto)
+PROTOS := $(wildcard examples/*/*.proto testbed/protos/*.proto)
 GENERATED := $(PROTOS:.proto=_pb2.py)
 
 # The checkout comes first on the import path: twistd finds twisted/plugins/

@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.internet.task import Clock
 
-from protos import bench_pb2
+from testbed.protos import bench_pb2
 from twisted_rpc import Client, Dispatcher, Service
 from twisted_rpc.client import ClientConnection
 from twisted_rpc.core import _codec as wire

@@ -42,9 +42,9 @@ HOST = "127.0.0.1"
 
 def _bench_pb2() -> Any:
     try:
-        from protos import bench_pb2
+        from testbed.protos import bench_pb2
     except ImportError:
-        sys.exit("protos/bench_pb2.py is missing: run `make protos` in the checkout first")
+        sys.exit("testbed/protos/bench_pb2.py is missing: run `make protos` in the checkout first")
     return bench_pb2
 
 

@@ -47,7 +47,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from protos import echo_pb2
+from testbed.protos import echo_pb2
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.ops._protos import FileDescriptorsRequest, HealthWatchRequest
 

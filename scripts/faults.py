@@ -30,10 +30,10 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO
 from testbed.harness import run_with_zookeeper
 from testbed.processes import Provider
+from testbed.protos import echo_pb2
 from testbed.zkserver import ZooKeeperCluster
 from twisted_rpc import Client, RpcError, ZooKeeperRegistry
 

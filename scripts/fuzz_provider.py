@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from protos import echo_pb2
 from testbed.processes import Provider
+from testbed.protos import echo_pb2
 from twisted_rpc.core import _codec as wire
 
 ROUTES = [

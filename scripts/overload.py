@@ -37,9 +37,9 @@ from typing import Any
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO
 from testbed.processes import Provider
+from testbed.protos import echo_pb2
 from twisted_rpc import Client, RpcError
 
 SERVICES = "testbed.burn_service:BurnEchoService"

@@ -16,8 +16,8 @@ import time
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO
+from testbed.protos import echo_pb2
 from twisted_rpc import CallContext, Service
 
 

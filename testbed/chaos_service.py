@@ -20,8 +20,8 @@ import random
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO
+from testbed.protos import echo_pb2
 from twisted_rpc import CallContext, RpcError, Service, StatusCode
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from twisted.internet import defer, task, threads
 
-from protos import echo_pb2
+from testbed.protos import echo_pb2
 from twisted_rpc import Client, RpcError, StatusCode, ZooKeeperRegistry
 
 SERVICE = "mprpc.test.EchoService"

@@ -6,7 +6,7 @@ import os
 
 from twisted.internet.task import deferLater
 
-from protos import echo_pb2
+from testbed.protos import echo_pb2
 from twisted_rpc import CallContext, RpcError, Service
 
 ECHO = echo_pb2.DESCRIPTOR.services_by_name["EchoService"]

@@ -21,9 +21,9 @@ from pathlib import Path
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO
 from testbed.processes import Provider
+from testbed.protos import echo_pb2
 from twisted_rpc import Client
 
 

@@ -16,8 +16,8 @@ from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTr
 from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter
 
-from protos import echo_pb2
 from testbed.echo_service import EchoService
+from testbed.protos import echo_pb2
 from twisted_rpc import Client, Dispatcher, FunctionInterceptor
 from twisted_rpc.client import ClientConnection
 from twisted_rpc.core import _codec as wire

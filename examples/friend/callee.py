@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from twisted.internet.defer import Deferred, succeed
 
-from protos import common_pb2, friend_pb2
+from examples.protos import common_pb2, friend_pb2
 from twisted_rpc import CallContext, InvalidArgumentError, NotFoundError, Service
 
 FRIENDS = {

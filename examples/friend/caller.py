@@ -7,7 +7,7 @@ the caller adds a friend and sees the change arrive on the stream, then cancels 
 from __future__ import annotations
 
 from examples.cli import run
-from protos import friend_pb2
+from examples.protos import friend_pb2
 from twisted_rpc import Client, NotFoundError, RpcError
 
 SYNCED = friend_pb2.FriendEvent.SYNCED

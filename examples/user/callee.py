@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from protos import common_pb2, user_pb2
+from examples.protos import common_pb2, user_pb2
 from twisted_rpc import CallContext, Service
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from examples.cli import run
-from protos import user_pb2
+from examples.protos import user_pb2
 from twisted_rpc import Client, RpcError
 
 

@@ -23,9 +23,10 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from protos import echo_pb2, user_pb2
+from examples.protos import user_pb2
 from testbed.echo_service import ECHO, STREAMS
 from testbed.processes import SERVICES, Provider
+from testbed.protos import echo_pb2
 from twisted_rpc import Client, NotFoundError
 from twisted_rpc.core._connection import RefusedConnection
 from twisted_rpc.ops import ClientMetrics, ProviderMetrics, admin_site

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from protos import echo_pb2
 from testbed.processes import Provider
+from testbed.protos import echo_pb2
 from twisted_rpc.core._codec import encode_request
 
 pytestmark = pytest.mark.integration

@@ -151,7 +151,7 @@ def test_streams_on_one_connection_share_turns_round_robin(monkeypatch):
     the streams take turns (as the provider's handlers yield: the consumer
     hands out each read's messages stream by stream), and a turn does not wake
     streams that cannot send in it."""
-    from protos import bench_pb2
+    from testbed.protos import bench_pb2
     from twisted_rpc import Service
     from twisted_rpc.server import _streams
     from twisted_rpc.testing import MemoryProvider

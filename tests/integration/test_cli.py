@@ -306,7 +306,7 @@ async def main(reactor):
     request = json_format.Parse('{"name": "zhang san", "pwd": "123456"}',
                                 message_class(login.input_type)())
     reply = await client.proxy(descriptor).Login(request)
-    assert not [m for m in sys.modules if m.startswith(("protos", "examples"))], "imported"
+    assert not [m for m in sys.modules if m.startswith(("testbed", "examples"))], "imported"
     print(json_format.MessageToJson(reply, indent=None))
     await client.close()
 

@@ -23,8 +23,8 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from protos import echo_pb2
 from testbed.processes import ROOT, environment
+from testbed.protos import echo_pb2
 from twisted_rpc import (
     Client,
     DeadlineExceededError,

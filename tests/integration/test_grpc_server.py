@@ -21,9 +21,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from protos import echo_pb2
 from testbed.echo_service import STREAMS
 from testbed.processes import Provider
+from testbed.protos import echo_pb2
 from twisted_rpc import Service
 
 pytestmark = pytest.mark.integration

@@ -167,7 +167,9 @@ def test_reflection_lists_services_and_resolves_methods(provider):
         login = users.methods_by_name["Login"]
         assert login.input_type.full_name == "example.LoginRequest"
         result = login.output_type.fields_by_name["result"].message_type
-        assert result.full_name == "example.ResultCode"  # from protos/common.proto, a dependency
+        assert (
+            result.full_name == "example.ResultCode"
+        )  # from examples/protos/common.proto, a dependency
         assert pool.FindMethodByName("example.FriendService.GetFriendsList").containing_service
         health = pool.FindServiceByName("grpc.health.v1.Health")
         assert health.methods_by_name["Watch"].server_streaming
@@ -182,7 +184,7 @@ def test_reflection_stubs_of_both_versions(provider):
     requests = [
         reflection_pb2.ServerReflectionRequest(list_services=""),
         reflection_pb2.ServerReflectionRequest(file_containing_symbol="no.Such"),
-        reflection_pb2.ServerReflectionRequest(file_by_filename="protos/user.proto"),
+        reflection_pb2.ServerReflectionRequest(file_by_filename="examples/protos/user.proto"),
     ]
     with grpc.insecure_channel(grpc_target(provider)) as channel:
         v1alpha = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo

@@ -24,9 +24,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from examples.mprpc_compat import user_pb2
-from protos import echo_pb2
 from testbed.echo_service import ECHO
 from testbed.processes import ROOT, Provider, environment
+from testbed.protos import echo_pb2
 from tests.unit.cpp.test_mprpc_wire import LOGIN, LOGIN_REPLY, REGISTER
 from twisted_rpc import DeadlineExceededError, MethodInfo, UnavailableError
 from twisted_rpc.cpp import CppClient, RequestReader

@@ -21,9 +21,9 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO, STREAMS
 from testbed.processes import Provider
+from testbed.protos import echo_pb2
 from testbed.raw_peer import (
     CHAT_ROUTE,
     COUNT_ROUTE,

@@ -25,10 +25,10 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO
 from testbed.handover import ActivatedProvider, HeldSocket
 from testbed.processes import run_twistd
+from testbed.protos import echo_pb2
 from twisted_rpc import Client, NotSentError, RpcError
 
 pytestmark = pytest.mark.integration

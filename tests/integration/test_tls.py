@@ -15,9 +15,9 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO
 from testbed.processes import Provider
+from testbed.protos import echo_pb2
 from twisted_rpc import Client, ClientTLS, ConfigError, UnavailableError, load_provider_config
 
 pytestmark = pytest.mark.integration

@@ -17,9 +17,10 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from protos import echo_pb2, friend_pb2, user_pb2
+from examples.protos import friend_pb2, user_pb2
 from testbed.echo_service import ECHO
 from testbed.processes import ROOT, Provider, run_twistd
+from testbed.protos import echo_pb2
 from twisted_rpc import (
     Client,
     DeadlineExceededError,

@@ -19,9 +19,9 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO
 from testbed.processes import Provider
+from testbed.protos import echo_pb2
 from testbed.zkserver import ZooKeeperCluster, ZooKeeperServer, free_ports
 from twisted_rpc import Client, UnavailableError, ZooKeeperRegistry
 

@@ -9,8 +9,8 @@ import pytest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO, STREAMS, EchoService, StreamService
+from testbed.protos import echo_pb2
 from twisted_rpc import (
     IClientInterceptor,
     IClientStreamInterceptor,

@@ -10,8 +10,8 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
-from protos import echo_pb2
 from testbed.echo_service import STREAMS, StreamService
+from testbed.protos import echo_pb2
 from twisted_rpc import (
     CancelledError,
     ClientOptions,

@@ -4,7 +4,7 @@ Users declare ``service`` blocks in ``.proto`` files and compile them with
 ``protoc --python_out``; this module turns the descriptors the generated
 module carries into what the provider and the proxies need::
 
-    from protos import user_pb2
+    from examples.protos import user_pb2
     from twisted_rpc import Service
 
     class UserService(Service, descriptor=user_pb2.DESCRIPTOR.services_by_name["UserService"]):

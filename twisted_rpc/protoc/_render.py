@@ -101,7 +101,7 @@ def output_name(proto: str) -> str:
 
 def alias(module: str) -> str:
     """A module's local name in the generated file (grpc's spelling:
-    ``protos.user_pb2`` -> ``protos_dot_user__pb2``), unique per module."""
+    ``examples.protos.user_pb2`` -> ``protos_dot_user__pb2``), unique per module."""
     return module.replace("_", "__").replace(".", "_dot_")
 
 

@@ -22,8 +22,8 @@ asyncioreactor.install()
 from twisted.internet import reactor  # noqa: E402
 from twisted.internet.defer import Deferred, maybeDeferred  # noqa: E402
 
-from protos import echo_pb2  # noqa: E402
 from testbed.echo_service import ECHO, STREAMS, EchoService, StreamService  # noqa: E402
+from testbed.protos import echo_pb2  # noqa: E402
 from twisted_rpc import (  # noqa: E402
     AsyncioServerStream,
     AsyncioServiceProxy,

@@ -20,8 +20,8 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO, STREAMS
+from testbed.protos import echo_pb2
 from tests.helpers import failure_of
 from twisted_rpc import (
     AsyncioBidiStream,

@@ -10,8 +10,8 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO
+from testbed.protos import echo_pb2
 from tests.helpers import TwoProviders, failure_of, result
 from twisted_rpc import (
     Client,

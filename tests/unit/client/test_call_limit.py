@@ -10,8 +10,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO, EchoService
+from testbed.protos import echo_pb2
 from tests.helpers import failure_of, frames_of, result
 from twisted_rpc import ClientOptions, ServerLimits, StatusCode, load_consumer_config
 from twisted_rpc.client import ClientConnection

@@ -131,7 +131,7 @@ def test_connection_unresponsive_stays_so_once_lost() -> None:
 
 
 def test_client_call_goes_through_channel_call(monkeypatch) -> None:
-    from protos import echo_pb2
+    from testbed.protos import echo_pb2
     from twisted_rpc import Client
     from twisted_rpc.core import describe
 
@@ -159,8 +159,8 @@ def test_client_call_goes_through_channel_call(monkeypatch) -> None:
 
 
 def test_by_default_only_a_connection_with_calls_in_flight_is_pinged() -> None:
-    from protos import echo_pb2
     from testbed.echo_service import ECHO
+    from testbed.protos import echo_pb2
     from tests.helpers import frames_of
     from twisted_rpc.core import _codec as wire
     from twisted_rpc.core import describe

@@ -11,8 +11,9 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter
 from zope.interface.verify import verifyObject
 
-from protos import echo_pb2, user_pb2
+from examples.protos import user_pb2
 from testbed.echo_service import ECHO, EchoService
+from testbed.protos import echo_pb2
 from tests.helpers import ClientConn, failure_of, result, timers
 from twisted_rpc import (
     CancelledError,

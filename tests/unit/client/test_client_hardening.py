@@ -20,8 +20,8 @@ from twisted.test.iosim import ConnectionCompleter
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO, EchoService
+from testbed.protos import echo_pb2
 from tests.helpers import TwoProviders, failure_of, frames_of, over_tcp, result
 from twisted_rpc import (
     CancelledError,

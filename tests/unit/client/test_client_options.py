@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from protos import user_pb2  # noqa: F401 (registers example.UserService)
+from examples.protos import user_pb2  # noqa: F401 (registers example.UserService)
 from twisted_rpc import Client, ClientOptions, ClientTLS, ConfigError, load_consumer_config
 from twisted_rpc.client import LeastOutstanding, backoff_policy
 from twisted_rpc.client._channel import _ConnectionFactory

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO, STREAMS, EchoService, StreamService
+from testbed.protos import echo_pb2
 from tests.helpers import failure_of, result
 from twisted_rpc import Client, ServiceProxy, UnavailableError
 from twisted_rpc.core import describe

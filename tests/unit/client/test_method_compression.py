@@ -8,8 +8,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO, STREAMS, EchoService, StreamService
+from testbed.protos import echo_pb2
 from tests.helpers import ServerConn, TwoProviders, result
 from tests.unit.core.test_compress import _flags, frames_of_any
 from twisted_rpc import ConfigError, Dispatcher

@@ -9,8 +9,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO, EchoService
+from testbed.protos import echo_pb2
 from tests.helpers import TwoProviders, result
 from twisted_rpc import (
     ClientOptions,

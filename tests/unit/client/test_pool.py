@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from twisted.internet.defer import Deferred, succeed
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO, EchoService
+from testbed.protos import echo_pb2
 from tests.helpers import result
 from twisted_rpc import (
     Channel,

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, ensureDeferred
 
-from protos import echo_pb2, user_pb2
+from examples.protos import user_pb2
 from testbed.echo_service import ECHO, EchoService
+from testbed.protos import echo_pb2
 from twisted_rpc import ClientOptions, DeadlineExceededError, Service, StatusCode
 from twisted_rpc.testing import MemoryProvider
 

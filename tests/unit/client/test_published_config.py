@@ -12,8 +12,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO
+from testbed.protos import echo_pb2
 from tests.fake_zookeeper import FakeZooKeeper
 from twisted_rpc import (
     Client,

@@ -8,8 +8,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO
+from testbed.protos import echo_pb2
 from tests.helpers import TwoProviders, failure_of, result
 from twisted_rpc import (
     ClientOptions,

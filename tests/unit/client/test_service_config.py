@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO, STREAMS, EchoService, StreamService
+from testbed.protos import echo_pb2
 from tests.helpers import failure_of, result
 from twisted_rpc import (
     Client,

@@ -8,8 +8,8 @@ from __future__ import annotations
 from twisted.internet.testing import MemoryReactorClock
 from twisted.test.iosim import ConnectionCompleter
 
-from protos import echo_pb2
 from testbed.echo_service import STREAMS
+from testbed.protos import echo_pb2
 from tests.helpers import failure_of, result, timers
 from twisted_rpc import Client, Service, StatusCode, UnavailableError
 from twisted_rpc.client import _streams

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 
-from protos import echo_pb2
 from testbed.echo_service import STREAMS
+from testbed.protos import echo_pb2
 from tests.helpers import ClientConn, failure_of, result
 from twisted_rpc import (
     BidiStream,

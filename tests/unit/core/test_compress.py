@@ -10,8 +10,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO, EchoService, StreamService
+from testbed.protos import echo_pb2
 from tests.helpers import ServerConn, TwoProviders, frames_of, result
 from twisted_rpc import Dispatcher
 from twisted_rpc.client import ClientConnection, ClientOptions

@@ -12,9 +12,9 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO as ECHO_SERVICE
 from testbed.echo_service import EchoService
+from testbed.protos import echo_pb2
 from tests.helpers import failure_of, frames_of, over_tcp
 from twisted_rpc import Dispatcher, StatusCode
 from twisted_rpc.client import ClientConnection

@@ -18,8 +18,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace import StatusCode as SpanStatus
 
-from protos import echo_pb2, user_pb2
+from examples.protos import user_pb2
 from testbed.echo_service import ECHO, STREAMS, EchoService, StreamService
+from testbed.protos import echo_pb2
 from twisted_rpc import ClientOptions, ConfigError, ProviderOptions, RpcError, Service
 from twisted_rpc.client import load_consumer_config
 from twisted_rpc.core import MethodInfo

@@ -154,7 +154,7 @@ def test_unknown_extension_tags_are_skipped():
 
 
 def test_examples_in_docs_protocol_md():
-    from protos import common_pb2, user_pb2
+    from examples.protos import common_pb2, user_pb2
 
     p = user_pb2.LoginRequest(name="zhang san", pwd="123456").SerializeToString()
     frame = wire.encode_request(1, b"example.UserService/Login", len(p), 5000) + p

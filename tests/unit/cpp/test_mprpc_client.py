@@ -369,8 +369,8 @@ class _CountingDirectory(StaticCppDirectory):
     [("Count", "server streaming"), ("Sum", "client streaming"), ("Chat", "bidirectional")],
 )
 def test_a_streaming_method_is_refused_at_call_time_with_nothing_sent(method, kind):
-    from protos import echo_pb2
     from testbed.echo_service import STREAMS
+    from testbed.protos import echo_pb2
     from twisted_rpc import UnimplementedError
 
     memory = MemoryReactorClock()
@@ -399,8 +399,8 @@ def _info(descriptor, name):
 
 
 def test_unary_methods_of_a_service_with_streams_still_go_over_mprpc():
-    from protos import echo_pb2
     from testbed.echo_service import ECHO
+    from testbed.protos import echo_pb2
 
     memory = MemoryReactorClock()
     client = CppClient(memory, providers={"EchoService": "127.0.0.1:8000"})

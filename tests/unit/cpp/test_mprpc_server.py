@@ -9,8 +9,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from examples.mprpc_compat.callee import UserServiceRpc
-from protos import echo_pb2
 from testbed.echo_service import EchoService
+from testbed.protos import echo_pb2
 from tests.unit.cpp.test_mprpc_wire import LOGIN, LOGIN_REPLY, REGISTER, REGISTER_REPLY
 from twisted_rpc import Dispatcher, ServerLimits
 from twisted_rpc.cpp import CppServerFactory, encode_request

@@ -13,7 +13,7 @@ from h2.settings import SettingCodes
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from protos import echo_pb2
+from testbed.protos import echo_pb2
 from twisted_rpc.client import ClientOptions
 from twisted_rpc.core import describe
 from twisted_rpc.grpc import GrpcClientConnection

@@ -12,7 +12,7 @@ from h2.connection import H2Connection
 from h2.events import RequestReceived
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from protos import echo_pb2
+from testbed.protos import echo_pb2
 from tests.helpers import failure_of, result
 from tests.unit.grpc.grpc_peer import OK_HEADERS, of
 from twisted_rpc import Client, ClientOptions, ConfigError, NotFoundError, load_consumer_config

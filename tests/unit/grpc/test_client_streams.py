@@ -13,7 +13,7 @@ from h2.events import (
     StreamReset,
 )
 
-from protos import echo_pb2
+from testbed.protos import echo_pb2
 from tests.helpers import failure_of, result
 from tests.unit.grpc.grpc_peer import OK_HEADERS, STREAMS, GrpcPair, of, small_window
 from twisted_rpc import CancelledError, DeadlineExceededError, NotFoundError

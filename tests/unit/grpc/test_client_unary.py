@@ -6,7 +6,7 @@ from __future__ import annotations
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, RequestReceived, StreamReset
 
-from protos import echo_pb2
+from testbed.protos import echo_pb2
 from tests.helpers import failure_of, result
 from tests.unit.grpc.grpc_peer import ECHO, GrpcPair, of
 from twisted_rpc import (

@@ -9,7 +9,7 @@ import gzip
 
 from h2.errors import ErrorCodes
 
-from protos import echo_pb2
+from testbed.protos import echo_pb2
 from twisted_rpc import ServerLimits, StatusCode
 
 from .h2peer import ASYNC_ECHO, CHAT, COUNT, ECHO, SUM, GrpcPeer, frame

@@ -13,8 +13,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from protos import echo_pb2
 from testbed.echo_service import STREAMS, EchoService
+from testbed.protos import echo_pb2
 from twisted_rpc import Dispatcher, ServerLimits, Service, StatusCode
 from twisted_rpc.grpc import GrpcServerFactory
 

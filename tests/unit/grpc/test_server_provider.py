@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from protos import echo_pb2
 from testbed.echo_service import EchoService
+from testbed.protos import echo_pb2
 from twisted_rpc import (
     ConfigError,
     ProviderAddress,

@@ -109,7 +109,7 @@ def test_descriptors_with_dependencies_build_a_working_client_side_pool():
         reflection.FileContainingSymbol(FileDescriptorsRequest(symbol="example.UserService")),
     )
     files = [descriptor_pb2.FileDescriptorProto.FromString(b) for b in reply.file_descriptor_proto]
-    assert [f.name for f in files] == ["protos/common.proto", "protos/user.proto"]
+    assert [f.name for f in files] == ["examples/protos/common.proto", "examples/protos/user.proto"]
     pool = descriptor_pool.DescriptorPool()  # a client that never imported user_pb2
     for f in files:
         pool.Add(f)

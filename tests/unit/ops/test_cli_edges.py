@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from protos import echo_pb2, friend_pb2
+from examples.protos import friend_pb2
+from testbed.protos import echo_pb2
 from twisted_rpc import __version__
 from twisted_rpc.ops._cli import _messages_used, _no_method, build_parser, describe_enum, report
 from twisted_rpc.ops._cli_streams import UserError, parse_request, to_json

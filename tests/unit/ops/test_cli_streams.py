@@ -10,8 +10,8 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 
-from protos import echo_pb2
 from testbed.echo_service import STREAMS, StreamService
+from testbed.protos import echo_pb2
 from twisted_rpc import NotFoundError, RpcError, StatusCode
 from twisted_rpc.ops._cli import build_parser, split_symbol
 from twisted_rpc.ops._cli_streams import (

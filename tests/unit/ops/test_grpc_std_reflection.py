@@ -96,7 +96,10 @@ def test_file_containing_symbol_answers_the_file_then_its_dependencies(version):
     ]
     replies = ask(memory, version, *({"file_containing_symbol": s} for s in symbols))
     for reply, symbol in zip(replies, symbols, strict=True):
-        assert file_names(reply) == ["protos/user.proto", "protos/common.proto"], symbol
+        assert file_names(reply) == [
+            "examples/protos/user.proto",
+            "examples/protos/common.proto",
+        ], symbol
         assert reply.original_request.file_containing_symbol == symbol
     (enum,) = ask(
         memory,
@@ -128,13 +131,13 @@ def test_file_by_filename_and_the_standard_services_own_files(version):
     replies = ask(
         memory,
         version,
-        {"file_by_filename": "protos/user.proto"},
+        {"file_by_filename": "examples/protos/user.proto"},
         {"file_by_filename": own},
         {"file_containing_symbol": version.full_name},
         {"file_containing_symbol": "grpc.health.v1.Health.Watch"},
     )
     assert [file_names(r) for r in replies] == [
-        ["protos/user.proto", "protos/common.proto"],
+        ["examples/protos/user.proto", "examples/protos/common.proto"],
         [own],
         [own],
         ["grpc/health/v1/health.proto"],
@@ -225,7 +228,7 @@ def test_errors_are_answered_in_the_stream_and_it_goes_on(version):
     assert len(replies[4].original_request.host) == ECHO_LIMIT
     assert len(replies[5].original_request.file_containing_extension.containing_type) == ECHO_LIMIT
     assert all(len(r.SerializeToString()) < 1000 for r in replies[:6])
-    assert file_names(replies[6]) == ["protos/user.proto", "protos/common.proto"]
+    assert file_names(replies[6]) == ["examples/protos/user.proto", "examples/protos/common.proto"]
 
 
 def test_a_request_flood_is_answered_as_the_window_allows():
@@ -284,4 +287,7 @@ def test_our_reflection_finds_methods_too():
         descriptor_pb2.FileDescriptorProto.FromString(raw).name
         for raw in memory.result(d).file_descriptor_proto
     ]
-    assert names == ["protos/common.proto", "protos/user.proto"]  # dependencies first
+    assert names == [
+        "examples/protos/common.proto",
+        "examples/protos/user.proto",
+    ]  # dependencies first

@@ -8,8 +8,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO, EchoService
+from testbed.protos import echo_pb2
 from tests.helpers import failure_of
 from tests.unit.ops.test_stream_ops import _Provider
 from twisted_rpc import ClientOptions, RpcError, ServerLimits, StatusCode

@@ -10,8 +10,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
 
-from protos import echo_pb2
 from testbed.echo_service import STREAMS, EchoService, StreamService
+from testbed.protos import echo_pb2
 from twisted_rpc import (
     Client,
     NotFoundError,

@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.values import MultiProcessValue
 from twisted.internet.task import Clock
 
-from protos import echo_pb2
 from testbed.echo_service import EchoService
+from testbed.protos import echo_pb2
 from tests.helpers import failure_of
 from tests.unit.ops.test_stream_ops import _Provider
 from twisted_rpc import ServerLimits, StatusCode

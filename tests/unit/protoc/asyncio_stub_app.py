@@ -24,8 +24,8 @@ asyncioreactor.install()
 from twisted.internet import reactor  # noqa: E402
 from twisted.internet.defer import Deferred, maybeDeferred  # noqa: E402
 
-from protos import echo_pb2  # noqa: E402
-from protos.echo_rpc import (  # noqa: E402
+from testbed.protos import echo_pb2  # noqa: E402
+from testbed.protos.echo_rpc import (  # noqa: E402
     EchoServiceAsyncioStub,
     EchoServiceBase,
     EchoServiceStub,

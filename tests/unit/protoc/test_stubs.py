@@ -1,4 +1,4 @@
-"""The protoc plugin: ``x_rpc.py`` generated for protos/user.proto,
+"""The protoc plugin: ``x_rpc.py`` generated for examples/protos/user.proto,
 friend.proto (a server stream) and examples/chat/chat.proto (bidi), ruff-clean,
 used against a MemoryProvider, and ``mypy --strict`` over a typed client and
 services (typed_ok.py passes; each mistake in typed_bad.py is reported). The
@@ -23,17 +23,26 @@ from google.protobuf.descriptor_pb2 import FileDescriptorProto
 from twisted.internet.defer import Deferred
 
 from examples.chat import chat_pb2
-from protos import echo_pb2, friend_pb2, user_pb2
+from examples.protos import friend_pb2, user_pb2
+from testbed.protos import echo_pb2
 from twisted_rpc import DeadlineExceededError, Service, UnimplementedError
 from twisted_rpc.protoc import generate, main
 from twisted_rpc.testing import MemoryProvider
 
 ROOT = Path(__file__).resolve().parents[3]
 HERE = Path(__file__).parent
-PROTOS = ["protos/common.proto", "protos/user.proto", "protos/friend.proto"]
-PROTOS += ["protos/echo.proto", "examples/chat/chat.proto"]
-STUBS = ["protos/user_rpc.py", "protos/friend_rpc.py", "examples/chat/chat_rpc.py"]
-STUBS += ["protos/echo_rpc.py"]
+PROTOS = [
+    "examples/protos/common.proto",
+    "examples/protos/user.proto",
+    "examples/protos/friend.proto",
+]
+PROTOS += ["testbed/protos/echo.proto", "examples/chat/chat.proto"]
+STUBS = [
+    "examples/protos/user_rpc.py",
+    "examples/protos/friend_rpc.py",
+    "examples/chat/chat_rpc.py",
+]
+STUBS += ["testbed/protos/echo_rpc.py"]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +67,8 @@ def load(generated: Path, path: str) -> ModuleType:
 def test_one_rpc_module_per_file_with_services(generated):
     written = {str(p.relative_to(generated)) for p in generated.rglob("*_rpc.py")}
     assert written == set(STUBS)  # common.proto declares no service
-    text = (generated / "protos/friend_rpc.py").read_text()
-    assert "import protos.friend_pb2 as protos_dot_friend__pb2" in text
+    text = (generated / "examples/protos/friend_rpc.py").read_text()
+    assert "import examples.protos.friend_pb2 as examples_dot_protos_dot_friend__pb2" in text
     assert "def WatchFriends(" in text and "ServerStream[_FriendEvent]" in text
     assert "AsyncioServerStream[_FriendEvent]" in text and "import asyncio\n" in text
     chat = (generated / "examples/chat/chat_rpc.py").read_text()
@@ -81,7 +90,7 @@ def test_generated_code_is_ruff_clean(generated):
 
 
 def test_typed_stub_calls_a_service_built_on_the_base(generated):
-    users = load(generated, "protos/user_rpc.py")
+    users = load(generated, "examples/protos/user_rpc.py")
 
     class Users(users.UserServiceBase):
         def Login(self, request, context):
@@ -101,7 +110,7 @@ def test_typed_stub_calls_a_service_built_on_the_base(generated):
 
 
 def test_the_stubs_timeout_is_its_unary_calls_default(generated):
-    users = load(generated, "protos/user_rpc.py")
+    users = load(generated, "examples/protos/user_rpc.py")
 
     class Slow(users.UserServiceBase):
         def Login(self, request, context):
@@ -128,7 +137,7 @@ def test_the_stubs_timeout_is_its_unary_calls_default(generated):
 
 
 def test_a_server_stream_through_the_stub(generated):
-    friends = load(generated, "protos/friend_rpc.py")
+    friends = load(generated, "examples/protos/friend_rpc.py")
 
     class Friends(friends.FriendServiceBase):
         async def WatchFriends(self, request, context):
@@ -146,7 +155,7 @@ def test_a_server_stream_through_the_stub(generated):
 
 
 def test_a_client_stream_through_the_stub(generated):
-    echo = load(generated, "protos/echo_rpc.py")
+    echo = load(generated, "testbed/protos/echo_rpc.py")
 
     class Streams(echo.StreamServiceBase):
         async def Sum(self, requests, context):
@@ -186,7 +195,7 @@ def test_a_bidi_stream_through_the_stub(generated):
 
 
 def test_the_asyncio_stub_refuses_a_client_that_hands_out_deferreds(generated):
-    users = load(generated, "protos/user_rpc.py")
+    users = load(generated, "examples/protos/user_rpc.py")
     memory = MemoryProvider([])
     with pytest.raises(ValueError) as raised:
         users.UserServiceAsyncioStub(memory.client)

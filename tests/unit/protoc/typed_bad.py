@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 
-from protos import echo_pb2, friend_pb2, user_pb2
-from protos.echo_rpc import EchoServiceAsyncioStub, StreamServiceAsyncioStub, StreamServiceBase
-from protos.friend_rpc import FriendServiceStub
-from protos.user_rpc import UserServiceBase, UserServiceStub
+from examples.protos import friend_pb2, user_pb2
+from examples.protos.friend_rpc import FriendServiceStub
+from examples.protos.user_rpc import UserServiceBase, UserServiceStub
+from testbed.protos import echo_pb2
+from testbed.protos.echo_rpc import (
+    EchoServiceAsyncioStub,
+    StreamServiceAsyncioStub,
+    StreamServiceBase,
+)
 from twisted_rpc import CallContext, Client, RequestStream
 
 

@@ -10,10 +10,15 @@ from twisted.internet.defer import Deferred
 
 from examples.chat import chat_pb2
 from examples.chat.chat_rpc import ChatServiceBase, ChatServiceStub
-from protos import echo_pb2, friend_pb2, user_pb2
-from protos.echo_rpc import EchoServiceAsyncioStub, StreamServiceAsyncioStub, StreamServiceBase
-from protos.friend_rpc import FriendServiceBase, FriendServiceStub
-from protos.user_rpc import UserServiceBase, UserServiceStub
+from examples.protos import friend_pb2, user_pb2
+from examples.protos.friend_rpc import FriendServiceBase, FriendServiceStub
+from examples.protos.user_rpc import UserServiceBase, UserServiceStub
+from testbed.protos import echo_pb2
+from testbed.protos.echo_rpc import (
+    EchoServiceAsyncioStub,
+    StreamServiceAsyncioStub,
+    StreamServiceBase,
+)
 from twisted_rpc import CallContext, Client, RequestStream
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO
+from testbed.protos import echo_pb2
 from twisted_rpc import Client, ConfigError, load_provider_config
 from twisted_rpc.provider import Options, load_services
 

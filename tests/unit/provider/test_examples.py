@@ -11,8 +11,8 @@ from examples.chat.callee import ChatService
 from examples.chat.caller import conversation
 from examples.friend.callee import FriendService
 from examples.friend.caller import watch_friends
+from examples.protos import friend_pb2, user_pb2
 from examples.user.callee import UserService
-from protos import friend_pb2, user_pb2
 from twisted_rpc import (
     Client,
     InvalidArgumentError,
@@ -61,8 +61,8 @@ def test_friend_service():
 
 def test_time_moves_only_when_the_test_says_so():
     """Deadlines run on the provider's Clock: an async handler slower than the timeout."""
-    from protos import echo_pb2
     from testbed.echo_service import EchoService
+    from testbed.protos import echo_pb2
     from twisted_rpc import DeadlineExceededError
 
     memory = MemoryProvider([EchoService()], timeout=1.0, builtins=True)

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO
+from testbed.protos import echo_pb2
 from twisted_rpc import ConfigError, Service, load_provider_config
 from twisted_rpc.core._service import _one_edit, check_handlers
 from twisted_rpc.provider import Options, load_services

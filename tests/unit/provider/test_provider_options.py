@@ -16,8 +16,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from protos import echo_pb2
 from testbed.echo_service import EchoService
+from testbed.protos import echo_pb2
 from twisted_rpc import (
     ConfigError,
     IDrainable,

@@ -309,7 +309,7 @@ def test_stream_limit_errors(tmp_path, extra, message):
 def test_consumer_stream_window_loads_and_reaches_streams(tmp_path):
     from twisted.internet.testing import MemoryReactorClock
 
-    from protos import echo_pb2
+    from testbed.protos import echo_pb2
     from twisted_rpc import Client, ClientOptions
 
     assert load_consumer_config(write(tmp_path, "")).stream_window == (

@@ -6,8 +6,8 @@ from typing import Any
 
 from twisted.internet.task import deferLater
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO
+from testbed.protos import echo_pb2
 from twisted_rpc import CallContext, Service
 from twisted_rpc.testing import MemoryProvider
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO, STREAMS, EchoService, StreamService
+from testbed.protos import echo_pb2
 from tests.helpers import ServerConn
 from twisted_rpc import CallContext, Dispatcher, ServerLimits, StatusCode
 from twisted_rpc.core import _codec as wire

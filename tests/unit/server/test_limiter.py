@@ -7,8 +7,8 @@ import textwrap
 import pytest
 from twisted.internet.task import Clock, deferLater
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO, EchoService
+from testbed.protos import echo_pb2
 from tests.helpers import ClientConn, ServerConn, TwoProviders, failure_of, result
 from twisted_rpc import ConfigError, Dispatcher, NotSentError, ServerLimits, StatusCode
 from twisted_rpc.core import _codec as wire

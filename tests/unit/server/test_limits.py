@@ -5,8 +5,8 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO, EchoService
+from testbed.protos import echo_pb2
 from tests.helpers import ServerConn, failure_of, frames_of, result
 from twisted_rpc import Dispatcher, ServerLimits, StatusCode, UnavailableError
 from twisted_rpc.client import ClientConnection

@@ -12,8 +12,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO, EchoService
+from testbed.protos import echo_pb2
 from tests.helpers import ROUTE, ServerConn
 from twisted_rpc import (
     Dispatcher,

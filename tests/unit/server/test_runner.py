@@ -22,8 +22,8 @@ from twisted.logger import LogLevel
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from protos import echo_pb2
 from testbed.echo_service import ECHO
+from testbed.protos import echo_pb2
 from twisted_rpc import (
     CallContext,
     Dispatcher,

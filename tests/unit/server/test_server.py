@@ -9,8 +9,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel
 
-from protos import echo_pb2
 from testbed.echo_service import EchoService
+from testbed.protos import echo_pb2
 from tests.helpers import ServerConn
 from twisted_rpc import Dispatcher, FunctionInterceptor, RpcError, Service, StatusCode
 from twisted_rpc.core import _codec as wire

@@ -5,8 +5,8 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from protos import echo_pb2
 from testbed.echo_service import STREAMS, EchoService, StreamService
+from testbed.protos import echo_pb2
 from tests.helpers import ServerConn
 from twisted_rpc import Dispatcher, ServerLimits, Service, StatusCode
 from twisted_rpc.core import _codec as wire
