@@ -9,6 +9,7 @@ processes does; which worker a connection lands on is the test's choice
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 import pytest
 from twisted.internet.defer import Deferred, succeed
@@ -26,6 +27,7 @@ from twisted_rpc import (
 )
 from twisted_rpc.client import ChannelState
 from twisted_rpc.client._pool import MAX_WORKER_REDIALS, Pool
+from twisted_rpc.core._codec import GoawayReason
 from twisted_rpc.server import ServerConnection
 from twisted_rpc.testing import MemoryProvider
 
@@ -206,6 +208,20 @@ def test_a_duplicate_with_calls_in_flight_is_replaced_and_its_calls_finish():
     assert busy not in memory.client.channels.values()
     _settle(memory, 1.1)
     assert [result(d).payload for d in calls] == [b"x"] * 3  # none cut
+
+
+def test_calls_a_shutdown_sends_back_go_to_another_provider_not_a_sibling_connection():
+    memory, _ = _provider(2, _cycle("w1", "w2"))
+    result(_ready(memory, _call(memory)))
+    client = memory.client
+    (pool,) = _route(client).pools
+    member = pool.members[1]
+    assert client._face_of(member) is pool
+    tried: list[list[object]] = []
+    client._resend_elsewhere = lambda route, t, call, error: tried.append(list(t))  # type: ignore[method-assign]
+    call = (Deferred(), SimpleNamespace(service=SERVICE))
+    client._resend(member, GoawayReason.SHUTDOWN, [call])  # type: ignore[list-item]
+    assert tried == [[pool]]  # every connection to that provider excluded
 
 
 class _Nodes:
