@@ -3,7 +3,7 @@
 One cluster per module (3 ZooKeeper servers, 3 providers, a consumer host), session
 timeouts of 4 s; each scenario runs testbed/cluster_consumer.py in c1, makes its fault,
 undoes it in a finalizer, and counts every call's outcome from the consumer's JSON lines.
-Figures: docs/cluster-netns.md.
+Figures: docs/cluster.md ("A multi-host cluster in network namespaces").
 """
 
 from __future__ import annotations

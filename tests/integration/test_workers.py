@@ -88,7 +88,13 @@ class WorkersTests(TestCase):
                 os.kill(pid, signal.SIGKILL)
 
     def client(self, provider: Provider) -> Client:
-        client = Client(reactor, providers={"mprpc.test.EchoService": [provider.address]})
+        """A client of one connection, so of one worker (consumers' pools of a
+        connection per worker: test_workers_cluster.py)."""
+        client = Client(
+            reactor,
+            providers={"mprpc.test.EchoService": [provider.address]},
+            connections_per_provider=1,
+        )
         self.addCleanup(client.close)
         return client
 

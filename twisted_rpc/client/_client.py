@@ -417,7 +417,11 @@ class Client(StreamStarter, ChannelBuilder):
             if route is None:  # the client is closing
                 _not_sent(call, NotSentError(message=CLIENT_CLOSED))
                 continue
-            tried: list[Provider] = [channel]
+            # (After a shutdown, none of the provider's connections: its
+            # other workers are going too.)
+            tried: list[Provider] = [
+                channel if reason == GoawayReason.IDLE else self._face_of(channel)
+            ]
             fallback = partial(self._resend_elsewhere, route, tried)
             if reason == GoawayReason.IDLE:
                 channel.resume(call, fallback)

@@ -39,9 +39,10 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="twisted_rpc.client")
 
-MAX_WORKER_REDIALS = 3
+MAX_WORKER_REDIALS = 8
 """Times a connection that landed on a worker another connection to the same
-provider holds is dialled again, before it is kept as it is."""
+provider holds is dialled again (by a new connection: the kernel picks a
+worker at random for each), before it is kept as it is."""
 
 
 def reported_workers(value: object) -> int:
@@ -92,7 +93,9 @@ class Pool:
         self._make = make
         self._drop = drop
         self._changed = changed
-        self._redials: dict[Channel, int] = {}
+        self._redials: dict[int, int] = {}
+        """Redials in a row, by member index, for a worker of its own."""
+        self._turn = 0
         self.latency = _PoolCost(self)
         if setting != 1 and primary.protocol_name == "native":
             primary.on_ready = self._member_ready
@@ -131,7 +134,7 @@ class Pool:
         while len(self.members) > wanted:
             channel = self.members.pop()
             channel.on_ready = None
-            self._redials.pop(channel, None)
+            self._redials.pop(len(self.members), None)
             self._drop(channel)
         if (before == 1) != (len(self.members) == 1):
             self._changed(self)
@@ -155,26 +158,42 @@ class Pool:
             if held.peer_settings.get("worker") == worker:
                 break
         else:
-            self._redials.pop(channel, None)  # a worker of its own
+            self._redials.pop(self.members.index(channel), None)  # a worker of its own
             return
-        tries = self._redials.get(channel, 0)
-        if tries >= MAX_WORKER_REDIALS or channel.load:
-            return  # kept: two connections to one worker still serve
-        self._redials[channel] = tries + 1
+        # One of the two goes: never the primary (the client's channel for the address).
+        target = other if channel is self.members[0] else channel
+        index = self.members.index(target)
+        tries = self._redials.get(index, 0)
+        if tries >= MAX_WORKER_REDIALS:
+            self._redials.pop(index, None)  # kept (it still serves); checked again next time
+            return
+        self._redials[index] = tries + 1
         log.debug(
             "connection to {address} landed on worker {worker} another holds: dialling again",
             address=channel.address,
             worker=worker,
         )
-        protocol.transport.loseConnection()
+        # A new connection in its place; it is retired (out of the pool at
+        # once, closed once its calls in flight have finished: closing its
+        # transport here would fail the calls picked for it meanwhile).
+        target.on_ready = None
+        self._drop(target)
+        replacement = self._make(index)
+        replacement.on_ready = self._member_ready
+        self.members[index] = replacement
 
     # ------------------------------------------------ a channel's surface
 
     def pick(self) -> Channel:
         """The connection for the next call: the least loaded ready one
-        (not ejected), else one dialling, else one usable, else the first."""
+        (not ejected; ties taken in turn, so that calls made one at a time
+        reach every worker), else one dialling, else one usable, else the first."""
         best: Channel | None = None
-        for member in self.members:
+        members = self.members
+        count = len(members)
+        self._turn = turn = (self._turn + 1) % count
+        for i in range(count):
+            member = members[(turn + i) % count]
             if member.ready and not (EJECTED and member in EJECTED):
                 if best is None or member.load < best.load:
                     best = member
@@ -302,6 +321,13 @@ class ChannelBuilder:
                 extra.address = channel.address
             pool.resize()  # its node's workers may have changed
         return pool
+
+    def _face_of(self, channel: Channel) -> Provider:
+        """What routes list for ``channel``'s provider: its pool if it is a
+        member of one of several, else itself (so that a call sent again
+        elsewhere is not sent to another connection to the same provider)."""
+        pool = self._pools.get(channel.address.key)
+        return pool.face if pool is not None and channel in pool.members else channel
 
     def _extra(self, key: str, primary: Channel, index: int) -> Channel:
         """The ``index``-th channel (from 1) to ``primary``'s address."""

@@ -9,6 +9,7 @@ processes does; which worker a connection lands on is the test's choice
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 import pytest
 from twisted.internet.defer import Deferred, succeed
@@ -26,6 +27,7 @@ from twisted_rpc import (
 )
 from twisted_rpc.client import ChannelState
 from twisted_rpc.client._pool import MAX_WORKER_REDIALS, Pool
+from twisted_rpc.core._codec import GoawayReason
 from twisted_rpc.server import ServerConnection
 from twisted_rpc.testing import MemoryProvider
 
@@ -130,6 +132,23 @@ def test_a_connection_landing_on_a_worker_another_holds_is_dialled_again():
     assert all(m.ready for m in pool.members)
 
 
+def test_no_call_is_given_to_a_connection_dialled_again_for_a_distinct_worker():
+    memory, given = _provider(2, iter(["w1", "w1", "w2"]))
+    first = _call(memory)
+    (pool,) = _route(memory.client).pools
+    calls: list[Deferred] = []
+    ready = pool._member_ready
+
+    def then_call(channel: Channel, protocol: object) -> None:
+        ready(channel, protocol)  # type: ignore[arg-type]
+        calls.extend(_call(memory) for _ in range(4))  # at once, as a busy caller does
+
+    pool._member_ready = then_call  # type: ignore[method-assign]
+    _settle(memory, 1.0)
+    assert given == ["w1", "w1", "w2"]
+    assert [result(d).payload for d in [first, *calls]] == [b"x"] * 9
+
+
 def test_redials_for_a_distinct_worker_are_bounded_then_the_connection_is_kept():
     memory, given = _provider(2, _cycle("w1"))  # every connection lands on w1
     result(_ready(memory, _call(memory)))
@@ -168,6 +187,41 @@ def test_one_connection_lost_keeps_the_provider_in_rotation_and_is_redialled():
     assert [result(d).payload for d in calls] == [b"x"] * 4
     _settle(memory, 1.0)
     assert all(m.ready for m in pool.members) and len(pool.members) == 3
+
+
+def test_a_duplicate_with_calls_in_flight_is_replaced_and_its_calls_finish():
+    # w2's connection is busy when the primary comes back on w2 too (as after
+    # a worker's restart): the busy one is replaced and retired, not cut.
+    memory, given = _provider(2, iter(["w1", "w2", "w2", "w1"]))
+    result(_ready(memory, _call(memory)))
+    (pool,) = _route(memory.client).pools
+    primary, busy = pool.members
+    primary.protocol.transport.loseConnection()
+    memory.flush()
+    calls = [_call(memory, 2.0) for _ in range(3)]  # all on the busy one
+    _settle(memory)
+    assert busy.load == 3
+    _settle(memory, 1.0)  # the primary redials, lands on w2
+    assert given == ["w1", "w2", "w2", "w1"]
+    assert pool.members[0] is primary and pool.members[1] is not busy
+    assert sorted(_worker_of(m) for m in pool.members) == ["w1", "w2"]
+    assert busy not in memory.client.channels.values()
+    _settle(memory, 1.1)
+    assert [result(d).payload for d in calls] == [b"x"] * 3  # none cut
+
+
+def test_calls_a_shutdown_sends_back_go_to_another_provider_not_a_sibling_connection():
+    memory, _ = _provider(2, _cycle("w1", "w2"))
+    result(_ready(memory, _call(memory)))
+    client = memory.client
+    (pool,) = _route(client).pools
+    member = pool.members[1]
+    assert client._face_of(member) is pool
+    tried: list[list[object]] = []
+    client._resend_elsewhere = lambda route, t, call, error: tried.append(list(t))  # type: ignore[method-assign]
+    call = (Deferred(), SimpleNamespace(service=SERVICE))
+    client._resend(member, GoawayReason.SHUTDOWN, [call])  # type: ignore[list-item]
+    assert tried == [[pool]]  # every connection to that provider excluded
 
 
 class _Nodes:
@@ -218,10 +272,25 @@ def test_a_pool_picks_the_least_loaded_ready_connection():
     result(_ready(memory, _call(memory)))
     (pool,) = _route(memory.client).pools
     first, second = pool.members
-    assert isinstance(pool, Pool) and pool.pick() is first
+    assert isinstance(pool, Pool)
     _call(memory, 1.0)
     _settle(memory)
-    assert pool.pick() is second and pool.load == 1
+    loaded = first if first.load else second
+    idle = second if loaded is first else first
+    assert pool.load == 1 and [pool.pick() for _ in range(3)] == [idle] * 3
+
+
+def test_calls_made_one_at_a_time_take_the_idle_connections_in_turn():
+    memory, _ = _provider(3, _cycle("w1", "w2", "w3"))
+    result(_ready(memory, _call(memory)))
+    (pool,) = _route(memory.client).pools
+    before = [m.protocol._next_id for m in pool.members if m.protocol]
+    for _ in range(6):  # each answered before the next is made
+        d = _call(memory)
+        _settle(memory)
+        assert result(d).payload == b"x"
+    after = [m.protocol._next_id for m in pool.members if m.protocol]
+    assert [b - a for a, b in zip(before, after, strict=True)] == [2, 2, 2]
 
 
 @pytest.mark.parametrize(
