@@ -400,7 +400,8 @@ class Client(StreamStarter, ChannelBuilder):
             waiter.callback(None)
         used = self._used()
         for key in [k for k, p in self._pools.items() if p.members[0] not in used]:
-            del self._pools[key]
+            for member in self._pools.pop(key).members:
+                member.on_ready = None  # a retiring member's redial opens no new one
         for key, channel in list(self.channels.items()):
             if channel not in used:
                 del self.channels[key]
@@ -438,7 +439,9 @@ class Client(StreamStarter, ChannelBuilder):
         if route is None or not may_resend_shed(self._retries, method):
             _not_sent(call, error)
             return
-        self._resend_elsewhere(route, [channel], call, error)
+        # (Not to the provider's other connections: with several workers
+        # its route lists its pool, so the pool is what is excluded.)
+        self._resend_elsewhere(route, [channel, self._face_of(channel)], call, error)
 
     def _resend_elsewhere(
         self, route: _ServiceRoute, tried: list[Provider], call: TakenBack, error: RpcError

@@ -127,14 +127,14 @@ class HeldCalls:
     def release(self) -> None:
         """Send the held calls there is room for now (in the order they came)."""
         held = self.held
-        room = self.max_calls - len(self.outstanding) - len(self.streams)
-        while held and room > 0:
+        # The room is counted again for each: a call whose deadline passed
+        # as it waited ends unsent and takes none of it.
+        while held and self.max_calls - len(self.outstanding) - len(self.streams) > 0:
             call = held.popitem(last=False)[1]
             call[0].holder = None
             error = self._resume(call)  # None: sent, or ended (its deadline passed)
             if error is not None:
                 call[0].errback(error)
-            room -= 1
         if not held:
             self._held_done()
 

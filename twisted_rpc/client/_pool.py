@@ -306,6 +306,7 @@ class ChannelBuilder:
         pool = self._pools.get(key)
         if pool is None or pool.members[0] is not channel:
             if pool is not None:  # the address's channel was built again
+                pool.members[0].on_ready = None
                 for extra in pool.members[1:]:
                     self._drop(key, extra)
             pool = Pool(
