@@ -1,6 +1,6 @@
 """In-memory provider and client for unit tests (like ``treq.testing``).
 
-The real :class:`~twisted_rpc.Client` and the real provider-side
+The real :class:`twisted_rpc.Client` and the real provider-side
 connections talk over in-memory transports on a ``MemoryReactorClock``: no
 sockets, no threads, and time moves only when the test says::
 
@@ -82,7 +82,7 @@ class MemoryProvider:
         tracing: bool = False,
     ) -> None:
         """``builtins``: also serve Health and Reflection, as a real provider does
-        (``self.health`` is their :class:`~twisted_rpc.ops.HealthState`).
+        (``self.health`` is their :class:`twisted_rpc.ops.HealthState`).
         ``client_options``: the client's settings (``stream_window``...);
         ``timeout``, if given, overrides its timeout. ``tracing``: OpenTelemetry
         spans on both sides, as ``tracing = opentelemetry`` gives (docs/tracing.md)."""

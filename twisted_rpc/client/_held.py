@@ -1,7 +1,7 @@
 """Calls a consumer connection holds back at its provider's limit.
 
 A provider announces ``max_calls`` (its ``max_calls_per_connection``) in the
-settings of its first PONG. A :class:`~twisted_rpc.client.ClientConnection`
+settings of its first PONG. A :class:`twisted_rpc.client.ClientConnection`
 then never has more calls and streams in flight than that: a call beyond it
 waits here (at most ``[consumer] max_queued_calls`` of them, each within its
 deadline, cancellable) and goes out, first come first served, as calls in

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 class Keepalive:
-    """The keepalive half of :class:`~twisted_rpc.client.ClientConnection`."""
+    """The keepalive half of :class:`twisted_rpc.client.ClientConnection`."""
 
     clock: IReactorTime
     options: ClientOptions

@@ -63,7 +63,7 @@ def _number(name: str, value: object, kind: type, minimum: float, above: bool = 
 
 @dataclass(frozen=True, slots=True)
 class ClientOptions:
-    """Every setting of a :class:`~twisted_rpc.client.Client` (and of its
+    """Every setting of a :class:`twisted_rpc.client.Client` (and of its
     channels and connections), with its default; checked when built (a
     wrong type: TypeError, a value out of range: ValueError).
 

@@ -278,7 +278,7 @@ Provider = Channel | Pool
 
 
 class ChannelBuilder:
-    """The half of a :class:`~twisted_rpc.client.Client` that builds the
+    """The half of a :class:`twisted_rpc.client.Client` that builds the
     channels (and pools) to the addresses discovery lists."""
 
     options: ClientOptions

@@ -1,4 +1,4 @@
-"""What the :class:`~twisted_rpc.client.Client` keeps per call, per
+"""What the :class:`twisted_rpc.client.Client` keeps per call, per
 service and per method: :class:`ClientCall` (a call as interceptors see it),
 the channels serving a service with its balancer, and the encoding each
 method's calls are compressed with (:class:`MethodEncodings`)."""

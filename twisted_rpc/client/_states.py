@@ -1,4 +1,4 @@
-"""The states of a :class:`~twisted_rpc.client.Channel` and its one
+"""The states of a :class:`twisted_rpc.client.Channel` and its one
 transition table.
 """
 
@@ -143,7 +143,7 @@ _USABLE = _READY | DIALLING
 
 
 class ConnectionState(StrEnum):
-    """The states of a :class:`~twisted_rpc.client.ClientConnection`.
+    """The states of a :class:`twisted_rpc.client.ClientConnection`.
 
     - ``new``: not connected yet.
     - ``open``: takes calls (``available``).

@@ -1,4 +1,4 @@
-"""How a :class:`~twisted_rpc.client.Client` starts streams: the
+"""How a :class:`twisted_rpc.client.Client` starts streams: the
 :class:`StreamStarter` half of it (what proxies' streaming methods call)."""
 
 from __future__ import annotations

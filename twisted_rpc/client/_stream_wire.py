@@ -1,5 +1,5 @@
 """The streaming half of a consumer connection: :class:`StreamWire`, mixed
-into :class:`~twisted_rpc.client.ClientConnection`. It starts streams,
+into :class:`twisted_rpc.client.ClientConnection`. It starts streams,
 routes their MESSAGE, HEADERS and WINDOW frames (the RESPONSE ending one
 comes through the connection's answer handler) and sends their CANCELs.
 """

@@ -14,7 +14,7 @@ to readers and type checkers, which half of it a method's kind uses::
     await call.done_writing()
     echo = await call.read()                                # None at the end
 
-Replies are taken in order from an :class:`~twisted_rpc.core._flow.Inbox`:
+Replies are taken in order from an :class:`twisted_rpc.core._flow.Inbox`:
 ``async for`` hands out those already received without a reactor turn or a
 Deferred each, and credit goes back to the provider in batches as they are
 taken. Code that is not ``async def`` consumes a stream Twisted's way:

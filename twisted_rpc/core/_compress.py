@@ -1,7 +1,7 @@
 """Per-message compression on the native wire.
 
 A REQUEST, RESPONSE or MESSAGE frame whose ``flags`` has
-:data:`~twisted_rpc.core._codec.FLAG_COMPRESSED` set carries, as its
+:data:`twisted_rpc.core._codec.FLAG_COMPRESSED` set carries, as its
 payload, one byte naming the encoding (:data:`ENCODING_IDS`) and then the
 compressed message. Which encodings each end accepts is told in the settings
 (``encodings``, see docs/protocol.md); a sender compresses only for a peer

@@ -227,7 +227,7 @@ class RpcConnection(Protocol):
         """A frame whose extension is over the limits. An answer fails its
         call with RESOURCE_EXHAUSTED (an error status is kept, its text
         replaced); a GOAWAY keeps its reason and loses its text; a REQUEST is
-        the provider's (:class:`~twisted_rpc.server.ServerConnection`)."""
+        the provider's (:class:`twisted_rpc.server.ServerConnection`)."""
         handler = self._handlers.get(kind)
         if handler is None or kind == FrameKind.REQUEST:
             raise ProtocolError(why)

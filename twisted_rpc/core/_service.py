@@ -1,4 +1,4 @@
-"""Services and methods derived from protobuf ``ServiceDescriptor``s.
+"""Services and methods derived from protobuf ``ServiceDescriptor`` objects.
 
 Users declare ``service`` blocks in ``.proto`` files and compile them with
 ``protoc --python_out``; this module turns the descriptors the generated

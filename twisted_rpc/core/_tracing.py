@@ -10,7 +10,7 @@ current where the call is made) and writes its W3C ``traceparent`` (and
 ``tracestate``) into the call's metadata with the global propagator; the
 server interceptor extracts it, starts the SERVER span and makes it current
 while the handler runs: an ``async def`` handler's coroutine starts in a copy
-of the context that holds it (as :data:`~twisted_rpc.core._propagation.CURRENT_CALL`
+of the context that holds it (as :data:`twisted_rpc.core._propagation.CURRENT_CALL`
 does), so the calls the handler makes are its children. Streams get a span
 from their start to their end.
 

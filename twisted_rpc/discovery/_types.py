@@ -3,8 +3,8 @@ is dialled, with its weight and published data), :class:`Registration` (one
 service served at one address) and the strict ``host:port`` parser.
 
 A provider announces registrations through an
-:class:`~twisted_rpc.core.IServiceRegistry`; a consumer follows provider
-lists through an :class:`~twisted_rpc.core.IServiceDiscovery`.
+:class:`twisted_rpc.core.IServiceRegistry`; a consumer follows provider
+lists through an :class:`twisted_rpc.core.IServiceDiscovery`.
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """The consumer's gRPC wire: :class:`GrpcClientConnection`, one HTTP/2
 connection (the ``h2`` library, client side) to any gRPC server.
 
-It presents to :class:`~twisted_rpc.client.Channel` and the
-:class:`~twisted_rpc.client.Client` the surface of
-:class:`~twisted_rpc.client.ClientConnection` (``call``, ``resume``,
+It presents to :class:`twisted_rpc.client.Channel` and the
+:class:`twisted_rpc.client.Client` the surface of
+:class:`twisted_rpc.client.ClientConnection` (``call``, ``resume``,
 ``open_stream``, ``ping``, ``outstanding``, ``streams``, ``state``, the
 ``on_lost``/``on_goaway`` callbacks...), so proxies, balancers, failover,
 deadlines and stream objects work unchanged. A call is one HTTP/2 stream
 (its id is the call id); its HEADERS carry the path, ``grpc-timeout`` and
 metadata, its DATA the length-prefixed messages, and the server's trailers
-its status. The streaming half is :class:`~._client_streams.GrpcStreamWire`.
+its status. The streaming half is :class:`GrpcStreamWire`.
 Importing this module registers the ``grpc`` wire with the client's channels.
 """
 

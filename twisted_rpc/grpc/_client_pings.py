@@ -1,5 +1,5 @@
 """PINGs on a gRPC consumer connection: :class:`GrpcPings`, mixed into
-:class:`~._client.GrpcClientConnection`. A channel proves a new connection
+:class:`twisted_rpc.grpc.GrpcClientConnection`. A channel proves a new connection
 with one; keepalive PINGs follow gRPC's ping policy: never more often than
 every MIN_KEEPALIVE seconds (doubled each time a server says
 ``too_many_pings``), nor than every IDLE_KEEPALIVE seconds while no call is

@@ -1,6 +1,6 @@
 """The streaming half of a gRPC consumer connection, and the send side every
 call shares: :class:`GrpcStreamWire`, mixed into
-:class:`~._client.GrpcClientConnection`.
+:class:`twisted_rpc.grpc.GrpcClientConnection`.
 
 Sending honours HTTP/2 flow control: what the server's window does not
 take waits in the stream's outbox and goes as WINDOW_UPDATEs arrive; a

@@ -1,5 +1,5 @@
 """Unary calls on a gRPC consumer connection: :class:`GrpcUnaryCalls`,
-mixed into :class:`~._client.GrpcClientConnection`. A call is one HTTP/2
+mixed into :class:`twisted_rpc.grpc.GrpcClientConnection`. A call is one HTTP/2
 stream: HEADERS, one length-prefixed message with END_STREAM; the server's
 headers, one message and its trailers (or a trailers-only answer) end it.
 Its deadline resets the stream (CANCEL) and ends it DEADLINE_EXCEEDED here.

@@ -1,6 +1,6 @@
 """How a provider's gRPC connection ends, and what it does not take:
 :class:`ConnectionEnds`, mixed into
-:class:`~twisted_rpc.grpc._server.GrpcServerConnection`.
+:class:`twisted_rpc.grpc._server.GrpcServerConnection`.
 
 Graceful stop: a GOAWAY naming the last stream taken (sent beside h2, whose
 own GOAWAY would stop it reading the frames of the calls still running);

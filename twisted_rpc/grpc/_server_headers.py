@@ -6,7 +6,7 @@ more than the rest of a call); this pass checks what RFC 9113 asks of a
 request (8.2, 8.3) and takes out what gRPC needs (PROTOCOL-HTTP2's
 ``Request-Headers``): the path, method, content type, ``grpc-timeout``,
 ``grpc-encoding`` and the call's metadata (``-bin`` values base64-decoded,
-as :func:`~twisted_rpc.grpc._wire.metadata_from_headers` does).
+as :func:`twisted_rpc.grpc._wire.metadata_from_headers` does).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The writing half of a provider's gRPC connection: :class:`ResponseWriter`
-(mixed into :class:`~twisted_rpc.grpc._server.GrpcServerConnection`) and the
+(mixed into :class:`twisted_rpc.grpc._server.GrpcServerConnection`) and the
 state of one call's HTTP/2 stream, :class:`GrpcCall`.
 
 The call runner's wire hooks become HTTP/2 frames through ``h2``: an answer

@@ -4,7 +4,7 @@ A server-streaming call prints one JSON object a line, each written as it
 arrives. A client-streaming or bidi call reads its requests from stdin, one
 JSON object a line (blank lines are skipped; EOF ends the requests), and
 prints the replies as JSON lines (a client stream's one response as one
-line). stdin and stdout are Twisted's :class:`~twisted.internet.stdio.StandardIO`:
+line). stdin and stdout are Twisted's ``twisted.internet.stdio.StandardIO``:
 reading stdin pauses while the stream's window is closed, and the stream
 pauses while stdout's buffer is full, so neither a large input nor a slow
 reader of the output grows the command's memory, and the reactor never

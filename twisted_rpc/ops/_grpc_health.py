@@ -1,5 +1,5 @@
 """gRPC's standard health service, ``grpc.health.v1.Health``, answering
-from the provider's one :class:`~twisted_rpc.ops.HealthState` (the one
+from the provider's one :class:`twisted_rpc.ops.HealthState` (the one
 ``mprpc.health.v1.Health`` answers from), as gRPC's health-checking
 protocol specifies:
 
@@ -41,7 +41,7 @@ HealthListResponse: Any = GetMessageClass(_messages["HealthListResponse"])
 
 
 class GrpcHealthService(Service, descriptor=GRPC_HEALTH):
-    """``grpc.health.v1.Health`` over a :class:`~twisted_rpc.ops.HealthState`."""
+    """``grpc.health.v1.Health`` over a :class:`twisted_rpc.ops.HealthState`."""
 
     builtin = True
 

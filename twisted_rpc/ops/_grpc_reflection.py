@@ -1,7 +1,7 @@
 """gRPC's standard reflection service, ``grpc.reflection.v1alpha`` and
 ``grpc.reflection.v1`` ``ServerReflection`` (the same messages in two
 packages), answering from the descriptors ``mprpc.reflection.v1.Reflection``
-serves (:func:`~twisted_rpc.ops._reflection.served_pools`).
+serves (:func:`twisted_rpc.ops._reflection.served_pools`).
 
 ``ServerReflectionInfo`` is a bidi stream: one response per request, in
 order. ``list_services`` names every service served; ``file_by_filename``,
@@ -13,8 +13,8 @@ numbers of a message. Errors are answered in the stream as gRPC's servers
 do (an ``error_response`` with a status code, the stream going on):
 NOT_FOUND for what no pool knows, INVALID_ARGUMENT for a request asking
 nothing or naming anything with more than
-:data:`~twisted_rpc.ops._reflection.MAX_SYMBOL_LENGTH` characters (echoed
-cut to :data:`~twisted_rpc.ops._reflection.ECHO_LIMIT`).
+:data:`twisted_rpc.ops._reflection.MAX_SYMBOL_LENGTH` characters (echoed
+cut to :data:`twisted_rpc.ops._reflection.ECHO_LIMIT`).
 
 Bounded: the handler takes the next request only once its answer is
 written, and writing waits for the consumer's credit, so a flood of

@@ -16,7 +16,7 @@ factory, plus gauges read when scraped):
 - ``mprpc_registry_zookeeper_connected``, ``mprpc_registry_nodes``,
   ``mprpc_registry_reregistrations``
 
-Consumer side: :class:`~twisted_rpc.ops._client_metrics.ClientMetrics`
+Consumer side: :class:`twisted_rpc.ops._client_metrics.ClientMetrics`
 (``_client_metrics``), which shares this module's buckets and compression
 byte counting.
 
@@ -200,7 +200,7 @@ class ProviderMetrics:
         return gauge
 
     def watch_provider(self, provider: Any) -> None:
-        """Gauges of a :class:`~twisted_rpc.provider.ProviderService`'s state."""
+        """Gauges of a :class:`twisted_rpc.provider.ProviderService`'s state."""
         self.gauge(
             "mprpc_server_calls_in_flight",
             "Calls being handled (open streams included)",

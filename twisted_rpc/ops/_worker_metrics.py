@@ -144,7 +144,7 @@ class WorkersMetrics(Service):
     temp directory; made and given to ``workers`` as ``MULTIPROC_ENV`` when
     the service starts, removed when it stops), ``/metrics`` over it
     (:attr:`registry`) and what the status page needs (``totals``, ``rate``,
-    ``latency_buckets``, ``messages`` as :class:`~twisted_rpc.ops.ProviderMetrics`
+    ``latency_buckets``, ``messages`` as :class:`twisted_rpc.ops.ProviderMetrics`
     has them, and :meth:`status`).
 
     ``workers`` is the supervisor's worker set (``count``, ``live``,

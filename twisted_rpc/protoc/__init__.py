@@ -5,7 +5,7 @@
 i.e. grpcio-tools) writes ``myapp/protos/x_rpc.py`` beside ``x_pb2.py``:
 per service a ``<Service>Stub`` (a typed proxy), a ``<Service>AsyncioStub``
 (the same for asyncio tasks, on a client with ``awaitables="asyncio"``) and
-a ``<Service>Base`` (a :class:`~twisted_rpc.Service` to subclass, handlers
+a ``<Service>Base`` (a :class:`twisted_rpc.Service` to subclass, handlers
 typed). The plugin
 alone is the ``protoc-gen-twisted_rpc`` script, for any protoc. See
 docs/stubs.md.

@@ -1,4 +1,4 @@
-"""``protoc-gen-twisted_rpc``: protoc's plugin protocol around :mod:`._render`.
+"""``protoc-gen-twisted_rpc``: protoc's plugin protocol around :mod:`twisted_rpc.protoc._render`.
 
 protoc writes a ``CodeGeneratorRequest`` to the plugin's stdin and reads a
 ``CodeGeneratorResponse`` from its stdout (grpclib's ``grpclib.plugin.main``

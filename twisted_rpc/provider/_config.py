@@ -430,7 +430,7 @@ def load_services(
     Each RPC with no handler is logged (a warning); a public method that
     looks like a misspelt handler of one (``stock`` for ``Stock``) is a
     ConfigError, or with ``strict_handlers`` false a warning too
-    (:func:`~twisted_rpc.core._service.check_handlers`).
+    (:func:`twisted_rpc.core._service.check_handlers`).
     """
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:

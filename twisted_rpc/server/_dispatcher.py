@@ -148,7 +148,7 @@ class Dispatcher:
 
     def not_found(self, route: bytes) -> RpcError:
         """The error for a route no service here answers (quoting at most
-        :data:`ECHO_LIMIT` characters of it)."""
+        :data:`ECHO_LIMIT <twisted_rpc.server._dispatcher.ECHO_LIMIT>` characters of it)."""
         text = route.decode("utf-8", "replace")
         service, _, method = text.rpartition("/")
         if service in self.services:

@@ -14,7 +14,7 @@ streams. Its handler is chosen by the method's kind:
 Responses go out as MESSAGE frames while the consumer's credit lasts (the
 handler's ``yield`` waits when it runs out), then the final status in a
 RESPONSE (with the trailing metadata). Requests arrive as MESSAGE frames
-into an :class:`~twisted_rpc.core._flow.Inbox` and END_STREAM ends them;
+into an :class:`twisted_rpc.core._flow.Inbox` and END_STREAM ends them;
 credit is granted back as the handler takes them. Every end (the handler's,
 a CANCEL, the deadline, the idle timeout, the connection's loss, the GOAWAY
 grace running out) closes the handler's generator: its ``finally`` runs.
