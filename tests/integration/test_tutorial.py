@@ -76,7 +76,11 @@ def _source_files() -> list[Path]:
 
 
 def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", *args], check=True, timeout=600)
+    # Without this checkout on the path: pip would take its metadata
+    # (twisted_rpc.egg-info, left by `pip install .`) as the package installed.
+    subprocess.run(
+        [sys.executable, "-m", "pip", *args], check=True, timeout=600, env=_environment()
+    )
 
 
 def _wheel() -> Path:
