@@ -13,6 +13,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from twisted_rpc.client._asyncio import AsyncioServiceProxy, asyncio_loop
@@ -135,7 +136,7 @@ class Client(StreamStarter, ChannelBuilder):
         self._pools: dict[str, Pool] = {}
         self._routes: dict[str, _ServiceRoute] = {}
         self._unsubscribe: list[Callable[[], object]] = []
-        self._retiring: set[Channel] = set()
+        self._retiring: dict[Channel, IDelayedCall] = {}
         self._closed: _ServiceRoute | None = None  # after close(): every service's route
         self._retries = Retries.from_options(reactor, options)
         self._plain = self._retries.plain  # routes sent once unless marked idempotent
@@ -460,10 +461,9 @@ class Client(StreamStarter, ChannelBuilder):
     def _retire(self, channel: Channel, deadline: float) -> None:
         """Close a channel no service routes to, once its calls are done."""
         if channel.load and self.reactor.seconds() < deadline:
-            self._retiring.add(channel)
-            self.reactor.callLater(0.5, self._retire, channel, deadline)
+            self._retiring[channel] = self.reactor.callLater(0.5, self._retire, channel, deadline)
             return
-        self._retiring.discard(channel)
+        self._retiring.pop(channel, None)
         channel.close().addErrback(lambda f: log.failure("closing {c}", f, c=channel))
 
     def close(self) -> Deferred[None]:
@@ -488,6 +488,9 @@ class Client(StreamStarter, ChannelBuilder):
         closing.append(self.discovery.close())
         self.channels.clear()
         self._pools.clear()
+        for timer in self._retiring.values():
+            if timer.active():
+                timer.cancel()
         self._retiring.clear()
         self._routes.clear()
         return gatherResults(closing).addCallback(lambda _: None)

@@ -266,6 +266,29 @@ def test_closing_the_client_from_a_failed_call_leaves_no_redial_pending():
     assert timers(reactor) == []
 
 
+def test_closing_the_client_cancels_the_timers_of_channels_still_retiring():
+    # A channel discovery dropped waits for its calls (checked every 0.5 s);
+    # the client's close closes it at once and leaves no check pending.
+    from twisted.internet.defer import succeed
+
+    reactor = MemoryReactorClock()
+    client = Client(reactor, providers={})
+    closed = []
+
+    class Busy:
+        load = 1
+
+        def close(self):
+            closed.append(self)
+            return succeed(None)
+
+    busy = Busy()
+    client._retire(busy, reactor.seconds() + 60)
+    assert len(timers(reactor)) == 1 and not closed
+    result(client.close())
+    assert closed == [busy] and timers(reactor) == []
+
+
 def test_calls_waiting_for_a_connection_honour_timeout_and_cancel():
     reactor = MemoryReactorClock()
     client = Client(reactor, providers={"mprpc.test.EchoService": ["127.0.0.1:9"]})
