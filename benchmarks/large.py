@@ -84,7 +84,9 @@ class _Side:
             setattr(transport, name, timed)
 
 
-def run(payloads: list[int], calls: int, rounds: int, profile: str | None) -> None:
+def run(
+    payloads: list[int], calls: int, rounds: int, profile: str | None, new_first: bool = False
+) -> None:
     from twisted.internet import defer, reactor
 
     factory = ServerFactory(Dispatcher([_Login()]), reactor, max_frame_size=64 * 1024 * 1024)
@@ -123,7 +125,7 @@ def run(payloads: list[int], calls: int, rounds: int, profile: str | None) -> No
             for _ in range(n // 10):  # warm up
                 await login(request, timeout=30)
             for r in range(rounds * 2):
-                mode = "old" if r % 2 == 0 else "new"
+                mode = "old" if (r + new_first) % 2 == 0 else "new"
                 RpcConnection.large_reads = mode == "new"
                 server.cpu = client_side.cpu = 0.0
                 if profiler is not None and mode == "new":
@@ -180,8 +182,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200, help="calls per round at 1 MiB")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each, alternated")
     parser.add_argument("--profile", help="write cProfile statistics of the 'new' rounds")
+    parser.add_argument("--new-first", action="store_true", help="start with a 'new' round")
     args = parser.parse_args()
-    run([int(p) for p in args.payloads.split(",")], args.calls, args.rounds, args.profile)
+    payloads = [int(p) for p in args.payloads.split(",")]
+    run(payloads, args.calls, args.rounds, args.profile, args.new_first)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ still makes meanwhile are copied in too). The whole frame is decoded from a
 memoryview of that buffer, so its payload reaches the handler (which parses
 it at once) without another copy.
 
-The buffer is kept for the connection's next large frame, unless it is over
+The buffer is an anonymous ``mmap``, outside malloc's heap: keeping it
+leaves glibc's heap layout and its dynamic mmap and trim thresholds as they
+were (a kept 1 MiB ``bytearray`` made the process fault in ~1 MiB more fresh
+pages per call, docs/benchmarks.md), and nothing zero-fills it by hand. It is
+kept for the connection's next large frame, unless it is over
 :data:`KEEP_BYTES` or something still holds a view of it (a handler that kept
 its payload): then it is let go and the next frame gets a new one. While a
 frame is read, the decoder's ``buffered`` is the buffer's size (what the
@@ -24,6 +28,7 @@ socket carries ciphertext) or whose reads are paused keeps the plain path.
 
 from __future__ import annotations
 
+import mmap
 import socket
 from typing import TYPE_CHECKING
 
@@ -90,7 +95,7 @@ class LargeFrameReader:
     def __init__(self, connection: RpcConnection, sock: socket.socket) -> None:
         self.connection = connection
         self.sock = sock
-        self.buffer: bytearray | None = None
+        self.buffer: mmap.mmap | None = None
         self.view: memoryview | None = None
         self.size = 0
         self.filled = 0
@@ -100,7 +105,7 @@ class LargeFrameReader:
         buffer = self.buffer
         if buffer is None or len(buffer) < size:
             self.buffer = None  # (let an old one go before the new one is made)
-            buffer = self.buffer = bytearray(size)
+            buffer = self.buffer = mmap.mmap(-1, size)
         self.view = view = memoryview(buffer)[:size]
         filled = 0
         for chunk in chunks:
@@ -191,8 +196,7 @@ class LargeFrameReader:
             self.buffer = None
             return
         try:  # a view of it still held (a kept payload) makes it fixed-size
-            buffer.append(0)
-            buffer.pop()
+            buffer.resize(len(buffer))
         except BufferError:
             self.buffer = None
 
