@@ -27,7 +27,7 @@ from twisted_rpc.core._large_read import LARGE_READ, decode_frame
 from twisted_rpc.server import ServerFactory
 
 ROUTE = b"svc.Large/Call"
-BIG = 100_000
+BIG = 200_000
 
 
 class Recorder(RpcConnection):
@@ -242,4 +242,11 @@ def test_decode_frame_matches_the_decoder():
             (frame.kind, frame.call_id, frame.route, frame.metadata, frame.message, frame.payload)
         ]
         assert isinstance(got[0].route, bytes)
-    assert LARGE_READ == 64 * 1024 + 1
+    assert BIG > LARGE_READ > 2 * 65536
+
+
+def test_a_64_kib_message_keeps_the_plain_path(tcp_conn):
+    conn, peer, _ = tcp_conn
+    data = big_request(1, 65536) + small_response(2) + big_request(3, LARGE_READ - 100)
+    pump(conn, peer, data, 3)
+    assert conn.got == expected(data) and conn.large_reader is None
