@@ -12,7 +12,7 @@ GENERATED := $(PROTOS:.proto=_pb2.py)
 # here, and `services = examples...` in etc/*.ini import from here.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: demo test lint docs protos zookeeper browser clean
+.PHONY: demo test lint docs protos zookeeper browser bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,16 @@ $(APIDOCS)/index.html: $(DOC_SOURCES) $(STAMP)
 
 test: protos lint docs zookeeper browser
 	$(PY) -m pytest
+
+# The peer benchmark's whole matrix (docs/benchmarks.md), this framework beside
+# gRPC and the raw-Twisted floor: 3 rounds, about 20 minutes; not part of `make test`.
+PEERS ?= ../shared/bench/peers
+BENCH_OUT ?= peers.json
+BENCH_REPEAT ?= 3
+bench: protos
+	$(PY) $(PEERS)/run_all.py --payloads 32,65536,1048576 --concurrency 1,16,128 --repeat $(BENCH_REPEAT) \
+	    --system twisted_rpc "$(PY) -m benchmarks.peer server" "$(PY) -m benchmarks.peer client" \
+	    --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) $(GENERATED) $(GENERATED:.py=.pyi) $(GENERATED:_pb2.py=_rpc.py) twisted/plugins/dropin.cache

@@ -410,6 +410,14 @@ class FrameDecoder:
         self.reject = None
         self.inflate = None
 
+    def take_partial(self, at_least: int) -> tuple[list[bytes | memoryview], int] | None:
+        """Hand over the partial frame (its chunks and its size) to a reader
+        that completes it, if its header is in and it is ``at_least`` bytes."""
+        if not self._chunks or self._needed < at_least:
+            return None
+        chunks, self._chunks = self._chunks, []
+        return chunks, self._needed
+
     def feed(self, data: bytes) -> int:
         """Decode what ``data`` completes; raise ProtocolError on a bad frame.
 

@@ -8,6 +8,7 @@ the handlers for the kinds they accept.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -35,6 +36,7 @@ from twisted_rpc.core._compress import (
 )
 from twisted_rpc.core._direct_write import DirectWriter
 from twisted_rpc.core._flow import Inbox, fire_woken
+from twisted_rpc.core._large_read import LargeFrameReader, read_large
 from twisted_rpc.core._status import StatusCode, UnavailableError
 
 LARGE_PAYLOAD = 64 * 1024
@@ -220,8 +222,18 @@ class RpcConnection(Protocol):
         if self.decoder.buffered:
             if completed or self.partial_since is None:
                 self.partial_since = self.clock.seconds()
+            if self.large_reads and not self.write_blocked:
+                read_large(self)
         else:
             self.partial_since = None
+
+    large_reads = True
+    """Read large frames straight from the socket (see ``_large_read``)."""
+    large_reader: LargeFrameReader | None = None
+
+    def raw_socket(self) -> socket.socket | None:
+        """The socket, when what is read from it is this connection's bytes."""
+        return self._writer.raw_socket() if self._writer is not None else None
 
     def _ext_rejected(self, kind: int, call_id: int, status: int, route: bytes, why: str) -> None:
         """A frame whose extension is over the limits. An answer fails its
@@ -255,6 +267,9 @@ class RpcConnection(Protocol):
         # handlers (bound methods of this connection) held by the decoder and
         # the transport's producer: refcounting alone frees a dead connection.
         self.decoder.clear()  # (its inflate too)
+        reader, self.large_reader = self.large_reader, None
+        if reader is not None and self.__dict__.get("dataReceived") == reader.received:
+            del self.dataReceived  # (a cycle through the reader)
         self._handlers.clear()
         self.partial_since = None
         if self._write_watch is not None:

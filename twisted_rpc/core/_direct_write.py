@@ -94,6 +94,11 @@ class DirectWriter:
         else:
             transport.writeSequence(pieces)
 
+    def raw_socket(self) -> socket.socket | None:
+        """The socket, if bytes read from it are the connection's (plain TCP, no TLS)."""
+        sock = self._socket
+        return None if sock is None or self.transport.TLS else sock
+
     def unsent_bytes(self) -> int | None:
         """Bytes given to the transport and not sent yet (None: it does not tell)."""
         transport = self._tcp
