@@ -44,7 +44,7 @@ from twisted_rpc import Client, RpcError
 
 SERVICES = "testbed.burn_service:BurnEchoService"
 _LIMIT = re.compile(r"adaptive limit (\d+)")
-TICK = 0.005  # seconds between the open loop's batches of calls
+TICK = 0.001  # seconds between the open loop's batches of calls (--tick)
 
 
 def start_provider(adaptive: bool, burn_ms: float, config: str = "") -> Provider:
@@ -163,7 +163,9 @@ async def closed_loop(
     return tally, time.monotonic() - started
 
 
-async def open_loop(echo: Any, rate: float, seconds: float, deadline: float) -> tuple[Tally, float]:
+async def open_loop(
+    echo: Any, rate: float, seconds: float, deadline: float, tick: float = TICK
+) -> tuple[Tally, float]:
     """Calls started at ``rate`` per second for ``seconds``, whatever the answers; the
     time until the last answer. ``settled`` figures are for calls of the second half."""
     tally = Tally(deadline)
@@ -175,7 +177,7 @@ async def open_loop(echo: Any, rate: float, seconds: float, deadline: float) -> 
         due = min(total, int((time.monotonic() - started) * rate) + 1)
         while tally.started < due:
             running.append(Deferred.fromCoroutine(tally.call(echo)))
-        await _sleep(TICK)
+        await _sleep(tick)
     for d in running:  # each ends by its deadline
         await d
     return tally, time.monotonic() - started
@@ -209,7 +211,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             client = Client(reactor, providers={ECHO.full_name: [provider.address]})
             echo = client.proxy(ECHO)
             await warm_up(echo, args.warm_up)
-            tally, took = await open_loop(echo, rate, args.seconds, args.deadline)
+            tally, took = await open_loop(echo, rate, args.seconds, args.deadline, args.tick)
             phase = "overload, adaptive limit" if adaptive else "overload, no limit"
             results.append(tally.result(phase, took, offered_per_s=round(rate, 1)))
             await client.close()
@@ -226,6 +228,9 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=1.0, help="each call's timeout (s)")
     parser.add_argument("--burn-ms", type=float, default=2.0)
     parser.add_argument("--peak-concurrency", type=int, default=8)
+    parser.add_argument(
+        "--tick", type=float, default=TICK, help="seconds between the open loop's batches"
+    )
     parser.add_argument("--unloaded-calls", type=int, default=2000)
     parser.add_argument("--warm-up", type=int, default=200)
     parser.add_argument(
