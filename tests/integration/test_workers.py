@@ -255,6 +255,17 @@ class SharedSocketWorkersTests(WorkersTests):
 
     sockets = "shared"
 
+    async def test_calls_reach_both_workers_and_not_the_supervisor(self) -> None:
+        # On one shared socket the worker whose accept wins takes the
+        # connection, often the same one every time (docs/cluster.md:
+        # 0 to 8 of 32 connections on one of two workers): the spread is
+        # reuseport's (the default, tested above); here only that workers,
+        # never the supervisor, answer.
+        provider = self.start()
+        seen = await self.pids_seen(provider)
+        self.assertTrue(seen and seen <= set(self.workers(provider)), seen)
+        self.assertNotIn(provider.pid, seen)
+
 
 class WorkersAdminTests(TestCase):
     """``[admin]`` with ``workers = 2``: the supervisor's /metrics sums every
