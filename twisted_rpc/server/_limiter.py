@@ -23,9 +23,12 @@ The headroom is ``sqrt(limit)`` (Gradient2's), except when the window's calls
 *serialise*: their mean latency grew with the calls in flight, as when the
 handlers' work is CPU-bound on the provider's one thread (``current >= no_load
 * mean_in_flight / 2`` with more than one call in flight). Then a higher
-limit only adds queue: the headroom is 1 and the limit falls to ``limit *
-gradient`` with nothing added, so it settles where the calls in flight wait
-about ``tolerance`` times the no-load latency.
+limit only adds queue: the headroom is 1, the gradient uses a tolerance of
+1.2 (a second call queued behind one waits its whole length), the limit falls
+to ``limit * gradient`` with nothing added, and it does not climb again for
+:attr:`hold_windows` windows, so it stays where nothing waits and probes one
+more only now and then. A window with several calls in flight and none slower
+than the tolerance allows ends the hold (they did not serialise).
 
 A window is ``window`` calls, or ``short_window`` when its mean latency is
 already over twice the tolerance above the no-load figure (overload ends the
@@ -43,6 +46,10 @@ import math
 from collections import deque
 
 __all__ = ["AdaptiveLimiter"]
+
+_SERIAL_TOLERANCE = 1.2
+"""How much longer than at no load serialised calls may take before the limit
+falls (a second call queued behind one doubles the wait: 1.5 would keep it)."""
 
 
 class AdaptiveLimiter:
@@ -69,6 +76,7 @@ class AdaptiveLimiter:
         "_low",
         "_peak",
         "_flight",
+        "_hold",
     )
 
     def __init__(
@@ -122,6 +130,12 @@ class AdaptiveLimiter:
         self._low = math.inf
         self._peak = 0
         self._flight = 0
+        self._hold = 0
+
+    hold_windows = 20
+    """Windows the limit does not climb after serialised calls made it fall:
+    a one-thread provider's best limit is the one with no queue, and probing
+    above it costs the calls of that window a wait (they serialise)."""
 
     def sample(self, latency: float, in_flight: int) -> bool:
         """A call took ``latency`` seconds, with ``in_flight`` calls running
@@ -161,17 +175,26 @@ class AdaptiveLimiter:
         else:
             gradient = max(self.floor, min(1.0, no_load * self.tolerance / current))
         # Serialised calls: latency grew with the calls in flight (one thread's work).
-        self.serial = serial = flight > 1.0 and current * 2.0 >= no_load * flight
+        queued = current > no_load * _SERIAL_TOLERANCE
+        self.serial = serial = flight > 1.0 and queued and current * 2.0 >= no_load * flight
+        if flight > 1.0 and not queued:
+            self._hold = 0  # several in flight and none waited: no one thread's queue
         estimate = self.estimate
+        if serial and current > 0.0:
+            # Queueing on one thread: the limit with no wait is the one to keep.
+            gradient = max(self.floor, min(1.0, no_load * _SERIAL_TOLERANCE / current))
         if gradient < 1.0:
             target = estimate * gradient if serial else estimate * gradient + math.sqrt(estimate)
         else:
             target = estimate + (1.0 if serial else math.sqrt(estimate))
         if target > estimate:
-            if not used:
-                return False  # not using the limit it has: no evidence for more
+            if not used or self._hold > 0:
+                self._hold = max(0, self._hold - 1)
+                return False  # not using the limit it has (or holding): no evidence for more
             estimate = estimate * (1.0 - self.smoothing) + target * self.smoothing
         else:
+            if serial and target < estimate:
+                self._hold = self.hold_windows
             estimate = target  # falling: at once (by at most 1 - floor)
         self.estimate = estimate = min(float(self.max_limit), max(float(self.min_limit), estimate))
         old, self.limit = self.limit, int(estimate)

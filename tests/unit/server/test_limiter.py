@@ -97,9 +97,11 @@ def test_one_thread_cpu_bound_calls_serialise_and_the_limit_falls_fast_to_them()
     provider.run(150)  # a sudden overload: 50 calls queued at once
     assert limiter.limit <= 4  # from 50 within 150 calls (the old shape: 36, below)
     provider.run(5000)
-    assert limiter.serial  # latency grows with the calls in flight: no sqrt headroom
+    # Latency grew with the calls in flight (serialised, no sqrt headroom): the
+    # limit settles where nothing waits, probing one more only now and then.
     settled = provider.limits[-200:]
-    assert max(settled) <= 2 and min(settled) >= 1  # ~tolerance x the no-load latency
+    assert max(settled) <= 2 and min(settled) >= 1
+    assert settled.count(1) >= 0.9 * len(settled)
     assert limiter.no_load == pytest.approx(0.002)
 
 
