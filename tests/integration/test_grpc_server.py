@@ -155,7 +155,11 @@ def test_bidi_initial_metadata(channel):
 
 def test_cancellation_reaches_the_handler(channel):
     count = streams(channel, "unary_stream", "Count", echo_pb2.CountRequest)
-    call = count(echo_pb2.CountRequest(forever=True, tag="grpc-cancel"), timeout=30)
+    # (Paced: a stream of tiny messages sent as fast as the windows allow
+    # fills the socket buffers, and on a loaded machine the client then takes
+    # seconds to drain them before the Ends answer behind them on the same
+    # connection; the cancellation is what this test is about.)
+    call = count(echo_pb2.CountRequest(forever=True, tag="grpc-cancel", delay=0.001), timeout=30)
     assert next(call).call_id == 0
     call.cancel()
     ends = streams(channel, "unary_unary", "Ends", echo_pb2.CountRequest)
