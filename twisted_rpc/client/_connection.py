@@ -177,7 +177,10 @@ class ClientConnection(HeldCalls, StreamWire, RpcConnection, Keepalive):
                     f"{self.max_write_buffer} bytes of calls wait to be sent"
                 )
             )
-        if len(self.outstanding) + len(self.streams) >= self.room_limit:
+        outstanding = len(self.outstanding)  # (streams count too: rarely any)
+        if outstanding >= self.room_limit or (
+            self.streams and outstanding + len(self.streams) >= self.room_limit
+        ):
             return self.hold_call(method, payload, metadata, timeout)
         call_id = self._next_id
         if call_id < 0xFFFFFFFF and not self._wrapped:
