@@ -333,13 +333,16 @@ class ChannelBuilder:
     def _extra(self, key: str, primary: Channel, index: int) -> Channel:
         """The ``index``-th channel (from 1) to ``primary``'s address."""
         channel = self._new_channel(primary.address, "")
-        name = f"{key}#{index + 1}"
+        self._install(f"{key}#{index + 1}", channel)
+        return channel
+
+    def _install(self, name: str, channel: Channel) -> None:
+        """``channel`` under ``name`` (closing the one it replaces), dialling."""
         old = self.channels.get(name)
         self.channels[name] = channel
         if old is not None:
             old.close()
         channel.connect()
-        return channel
 
     def _drop(self, key: str, channel: Channel) -> None:
         for name, held in list(self.channels.items()):
@@ -366,11 +369,7 @@ class ChannelBuilder:
             if refused:
                 log.error("not dialling {address}: {why}", address=address, why=refused)
             channel = self._new_channel(address, refused)
-            old = self.channels.get(address.key)
-            self.channels[address.key] = channel
-            if old is not None:
-                old.close()
-            channel.connect()
+            self._install(address.key, channel)
         else:
             channel.address = address  # the weight may have changed
         return channel

@@ -16,6 +16,8 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.descriptor_pb2 import MethodOptions
 from google.protobuf.message import Message
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from twisted_rpc.client._calls import NotSentError, ShedError
@@ -352,7 +354,7 @@ async def send_with_retries(
             )
             if delay > 0:
                 try:
-                    await _sleep(clock, delay)
+                    await sleep(clock, delay)
                 except defer.CancelledError:
                     raise CancelledError(message="cancelled by the caller") from None
             listed = channels()
@@ -378,9 +380,7 @@ def may_resend_shed(retries: Retries, method: MethodInfo) -> bool:
     return True
 
 
-def _sleep(clock: _Clock, delay: float) -> defer.Deferred[None]:
-    """Fires after ``delay``; cancelling it cancels the timer."""
-    timer = None
-    d: defer.Deferred[None] = defer.Deferred(lambda _: timer and timer.cancel())
-    timer = clock.callLater(delay, d.callback, None)
-    return d
+def sleep(clock: _Clock, delay: float) -> defer.Deferred[None]:
+    """Fires after ``delay``; cancelling it cancels the timer (Twisted's
+    ``deferLater``, given the clock this module is typed with)."""
+    return deferLater(cast(IReactorTime, clock), delay)

@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 USER_AGENT = f"twisted-rpc/{__version__}"
+_CONTENT_TYPE = CONTENT_TYPE.decode()
 
 Headers = Iterable[tuple[bytes | str, bytes | str]]
 
@@ -81,7 +82,7 @@ def request_headers(
         (":scheme", scheme),
         (":path", path),
         (":authority", authority),
-        ("content-type", CONTENT_TYPE.decode()),
+        ("content-type", _CONTENT_TYPE),
         ("te", "trailers"),
         ("user-agent", USER_AGENT),
         ("grpc-accept-encoding", "identity,gzip"),
@@ -117,7 +118,7 @@ def response_error(fields: Mapping[str, str]) -> RpcError | None:
             code = StatusCode.UNKNOWN
         return RpcError.from_status(code, f"the server answered HTTP status {status[:16]}")
     content_type = fields.get("content-type", "")
-    if not content_type.startswith(CONTENT_TYPE.decode()):
+    if not content_type.startswith(_CONTENT_TYPE):
         if "grpc-status" in fields:
             return trailers_status(fields)
         return RpcError.from_status(
