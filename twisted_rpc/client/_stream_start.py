@@ -17,7 +17,7 @@ from twisted_rpc.client._calls import NotSentError
 from twisted_rpc.client._dials import ClientReactor
 from twisted_rpc.client._hedge import attempts_error
 from twisted_rpc.client._options import ClientOptions, timeout_error
-from twisted_rpc.client._retry import Retries, _sleep
+from twisted_rpc.client._retry import Retries, sleep
 from twisted_rpc.client._service_config import HedgingPolicy, RetryPolicy
 from twisted_rpc.client._streams import BidiStream, ClientStream, ServerStream, StreamCall
 from twisted_rpc.core._interfaces import IClientStreamInterceptor
@@ -151,7 +151,7 @@ class StreamStarter:
         and a connection), trying the next while one cannot take it; one
         not in ``attempted`` (to which the one taken is added) first."""
         if delay > 0:
-            await _sleep(self.reactor, delay)
+            await sleep(self.reactor, delay)
         method = stream.method
         if not route.known:
             waiter: Deferred[None] = Deferred(route.waiters.remove)
@@ -244,7 +244,9 @@ class StreamRetry:
         self.budget.failed()
         if self.attempts >= policy.max_attempts:
             return attempts_error(error, self.attempts)
+        events, name = self.starter._retries.events, stream.method.full_name
         if not self.budget.withdraw():
+            events("retry_refused", name)
             return attempts_error(error, self.attempts, "retry budget exhausted")
         clock = self.starter.reactor
         if stream.timeout and clock.seconds() + backoff >= stream.created + stream.timeout:
@@ -255,6 +257,7 @@ class StreamRetry:
             delay=backoff,
             error=error.message,
         )
+        events("retried", name, error.code)
         self.attempts += 1
         self.last = error
         stream.detach()
@@ -377,9 +380,12 @@ class StreamHedge:
         self.timer = None
         if self.done or self.attempts >= self.policy.max_attempts:
             return
+        events, name = self.starter._retries.events, self.stream.method.full_name
         if not self.budget.withdraw():
             self.why = "retry budget exhausted"
+            events("retry_refused", name)
             return
+        events("hedged", name)
         log.debug(
             "hedging stream {method}: attempt {n}",
             method=self.stream.method.full_name,

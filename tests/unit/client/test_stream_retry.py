@@ -257,3 +257,36 @@ def test_cancelled_during_the_backoff_no_attempt_follows():
     assert sum(p.calls()) == 1
     assert stream.code == StatusCode.CANCELLED
     assert not timers(p.reactor)
+
+
+class _Seen:
+    """Records what the client's retries tell their observers (the metrics)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __getattr__(self, event):
+        return lambda *args: self.seen.append((event, *args))
+
+
+def test_stream_retries_and_refusals_are_told_to_the_observers():
+    p = Providers(fails=(1, 1))
+    seen = _Seen()
+    p.client._retries.events.add(seen)
+    stream = p.proxy.Count(echo_pb2.CountRequest(count=1))
+    p.flush()
+    for _ in range(3):
+        p.reactor.advance(2)
+        p.flush()
+    assert stream.code == StatusCode.OK
+    name = "mprpc.test.StreamService/Count"
+    assert [e for e in seen.seen if e[0] == "retried"] == [
+        ("retried", name, StatusCode.UNAVAILABLE)
+    ] * 2
+    config = {**RETRIED, "retryThrottling": {"maxTokens": 2, "tokenRatio": 0.1}}
+    p = Providers(fails=(5, 5), service_config=config)
+    seen = _Seen()
+    p.client._retries.events.add(seen)
+    p.proxy.Count(echo_pb2.CountRequest(count=1))
+    p.flush()
+    assert seen.seen == [("retry_refused", name)]
