@@ -170,19 +170,18 @@ class AdaptiveLimiter:
         self._flight = 0
         self.current = current
         self.no_load = no_load = min(self._mins)
-        if current <= 0.0:
-            gradient = 1.0
-        else:
-            gradient = max(self.floor, min(1.0, no_load * self.tolerance / current))
         # Serialised calls: latency grew with the calls in flight (one thread's work).
         queued = current > no_load * _SERIAL_TOLERANCE
         self.serial = serial = flight > 1.0 and queued and current * 2.0 >= no_load * flight
         if flight > 1.0 and not queued:
             self._hold = 0  # several in flight and none waited: no one thread's queue
+        # (Serialised: the limit with no wait is the one to keep.)
+        tolerance = _SERIAL_TOLERANCE if serial else self.tolerance
+        if current <= 0.0:
+            gradient = 1.0
+        else:
+            gradient = max(self.floor, min(1.0, no_load * tolerance / current))
         estimate = self.estimate
-        if serial and current > 0.0:
-            # Queueing on one thread: the limit with no wait is the one to keep.
-            gradient = max(self.floor, min(1.0, no_load * _SERIAL_TOLERANCE / current))
         if gradient < 1.0:
             target = estimate * gradient if serial else estimate * gradient + math.sqrt(estimate)
         else:

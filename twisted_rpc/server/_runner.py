@@ -153,7 +153,12 @@ class CallRunner(StreamRunner):
             self.fail_call(call_id, refused, method.info.full_name, started)
             return
         deadline = started + timeout_ms / 1000.0 if timeout_ms else None
-        if deadline is not None and deadline <= self.clock.seconds():
+        # (Only a wire that stamps its reads can tell: the others' started is now.)
+        if (
+            deadline is not None
+            and self.received_at is not None
+            and deadline <= self.clock.seconds()
+        ):
             self._drop_late(call_id, method.info.full_name, started)  # it waited too long
             return
         factory = self.factory

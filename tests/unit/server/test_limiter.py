@@ -95,7 +95,7 @@ def test_one_thread_cpu_bound_calls_serialise_and_the_limit_falls_fast_to_them()
     limiter = AdaptiveLimiter(min_limit=1, max_limit=1000)  # starts at 50
     provider = OneThread(limiter)
     provider.run(150)  # a sudden overload: 50 calls queued at once
-    assert limiter.limit <= 4  # from 50 within 150 calls (the old shape: 36, below)
+    assert limiter.limit <= 4  # from 50 within 150 calls
     provider.run(5000)
     # Latency grew with the calls in flight (serialised, no sqrt headroom): the
     # limit settles where nothing waits, probing one more only now and then.
@@ -103,16 +103,6 @@ def test_one_thread_cpu_bound_calls_serialise_and_the_limit_falls_fast_to_them()
     assert max(settled) <= 2 and min(settled) >= 1
     assert settled.count(1) >= 0.9 * len(settled)
     assert limiter.no_load == pytest.approx(0.002)
-
-
-def test_the_old_shape_kept_a_queue_on_one_thread():
-    """Gradient2's sqrt(limit) headroom with its old fall (a tenth a window):
-    what the run measured before serialised windows lost their headroom."""
-    limiter = AdaptiveLimiter(min_limit=1, max_limit=1000, floor=0.9)
-    limiter.short_window = limiter.window
-    provider = OneThread(limiter)
-    provider.run(150)
-    assert limiter.limit >= 30  # barely moved after 150 calls
 
 
 def test_a_parallel_provider_keeps_its_headroom():
