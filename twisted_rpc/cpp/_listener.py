@@ -10,6 +10,8 @@ provider does.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -149,6 +151,17 @@ class CppServerProtocol(CallRunner, Protocol):
     def _write_status(self, call_id: int, code: int, message: str) -> None:
         """The protocol has no status: close without a reply (the runner logged why)."""
         self._close_without_reply()
+
+    def _write_end(
+        self,
+        call_id: int,
+        code: int,
+        message: str,
+        trailers: Mapping[str, str] | None,
+        payload: bytes = b"",
+    ) -> None:
+        """No trailers either (a shed or late call's not-run marking): as a status."""
+        self._write_status(call_id, code, message)
 
     def _close_without_reply(self) -> None:
         self._done = True

@@ -280,10 +280,7 @@ class CallRunner(StreamRunner):
             message=f"shed: {factory.in_flight} calls in flight at this provider "
             f"(adaptive limit {limiter.limit})"
         )
-        try:
-            self.fail_call(call_id, error, method, started, trailers=_NOT_RUN)
-        except NotImplementedError:  # a wire without trailers (the C++ one): the code alone
-            self._write_status(call_id, int(error.code), error.message)
+        self.fail_call(call_id, error, method, started, trailers=_NOT_RUN)
 
     def _drop_late(self, call_id: int, method: str, started: float) -> None:
         """Refuse ``call_id`` unrun: its deadline passed between its arrival and
@@ -294,10 +291,7 @@ class CallRunner(StreamRunner):
             limiter.shed += 1
             limiter.dropped_late += 1
         error = RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call ran")
-        try:
-            self.fail_call(call_id, error, method, started, trailers=_LATE)
-        except NotImplementedError:  # a wire without trailers (the C++ one): the code alone
-            self._write_status(call_id, int(error.code), error.message)
+        self.fail_call(call_id, error, method, started, trailers=_LATE)
 
     def _sample(self, started: float) -> None:
         """Feed the adaptive limiter a finished call's latency."""

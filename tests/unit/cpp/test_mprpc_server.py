@@ -245,3 +245,23 @@ def test_a_streaming_method_is_refused_unimplemented_and_logged(logged, method, 
     good.makeConnection(good_transport)
     good.dataReceived(echo_request(payload=b"still here"))
     assert echo_pb2.EchoReply.FromString(good_transport.value()).payload == b"still here"
+
+
+def test_a_call_shed_by_the_adaptive_limit_is_closed_unanswered_and_observed():
+    # The C++ wire has no trailers for the not-run marking: the caller is
+    # closed without a reply, and the shed call still reaches the observer.
+    h = Harness(ServerLimits(adaptive_limit=True, adaptive_min_limit=1, adaptive_max_limit=1))
+    seen = []
+
+    class Observer:
+        def call_finished(self, method, code, duration):
+            seen.append((method, code))
+
+    h.factory.observer = Observer()
+    first, _ = h.connect()
+    first.dataReceived(echo_request("AsyncEcho", delay=1))  # admitted: the limit is 1
+    shed, transport = h.connect()
+    shed.dataReceived(echo_request("AsyncEcho"))
+    assert transport.value() == b"" and transport.disconnecting
+    assert seen == [("mprpc.test.EchoService/AsyncEcho", 8)]  # RESOURCE_EXHAUSTED
+    assert h.factory.limiter is not None and h.factory.limiter.shed == 1
