@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from twisted_rpc.client._balancer import EJECTED
+from twisted_rpc.client._balancer import EJECTED, _cost
 from twisted_rpc.client._calls import TakenBack
 from twisted_rpc.client._channel import Channel
 from twisted_rpc.client._connection import ClientConnection
@@ -65,9 +65,7 @@ class _PoolCost:
         self.pool = pool
 
     def cost(self, load: int) -> float:
-        member = self.pool.pick()
-        latency = member.latency
-        return float(member.load) if latency is None else float(latency.cost(member.load))
+        return _cost(self.pool.pick(advance=False))
 
 
 class Pool:
@@ -184,14 +182,17 @@ class Pool:
 
     # ------------------------------------------------ a channel's surface
 
-    def pick(self) -> Channel:
+    def pick(self, advance: bool = True) -> Channel:
         """The connection for the next call: the least loaded ready one
         (not ejected; ties taken in turn, so that calls made one at a time
-        reach every worker), else one dialling, else one usable, else the first."""
+        reach every worker), else one dialling, else one usable, else the
+        first. ``advance=False``: only looking (the turn is left as it is)."""
         best: Channel | None = None
         members = self.members
         count = len(members)
-        self._turn = turn = (self._turn + 1) % count
+        turn = (self._turn + 1) % count
+        if advance:
+            self._turn = turn
         for i in range(count):
             member = members[(turn + i) % count]
             if member.ready and not (EJECTED and member in EJECTED):
@@ -225,15 +226,15 @@ class Pool:
 
     @property
     def state(self) -> ChannelState:
-        return self.pick().state
+        return self.pick(advance=False).state
 
     @property
     def last_error(self) -> str:
-        return self.pick().last_error
+        return self.pick(advance=False).last_error
 
     @property
     def protocol(self) -> ClientConnection | None:
-        return self.pick().protocol
+        return self.pick(advance=False).protocol
 
     @overload
     def call(

@@ -293,6 +293,20 @@ def test_calls_made_one_at_a_time_take_the_idle_connections_in_turn():
     assert [b - a for a, b in zip(before, after, strict=True)] == [2, 2, 2]
 
 
+def test_looking_at_a_pool_does_not_take_its_turn():
+    # The balancer's cost and the channel-like properties only look: the
+    # calls still take the idle connections in turn.
+    memory, _ = _provider(3, _cycle("w1", "w2", "w3"))
+    result(_ready(memory, _call(memory)))
+    (pool,) = _route(memory.client).pools
+    turn = pool._turn
+    for _ in range(5):
+        assert pool.state and pool.last_error == "" and pool.protocol is not None
+    assert pool._turn == turn
+    pool.pick()  # a call's pick takes the next turn
+    assert pool._turn == (turn + 1) % 3
+
+
 @pytest.mark.parametrize(
     ("value", "error"),
     [(0, ValueError), (65, ValueError), ("many", TypeError), (True, TypeError), (2.0, TypeError)],
