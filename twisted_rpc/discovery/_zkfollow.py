@@ -135,6 +135,8 @@ class Follower:
         return watched.addresses or () if watched else ()
 
     def _read_soon(self, watched: _Watched, delay: float | None = None) -> None:
+        if self._watched.get(watched.service) is not watched:
+            return  # no longer followed (unsubscribed, closed): a late watch or read's end
         if watched.reading:
             watched.dirty = True
             return

@@ -167,6 +167,19 @@ def test_unsubscribe_stops_following():
     assert seen == [()]
 
 
+def test_a_watch_firing_after_close_schedules_no_read():
+    # (A watch or a read's end that comes after close must leave no timer:
+    # the reactor would be unclean.)
+    clock, zk, registry = make()
+    registry.subscribe(SERVICE, lambda addresses: None)
+    clock.advance(0)
+    follower = registry._follower
+    (watched,) = follower._watched.values()
+    registry.close()
+    follower._read_soon(watched)  # what a late children watch, or a read's end, does
+    assert [c for c in clock.getDelayedCalls() if c.func.__name__ == "_read"] == []
+
+
 # ----------------------------------------------------------------- hardening
 
 
