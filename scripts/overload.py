@@ -47,17 +47,21 @@ _LIMIT = re.compile(r"adaptive limit (\d+)")
 TICK = 0.001  # seconds between the open loop's batches of calls (--tick)
 
 
-def start_provider(adaptive: bool, burn_ms: float, config: str = "") -> Provider:
-    saved = os.environ.get("BURN_MS")
-    os.environ["BURN_MS"] = str(burn_ms)
+def start_provider(
+    adaptive: bool, burn_ms: float, config: str = "", inline: bool = False
+) -> Provider:
+    names = {"BURN_MS": str(burn_ms), "BURN_INLINE": "1" if inline else ""}
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
     try:
         extra = ("adaptive_limit = yes\n" + config) if adaptive else ""
         return Provider(Path(tempfile.mkdtemp()), extra=extra, services=SERVICES)
     finally:
-        if saved is None:
-            os.environ.pop("BURN_MS", None)
-        else:
-            os.environ["BURN_MS"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def percentile_ms(values: list[float], share: float) -> float | None:
@@ -190,7 +194,7 @@ async def warm_up(echo: Any, calls: int) -> None:
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
-    provider = start_provider(False, args.burn_ms)
+    provider = start_provider(False, args.burn_ms, inline=args.inline)
     try:
         client = Client(reactor, providers={ECHO.full_name: [provider.address]})
         echo = client.proxy(ECHO)
@@ -206,7 +210,9 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         provider.stop()
     rate = args.factor * results[-1]["goodput"]
     for adaptive in (False, True):
-        provider = start_provider(adaptive, args.burn_ms, "\n".join(args.limiter_config))
+        provider = start_provider(
+            adaptive, args.burn_ms, "\n".join(args.limiter_config), inline=args.inline
+        )
         try:
             client = Client(reactor, providers={ECHO.full_name: [provider.address]})
             echo = client.proxy(ECHO)
@@ -227,6 +233,9 @@ def main() -> int:
     parser.add_argument("--factor", type=float, default=3.0, help="offered load / peak goodput")
     parser.add_argument("--deadline", type=float, default=1.0, help="each call's timeout (s)")
     parser.add_argument("--burn-ms", type=float, default=2.0)
+    parser.add_argument(
+        "--inline", action="store_true", help="the handler burns and answers inline (no Deferred)"
+    )
     parser.add_argument("--peak-concurrency", type=int, default=8)
     parser.add_argument(
         "--tick", type=float, default=TICK, help="seconds between the open loop's batches"

@@ -5,7 +5,9 @@ from the provider's environment) in a later reactor turn, so calls admitted
 together wait for one another on the provider's one thread, as the work of a
 real provider does; the call answers through a Deferred, so the adaptive limiter
 counts it in flight and samples its latency. A call cancelled before its turn
-(its deadline passed) burns nothing.
+(its deadline passed) burns nothing. With ``BURN_INLINE=1`` in the
+environment it burns and answers inline instead (no Deferred), as a plain
+synchronous handler does.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class BurnEchoService(Service, descriptor=ECHO):
         self.seconds = float(os.environ.get("BURN_MS", "2")) / 1000.0
         if not 0.0 <= self.seconds <= 1.0:
             raise ValueError(f"BURN_MS must be within 0 and 1000, got {self.seconds * 1000}")
+        self.inline = os.environ.get("BURN_INLINE", "") == "1"
 
     def _answer(self, request: echo_pb2.EchoRequest) -> echo_pb2.EchoReply:
         burn(self.seconds)
@@ -42,7 +45,9 @@ class BurnEchoService(Service, descriptor=ECHO):
 
     def Echo(
         self, request: echo_pb2.EchoRequest, context: CallContext
-    ) -> Deferred[echo_pb2.EchoReply]:
+    ) -> Deferred[echo_pb2.EchoReply] | echo_pb2.EchoReply:
+        if self.inline:
+            return self._answer(request)
         if context.connection is None:
             raise RuntimeError("BurnEchoService needs a connection's clock")
         return deferLater(context.connection.clock, 0, self._answer, request)

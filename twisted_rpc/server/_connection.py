@@ -51,7 +51,9 @@ class ServerConnection(CallRunner, RpcConnection):
         self.init_calls(factory.clock)
         self.held = 0
         """Bytes of a partial frame counted in the factory's ``partial_bytes``."""
-        self._handlers[FrameKind.REQUEST] = self.request_received
+        self._handlers[FrameKind.REQUEST] = (
+            self.request_received if factory.limiter is None else self.limited_request_received
+        )
         self._handlers[FrameKind.CANCEL] = self._cancel_received
         self._handlers[FrameKind.MESSAGE] = self.stream_message_received
         self._handlers[FrameKind.END_STREAM] = self.end_stream_received
@@ -63,6 +65,43 @@ class ServerConnection(CallRunner, RpcConnection):
 
     supports_streams = True
     _told_not_reading = False
+
+    def limited_request_received(
+        self,
+        call_id: int,
+        status: int,
+        timeout_ms: int,
+        route: bytes,
+        metadata: dict[str, str] | None,
+        message: str,
+        payload: bytes | memoryview,
+    ) -> None:
+        """:meth:`request_received` under the adaptive limit: calls answered
+        inline count as in flight until the read that brought them ends (their
+        answers leave with its batch), and are sampled as they end."""
+        factory = self.factory
+        started = self.received_at
+        method = self.routes.get(route)
+        if started is None or method is None or method.long_lived:
+            self.request_received(call_id, status, timeout_ms, route, metadata, message, payload)
+            return
+        ran = factory.inline_ran if factory.inline_of is self else 0
+        flight = factory.in_flight + ran
+        if ran and factory.admit_limit <= flight < factory.limits.max_calls and not self.draining:
+            self._shed(call_id, method.info.full_name, started, flight)
+            return
+        self.failed = False
+        self.request_received(call_id, status, timeout_ms, route, metadata, message, payload)
+        if self.failed or call_id in self.pending:
+            return  # refused, shed, dropped or failed; or answered later (sampled then)
+        if not ran:
+            factory.inline_of = self
+            self.wake_later(_EndOfRead(factory))  # type: ignore[arg-type]
+        factory.inline_ran = ran + 1
+        limiter = factory.limiter
+        assert limiter is not None
+        if limiter.sample(self.clock.seconds() - started, flight + 1):
+            factory.limit_changed()
 
     def local_settings(self) -> dict[str, str]:
         limits = self.factory.limits
@@ -218,3 +257,17 @@ class ServerConnection(CallRunner, RpcConnection):
 
     def _cancel_received(self, call_id: int, *_: object) -> None:
         self.cancel_call(call_id)
+
+
+class _EndOfRead:
+    """Fired once the read that ran calls inline is handled (their answers
+    written with its batch): they no longer count as in flight."""
+
+    __slots__ = ("factory",)
+
+    def __init__(self, factory: ServerFactory) -> None:
+        self.factory = factory
+
+    def fire(self) -> None:
+        self.factory.inline_of = None
+        self.factory.inline_ran = 0

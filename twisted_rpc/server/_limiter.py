@@ -34,6 +34,18 @@ A window is ``window`` calls, or ``short_window`` when its mean latency is
 already over twice the tolerance above the no-load figure (overload ends the
 window early). The limit stays within ``[min_limit, max_limit]``.
 
+**The thread's bound.** Given ``cpu_clock`` (the provider's reactor thread's
+CPU time, ``time.thread_time``), each window also measures the thread's CPU
+seconds per finished call, and the limit is at most :attr:`cpu_bound` =
+``no_load * tolerance / cpu_per_call`` (rounded down, at least 1): what one
+thread can run within the tolerated latency when that CPU is what a call
+costs it. A handler whose work burns the thread (2 ms of CPU, 2.05 ms at no
+load) gets 1 without probing for it; one that waits on I/O for 10 ms with
+50 µs of CPU gets 300, so the gradient alone decides. This bound is measured,
+not inferred from latency, so it may go below ``min_limit`` (which bounds
+the gradient's fall). Work done off the thread (``deferToThread``) is not
+counted: it does not queue on it.
+
 It knows no clock and no wire: the runner feeds it each finished call's
 latency (from the request's arrival) and the calls in flight, sheds calls
 over :attr:`limit`, and counts the calls it sheds and those it drops late
@@ -44,6 +56,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 
 __all__ = ["AdaptiveLimiter"]
 
@@ -77,6 +90,10 @@ class AdaptiveLimiter:
         "_peak",
         "_flight",
         "_hold",
+        "cpu_bound",
+        "cpu_per_call",
+        "_cpu_clock",
+        "_cpu_mark",
     )
 
     def __init__(
@@ -90,6 +107,7 @@ class AdaptiveLimiter:
         smoothing: float = 0.2,
         floor: float = 0.25,
         short_window: int = 10,
+        cpu_clock: Callable[[], float] | None = None,
     ) -> None:
         if not 1 <= min_limit <= max_limit:
             raise ValueError(f"need 1 <= min_limit <= max_limit, not {min_limit}, {max_limit}")
@@ -131,6 +149,13 @@ class AdaptiveLimiter:
         self._peak = 0
         self._flight = 0
         self._hold = 0
+        self._cpu_clock = cpu_clock
+        self._cpu_mark = 0.0
+        self.cpu_per_call = 0.0
+        """Seconds of the thread's CPU per call in the last window (0: unknown)."""
+        self.cpu_bound = max_limit
+        """The most calls the thread can run within the tolerated latency
+        (see "The thread's bound"; ``max_limit`` until measured)."""
 
     hold_windows = 20
     """Windows the limit does not climb after serialised calls made it fall:
@@ -148,6 +173,8 @@ class AdaptiveLimiter:
         if in_flight > self._peak:
             self._peak = in_flight
         count = self._count
+        if count == 1 and self._cpu_clock is not None:
+            self._cpu_mark = self._cpu_clock()
         if count < self.window and (count < self.short_window or not self._overloaded()):
             return False
         return self._end_window()
@@ -159,6 +186,9 @@ class AdaptiveLimiter:
 
     def _end_window(self) -> bool:
         count = self._count
+        if self._cpu_clock is not None and count > 1:
+            # The thread's CPU from the window's first call to its last: count - 1 calls.
+            self.cpu_per_call = (self._cpu_clock() - self._cpu_mark) / (count - 1)
         current = self._total / count
         flight = self._flight / count
         self._mins.append(self._low)
@@ -188,13 +218,24 @@ class AdaptiveLimiter:
             target = estimate + (1.0 if serial else math.sqrt(estimate))
         if target > estimate:
             if not used or self._hold > 0:
-                self._hold = max(0, self._hold - 1)
-                return False  # not using the limit it has (or holding): no evidence for more
-            estimate = estimate * (1.0 - self.smoothing) + target * self.smoothing
+                self._hold = max(0, self._hold - 1)  # not using it (or holding): no evidence
+            else:
+                estimate = estimate * (1.0 - self.smoothing) + target * self.smoothing
         else:
             if serial and target < estimate:
                 self._hold = self.hold_windows
             estimate = target  # falling: at once (by at most 1 - floor)
-        self.estimate = estimate = min(float(self.max_limit), max(float(self.min_limit), estimate))
-        old, self.limit = self.limit, int(estimate)
+        estimate = min(float(self.max_limit), max(float(self.min_limit), estimate))
+        bound = self.cpu_bound = self._bound(no_load)
+        if estimate > bound:
+            estimate = max(float(bound), float(self.min_limit))  # no climbing past it unseen
+        self.estimate = estimate
+        old, self.limit = self.limit, min(int(estimate), bound)
         return self.limit != old
+
+    def _bound(self, no_load: float) -> int:
+        """The thread's bound on the limit, from the last window's CPU per call."""
+        per_call = self.cpu_per_call
+        if per_call <= 0.0 or no_load <= 0.0:
+            return self.max_limit
+        return max(1, min(self.max_limit, int(no_load * self.tolerance / per_call + 1e-9)))

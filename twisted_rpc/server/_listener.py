@@ -10,6 +10,7 @@ close). Each subclass adds its wire's settings and its connection class
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
@@ -200,8 +201,16 @@ class ListenerFactory(Factory, Generic[C]):
         self.admit_limit = limits.max_calls
         """Ordinary calls in flight from which one more is refused: ``max_calls``,
         or less while the adaptive limit is lower (see :meth:`limit_changed`)."""
+        self.inline_of: object | None = None
+        self.inline_ran = 0
+        """Calls answered inline by the read being handled on the connection
+        ``inline_of`` (adaptive limit only): their answers leave with that
+        read's batch, so they count as in flight until it ends (see
+        ``ServerConnection.limited_request_received``)."""
         if limits.adaptive_limit:
-            self.limiter = AdaptiveLimiter(limits.adaptive_min_limit, limits.adaptive_max_limit)
+            self.limiter = AdaptiveLimiter(
+                limits.adaptive_min_limit, limits.adaptive_max_limit, cpu_clock=time.thread_time
+            )
             self.limit_changed()
 
     def limit_changed(self) -> None:

@@ -82,6 +82,9 @@ class CallRunner(StreamRunner):
     routes: Mapping[Any, ServerMethod]
     call_label: ClassVar[str] = "call {call_id}"
     """How this wire's log lines name a call (a format over the event's keys)."""
+    failed = False
+    """Set by :meth:`fail_call` (under the adaptive limit: whether the call
+    just handed to :meth:`request_received` ended with an error)."""
     received_at: float | None = None
     """When the read that brought the request being handled started (set by
     a wire that stamps its reads, as the native connection does): calls are
@@ -269,7 +272,7 @@ class CallRunner(StreamRunner):
             )
         return None
 
-    def _shed(self, call_id: int, method: str, started: float) -> None:
+    def _shed(self, call_id: int, method: str, started: float, flight: int = -1) -> None:
         """Refuse ``call_id`` unrun, over the adaptive limit: RESOURCE_EXHAUSTED
         marked not run (docs/protocol.md), so the consumer may send it elsewhere."""
         factory = self.factory
@@ -277,7 +280,8 @@ class CallRunner(StreamRunner):
         assert limiter is not None
         limiter.shed += 1
         error = ResourceExhaustedError(
-            message=f"shed: {factory.in_flight} calls in flight at this provider "
+            message=f"shed: {factory.in_flight if flight < 0 else flight} calls in flight "
+            "at this provider "
             f"(adaptive limit {limiter.limit})"
         )
         self.fail_call(call_id, error, method, started, trailers=_NOT_RUN)
@@ -349,6 +353,7 @@ class CallRunner(StreamRunner):
         serves (``unknown``), the provider's clipped text of it. The message
         is cut to :data:`MAX_ERROR_MESSAGE` characters.
         """
+        self.failed = True
         duration = self.clock.seconds() - started
         message = clip(error.message, MAX_ERROR_MESSAGE)
         log.info(
