@@ -35,21 +35,25 @@ already over twice the tolerance above the no-load figure (overload ends the
 window early). The limit stays within ``[min_limit, max_limit]``.
 
 **The thread's bound.** Given ``cpu_clock`` (the provider's reactor thread's
-CPU time, ``time.thread_time``), each window also measures the thread's CPU
-seconds per finished call, and the limit is at most :attr:`cpu_bound` =
-``no_load * tolerance / cpu_per_call`` (rounded down, at least 1): what one
-thread can run within the tolerated latency when that CPU is what a call
-costs it. A handler whose work burns the thread (2 ms of CPU, 2.05 ms at no
-load) gets 1 without probing for it; one that waits on I/O for 10 ms with
-50 µs of CPU gets 300, so the gradient alone decides. This bound is measured,
+CPU time, ``time.thread_time``) and ``wall_clock`` (the reactor's
+``seconds``), each window also measures how busy the thread was (its CPU
+over the window's wall time) and, when it was busy at least
+:data:`BUSY` of the time, its CPU seconds per finished call; the limit is
+then at most :attr:`cpu_bound` = ``no_load * tolerance / cpu_per_call``
+(rounded down, at least 1): what one thread can run within the tolerated
+latency when that CPU is what a call costs it. (A thread with time to spare
+is not bound: its CPU may be another listener's work.) A handler whose
+work burns the thread (2 ms of CPU, 2.05 ms at no load) gets 1 without
+probing for it; one that waits on I/O for 10 ms with 50 µs of CPU, on a
+busy thread, gets 300, so the gradient alone decides. This bound is measured,
 not inferred from latency, so it may go below ``min_limit`` (which bounds
 the gradient's fall). Work done off the thread (``deferToThread``) is not
 counted: it does not queue on it.
 
-It knows no clock and no wire: the runner feeds it each finished call's
-latency (from the request's arrival) and the calls in flight, sheds calls
-over :attr:`limit`, and counts the calls it sheds and those it drops late
-(docs/resilience.md).
+It reads no clock but the two it may be given, and knows no wire: the
+runner feeds it each finished call's latency (from the request's arrival)
+and the calls in flight, sheds calls over :attr:`limit`, and counts the
+calls it sheds and those it drops late (docs/resilience.md).
 """
 
 from __future__ import annotations
@@ -58,11 +62,16 @@ import math
 from collections import deque
 from collections.abc import Callable
 
-__all__ = ["AdaptiveLimiter"]
+__all__ = ["BUSY", "AdaptiveLimiter"]
 
 _SERIAL_TOLERANCE = 1.2
 """How much longer than at no load serialised calls may take before the limit
 falls (a second call queued behind one doubles the wait: 1.5 would keep it)."""
+
+
+BUSY = 0.75
+"""The share of a window's wall time the thread must have spent on the CPU
+for the window's CPU per call to bound the limit."""
 
 
 class AdaptiveLimiter:
@@ -92,8 +101,11 @@ class AdaptiveLimiter:
         "_hold",
         "cpu_bound",
         "cpu_per_call",
+        "busy",
         "_cpu_clock",
+        "_wall_clock",
         "_cpu_mark",
+        "_wall_mark",
     )
 
     def __init__(
@@ -108,6 +120,7 @@ class AdaptiveLimiter:
         floor: float = 0.25,
         short_window: int = 10,
         cpu_clock: Callable[[], float] | None = None,
+        wall_clock: Callable[[], float] | None = None,
     ) -> None:
         if not 1 <= min_limit <= max_limit:
             raise ValueError(f"need 1 <= min_limit <= max_limit, not {min_limit}, {max_limit}")
@@ -149,10 +162,16 @@ class AdaptiveLimiter:
         self._peak = 0
         self._flight = 0
         self._hold = 0
+        if (cpu_clock is None) != (wall_clock is None):
+            raise ValueError("cpu_clock and wall_clock go together")
         self._cpu_clock = cpu_clock
-        self._cpu_mark = 0.0
+        self._wall_clock = wall_clock
+        self._cpu_mark = self._wall_mark = 0.0
+        self.busy = 0.0
+        """The thread's CPU over the wall time of the last window (0: unknown)."""
         self.cpu_per_call = 0.0
-        """Seconds of the thread's CPU per call in the last window (0: unknown)."""
+        """Seconds of the thread's CPU per call in the last window (0: unknown,
+        or the thread was not busy: see "The thread's bound")."""
         self.cpu_bound = max_limit
         """The most calls the thread can run within the tolerated latency
         (see "The thread's bound"; ``max_limit`` until measured)."""
@@ -175,6 +194,7 @@ class AdaptiveLimiter:
         count = self._count
         if count == 1 and self._cpu_clock is not None:
             self._cpu_mark = self._cpu_clock()
+            self._wall_mark = self._wall_clock()  # type: ignore[misc]
         if count < self.window and (count < self.short_window or not self._overloaded()):
             return False
         return self._end_window()
@@ -188,7 +208,10 @@ class AdaptiveLimiter:
         count = self._count
         if self._cpu_clock is not None and count > 1:
             # The thread's CPU from the window's first call to its last: count - 1 calls.
-            self.cpu_per_call = (self._cpu_clock() - self._cpu_mark) / (count - 1)
+            cpu = self._cpu_clock() - self._cpu_mark
+            wall = self._wall_clock() - self._wall_mark  # type: ignore[misc]
+            self.busy = busy = cpu / wall if wall > 0.0 else 0.0
+            self.cpu_per_call = cpu / (count - 1) if busy >= BUSY else 0.0
         current = self._total / count
         flight = self._flight / count
         self._mins.append(self._low)

@@ -209,7 +209,10 @@ class ListenerFactory(Factory, Generic[C]):
         ``ServerConnection.limited_request_received``)."""
         if limits.adaptive_limit:
             self.limiter = AdaptiveLimiter(
-                limits.adaptive_min_limit, limits.adaptive_max_limit, cpu_clock=time.thread_time
+                limits.adaptive_min_limit,
+                limits.adaptive_max_limit,
+                cpu_clock=time.thread_time,
+                wall_clock=clock.seconds,
             )
             self.limit_changed()
 

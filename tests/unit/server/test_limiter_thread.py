@@ -20,13 +20,18 @@ ASYNC_ROUTE = describe(ECHO).methods["AsyncEcho"].route
 
 
 class Thread:
-    """A fake CPU clock: the thread's CPU seconds, advanced by hand."""
+    """Fake clocks: the thread's CPU seconds and the wall's, advanced by hand."""
 
     def __init__(self) -> None:
         self.cpu = 0.0
+        self.wall = 0.0
 
-    def __call__(self) -> float:
-        return self.cpu
+    def limiter(self, **kw: int) -> AdaptiveLimiter:
+        return AdaptiveLimiter(cpu_clock=lambda: self.cpu, wall_clock=lambda: self.wall, **kw)
+
+    def run(self, cpu: float, wall: float) -> None:
+        self.cpu += cpu
+        self.wall += wall
 
 
 def _serialised(limiter: AdaptiveLimiter, thread: Thread, work: float, rounds: int) -> list[int]:
@@ -36,7 +41,7 @@ def _serialised(limiter: AdaptiveLimiter, thread: Thread, work: float, rounds: i
     for _ in range(rounds):
         admitted = limiter.limit
         for i in range(1, admitted + 1):
-            thread.cpu += work
+            thread.run(work, work)
             limiter.sample(i * work + 0.00005, admitted - i + 1)
         seen.append(limiter.limit)
     return seen
@@ -44,9 +49,10 @@ def _serialised(limiter: AdaptiveLimiter, thread: Thread, work: float, rounds: i
 
 def test_a_thread_burning_its_cpu_is_bound_to_one_call_below_the_min_limit():
     thread = Thread()
-    limiter = AdaptiveLimiter(min_limit=4, max_limit=1000, cpu_clock=thread)
+    limiter = thread.limiter(min_limit=4, max_limit=1000)
     seen = _serialised(limiter, thread, work=0.002, rounds=400)
     assert limiter.cpu_per_call == pytest.approx(0.002)
+    assert limiter.busy == pytest.approx(1.0)
     # no_load 2.05 ms * 1.5 / 2 ms of CPU per call: one call fits the tolerated latency
     assert limiter.cpu_bound == 1
     assert seen[-300:] == [1] * 300  # measured, not probed: it stays there
@@ -55,25 +61,33 @@ def test_a_thread_burning_its_cpu_is_bound_to_one_call_below_the_min_limit():
 
 def test_a_thread_waiting_on_io_is_not_bound():
     thread = Thread()
-    limiter = AdaptiveLimiter(
-        min_limit=4, max_limit=1000, initial_limit=50, window=10, cpu_clock=thread
-    )
+    limiter = thread.limiter(min_limit=4, max_limit=1000, initial_limit=50, window=10)
     for _ in range(20):  # 10 ms calls costing the thread 50 us each, 50 in flight
         for _ in range(10):
-            thread.cpu += 0.00005
+            thread.run(0.00005, 0.0002)  # one ends every 0.2 ms
             limiter.sample(0.010, 50)
-    assert limiter.cpu_bound == 300  # 10 ms * 1.5 / 50 us
+    assert limiter.busy == pytest.approx(0.25)
+    assert limiter.cpu_bound == 1000 and limiter.cpu_per_call == 0.0
     assert limiter.limit > 50  # the gradient decides: it climbed
+
+
+def test_a_busy_thread_doing_little_per_call_is_bound_far_above_its_limit():
+    thread = Thread()
+    limiter = thread.limiter(min_limit=4, max_limit=1000, initial_limit=50, window=10)
+    for _ in range(20):  # as above, with the thread busy with other work as well
+        for _ in range(10):
+            thread.run(0.0002, 0.0002)
+            limiter.sample(0.010, 50)
+    assert limiter.cpu_bound == 75  # 10 ms * 1.5 / 0.2 ms
+    assert limiter.limit > 50
 
 
 def test_half_cpu_half_wait_is_bound_to_what_the_thread_runs_in_time():
     thread = Thread()
-    limiter = AdaptiveLimiter(
-        min_limit=1, max_limit=1000, initial_limit=10, window=10, cpu_clock=thread
-    )
+    limiter = thread.limiter(min_limit=1, max_limit=1000, initial_limit=10, window=10)
     for _ in range(5):  # 2 ms of CPU then 2 ms of waiting: 4 ms at no load
         for _ in range(10):
-            thread.cpu += 0.002
+            thread.run(0.002, 0.002)
             limiter.sample(0.004, 3)
     assert limiter.cpu_bound == 3  # 4 ms * 1.5 / 2 ms
     assert limiter.limit <= 3
@@ -84,6 +98,8 @@ def test_no_cpu_clock_no_bound():
     seen = _serialised(limiter, Thread(), work=0.002, rounds=200)
     assert limiter.cpu_bound == 100 and limiter.cpu_per_call == 0.0
     assert min(seen) >= 4
+    with pytest.raises(ValueError):
+        AdaptiveLimiter(cpu_clock=lambda: 0.0)
 
 
 def _inline_provider(limit: int) -> tuple[Clock, ServerFactory]:
