@@ -124,6 +124,8 @@ def status_data(provider: Any, metrics: ProviderMetrics, workers: Any = None) ->
             "shed": limiter.shed,
             "no_load_ms": _ms(limiter.no_load),
             "current_ms": _ms(limiter.current),
+            "cpu_bound": limiter.cpu_bound,
+            "thread_busy": round(limiter.busy, 2),
         }
         for name, factory in named_listeners(provider)
         if (limiter := getattr(factory, "limiter", None)) is not None
@@ -212,7 +214,8 @@ def render_status(data: dict[str, Any], refresh: float) -> str:
     adaptive = "".join(
         f'<p class="adaptive">{escape(name)}: adaptive limit <b>{a["limit"]}</b>, '
         f"calls shed <b>{a['shed']}</b>, latency now <b>{a['current_ms']}</b> ms "
-        f"(no load <b>{a['no_load_ms']}</b> ms)</p>"
+        f"(no load <b>{a['no_load_ms']}</b> ms), thread busy <b>{a['thread_busy']:.0%}</b>, "
+        f"bound <b>{a['cpu_bound']}</b></p>"
         for name, a in data.get("adaptive_limit", {}).items()
     )
     workers = "".join(

@@ -395,6 +395,10 @@ class _ProviderResilience(Collector):
             "mprpc_server_adaptive_current_latency_seconds",
             "The adaptive limiter's current latency (mean of the last window)",
         )
+        bound = gauge(
+            "mprpc_server_adaptive_cpu_bound",
+            "The most calls the reactor thread runs within the tolerated latency",
+        )
         before, after = _compression("server")
         for name, factory in self.listeners:
             limiter = getattr(factory, "limiter", None)
@@ -403,7 +407,8 @@ class _ProviderResilience(Collector):
                 limit.add_metric([name], limiter.limit)
                 no_load.add_metric([name], limiter.no_load)
                 current.add_metric([name], limiter.current)
+                bound.add_metric([name], limiter.cpu_bound)
             u, c = self.compressed[name].read(factory.connections)
             before.add_metric([name], u)
             after.add_metric([name], c)
-        return [shed, limit, no_load, current, before, after]
+        return [shed, limit, no_load, current, bound, before, after]

@@ -75,6 +75,7 @@ def test_shed_calls_and_the_limiters_figures_per_listener() -> None:
     assert before[("mprpc_server_calls_shed_total", NATIVE)] == 0
     assert before[("mprpc_server_adaptive_limit", NATIVE)] == 2
     assert before[("mprpc_server_adaptive_no_load_latency_seconds", NATIVE)] == 0
+    assert before[("mprpc_server_adaptive_cpu_bound", NATIVE)] == 2  # not measured: max_limit
 
     slow = [echo(memory, "AsyncEcho", delay=1.0) for _ in range(2)]  # the limit's two slots
     shed = [echo(memory, "AsyncEcho", delay=1.0) for _ in range(3)]
@@ -190,7 +191,14 @@ def test_status_page_shows_the_adaptive_limit_only_when_on() -> None:
     assert failure_of(echo(memory, "AsyncEcho", delay=1.0)).code == StatusCode.UNAVAILABLE
     data = status_data(_Provider(memory), metrics)
     assert data["adaptive_limit"] == {
-        "native": {"limit": 1, "shed": 1, "no_load_ms": 0.0, "current_ms": 0.0}
+        "native": {
+            "limit": 1,
+            "shed": 1,
+            "no_load_ms": 0.0,
+            "current_ms": 0.0,
+            "cpu_bound": 1,
+            "thread_busy": 0.0,
+        }
     }
     assert "adaptive limit <b>1</b>, calls shed <b>1</b>" in render_status(data, 0)
     memory.advance(1.0)
