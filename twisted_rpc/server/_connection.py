@@ -87,20 +87,21 @@ class ServerConnection(CallRunner, RpcConnection):
             return
         ran = factory.inline_ran if factory.inline_of is self else 0
         flight = factory.in_flight + ran
-        if ran and factory.admit_limit <= flight < factory.limits.max_calls and not self.draining:
-            self._shed(call_id, method.info.full_name, started, flight)
+        name = method.info.full_name
+        if ran and flight >= factory.admit_limit and not self.draining:
+            self.refuse_over_limit(call_id, name, started, flight)
             return
-        self.failed = False
+        self.failed = self.sampled = False
         self.request_received(call_id, status, timeout_ms, route, metadata, message, payload)
-        if self.failed or call_id in self.pending:
-            return  # refused, shed, dropped or failed; or answered later (sampled then)
+        if self.failed or self.sampled or call_id in self.pending:
+            return  # refused, shed, dropped or failed; answered later; or sampled already
         if not ran:
             factory.inline_of = self
             self.wake_later(_EndOfRead(factory))  # type: ignore[arg-type]
         factory.inline_ran = ran + 1
         limiter = factory.limiter
         assert limiter is not None
-        if limiter.sample(self.clock.seconds() - started, flight + 1):
+        if limiter.sample(self.clock.seconds() - started, flight + 1, name):
             factory.limit_changed()
 
     def local_settings(self) -> dict[str, str]:
@@ -139,6 +140,8 @@ class ServerConnection(CallRunner, RpcConnection):
         super().connectionLost(reason)
         self.factory.connection_lost(self)
         self.cancel_calls()
+        if self.factory.inline_of is self:  # a read that ended in an error
+            _EndOfRead(self.factory).fire()
 
     # ----------------------------------------------------------------- partial frames
 

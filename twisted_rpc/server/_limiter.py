@@ -30,25 +30,39 @@ to ``limit * gradient`` with nothing added, and it does not climb again for
 more only now and then. A window with several calls in flight and none slower
 than the tolerance allows ends the hold (they did not serialise).
 
-A window is ``window`` calls, or ``short_window`` when its mean latency is
-already over twice the tolerance above the no-load figure (overload ends the
-window early). The limit stays within ``[min_limit, max_limit]``.
+A window is ``window`` calls, or ends after ``short_window`` or more
+calls once their mean latency is over twice the tolerance above the no-load
+figure (overload ends the window early). The limit starts at 20 (Gradient2's
+initial limit). The limit stays within ``[min_limit, max_limit]``.
 
-**The thread's bound.** Given ``cpu_clock`` (the provider's reactor thread's
-CPU time, ``time.thread_time``) and ``wall_clock`` (the reactor's
+**The thread's bound.** Given ``cpu_clock`` (the provider's reactor
+thread's CPU time, ``time.thread_time``) and ``wall_clock`` (the reactor's
 ``seconds``), each window also measures how busy the thread was (its CPU
-over the window's wall time) and, when it was busy at least
-:data:`BUSY` of the time, its CPU seconds per finished call; the limit is
-then at most :attr:`cpu_bound` = ``no_load * tolerance / cpu_per_call``
-(rounded down, at least 1): what one thread can run within the tolerated
-latency when that CPU is what a call costs it. (A thread with time to spare
-is not bound: its CPU may be another listener's work.) A handler whose
-work burns the thread (2 ms of CPU, 2.05 ms at no load) gets 1 without
-probing for it; one that waits on I/O for 10 ms with 50 µs of CPU, on a
-busy thread, gets 300, so the gradient alone decides. This bound is measured,
-not inferred from latency, so it may go below ``min_limit`` (which bounds
-the gradient's fall). Work done off the thread (``deferToThread``) is not
-counted: it does not queue on it.
+over the window's wall time) and its CPU seconds per finished call. When a
+window's calls waited (took over 1.2x their no-load latency on average) on a
+thread busy at least :data:`BUSY` of the time, the limit is at most
+:attr:`cpu_bound` = ``no_load * tolerance / cpu_per_call`` (rounded down,
+at least 1): what one thread can run within the tolerated latency when that
+CPU is what a call costs it. The bound is kept, and measured again each
+window, while the thread stays that busy and no window shows several calls
+in flight without waiting. A thread with time to spare is not bound, nor one
+busy with work that does not make these calls wait (another listener's, a
+flood of requests that fail). A handler whose work burns the thread (2 ms of
+CPU, 2.05 ms at no load) gets 1 without probing for it; one that waits on
+I/O for 10 ms with 50 µs of CPU, on a busy thread, 300, so the gradient
+alone decides. The bound is measured, not inferred from latency, so it may
+go below ``min_limit`` (which bounds the gradient's fall). Work done off the
+thread (``deferToThread``) is not counted: it does not queue on it.
+
+**Per method.** Latencies are compared with the no-load latency of the
+same method (each method's own least of its recent window minimums, read as
+at least :data:`LATENCY_FLOOR`): a window's *load* is the mean of its calls'
+latency over their method's no-load figure, and ``current / no_load`` above
+stands for it. A cheap method (a health check answered in 50 µs) beside a
+slow one (a 10 ms backend call) then does not make the slow one look
+overloaded. Queueing under a millisecond is not taken for overload: a read
+that brings sixteen 5 µs calls makes the last wait 80 µs, 16x its no-load
+latency but no sign of overload.
 
 It reads no clock but the two it may be given, and knows no wire: the
 runner feeds it each finished call's latency (from the request's arrival)
@@ -60,18 +74,38 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
-__all__ = ["BUSY", "AdaptiveLimiter"]
+__all__ = ["BUSY", "LATENCY_FLOOR", "AdaptiveLimiter"]
 
 _SERIAL_TOLERANCE = 1.2
 """How much longer than at no load serialised calls may take before the limit
 falls (a second call queued behind one doubles the wait: 1.5 would keep it)."""
 
-
 BUSY = 0.75
 """The share of a window's wall time the thread must have spent on the CPU
 for the window's CPU per call to bound the limit."""
+
+LATENCY_FLOOR = 0.001
+"""Seconds: the least no-load latency a method is compared with (queueing
+under a millisecond is not overload)."""
+
+
+class _Method:
+    """One method's latencies: its no-load figure and the window's calls."""
+
+    __slots__ = ("mins", "no_load", "low", "total", "count")
+
+    def __init__(self, history: int) -> None:
+        self.mins: deque[float] = deque(maxlen=history)
+        self.no_load = 0.0
+        self.low = math.inf
+        self.total = 0.0
+        self.count = 0
+
+    def load(self, no_load: float) -> float:
+        """The window's calls' latency over ``no_load`` (at least the floor), summed."""
+        return self.total / max(no_load, LATENCY_FLOOR)
 
 
 class AdaptiveLimiter:
@@ -92,16 +126,17 @@ class AdaptiveLimiter:
         "serial",
         "floor",
         "short_window",
-        "_mins",
+        "history",
+        "_methods",
         "_count",
         "_total",
-        "_low",
         "_peak",
         "_flight",
         "_hold",
         "cpu_bound",
         "cpu_per_call",
         "busy",
+        "_bound_held",
         "_cpu_clock",
         "_wall_clock",
         "_cpu_mark",
@@ -118,7 +153,7 @@ class AdaptiveLimiter:
         tolerance: float = 1.5,
         smoothing: float = 0.2,
         floor: float = 0.25,
-        short_window: int = 10,
+        short_window: int = 4,
         cpu_clock: Callable[[], float] | None = None,
         wall_clock: Callable[[], float] | None = None,
     ) -> None:
@@ -130,21 +165,25 @@ class AdaptiveLimiter:
             raise ValueError("need tolerance >= 1, 0 < smoothing <= 1 and 0 < floor <= 1")
         if short_window < 1:
             raise ValueError("short_window must be >= 1")
+        if (cpu_clock is None) != (wall_clock is None):
+            raise ValueError("cpu_clock and wall_clock go together")
         self.min_limit = min_limit
         self.max_limit = max_limit
         self.window = window
+        self.history = history
         self.tolerance = tolerance
         self.smoothing = smoothing
         self.floor = floor
         """The least gradient: the limit falls by at most ``1 - floor`` per window."""
         self.short_window = min(short_window, window)
-        start = initial_limit if initial_limit is not None else min(max_limit, max(min_limit, 50))
+        start = initial_limit if initial_limit is not None else min(max_limit, max(min_limit, 20))
         self.estimate = float(min(max_limit, max(min_limit, start)))
         """The limit before rounding down."""
         self.limit = int(self.estimate)
         """Calls in flight at most; one more is shed."""
         self.no_load = 0.0
-        """Seconds: the least latency of the recent windows (0: none seen yet)."""
+        """Seconds: the no-load latency of the last window's calls (the mean
+        of their methods' figures; 0: no window yet)."""
         self.current = 0.0
         """Seconds: the mean latency of the last window."""
         self.shed = 0
@@ -155,39 +194,42 @@ class AdaptiveLimiter:
         self.serial = False
         """Whether the last window's calls serialised (latency grew with the
         calls in flight): then the limit has no ``sqrt(limit)`` headroom."""
-        self._mins: deque[float] = deque(maxlen=history)
+        self._methods: dict[Hashable, _Method] = {}
         self._count = 0
         self._total = 0.0
-        self._low = math.inf
         self._peak = 0
         self._flight = 0
         self._hold = 0
-        if (cpu_clock is None) != (wall_clock is None):
-            raise ValueError("cpu_clock and wall_clock go together")
         self._cpu_clock = cpu_clock
         self._wall_clock = wall_clock
         self._cpu_mark = self._wall_mark = 0.0
         self.busy = 0.0
         """The thread's CPU over the wall time of the last window (0: unknown)."""
         self.cpu_per_call = 0.0
-        """Seconds of the thread's CPU per call in the last window (0: unknown,
-        or the thread was not busy: see "The thread's bound")."""
+        """Seconds of the thread's CPU per call in the last window (0: unknown)."""
         self.cpu_bound = max_limit
         """The most calls the thread can run within the tolerated latency
-        (see "The thread's bound"; ``max_limit`` until measured)."""
+        (see "The thread's bound"; ``max_limit`` while not bound)."""
+        self._bound_held = False
 
     hold_windows = 20
     """Windows the limit does not climb after serialised calls made it fall:
     a one-thread provider's best limit is the one with no queue, and probing
     above it costs the calls of that window a wait (they serialise)."""
 
-    def sample(self, latency: float, in_flight: int) -> bool:
-        """A call took ``latency`` seconds, with ``in_flight`` calls running
-        (it included) when it finished. True when the limit changed."""
+    def sample(self, latency: float, in_flight: int, method: Hashable = None) -> bool:
+        """A call of ``method`` (any key naming it: a provider has a bounded
+        set) took ``latency`` seconds, with ``in_flight`` calls running (it
+        included) when it finished. True when the limit changed."""
+        stats = self._methods.get(method)
+        if stats is None:
+            stats = self._methods[method] = _Method(self.history)
+        stats.total += latency
+        stats.count += 1
+        if latency < stats.low:
+            stats.low = latency
         self._count += 1
         self._total += latency
-        if latency < self._low:
-            self._low = latency
         self._flight += in_flight
         if in_flight > self._peak:
             self._peak = in_flight
@@ -201,8 +243,12 @@ class AdaptiveLimiter:
 
     def _overloaded(self) -> bool:
         """Whether the window so far is already well over the no-load latency."""
-        no_load = min(self._low, self.no_load) if self.no_load else self._low
-        return self._total > self._count * no_load * self.tolerance * 2.0
+        load = 0.0
+        for stats in self._methods.values():
+            if stats.count:
+                no_load = min(stats.low, stats.no_load) if stats.no_load else stats.low
+                load += stats.load(no_load)
+        return load > self._count * self.tolerance * 2.0
 
     def _end_window(self) -> bool:
         count = self._count
@@ -210,30 +256,34 @@ class AdaptiveLimiter:
             # The thread's CPU from the window's first call to its last: count - 1 calls.
             cpu = self._cpu_clock() - self._cpu_mark
             wall = self._wall_clock() - self._wall_mark  # type: ignore[misc]
-            self.busy = busy = cpu / wall if wall > 0.0 else 0.0
-            self.cpu_per_call = cpu / (count - 1) if busy >= BUSY else 0.0
-        current = self._total / count
+            self.busy = cpu / wall if wall > 0.0 else 0.0
+            self.cpu_per_call = cpu / (count - 1)
+        load = no_loads = 0.0
+        for stats in self._methods.values():
+            if stats.count:
+                stats.mins.append(stats.low)
+                stats.no_load = no_load = min(stats.mins)
+                load += stats.load(no_load)
+                no_loads += max(no_load, LATENCY_FLOOR) * stats.count
+                stats.low, stats.total, stats.count = math.inf, 0.0, 0
+        load /= count  # the calls' latency over their no-load latency
         flight = self._flight / count
-        self._mins.append(self._low)
         used = self._peak * 2 >= self.limit
+        self.current = self._total / count
+        self.no_load = no_loads / count
         self._count = 0
         self._total = 0.0
-        self._low = math.inf
         self._peak = 0
         self._flight = 0
-        self.current = current
-        self.no_load = no_load = min(self._mins)
         # Serialised calls: latency grew with the calls in flight (one thread's work).
-        queued = current > no_load * _SERIAL_TOLERANCE
-        self.serial = serial = flight > 1.0 and queued and current * 2.0 >= no_load * flight
+        queued = load > _SERIAL_TOLERANCE
+        self.serial = serial = flight > 1.0 and queued and load * 2.0 >= flight
         if flight > 1.0 and not queued:
             self._hold = 0  # several in flight and none waited: no one thread's queue
+            self._bound_held = False
         # (Serialised: the limit with no wait is the one to keep.)
         tolerance = _SERIAL_TOLERANCE if serial else self.tolerance
-        if current <= 0.0:
-            gradient = 1.0
-        else:
-            gradient = max(self.floor, min(1.0, no_load * tolerance / current))
+        gradient = max(self.floor, min(1.0, tolerance / load)) if load > 0.0 else 1.0
         estimate = self.estimate
         if gradient < 1.0:
             target = estimate * gradient if serial else estimate * gradient + math.sqrt(estimate)
@@ -249,16 +299,19 @@ class AdaptiveLimiter:
                 self._hold = self.hold_windows
             estimate = target  # falling: at once (by at most 1 - floor)
         estimate = min(float(self.max_limit), max(float(self.min_limit), estimate))
-        bound = self.cpu_bound = self._bound(no_load)
+        bound = self.cpu_bound = self._bound(queued)
         if estimate > bound:
             estimate = max(float(bound), float(self.min_limit))  # no climbing past it unseen
         self.estimate = estimate
         old, self.limit = self.limit, min(int(estimate), bound)
         return self.limit != old
 
-    def _bound(self, no_load: float) -> int:
-        """The thread's bound on the limit, from the last window's CPU per call."""
+    def _bound(self, queued: bool) -> int:
+        """The thread's bound on the limit (see "The thread's bound")."""
         per_call = self.cpu_per_call
-        if per_call <= 0.0 or no_load <= 0.0:
+        if self.busy < BUSY or per_call <= 0.0 or not (queued or self._bound_held):
+            self._bound_held = False
             return self.max_limit
-        return max(1, min(self.max_limit, int(no_load * self.tolerance / per_call + 1e-9)))
+        self._bound_held = True
+        calls = self.no_load * self.tolerance / per_call
+        return max(1, min(self.max_limit, int(calls + 1e-9)))

@@ -85,6 +85,8 @@ class CallRunner(StreamRunner):
     failed = False
     """Set by :meth:`fail_call` (under the adaptive limit: whether the call
     just handed to :meth:`request_received` ended with an error)."""
+    sampled = False
+    """Set as a call's latency is given to the adaptive limiter."""
     received_at: float | None = None
     """When the read that brought the request being handled started (set by
     a wire that stamps its reads, as the native connection does): calls are
@@ -187,18 +189,7 @@ class CallRunner(StreamRunner):
             return
         elif factory.in_flight >= factory.admit_limit:
             # admit_limit is max_calls, or the adaptive limit when lower
-            if factory.in_flight < limits.max_calls:
-                self._shed(call_id, method.info.full_name, started)
-                return
-            self.fail_call(
-                call_id,
-                ResourceExhaustedError(
-                    message=f"{limits.max_calls} calls in flight at this provider "
-                    "(the provider's max_calls)"
-                ),
-                method.info.full_name,
-                started,
-            )
+            self.refuse_over_limit(call_id, method.info.full_name, started, factory.in_flight)
             return
         if call_id > self.last_call_id:
             self.last_call_id = call_id
@@ -272,7 +263,19 @@ class CallRunner(StreamRunner):
             )
         return None
 
-    def _shed(self, call_id: int, method: str, started: float, flight: int = -1) -> None:
+    def refuse_over_limit(self, call_id: int, method: str, started: float, flight: int) -> None:
+        """Refuse ``call_id``: ``flight`` calls are in flight, as many as the
+        provider admits (``max_calls``, or the adaptive limit when lower)."""
+        max_calls = self.factory.limits.max_calls
+        if flight < max_calls:
+            self._shed(call_id, method, started, flight)
+            return
+        error = ResourceExhaustedError(
+            message=f"{max_calls} calls in flight at this provider (the provider's max_calls)"
+        )
+        self.fail_call(call_id, error, method, started)
+
+    def _shed(self, call_id: int, method: str, started: float, flight: int) -> None:
         """Refuse ``call_id`` unrun, over the adaptive limit: RESOURCE_EXHAUSTED
         marked not run (docs/protocol.md), so the consumer may send it elsewhere."""
         factory = self.factory
@@ -280,8 +283,7 @@ class CallRunner(StreamRunner):
         assert limiter is not None
         limiter.shed += 1
         error = ResourceExhaustedError(
-            message=f"shed: {factory.in_flight if flight < 0 else flight} calls in flight "
-            "at this provider "
+            message=f"shed: {flight} calls in flight at this provider "
             f"(adaptive limit {limiter.limit})"
         )
         self.fail_call(call_id, error, method, started, trailers=_NOT_RUN)
@@ -297,12 +299,13 @@ class CallRunner(StreamRunner):
         error = RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call ran")
         self.fail_call(call_id, error, method, started, trailers=_LATE)
 
-    def _sample(self, started: float) -> None:
+    def _sample(self, started: float, method: str) -> None:
         """Feed the adaptive limiter a finished call's latency."""
         factory = self.factory
         limiter = factory.limiter
+        self.sampled = True
         if limiter is not None and limiter.sample(
-            self.clock.seconds() - started, factory.in_flight + 1
+            self.clock.seconds() - started, factory.in_flight + 1, method
         ):
             factory.limit_changed()
 
@@ -310,7 +313,7 @@ class CallRunner(StreamRunner):
         entry = self._take(call_id)
         if entry is not None:
             if self.factory.limiter is not None and not entry[3]:
-                self._sample(entry[2])
+                self._sample(entry[2], info.full_name)
             self._send_response(call_id, result, info, entry[2])
 
     def _async_failure(self, failure: Failure, call_id: int, info: MethodInfo) -> None:
@@ -318,7 +321,7 @@ class CallRunner(StreamRunner):
         if entry is None:
             return  # cancelled, expired or disconnected: already answered or nobody waits
         if self.factory.limiter is not None and not entry[3]:
-            self._sample(entry[2])
+            self._sample(entry[2], info.full_name)
         error = self._status_of(failure.value or Exception(), call_id, info, failure)
         self.fail_call(call_id, error, info.full_name, entry[2])
 

@@ -92,7 +92,7 @@ class OneThread:
 
 
 def test_one_thread_cpu_bound_calls_serialise_and_the_limit_falls_fast_to_them():
-    limiter = AdaptiveLimiter(min_limit=1, max_limit=1000)  # starts at 50
+    limiter = AdaptiveLimiter(min_limit=1, max_limit=1000, initial_limit=50)
     provider = OneThread(limiter)
     provider.run(150)  # a sudden overload: 50 calls queued at once
     assert limiter.limit <= 4  # from 50 within 150 calls
@@ -115,15 +115,16 @@ def test_a_parallel_provider_keeps_its_headroom():
 
 
 def test_an_overloaded_window_ends_early():
-    limiter = AdaptiveLimiter(min_limit=1, initial_limit=50)  # window 50, short 10
+    limiter = AdaptiveLimiter(min_limit=1, initial_limit=50)  # window 50, short 4
     for _ in range(9):
         assert not limiter.sample(0.001, 1)
     assert limiter.sample(0.001, 1) is False and limiter.limit == 50  # fine: the window goes on
     limiter = AdaptiveLimiter(min_limit=1, initial_limit=50)
-    changed = [limiter.sample(0.001 * i, 50) for i in range(1, 11)]
-    assert changed == [False] * 9 + [True]  # 10 calls at 5.5x no-load: a window already
-    # gradient 0.001 * 1.5 / 0.0055 = 0.27 (over the floor of 0.25): 50 * 0.27 + sqrt(50)
-    assert limiter.limit == 20
+    changed = [limiter.sample(0.001 * i, 50) for i in range(1, 7)]
+    # the i-th call at i ms: past 3x no-load (tolerance 1.5, twice) on average at the 6th
+    assert changed == [False] * 5 + [True]
+    # gradient 1.5 / 3.5 = 0.43: 50 * 0.43 + sqrt(50)
+    assert limiter.limit == 28
 
 
 @pytest.mark.parametrize(
@@ -346,7 +347,7 @@ def test_a_one_thread_provider_under_3x_load_settles_at_one_or_two_calls():
     limits = ServerLimits(adaptive_limit=True, adaptive_min_limit=1, adaptive_max_limit=100)
     factory = ServerFactory(Dispatcher([service]), clock, limits=limits)
     limiter = factory.limiter
-    assert limiter is not None and limiter.limit == 50
+    assert limiter is not None and limiter.limit == 20  # where it starts
     conn = ServerConn(factory)
     call_id = 0
     latencies: list[float] = []

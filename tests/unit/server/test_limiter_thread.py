@@ -67,30 +67,66 @@ def test_a_thread_waiting_on_io_is_not_bound():
             thread.run(0.00005, 0.0002)  # one ends every 0.2 ms
             limiter.sample(0.010, 50)
     assert limiter.busy == pytest.approx(0.25)
-    assert limiter.cpu_bound == 1000 and limiter.cpu_per_call == 0.0
+    assert limiter.cpu_bound == 1000
     assert limiter.limit > 50  # the gradient decides: it climbed
 
 
-def test_a_busy_thread_doing_little_per_call_is_bound_far_above_its_limit():
+def test_a_busy_thread_whose_calls_do_not_wait_is_not_bound():
+    """The thread is saturated by other work (another listener, a flood of
+    requests that fail): these calls' latency does not grow, so no bound."""
     thread = Thread()
-    limiter = thread.limiter(min_limit=4, max_limit=1000, initial_limit=50, window=10)
-    for _ in range(20):  # as above, with the thread busy with other work as well
-        for _ in range(10):
-            thread.run(0.0002, 0.0002)
-            limiter.sample(0.010, 50)
-    assert limiter.cpu_bound == 75  # 10 ms * 1.5 / 0.2 ms
-    assert limiter.limit > 50
+    limiter = thread.limiter(min_limit=4, max_limit=1000, window=10)
+    for _ in range(100):  # a 10 ms call every 20 ms, the thread busy all along
+        thread.run(0.02, 0.02)
+        limiter.sample(0.010, 1)
+    assert limiter.busy == pytest.approx(1.0)
+    assert limiter.cpu_bound == 1000 and limiter.limit >= 4
 
 
 def test_half_cpu_half_wait_is_bound_to_what_the_thread_runs_in_time():
     thread = Thread()
     limiter = thread.limiter(min_limit=1, max_limit=1000, initial_limit=10, window=10)
-    for _ in range(5):  # 2 ms of CPU then 2 ms of waiting: 4 ms at no load
-        for _ in range(10):
+    for _ in range(5):  # 2 ms of CPU each, one after the other, then 2 ms of waiting
+        admitted = limiter.limit
+        for i in range(1, admitted + 1):
             thread.run(0.002, 0.002)
-            limiter.sample(0.004, 3)
+            limiter.sample(i * 0.002 + 0.002, admitted - i + 1)
     assert limiter.cpu_bound == 3  # 4 ms * 1.5 / 2 ms
     assert limiter.limit <= 3
+
+
+def test_the_bound_is_let_go_once_the_thread_has_time_to_spare():
+    thread = Thread()
+    limiter = thread.limiter(min_limit=4, max_limit=1000)
+    _serialised(limiter, thread, work=0.002, rounds=200)
+    assert limiter.limit == 1
+    for _ in range(100):  # load falls: the thread idles half the time (two windows)
+        thread.run(0.002, 0.004)
+        limiter.sample(0.00205, 1)
+    assert limiter.cpu_bound == 1000 and limiter.limit >= 4
+
+
+def test_methods_are_compared_with_their_own_no_load_latency():
+    """A cheap method beside a slow one does not make the slow one look
+    overloaded (nothing waits: each keeps its own latency)."""
+    limiter = AdaptiveLimiter(min_limit=4, max_limit=1000, initial_limit=50, window=10)
+    for _ in range(300):
+        limiter.sample(0.00005, 10, "Health/Check")
+        limiter.sample(0.010, 10, "Backend/Get")
+    assert limiter.limit >= 50
+    assert limiter.no_load == pytest.approx((0.001 + 0.010) / 2)  # the cheap one read as 1 ms
+    for _ in range(100):  # the slow one gets 5x slower: the limit falls
+        limiter.sample(0.00005, 10, "Health/Check")
+        limiter.sample(0.050, 10, "Backend/Get")
+    assert limiter.limit < 50
+
+
+def test_queueing_under_a_millisecond_is_not_overload():
+    limiter = AdaptiveLimiter(min_limit=4, max_limit=1000, initial_limit=50, window=16)
+    for _ in range(50):  # sixteen 5 us calls a read, the i-th waiting for those before it
+        for i in range(1, 17):
+            limiter.sample(i * 0.000005, i)
+    assert limiter.limit >= 50 and not limiter.serial
 
 
 def test_no_cpu_clock_no_bound():
@@ -190,3 +226,69 @@ def test_inline_calls_are_sampled_from_their_read():
     # A window of six: three of 1 ms, then 1, 2 and 3 ms from their read's start.
     assert limiter.no_load == pytest.approx(0.001)
     assert limiter.current == pytest.approx(0.009 / 6)
+
+
+class CheapInline(EchoService):
+    """Echo answers inline after 50 us of the (fake) clock."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def Echo(self, request, context):
+        self.clock.advance(0.00005)
+        return super().Echo(request, context)
+
+
+def test_cheap_inline_calls_do_not_drive_a_backend_bound_method_down():
+    clock = Clock()
+    limits = ServerLimits(adaptive_limit=True)
+    factory = ServerFactory(Dispatcher([CheapInline(clock)]), clock, limits=limits)
+    backend, cheap = ServerConn(factory), ServerConn(factory, port=1001)
+    for i in range(1, 3001):  # a 10 ms call and a 50 us one every ms: ~10 in flight
+        backend.request(i, ASYNC_ROUTE, echo_pb2.EchoRequest(delay=0.01))
+        cheap.request(i, ECHO_ROUTE, echo_pb2.EchoRequest())
+        clock.advance(0.001)
+    clock.advance(0.05)
+    assert [f for f in backend.frames() if f.status != 0] == []
+    assert factory.limiter is not None and factory.limiter.limit > 10
+
+
+def test_a_deferred_fired_already_is_sampled_once():
+    _, factory = _inline_provider(limit=4)
+    limiter = factory.limiter
+    assert limiter is not None
+    limiter.window = 2
+    conn = ServerConn(factory)
+    conn.request(1, ASYNC_ROUTE, echo_pb2.EchoRequest())  # an async def that never awaits
+    assert [f.status for f in conn.frames()] == [0]
+    assert factory.inline_ran == 0  # not counted as inline
+    assert limiter.no_load == 0.0  # one sample: no window of two yet
+    conn.request(2, ASYNC_ROUTE, echo_pb2.EchoRequest())
+    assert limiter.no_load == pytest.approx(0.001)  # a window (0 s, read as the 1 ms floor)
+
+
+def test_inline_calls_over_max_calls_are_refused():
+    clock = Clock()
+    limits = ServerLimits(adaptive_limit=True, max_calls=2)
+    factory = ServerFactory(Dispatcher([EchoService()]), clock, limits=limits)
+    conn = ServerConn(factory)
+    conn.proto.dataReceived(
+        b"".join(_frame(i, ECHO_ROUTE, echo_pb2.EchoRequest()) for i in range(1, 6))
+    )
+    frames = conn.frames()
+    assert [f.status for f in frames] == [0, 0] + [StatusCode.RESOURCE_EXHAUSTED] * 3
+    assert "max_calls" in frames[2].message and frames[2].metadata is None  # not a shed
+
+
+def test_a_read_ending_in_a_protocol_error_lets_go_of_its_count():
+    _, factory = _inline_provider(limit=4)
+    conn = ServerConn(factory)
+    slow = echo_pb2.EchoRequest(delay=1)
+    conn.proto.dataReceived(
+        _frame(1, ECHO_ROUTE, echo_pb2.EchoRequest())
+        + _frame(2, ASYNC_ROUTE, slow)
+        + _frame(2, ASYNC_ROUTE, slow)  # a call id in flight: a protocol error
+    )
+    assert conn.transport.disconnecting
+    conn.proto.connectionLost()
+    assert factory.inline_of is None and factory.inline_ran == 0
