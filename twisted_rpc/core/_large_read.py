@@ -24,6 +24,16 @@ its payload): then it is let go and the next frame gets a new one. While a
 frame is read, the decoder's ``buffered`` is the buffer's size (what the
 provider counts against ``max_buffered_bytes``). A connection under TLS (the
 socket carries ciphertext) or whose reads are paused keeps the plain path.
+
+The send side keeps something too: a connection holds its last large payload
+sent (``RpcConnection.last_large``, at most :data:`KEEP_BYTES`) until the
+next one. A large call's buffers (the parsed request, the handler's ``str``,
+the answer and its serialization) are malloc'd from the heap's top and all
+freed when the call ends; with nothing above them glibc then trims the top
+(``brk``) and the next call faults every page in afresh, ~1,000 faults per
+1 MiB call. The answer, the call's last large allocation, sits above the
+others: kept, it leaves them a hole the next call reuses (docs/benchmarks.md,
+"1 MiB: where the server's CPU goes").
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameKind
 from twisted_rpc.core._connection import RpcConnection
 from twisted_rpc.core._direct_write import DirectWriter
-from twisted_rpc.core._large_read import LARGE_READ, decode_frame
+from twisted_rpc.core._large_read import KEEP_BYTES, LARGE_READ, decode_frame
 from twisted_rpc.server import ServerFactory
 
 ROUTE = b"svc.Large/Call"
@@ -250,3 +250,33 @@ def test_a_64_kib_message_keeps_the_plain_path(tcp_conn):
     data = big_request(1, 65536) + small_response(2) + big_request(3, LARGE_READ - 100)
     pump(conn, peer, data, 3)
     assert conn.got == expected(data) and conn.large_reader is None
+
+
+def test_the_last_large_payload_sent_is_kept_until_the_next():
+    conn = RpcConnection(Clock())
+    transport = StringTransport()
+    conn.makeConnection(transport)
+    header = wire.encode_response(1, 0)
+    first, second = b"a" * 100_000, b"b" * 100_000
+    conn.send(header, first)
+    assert conn.last_large is first
+    conn.send(header, b"small")  # a small frame leaves it
+    assert conn.last_large is first
+    conn.send(header, second)  # the next large one takes its place
+    assert conn.last_large is second
+    assert transport.value() == header + first + header + b"small" + header + second
+    conn.connectionLost(Failure(ConnectionError("gone")))
+    assert conn.last_large == b""
+
+
+def test_a_view_or_a_payload_over_keep_bytes_is_not_kept():
+    conn = RpcConnection(Clock())
+    conn.makeConnection(StringTransport())
+    header = wire.encode_response(1, 0)
+    conn.send(header, b"a" * 100_000)
+    view = memoryview(bytearray(100_000))  # (a view could pin a reader's buffer)
+    conn.send(header, view)  # type: ignore[arg-type]
+    assert conn.last_large == b""
+    view.release()
+    conn.send(header, bytes(KEEP_BYTES + 1))
+    assert conn.last_large == b""
