@@ -34,7 +34,7 @@ from twisted_rpc.core._compress import (
 )
 from twisted_rpc.core._direct_write import DirectWriter
 from twisted_rpc.core._flow import Inbox, fire_woken
-from twisted_rpc.core._large_read import KEEP_BYTES, LargeFrameReader, read_large
+from twisted_rpc.core._large_read import LargeFrameReader, keep_sent, read_large
 from twisted_rpc.core._status import StatusCode, UnavailableError
 
 LARGE_PAYLOAD = 64 * 1024
@@ -228,7 +228,7 @@ class RpcConnection(Protocol):
     large_reads = True
     """Read large frames straight from the socket (see ``_large_read``)."""
     large_reader: LargeFrameReader | None = None
-    last_large = b""  # the last large payload sent, kept: see ``_large_read``'s end
+    last_large, kept_sends = b"", 0  # a large payload sent, kept: see ``keep_sent``
 
     def raw_socket(self) -> socket.socket | None:
         """The socket, when what is read from it is this connection's bytes."""
@@ -381,7 +381,7 @@ class RpcConnection(Protocol):
         else:
             pieces = [header, payload]
         self._write_now(pieces)
-        self.last_large = payload if type(payload) is bytes and len(payload) <= KEEP_BYTES else b""
+        keep_sent(self, payload)
 
     # ----------------------------------------------------------------- compression
 

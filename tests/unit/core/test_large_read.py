@@ -23,7 +23,7 @@ from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameKind
 from twisted_rpc.core._connection import RpcConnection
 from twisted_rpc.core._direct_write import DirectWriter
-from twisted_rpc.core._large_read import KEEP_BYTES, LARGE_READ, decode_frame
+from twisted_rpc.core._large_read import KEEP_BYTES, KEEP_REFRESH, LARGE_READ, decode_frame
 from twisted_rpc.server import ServerFactory
 
 ROUTE = b"svc.Large/Call"
@@ -252,19 +252,24 @@ def test_a_64_kib_message_keeps_the_plain_path(tcp_conn):
     assert conn.got == expected(data) and conn.large_reader is None
 
 
-def test_the_last_large_payload_sent_is_kept_until_the_next():
+def test_a_connection_keeps_the_highest_large_payload_sent_and_refreshes_it():
     conn = RpcConnection(Clock())
     transport = StringTransport()
     conn.makeConnection(transport)
     header = wire.encode_response(1, 0)
-    first, second = b"a" * 100_000, b"b" * 100_000
-    conn.send(header, first)
-    assert conn.last_large is first
+    a, b = b"a" * 100_000, b"b" * 100_000
+    low, high = sorted((a, b), key=id)  # (id is the address in CPython)
+    conn.send(header, a)
+    assert conn.last_large is a
     conn.send(header, b"small")  # a small frame leaves it
-    assert conn.last_large is first
-    conn.send(header, second)  # the next large one takes its place
-    assert conn.last_large is second
-    assert transport.value() == header + first + header + b"small" + header + second
+    conn.send(header, b)
+    assert conn.last_large is high
+    assert transport.value() == header + a + header + b"small" + header + b
+    for _ in range(KEEP_REFRESH):  # a lower one does not take its place...
+        conn.send(header, low)
+        assert conn.last_large is high
+    conn.send(header, low)  # ...until the kept one is KEEP_REFRESH sends old
+    assert conn.last_large is low
     conn.connectionLost(Failure(ConnectionError("gone")))
     assert conn.last_large == b""
 
@@ -273,10 +278,9 @@ def test_a_view_or_a_payload_over_keep_bytes_is_not_kept():
     conn = RpcConnection(Clock())
     conn.makeConnection(StringTransport())
     header = wire.encode_response(1, 0)
-    conn.send(header, b"a" * 100_000)
+    kept = b"a" * 100_000
+    conn.send(header, kept)
     view = memoryview(bytearray(100_000))  # (a view could pin a reader's buffer)
     conn.send(header, view)  # type: ignore[arg-type]
-    assert conn.last_large == b""
-    view.release()
     conn.send(header, bytes(KEEP_BYTES + 1))
-    assert conn.last_large == b""
+    assert conn.last_large is kept
