@@ -195,7 +195,11 @@ def run_client(args: argparse.Namespace) -> None:
 
     pb2 = _bench_pb2()
     window = Window(args.server_pid)
-    client = Client(reactor, providers={"bench.UserService": [f"{HOST}:{args.port}"]})
+    client = Client(
+        reactor,
+        providers={"bench.UserService": [f"{HOST}:{args.port}"]},
+        connections_per_provider=args.connections or "auto",
+    )
     proxy = client.proxy(pb2.DESCRIPTOR.services_by_name["UserService"])
     login = proxy.Login
     request = pb2.LoginRequest(name="zhang san", pwd="x" * args.payload_bytes)
@@ -343,6 +347,13 @@ def main(argv: list[str] | None = None) -> None:
             help="stream workload: read with `async for` or with on_message(callback)",
         )
         p.add_argument("--profile", help="cProfile the measured window into this file")
+        p.add_argument(
+            "--connections",
+            type=int,
+            default=0,
+            help="connections to the server ([consumer] connections_per_provider; 0: auto, "
+            "which is one for this server)",
+        )
         args = p.parse_args(argv[1:])
         watchdog(args.warmup + args.duration + 60)
         run_client(args)

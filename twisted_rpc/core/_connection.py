@@ -1,10 +1,8 @@
 """The connection layer shared by both sides: framing, the one write path, pings.
 
-:class:`RpcConnection` turns bytes into frames with the wire codec, routes
-each frame to a handler by kind, and owns the only call to
-``transport.write``. Client and server connections subclass it and fill in
-the handlers for the kinds they accept.
-"""
+:class:`RpcConnection` turns bytes into frames with the wire codec, routes each frame to
+a handler by kind, and owns the only call to ``transport.write``. Client and server
+connections subclass it and fill in the handlers for the kinds they accept."""
 
 from __future__ import annotations
 
@@ -36,7 +34,7 @@ from twisted_rpc.core._compress import (
 )
 from twisted_rpc.core._direct_write import DirectWriter
 from twisted_rpc.core._flow import Inbox, fire_woken
-from twisted_rpc.core._large_read import LargeFrameReader, read_large
+from twisted_rpc.core._large_read import LargeFrameReader, keep_sent, read_large
 from twisted_rpc.core._status import StatusCode, UnavailableError
 
 LARGE_PAYLOAD = 64 * 1024
@@ -230,6 +228,7 @@ class RpcConnection(Protocol):
     large_reads = True
     """Read large frames straight from the socket (see ``_large_read``)."""
     large_reader: LargeFrameReader | None = None
+    last_large, kept_sends = b"", 0  # a large payload sent, kept: see ``keep_sent``
 
     def raw_socket(self) -> socket.socket | None:
         """The socket, when what is read from it is this connection's bytes."""
@@ -267,7 +266,7 @@ class RpcConnection(Protocol):
         # handlers (bound methods of this connection) held by the decoder and
         # the transport's producer: refcounting alone frees a dead connection.
         self.decoder.clear()  # (its inflate too)
-        reader, self.large_reader = self.large_reader, None
+        reader, self.large_reader, self.last_large = self.large_reader, None, b""
         if reader is not None and self.__dict__.get("dataReceived") == reader.received:
             del self.dataReceived  # (a cycle through the reader)
         self._handlers.clear()
@@ -382,6 +381,7 @@ class RpcConnection(Protocol):
         else:
             pieces = [header, payload]
         self._write_now(pieces)
+        keep_sent(self, payload)
 
     # ----------------------------------------------------------------- compression
 

@@ -24,6 +24,9 @@ its payload): then it is let go and the next frame gets a new one. While a
 frame is read, the decoder's ``buffered`` is the buffer's size (what the
 provider counts against ``max_buffered_bytes``). A connection under TLS (the
 socket carries ciphertext) or whose reads are paused keeps the plain path.
+
+The send side keeps something too (:func:`keep_sent`): one large payload a
+connection sent, the highest in memory of the recent ones.
 """
 
 from __future__ import annotations
@@ -55,7 +58,15 @@ from twisted_rpc.core._frame import Frame
 if TYPE_CHECKING:
     from twisted_rpc.core._connection import RpcConnection
 
-__all__ = ["KEEP_BYTES", "LARGE_READ", "LargeFrameReader", "decode_frame", "read_large"]
+__all__ = [
+    "KEEP_BYTES",
+    "KEEP_REFRESH",
+    "LARGE_READ",
+    "LargeFrameReader",
+    "decode_frame",
+    "keep_sent",
+    "read_large",
+]
 
 LARGE_READ = 128 * 1024 + 1
 """Frames of this size and more (length prefix included) are read here: the
@@ -63,7 +74,12 @@ ones Twisted would deliver in more than two reads. (A 64 KiB message's frame,
 one read and a few bytes, cost its sides ~8 % more CPU here than joined.)"""
 
 KEEP_BYTES = 8 * 1024 * 1024
-"""Largest buffer a connection keeps between frames."""
+"""Largest buffer a connection keeps between frames (and largest payload
+sent it keeps, :func:`keep_sent`)."""
+
+KEEP_REFRESH = 64
+"""Large payloads sent after which a connection keeps its newest one,
+wherever it lies."""
 
 log = Logger()
 
@@ -86,6 +102,32 @@ def read_large(connection: RpcConnection) -> None:
     reader.pull()
     if reader.filled == reader.size:
         reader.complete(b"")
+
+
+def keep_sent(connection: RpcConnection, payload: bytes) -> None:
+    """Keep ``payload``, a large payload ``connection`` just sent, in place
+    of the one it keeps if it lies higher in memory, or if that one was kept
+    :data:`KEEP_REFRESH` large sends ago.
+
+    A large call's buffers (the parsed request, the handler's ``str``, the
+    answer's message and its serialization) are malloc'd at the heap's top
+    and all freed when the call ends: with nothing live above them glibc
+    trims the top (``brk``) and the next call faults every page in afresh,
+    ~1,000 faults per 1 MiB call. A payload kept above them leaves them a
+    hole the next call reuses instead; keeping the last one sent does that
+    only every other call (the next answer often lands in the hole, below
+    it), so the highest one is kept (``id`` is the address in CPython), and
+    the newest every :data:`KEEP_REFRESH` sends, lest one outside the heap
+    (an mmap'd block) be kept for good. Elsewhere this only holds one
+    payload of at most :data:`KEEP_BYTES` per connection until it closes.
+    (docs/benchmarks.md, "1 MiB: where the server's CPU goes".)
+    """
+    if type(payload) is not bytes or len(payload) > KEEP_BYTES:
+        return  # (a view could hold a reader's buffer)
+    kept, sends = connection.last_large, connection.kept_sends + 1
+    if sends > KEEP_REFRESH or not kept or id(payload) > id(kept):
+        connection.last_large, sends = payload, 0
+    connection.kept_sends = sends
 
 
 class LargeFrameReader:
