@@ -228,7 +228,6 @@ class RpcConnection(Protocol):
     large_reads = True
     """Read large frames straight from the socket (see ``_large_read``)."""
     large_reader: LargeFrameReader | None = None
-    last_large, kept_sends = b"", 0  # a large payload sent, kept: see ``keep_sent``
 
     def raw_socket(self) -> socket.socket | None:
         """The socket, when what is read from it is this connection's bytes."""
@@ -266,7 +265,7 @@ class RpcConnection(Protocol):
         # handlers (bound methods of this connection) held by the decoder and
         # the transport's producer: refcounting alone frees a dead connection.
         self.decoder.clear()  # (its inflate too)
-        reader, self.large_reader, self.last_large = self.large_reader, None, b""
+        reader, self.large_reader = self.large_reader, None
         if reader is not None and self.__dict__.get("dataReceived") == reader.received:
             del self.dataReceived  # (a cycle through the reader)
         self._handlers.clear()
@@ -381,7 +380,7 @@ class RpcConnection(Protocol):
         else:
             pieces = [header, payload]
         self._write_now(pieces)
-        keep_sent(self, payload)
+        keep_sent(payload)
 
     # ----------------------------------------------------------------- compression
 

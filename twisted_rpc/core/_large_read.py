@@ -25,8 +25,8 @@ frame is read, the decoder's ``buffered`` is the buffer's size (what the
 provider counts against ``max_buffered_bytes``). A connection under TLS (the
 socket carries ciphertext) or whose reads are paused keeps the plain path.
 
-The send side keeps something too (:func:`keep_sent`): one large payload a
-connection sent, the highest in memory of the recent ones.
+The send side keeps something too (:func:`keep_sent`): one large payload
+sent by the process, the highest in memory of the recent ones.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KEEP_BYTES",
     "KEEP_REFRESH",
+    "KEPT",
     "LARGE_READ",
     "LargeFrameReader",
     "decode_frame",
@@ -104,10 +105,25 @@ def read_large(connection: RpcConnection) -> None:
         reader.complete(b"")
 
 
-def keep_sent(connection: RpcConnection, payload: bytes) -> None:
-    """Keep ``payload``, a large payload ``connection`` just sent, in place
-    of the one it keeps if it lies higher in memory, or if that one was kept
-    :data:`KEEP_REFRESH` large sends ago.
+class _Kept:
+    """The large payload sent that the process keeps (see :func:`keep_sent`)."""
+
+    __slots__ = ("payload", "sends")
+
+    def __init__(self) -> None:
+        self.payload = b""
+        self.sends = 0
+
+
+KEPT = _Kept()
+"""The process's one kept payload: malloc's heap is the process's, and one
+live block above a call's buffers is enough whatever connection sent it."""
+
+
+def keep_sent(payload: bytes) -> None:
+    """Keep ``payload``, a large payload just sent, in place of the one kept
+    if it lies higher in memory, or if that one was kept :data:`KEEP_REFRESH`
+    large sends ago.
 
     A large call's buffers (the parsed request, the handler's ``str``, the
     answer's message and its serialization) are malloc'd at the heap's top
@@ -118,16 +134,18 @@ def keep_sent(connection: RpcConnection, payload: bytes) -> None:
     only every other call (the next answer often lands in the hole, below
     it), so the highest one is kept (``id`` is the address in CPython), and
     the newest every :data:`KEEP_REFRESH` sends, lest one outside the heap
-    (an mmap'd block) be kept for good. Elsewhere this only holds one
-    payload of at most :data:`KEEP_BYTES` per connection until it closes.
+    (an mmap'd block) be kept for good. One per process, not per connection:
+    what it costs is at most :data:`KEEP_BYTES` held, however many
+    connections there are; elsewhere than glibc it only holds that.
     (docs/benchmarks.md, "1 MiB: where the server's CPU goes".)
     """
     if type(payload) is not bytes or len(payload) > KEEP_BYTES:
         return  # (a view could hold a reader's buffer)
-    kept, sends = connection.last_large, connection.kept_sends + 1
-    if sends > KEEP_REFRESH or not kept or id(payload) > id(kept):
-        connection.last_large, sends = payload, 0
-    connection.kept_sends = sends
+    kept = KEPT
+    sends = kept.sends + 1
+    if sends > KEEP_REFRESH or not kept.payload or id(payload) > id(kept.payload):
+        kept.payload, sends = payload, 0
+    kept.sends = sends
 
 
 class LargeFrameReader:

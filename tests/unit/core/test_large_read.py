@@ -23,7 +23,7 @@ from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameKind
 from twisted_rpc.core._connection import RpcConnection
 from twisted_rpc.core._direct_write import DirectWriter
-from twisted_rpc.core._large_read import KEEP_BYTES, KEEP_REFRESH, LARGE_READ, decode_frame
+from twisted_rpc.core._large_read import KEEP_BYTES, KEEP_REFRESH, KEPT, LARGE_READ, decode_frame
 from twisted_rpc.server import ServerFactory
 
 ROUTE = b"svc.Large/Call"
@@ -252,29 +252,30 @@ def test_a_64_kib_message_keeps_the_plain_path(tcp_conn):
     assert conn.got == expected(data) and conn.large_reader is None
 
 
-def test_a_connection_keeps_the_highest_large_payload_sent_and_refreshes_it():
-    conn = RpcConnection(Clock())
+def test_the_process_keeps_the_highest_large_payload_sent_and_refreshes_it():
+    KEPT.payload, KEPT.sends = b"", 0
+    conn, other = RpcConnection(Clock()), RpcConnection(Clock())
     transport = StringTransport()
     conn.makeConnection(transport)
+    other.makeConnection(StringTransport())
     header = wire.encode_response(1, 0)
     a, b = b"a" * 100_000, b"b" * 100_000
     low, high = sorted((a, b), key=id)  # (id is the address in CPython)
     conn.send(header, a)
-    assert conn.last_large is a
+    assert KEPT.payload is a
     conn.send(header, b"small")  # a small frame leaves it
-    conn.send(header, b)
-    assert conn.last_large is high
-    assert transport.value() == header + a + header + b"small" + header + b
+    other.send(header, b)  # whatever connection sends it
+    assert KEPT.payload is high
+    assert transport.value() == header + a + header + b"small"
     for _ in range(KEEP_REFRESH):  # a lower one does not take its place...
         conn.send(header, low)
-        assert conn.last_large is high
+        assert KEPT.payload is high
     conn.send(header, low)  # ...until the kept one is KEEP_REFRESH sends old
-    assert conn.last_large is low
-    conn.connectionLost(Failure(ConnectionError("gone")))
-    assert conn.last_large == b""
+    assert KEPT.payload is low
 
 
 def test_a_view_or_a_payload_over_keep_bytes_is_not_kept():
+    KEPT.payload, KEPT.sends = b"", 0
     conn = RpcConnection(Clock())
     conn.makeConnection(StringTransport())
     header = wire.encode_response(1, 0)
@@ -283,4 +284,4 @@ def test_a_view_or_a_payload_over_keep_bytes_is_not_kept():
     view = memoryview(bytearray(100_000))  # (a view could pin a reader's buffer)
     conn.send(header, view)  # type: ignore[arg-type]
     conn.send(header, bytes(KEEP_BYTES + 1))
-    assert conn.last_large is kept
+    assert KEPT.payload is kept
