@@ -38,14 +38,17 @@ initial limit). The limit stays within ``[min_limit, max_limit]``.
 **The thread's bound.** Given ``cpu_clock`` (the provider's reactor
 thread's CPU time, ``time.thread_time``) and ``wall_clock`` (the reactor's
 ``seconds``), each window also measures how busy the thread was (its CPU
-over the window's wall time) and its CPU seconds per finished call. When a
+over the window's wall time, averaged with the windows before: a lull of one
+window is not idleness) and its CPU seconds per finished call. When a
 window's calls waited (took over 1.2x their no-load latency on average) on a
 thread busy at least :data:`BUSY` of the time, the limit is at most
 :attr:`cpu_bound` = ``no_load * tolerance / cpu_per_call`` (rounded down,
 at least 1): what one thread can run within the tolerated latency when that
 CPU is what a call costs it. The bound is kept, and measured again each
-window, while the thread stays that busy and no window shows several calls
-in flight without waiting. A thread with time to spare is not bound, nor one
+window, while the thread stays that busy, and let go one call a window
+while it is not (a lull in arrivals, then a burst, must not meet a limit
+let go at once); a window that shows several calls in flight without
+waiting lets it go at once. A thread with time to spare is not bound, nor one
 busy with work that does not make these calls wait (another listener's, a
 flood of requests that fail). A handler whose work burns the thread (2 ms of
 CPU, 2.05 ms at no load) gets 1 without probing for it; one that waits on
@@ -204,7 +207,8 @@ class AdaptiveLimiter:
         self._wall_clock = wall_clock
         self._cpu_mark = self._wall_mark = 0.0
         self.busy = 0.0
-        """The thread's CPU over the wall time of the last window (0: unknown)."""
+        """The thread's CPU over the wall time of the last windows (each
+        window's figure averaged with the one before: 0 unknown)."""
         self.cpu_per_call = 0.0
         """Seconds of the thread's CPU per call in the last window (0: unknown)."""
         self.cpu_bound = max_limit
@@ -256,7 +260,10 @@ class AdaptiveLimiter:
             # The thread's CPU from the window's first call to its last: count - 1 calls.
             cpu = self._cpu_clock() - self._cpu_mark
             wall = self._wall_clock() - self._wall_mark  # type: ignore[misc]
-            self.busy = cpu / wall if wall > 0.0 else 0.0
+            busy = cpu / wall if wall > 0.0 else 0.0
+            self.busy = (
+                self.busy + busy
+            ) / 2.0  # over two windows or so: a lull of one is not idle
             self.cpu_per_call = cpu / (count - 1)
         load = no_loads = 0.0
         for stats in self._methods.values():
@@ -309,9 +316,17 @@ class AdaptiveLimiter:
     def _bound(self, queued: bool) -> int:
         """The thread's bound on the limit (see "The thread's bound")."""
         per_call = self.cpu_per_call
-        if self.busy < BUSY or per_call <= 0.0 or not (queued or self._bound_held):
+        held = self._bound_held
+        if per_call <= 0.0 or not (queued or held):
             self._bound_held = False
             return self.max_limit
+        if self.busy < BUSY:
+            # A lull (the callers paused, or load fell): let the bound go one
+            # call a window, not at once; the burst after a lull meets it.
+            if not held or self.cpu_bound >= self.max_limit - 1:
+                self._bound_held = False
+                return self.max_limit
+            return self.cpu_bound + 1
         self._bound_held = True
         calls = self.no_load * self.tolerance / per_call
         return max(1, min(self.max_limit, int(calls + 1e-9)))
