@@ -85,9 +85,11 @@ _SERIAL_TOLERANCE = 1.2
 """How much longer than at no load serialised calls may take before the limit
 falls (a second call queued behind one doubles the wait: 1.5 would keep it)."""
 
-BUSY = 0.75
+BUSY = 0.5
 """The share of a window's wall time the thread must have spent on the CPU
-for the window's CPU per call to bound the limit."""
+for the window's CPU per call to bound the limit. (A thread held at one
+CPU-bound call at a time is busy 85-95 % of the time: it idles between an
+answer and the next read; the VM's steal and the callers' pauses take more.)"""
 
 LATENCY_FLOOR = 0.001
 """Seconds: the least no-load latency a method is compared with (queueing
