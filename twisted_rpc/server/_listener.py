@@ -32,6 +32,9 @@ from twisted_rpc.core._status import UnavailableError
 from twisted_rpc.server._dispatcher import Dispatcher
 from twisted_rpc.server._limiter import AdaptiveLimiter
 
+REFUSED_LOG_INTERVAL = 10.0
+"""Seconds between the lines that log calls refused unrun (shed, late)."""
+
 log = Logger(namespace="twisted_rpc.server")
 
 SHUTTING_DOWN = "provider is shutting down"
@@ -201,6 +204,9 @@ class ListenerFactory(Factory, Generic[C]):
         self.admit_limit = limits.max_calls
         """Ordinary calls in flight from which one more is refused: ``max_calls``,
         or less while the adaptive limit is lower (see :meth:`limit_changed`)."""
+        self.refused_logged_at = -REFUSED_LOG_INTERVAL
+        self.refused_unlogged = 0
+        """Calls refused unrun (shed, late) since the last line that logged them."""
         self.inline_of: object | None = None
         self.inline_ran = 0
         """Calls answered inline by the read being handled on the connection

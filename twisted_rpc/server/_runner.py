@@ -42,6 +42,7 @@ from twisted_rpc.core._status import (
 )
 from twisted_rpc.server._context import CallContext
 from twisted_rpc.server._dispatcher import MAX_ERROR_MESSAGE, ServerMethod, clip
+from twisted_rpc.server._listener import REFUSED_LOG_INTERVAL
 from twisted_rpc.server._streams import StreamRunner
 
 if TYPE_CHECKING:
@@ -286,7 +287,26 @@ class CallRunner(StreamRunner):
             message=f"shed: {flight} calls in flight at this provider "
             f"(adaptive limit {limiter.limit})"
         )
-        self.fail_call(call_id, error, method, started, trailers=_NOT_RUN)
+        self.fail_call(call_id, error, method, started, trailers=_NOT_RUN, quiet=True)
+        self._refused_unrun(error)
+
+    def _refused_unrun(self, error: RpcError) -> None:
+        """Log calls refused unrun (shed, late) together, at most once every
+        :data:`REFUSED_LOG_INTERVAL` seconds: a line per call would add to
+        the overload that made them (they are counted in the metrics)."""
+        factory = self.factory
+        factory.refused_unlogged += 1
+        now = self.clock.seconds()
+        if now - factory.refused_logged_at >= REFUSED_LOG_INTERVAL:
+            log.warn(
+                "{listener} listener: {count} calls refused unrun since the last such line "
+                "(the last: {code} {message})",
+                listener=factory.name,
+                count=factory.refused_unlogged,
+                code=code_name(error.code),
+                message=error.message,
+            )
+            factory.refused_logged_at, factory.refused_unlogged = now, 0
 
     def _drop_late(self, call_id: int, method: str, started: float) -> None:
         """Refuse ``call_id`` unrun: its deadline passed between its arrival and
@@ -297,7 +317,8 @@ class CallRunner(StreamRunner):
             limiter.shed += 1
             limiter.dropped_late += 1
         error = RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call ran")
-        self.fail_call(call_id, error, method, started, trailers=_LATE)
+        self.fail_call(call_id, error, method, started, trailers=_LATE, quiet=True)
+        self._refused_unrun(error)
 
     def _sample(self, started: float, method: str) -> None:
         """Feed the adaptive limiter a finished call's latency."""
@@ -349,8 +370,10 @@ class CallRunner(StreamRunner):
         started: float,
         unknown: bool = False,
         trailers: Mapping[str, str] | None = None,
+        quiet: bool = False,
     ) -> None:
-        """End ``call_id`` with ``error``, log it and tell the observer.
+        """End ``call_id`` with ``error``, log it (unless ``quiet``) and tell
+        the observer.
 
         ``method`` is the method's full name, or for a route no service here
         serves (``unknown``), the provider's clipped text of it. The message
@@ -359,6 +382,19 @@ class CallRunner(StreamRunner):
         self.failed = True
         duration = self.clock.seconds() - started
         message = clip(error.message, MAX_ERROR_MESSAGE)
+        if not quiet:
+            self._log_failed(call_id, error, method, duration, message)
+        if trailers:
+            self._write_end(call_id, int(error.code), message, trailers)
+        else:
+            self._write_status(call_id, int(error.code), message)
+        observer = self.factory.observer
+        if observer is not None:
+            observer.call_finished("?/?" if unknown else method, int(error.code), duration)
+
+    def _log_failed(
+        self, call_id: int, error: RpcError, method: str, duration: float, message: str
+    ) -> None:
         log.info(
             self.call_label
             + " {method} from {peer} failed: {code} {message} ({duration_ms:.1f} ms)",
@@ -370,13 +406,6 @@ class CallRunner(StreamRunner):
             message=message,
             duration_ms=duration * 1000,
         )
-        if trailers:
-            self._write_end(call_id, int(error.code), message, trailers)
-        else:
-            self._write_status(call_id, int(error.code), message)
-        observer = self.factory.observer
-        if observer is not None:
-            observer.call_finished("?/?" if unknown else method, int(error.code), duration)
 
     def _finished(self, method: str, code: int, started: float, call_id: int | None = None) -> None:
         """Tell the observer of a call's end; log it if it was slow."""

@@ -261,12 +261,12 @@ def test_the_process_keeps_the_highest_large_payload_sent_and_refreshes_it():
     header = wire.encode_response(1, 0)
     a, b = b"a" * 100_000, b"b" * 100_000
     low, high = sorted((a, b), key=id)  # (id is the address in CPython)
-    conn.send(header, a)
-    assert KEPT.payload is a
+    conn.send(header, low)
+    assert KEPT.payload is low
     conn.send(header, b"small")  # a small frame leaves it
-    other.send(header, b)  # whatever connection sends it
+    other.send(header, high)  # a higher one takes its place, whatever connection sends it
     assert KEPT.payload is high
-    assert transport.value() == header + a + header + b"small"
+    assert transport.value() == header + low + header + b"small"
     for _ in range(KEEP_REFRESH):  # a lower one does not take its place...
         conn.send(header, low)
         assert KEPT.payload is high

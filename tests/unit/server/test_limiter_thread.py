@@ -302,3 +302,32 @@ def test_a_read_ending_in_a_protocol_error_lets_go_of_its_count():
     assert conn.transport.disconnecting
     conn.proto.connectionLost()
     assert factory.inline_of is None and factory.inline_ran == 0
+
+
+def test_calls_refused_unrun_are_logged_together_not_one_by_one():
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    clock, factory = _inline_provider(limit=1)
+    conn = ServerConn(factory)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+
+        def read_of(n: int, first: int) -> bytes:
+            return b"".join(
+                _frame(i, ECHO_ROUTE, echo_pb2.EchoRequest()) for i in range(first, first + n)
+            )
+
+        conn.proto.dataReceived(read_of(5, 1))  # one runs, four are shed: a line at the first
+        clock.advance(1)
+        conn.proto.dataReceived(read_of(5, 6))  # four more, within 10 s of the line
+        clock.advance(10)
+        conn.proto.dataReceived(read_of(3, 11))  # two more: a line at the first, for 3 + 4 + 1
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [formatEvent(e) for e in events if "refused unrun" in formatEvent(e)]
+    assert len(lines) == 2
+    assert "1 calls refused unrun" in lines[0] and "8 calls refused unrun" in lines[1]
+    assert "shed:" in lines[1]
+    assert not [e for e in events if "failed: RESOURCE_EXHAUSTED" in formatEvent(e)]
+    assert factory.limiter is not None and factory.limiter.shed == 10
