@@ -3,8 +3,9 @@
     python benchmarks/ratios.py peers.json [--system twisted_rpc]
 
 Prints twisted_rpc's medians against the pipelined raw-Twisted floor and
-grpc-aio of the same run, then the performance issue's targets with the value
-this run gave for each. Only ratios inside one run mean anything.
+grpc-aio of the same run, the first performance round's targets, then the
+second round's (issue 19): each cell against every peer of the same run.
+Only ratios inside one run mean anything.
 """
 
 from __future__ import annotations
@@ -96,6 +97,51 @@ def target_rows(
     return rows
 
 
+PEERS = ("grpc-sync", "grpc-aio", "twisted-conns", FLOOR)
+
+
+def peer_rows(
+    medians: dict[tuple[str, int, int], dict[str, Any]],
+    system: str,
+    errors: dict[tuple[str, int, int], int] | None = None,
+) -> list[str]:
+    """The second round's goals, per cell: at least the best peer of the
+    cell; 32 B at C >= 16 at least 0.9x (C=16) or 0.8x (C=128) the pipelined
+    floor instead; 64 KiB at least 1.1x the floor as well. A cell with failed
+    calls meets nothing."""
+    errors = errors or {}
+    rows = [
+        "| payload | C | calls/s | "
+        + " | ".join(f"÷ {p}" for p in PEERS)
+        + " | best peer | goal | met? |",
+        "|---|---:|---:|" + "---:|" * len(PEERS) + "---|---|---|",
+    ]
+    for (name, payload, c), ours in sorted(medians.items(), key=lambda kv: kv[0][1:]):
+        if name != system:
+            continue
+        calls = ours["calls_per_s"]
+        peers = {
+            p: medians[(p, payload, c)]["calls_per_s"] for p in PEERS if (p, payload, c) in medians
+        }
+        best = max(peers, key=peers.__getitem__)
+        if payload == 32 and c >= 16:
+            need = 0.9 if c == 16 else 0.8
+            goal, ok = f"≥ {need}× {FLOOR}", calls >= need * peers[FLOOR]
+        else:
+            goal, ok = "≥ best peer", calls >= peers[best]
+            if payload == 65536:
+                goal, ok = goal + f", ≥ 1.1× {FLOOR}", ok and calls >= 1.1 * peers[FLOOR]
+        failed = errors.get((name, payload, c), 0)
+        if failed:
+            goal, ok = f"{goal} ({failed} failed calls)", False
+        rows.append(
+            f"| {SIZES.get(payload, f'{payload} B')} | {c} | {calls:,.0f} | "
+            + " | ".join(f"{calls / peers[p]:.2f}×" if p in peers else "-" for p in PEERS)
+            + f" | {best} | {goal} | {'yes' if ok else 'no'} |"
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", help="the --out JSON of run_all.py")
@@ -111,6 +157,8 @@ def main() -> None:
     print("\n".join(ratio_rows(medians, args.system, errors)))
     print()
     print("\n".join(target_rows(medians, args.system, errors)))
+    print()
+    print("\n".join(peer_rows(medians, args.system, errors)))
 
 
 if __name__ == "__main__":

@@ -137,6 +137,29 @@ def test_ratio_tables_compare_within_one_run():
     }
 
 
+def test_peer_rows_judge_each_cell_against_its_best_peer():
+    from benchmarks.ratios import peer_rows
+
+    def cell(calls: float) -> dict:
+        return {"calls_per_s": calls, "p99_us": 1.0, "cpu_us_per_call": 1.0}
+
+    medians = {}
+    peers = {"grpc-sync": 500, "grpc-aio": 300, "twisted-conns": 550, "twisted-pipeline": 200}
+    for name, calls in peers.items():
+        medians[(name, 1048576, 16)] = cell(calls)
+        medians[(name, 65536, 16)] = cell(calls * 20)  # floor 4,000, best 11,000
+        medians[(name, 32, 16)] = cell(calls * 100)  # floor 20,000
+    medians[("twisted_rpc", 1048576, 16)] = cell(600)
+    medians[("twisted_rpc", 65536, 16)] = cell(10_000)
+    medians[("twisted_rpc", 32, 16)] = cell(18_000)
+    rows = peer_rows(medians, "twisted_rpc", {("twisted_rpc", 1048576, 16): 1})[2:]
+    by_size = {row.split(" | ")[0][2:]: row for row in rows}
+    assert by_size["32 B"].endswith("| twisted-conns | ≥ 0.9× twisted-pipeline | yes |")
+    assert "| 0.91× |" in by_size["64 KiB"] and by_size["64 KiB"].endswith("| no |")
+    assert "| 1.09× |" in by_size["1 MiB"]  # ÷ twisted-conns: ahead, but a call failed
+    assert by_size["1 MiB"].endswith("(1 failed calls) | no |")
+
+
 def test_hotpath_bench_runs_both_sides_end_to_end():
     from benchmarks.hotpath import consumer_us_per_call, provider_us_per_call
 
