@@ -70,6 +70,7 @@ PEERS ?= ../shared/bench/peers
 BENCH_OUT ?= peers.json
 BENCH_REPEAT ?= 3
 bench: protos
+	@test -f $(PEERS)/run_all.py || { echo "no peer harness at $(PEERS): make bench PEERS=/path/to/bench/peers"; exit 2; }
 	$(PY) $(PEERS)/run_all.py --payloads 32,65536,1048576 --concurrency 1,16,128 --repeat $(BENCH_REPEAT) \
 	    --system twisted_rpc "$(PY) -m benchmarks.peer server" "$(PY) -m benchmarks.peer client" \
 	    --out $(BENCH_OUT)
