@@ -5,8 +5,10 @@ reactor's timer heap with the number of calls in flight. Instead each
 connection keeps its deadlines in a queue and a single delayed call for the
 earliest one. Calls usually share one timeout, so deadlines mostly arrive in
 order: those go to a FIFO (O(1)); any earlier than the last one go to a heap.
-Answered calls are not removed; they are skipped when their deadline comes,
-and the queue is rebuilt when such stale entries outnumber the live ones.
+Answered calls are not removed when answered: each :meth:`~DeadlineQueue.add`
+drops those at the FIFO's front (a few dict lookups, no function call), the
+others are skipped when their deadline comes, and the queue is rebuilt when
+stale entries still outnumber the live ones.
 
 Where call ids can be reused while an old deadline is still queued (a
 provider cannot choose the ids its peer sends), an entry names its call by id
@@ -91,12 +93,24 @@ class DeadlineQueue:
         """Track ``call_id`` (already in ``live``) until ``deadline`` (in the
         clock's seconds)."""
         self._added = added = self._added + 1
-        if not added & 63 and len(self) > 2 * len(self._live):
-            self._compact()
-        entry = (deadline, added, call_id, self._live[call_id] if self._by_record else _ANY)
+        live = self._live
+        fifo = self._fifo
+        if self._by_record:
+            record = live[call_id]
+            get = live.get
+            while fifo and get(fifo[0][2], _GONE) is not fifo[0][3]:
+                fifo.popleft()  # answered: the oldest go as new ones come
+        else:
+            record = _ANY
+            while fifo and fifo[0][2] not in live:
+                fifo.popleft()
+        if not added & 63 and len(self) > 2 * len(live):
+            self._compact()  # (answered calls behind a live one, or in the heap)
+            fifo = self._fifo
+        entry = (deadline, added, call_id, record)
         if deadline >= self._last:
             # In order: the timer, if any, is already due no later than this.
-            self._fifo.append(entry)
+            fifo.append(entry)
             self._last = deadline
             if self._timer is None:
                 self._schedule(deadline)

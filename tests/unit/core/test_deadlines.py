@@ -23,6 +23,8 @@ def test_answered_calls_records_are_not_kept_by_id_matching_queue():
     clock = Clock()
     live: dict[int, Record] = {}
     queue = DeadlineQueue(clock, live, lambda i: None)
+    live[0] = Record(b"")  # one call in flight throughout: the entries behind it stay
+    queue.add(60.0, 0)
     refs = []
     for call_id in range(1, 61):
         live[call_id] = record = Record(b"x" * 1024)
@@ -31,7 +33,7 @@ def test_answered_calls_records_are_not_kept_by_id_matching_queue():
         del live[call_id], record  # answered
     gc.collect()
     assert [r for r in refs if r() is not None] == []
-    assert len(queue) == 60  # the entries are there, holding ids only
+    assert len(queue) == 61  # the entries are there, holding ids only
 
 
 def test_reused_id_is_not_expired_by_an_earlier_calls_deadline_when_matching_records():
@@ -58,3 +60,22 @@ def test_id_matching_queue_expires_a_live_call():
     queue.add(2.0, 3)
     clock.advance(2.0)
     assert expired == [3]
+
+
+def test_answered_calls_at_the_front_go_as_new_calls_come():
+    """Calls answered in order leave the FIFO on the next add, matched by id or by record."""
+    for by_record in (False, True):
+        clock = Clock()
+        live: dict[int, Record] = {}
+        queue = DeadlineQueue(clock, live, lambda i: None, by_record=by_record)
+        for call_id in range(1, 11):
+            live[call_id] = Record(b"")
+            queue.add(30.0 + call_id, call_id)
+            if call_id > 2:
+                del live[call_id - 2]  # two in flight at a time
+        assert sorted(e[2] for e in queue._fifo) == [8, 9, 10]  # 8 answered since the last add
+        del live[9]
+        live[10] = Record(b"reused")  # the id names another call now: stale by record only
+        live[11] = Record(b"")
+        queue.add(50.0, 11)
+        assert sorted(e[2] for e in queue._fifo) == ([11] if by_record else [10, 11])
