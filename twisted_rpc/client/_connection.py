@@ -361,10 +361,10 @@ class ClientConnection(HeldCalls, StreamWire, RpcConnection, Keepalive):
         if status:
             self._call_failed(entry, status, message, metadata)
             return
-        response = entry[1].response_class()
         try:
-            # protobuf parses any buffer; types-protobuf declares bytes only.
-            response.ParseFromString(payload)  # type: ignore[arg-type]
+            # One C call (not a new message, then its parse); protobuf parses
+            # any buffer, types-protobuf declares bytes only.
+            response = entry[1].response_class.FromString(payload)  # type: ignore[arg-type]
         except Exception as e:
             d.errback(DataLossError(message=f"cannot parse the response: {e}"))
             return

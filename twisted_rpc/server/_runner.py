@@ -194,10 +194,10 @@ class CallRunner(StreamRunner):
             return
         if call_id > self.last_call_id:
             self.last_call_id = call_id
-        request = method.request_class()
         try:
-            # The stub says bytes; protobuf parses any buffer, a memoryview without a copy.
-            request.ParseFromString(payload)  # type: ignore[arg-type]
+            # One C call (not a new message, then its parse). The stub says
+            # bytes; protobuf parses any buffer, a memoryview without a copy.
+            request = method.request_class.FromString(payload)  # type: ignore[arg-type]
         except Exception as e:
             self.fail_call(
                 call_id,
