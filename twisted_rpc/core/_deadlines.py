@@ -5,7 +5,7 @@ reactor's timer heap with the number of calls in flight. Instead each
 connection keeps its deadlines in a queue and a single delayed call for the
 earliest one. Calls usually share one timeout, so deadlines mostly arrive in
 order: those go to a FIFO (O(1)); any earlier than the last one go to a heap.
-Answered calls are not removed when answered: each :meth:`~DeadlineQueue.add`
+Answered calls are not removed when answered: each :meth:`DeadlineQueue.add`
 drops those at the FIFO's front (a few dict lookups, no function call), the
 others are skipped when their deadline comes, and the queue is rebuilt when
 stale entries still outnumber the live ones.

@@ -76,7 +76,7 @@ class ServerConnection(CallRunner, RpcConnection):
         message: str,
         payload: bytes | memoryview,
     ) -> None:
-        """:meth:`request_received` under the adaptive limit: calls answered
+        """:meth:`CallRunner.request_received` under the adaptive limit: calls answered
         inline count as in flight until the read that brought them ends (their
         answers leave with its batch), and are sampled as they end."""
         factory = self.factory
