@@ -47,10 +47,8 @@ _LIMIT = re.compile(r"adaptive limit (\d+)")
 TICK = 0.001  # seconds between the open loop's batches of calls (--tick)
 
 
-def start_provider(
-    adaptive: bool, burn_ms: float, config: str = "", inline: bool = False
-) -> Provider:
-    names = {"BURN_MS": str(burn_ms), "BURN_INLINE": "1" if inline else ""}
+def start_provider(adaptive: bool, burn_ms: float, config: str = "", inline: str = "") -> Provider:
+    names = {"BURN_MS": str(burn_ms), "BURN_INLINE": inline}
     saved = {name: os.environ.get(name) for name in names}
     os.environ.update(names)
     try:
@@ -234,7 +232,18 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=1.0, help="each call's timeout (s)")
     parser.add_argument("--burn-ms", type=float, default=2.0)
     parser.add_argument(
-        "--inline", action="store_true", help="the handler burns and answers inline (no Deferred)"
+        "--inline",
+        action="store_const",
+        const="1",
+        default="",
+        help="the handler burns and answers inline (no Deferred)",
+    )
+    parser.add_argument(
+        "--threaded",
+        action="store_const",
+        const="thread",
+        dest="inline",
+        help="the handler burns in the reactor's thread pool (deferToThread)",
     )
     parser.add_argument("--peak-concurrency", type=int, default=8)
     parser.add_argument(

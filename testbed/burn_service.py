@@ -7,7 +7,8 @@ real provider does; the call answers through a Deferred, so the adaptive limiter
 counts it in flight and samples its latency. A call cancelled before its turn
 (its deadline passed) burns nothing. With ``BURN_INLINE=1`` in the
 environment it burns and answers inline instead (no Deferred), as a plain
-synchronous handler does.
+synchronous handler does; with ``BURN_INLINE=thread`` it burns in the
+reactor's thread pool (``deferToThread``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
 from testbed.echo_service import ECHO
 from testbed.protos import echo_pb2
@@ -38,6 +40,7 @@ class BurnEchoService(Service, descriptor=ECHO):
         if not 0.0 <= self.seconds <= 1.0:
             raise ValueError(f"BURN_MS must be within 0 and 1000, got {self.seconds * 1000}")
         self.inline = os.environ.get("BURN_INLINE", "") == "1"
+        self.threaded = os.environ.get("BURN_INLINE", "") == "thread"
 
     def _answer(self, request: echo_pb2.EchoRequest) -> echo_pb2.EchoReply:
         burn(self.seconds)
@@ -48,6 +51,8 @@ class BurnEchoService(Service, descriptor=ECHO):
     ) -> Deferred[echo_pb2.EchoReply] | echo_pb2.EchoReply:
         if self.inline:
             return self._answer(request)
+        if self.threaded:
+            return deferToThread(self._answer, request)
         if context.connection is None:
             raise RuntimeError("BurnEchoService needs a connection's clock")
         return deferLater(context.connection.clock, 0, self._answer, request)

@@ -35,27 +35,29 @@ calls once their mean latency is over twice the tolerance above the no-load
 figure (overload ends the window early). The limit starts at 20 (Gradient2's
 initial limit). The limit stays within ``[min_limit, max_limit]``.
 
-**The thread's bound.** Given ``cpu_clock`` (the provider's reactor
-thread's CPU time, ``time.thread_time``) and ``wall_clock`` (the reactor's
-``seconds``), each window also measures how busy the thread was (its CPU
-over the window's wall time, averaged with the windows before: a lull of one
-window is not idleness) and its CPU seconds per finished call. When a
-window's calls waited (took over 1.2x their no-load latency on average) on a
-thread busy at least :data:`BUSY` of the time, the limit is at most
-:attr:`cpu_bound` = ``no_load * tolerance / cpu_per_call`` (rounded down,
-at least 1): what one thread can run within the tolerated latency when that
-CPU is what a call costs it. The bound is kept, and measured again each
-window, while the thread stays that busy, and let go one call a window
+**The CPU bound.** Given ``cpu_clock`` (the provider's CPU time,
+``time.process_time``: its reactor thread's and its thread pool's) and
+``wall_clock`` (the reactor's ``seconds``), each window also measures how
+busy the process was (its CPU over the window's wall time, averaged with the
+windows before: a lull of one window is not idleness) and its CPU seconds
+per finished call. When a window's calls waited (took over 1.2x their
+no-load latency on average) in a process busy at least :data:`BUSY` of the
+time, the limit is at most :attr:`cpu_bound` = ``no_load * tolerance /
+cpu_per_call * max(1, busy)`` (rounded down, at least 1): what the process
+can run within the tolerated latency when that CPU is what a call costs it
+(one thread, or one at a time under the GIL; ``busy`` over 1 means threads
+ran at once on several cores). The bound is kept, and measured again each
+window, while the process stays that busy, and let go one call a window
 while it is not (a lull in arrivals, then a burst, must not meet a limit
 let go at once); a window that shows several calls in flight without
-waiting lets it go at once. A thread with time to spare is not bound, nor one
-busy with work that does not make these calls wait (another listener's, a
-flood of requests that fail). A handler whose work burns the thread (2 ms of
-CPU, 2.05 ms at no load) gets 1 without probing for it; one that waits on
-I/O for 10 ms with 50 µs of CPU, on a busy thread, 300, so the gradient
-alone decides. The bound is measured, not inferred from latency, so it may
-go below ``min_limit`` (which bounds the gradient's fall). Work done off the
-thread (``deferToThread``) is not counted: it does not queue on it.
+waiting lets it go at once. A process with time to spare is not bound, nor
+one busy with work that does not make these calls wait (another listener's,
+a flood of requests that fail). A handler whose work burns the CPU (2 ms,
+2.05 ms at no load), on the reactor thread or in its thread pool, gets 1
+without probing for it; one that waits on I/O for 10 ms with 50 µs of CPU,
+in a busy process, 300, so the gradient alone decides. The bound is
+measured, not inferred from latency, so it may go below ``min_limit``
+(which bounds the gradient's fall).
 
 **Per method.** Latencies are compared with the no-load latency of the
 same method (each method's own least of its recent window minimums, read as
@@ -86,8 +88,8 @@ _SERIAL_TOLERANCE = 1.2
 falls (a second call queued behind one doubles the wait: 1.5 would keep it)."""
 
 BUSY = 0.5
-"""The share of a window's wall time the thread must have spent on the CPU
-for the window's CPU per call to bound the limit. (A thread held at one
+"""The share of a window's wall time the process must have spent on the CPU
+for the window's CPU per call to bound the limit. (A provider held at one
 CPU-bound call at a time is busy 85-95 % of the time: it idles between an
 answer and the next read; the VM's steal and the callers' pauses take more.)"""
 
@@ -209,13 +211,13 @@ class AdaptiveLimiter:
         self._wall_clock = wall_clock
         self._cpu_mark = self._wall_mark = 0.0
         self.busy = 0.0
-        """The thread's CPU over the wall time of the last windows (each
-        window's figure averaged with the one before: 0 unknown)."""
+        """The process's CPU over the wall time of the last windows (each
+        window's figure averaged with the one before; 0: unknown)."""
         self.cpu_per_call = 0.0
-        """Seconds of the thread's CPU per call in the last window (0: unknown)."""
+        """Seconds of the process's CPU per call in the last window (0: unknown)."""
         self.cpu_bound = max_limit
-        """The most calls the thread can run within the tolerated latency
-        (see "The thread's bound"; ``max_limit`` while not bound)."""
+        """The most calls the process can run within the tolerated latency
+        (see "The CPU bound"; ``max_limit`` while not bound)."""
         self._bound_held = False
 
     hold_windows = 20
@@ -259,13 +261,12 @@ class AdaptiveLimiter:
     def _end_window(self) -> bool:
         count = self._count
         if self._cpu_clock is not None and count > 1:
-            # The thread's CPU from the window's first call to its last: count - 1 calls.
+            # The CPU from the window's first call to its last: count - 1 calls.
             cpu = self._cpu_clock() - self._cpu_mark
             wall = self._wall_clock() - self._wall_mark  # type: ignore[misc]
             busy = cpu / wall if wall > 0.0 else 0.0
-            self.busy = (
-                self.busy + busy
-            ) / 2.0  # over two windows or so: a lull of one is not idle
+            # Over two windows or so (a lull of one is not idleness); the first as it is.
+            self.busy = (self.busy + busy) / 2.0 if self.busy else busy
             self.cpu_per_call = cpu / (count - 1)
         load = no_loads = 0.0
         for stats in self._methods.values():
@@ -316,7 +317,7 @@ class AdaptiveLimiter:
         return self.limit != old
 
     def _bound(self, queued: bool) -> int:
-        """The thread's bound on the limit (see "The thread's bound")."""
+        """The CPU bound on the limit (see "The CPU bound")."""
         per_call = self.cpu_per_call
         held = self._bound_held
         if per_call <= 0.0 or not (queued or held):
@@ -330,5 +331,6 @@ class AdaptiveLimiter:
                 return self.max_limit
             return self.cpu_bound + 1
         self._bound_held = True
-        calls = self.no_load * self.tolerance / per_call
+        # (Busy over 1: threads running at once on several cores, as many more calls.)
+        calls = self.no_load * self.tolerance / per_call * max(1.0, self.busy)
         return max(1, min(self.max_limit, int(calls + 1e-9)))

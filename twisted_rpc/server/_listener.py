@@ -217,7 +217,7 @@ class ListenerFactory(Factory, Generic[C]):
             self.limiter = AdaptiveLimiter(
                 limits.adaptive_min_limit,
                 limits.adaptive_max_limit,
-                cpu_clock=time.thread_time,
+                cpu_clock=time.process_time,
                 wall_clock=clock.seconds,
             )
             self.limit_changed()
