@@ -76,10 +76,10 @@ one read and a few bytes, cost its sides ~8 % more CPU here than joined.)"""
 
 KEEP_BYTES = 8 * 1024 * 1024
 """Largest buffer a connection keeps between frames (and largest payload
-sent it keeps, :func:`keep_sent`)."""
+sent the process keeps, :func:`keep_sent`)."""
 
 KEEP_REFRESH = 64
-"""Large payloads sent after which a connection keeps its newest one,
+"""Large payloads sent after which the process keeps the newest one,
 wherever it lies."""
 
 log = Logger()

@@ -33,6 +33,7 @@ from twisted.web.server import Request, Site
 
 from twisted_rpc._version import __version__
 from twisted_rpc.core._connection import RefusedConnection
+from twisted_rpc.core._log_throttle import LogThrottle
 from twisted_rpc.ops._health import status_name
 from twisted_rpc.ops._metrics import (
     ProviderMetrics,
@@ -125,7 +126,7 @@ def status_data(provider: Any, metrics: ProviderMetrics, workers: Any = None) ->
             "no_load_ms": _ms(limiter.no_load),
             "current_ms": _ms(limiter.current),
             "cpu_bound": limiter.cpu_bound,
-            "thread_busy": round(limiter.busy, 2),
+            "busy": round(limiter.busy, 2),
         }
         for name, factory in named_listeners(provider)
         if (limiter := getattr(factory, "limiter", None)) is not None
@@ -214,7 +215,7 @@ def render_status(data: dict[str, Any], refresh: float) -> str:
     adaptive = "".join(
         f'<p class="adaptive">{escape(name)}: adaptive limit <b>{a["limit"]}</b>, '
         f"calls shed <b>{a['shed']}</b>, latency now <b>{a['current_ms']}</b> ms "
-        f"(no load <b>{a['no_load_ms']}</b> ms), thread busy <b>{a['thread_busy']:.0%}</b>, "
+        f"(no load <b>{a['no_load_ms']}</b> ms), CPU busy <b>{a['busy']:.0%}</b>, "
         f"bound <b>{a['cpu_bound']}</b></p>"
         for name, a in data.get("adaptive_limit", {}).items()
     )
@@ -380,8 +381,7 @@ class AdminFactory(WrappingFactory):
         self.max_connections = max_connections
         self.refused = 0
         """Connections closed because ``max_connections`` were open."""
-        self._unlogged = 0
-        self._logged_at: float | None = None
+        self._refusals = LogThrottle(REFUSAL_LOG_INTERVAL)
 
     @property
     def open_connections(self) -> int:
@@ -393,15 +393,13 @@ class AdminFactory(WrappingFactory):
         if len(self.protocols) < self.max_connections:
             return super().buildProtocol(addr)
         self.refused += 1
-        self._unlogged += 1
-        now = self.clock.seconds()
-        if self._logged_at is None or now - self._logged_at >= REFUSAL_LOG_INTERVAL:
+        count = self._refusals.due(self.clock.seconds())
+        if count:
             log.warn(
                 "admin endpoint: {max_connections} connections open (max_connections);"
                 " refused {count} connection(s), the last from {peer}",
                 max_connections=self.max_connections,
-                count=self._unlogged,
+                count=count,
                 peer=str(addr),
             )
-            self._logged_at, self._unlogged = now, 0
         return RefusedConnection()  # closed at once, under TLS too

@@ -397,7 +397,7 @@ class _ProviderResilience(Collector):
         )
         bound = gauge(
             "mprpc_server_adaptive_cpu_bound",
-            "The most calls the reactor thread runs within the tolerated latency",
+            "The most calls the provider's CPU runs within the tolerated latency",
         )
         before, after = _compression("server")
         for name, factory in self.listeners:

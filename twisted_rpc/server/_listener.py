@@ -28,6 +28,7 @@ from twisted_rpc.core._compress import DEFAULT_COMPRESS_THRESHOLD, check_encodin
 from twisted_rpc.core._connection import RefusedConnection
 from twisted_rpc.core._flow import check_window
 from twisted_rpc.core._interfaces import ICallObserver, IDrainable
+from twisted_rpc.core._log_throttle import LogThrottle
 from twisted_rpc.core._status import UnavailableError
 from twisted_rpc.server._dispatcher import Dispatcher
 from twisted_rpc.server._limiter import AdaptiveLimiter
@@ -204,9 +205,8 @@ class ListenerFactory(Factory, Generic[C]):
         self.admit_limit = limits.max_calls
         """Ordinary calls in flight from which one more is refused: ``max_calls``,
         or less while the adaptive limit is lower (see :meth:`limit_changed`)."""
-        self.refused_logged_at = -REFUSED_LOG_INTERVAL
-        self.refused_unlogged = 0
-        """Calls refused unrun (shed, late) since the last line that logged them."""
+        self.refusals = LogThrottle(REFUSED_LOG_INTERVAL)
+        """Calls refused unrun (shed, late), logged together."""
         self.inline_of: object | None = None
         self.inline_ran = 0
         """Calls answered inline by the read being handled on the connection

@@ -42,7 +42,6 @@ from twisted_rpc.core._status import (
 )
 from twisted_rpc.server._context import CallContext
 from twisted_rpc.server._dispatcher import MAX_ERROR_MESSAGE, ServerMethod, clip
-from twisted_rpc.server._listener import REFUSED_LOG_INTERVAL
 from twisted_rpc.server._streams import StreamRunner
 
 if TYPE_CHECKING:
@@ -292,21 +291,19 @@ class CallRunner(StreamRunner):
 
     def _refused_unrun(self, error: RpcError) -> None:
         """Log calls refused unrun (shed, late) together, at most once every
-        :data:`REFUSED_LOG_INTERVAL` seconds: a line per call would add to
+        ``REFUSED_LOG_INTERVAL`` seconds (the listener's ``refusals``): a line per call would add to
         the overload that made them (they are counted in the metrics)."""
         factory = self.factory
-        factory.refused_unlogged += 1
-        now = self.clock.seconds()
-        if now - factory.refused_logged_at >= REFUSED_LOG_INTERVAL:
+        count = factory.refusals.due(self.clock.seconds())
+        if count:
             log.warn(
                 "{listener} listener: {count} calls refused unrun since the last such line "
                 "(the last: {code} {message})",
                 listener=factory.name,
-                count=factory.refused_unlogged,
+                count=count,
                 code=code_name(error.code),
                 message=error.message,
             )
-            factory.refused_logged_at, factory.refused_unlogged = now, 0
 
     def _drop_late(self, call_id: int, method: str, started: float) -> None:
         """Refuse ``call_id`` unrun: its deadline passed between its arrival and
@@ -383,7 +380,17 @@ class CallRunner(StreamRunner):
         duration = self.clock.seconds() - started
         message = clip(error.message, MAX_ERROR_MESSAGE)
         if not quiet:
-            self._log_failed(call_id, error, method, duration, message)
+            log.info(
+                self.call_label
+                + " {method} from {peer} failed: {code} {message} ({duration_ms:.1f} ms)",
+                call_id=call_id,
+                method=method,
+                service=method.rpartition("/")[0],
+                peer=self.peer,
+                code=code_name(error.code),
+                message=message,
+                duration_ms=duration * 1000,
+            )
         if trailers:
             self._write_end(call_id, int(error.code), message, trailers)
         else:
@@ -391,21 +398,6 @@ class CallRunner(StreamRunner):
         observer = self.factory.observer
         if observer is not None:
             observer.call_finished("?/?" if unknown else method, int(error.code), duration)
-
-    def _log_failed(
-        self, call_id: int, error: RpcError, method: str, duration: float, message: str
-    ) -> None:
-        log.info(
-            self.call_label
-            + " {method} from {peer} failed: {code} {message} ({duration_ms:.1f} ms)",
-            call_id=call_id,
-            method=method,
-            service=method.rpartition("/")[0],
-            peer=self.peer,
-            code=code_name(error.code),
-            message=message,
-            duration_ms=duration * 1000,
-        )
 
     def _finished(self, method: str, code: int, started: float, call_id: int | None = None) -> None:
         """Tell the observer of a call's end; log it if it was slow."""

@@ -197,7 +197,7 @@ def test_status_page_shows_the_adaptive_limit_only_when_on() -> None:
             "no_load_ms": 0.0,
             "current_ms": 0.0,
             "cpu_bound": 1,
-            "thread_busy": 0.0,
+            "busy": 0.0,
         }
     }
     assert "adaptive limit <b>1</b>, calls shed <b>1</b>" in render_status(data, 0)
