@@ -212,6 +212,8 @@ class ClientConnection(HeldCalls, StreamWire, RpcConnection, Keepalive):
         else:  # send()'s first branch, inline: this is the hot path
             batch.append(header)
             batch.append(payload)
+            if len(batch) >= self._flush_at:
+                self.flush_early(batch)
         return d
 
     def resume(self, call: TakenBack) -> RpcError | None:

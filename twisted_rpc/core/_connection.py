@@ -13,14 +13,12 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
-    IPushProducer,
     IReactorTime,
     ITCPTransport,
 )
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FieldHandler, FrameDecoder, FrameKind, ProtocolError
@@ -32,12 +30,15 @@ from twisted_rpc.core._compress import (
     inflate,
     parse_encodings,
 )
-from twisted_rpc.core._direct_write import DirectWriter
+from twisted_rpc.core._direct_write import FIRST_FLUSH, DirectWriter, WriteBufferWatch
 from twisted_rpc.core._flow import Inbox, fire_woken
 from twisted_rpc.core._large_read import LargeFrameReader, keep_sent, read_large
 from twisted_rpc.core._status import StatusCode, UnavailableError
 
 LARGE_PAYLOAD = 64 * 1024
+
+_NO_FLUSH = 1 << 62
+"""The threshold outside a batch."""
 
 CLOSE_TIMEOUT = 10.0
 """Seconds a connection closed for a protocol error has to take the answers
@@ -72,33 +73,6 @@ class RefusedConnection(Protocol):
         self.transport.abortConnection()
 
 
-@implementer(IPushProducer)
-class _WriteBufferWatch:
-    """Registered on a connection's own transport, which pauses it when its
-    write buffer passes the transport's ``bufferSize`` (64 KiB for TCP) and
-    resumes it once the buffer has drained. (Raising ``bufferSize`` would also
-    raise the size of every ``recv``, which costs small messages dearly.)"""
-
-    def __init__(self, connection: RpcConnection) -> None:
-        self.connection: RpcConnection | None = connection
-
-    def pauseProducing(self) -> None:
-        if self.connection is not None:
-            self.connection.write_buffer_full()
-
-    def resumeProducing(self) -> None:
-        if self.connection is None:
-            return
-        transport = self.connection.transport
-        if getattr(transport, "disconnecting", False):
-            transport.unregisterProducer()  # let a pending close complete
-            return
-        self.connection.write_buffer_drained()
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class RpcConnection(Protocol):
     """Framing and the write path for one connection.
 
@@ -120,7 +94,7 @@ class RpcConnection(Protocol):
         self.clock = clock
         self.write_blocked = False
         self._watching_writes = False
-        self._write_watch: _WriteBufferWatch | None = None
+        self._write_watch: WriteBufferWatch | None = None
         self.connected = False
         self.last_active = 0.0
         """When the last whole frame arrived (or the connection was made)."""
@@ -158,7 +132,7 @@ class RpcConnection(Protocol):
         self.peer = f"{host}:{port}" if host is not None else str(peer)
         self.peer_host = host
         if hasattr(self.transport, "registerProducer"):
-            self._write_watch = _WriteBufferWatch(self)
+            self._write_watch = WriteBufferWatch(self)
             self.transport.registerProducer(self._write_watch, True)
             self._watching_writes = True
         self._writer = DirectWriter(self.transport)
@@ -172,9 +146,11 @@ class RpcConnection(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         # Frames sent while handling this chunk (answers, and the calls their
-        # callbacks make) go out in one write at the end.
+        # callbacks make) are collected: the first few, then twice as many,
+        # go out ahead (see FIRST_FLUSH), the rest in one write at the end.
         batch: list[bytes]  # (an annotation only: no cost here)
         self._batch = batch = []
+        self._flush_at = FIRST_FLUSH
         self.received_at = now = self.clock.seconds()  # the frames' receive time
         decoder = self.decoder
         try:
@@ -201,6 +177,15 @@ class RpcConnection(Protocol):
             self.last_active = now
         if decoder.buffered or self.partial_since is not None:
             self.partial_frame(bool(done))
+
+    _flush_at = _NO_FLUSH
+
+    def flush_early(self, batch: list[bytes]) -> None:
+        """Write what ``batch`` holds so far (it goes on collecting), and
+        double the threshold for the next such write (see FIRST_FLUSH)."""
+        self._flush_at = 2 * len(batch)
+        self._write_now([b"".join(batch)])
+        batch.clear()
 
     def wake_later(self, inbox: Inbox) -> None:
         """Fire ``inbox``'s reader once the chunk being handled is (at once
@@ -359,8 +344,9 @@ class RpcConnection(Protocol):
 
         With :meth:`_write_now`, the only path to the transport. While a
         received chunk is being handled, small frames are collected and
-        written together after it; a large one is written at once (after those
-        collected before it), and so is any large frame sent outside that:
+        written together after it (the first ones ahead: see FIRST_FLUSH); a
+        large one is written at once (after those collected before it), and so
+        is any large frame sent outside that:
         one system call is nothing beside its size, and no join copies it.
         Other frames sent outside a received chunk go to the transport, which
         writes them with whatever else this turn of the reactor sends.
@@ -371,6 +357,8 @@ class RpcConnection(Protocol):
                 batch.append(header)
                 if payload:
                     batch.append(payload)
+                if len(batch) >= self._flush_at:
+                    self.flush_early(batch)
             else:
                 self.transport.write(header + payload if payload else header)
             return

@@ -1,5 +1,6 @@
-"""Writing to a TCP socket at once: the one place that reads Twisted's private
-``tcp.Connection`` attributes.
+"""The write path: writing to a TCP socket at once (the one place that reads
+Twisted's private ``tcp.Connection`` attributes), when to write a batch of
+frames early (:data:`FIRST_FLUSH`), and the watch on the write buffer.
 
 ``transport.write`` only buffers: the reactor then adds write interest to
 epoll, sends on its next turn and removes the interest again, two system calls
@@ -18,11 +19,22 @@ and the unsent bytes are unknown (None).
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import tcp
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 
-__all__ = ["DirectWriter"]
+__all__ = ["DirectWriter", "FIRST_FLUSH", "WriteBufferWatch"]
+
+FIRST_FLUSH = 8
+"""Pieces (a frame is one or two: its header, its payload) a batch collects
+before they are written ahead of its end; each such write doubles the next
+threshold (8, 16, 32, ... pieces). Written only at the end, a chunk of many
+calls makes the peer wait for all of them, then this side wait for all the
+answers: the two processes take turns, each on one core half the time. Sent
+early, the peer starts on the first calls while this side handles the rest,
+and the doubling keeps the writes per chunk few (six for 128 calls)."""
 
 # What DirectWriter reads of a TCP transport's write buffer.
 _TCP_BUFFER = ("_tempDataLen", "dataBuffer", "offset", "_writeDisconnecting", "TLS", "socket")
@@ -105,3 +117,39 @@ class DirectWriter:
         if transport is None:
             return None
         return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+
+
+class _Watcher(Protocol):
+    """What :class:`WriteBufferWatch` tells (an ``RpcConnection``)."""
+
+    transport: Any
+
+    def write_buffer_full(self) -> None: ...
+    def write_buffer_drained(self) -> None: ...
+
+
+@implementer(IPushProducer)
+class WriteBufferWatch:
+    """Registered on a connection's own transport, which pauses it when its
+    write buffer passes the transport's ``bufferSize`` (64 KiB for TCP) and
+    resumes it once the buffer has drained. (Raising ``bufferSize`` would also
+    raise the size of every ``recv``, which costs small messages dearly.)"""
+
+    def __init__(self, connection: _Watcher) -> None:
+        self.connection: _Watcher | None = connection
+
+    def pauseProducing(self) -> None:
+        if self.connection is not None:
+            self.connection.write_buffer_full()
+
+    def resumeProducing(self) -> None:
+        if self.connection is None:
+            return
+        transport = self.connection.transport
+        if getattr(transport, "disconnecting", False):
+            transport.unregisterProducer()  # let a pending close complete
+            return
+        self.connection.write_buffer_drained()
+
+    def stopProducing(self) -> None:
+        pass

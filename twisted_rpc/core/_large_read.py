@@ -53,6 +53,7 @@ from twisted_rpc.core._codec import (
     _unpack_header,
     _unpack_u32,
 )
+from twisted_rpc.core._direct_write import FIRST_FLUSH
 from twisted_rpc.core._frame import Frame
 
 if TYPE_CHECKING:
@@ -218,6 +219,7 @@ class LargeFrameReader:
         connection.received_at = now = connection.clock.seconds()
         batch: list[bytes] = []
         connection._batch = batch
+        connection._flush_at = FIRST_FLUSH
         try:
             decode_frame(decoder, view)
             if connection._woken:

@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from twisted_rpc.core._codec import HEADER_SIZE
+from twisted_rpc.core._direct_write import FIRST_FLUSH
 from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.core._status import InternalError
 from twisted_rpc.server._stream_state import _Stream
@@ -43,6 +44,7 @@ class StreamPump:
     write_blocked: bool
     connected: int
     _batch: list[bytes] | None
+    _flush_at: int
     _turn_bytes: int
     _turn_waiters: deque[Deferred[None]]
     _turn_timer: bool
@@ -158,8 +160,9 @@ class StreamPump:
         self._turn_bytes = 0
         waiting = self._turn_waiters
         own_batch = self._batch is None
-        if own_batch:
+        if own_batch:  # (its first frames written early too: FIRST_FLUSH)
             self._batch = []
+            self._flush_at = FIRST_FLUSH
         try:
             while waiting and self._turn_bytes < TURN_BYTES and not self.write_blocked:
                 waiting.popleft().callback(None)
