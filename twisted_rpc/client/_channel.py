@@ -101,11 +101,8 @@ class Channel:
         connection settings and backoff. ``dials`` is the client's dial
         queue (None: dial at once); ``resend`` sends calls a GOAWAY took back
         (default: again on this channel); ``refused``: why never to dial."""
-        if options is None:
-            options = ClientOptions()
-        if settings:
-            options = options.replace(**settings)
-        self.options = options
+        options = options or ClientOptions()
+        self.options = options = options.replace(**settings) if settings else options
         self.reactor = reactor
         # The protocol has IReactorTime's methods; zope interfaces are
         # nominal, and Deferred.addTimeout and the connections ask for one.
@@ -129,6 +126,7 @@ class Channel:
         self.last_error = refused
         self.protocol: ClientConnection | None = None
         """The proven connection calls go to, while ready."""
+        self.direct: ClientConnection | None = None  # protocol, if no _watch: see Client.call
         self._proving: ClientConnection | None = None
         self._old: set[ClientConnection] = set()  # after GOAWAY: finishing their calls
         self._waiters: list[Deferred[ClientConnection]] = []
@@ -358,6 +356,7 @@ class Channel:
         self._proving = None
         self._release_slot()
         self.protocol = protocol
+        self.direct = protocol if self._watch is None else None
         self._to(ChannelEvent.PROVEN)
         if self.on_ready is not None:
             self.on_ready(self, protocol)
@@ -410,7 +409,7 @@ class Channel:
                     )
                 self._failed()
         elif protocol is self.protocol:
-            self.protocol = None
+            self.protocol = self.direct = None
             if self.state != ChannelState.CLOSED:
                 self._lost_proven(protocol, reason)
         if self.state == ChannelState.CLOSED and self.protocol is None and self._proving is None:
@@ -466,7 +465,7 @@ class Channel:
             self._proving = None
             self._release_slot()
         elif protocol is self.protocol:
-            self.protocol = None
+            self.protocol = self.direct = None
             well = self._ended_well(protocol)
         else:
             kept = None  # already put aside

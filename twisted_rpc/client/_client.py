@@ -29,6 +29,7 @@ from twisted_rpc.client._proxy import ServiceProxy
 from twisted_rpc.client._retry import Retries, may_resend_shed, send_with_retries
 from twisted_rpc.client._routes import CLIENT_CLOSED, ClientCall, _ServiceRoute
 from twisted_rpc.client._service_config import ServiceConfig
+from twisted_rpc.client._states import ConnectionState
 from twisted_rpc.client._stream_start import StreamStarter, _stream_intercepted
 from twisted_rpc.client._streams import StreamCall
 from twisted_rpc.core._codec import GoawayReason
@@ -50,6 +51,8 @@ from twisted_rpc.discovery._static import StaticRegistry
 from twisted_rpc.discovery._types import ProviderAddress
 
 log = Logger(namespace="twisted_rpc.client")
+
+_OPEN = ConnectionState.OPEN
 
 _serving = CURRENT_CALL.get
 """The inbound call whose handler is running, if any (see core/_propagation.py)."""
@@ -251,6 +254,9 @@ class Client(StreamStarter, ChannelBuilder):
         route = self._routes.get(method.service) or self._route(method.service)
         channel = (balancer or route.balancer).pick(route.channels)
         if channel is not None and ((not idempotent and method.route in self._plain) or not retry):
+            direct = channel.direct
+            if direct is not None and direct.state is _OPEN:  # Channel.call's first branch
+                return direct.call(method, request, timeout, metadata)
             d = channel.call(method, request, timeout, metadata, False)
             if d is not None:
                 return d

@@ -56,6 +56,9 @@ flush; then it is aborted (a peer that does not read)."""
 
 _DEFAULT_OPTIONS = ClientOptions()
 _OPEN = ConnectionState.OPEN
+_pack_header = wire.pack_header
+_FIXED = wire.FIXED_AFTER_LENGTH
+_REQUEST = wire.REQUEST
 
 
 _Frame = tuple[bytes, bytes, int]
@@ -187,16 +190,24 @@ class ClientConnection(HeldCalls, StreamWire, RpcConnection, Keepalive):
             self._next_id = call_id + 1
         else:
             call_id = self._next_wrapped_id()
+        if timeout:
+            deadline = self.clock.seconds() + timeout
+            timeout_ms = self._timeout_ms
+        else:
+            deadline = 0.0
+            timeout_ms = 0
+        route = method.route
         try:
-            if timeout:
-                deadline = self.clock.seconds() + timeout
-                header = wire.encode_request(
-                    call_id, method.route, size, self._timeout_ms, metadata
+            if metadata:
+                header = wire.encode_request(call_id, route, size, timeout_ms, metadata)
+            else:  # encode_request's plain case, inline: this is the hot path
+                header = (
+                    _pack_header(
+                        _FIXED + len(route) + size, _REQUEST, 0, 0, call_id, timeout_ms, len(route)
+                    )
+                    + route
                 )
-            else:
-                deadline = 0.0
-                header = wire.encode_request(call_id, method.route, size, 0, metadata)
-        except Exception as e:  # metadata that is not text, say
+        except Exception as e:  # metadata that is not text, or a payload over 4 GiB, say
             return fail(InvalidArgumentError(message=f"cannot encode the call: {e}"))
         d = _Call(_cancel_call)
         d.call_id = call_id

@@ -236,6 +236,9 @@ class Pool:
     def protocol(self) -> ClientConnection | None:
         return self.pick(advance=False).protocol
 
+    direct: ClientConnection | None = None
+    """(None: a call to a pool goes through :meth:`call`, which picks the member.)"""
+
     @overload
     def call(
         self,

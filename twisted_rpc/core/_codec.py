@@ -76,6 +76,12 @@ NOT_RUN_KEY = "rpc-not-run"
 without running the call (shed), so it may be sent elsewhere."""
 
 _pack_header = _HEADER.pack
+pack_header = _pack_header
+"""The fixed header's packer: (length after the prefix, kind, flags, status,
+call id, timeout ms, route length). For a hot path that inlines
+:func:`encode_request` (the consumer's ``ClientConnection.call``); any other
+caller uses the encode functions."""
+FIXED_AFTER_LENGTH = _FIXED_AFTER_LENGTH
 _unpack_header = _HEADER.unpack_from
 _unpack_u32 = _U32.unpack_from
 _unpack_entry = _EXT_ENTRY.unpack_from

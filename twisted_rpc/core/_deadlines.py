@@ -5,8 +5,8 @@ reactor's timer heap with the number of calls in flight. Instead each
 connection keeps its deadlines in a queue and a single delayed call for the
 earliest one. Calls usually share one timeout, so deadlines mostly arrive in
 order: those go to a FIFO (O(1)); any earlier than the last one go to a heap.
-Answered calls are not removed when answered: each :meth:`DeadlineQueue.add`
-drops those at the FIFO's front (a few dict lookups, no function call), the
+Answered calls are not removed when answered: every 16th :meth:`DeadlineQueue.add`
+drops those at the FIFO's front (a few dict lookups each), the
 others are skipped when their deadline comes, and the queue is rebuilt when
 stale entries still outnumber the live ones.
 
@@ -93,24 +93,13 @@ class DeadlineQueue:
         """Track ``call_id`` (already in ``live``) until ``deadline`` (in the
         clock's seconds)."""
         self._added = added = self._added + 1
-        live = self._live
-        fifo = self._fifo
-        if self._by_record:
-            record = live[call_id]
-            get = live.get
-            while fifo and get(fifo[0][2], _GONE) is not fifo[0][3]:
-                fifo.popleft()  # answered: the oldest go as new ones come
-        else:
-            record = _ANY
-            while fifo and fifo[0][2] not in live:
-                fifo.popleft()
-        if not added & 63 and len(self) > 2 * len(live):
-            self._compact()  # (answered calls behind a live one, or in the heap)
-            fifo = self._fifo
+        if not added & 15:
+            self._tidy(added)
+        record = self._live[call_id] if self._by_record else _ANY
         entry = (deadline, added, call_id, record)
         if deadline >= self._last:
             # In order: the timer, if any, is already due no later than this.
-            fifo.append(entry)
+            self._fifo.append(entry)
             self._last = deadline
             if self._timer is None:
                 self._schedule(deadline)
@@ -118,6 +107,21 @@ class DeadlineQueue:
         heapq.heappush(self._heap, entry)
         if self._timer is None or deadline < self._timer_at:
             self._schedule(deadline)
+
+    def _tidy(self, added: int) -> None:
+        """Drop the answered calls at the FIFO's front (every 16 adds), and
+        compact the queue (every 64) when stale entries outnumber the live."""
+        live = self._live
+        fifo = self._fifo
+        if self._by_record:
+            get = live.get
+            while fifo and get(fifo[0][2], _GONE) is not fifo[0][3]:
+                fifo.popleft()
+        else:
+            while fifo and fifo[0][2] not in live:
+                fifo.popleft()
+        if not added & 63 and len(self) > 2 * len(live):
+            self._compact()  # (answered calls behind a live one, or in the heap)
 
     def stop(self) -> None:
         """Forget every deadline and cancel the timer (the connection is gone).

@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameKind, GoawayReason, ProtocolError
-from twisted_rpc.core._connection import IRpcTransport, RpcConnection
+from twisted_rpc.core._connection import LARGE_PAYLOAD, IRpcTransport, RpcConnection
 from twisted_rpc.core._status import ResourceExhaustedError
 from twisted_rpc.server._dispatcher import clip
 from twisted_rpc.server._runner import CallRunner
@@ -218,10 +218,18 @@ class ServerConnection(CallRunner, RpcConnection):
         self.fail_call(call_id, error, method.info.full_name, started)
 
     def _write_response(self, call_id: int, payload: bytes) -> None:
-        header = wire.encode_response(call_id, len(payload))
-        if len(payload) >= self.compress_min:  # (NEVER until the consumer compresses)
-            header, payload, _ = self.squeeze(header, payload)
-        self.send(header, payload)
+        size = len(payload)
+        header = wire.encode_response(call_id, size)
+        if size >= self.compress_min:  # (NEVER until the consumer compresses)
+            header, payload, size = self.squeeze(header, payload)
+        batch = self._batch
+        if batch is None or size >= LARGE_PAYLOAD:
+            self.send(header, payload)
+        else:  # send()'s first branch, inline: this is the hot path
+            batch.append(header)
+            batch.append(payload)
+            if len(batch) >= self._flush_at:
+                self.flush_early(batch)
 
     def _write_status(self, call_id: int, code: int, message: str) -> None:
         self.send(wire.encode_status(call_id, code, message))

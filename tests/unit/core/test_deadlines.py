@@ -63,19 +63,23 @@ def test_id_matching_queue_expires_a_live_call():
 
 
 def test_answered_calls_at_the_front_go_as_new_calls_come():
-    """Calls answered in order leave the FIFO on the next add, matched by id or by record."""
+    """Calls answered in order leave the FIFO at every 16th add, matched by id or by record."""
     for by_record in (False, True):
         clock = Clock()
         live: dict[int, Record] = {}
         queue = DeadlineQueue(clock, live, lambda i: None, by_record=by_record)
-        for call_id in range(1, 11):
+        for call_id in range(1, 17):
             live[call_id] = Record(b"")
             queue.add(30.0 + call_id, call_id)
             if call_id > 2:
                 del live[call_id - 2]  # two in flight at a time
-        assert sorted(e[2] for e in queue._fifo) == [8, 9, 10]  # 8 answered since the last add
-        del live[9]
-        live[10] = Record(b"reused")  # the id names another call now: stale by record only
-        live[11] = Record(b"")
-        queue.add(50.0, 11)
-        assert sorted(e[2] for e in queue._fifo) == ([11] if by_record else [10, 11])
+            if call_id == 15:
+                assert len(queue._fifo) == 15  # (none gone before the 16th add)
+        assert sorted(e[2] for e in queue._fifo) == [14, 15, 16]  # 13 answered ones gone
+        del live[15]
+        live[16] = Record(b"reused")  # the id names another call now: stale by record only
+        for call_id in range(17, 33):
+            live[call_id] = Record(b"")
+            queue.add(50.0 + call_id, call_id)
+        assert queue._fifo[0][2] == (17 if by_record else 16)
+        assert len(queue._fifo) == (16 if by_record else 17)
