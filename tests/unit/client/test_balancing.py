@@ -172,3 +172,32 @@ def test_every_balancer_prefers_proven_then_dialling_channels(make):
     assert {balancer.pick([idle, dialling, down]).name for _ in range(30)} == {"dialling"}
     assert {balancer.pick([down, idle]).name for _ in range(30)} == {"idle"}
     assert balancer.pick([down, idle], exclude=[idle]) is down
+
+
+def test_a_ready_channel_takes_calls_straight_to_its_connection_unless_one_is_timed():
+    """Channel.direct: the client's hot path skips Channel.call for a ready
+    channel whose calls nothing watches; with least_outstanding each call is
+    timed (its Deferred watched), so that path keeps Channel.call."""
+    from testbed.echo_service import ECHO
+    from testbed.protos import echo_pb2
+    from tests.helpers import TwoProviders, result
+
+    for balancer, direct in (("round_robin", True), ("least_outstanding", False)):
+        two = TwoProviders(balancer=balancer)
+        echo = two.client.proxy(ECHO)
+        first = [echo.Echo(echo_pb2.EchoRequest(payload=b"x")) for _ in range(2)]  # dial both
+        two.connect_all()
+        assert all(result(d).payload == b"x" for d in first)
+        channels = list(two.client.channels.values())
+        assert all(c.protocol is not None for c in channels)
+        assert all((c.direct is c.protocol) is direct for c in channels)
+        calls = [echo.Echo(echo_pb2.EchoRequest(payload=b"%d" % i)) for i in range(4)]
+        two.reactor.advance(0.01)  # (each call's latency: 10 ms)
+        two.flush()
+        assert [result(d).payload for d in calls] == [b"0", b"1", b"2", b"3"]
+        assert two.served == {1001: 3, 1002: 3}
+        if not direct:  # each call's latency was observed
+            assert all(c.latency is not None and c.latency.ewma > 0 for c in channels)
+        channels[0].protocol.transport.loseConnection()
+        two.flush()
+        assert channels[0].direct is None and channels[0].protocol is None
