@@ -94,7 +94,12 @@ class DirectWriter:
             and not transport.TLS  # after startTLS, bytes must go through TLS
         ):
             try:
-                sent = sock.send(pieces[0]) if len(pieces) == 1 else sock.sendmsg(pieces)
+                if len(pieces) == 1:
+                    sent = sock.send(pieces[0])
+                    if sent == len(pieces[0]):
+                        return  # (the common case: no call to _unsent)
+                else:
+                    sent = sock.sendmsg(pieces)
             except OSError:  # full (EAGAIN) or failing: the transport finds out which
                 sent = 0
             if sent:

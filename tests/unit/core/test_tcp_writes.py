@@ -85,6 +85,20 @@ def test_what_the_socket_does_not_take_stays_in_order_with_the_transport(tcp_pai
     assert replies == [b"small", big, b"after"]
 
 
+def test_many_small_answers_the_socket_takes_in_part_stay_whole_and_in_order(tcp_pair):
+    # One read of 2,000 calls: its answers go out in a few joined writes
+    # (FIRST_FLUSH), each larger than the socket takes at once.
+    proto, peer, reactor = tcp_pair
+    transport = proto.transport
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    payload = b"p" * 200
+    proto.dataReceived(b"".join(request(i, payload) for i in range(1, 2001)))
+    assert transport._tempDataLen or transport.dataBuffer  # the rest waits in the transport
+    frames = receive_frames(peer, 2000, transport, reactor)
+    assert [f.call_id for f in frames] == list(range(1, 2001))
+    assert all(echo_pb2.EchoReply.FromString(bytes(f.payload)).payload == payload for f in frames)
+
+
 def test_a_transport_with_data_buffered_gets_the_frames_after_it(tcp_pair):
     proto, peer, reactor = tcp_pair
     transport = proto.transport
