@@ -182,7 +182,8 @@ class RpcConnection(Protocol):
 
     def flush_early(self, batch: list[bytes]) -> None:
         """Write what ``batch`` holds so far (it goes on collecting), and
-        double the threshold for the next such write (see FIRST_FLUSH)."""
+        double the threshold for the next such write (see FIRST_FLUSH): a
+        threshold past FIRST_FLUSH also tells that the batch wrote frames."""
         self._flush_at = 2 * len(batch)
         self._write_now([b"".join(batch)])
         batch.clear()
@@ -303,14 +304,16 @@ class RpcConnection(Protocol):
     def _close_after_error(self) -> None:
         """Stop reading and close. What was answered before is flushed first
         (a graceful close, aborted after :data:`CLOSE_TIMEOUT` seconds if the
-        peer does not read it); with nothing to flush, abort at once."""
+        peer does not read it); with nothing to flush, abort at once. Frames of
+        this chunk written already (early, or a large one) count as answered:
+        an abort could reset them before the peer reads them."""
         self.dataReceived = _ignore  # type: ignore[method-assign]
         batch, self._batch = self._batch, None
         if batch:
             pieces = [b"".join(batch)]
             batch.clear()  # a handler may have called this: dataReceived must not send it again
             self._write_now(pieces)
-        elif not self.unsent_bytes():
+        elif (batch is None or self._flush_at == FIRST_FLUSH) and not self.unsent_bytes():
             self.transport.abortConnection()
             return
         self.close_within(CLOSE_TIMEOUT, "answers unread after an error")
@@ -362,6 +365,8 @@ class RpcConnection(Protocol):
             else:
                 self.transport.write(header + payload if payload else header)
             return
+        if batch is not None:
+            self._flush_at = max(self._flush_at, 2 * FIRST_FLUSH)  # (the batch wrote frames)
         if batch:
             pieces = [b"".join(batch), header, payload]
             batch.clear()
