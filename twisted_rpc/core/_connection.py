@@ -30,7 +30,7 @@ from twisted_rpc.core._compress import (
     inflate,
     parse_encodings,
 )
-from twisted_rpc.core._direct_write import FIRST_FLUSH, READ_SIZE, DirectWriter, WriteBufferWatch
+from twisted_rpc.core._direct_write import FIRST_FLUSH, DirectWriter, WriteBufferWatch
 from twisted_rpc.core._flow import Inbox, fire_woken
 from twisted_rpc.core._large_read import LargeFrameReader, keep_sent, read_large
 from twisted_rpc.core._status import StatusCode, UnavailableError
@@ -136,7 +136,6 @@ class RpcConnection(Protocol):
             self.transport.registerProducer(self._write_watch, True)
             self._watching_writes = True
         self._writer = DirectWriter(self.transport)
-        self._writer.set_read_size(READ_SIZE)
         self._write_now = self._writer.write  # type: ignore[method-assign]
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:

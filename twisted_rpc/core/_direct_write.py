@@ -25,16 +25,7 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-__all__ = ["DirectWriter", "FIRST_FLUSH", "READ_SIZE", "WriteBufferWatch"]
-
-READ_SIZE = 96 * 1024
-"""Bytes a connection's TCP transport reads at a time (Twisted's ``bufferSize``,
-64 KiB by default, which is also the write buffer's pause threshold). A 64 KiB
-message's frame, a little over 64 KiB, then comes in one read, not two joined:
-7-19 % more calls/s at 64 KiB, none lost at 32 B (docs/benchmarks.md). It
-stays under glibc's mmap threshold (128 KiB): a ``recv`` buffer over it is
-mapped and unmapped on every read, which cost as much as it saved at 256 KiB
-and 15 % at 32 B at 16 MiB."""
+__all__ = ["DirectWriter", "FIRST_FLUSH", "WriteBufferWatch"]
 
 FIRST_FLUSH = 8
 """Pieces (a frame is one or two: its header, its payload) a batch collects
@@ -122,12 +113,6 @@ class DirectWriter:
         else:
             transport.writeSequence(pieces)
 
-    def set_read_size(self, size: int) -> None:
-        """Have the TCP transport (under TLS too) read ``size`` bytes at a
-        time (its ``bufferSize``; see :data:`READ_SIZE`)."""
-        if self._tcp is not None:
-            self._tcp.bufferSize = size
-
     def raw_socket(self) -> socket.socket | None:
         """The socket, if bytes read from it are the connection's (plain TCP, no TLS)."""
         sock = self._socket
@@ -153,9 +138,9 @@ class _Watcher(Protocol):
 @implementer(IPushProducer)
 class WriteBufferWatch:
     """Registered on a connection's own transport, which pauses it when its
-    write buffer passes the transport's ``bufferSize`` (:data:`READ_SIZE` for
-    TCP) and resumes it once the buffer has drained. (It is also the size of
-    every ``recv``: raising it past READ_SIZE costs small messages dearly.)"""
+    write buffer passes the transport's ``bufferSize`` (64 KiB for TCP) and
+    resumes it once the buffer has drained. (Raising ``bufferSize`` would also
+    raise the size of every ``recv``, which costs small messages dearly.)"""
 
     def __init__(self, connection: _Watcher) -> None:
         self.connection: _Watcher | None = connection

@@ -21,7 +21,7 @@ from twisted_rpc.client import ClientConnection
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core import describe
 from twisted_rpc.core._codec import FrameDecoder
-from twisted_rpc.core._direct_write import READ_SIZE, _unsent
+from twisted_rpc.core._direct_write import _unsent
 from twisted_rpc.server import ServerFactory
 
 ECHO = b"mprpc.test.EchoService/Echo"
@@ -97,31 +97,6 @@ def test_many_small_answers_the_socket_takes_in_part_stay_whole_and_in_order(tcp
     frames = receive_frames(peer, 2000, transport, reactor)
     assert [f.call_id for f in frames] == list(range(1, 2001))
     assert all(echo_pb2.EchoReply.FromString(bytes(f.payload)).payload == payload for f in frames)
-
-
-def test_a_64_kib_request_is_read_in_one_read_of_read_size(tcp_pair):
-    # A 64 KiB message's frame is a little over 64 KiB (Twisted's default
-    # read): with READ_SIZE (96 KiB, under glibc's mmap threshold) one read
-    # takes it whole, and it is answered at once, no join.
-    proto, peer, reactor = tcp_pair
-    transport = proto.transport
-    assert transport.bufferSize == READ_SIZE < 128 * 1024
-    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-    payload = b"q" * 65536
-    frame = request(1, payload)
-    assert 65536 < len(frame) <= READ_SIZE
-    peer.sendall(frame)
-    deadline = time.monotonic() + 5
-    while True:  # until the kernel holds all of it
-        select.select([transport.socket], [], [], 1)
-        if len(transport.socket.recv(len(frame), socket.MSG_PEEK)) == len(frame):
-            break
-        assert time.monotonic() < deadline
-    transport.doRead()  # one read
-    assert not proto.decoder.buffered  # nothing of it left waiting
-    (answer,) = receive_frames(peer, 1)
-    assert answer.call_id == 1
-    assert echo_pb2.EchoReply.FromString(bytes(answer.payload)).payload == payload
 
 
 def test_a_transport_with_data_buffered_gets_the_frames_after_it(tcp_pair):
