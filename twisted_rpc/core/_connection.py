@@ -151,6 +151,7 @@ class RpcConnection(Protocol):
         batch: list[bytes]  # (an annotation only: no cost here)
         self._batch = batch = []
         self._flush_at = FIRST_FLUSH
+        self._batch_wrote = False
         self.received_at = now = self.clock.seconds()  # the frames' receive time
         decoder = self.decoder
         try:
@@ -179,12 +180,15 @@ class RpcConnection(Protocol):
             self.partial_frame(bool(done))
 
     _flush_at = _NO_FLUSH
+    _batch_wrote = False
+    """Whether frames of the batch being collected were written already
+    (early, or a large one): see :meth:`_close_after_error`."""
 
     def flush_early(self, batch: list[bytes]) -> None:
         """Write what ``batch`` holds so far (it goes on collecting), and
-        double the threshold for the next such write (see FIRST_FLUSH): a
-        threshold past FIRST_FLUSH also tells that the batch wrote frames."""
+        double the threshold for the next such write (see FIRST_FLUSH)."""
         self._flush_at = 2 * len(batch)
+        self._batch_wrote = True
         self._write_now([b"".join(batch)])
         batch.clear()
 
@@ -313,7 +317,7 @@ class RpcConnection(Protocol):
             pieces = [b"".join(batch)]
             batch.clear()  # a handler may have called this: dataReceived must not send it again
             self._write_now(pieces)
-        elif (batch is None or self._flush_at == FIRST_FLUSH) and not self.unsent_bytes():
+        elif not (batch is not None and self._batch_wrote) and not self.unsent_bytes():
             self.transport.abortConnection()
             return
         self.close_within(CLOSE_TIMEOUT, "answers unread after an error")
@@ -366,7 +370,7 @@ class RpcConnection(Protocol):
                 self.transport.write(header + payload if payload else header)
             return
         if batch is not None:
-            self._flush_at = max(self._flush_at, 2 * FIRST_FLUSH)  # (the batch wrote frames)
+            self._batch_wrote = True
         if batch:
             pieces = [b"".join(batch), header, payload]
             batch.clear()

@@ -220,6 +220,7 @@ class LargeFrameReader:
         batch: list[bytes] = []
         connection._batch = batch
         connection._flush_at = FIRST_FLUSH
+        connection._batch_wrote = False
         try:
             decode_frame(decoder, view)
             if connection._woken:

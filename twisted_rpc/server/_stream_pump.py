@@ -45,6 +45,7 @@ class StreamPump:
     connected: int
     _batch: list[bytes] | None
     _flush_at: int
+    _batch_wrote: bool
     _turn_bytes: int
     _turn_waiters: deque[Deferred[None]]
     _turn_timer: bool
@@ -163,6 +164,7 @@ class StreamPump:
         if own_batch:  # (its first frames written early too: FIRST_FLUSH)
             self._batch = []
             self._flush_at = FIRST_FLUSH
+            self._batch_wrote = False
         try:
             while waiting and self._turn_bytes < TURN_BYTES and not self.write_blocked:
                 waiting.popleft().callback(None)
