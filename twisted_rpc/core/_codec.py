@@ -16,6 +16,13 @@ import struct
 from collections.abc import Callable, Mapping
 from enum import IntEnum
 
+from twisted_rpc.core._ext import (
+    EXT_SETTING,
+    ExtensionLimitError,
+    ProtocolError,
+    _decode_ext,
+    _encode_ext,
+)
 from twisted_rpc.core._frame import Frame
 
 __all__ = [
@@ -56,8 +63,6 @@ _HEADER = struct.Struct("!IBBHIIH")
 HEADER_SIZE = _HEADER.size  # 18, the length prefix included
 _FIXED_AFTER_LENGTH = HEADER_SIZE - 4
 _U32 = struct.Struct("!I")
-_EXT_ENTRY = struct.Struct("!BI")
-_U16 = struct.Struct("!H")
 
 FLAG_EXT = 0x01
 """An extension block follows the route."""
@@ -67,10 +72,6 @@ FLAG_COMPRESSED = 0x04
 """The payload (of a REQUEST, RESPONSE or MESSAGE) is compressed: an
 encoding byte, then the compressed bytes (see ``_compress``)."""
 
-EXT_ERROR_MESSAGE = 1
-EXT_METADATA = 2
-EXT_SETTING = 3
-"""A setting, in a PING or PONG only: laid out as a metadata pair."""
 NOT_RUN_KEY = "rpc-not-run"
 """A trailer (metadata pair) of a failed unary RESPONSE: the provider answered
 without running the call (shed), so it may be sent elsewhere."""
@@ -84,8 +85,11 @@ caller uses the encode functions."""
 FIXED_AFTER_LENGTH = _FIXED_AFTER_LENGTH
 _unpack_header = _HEADER.unpack_from
 _unpack_u32 = _U32.unpack_from
-_unpack_entry = _EXT_ENTRY.unpack_from
 _LARGE = 64 * 1024  # payloads from this size on are passed as memoryviews, not copied
+_SPLIT = 8 * 1024
+"""A partial frame's bytes from this many on are kept as a view of the read
+they came in, not copied; and when a read completes a frame and goes on this
+far past its end, only the frame is joined (not the whole read)."""
 
 
 class FrameKind(IntEnum):
@@ -130,37 +134,7 @@ _SETTINGS_KINDS = frozenset({PING, PONG})
 _COMPRESSIBLE_KINDS = frozenset({REQUEST, RESPONSE, MESSAGE})
 
 
-class ProtocolError(Exception):
-    """The peer sent bytes that are not a valid frame; the connection must close."""
-
-
-class ExtensionLimitError(ProtocolError):
-    """A frame's extension is over the receiver's limits. The frame is whole
-    and well delimited, so the connection can live on: see
-    :data:`RejectHandler`."""
-
-
 # --------------------------------------------------------------------------- encoding
-
-
-def _encode_ext(
-    metadata: Mapping[str, str] | None, message: str, pair_tag: int = EXT_METADATA
-) -> bytes:
-    parts = []
-    if message:
-        raw = message.encode("utf-8")
-        parts.append(_EXT_ENTRY.pack(EXT_ERROR_MESSAGE, len(raw)))
-        parts.append(raw)
-    if metadata:
-        for key, value in metadata.items():
-            k = key.encode("utf-8")
-            v = value.encode("utf-8")
-            parts.append(_EXT_ENTRY.pack(pair_tag, 2 + len(k) + len(v)))
-            parts.append(_U16.pack(len(k)))
-            parts.append(k)
-            parts.append(v)
-    ext = b"".join(parts)
-    return _U32.pack(len(ext)) + ext
 
 
 def encode_header(
@@ -285,47 +259,6 @@ def encode_goaway(
 # --------------------------------------------------------------------------- decoding
 
 
-def _decode_ext(
-    ext: bytes, max_entries: int, pair_tag: int = EXT_METADATA
-) -> tuple[dict[str, str] | None, str]:
-    metadata: dict[str, str] | None = None
-    message = ""
-    pos = 0
-    end = len(ext)
-    entries = 0
-    try:
-        while pos < end:
-            entries += 1
-            if entries > max_entries:
-                raise ExtensionLimitError(
-                    f"more than {max_entries} extension entries (metadata pairs) in one frame"
-                )
-            if end - pos < _EXT_ENTRY.size:
-                raise ProtocolError("truncated extension entry")
-            tag, size = _unpack_entry(ext, pos)
-            pos += _EXT_ENTRY.size
-            if size > end - pos:
-                raise ProtocolError("extension entry overruns the extension block")
-            value = ext[pos : pos + size]
-            pos += size
-            if tag == EXT_ERROR_MESSAGE:
-                message = value.decode("utf-8")
-            elif tag == pair_tag:
-                if size < 2:
-                    raise ProtocolError("metadata entry without a key length")
-                (klen,) = _U16.unpack_from(value, 0)
-                if klen > size - 2:
-                    raise ProtocolError("metadata key overruns its entry")
-                if metadata is None:
-                    metadata = {}
-                metadata[value[2 : 2 + klen].decode("utf-8")] = value[2 + klen :].decode("utf-8")
-            # other tags (settings outside a PING or PONG, metadata inside
-            # one): reserved for later versions, skipped
-    except UnicodeDecodeError as e:
-        raise ProtocolError(f"extension text is not UTF-8: {e}") from None
-    return metadata, message
-
-
 FieldHandler = Callable[
     [int, int, int, bytes, "dict[str, str] | None", str, "bytes | memoryview"], object
 ]
@@ -372,7 +305,7 @@ class FrameDecoder:
         "inflate",
         "buffered",
         "_chunks",
-        "_needed",
+        "needed",
     )
 
     def __init__(
@@ -403,14 +336,16 @@ class FrameDecoder:
         self.buffered = 0
         """Bytes held for a frame not complete yet (0: none started)."""
         self._chunks: list[bytes | memoryview] = []
-        self._needed = 0
+        self.needed = 0
+        """Size of the frame (length prefix included) being received, or of
+        a header while fewer bytes than that are in."""
 
     def clear(self) -> None:
         """Drop a partial frame and every reference to the handlers (the
         connection is gone: nothing holds it alive through its decoder)."""
         self._chunks = []
         self.buffered = 0
-        self._needed = 0
+        self.needed = 0
         self.handlers = {}
         self.on_frame = None
         self.reject = None
@@ -419,10 +354,10 @@ class FrameDecoder:
     def take_partial(self, at_least: int) -> tuple[list[bytes | memoryview], int] | None:
         """Hand over the partial frame (its chunks and its size) to a reader
         that completes it, if its header is in and it is ``at_least`` bytes."""
-        if not self._chunks or self._needed < at_least:
+        if not self._chunks or self.needed < at_least:
             return None
         chunks, self._chunks = self._chunks, []
-        return chunks, self._needed
+        return chunks, self.needed
 
     def feed(self, data: bytes) -> int:
         """Decode what ``data`` completes; raise ProtocolError on a bad frame.
@@ -434,19 +369,33 @@ class FrameDecoder:
         ``data`` is dropped, as the connection is closing anyway.
         """
         chunks = self._chunks
+        handlers = self.handlers
+        pos = done = 0
         if chunks:
-            chunks.append(data)
-            self.buffered += len(data)
-            if self.buffered < self._needed:
+            buffered = self.buffered + len(data)
+            needed = self.needed
+            if buffered < needed:
+                chunks.append(data)
+                self.buffered = buffered
                 return 0
-            data = b"".join(chunks)
-            chunks.clear()
-            self.buffered = 0
+            pos = needed - self.buffered  # what of data completes the frame
+            if needed > HEADER_SIZE and len(data) - pos >= _SPLIT:
+                # The frame's size is known and data goes on well past its
+                # end: join the frame alone (not all of data, only to slice
+                # its rest off again) and decode the rest where it lies.
+                chunks.append(memoryview(data)[:pos])
+                frame = b"".join(chunks)
+                chunks.clear()
+                self.buffered = 0
+                done = self.feed(frame) - pos  # (one whole frame)
+            else:
+                chunks.append(data)
+                data = b"".join(chunks)
+                chunks.clear()
+                self.buffered = pos = 0
         size = len(data)
-        pos = 0
         max_frame = self.max_frame_size
         max_message = self.max_message_frame
-        handlers = self.handlers
         while size - pos >= HEADER_SIZE:
             length, kind, flags, status, call_id, timeout_ms, route_len = _unpack_header(data, pos)
             if length > max_message:  # (max_message <= max_frame: one test for most frames)
@@ -461,7 +410,7 @@ class FrameDecoder:
                 raise ProtocolError(f"frame length {length} too short for its header")
             end = pos + 4 + length
             if end > size:
-                self._needed = 4 + length
+                self.needed = 4 + length
                 break
             body = pos + HEADER_SIZE + route_len
             route = data[pos + HEADER_SIZE : body] if route_len else b""
@@ -517,7 +466,7 @@ class FrameDecoder:
                 raise ProtocolError(f"unexpected frame kind {kind}")
             handler(call_id, status, timeout_ms, route, metadata, message, payload)
         else:
-            self._needed = HEADER_SIZE
+            self.needed = HEADER_SIZE
             if pos < size and size - pos >= 4:
                 # Reject an oversized length as soon as its four bytes are in.
                 (length,) = _unpack_u32(data, pos)
@@ -525,6 +474,7 @@ class FrameDecoder:
                     raise ProtocolError(f"frame of {length} bytes exceeds the limit of {max_frame}")
         if pos < size:
             left = size - pos
-            chunks.append(data[pos:] if left < _LARGE else memoryview(data)[pos:])
+            # (a view holds all of data: at most one read more than counted)
+            chunks.append(data[pos:] if left < _SPLIT else memoryview(data)[pos:])
             self.buffered = left
-        return pos
+        return pos + done

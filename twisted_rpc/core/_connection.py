@@ -32,7 +32,7 @@ from twisted_rpc.core._compress import (
 )
 from twisted_rpc.core._direct_write import FIRST_FLUSH, DirectWriter, WriteBufferWatch
 from twisted_rpc.core._flow import Inbox, fire_woken
-from twisted_rpc.core._large_read import LargeFrameReader, keep_sent, read_large
+from twisted_rpc.core._large_read import LARGE_READ, LargeFrameReader, keep_sent, read_large
 from twisted_rpc.core._status import StatusCode, UnavailableError
 
 LARGE_PAYLOAD = 64 * 1024
@@ -210,7 +210,7 @@ class RpcConnection(Protocol):
         if self.decoder.buffered:
             if completed or self.partial_since is None:
                 self.partial_since = self.clock.seconds()
-            if self.large_reads and not self.write_blocked:
+            if self.large_reads and self.decoder.needed >= LARGE_READ and not self.write_blocked:
                 read_large(self)
         else:
             self.partial_since = None

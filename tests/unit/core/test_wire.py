@@ -168,3 +168,25 @@ def test_examples_in_docs_protocol_md():
         == bytes.fromhex("00000020 02010005 00000003 00000000 0000 0000000e 0100000009")
         + b"no user 7"
     )
+
+
+def test_a_large_partial_frame_is_held_as_a_view_and_joined_alone():
+    """A read that ends inside a frame keeps its rest as a view of the read
+    (no copy); the read that completes the frame has only the frame joined,
+    and what follows the frame in it is decoded where it lies."""
+    payload = b"p" * 30_000
+    frame = wire.encode_response(1, len(payload)) + payload
+    got: list = []
+    decoder = FrameDecoder(got.append)
+    first = frame + frame[:20_000]
+    assert decoder.feed(first) == len(frame)
+    [held] = decoder._chunks
+    assert isinstance(held, memoryview) and held.obj is first
+    assert decoder.buffered == 20_000
+    second = frame[20_000:] + frame + frame[:9_000]
+    assert decoder.feed(second) == 2 * len(frame)
+    assert [bytes(f.payload) for f in got] == [payload] * 3
+    [held] = decoder._chunks
+    assert held.obj is second and bytes(held) == frame[:9_000]
+    assert decoder.feed(frame[9_000:]) == len(frame)
+    assert len(got) == 4 and decoder.buffered == 0 and not decoder._chunks

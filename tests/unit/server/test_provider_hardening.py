@@ -25,7 +25,7 @@ from twisted_rpc import (
 )
 from twisted_rpc.client import ClientConnection
 from twisted_rpc.core import _codec as wire
-from twisted_rpc.core import describe
+from twisted_rpc.core import _ext, describe
 from twisted_rpc.core._codec import FrameKind, GoawayReason
 from twisted_rpc.core._connection import CLOSE_TIMEOUT, RefusedConnection
 from twisted_rpc.ops._protos import HEALTH, HealthCheckResponse
@@ -69,13 +69,13 @@ def _ext_frame(kind, call_id, ext: bytes, route=b"", payload=b"", status=0) -> b
 def entries_visited(monkeypatch):
     """Counts the extension entries the decoder walks."""
     count = [0]
-    unpack = wire._unpack_entry
+    unpack = _ext._unpack_entry
 
     def counting(buffer, pos):
         count[0] += 1
         return unpack(buffer, pos)
 
-    monkeypatch.setattr(wire, "_unpack_entry", counting)
+    monkeypatch.setattr(_ext, "_unpack_entry", counting)
     return count
 
 
