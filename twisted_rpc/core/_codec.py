@@ -384,10 +384,10 @@ class FrameDecoder:
                 # end: join the frame alone (not all of data, only to slice
                 # its rest off again) and decode the rest where it lies.
                 chunks.append(memoryview(data)[:pos])
-                frame = b"".join(chunks)
+                whole = b"".join(chunks)
                 chunks.clear()
                 self.buffered = 0
-                done = self.feed(frame) - pos  # (one whole frame)
+                done = self.feed(whole) - pos  # (one whole frame)
             else:
                 chunks.append(data)
                 data = b"".join(chunks)

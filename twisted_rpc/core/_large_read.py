@@ -41,7 +41,6 @@ from twisted_rpc.core._codec import (
     _COMPRESSIBLE_KINDS,
     _EXT_KINDS,
     _SETTINGS_KINDS,
-    EXT_SETTING,
     FLAG_COMPRESSED,
     FLAG_EXT,
     HEADER_SIZE,
@@ -49,11 +48,11 @@ from twisted_rpc.core._codec import (
     ExtensionLimitError,
     FrameDecoder,
     ProtocolError,
-    _decode_ext,
     _unpack_header,
     _unpack_u32,
 )
 from twisted_rpc.core._direct_write import FIRST_FLUSH
+from twisted_rpc.core._ext import EXT_SETTING, _decode_ext
 from twisted_rpc.core._frame import Frame
 
 if TYPE_CHECKING:
