@@ -306,6 +306,7 @@ class FrameDecoder:
         "buffered",
         "_chunks",
         "needed",
+        "_pinned",
     )
 
     def __init__(
@@ -337,8 +338,10 @@ class FrameDecoder:
         """Bytes held for a frame not complete yet (0: none started)."""
         self._chunks: list[bytes | memoryview] = []
         self.needed = 0
-        """Size of the frame (length prefix included) being received, or of
-        a header while fewer bytes than that are in."""
+        """While a frame is partly in: its size (length prefix included), or
+        a header's while fewer bytes than that are in."""
+        self._pinned = 0
+        """Bytes of the read a held view pins beside those it shows."""
 
     def clear(self) -> None:
         """Drop a partial frame and every reference to the handlers (the
@@ -346,6 +349,7 @@ class FrameDecoder:
         self._chunks = []
         self.buffered = 0
         self.needed = 0
+        self._pinned = 0
         self.handlers = {}
         self.on_frame = None
         self.reject = None
@@ -357,7 +361,14 @@ class FrameDecoder:
         if not self._chunks or self.needed < at_least:
             return None
         chunks, self._chunks = self._chunks, []
+        self._pinned = 0
         return chunks, self.needed
+
+    @property
+    def held(self) -> int:
+        """Bytes the partial frame keeps in memory: :attr:`buffered`, and the
+        rest of the read a held view of it pins (at most one read more)."""
+        return self.buffered + self._pinned
 
     def feed(self, data: bytes) -> int:
         """Decode what ``data`` completes; raise ProtocolError on a bad frame.
@@ -386,13 +397,13 @@ class FrameDecoder:
                 chunks.append(memoryview(data)[:pos])
                 whole = b"".join(chunks)
                 chunks.clear()
-                self.buffered = 0
+                self.buffered = self._pinned = 0
                 done = self.feed(whole) - pos  # (one whole frame)
             else:
                 chunks.append(data)
                 data = b"".join(chunks)
                 chunks.clear()
-                self.buffered = pos = 0
+                self.buffered = self._pinned = pos = 0
         size = len(data)
         max_frame = self.max_frame_size
         max_message = self.max_message_frame
@@ -474,7 +485,10 @@ class FrameDecoder:
                     raise ProtocolError(f"frame of {length} bytes exceeds the limit of {max_frame}")
         if pos < size:
             left = size - pos
-            # (a view holds all of data: at most one read more than counted)
-            chunks.append(data[pos:] if left < _SPLIT else memoryview(data)[pos:])
+            if left < _SPLIT:
+                chunks.append(data[pos:])
+            else:  # a view, not a copy: it pins all of data (see held)
+                chunks.append(memoryview(data)[pos:])
+                self._pinned = pos
             self.buffered = left
         return pos + done

@@ -147,7 +147,7 @@ class ServerConnection(CallRunner, RpcConnection):
 
     def partial_frame(self, completed: bool) -> None:
         super().partial_frame(completed)
-        held = self.decoder.buffered
+        held = self.decoder.held
         factory = self.factory
         factory.partial_bytes += held - self.held
         self.held = held

@@ -190,3 +190,29 @@ def test_a_large_partial_frame_is_held_as_a_view_and_joined_alone():
     assert held.obj is second and bytes(held) == frame[:9_000]
     assert decoder.feed(frame[9_000:]) == len(frame)
     assert len(got) == 4 and decoder.buffered == 0 and not decoder._chunks
+
+
+def _response(size: int, call_id: int) -> bytes:
+    return wire.encode_response(call_id, size) + bytes([call_id]) * size
+
+
+def test_a_read_that_ends_a_header_and_goes_on_past_the_split_size():
+    """Only part of a header held: the read completing it is joined whole."""
+    a, b = _response(30_000, 1), _response(20_000, 2)
+    got: list = []
+    decoder = FrameDecoder(got.append)
+    assert decoder.feed(a[:10]) == 0 and decoder.needed == wire.HEADER_SIZE
+    assert decoder.feed(a[10:] + b) == len(a) + len(b)
+    assert [(f.call_id, bytes(f.payload)) for f in got] == [(1, a[-30_000:]), (2, b[-20_000:])]
+    assert decoder.buffered == 0 and decoder.held == 0 and not decoder._chunks
+
+
+def test_a_split_read_that_ends_on_a_frame_boundary_leaves_nothing_held():
+    a, b = _response(30_000, 1), _response(20_000, 2)
+    got: list = []
+    decoder = FrameDecoder(got.append)
+    assert decoder.feed(a[:20_000]) == 0
+    assert decoder.held == 20_000  # (the whole read: kept as it came)
+    assert decoder.feed(a[20_000:] + b) == len(a) + len(b)
+    assert len(got) == 2 and decoder.buffered == 0 and decoder.held == 0
+    assert not decoder._chunks

@@ -576,3 +576,21 @@ def test_the_mprpc_listener_quotes_a_long_unknown_name_truncated(logged):
     _mprpc_connect(factory).dataReceived(encode_request("EchoService", "M" * 4000, b""))
     (event,) = [e for e in logged if "failed" in str(e.get("log_format", ""))]
     assert "(4000 characters)" in event["message"] and len(event["message"]) < 300
+
+
+def test_a_partial_frame_held_as_a_view_counts_the_read_it_pins():
+    """A partial frame's rest kept as a view of its read (not copied) keeps
+    the whole read in memory: max_buffered_bytes counts all of it."""
+    _, factory = _factory(max_buffered_bytes=100_000)
+    first, second = ServerConn(factory, port=1), ServerConn(factory, port=2)
+    done = wire.encode_request(1, ROUTE, 56 * 1024 - 40) + b"\x00" * (56 * 1024 - 40)
+    partial = wire.encode_request(3, ROUTE, 1 << 20) + b"\x00" * 8200
+    read = done + partial  # one 64 KiB read: a whole request, then 8 KiB of the next
+    first.proto.dataReceived(bytes(read))
+    [held] = first.proto.decoder._chunks
+    assert isinstance(held, memoryview) and len(held.obj) == len(read)
+    assert factory.partial_bytes == len(read)  # not only the 8 KiB it shows
+    assert not first.transport.disconnecting
+    second.proto.dataReceived(bytes(read))  # two reads pinned: past the limit
+    assert factory.partial_bytes <= 100_000
+    assert first.transport.disconnecting or second.transport.disconnecting
