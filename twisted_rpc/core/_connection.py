@@ -37,8 +37,7 @@ from twisted_rpc.core._status import StatusCode, UnavailableError
 
 LARGE_PAYLOAD = 64 * 1024
 
-_NO_FLUSH = 1 << 62
-"""The threshold outside a batch."""
+_NO_FLUSH = 1 << 62  # the early-write threshold outside a batch
 
 CLOSE_TIMEOUT = 10.0
 """Seconds a connection closed for a protocol error has to take the answers
@@ -145,13 +144,11 @@ class RpcConnection(Protocol):
                 pass
 
     def dataReceived(self, data: bytes) -> None:
-        # Frames sent while handling this chunk (answers, and the calls their
-        # callbacks make) are collected: the first few, then twice as many,
-        # go out ahead (see FIRST_FLUSH), the rest in one write at the end.
-        batch: list[bytes]  # (an annotation only: no cost here)
-        self._batch = batch = []
-        self._flush_at = FIRST_FLUSH
-        self._batch_wrote = False
+        # open_batch(), inline (once a read): the frames sent while handling
+        # this chunk, answers and the calls their callbacks make, are collected.
+        batch: list[bytes] = []
+        self._batch = batch
+        self._flush_at, self._batch_wrote = FIRST_FLUSH, False
         self.received_at = now = self.clock.seconds()  # the frames' receive time
         decoder = self.decoder
         try:
@@ -169,10 +166,8 @@ class RpcConnection(Protocol):
             self._close_after_error()
             self._batch = None
             return
-        self._batch = None
+        self._batch = None  # close_batch(batch), inline
         if batch:
-            # One join in C beats sending the pieces apart (a large frame
-            # was sent on its own already, see send()).
             self._write_now([batch[0] if len(batch) == 1 else b"".join(batch)])
         if done:  # only whole frames count as activity
             self.last_active = now
@@ -181,14 +176,25 @@ class RpcConnection(Protocol):
 
     _flush_at = _NO_FLUSH
     _batch_wrote = False
-    """Whether frames of the batch being collected were written already
-    (early, or a large one): see :meth:`_close_after_error`."""
+    """Whether the open batch wrote frames already: see :meth:`_close_after_error`."""
+
+    def open_batch(self) -> list[bytes]:
+        """Collect the frames sent from now on (:meth:`send`; the first ones go
+        out early, see FIRST_FLUSH) until :meth:`close_batch` writes the rest."""
+        batch: list[bytes] = []
+        self._batch = batch
+        self._flush_at, self._batch_wrote = FIRST_FLUSH, False
+        return batch
+
+    def close_batch(self, batch: list[bytes]) -> None:
+        self._batch = None
+        if batch:  # (one join in C beats sending the pieces apart)
+            self._write_now([batch[0] if len(batch) == 1 else b"".join(batch)])
 
     def flush_early(self, batch: list[bytes]) -> None:
         """Write what ``batch`` holds so far (it goes on collecting), and
         double the threshold for the next such write (see FIRST_FLUSH)."""
-        self._flush_at = 2 * len(batch)
-        self._batch_wrote = True
+        self._flush_at, self._batch_wrote = 2 * len(batch), True
         self._write_now([b"".join(batch)])
         batch.clear()
 
@@ -349,14 +355,12 @@ class RpcConnection(Protocol):
     def send(self, header: bytes, payload: bytes = b"") -> None:
         """Write one frame: ``header`` from the wire module, then ``payload``.
 
-        With :meth:`_write_now`, the only path to the transport. While a
-        received chunk is being handled, small frames are collected and
-        written together after it (the first ones ahead: see FIRST_FLUSH); a
-        large one is written at once (after those collected before it), and so
-        is any large frame sent outside that:
-        one system call is nothing beside its size, and no join copies it.
-        Other frames sent outside a received chunk go to the transport, which
-        writes them with whatever else this turn of the reactor sends.
+        With :meth:`_write_now`, the only path to the transport. While a batch
+        is open (a read, see :meth:`open_batch`), small frames are collected in
+        it; a large one is written at once, after those collected before it
+        (one system call is nothing beside its size, and no join copies it).
+        Outside a batch, small frames go to the transport, which writes them
+        with whatever else this turn of the reactor sends.
         """
         batch = self._batch
         if len(payload) < LARGE_PAYLOAD:

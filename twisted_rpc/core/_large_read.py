@@ -51,7 +51,6 @@ from twisted_rpc.core._codec import (
     _unpack_header,
     _unpack_u32,
 )
-from twisted_rpc.core._direct_write import FIRST_FLUSH
 from twisted_rpc.core._ext import EXT_SETTING, _decode_ext
 from twisted_rpc.core._frame import Frame
 
@@ -216,10 +215,7 @@ class LargeFrameReader:
         decoder = connection.decoder
         decoder.buffered = 0
         connection.received_at = now = connection.clock.seconds()
-        batch: list[bytes] = []
-        connection._batch = batch
-        connection._flush_at = FIRST_FLUSH
-        connection._batch_wrote = False
+        batch = connection.open_batch()
         try:
             decode_frame(decoder, view)
             if connection._woken:
@@ -238,9 +234,7 @@ class LargeFrameReader:
             connection._batch = None
             return
         self.release()
-        connection._batch = None
-        if batch:
-            connection._write_now([batch[0] if len(batch) == 1 else b"".join(batch)])
+        connection.close_batch(batch)
         connection.last_active = now
         connection.partial_frame(True)
         if rest:

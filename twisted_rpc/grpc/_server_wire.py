@@ -171,6 +171,16 @@ class ResponseWriter:
         for piece in pieces:
             self.transport.write(piece)
 
+    def open_batch(self) -> list[bytes]:
+        """A turn of the streams' pump is being handled: what h2 has to send
+        waits for its end (see :meth:`_sent`). Nothing is collected in the list."""
+        batch: list[bytes] = []
+        self._batch = batch
+        return batch
+
+    def close_batch(self, batch: list[bytes]) -> None:
+        self._batch = None  # (the turn's end flushes h2: see turn_over)
+
     def write_buffer_full(self) -> None:
         """The peer does not read: stop reading its requests, and let the
         streams' pumps wait for their turn."""

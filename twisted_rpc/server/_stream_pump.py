@@ -14,7 +14,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from twisted_rpc.core._codec import HEADER_SIZE
-from twisted_rpc.core._direct_write import FIRST_FLUSH
 from twisted_rpc.core._service import MethodInfo
 from twisted_rpc.core._status import InternalError
 from twisted_rpc.server._stream_state import _Stream
@@ -44,15 +43,14 @@ class StreamPump:
     write_blocked: bool
     connected: int
     _batch: list[bytes] | None
-    _flush_at: int
-    _batch_wrote: bool
     _turn_bytes: int
     _turn_waiters: deque[Deferred[None]]
     _turn_timer: bool
 
     if TYPE_CHECKING:
 
-        def _write_now(self, pieces: list[bytes]) -> None: ...
+        def open_batch(self) -> list[bytes]: ...
+        def close_batch(self, batch: list[bytes]) -> None: ...
         def _write_message(self, call_id: int, payload: bytes) -> None: ...
 
     def wrong_result(
@@ -160,19 +158,13 @@ class StreamPump:
             return  # the write buffer's drain calls this again
         self._turn_bytes = 0
         waiting = self._turn_waiters
-        own_batch = self._batch is None
-        if own_batch:  # (its first frames written early too: FIRST_FLUSH)
-            self._batch = []
-            self._flush_at = FIRST_FLUSH
-            self._batch_wrote = False
+        batch = self.open_batch() if self._batch is None else None
         try:
             while waiting and self._turn_bytes < TURN_BYTES and not self.write_blocked:
                 waiting.popleft().callback(None)
         finally:
-            if own_batch:
-                batch, self._batch = self._batch, None
-                if batch:
-                    self._write_now([b"".join(batch)])
+            if batch is not None:
+                self.close_batch(batch)
         if waiting and not self._turn_timer and not self.write_blocked:
             self._turn_timer = True
             self.clock.callLater(0, self.turn_over)

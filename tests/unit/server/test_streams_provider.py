@@ -8,6 +8,7 @@ from twisted.internet.task import Clock
 from testbed.echo_service import STREAMS, EchoService, StreamService
 from testbed.protos import echo_pb2
 from tests.helpers import ServerConn
+from tests.helpers import frames_of as _frames_of
 from twisted_rpc import Dispatcher, ServerLimits, Service, StatusCode
 from twisted_rpc.core import _codec as wire
 from twisted_rpc.core._codec import FrameKind
@@ -385,3 +386,33 @@ def test_a_consumer_whose_settings_name_no_window_gets_64_kib():
     _turns(clock)
     sent = sum(message_cost(len(f.payload)) for f in conn.frames())
     assert 64 * 1024 <= sent < 64 * 1024 + message_cost(1100)
+
+
+def test_a_turns_first_messages_are_written_ahead_of_its_end():
+    """A stream turn opens a batch as a read does: its first messages go out
+    early, then twice as many, and the rest (with the status) at its end."""
+    clock, service, factory, conn = _conn()
+    writes: list[bytes] = []
+    write = conn.transport.write
+
+    def keep(data: bytes) -> None:
+        writes.append(data)
+        write(data)
+
+    echo = echo_pb2.EchoRequest(payload=b"e").SerializeToString()
+    count = echo_pb2.CountRequest(count=40).SerializeToString()
+    # One read of 20 calls and the stream's request: its answers raise the
+    # early-write threshold, which the stream's first turn must start again.
+    conn.proto.dataReceived(
+        b"".join(
+            wire.encode_request(i, b"mprpc.test.EchoService/Echo", len(echo)) + echo
+            for i in range(5, 25)
+        )
+        + wire.encode_request(3, COUNT, len(count))
+        + count
+    )
+    conn.transport.write = keep  # type: ignore[method-assign]
+    _turns(clock)
+    frames = [len(wire_frames) for wire_frames in map(_frames_of, writes)]
+    assert sum(frames) == 41 and len(frames) >= 3, frames
+    assert frames[0] < 10 and frames[1] > frames[0] and frames[2] > frames[1], frames
