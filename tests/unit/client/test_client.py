@@ -38,12 +38,15 @@ from twisted_rpc.testing import MemoryProvider
 METHOD = describe(ECHO).methods["Echo"]
 
 
-def test_request_is_byte_exact():
+@pytest.mark.parametrize(("timeout", "timeout_ms"), [(2.5, 2500), (None, 0)])
+def test_request_is_byte_exact(timeout, timeout_ms):
+    """The request header ClientConnection.call packs inline is encode_request's."""
     c = ClientConn()
     request = echo_pb2.EchoRequest(payload=b"x")
-    c.proto.call(METHOD, request, timeout=2.5)
+    c.proto.call(METHOD, request, timeout=timeout)
     payload = request.SerializeToString()
-    assert c.transport.value() == wire.encode_request(1, METHOD.route, len(payload), 2500) + payload
+    expected = wire.encode_request(1, METHOD.route, len(payload), timeout_ms) + payload
+    assert c.transport.value() == expected
 
 
 def test_responses_match_by_call_id_in_any_order():
